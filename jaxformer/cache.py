@@ -1,0 +1,55 @@
+"""The KV cache: an explicit pytree, described once by abstract shapes plus logical axes.
+
+k and v are [L, B, S, K, H] (layers, cache_batch, cache_length, kv_heads, head_dim): layers
+map to `pipe` (each stage holds its layers' cache), kv heads to `tensor`, batch to `data`.
+Sequences are right-padded: sequence b's tokens occupy slots [0, length_b); a step writes its
+new keys at slot `start[b]` of its own row, so rows of different lengths share one cache.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxformer.config import ModelConfig
+
+CACHE_AXES = ("layers", "cache_batch", "cache_length", "kv_heads", "head_dim")
+
+
+class KVCache(NamedTuple):
+    k: jax.Array  # [L, B, S, K, H]
+    v: jax.Array  # [L, B, S, K, H]
+
+    @property
+    def max_length(self) -> int:
+        return self.k.shape[2]
+
+
+def cache_shape(cfg: ModelConfig, batch: int, max_length: int) -> tuple[int, ...]:
+    return (cfg.num_layers, batch, max_length, cfg.kv_heads, cfg.dims_per_head)
+
+
+def abstract_cache(cfg: ModelConfig, batch: int, max_length: int, dtype) -> KVCache:
+    s = jax.ShapeDtypeStruct(cache_shape(cfg, batch, max_length), jnp.dtype(dtype))
+    return KVCache(s, s)
+
+
+def cache_axes() -> KVCache:
+    return KVCache(CACHE_AXES, CACHE_AXES)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_length: int, dtype, shardings=None) -> KVCache:
+    """Zeros, created directly in `shardings` (a KVCache of shardings) when given."""
+    shape = cache_shape(cfg, batch, max_length)
+    make = lambda s: jnp.zeros(shape, dtype)  # noqa: E731
+    if shardings is None:
+        return KVCache(make(None), make(None))
+    return jax.jit(lambda: KVCache(make(None), make(None)), out_shardings=shardings)()
+
+
+def write(layer_cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+    """Write new [B, T, K, H] into one layer's cache [B, S, K, H] at slot start[b] of row b."""
+    return jax.vmap(lambda c, x, s: lax.dynamic_update_slice(c, x.astype(c.dtype), (s, 0, 0)))(
+        layer_cache, new, start)

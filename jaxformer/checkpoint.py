@@ -1,0 +1,223 @@
+"""Orbax checkpoints: write once (streamed, atomically), restore straight into shardings.
+
+Layout (docs/checkpoint_format.md): `config.json`, `tokenizer/`, `params/` (orbax).
+Writers stage everything in `<output>.tmp-<random>` beside the output and rename it at the
+end, so a failed write leaves nothing that looks like a checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+from jaxformer.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+PARAMS_DIR = "params"
+TOKENIZER_DIR = "tokenizer"
+STAGING_DIR = "_staging"
+CHUNK_BYTES = 64 << 20  # orbax chunks, so a host restoring one shard reads little else
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing, incomplete, corrupt or does not match its config."""
+
+
+def _flatten(tree: Mapping, prefix=()) -> dict[tuple[str, ...], Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
+    tree: dict = {}
+    for path, v in flat.items():
+        node = tree
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = v
+    return tree
+
+
+def _path(key: str | tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(key.split("/")) if isinstance(key, str) else tuple(key)
+
+
+class CheckpointWriter:
+    """Streams a parameter tree to disk, then commits it atomically.
+
+    with CheckpointWriter("ckpt/out", config) as w:
+        w.put("embed/token/embedding", array)                  # small or whole tensors
+        buf = w.allocate("layers/mlp/wo/kernel", (L, F, D), np.float32)   # disk-backed
+        buf[i] = layer_i_weight                                # one layer at a time
+        w.add_tokenizer(tok)                                   # optional
+
+    Every path must match the tree that `config` describes (docs/checkpoint_format.md),
+    with the same shapes; anything missing or extra fails before anything is committed.
+    Host memory stays near one tensor: `allocate` returns a memory map in the staging dir.
+    """
+
+    def __init__(self, output: str | os.PathLike, config: ModelConfig, *, overwrite=False,
+                 dtype: str | None = None):
+        self.output = Path(output)
+        self.config = config
+        self.overwrite = overwrite
+        self.dtype = dtype  # store every floating tensor in this dtype (None: as given)
+        if self.output.exists() and not overwrite:
+            raise FileExistsError(f"{self.output} exists; pass overwrite=True to replace it")
+        self.tmp = self.output.parent / f".{self.output.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self._arrays: dict[tuple[str, ...], np.ndarray] = {}
+        self._tokenizer = None
+
+    def __enter__(self):
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        (self.tmp / STAGING_DIR).mkdir(parents=True)
+        return self
+
+    def _check(self, path, shape):
+        from jaxformer.models import abstract_params
+        expected = _flatten(_to_plain(abstract_params(self.config)))
+        if path not in expected:
+            raise CheckpointError(f"{'/'.join(path)} is not a parameter of this model "
+                                  f"({self.config.name or 'config'}); expected one of "
+                                  f"{sorted('/'.join(p) for p in expected)}")
+        if tuple(shape) != tuple(expected[path].shape):
+            raise CheckpointError(f"{'/'.join(path)}: shape {tuple(shape)} does not match the "
+                                  f"config's {tuple(expected[path].shape)}")
+
+    def put(self, key, array) -> None:
+        path = _path(key)
+        array = np.asarray(array)
+        self._check(path, array.shape)
+        self._arrays[path] = array
+
+    def allocate(self, key, shape, dtype=np.float32) -> np.ndarray:
+        path = _path(key)
+        self._check(path, shape)
+        file = self.tmp / STAGING_DIR / ("__".join(path) + ".npy")
+        buf = np.lib.format.open_memmap(file, mode="w+", dtype=dtype, shape=tuple(shape))
+        self._arrays[path] = buf
+        return buf
+
+    def add_tokenizer(self, tokenizer) -> None:
+        self._tokenizer = tokenizer
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is None:
+                self._commit()
+        finally:
+            self._arrays.clear()
+            if self.tmp.exists():
+                shutil.rmtree(self.tmp, ignore_errors=True)
+        return False
+
+    def _commit(self):
+        from jaxformer.models import abstract_params
+        expected = _flatten(_to_plain(abstract_params(self.config)))
+        missing = sorted("/".join(p) for p in set(expected) - set(self._arrays))
+        if missing:
+            raise CheckpointError(f"checkpoint for {self.output} is incomplete: missing {missing}")
+        tree = _unflatten(self._arrays)
+        if self.dtype is not None:
+            tree = jax.tree.map(lambda a: _cast(a, self.dtype), tree)
+        save_params(self.tmp / PARAMS_DIR, tree)
+        shutil.rmtree(self.tmp / STAGING_DIR)
+        self.config.save_json(self.tmp / CONFIG_FILE)
+        if self._tokenizer is not None:
+            self._tokenizer.save(self.tmp / TOKENIZER_DIR)
+        if self.output.exists():
+            shutil.rmtree(self.output)
+        os.replace(self.tmp, self.output)
+        log.info("wrote checkpoint %s", self.output)
+
+
+def _cast(a: np.ndarray, dtype: str):
+    if not np.issubdtype(a.dtype, np.floating) and a.dtype.name != "bfloat16":
+        return a
+    import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+    return a.astype(np.dtype(dtype))
+
+
+def _to_plain(state) -> dict:
+    """nnx.State / nested mapping -> plain nested dict of leaves."""
+    from flax import nnx
+    if isinstance(state, nnx.State):
+        return nnx.to_pure_dict(state)
+    return state
+
+
+def save_params(directory: Path, tree: Mapping) -> None:
+    """Write a plain nested dict of arrays as an orbax checkpoint at `directory`."""
+    import orbax.checkpoint as ocp
+    save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), tree)
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(Path(directory).absolute(), tree, save_args=save_args)
+    ckptr.wait_until_finished()
+
+
+def save(output, params, config: ModelConfig, tokenizer=None, *, overwrite=False,
+         dtype: str | None = None) -> None:
+    """Save a whole parameter tree (nnx.State or nested dict of arrays) as a checkpoint."""
+    with CheckpointWriter(output, config, overwrite=overwrite, dtype=dtype) as w:
+        for path, arr in _flatten(_to_plain(params)).items():
+            w.put(path, np.asarray(jax.device_get(arr)))
+        if tokenizer is not None:
+            w.add_tokenizer(tokenizer)
+
+
+# ---- reading -------------------------------------------------------------------------------
+def read_config(path: str | os.PathLike) -> ModelConfig:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    if not (path / CONFIG_FILE).exists():
+        raise CheckpointError(f"{path} is not a jaxformer checkpoint: no {CONFIG_FILE}")
+    try:
+        return ModelConfig.load_json(path / CONFIG_FILE)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path / CONFIG_FILE}: {e}") from None
+
+
+def restore_params(path: str | os.PathLike, target: Mapping) -> dict:
+    """Restore `params/` into `target`, a nested dict of jax.ShapeDtypeStruct with shardings.
+
+    Each host reads only the slices its devices need; dtypes are cast on the way in.
+    """
+    import orbax.checkpoint as ocp
+    pdir = Path(path).absolute() / PARAMS_DIR
+    if not pdir.is_dir():
+        raise CheckpointError(f"{path} is not a jaxformer checkpoint: no {PARAMS_DIR}/ directory")
+    ckptr = ocp.StandardCheckpointer()
+    try:
+        meta = ckptr.metadata(pdir)
+        stored = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+    except Exception as e:  # orbax raises many types for a damaged directory
+        raise CheckpointError(f"{pdir} is not a readable orbax checkpoint: {e}") from None
+    stored_flat = _flatten(dict(stored))
+    target_flat = _flatten(target)
+    missing = sorted("/".join(p) for p in set(target_flat) - set(stored_flat))
+    extra = sorted("/".join(p) for p in set(stored_flat) - set(target_flat))
+    if missing or extra:
+        raise CheckpointError(f"{path}: weights do not match config.json: missing {missing}, "
+                              f"unexpected {extra}")
+    for p, t in target_flat.items():
+        if tuple(stored_flat[p].shape) != tuple(t.shape):
+            raise CheckpointError(f"{path}: {'/'.join(p)} has shape {tuple(stored_flat[p].shape)} "
+                                  f"but config.json implies {tuple(t.shape)}")
+    try:
+        return ckptr.restore(pdir, target)
+    except Exception as e:
+        raise CheckpointError(f"{pdir}: could not restore parameters: {e}") from None

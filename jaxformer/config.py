@@ -1,0 +1,239 @@
+"""Model and run configuration: one frozen dataclass per concern.
+
+`ModelConfig` says what the network is (shapes, numerics) and nothing about how it runs.
+`RunConfig` says how it runs (mesh sizes, sharding rules, dtype, kernel backend).
+
+Shape legend used across the package: B batch, T length, S cache length, D embed,
+N query heads, K kv heads, G = N // K query heads per kv head, H head dim, F mlp,
+V vocabulary (padded), L layers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+ARCHS = ("decoder", "encoder")
+POSITION_EMBEDDINGS = ("learned", "rope", "none")
+NORMS = ("layernorm", "rmsnorm")
+NORM_POSITIONS = ("pre", "post")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "squared_relu", "silu")
+DTYPES = ("float32", "bfloat16", "float16")
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """What the network is. Validated on construction; errors name the field at fault.
+
+    Covers GPT-2, Megatron GPT-3 (learned positions, LayerNorm, GeLU tanh/erf, tied or untied
+    head, biases), LLaMA-style decoders (RoPE, RMSNorm, SwiGLU, GQA, no biases) and BERT
+    (token types, post-LN, pooler, MLM head, binary head).
+    """
+
+    vocab_size: int  # true vocabulary; logits are returned for exactly these ids
+    hidden_size: int  # D
+    num_layers: int  # L
+    num_heads: int  # N
+    arch: Literal["decoder", "encoder"] = "decoder"
+    num_kv_heads: int | None = None  # K; None means K = N (multi-head attention)
+    head_dim: int | None = None  # H; None means D // N
+    ffn_size: int | None = None  # F; None means 4 * D
+    max_position_embeddings: int = 2048
+    position_embedding: Literal["learned", "rope", "none"] = "learned"
+    rope_theta: float = 10000.0
+    rope_fraction: float = 1.0  # Megatron's rotary_percent: share of H that rotates
+    rope_interleaved: bool = False  # pairs (0,1),(2,3).. instead of halves (GPT-J vs NeoX style)
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5
+    norm_position: Literal["pre", "post"] = "pre"  # post: BERT's LN after each residual add
+    residual_from_norm: bool = False  # Megatron apply_residual_connection_post_layernorm
+    activation: Literal["gelu", "gelu_tanh", "relu", "squared_relu", "silu"] = "gelu"
+    gated_mlp: bool = False  # GLU: act(x W_gate) * (x W_up); with silu this is SwiGLU
+    qkv_bias: bool = True
+    linear_bias: bool = True  # attention output and MLP biases
+    tie_embeddings: bool = True
+    type_vocab_size: int = 0  # BERT token types; 0 disables the table
+    embed_norm: bool = False  # BERT (HF) normalises the embedding sum
+    final_norm: bool = True  # norm after the last block (pre-LN models)
+    pooler: bool = False  # BERT pooler: tanh(dense(x[:, 0]))
+    mlm_head: bool = False  # BERT LM head: dense -> act -> norm -> tied decoder + bias
+    binary_head: bool = False  # BERT next-sentence head on the pooled output
+    attn_scale: float | None = None  # None means 1 / sqrt(H)
+    vocab_pad_multiple: int = 128  # embedding rows are padded so `vocab` shards evenly
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    name: str = ""
+
+    def __post_init__(self):
+        def fail(field, msg):
+            raise ValueError(f"ModelConfig.{field}: {msg}")
+
+        for field in ("vocab_size", "hidden_size", "num_layers", "num_heads",
+                      "max_position_embeddings", "vocab_pad_multiple"):
+            v = getattr(self, field)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                fail(field, f"must be a positive integer, got {v!r}")
+        for field, allowed in (("arch", ARCHS), ("position_embedding", POSITION_EMBEDDINGS),
+                               ("norm", NORMS), ("norm_position", NORM_POSITIONS),
+                               ("activation", ACTIVATIONS)):
+            if getattr(self, field) not in allowed:
+                fail(field, f"must be one of {allowed}, got {getattr(self, field)!r}")
+        for field in ("num_kv_heads", "head_dim", "ffn_size"):
+            v = getattr(self, field)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+                fail(field, f"must be a positive integer or None, got {v!r}")
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            fail("num_heads", f"{self.num_heads} heads do not divide hidden_size "
+                 f"{self.hidden_size} (set head_dim explicitly if that is intended)")
+        if self.num_heads % self.kv_heads:
+            fail("num_kv_heads", f"{self.kv_heads} kv heads do not divide num_heads "
+                 f"{self.num_heads}")
+        if not 0.0 < self.rope_fraction <= 1.0:
+            fail("rope_fraction", f"must be in (0, 1], got {self.rope_fraction}")
+        if self.position_embedding == "rope":
+            rot = self.rotary_dim
+            if rot % 2 or rot <= 0:
+                fail("rope_fraction", f"rotary dim {rot} (head_dim {self.dims_per_head} x "
+                     f"{self.rope_fraction}) must be a positive even number")
+        if not self.norm_eps > 0:
+            fail("norm_eps", f"must be positive, got {self.norm_eps}")
+        if self.type_vocab_size < 0:
+            fail("type_vocab_size", f"must be >= 0, got {self.type_vocab_size}")
+        if self.arch == "decoder" and (self.pooler or self.mlm_head or self.binary_head):
+            fail("arch", "pooler / mlm_head / binary_head belong to encoder models")
+        if self.binary_head and not self.pooler:
+            fail("binary_head", "needs pooler=True (it reads the pooled output)")
+        if self.norm_position == "post" and self.residual_from_norm:
+            fail("residual_from_norm", "only meaningful with norm_position='pre'")
+        for field in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            v = getattr(self, field)
+            if v is not None and not 0 <= v < self.vocab_size:
+                fail(field, f"{v} is outside the vocabulary [0, {self.vocab_size})")
+
+    # ---- derived sizes -------------------------------------------------------------
+    @property
+    def kv_heads(self) -> int:
+        """K: number of key/value heads."""
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def q_per_kv(self) -> int:
+        """G = N // K: query heads sharing one kv head."""
+        return self.num_heads // self.kv_heads
+
+    @property
+    def dims_per_head(self) -> int:
+        """H."""
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def mlp_size(self) -> int:
+        """F."""
+        return self.ffn_size or 4 * self.hidden_size
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.dims_per_head * self.rope_fraction)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding table: vocab_size rounded up to vocab_pad_multiple."""
+        m = self.vocab_pad_multiple
+        return math.ceil(self.vocab_size / m) * m
+
+    @property
+    def scale(self) -> float:
+        return self.attn_scale if self.attn_scale is not None else self.dims_per_head ** -0.5
+
+    @property
+    def causal(self) -> bool:
+        return self.arch == "decoder"
+
+    def num_params(self) -> int:
+        """Parameter count (padded vocabulary included), from the abstract tree."""
+        from jaxformer.models import abstract_params  # local: models import this module
+        import numpy as np
+        import jax
+        return int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract_params(self))))
+
+    # ---- (de)serialisation ----------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"ModelConfig: unknown field(s) {unknown}")
+        return cls(**d)
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def save_json(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load_json(cls, path: str | os.PathLike) -> "ModelConfig":
+        try:
+            d = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no model config at {path}") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        return cls.from_dict(d)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "ModelConfig":
+        """A YAML preset from configs/models/ (by name, e.g. 'gpt2', or a path)."""
+        path = Path(name)
+        if not path.suffix:
+            path = CONFIG_DIR / "models" / f"{name}.yaml"
+        if not path.exists():
+            raise ValueError(f"unknown model preset {name!r}; available: {list_presets()}")
+        d = yaml.safe_load(path.read_text()) or {}
+        d.update(overrides)
+        return cls.from_dict(d)
+
+    @classmethod
+    def from_hf_config(cls, hf: Any) -> "ModelConfig":
+        """From a Hugging Face config (object or dict) of GPT-2, LLaMA(-style) or BERT."""
+        from jaxformer.hf_config import from_hf_config
+        return from_hf_config(hf)
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / "models").glob("*.yaml"))
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """How a model runs: mesh sizes, sharding rules, dtype and attention backend."""
+
+    data: int = 1
+    pipe: int = 1
+    tensor: int = 1
+    rules: str = "default"  # a table in configs/sharding/ (name) or a YAML path
+    dtype: str = "float32"  # compute and weight dtype on the device
+    attention: str = "auto"  # "auto" | "xla" | "pallas" | "cudnn"
+    microbatches: int | None = None  # pipeline microbatches; None means pipe
+
+    def __post_init__(self):
+        for field in ("data", "pipe", "tensor"):
+            v = getattr(self, field)
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"RunConfig.{field}: must be a positive integer, got {v!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"RunConfig.dtype: must be one of {DTYPES}, got {self.dtype!r}")
+        if self.attention not in ("auto", "xla", "pallas", "cudnn"):
+            raise ValueError(f"RunConfig.attention: must be auto, xla, pallas or cudnn, "
+                             f"got {self.attention!r}")

@@ -1,0 +1,265 @@
+"""The public Model: weights sharded on a mesh, plus the compiled entry points.
+
+    mesh = jf.make_mesh(data=1, pipe=1, tensor=4)
+    model = jf.load("ckpt/gpt2", mesh=mesh, dtype="bfloat16")
+    logits = model.logits(ids)                       # float32 numpy [B, T, V]
+    out = model.generate(["Hello"], max_new_tokens=16)
+
+Inputs are right-padded: an attention_mask row is ones then zeros.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxformer import checkpoint as ckpt
+from jaxformer import sharding as shd
+from jaxformer.config import ModelConfig, RunConfig
+from jaxformer.models import abstract_model, build, param_axes
+
+log = logging.getLogger(__name__)
+
+MIN_BUCKET = 16
+
+
+def bucket(n: int, limit: int | None = None) -> int:
+    """Round a length up to a power of two (>= MIN_BUCKET) so compiles stay few."""
+    b = max(MIN_BUCKET, 1 << max(0, int(n) - 1).bit_length())
+    return min(b, limit) if limit is not None and limit >= n else b
+
+
+def to_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A host array present on every process -> a global jax.Array in `sharding`."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    if jax.process_count() > 1 and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def default_mesh() -> Mesh:
+    return shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+
+
+def param_shardings(cfg: ModelConfig, mesh: Mesh, rules) -> dict:
+    return shd.tree_shardings(mesh, param_axes(cfg), rules)
+
+
+class Model:
+    """A model whose weights live on `mesh`. Create with `load()` or `Model.random()`."""
+
+    def __init__(self, config: ModelConfig, params: dict, mesh: Mesh, run: RunConfig,
+                 rules: dict, tokenizer=None):
+        self.config = config
+        self.mesh = mesh
+        self.run = run
+        self.rules = rules
+        self.tokenizer = tokenizer
+        graphdef, abstract_state = abstract_model(config)
+        self.graphdef = graphdef
+        state = jax.tree.map(lambda x: x, abstract_state)  # a copy to fill in
+        nnx.replace_by_pure_dict(state, params)
+        self.params = state
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def random(cls, config: ModelConfig, mesh: Mesh | None = None, *, dtype="float32",
+               seed: int = 0, rules="default", attention="auto", tokenizer=None) -> "Model":
+        """Seeded random (untrained) weights, initialised directly in their shardings."""
+        mesh = mesh or default_mesh()
+        run, rules = _run_config(mesh, dtype, rules, attention)
+        shd.check_divisible(config, mesh, rules)
+        shardings = param_shardings(config, mesh, rules)
+
+        @functools.partial(jax.jit, out_shardings=shardings)
+        def init():
+            _, state = nnx.split(build(config, seed))
+            return jax.tree.map(lambda a: a.astype(run.dtype), nnx.to_pure_dict(state))
+
+        return cls(config, init(), mesh, run, rules, tokenizer)
+
+    # ---- helpers ------------------------------------------------------------------------
+    def _batch_sharding(self, batch: int, ndim: int) -> NamedSharding:
+        spec = shd.logical_to_spec(("batch",) + (None,) * (ndim - 1), self.rules)
+        if batch % shd.mesh_size(self.mesh, spec[0]):
+            spec = P()  # a batch the data axis does not divide is replicated
+        return NamedSharding(self.mesh, spec)
+
+    def check_ids(self, ids: np.ndarray, what: str = "token ids") -> np.ndarray:
+        ids = np.asarray(ids)
+        if ids.ndim != 2:
+            raise ValueError(f"{what} must be a 2-D [batch, length] array, got shape {ids.shape}")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+            bad = int(ids.max() if ids.max() >= self.config.vocab_size else ids.min())
+            raise ValueError(f"{what}: id {bad} is outside the vocabulary "
+                             f"[0, {self.config.vocab_size})")
+        if ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(f"{what}: length {ids.shape[1]} exceeds the model's maximum of "
+                             f"{self.config.max_position_embeddings} positions")
+        return ids.astype(np.int32)
+
+    def _lengths(self, ids: np.ndarray, attention_mask) -> np.ndarray:
+        B, T = ids.shape
+        if attention_mask is None:
+            return np.full((B,), T, np.int32)
+        m = np.asarray(attention_mask).astype(bool)
+        if m.shape != ids.shape:
+            raise ValueError(f"attention_mask shape {m.shape} != ids shape {ids.shape}")
+        lengths = m.sum(1).astype(np.int32)
+        if not (m == (np.arange(T)[None] < lengths[:, None])).all():
+            raise ValueError("attention_mask must be right-padded (ones, then zeros) in each row")
+        return lengths
+
+    def _padded(self, ids, attention_mask, token_type_ids=None):
+        """Pad to a length bucket; returns device arrays (ids, lengths, types) and T."""
+        ids = self.check_ids(ids)
+        lengths = self._lengths(ids, attention_mask)
+        B, T = ids.shape
+        Tb = bucket(T, self.config.max_position_embeddings)
+        pad = lambda a: np.pad(a, ((0, 0), (0, Tb - T)))  # noqa: E731
+        s2, s1 = self._batch_sharding(B, 2), self._batch_sharding(B, 1)
+        types = None if token_type_ids is None else to_global(pad(np.asarray(token_type_ids,
+                                                                            np.int32)), s2)
+        return to_global(pad(ids), s2), to_global(lengths, s1), types, T
+
+    def _fn(self, name: str):
+        """Compiled entry points, built once per model."""
+        cache = self.__dict__.setdefault("_compiled", {})
+        if name not in cache:
+            cache[name] = _ENTRY_POINTS[name](self)
+        return cache[name]
+
+    # ---- public API ---------------------------------------------------------------------
+    def logits(self, ids, attention_mask=None) -> np.ndarray:
+        """Full-sequence forward. ids [B, T] -> float32 numpy logits [B, T, vocab_size].
+
+        Decoders: causal LM logits. Encoders: masked-LM logits. Positions past a row's
+        attention_mask length are padding and hold unspecified values.
+        """
+        ids_d, lengths, _, T = self._padded(ids, attention_mask)
+        out = self._fn("logits")(self.params, ids_d, lengths)
+        return to_host(out)[:, :T, : self.config.vocab_size]
+
+    def encode(self, ids, attention_mask=None, token_type_ids=None):
+        """Encoder forward. ids [B, T] -> (hidden [B, T, D], pooled [B, D] or None), float32."""
+        if self.config.arch != "encoder":
+            raise ValueError(f"encode() needs an encoder model; {self.config.name or 'this'} "
+                             f"is a {self.config.arch}")
+        ids_d, lengths, types, T = self._padded(ids, attention_mask, token_type_ids)
+        hidden, pooled = self._fn("encode")(self.params, ids_d, lengths, types)
+        return to_host(hidden)[:, :T], None if pooled is None else to_host(pooled)
+
+    def generate(self, prompts, max_new_tokens: int = 32, sampling=None, seed: int = 0,
+                 **kwargs):
+        """Generate from prompts (strings or lists of token ids); see jaxformer.generate."""
+        from jaxformer.generate import generate
+        return generate(self, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
+                        seed=seed, **kwargs)
+
+    def save(self, path, *, overwrite=False) -> None:
+        ckpt.save(path, nnx.to_pure_dict(self.params), self.config, self.tokenizer,
+                  overwrite=overwrite)
+
+    def traced(self):
+        """Context for tracing model code: the mesh and rules that shard() applies."""
+        return shd.use(self.mesh, self.rules)
+
+    def module(self, params):
+        return nnx.merge(self.graphdef, params)
+
+
+def _run_config(mesh: Mesh, dtype, rules, attention) -> tuple[RunConfig, dict]:
+    dtype = jnp.dtype(dtype).name
+    run = RunConfig(data=mesh.shape["data"], pipe=mesh.shape["pipe"],
+                    tensor=mesh.shape["tensor"], dtype=dtype, attention=attention,
+                    rules=rules if isinstance(rules, str) else "<custom>")
+    return run, shd.load_rules(rules)
+
+
+# ---- compiled entry points --------------------------------------------------------------
+def _logits_fn(model: Model):
+    backend = model.run.attention
+
+    @jax.jit
+    def fn(params, ids, lengths):
+        with model.traced():
+            m = model.module(params)
+            B, T = ids.shape
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+            if model.config.arch == "encoder":
+                hidden, _ = m(ids, lengths, backend=backend)
+                return m.mlm_logits(hidden)
+            logits, _ = m(ids, positions, lengths, backend=backend)
+            return logits
+
+    return fn
+
+
+def _encode_fn(model: Model):
+    backend = model.run.attention
+
+    @jax.jit
+    def fn(params, ids, lengths, types):
+        with model.traced():
+            hidden, pooled = model.module(params)(ids, lengths, types, backend=backend)
+            f32 = lambda a: None if a is None else a.astype(jnp.float32)  # noqa: E731
+            return f32(hidden), f32(pooled)
+
+    return fn
+
+
+_ENTRY_POINTS = {"logits": _logits_fn, "encode": _encode_fn}
+
+
+def register_entry_point(name: str, factory) -> None:
+    """Other modules (generate, pipeline) add compiled functions built once per model."""
+    _ENTRY_POINTS[name] = factory
+
+
+# ---- loading ----------------------------------------------------------------------------
+def load(path: str | os.PathLike, mesh: Mesh | None = None, dtype: str = "float32", *,
+         rules="default", attention: str = "auto", tokenizer: bool = True) -> Model:
+    """Load a jaxformer checkpoint straight into the shardings `mesh` and `rules` imply.
+
+    No host materialises the whole model: each array is restored shard by shard.
+    """
+    path = Path(path)
+    config = ckpt.read_config(path)
+    mesh = mesh or default_mesh()
+    run, rules_table = _run_config(mesh, dtype, rules, attention)
+    shd.check_divisible(config, mesh, rules_table)
+    shardings = param_shardings(config, mesh, rules_table)
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, run.dtype, sharding=sh),
+                            _pure_abstract(config), shardings)
+    params = ckpt.restore_params(path, abstract)
+    tok = None
+    if tokenizer and (path / ckpt.TOKENIZER_DIR).is_dir():
+        from jaxformer.tokenizer import load_tokenizer
+        tok = load_tokenizer(path / ckpt.TOKENIZER_DIR)
+    return Model(config, params, mesh, run, rules_table, tok)
+
+
+def _pure_abstract(cfg: ModelConfig) -> dict:
+    from jaxformer.models import abstract_params
+    return abstract_params(cfg)
+
+
+def demo_model(mesh: Mesh | None = None, dtype: str = "float32", seed: int = 0) -> Model:
+    """The built-in default: the `demo` preset with seeded random (UNTRAINED) weights and the
+    byte tokenizer. It exercises the whole stack without any download; its text is noise."""
+    from jaxformer.tokenizer import ByteTokenizer
+    return Model.random(ModelConfig.from_preset("demo"), mesh, dtype=dtype, seed=seed,
+                        tokenizer=ByteTokenizer())

@@ -1,0 +1,44 @@
+"""Pure-jnp attention: the reference every kernel is tested against, and the CPU path.
+
+Shapes: q [B, T, N, H], k and v [B, S, K, H] with K dividing N (query head n reads kv head
+n // (N // K)); q_positions [B, T] int32 absolute positions of the queries; kv_lengths [B]
+int32 number of valid keys per sequence (keys s >= kv_lengths[b] are padding).
+A key s is visible to query t of sequence b iff s < kv_lengths[b] and, when causal,
+s <= q_positions[b, t]. Scores and softmax are float32; the output has q's dtype.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+MASK_VALUE = -1e30  # finite, so a fully masked row (a padding query) gives no NaN
+
+
+def attention_mask(q_positions, kv_lengths, kv_len: int, causal: bool):
+    """[B, T, S] bool: which keys each query sees."""
+    s = jnp.arange(kv_len, dtype=jnp.int32)
+    mask = s[None, None, :] < kv_lengths[:, None, None]
+    if causal:
+        mask = mask & (s[None, None, :] <= q_positions[:, :, None])
+    return mask
+
+
+def attention_reference(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: float,
+                        return_lse: bool = False):
+    """Masked softmax attention in float32. Returns [B, T, N, H] (and lse [B, T, N])."""
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    G = N // K
+    qg = q.reshape(B, T, K, G, H)
+    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * jnp.float32(scale)
+    mask = attention_mask(q_positions, kv_lengths, k.shape[1], causal)  # [B, T, S]
+    scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
+    lse = jax.nn.logsumexp(scores, axis=-1)  # [B, K, G, T]
+    probs = jnp.exp(scores - lse[..., None])
+    out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32)
+    out = out.reshape(B, T, N, H).astype(q.dtype)
+    if return_lse:
+        return out, lse.transpose(0, 3, 1, 2).reshape(B, T, N)
+    return out

@@ -1,0 +1,63 @@
+"""Self-attention with fused, tensor-parallel QKV and an optional KV-cache path.
+
+Fused QKV kernel [D, K, G+2, H] (docs/checkpoint_format.md): per kv group its G query heads,
+then its key and value heads, so sharding kv_heads over `tensor` keeps whole groups together
+(Megatron's column-parallel QKV); the output projection [N, H, D] is row-parallel.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxformer import cache as kv
+from jaxformer.config import ModelConfig
+from jaxformer.kernels.attention import attention
+from jaxformer.layers.base import Dense
+from jaxformer.layers.rope import apply_rope
+from jaxformer.sharding import shard
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        D, N, K, G, H = (cfg.hidden_size, cfg.num_heads, cfg.kv_heads, cfg.q_per_kv,
+                         cfg.dims_per_head)
+        self.qkv = Dense(rngs, (D, K, G + 2, H), ("embed", "kv_heads", "qkv", "head_dim"),
+                         (K, G + 2, H) if cfg.qkv_bias else None, ("kv_heads", "qkv", "head_dim"))
+        self.out = Dense(rngs, (N, H, D), ("heads", "head_dim", "embed"),
+                         (D,) if cfg.linear_bias else None, ("embed",))
+
+    def __call__(self, x, positions, kv_lengths, cache=None, start=None, *, backend="auto"):
+        """One attention sublayer.
+
+        x [B, T, D]; positions [B, T] int32; kv_lengths [B] int32 valid keys after this step.
+        cache: None (attend within x) or (k, v) each [B, S, K, H]: the new keys are written at
+        slot start[b] (start [B] int32) and the queries attend over the whole cache row; with
+        start None they are written at slot 0 and the queries attend within x.
+        Returns (out [B, T, D], new (k, v) or None).
+        """
+        cfg = self.cfg
+        B, T, _ = x.shape
+        K, G, H = cfg.kv_heads, cfg.q_per_kv, cfg.dims_per_head
+        qkv = self.qkv.add_bias(jnp.einsum("btd,dkch->btkch", x, self.qkv.kernel[...]))
+        qkv = shard(qkv, ("batch", "length", "act_kv_heads", "qkv", "head_dim"))
+        q, k, v = qkv[:, :, :, :G], qkv[:, :, :, G], qkv[:, :, :, G + 1]  # q [B,T,K,G,H]
+        if cfg.position_embedding == "rope":
+            rope = dict(theta=cfg.rope_theta, rotary_dim=cfg.rotary_dim,
+                        interleaved=cfg.rope_interleaved)
+            q = apply_rope(q, positions, **rope)
+            k = apply_rope(k, positions, **rope)
+        q = q.reshape(B, T, K * G, H)  # head n = k * G + g
+        new_cache = None
+        if cache is not None:
+            # start None: a prefill from an empty cache, which attends within x (T keys, not
+            # S) and stores x's keys at slots [0, T).
+            at = jnp.zeros((B,), jnp.int32) if start is None else start
+            new_cache = (kv.write(cache[0], k, at), kv.write(cache[1], v, at))
+            if start is not None:
+                k, v = new_cache
+        o = attention(q, k, v, positions, kv_lengths, causal=cfg.causal, scale=cfg.scale,
+                      backend=backend)
+        o = shard(o, ("batch", "length", "act_heads", "head_dim"))
+        out = self.out.add_bias(jnp.einsum("btnh,nhd->btd", o, self.out.kernel[...]))
+        return shard(out, ("batch", "length", "embed")), new_cache

@@ -1,0 +1,45 @@
+"""Parameter helper and initialisers shared by the layers.
+
+Every parameter carries its logical axis names as metadata; sharding is decided elsewhere
+(jaxformer/sharding.py) from those names and a rules table.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+INIT_STD = 0.02
+
+
+def param(rngs: nnx.Rngs | None, shape: Sequence[int], axes: Sequence[str | None],
+          init: str = "normal", dtype=jnp.float32) -> nnx.Param:
+    """An nnx.Param of `shape` whose dimensions are named `axes` (logical names)."""
+    if len(axes) != len(shape):
+        raise ValueError(f"param: {len(axes)} axis names {tuple(axes)} for shape {tuple(shape)}")
+    if init == "normal":
+        value = INIT_STD * jax.random.normal(rngs.params(), shape, dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    elif init == "ones":
+        value = jnp.ones(shape, dtype)
+    else:
+        raise ValueError(f"unknown init {init!r}")
+    # Logical names only: the rules table turns them into a mesh sharding at load time, so
+    # the variable must not try to shard itself eagerly.
+    return nnx.Param(value, sharding_names=tuple(axes), eager_sharding=False)
+
+
+class Dense(nnx.Module):
+    """A weight holder: `kernel` (+ `bias`). The caller writes the einsum, with its shapes."""
+
+    def __init__(self, rngs: nnx.Rngs, kernel_shape, kernel_axes, bias_shape=None,
+                 bias_axes=None):
+        self.kernel = param(rngs, kernel_shape, kernel_axes)
+        if bias_shape is not None:
+            self.bias = param(rngs, bias_shape, bias_axes, "zeros")
+
+    def add_bias(self, y):
+        return y + self.bias[...] if hasattr(self, "bias") else y

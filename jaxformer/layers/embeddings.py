@@ -1,0 +1,47 @@
+"""Token, position and token-type embeddings (vocabulary-parallel token table)."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxformer.config import ModelConfig
+from jaxformer.layers.base import param
+from jaxformer.layers.norms import Norm
+from jaxformer.sharding import shard
+
+
+class Table(nnx.Module):
+    def __init__(self, rows: int, dim: int, row_axis: str, rngs: nnx.Rngs):
+        self.embedding = param(rngs, (rows, dim), (row_axis, "embed"))
+
+
+class Embeddings(nnx.Module):
+    """x = token[ids] + position[positions] (+ token_type[types]), optionally normalised."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.token = Table(cfg.padded_vocab_size, cfg.hidden_size, "vocab", rngs)
+        if cfg.position_embedding == "learned":
+            self.position = Table(cfg.max_position_embeddings, cfg.hidden_size, "position", rngs)
+        if cfg.type_vocab_size:
+            self.token_type = Table(cfg.type_vocab_size, cfg.hidden_size, "type", rngs)
+        if cfg.embed_norm:
+            self.norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps, rngs)
+
+    def __call__(self, ids, positions, token_types=None):
+        """ids, positions, token_types [B, T] int32 -> [B, T, D] in the table's dtype."""
+        x = jnp.take(self.token.embedding[...], ids, axis=0)
+        if self.cfg.position_embedding == "learned":
+            x = x + jnp.take(self.position.embedding[...], positions, axis=0)
+        if self.cfg.type_vocab_size:
+            types = jnp.zeros_like(ids) if token_types is None else token_types
+            x = x + jnp.take(self.token_type.embedding[...], types, axis=0)
+        if self.cfg.embed_norm:
+            x = self.norm(x)
+        return shard(x, ("batch", "length", "embed"))
+
+    def attend(self, x):
+        """Tied LM head: x [B, T, D] -> logits [B, T, Vp] in float32."""
+        logits = jnp.einsum("btd,vd->btv", x, self.token.embedding[...],
+                            preferred_element_type=jnp.float32)
+        return shard(logits, ("batch", "length", "act_vocab"))

@@ -1,0 +1,48 @@
+"""Megatron tensor-parallel MLP: column-parallel `wi` (fused gate/up), row-parallel `wo`."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxformer.config import ModelConfig
+from jaxformer.layers.base import Dense
+from jaxformer.sharding import shard
+
+
+def activation(name: str, x):
+    if name == "gelu":
+        return jax.nn.gelu(x, approximate=False)
+    if name == "gelu_tanh":
+        return jax.nn.gelu(x, approximate=True)
+    if name == "relu":
+        return jax.nn.relu(x)
+    if name == "squared_relu":
+        return jnp.square(jax.nn.relu(x))
+    if name == "silu":
+        return jax.nn.silu(x)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        D, F = cfg.hidden_size, cfg.mlp_size
+        glu = ((2,), ("glu",)) if cfg.gated_mlp else ((), ())
+        bias = cfg.linear_bias
+        self.wi = Dense(rngs, (D, *glu[0], F), ("embed", *glu[1], "mlp"),
+                        (*glu[0], F) if bias else None, (*glu[1], "mlp"))
+        self.wo = Dense(rngs, (F, D), ("mlp", "embed"), (D,) if bias else None, ("embed",))
+
+    def __call__(self, x):
+        """x [B, T, D] -> [B, T, D]."""
+        cfg = self.cfg
+        if cfg.gated_mlp:
+            h = self.wi.add_bias(jnp.einsum("btd,dcf->btcf", x, self.wi.kernel[...]))  # c: gate, up
+            h = shard(h, ("batch", "length", "glu", "act_mlp"))
+            h = activation(cfg.activation, h[:, :, 0]) * h[:, :, 1]
+        else:
+            h = self.wi.add_bias(jnp.einsum("btd,df->btf", x, self.wi.kernel[...]))
+            h = activation(cfg.activation, shard(h, ("batch", "length", "act_mlp")))
+        out = self.wo.add_bias(jnp.einsum("btf,fd->btd", h, self.wo.kernel[...]))
+        return shard(out, ("batch", "length", "embed"))

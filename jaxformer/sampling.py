@@ -1,0 +1,170 @@
+"""Sampling settings and the on-device token sampler.
+
+Every numeric setting becomes a per-row array, so one batch can mix requests with different
+temperatures, top-k/p, penalties and stop tokens without a recompile. Only which *kinds* of
+processing are needed (sorting for top-k/top-p, token counts for penalties) is static.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How to choose each next token. `Sampling()` samples at temperature 1; greedy is
+    `temperature=0` (or `sampling=None` in generate()).
+
+    repetition_penalty follows Hugging Face/CTRL (over prompt and generated tokens: positive
+    logits divided by it, negative ones multiplied); presence_penalty and frequency_penalty
+    follow OpenAI (subtracted per generated occurrence). Beam search: num_beams > 1,
+    deterministic, scored by sum of log-probs / length ** length_penalty.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    logprobs: bool = False
+
+    def __post_init__(self):
+        def fail(field, msg):
+            raise ValueError(f"Sampling.{field}: {msg}, got {getattr(self, field)!r}")
+
+        for field in ("temperature", "top_p", "min_p", "repetition_penalty",
+                      "presence_penalty", "frequency_penalty", "length_penalty"):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                fail(field, "must be a finite number")
+        if self.temperature < 0:
+            fail("temperature", "must be >= 0 (0 means greedy)")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            fail("top_k", "must be an integer >= 0 (0 disables it)")
+        if not 0 < self.top_p <= 1:
+            fail("top_p", "must be in (0, 1]")
+        if not 0 <= self.min_p <= 1:
+            fail("min_p", "must be in [0, 1]")
+        if self.repetition_penalty <= 0:
+            fail("repetition_penalty", "must be > 0 (1 disables it)")
+        if isinstance(self.num_beams, bool) or not isinstance(self.num_beams, int) \
+                or self.num_beams < 1:
+            fail("num_beams", "must be an integer >= 1")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if any(t < 0 for t in self.stop_token_ids):
+            fail("stop_token_ids", "must be non-negative token ids")
+        if isinstance(self.stop_strings, str):
+            object.__setattr__(self, "stop_strings", (self.stop_strings,))
+        if any(not isinstance(s, str) or not s for s in self.stop_strings):
+            fail("stop_strings", "must be non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+GREEDY = Sampling(temperature=0.0)
+
+
+class RowParams(NamedTuple):
+    """Per-row sampling values, [B] each."""
+    greedy: jax.Array
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    min_p: jax.Array
+    repetition: jax.Array
+    presence: jax.Array
+    frequency: jax.Array
+
+
+class Features(NamedTuple):
+    """Static: which processing any row needs (part of the compile key)."""
+    sample: bool
+    sort: bool
+    min_p: bool
+    penalties: bool
+
+
+def row_params(samplings: Sequence[Sampling], batch: int) -> tuple[RowParams, Features]:
+    """Host arrays for `batch` rows (rows past len(samplings) are padding, set greedy)."""
+    s = list(samplings) + [GREEDY] * (batch - len(samplings))
+    arr = lambda f, dt: np.asarray([f(x) for x in s], dt)  # noqa: E731
+    rp = RowParams(
+        greedy=arr(lambda x: x.greedy, bool),
+        temperature=arr(lambda x: x.temperature if not x.greedy else 1.0, np.float32),
+        top_k=arr(lambda x: x.top_k, np.int32),
+        top_p=arr(lambda x: x.top_p, np.float32),
+        min_p=arr(lambda x: x.min_p, np.float32),
+        repetition=arr(lambda x: x.repetition_penalty, np.float32),
+        presence=arr(lambda x: x.presence_penalty, np.float32),
+        frequency=arr(lambda x: x.frequency_penalty, np.float32))
+    live = [x for x in s if not x.greedy]
+    feats = Features(
+        sample=bool(live),
+        sort=any(x.top_k > 0 or x.top_p < 1 for x in live),
+        min_p=any(x.min_p > 0 for x in live),
+        penalties=any(x.repetition_penalty != 1 or x.presence_penalty or x.frequency_penalty
+                      for x in s))
+    return rp, feats
+
+
+def apply_penalties(logits, p: RowParams, seen, gen_counts):
+    """logits [B, V] f32; seen [B, V] bool (prompt or generated); gen_counts [B, V] int32."""
+    r = p.repetition[:, None]
+    penalised = jnp.where(logits > 0, logits / r, logits * r)
+    logits = jnp.where(seen, penalised, logits)
+    counts = gen_counts.astype(jnp.float32)
+    return logits - p.presence[:, None] * (counts > 0) - p.frequency[:, None] * counts
+
+
+def filter_logits(logits, p: RowParams, feats: Features):
+    """Temperature, then top-k, top-p and min-p masks (-inf outside the allowed set)."""
+    x = logits / p.temperature[:, None]
+    neg = jnp.float32(-jnp.inf)
+    if feats.sort:
+        B, V = x.shape
+        order = jnp.argsort(-x, axis=-1)  # descending, ties by index
+        xs = jnp.take_along_axis(x, order, axis=-1)
+        rank = jnp.arange(V)[None]
+        keep = (p.top_k[:, None] <= 0) | (rank < p.top_k[:, None])
+        xs_k = jnp.where(keep, xs, neg)
+        probs = jax.nn.softmax(xs_k, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly ahead of each token
+        keep = keep & ((before < p.top_p[:, None]) | (rank == 0))
+        mask = jnp.zeros((B, V), bool).at[jnp.arange(B)[:, None], order].set(keep)
+        x = jnp.where(mask, x, neg)
+    if feats.min_p:
+        probs = jax.nn.softmax(x, axis=-1)
+        x = jnp.where(probs >= p.min_p[:, None] * probs.max(-1, keepdims=True), x, neg)
+    return x
+
+
+def sample(logits, p: RowParams, feats: Features, keys, seen=None, gen_counts=None):
+    """logits [B, V] float32 (padded vocab at -inf) -> (tokens [B] int32, logprobs [B]).
+
+    keys [B] are per-row PRNG keys. logprobs are of the chosen token under the model's
+    unprocessed distribution (log_softmax of the raw logits).
+    """
+    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
+    x = logits
+    if feats.penalties:
+        x = apply_penalties(x, p, seen, gen_counts)
+    tokens = jnp.argmax(x, axis=-1).astype(jnp.int32)
+    if feats.sample:
+        filtered = filter_logits(x, p, feats)
+        drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+        tokens = jnp.where(p.greedy, tokens, drawn)
+    chosen = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
+    return tokens, chosen

@@ -1,0 +1,166 @@
+"""Meshes and logical-axis sharding.
+
+Layer code names array dimensions only by logical names (`batch`, `embed`, `heads`, ...).
+A rules table (configs/sharding/*.yaml) maps each logical name to a mesh axis (`data`,
+`pipe`, `tensor`), a tuple of mesh axes, or nothing. `logical_to_spec` applies it and
+refuses a table that would put two dimensions of one array on the same mesh axis.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import jax
+import numpy as np
+import yaml
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxformer.config import CONFIG_DIR, ModelConfig
+
+MESH_AXES = ("data", "pipe", "tensor")
+LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "qkv", "head_dim", "mlp",
+                "vocab", "layers", "cache_batch", "cache_length", "position", "type",
+                "glu", "classes", "act_heads", "act_kv_heads", "act_mlp", "act_vocab")
+
+Rules = Mapping[str, Any]
+
+
+def make_mesh(data: int = 1, pipe: int = 1, tensor: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh with axes (data, pipe, tensor) over `devices` (default: all devices of all hosts).
+
+    Passing a subset of devices lets several models run side by side on disjoint groups.
+    """
+    for name, size in (("data", data), ("pipe", pipe), ("tensor", tensor)):
+        if not isinstance(size, int) or size <= 0:
+            raise ValueError(f"make_mesh: {name} must be a positive integer, got {size!r}")
+    n = data * pipe * tensor
+    devs = list(jax.devices() if devices is None else devices)
+    if len(devs) != n:
+        raise ValueError(f"make_mesh: data={data} x pipe={pipe} x tensor={tensor} = {n} "
+                         f"devices, but {len(devs)} {'are' if devices is None else 'were'} "
+                         f"{'available' if devices is None else 'given'}")
+    kwargs = {"axis_types": (jax.sharding.AxisType.Auto,) * 3}
+    if devices is None:
+        return jax.make_mesh((data, pipe, tensor), MESH_AXES, **kwargs)
+    return Mesh(np.asarray(devs, dtype=object).reshape(data, pipe, tensor), MESH_AXES, **kwargs)
+
+
+def load_rules(name_or_path: str | Rules = "default") -> dict[str, Any]:
+    """A rules table: a name from configs/sharding/, a YAML path, or a mapping."""
+    if isinstance(name_or_path, Mapping):
+        table = dict(name_or_path)
+        source = "<mapping>"
+    else:
+        path = Path(name_or_path)
+        if not path.suffix:
+            path = CONFIG_DIR / "sharding" / f"{name_or_path}.yaml"
+        if not path.exists():
+            avail = sorted(p.stem for p in (CONFIG_DIR / "sharding").glob("*.yaml"))
+            raise ValueError(f"unknown sharding rules {name_or_path!r}; available: {avail}")
+        table = yaml.safe_load(path.read_text()) or {}
+        source = str(path)
+    for logical, mesh_axes in table.items():
+        for ax in _as_tuple(mesh_axes):
+            if ax not in MESH_AXES:
+                raise ValueError(f"sharding rules {source}: {logical!r} maps to unknown mesh "
+                                 f"axis {ax!r}; mesh axes are {MESH_AXES}")
+    return table
+
+
+def _as_tuple(x) -> tuple:
+    if x is None:
+        return ()
+    if isinstance(x, str):
+        return (x,)
+    return tuple(x)
+
+
+def logical_to_spec(axes: Sequence[str | None], rules: Rules) -> P:
+    """PartitionSpec for an array whose dimensions carry the logical names `axes`."""
+    used: dict[str, str] = {}
+    out = []
+    for logical in axes:
+        mesh_axes = _as_tuple(rules.get(logical)) if logical is not None else ()
+        for ax in mesh_axes:
+            if ax in used:
+                raise ValueError(f"sharding rules put two dimensions of one array on mesh axis "
+                                 f"{ax!r}: {used[ax]!r} and {logical!r} (array axes {tuple(axes)})")
+            used[ax] = logical
+        out.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+    return P(*out)
+
+
+def mesh_size(mesh: Mesh | None, mesh_axes) -> int:
+    if mesh is None:
+        return 1
+    return int(np.prod([mesh.shape[a] for a in _as_tuple(mesh_axes)], dtype=np.int64))
+
+
+# ---- the active mesh and rules (set while tracing model code) ---------------------------
+_ctx = threading.local()
+
+
+@contextlib.contextmanager
+def use(mesh: Mesh | None, rules: Rules):
+    """Make `mesh` and `rules` the ones `shard()` applies inside this block."""
+    prev = getattr(_ctx, "state", None)
+    _ctx.state = (mesh, rules)
+    try:
+        yield
+    finally:
+        _ctx.state = prev
+
+
+def current() -> tuple[Mesh | None, Rules | None]:
+    return getattr(_ctx, "state", None) or (None, None)
+
+
+def shard(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """Constrain an activation's sharding by logical names; a no-op without an active mesh."""
+    mesh, rules = current()
+    if mesh is None or mesh.size == 1:
+        return x
+    if len(axes) != x.ndim:
+        raise ValueError(f"shard: {len(axes)} logical axes {tuple(axes)} for an array of "
+                         f"rank {x.ndim}")
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, rules)))
+
+
+def named_sharding(mesh: Mesh, axes: Sequence[str | None], rules: Rules) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(axes, rules))
+
+
+def tree_shardings(mesh: Mesh, axes_tree, rules: Rules):
+    """Map a tree whose leaves are logical-axis tuples to NamedShardings."""
+    return jax.tree.map(lambda a: named_sharding(mesh, a, rules), axes_tree,
+                        is_leaf=lambda a: isinstance(a, tuple))
+
+
+# ---- does this mesh divide this model? ---------------------------------------------------
+def check_divisible(cfg: ModelConfig, mesh: Mesh, rules: Rules, batch: int | None = None):
+    """Explain, in one error, every model dimension that the mesh does not divide."""
+    dims = {
+        "heads": (cfg.num_heads, "num_heads"),
+        "kv_heads": (cfg.kv_heads, "num_kv_heads"),
+        "mlp": (cfg.mlp_size, "ffn_size"),
+        "vocab": (cfg.padded_vocab_size, "padded vocabulary"),
+        "layers": (cfg.num_layers, "num_layers"),
+        "embed": (cfg.hidden_size, "hidden_size"),
+        "head_dim": (cfg.dims_per_head, "head_dim"),
+    }
+    if batch is not None:
+        dims["batch"] = (batch, "batch size")
+    problems = []
+    for logical, (size, what) in dims.items():
+        n = mesh_size(mesh, rules.get(logical))
+        if size % n:
+            axes = "x".join(f"{a}={mesh.shape[a]}" for a in _as_tuple(rules.get(logical)))
+            problems.append(f"{what} = {size} is not divisible by {axes} "
+                            f"(logical axis {logical!r})")
+    if problems:
+        shape = ", ".join(f"{k}={v}" for k, v in mesh.shape.items())
+        raise ValueError(f"mesh ({shape}) does not divide the model {cfg.name or ''}: "
+                         + "; ".join(problems))
