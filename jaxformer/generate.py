@@ -140,6 +140,10 @@ def decode_step(model: Model, params, state: DecodeState, req: Request, feats: F
 
 
 def make_decode_loop(model: Model, feats: Features):
+    if model.mesh.shape["pipe"] > 1:  # [pipeline] microbatches in flight across steps
+        from jaxformer import pipeline
+        return pipeline.make_decode_loop(model, feats)
+
     def loop(params, state: DecodeState, req: Request, until):
         """Decode until every row is done or `until` tokens have been generated."""
         with model.traced():
@@ -232,8 +236,11 @@ class _Run:
         self.prompt_ids = _encode_prompts(model, prompts)
         n = len(self.prompt_ids)
         self.samplings = _samplings(sampling, n)
-        if any(s.num_beams > 1 for s in self.samplings):
-            raise ValueError("beam search (num_beams > 1) runs through jaxformer.beam_search")
+        beams = {(s.num_beams, s.length_penalty) for s in self.samplings}
+        if len(beams) > 1 and any(s.num_beams > 1 for s in self.samplings):
+            raise ValueError("beam search needs one num_beams and length_penalty for the "
+                             f"whole batch, got {sorted(beams)}")
+        self.num_beams, self.length_penalty = beams.pop()
         longest = max(len(p) for p in self.prompt_ids)
         limit = model.config.max_position_embeddings
         if longest + max_new_tokens > limit:
@@ -315,6 +322,22 @@ def generate(model: Model, prompts, max_new_tokens: int = 32, sampling=None, see
     """
     run = _Run(model, prompts, max_new_tokens, sampling, seed, ignore_eos)
     want_lp = any(s.logprobs for s in run.samplings)
+    if run.num_beams > 1:
+        if stream:
+            raise ValueError("beam search (num_beams > 1) cannot stream: the best hypothesis "
+                             "is known only at the end")
+        from jaxformer.beam import beam_search
+        t0 = time.perf_counter()
+        tokens, scores = beam_search(run, run.num_beams, run.length_penalty)
+        dt = time.perf_counter() - t0
+        out = np.full((run.rows, run.max_new), -1, np.int32)
+        for b, t in enumerate(tokens):
+            out[b, : len(t)] = t
+        n = sum(map(len, tokens))
+        result = run.finish(out, np.zeros(out.shape, np.float32), False,
+                            dict(total_s=dt, new_tokens=n, tokens_per_s=n / dt))
+        result.stats["beam_scores"] = scores
+        return result
     if stream:
         return _stream(run, chunk, want_lp)
     t0 = time.perf_counter()

@@ -29,7 +29,7 @@ def param(rngs: nnx.Rngs | None, shape: Sequence[int], axes: Sequence[str | None
         raise ValueError(f"unknown init {init!r}")
     # Logical names only: the rules table turns them into a mesh sharding at load time, so
     # the variable must not try to shard itself eagerly.
-    return nnx.Param(value, sharding_names=tuple(axes), eager_sharding=False)
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
 class Dense(nnx.Module):
