@@ -101,11 +101,14 @@ class CheckpointWriter:
         path = _path(key)
         array = np.asarray(array)
         self._check(path, array.shape)
-        self._arrays[path] = array
+        self._arrays[path] = array if self.dtype is None else _cast(array, self.dtype)
 
     def allocate(self, key, shape, dtype=np.float32) -> np.ndarray:
+        """A disk-backed buffer (in the writer's dtype, when it has one) to fill in place."""
         path = _path(key)
         self._check(path, shape)
+        if self.dtype is not None and np.issubdtype(np.dtype(dtype), np.floating):
+            dtype = _cast(np.zeros((), dtype), self.dtype).dtype
         file = self.tmp / STAGING_DIR / ("__".join(path) + ".npy")
         buf = np.lib.format.open_memmap(file, mode="w+", dtype=dtype, shape=tuple(shape))
         self._arrays[path] = buf
@@ -131,8 +134,6 @@ class CheckpointWriter:
         if missing:
             raise CheckpointError(f"checkpoint for {self.output} is incomplete: missing {missing}")
         tree = _unflatten(self._arrays)
-        if self.dtype is not None:
-            tree = jax.tree.map(lambda a: _cast(a, self.dtype), tree)
         save_params(self.tmp / PARAMS_DIR, tree)
         shutil.rmtree(self.tmp / STAGING_DIR)
         self.config.save_json(self.tmp / CONFIG_FILE)
@@ -145,10 +146,10 @@ class CheckpointWriter:
 
 
 def _cast(a: np.ndarray, dtype: str):
-    if not np.issubdtype(a.dtype, np.floating) and a.dtype.name != "bfloat16":
+    import ml_dtypes  # registers bfloat16 with numpy
+    if not np.issubdtype(a.dtype, np.floating) and a.dtype != ml_dtypes.bfloat16:
         return a
-    import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
-    return a.astype(np.dtype(dtype))
+    return a.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype))
 
 
 def _to_plain(state) -> dict:

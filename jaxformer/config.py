@@ -196,7 +196,7 @@ class ModelConfig:
     def from_preset(cls, name: str, **overrides) -> "ModelConfig":
         """A YAML preset from configs/models/ (by name, e.g. 'gpt2', or a path)."""
         path = Path(name)
-        if not path.suffix:
+        if path.suffix not in (".yaml", ".yml"):  # a name like "gpt3-1.3b" has a "suffix" too
             path = CONFIG_DIR / "models" / f"{name}.yaml"
         if not path.exists():
             raise ValueError(f"unknown model preset {name!r}; available: {list_presets()}")
