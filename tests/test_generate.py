@@ -229,3 +229,20 @@ def test_bad_generate_input_raises(llama):
         model.generate([[1], []], max_new_tokens=4)
     with pytest.raises(ValueError, match="tokenizer"):
         model.generate(["text needs a tokenizer"], max_new_tokens=4)
+
+
+def test_texts_and_stop_strings_with_a_tokenizer():
+    from jaxformer.tokenizer import ByteTokenizer
+    cfg = jf.ModelConfig.from_preset("demo", hidden_size=32, num_layers=1, ffn_size=64,
+                                     max_position_embeddings=64)
+    model = jf.Model.random(cfg, seed=3, tokenizer=ByteTokenizer())
+    free = model.generate(["ab"], max_new_tokens=24, ignore_eos=True)
+    toks = free.tokens[0]
+    assert free.texts[0] == ByteTokenizer().decode(toks)
+    i = next(i for i, t in enumerate(toks) if i >= 1 and 32 <= t < 127)  # an ASCII byte
+    stop = chr(toks[i])
+    got = model.generate(["ab"], max_new_tokens=24, ignore_eos=True,
+                         sampling=jf.Sampling(temperature=0, stop_strings=(stop,)))
+    first = toks.index(toks[i])
+    assert got.tokens[0] == toks[: first + 1]  # stopped on the device at the stop sequence
+    assert got.texts[0] == ByteTokenizer().decode(toks[:first])  # and cut from the text
