@@ -231,7 +231,7 @@ def test_bad_generate_input_raises(llama):
         model.generate(["text needs a tokenizer"], max_new_tokens=4)
 
 
-def test_texts_and_stop_strings_with_a_tokenizer():
+def test_texts_and_stop_strings_with_a_tokenizer(tmp_path, capsys):
     from jaxformer.tokenizer import ByteTokenizer
     cfg = jf.ModelConfig.from_preset("demo", hidden_size=32, num_layers=1, ffn_size=64,
                                      max_position_embeddings=64)
@@ -246,3 +246,13 @@ def test_texts_and_stop_strings_with_a_tokenizer():
     first = toks.index(toks[i])
     assert got.tokens[0] == toks[: first + 1]  # stopped on the device at the stop sequence
     assert got.texts[0] == ByteTokenizer().decode(toks[:first])  # and cut from the text
+
+    # the CLI on the same model, saved with its tokenizer
+    from jaxformer import cli
+    model.save(tmp_path / "ckpt")
+    assert cli.main(["generate", "--checkpoint", str(tmp_path / "ckpt"), "--prompt", "ab",
+                     "--max-new-tokens", "24", "--stop", stop, "--stream"]) == 0
+    printed = capsys.readouterr().out
+    assert f"=== prompt 0: 'ab'\n{got.texts[0]}\n" in printed and "tokens/s" in printed
+    assert cli.main(["generate", "--checkpoint", str(tmp_path / "ckpt"), "--top-p", "0"]) == 2
+    assert "top_p" in capsys.readouterr().err
