@@ -54,11 +54,12 @@ def peak_bytes() -> int | None:
     return stats.get("peak_bytes_in_use")
 
 
-def run_jax(cfg, batch: int, prompt: int, new: int, dtype: str, seed=0) -> dict:
+def run_jax(cfg, batch: int, prompt: int, new: int, dtype: str, attention="auto",
+            seed=0) -> dict:
     import jaxformer as jf
     from jaxformer.generate import _Run
 
-    model = jf.Model.random(cfg, dtype=dtype, seed=seed)
+    model = jf.Model.random(cfg, dtype=dtype, seed=seed, attention=attention)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(model.params))
     rng = np.random.default_rng(seed)
     prompts = rng.integers(0, cfg.vocab_size, (batch, prompt)).tolist()
@@ -114,8 +115,9 @@ def run_hf(cfg, batch: int, prompt: int, new: int) -> dict | None:
         eos_token_id=None)
     with torch.device("cuda"):
         model = transformers.GPT2LMHeadModel(hc).to(torch.bfloat16).eval()
+    # transformers compiles the decode step itself when the cache is static (its documented
+    # fast path); wrapping forward by hand breaks its CUDA-graph bookkeeping.
     model.generation_config.cache_implementation = "static"
-    model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
     ids = torch.randint(0, cfg.vocab_size, (batch, prompt), device="cuda")
     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
               attention_mask=torch.ones_like(ids))
@@ -148,6 +150,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", nargs="+", type=int, default=[128, 2048])
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "pallas"])
     ap.add_argument("--hf", action="store_true", help="also run transformers (needs CUDA torch)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny config")
     ap.add_argument("--json", help="write all rows to this file")
@@ -168,7 +171,7 @@ def main(argv=None) -> int:
                 if prompt + args.new > cfg.max_position_embeddings:
                     continue
                 try:
-                    r = run_jax(cfg, batch, prompt, args.new, args.dtype)
+                    r = run_jax(cfg, batch, prompt, args.new, args.dtype, args.attention)
                 except Exception as e:  # out of memory at large batch: report, go on
                     print(f"# {name} b={batch} p={prompt}: jax failed: {type(e).__name__}: "
                           f"{str(e)[:200]}", flush=True)
