@@ -6,7 +6,9 @@ end, so a failed write leaves nothing that looks like a checkpoint.
 """
 from __future__ import annotations
 
+import itertools
 import logging
+import mmap
 import os
 import shutil
 import uuid
@@ -24,7 +26,7 @@ CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 TOKENIZER_DIR = "tokenizer"
 STAGING_DIR = "_staging"
-CHUNK_BYTES = 64 << 20  # orbax chunks, so a host restoring one shard reads little else
+CHUNK_BYTES = 16 << 20  # storage chunks: a shard's restore reads little else, a save buffers little
 
 
 class CheckpointError(ValueError):
@@ -160,13 +162,52 @@ def _to_plain(state) -> dict:
     return state
 
 
+def _chunk_shape(shape, itemsize: int) -> tuple[int, ...]:
+    """Storage chunks of at most CHUNK_BYTES, split along the leading axes first (for stacked
+    layers that is one chunk per layer or less), so a shard's restore reads little else."""
+    chunk = list(shape)
+    for i in range(len(chunk)):
+        while chunk[i] > 1 and int(np.prod(chunk)) * itemsize > CHUNK_BYTES:
+            chunk[i] = -(-chunk[i] // 2)
+    return tuple(max(1, c) for c in chunk)
+
+
 def save_params(directory: Path, tree: Mapping) -> None:
-    """Write a plain nested dict of arrays as an orbax checkpoint at `directory`."""
+    """Write a plain nested dict of host arrays (memory maps welcome) as an orbax checkpoint.
+
+    Host memory stays near one storage chunk, not the model: orbax first writes every array's
+    metadata from zero-cost placeholders, then each array is filled chunk by chunk through
+    tensorstore, dropping memory-mapped pages once written. (orbax's own save would copy every
+    array into memory at once, about 3x the model for a converter.)
+    """
     import orbax.checkpoint as ocp
-    save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), tree)
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(Path(directory).absolute(), tree, save_args=save_args)
-    ckptr.wait_until_finished()
+    import tensorstore as ts
+    from orbax.checkpoint._src.serialization import type_handlers as th
+
+    directory = Path(directory).absolute()
+    flat = _flatten(tree)
+    # orbax writes the tree's metadata from one-element stand-ins (a full-size stand-in would
+    # be materialised); each array is then re-created at its real shape in the same store.
+    standin = _unflatten({p: np.zeros((1,) * a.ndim, a.dtype) for p, a in flat.items()})
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (np.ndarray, th.NumpyHandler(deepcopy_host_arrays=False)))
+    ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry)).save(
+        directory, args=ocp.args.PyTreeSave(standin))
+    context = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
+    for path, src in flat.items():
+        spec = {"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{directory}/",
+                                              "path": ".".join(path) + "/"}}
+        meta = ts.open(spec, open=True, context=context).result().spec().to_json()["metadata"]
+        chunk = _chunk_shape(src.shape, src.dtype.itemsize)
+        meta.update(shape=list(src.shape), chunks=list(chunk))
+        store = ts.open({**spec, "metadata": meta}, create=True, delete_existing=True,
+                        context=context).result()
+        pages = getattr(src, "_mmap", None)
+        for start in itertools.product(*(range(0, n, c) for n, c in zip(src.shape, chunk))):
+            box = tuple(slice(s, min(s + c, n)) for s, c, n in zip(start, chunk, src.shape))
+            store[box].write(np.ascontiguousarray(src[box])).result()
+            if pages is not None:
+                pages.madvise(mmap.MADV_DONTNEED)
 
 
 def save(output, params, config: ModelConfig, tokenizer=None, *, overwrite=False,

@@ -65,6 +65,7 @@ class ModelConfig:
     pooler: bool = False  # BERT pooler: tanh(dense(x[:, 0]))
     mlm_head: bool = False  # BERT LM head: dense -> act -> norm -> tied decoder + bias
     binary_head: bool = False  # BERT next-sentence head on the pooled output
+    mlm_activation: str | None = None  # the LM head's activation; None: same as `activation`
     attn_scale: float | None = None  # None means 1 / sqrt(H)
     vocab_pad_multiple: int = 128  # embedding rows are padded so `vocab` shards evenly
     bos_token_id: int | None = None
@@ -109,6 +110,9 @@ class ModelConfig:
             fail("type_vocab_size", f"must be >= 0, got {self.type_vocab_size}")
         if self.arch == "decoder" and (self.pooler or self.mlm_head or self.binary_head):
             fail("arch", "pooler / mlm_head / binary_head belong to encoder models")
+        if self.mlm_activation is not None and self.mlm_activation not in ACTIVATIONS:
+            fail("mlm_activation", f"must be None or one of {ACTIVATIONS}, got "
+                 f"{self.mlm_activation!r}")
         if self.binary_head and not self.pooler:
             fail("binary_head", "needs pooler=True (it reads the pooled output)")
         if self.norm_position == "post" and self.residual_from_norm:

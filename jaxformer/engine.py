@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -82,6 +83,9 @@ class Model:
         mesh = mesh or default_mesh()
         run, rules = _run_config(mesh, dtype, rules, attention)
         shd.check_divisible(config, mesh, rules)
+        from jaxformer import memory  # [memory] refuse weights that cannot fit the devices
+        memory.check_fits(config, mesh, run.dtype, rules if run.rules == "<custom>" else
+                          run.rules, attention=attention)
         shardings = param_shardings(config, mesh, rules)
 
         @functools.partial(jax.jit, out_shardings=shardings)
@@ -143,14 +147,17 @@ class Model:
         return cache[name]
 
     # ---- public API ---------------------------------------------------------------------
-    def logits(self, ids, attention_mask=None) -> np.ndarray:
+    def logits(self, ids, attention_mask=None, token_type_ids=None) -> np.ndarray:
         """Full-sequence forward. ids [B, T] -> float32 numpy logits [B, T, vocab_size].
 
-        Decoders: causal LM logits. Encoders: masked-LM logits. Positions past a row's
-        attention_mask length are padding and hold unspecified values.
+        Decoders: causal LM logits. Encoders: masked-LM logits (token_type_ids [B, T] are
+        used when given). Positions past a row's attention_mask length are padding and hold
+        unspecified values.
         """
-        ids_d, lengths, _, T = self._padded(ids, attention_mask)
-        out = self._fn("logits")(self.params, ids_d, lengths)
+        if token_type_ids is not None and self.config.arch != "encoder":
+            raise ValueError("token_type_ids are for encoder models")
+        ids_d, lengths, types, T = self._padded(ids, attention_mask, token_type_ids)
+        out = self._fn("logits")(self.params, ids_d, lengths, types)
         return to_host(out)[:, :T, : self.config.vocab_size]
 
     def encode(self, ids, attention_mask=None, token_type_ids=None):
@@ -163,9 +170,18 @@ class Model:
         return to_host(hidden)[:, :T], None if pooled is None else to_host(pooled)
 
     def generate(self, prompts, max_new_tokens: int = 32, sampling=None, seed: int = 0,
-                 **kwargs):
-        """Generate from prompts (strings or lists of token ids); see jaxformer.generate."""
+                 *, progress: bool | None = None, **kwargs):
+        """Generate from prompts (strings or lists of token ids); see jaxformer.generate.
+
+        progress: a tqdm bar over new tokens for long generations (None: when the
+        `jaxformer` logger is enabled for INFO; see jaxformer.progress).
+        """
         from jaxformer.generate import generate
+        from jaxformer import progress as pg
+        if pg.enabled(progress) and max_new_tokens >= pg.MIN_GENERATE_TOKENS \
+                and not kwargs.get("stream") and not _beams(sampling):
+            return _generate_with_bar(self, prompts, max_new_tokens, sampling, seed, progress,
+                                      **kwargs)
         return generate(self, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
                         seed=seed, **kwargs)
 
@@ -182,6 +198,9 @@ class Model:
 
 
 def _run_config(mesh: Mesh, dtype, rules, attention) -> tuple[RunConfig, dict]:
+    if jax.process_count() > 1:  # [distributed] all processes must build the same mesh
+        from jaxformer.distributed import check_mesh
+        check_mesh(mesh)
     dtype = jnp.dtype(dtype).name
     run = RunConfig(data=mesh.shape["data"], pipe=mesh.shape["pipe"],
                     tensor=mesh.shape["tensor"], dtype=dtype, attention=attention,
@@ -194,13 +213,13 @@ def _logits_fn(model: Model):
     backend = model.run.attention
 
     @jax.jit
-    def fn(params, ids, lengths):
+    def fn(params, ids, lengths, types=None):
         with model.traced():
             m = model.module(params)
             B, T = ids.shape
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
             if model.config.arch == "encoder":
-                hidden, _ = m(ids, lengths, backend=backend)
+                hidden, _ = m(ids, lengths, types, backend=backend)
                 return m.mlm_logits(hidden)
             logits, _ = m(ids, positions, lengths, backend=backend)
             return logits
@@ -231,25 +250,62 @@ def register_entry_point(name: str, factory) -> None:
 
 # ---- loading ----------------------------------------------------------------------------
 def load(path: str | os.PathLike, mesh: Mesh | None = None, dtype: str = "float32", *,
-         rules="default", attention: str = "auto", tokenizer: bool = True) -> Model:
+         rules="default", attention: str = "auto", tokenizer: bool = True,
+         max_batch: int | None = None, max_length: int | None = None) -> Model:
     """Load a jaxformer checkpoint straight into the shardings `mesh` and `rules` imply.
 
     No host materialises the whole model: each array is restored shard by shard.
+    Before anything is read, the memory plan (jaxformer.memory, `jaxformer info`) is checked
+    against device memory: a ValueError explains a plan that cannot fit, for the weights
+    alone and, when max_batch or max_length (prompt + new tokens) are given, for the KV
+    cache and prefill of that workload too.
     """
     path = Path(path)
     config = ckpt.read_config(path)
     mesh = mesh or default_mesh()
     run, rules_table = _run_config(mesh, dtype, rules, attention)
     shd.check_divisible(config, mesh, rules_table)
+    from jaxformer import memory, progress  # [memory] refuse a plan that cannot fit
+    memory.check_fits(config, mesh, run.dtype, rules if isinstance(rules, str) else rules_table,
+                      max_batch=max_batch, max_length=max_length, attention=attention)
     shardings = param_shardings(config, mesh, rules_table)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, run.dtype, sharding=sh),
                             _pure_abstract(config), shardings)
-    params = ckpt.restore_params(path, abstract)
+    if log.isEnabledFor(logging.INFO):
+        log.info("loading %s: %s of %s weights per device on mesh %s", path,
+                 memory.fmt_bytes(memory.weights_bytes(config, mesh, run.dtype, rules_table)),
+                 run.dtype, dict(mesh.shape))
+    t0 = time.perf_counter()
+    with progress.spinner(f"loading {path.name}"):
+        params = ckpt.restore_params(path, abstract)
+    log.info("restored %s in %.1fs", path, time.perf_counter() - t0)
     tok = None
     if tokenizer and (path / ckpt.TOKENIZER_DIR).is_dir():
         from jaxformer.tokenizer import load_tokenizer
         tok = load_tokenizer(path / ckpt.TOKENIZER_DIR)
     return Model(config, params, mesh, run, rules_table, tok)
+
+
+def _beams(sampling) -> bool:
+    from jaxformer.sampling import Sampling
+    items = [sampling] if isinstance(sampling, Sampling) else list(sampling or [])
+    return any(s.num_beams > 1 for s in items)
+
+
+def _generate_with_bar(model, prompts, max_new_tokens, sampling, seed, progress, **kwargs):
+    """generate() through its streaming path, a tqdm bar advancing per chunk of steps."""
+    from jaxformer import progress as pg
+    from jaxformer.generate import GenerateOutput, generate
+    kwargs.setdefault("chunk", max(8, max_new_tokens // 32))
+    bar = pg.bar(max_new_tokens, "generating", "tok", progress)
+    try:
+        for item in generate(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
+                             seed=seed, stream=True, **kwargs):
+            if isinstance(item, GenerateOutput):
+                return item
+            bar.update(max((len(t) for t in item), default=0))
+    finally:
+        bar.close()
 
 
 def _pure_abstract(cfg: ModelConfig) -> dict:

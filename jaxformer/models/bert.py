@@ -46,7 +46,7 @@ class Encoder(Transformer):
     def mlm_logits(self, x):
         """x [B, T, D] -> float32 logits [B, T, Vp] (decoder tied to the token table)."""
         h = self.mlm.dense.add_bias(x @ self.mlm.dense.kernel[...])
-        h = self.mlm.norm(activation(self.cfg.activation, h))
+        h = self.mlm.norm(activation(self.cfg.mlm_activation or self.cfg.activation, h))
         logits = self.embed.attend(h) + self.mlm.bias[...].astype(jnp.float32)
         return mask_padded_vocab(logits, self.cfg.vocab_size)
 

@@ -1,0 +1,5 @@
+import sys
+
+from conversion.megatron.cli import main
+
+sys.exit(main())
