@@ -1,0 +1,298 @@
+"""Attention benchmark: our Mosaic GPU kernels vs cuDNN vs plain XLA, one run, one card.
+
+    python benchmarks/attention.py [--quick] [--variants] [--json out.json]
+
+Prints the device, the versions and one table:
+  prefill  causal bf16, head_dim 128, 16 heads, batch x seq = 32k tokens, seq 1k..16k:
+           TFLOP/s (causal: half of 4 B N T^2 H, as FlashAttention reports it);
+  decode   one token per sequence, 32 query / 8 kv heads, head_dim 128, batch 1/8/64,
+           context 1k..32k: GB/s of K/V read (B S K H 2 bytes x 2), next to the card's
+           measured copy bandwidth (a large device copy in the same run, read + write bytes).
+Before timing, every kernel is checked against the reference at the benchmark shapes.
+Times are GPU kernel time from CUPTI (sum of the kernels of one call, launch gaps excluded),
+median of 3 windows; inputs rotate over enough copies that one call's K/V is not in L2.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import math
+import os
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxformer.kernels import decode_attention as da  # noqa: E402
+from jaxformer.kernels import flash_attention as fa  # noqa: E402
+from jaxformer.kernels.attention import attention  # noqa: E402
+from jaxformer.kernels.reference import attention_reference  # noqa: E402
+
+L2_BYTES = 50 * 2**20
+
+
+# ---- timing --------------------------------------------------------------------------------
+def _cupti():
+    try:
+        from jax._src.lib import mosaic_gpu as lib
+        return lib._mosaic_gpu_ext
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def gpu_time_ms(jf, arg_sets, iters: int, windows: int = 3, breakdown: dict | None = None):
+    """Median over `windows` of (GPU kernel time of `iters` calls) / iters, in ms."""
+    for a in arg_sets:
+        jax.block_until_ready(jf(*a))
+    ext = _cupti()
+    res = []
+    for _ in range(windows):
+        if ext is not None:
+            ext._cupti_init()
+            try:
+                outs = [jf(*arg_sets[i % len(arg_sets)]) for i in range(iters)]
+                jax.block_until_ready(outs)
+            finally:
+                timings = ext._cupti_get_timings(True)
+            res.append(sum(t for _, t in timings) / iters)
+            if breakdown is not None:
+                for name, t in timings:
+                    breakdown[name] = breakdown.get(name, 0.0) + t / iters / windows
+        else:
+            jax.block_until_ready(jf(*arg_sets[0]))
+            t0 = time.perf_counter()
+            outs = [jf(*arg_sets[i % len(arg_sets)]) for i in range(iters)]
+            jax.block_until_ready(outs)
+            res.append((time.perf_counter() - t0) * 1e3 / iters)
+    return float(np.median(res))
+
+
+def copy_bandwidth_gbs() -> float:
+    n = 2**29  # 1 GiB of bf16
+    x = jax.random.normal(jax.random.key(0), (n,), jnp.float32).astype(jnp.bfloat16)
+    f = jax.jit(lambda x: x + jnp.bfloat16(1))
+    ms = gpu_time_ms(f, [(x,)], iters=20)
+    return 2 * n * 2 / (ms * 1e-3) / 1e9
+
+
+def rotations(bytes_per_set: int, cap: int = 32) -> int:
+    return int(min(cap, max(1, math.ceil(4 * L2_BYTES / max(bytes_per_set, 1)))))
+
+
+# ---- correctness at the benchmark shapes ---------------------------------------------------
+def rel_err(out, ref):
+    out = np.asarray(out, np.float32)
+    ref = np.asarray(ref, np.float32)
+    if not np.all(np.isfinite(out)):
+        return float("nan")
+    return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def check_prefill_rows(out, q, k, v, pos, kvl, scale, rows):
+    """Relative error of out[:, rows] against the float32 reference on those rows."""
+    errs = []
+    for r0 in rows:
+        sl = slice(r0, r0 + 128)
+        ref = attention_reference(q[:, sl].astype(jnp.float32), k.astype(jnp.float32),
+                                  v.astype(jnp.float32), pos[:, sl], kvl, causal=True,
+                                  scale=scale)
+        errs.append(rel_err(out[:, sl], ref))
+    return max(errs)
+
+
+# ---- problems ---------------------------------------------------------------------------
+def prefill_inputs(key, B, T, N, K, H, dtype=jnp.bfloat16):
+    kq, kk, kv = jax.random.split(key, 3)
+    q = jax.random.normal(kq, (B, T, N, H), dtype)
+    k = jax.random.normal(kk, (B, T, K, H), dtype)
+    v = jax.random.normal(kv, (B, T, K, H), dtype)
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    kvl = jnp.full((B,), T, jnp.int32)
+    return q, k, v, pos, kvl
+
+
+def decode_inputs(key, B, S, N, K, H, dtype=jnp.bfloat16):
+    kq, kk, kv = jax.random.split(key, 3)
+    q = jax.random.normal(kq, (B, 1, N, H), dtype)
+    k = jax.random.normal(kk, (B, S, K, H), dtype)
+    v = jax.random.normal(kv, (B, S, K, H), dtype)
+    kvl = jnp.full((B,), S, jnp.int32)
+    pos = (kvl - 1)[:, None]
+    return q, k, v, pos, kvl
+
+
+def backend_fn(backend, scale, causal=True, **kw):
+    if backend == "ours-prefill":
+        return jax.jit(functools.partial(fa.flash_attention, causal=causal, scale=scale, **kw))
+    if backend == "ours-decode":
+        return jax.jit(functools.partial(da.decode_attention, causal=causal, scale=scale, **kw))
+    return jax.jit(functools.partial(attention, causal=causal, scale=scale, backend=backend))
+
+
+def run_prefill(seqs, tokens, N, H, log, variants=False):
+    rows = []
+    scale = 1 / math.sqrt(H)
+    for T in seqs:
+        B = max(1, tokens // T)
+        sets = [prefill_inputs(jax.random.key(100 + i), B, T, N, N, H) for i in range(2)]
+        flops = 4 * B * N * T * T * H / 2
+        row = {"seq": T, "batch": B}
+        impls = [("ours", backend_fn("ours-prefill", scale)), ("cudnn", backend_fn("cudnn", scale)),
+                 ("xla", backend_fn("xla", scale))]
+        if variants:
+            for name, cfg in [
+                ("ours-s3", fa.PrefillConfig(stages=3)),
+                ("ours-fwd", fa.PrefillConfig(reverse_q=False)),
+            ]:
+                impls.append((name, backend_fn("ours-prefill", scale, config=cfg)))
+        for name, f in impls:
+            try:
+                q, k, v, pos, kvl = sets[0]
+                if name != "xla":
+                    out = f(q, k, v, pos, kvl)
+                    err = check_prefill_rows(out, q, k, v, pos, kvl, scale,
+                                             sorted({0, (T // 2) // 128 * 128, T - 128}))
+                    row[f"{name}_err"] = err
+                    if not err < 2e-2:
+                        raise AssertionError(f"{name} prefill T={T}: rel err {err}")
+                ms = gpu_time_ms(f, sets, iters=max(4, min(50, int(2e13 // flops) + 4)))
+                row[name] = flops / (ms * 1e-3) / 1e12
+                row[f"{name}_ms"] = ms
+            except Exception as e:  # noqa: BLE001
+                row[name] = float("nan")
+                row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:2000]}"
+                log(f"prefill T={T} {name}: {type(e).__name__}: {str(e)[:3000]}")
+                log(traceback.format_exc()[-3000:])
+        log(json.dumps(row))
+        print("prefill " + _brief(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def _brief(row):
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in row.items() if not k.endswith(("_error", "_kernels_us")))
+
+
+def run_decode(batches, ctxs, N, K, H, log, variants=False):
+    rows = []
+    scale = 1 / math.sqrt(H)
+    for B in batches:
+        for S in ctxs:
+            nbytes = B * S * K * H * 2 * 2
+            R = rotations(nbytes)
+            sets = [decode_inputs(jax.random.key(200 + i), B, S, N, K, H) for i in range(R)]
+            row = {"batch": B, "ctx": S, "rot": R}
+            impls = [("ours", backend_fn("ours-decode", scale)),
+                     ("cudnn", backend_fn("cudnn", scale)), ("xla", backend_fn("xla", scale))]
+            if variants:
+                for name, cfg in [
+                    ("ours-pad64", da.DecodeConfig(q_rows_only=False)),
+                    ("ours-bk64s4", da.DecodeConfig(block_kv=64, stages=4)),
+                ]:
+                    impls.append((name, backend_fn("ours-decode", scale, config=cfg)))
+            q, k, v, pos, kvl = sets[0]
+            ref = attention_reference(q.astype(jnp.float32), k.astype(jnp.float32),
+                                      v.astype(jnp.float32), pos, kvl, causal=True, scale=scale)
+            for name, f in impls:
+                try:
+                    if name != "xla":
+                        err = rel_err(f(q, k, v, pos, kvl), ref)
+                        row[f"{name}_err"] = err
+                        if not err < 2e-2:
+                            raise AssertionError(f"{name} decode B={B} S={S}: rel err {err}")
+                    bd = {} if name == "ours" else None
+                    ms = gpu_time_ms(f, sets, iters=max(R, 40 // R * R), breakdown=bd)
+                    row[name] = nbytes / (ms * 1e-3) / 1e9
+                    row[f"{name}_us"] = ms * 1e3
+                    if bd:
+                        row["ours_kernels_us"] = {n[:60]: round(t * 1e3, 2) for n, t in bd.items()}
+                except Exception as e:  # noqa: BLE001
+                    row[name] = float("nan")
+                    row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:2000]}"
+                    log(f"decode B={B} S={S} {name}: {type(e).__name__}: {str(e)[:3000]}")
+                    log(traceback.format_exc()[-3000:])
+            log(json.dumps(row))
+            print("decode " + _brief(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer sizes")
+    ap.add_argument("--variants", action="store_true", help="also time alternative configs")
+    ap.add_argument("--json", default=None, help="write all numbers here")
+    ap.add_argument("--log", default=None, help="append details here")
+    ap.add_argument("--seqs", default=None, help="prefill lengths, comma separated")
+    ap.add_argument("--ctxs", default=None, help="decode contexts, comma separated")
+    ap.add_argument("--batches", default="1,8,64", help="decode batch sizes")
+    ap.add_argument("--tokens", type=int, default=32768, help="prefill tokens per batch")
+    args = ap.parse_args(argv)
+
+    logf = open(args.log, "a") if args.log else None  # noqa: SIM115 - lives for the run
+
+    def log(msg):
+        if logf:
+            logf.write(msg + "\n")
+            logf.flush()
+
+    dev = jax.devices()[0]
+    import jaxlib
+    header = (f"device: {dev.device_kind} ({dev.platform}, {getattr(dev, 'core_count', '?')} SMs)"
+              f" | jax {jax.__version__} jaxlib {jaxlib.__version__}"
+              f" | {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
+    print(header, flush=True)
+    log(header)
+    bw = copy_bandwidth_gbs()
+    print(f"measured copy bandwidth (1 GiB, read + write): {bw:.0f} GB/s", flush=True)
+
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    seqs = [1024, 4096, 16384] if args.quick else [1024, 2048, 4096, 8192, 16384]
+    ctxs = [1024, 4096, 32768] if args.quick else [1024, 2048, 4096, 8192, 16384, 32768]
+    seqs = ints(args.seqs) if args.seqs is not None else seqs
+    ctxs = ints(args.ctxs) if args.ctxs is not None else ctxs
+    pre = run_prefill(seqs, args.tokens, 16, 128, log, variants=args.variants)
+    dec = run_decode(ints(args.batches), ctxs, 32, 8, 128, log, variants=args.variants)
+
+    def f(x, fmt="{:7.0f}"):
+        return "    n/a" if math.isnan(x) else fmt.format(x)
+
+    extra_p = [c for c in (pre[0] if pre else {}) if c.startswith("ours-") and
+               not c.endswith(("_err", "_ms", "_error"))]
+    print("\nprefill: causal, bf16, head_dim 128, 16 heads, 32k tokens per batch (TFLOP/s)")
+    print(f"{'seq':>6} {'batch':>5} {'ours':>7} {'cudnn':>7} {'xla':>7} {'ours/cudnn':>10}"
+          + "".join(f" {c:>12}" for c in extra_p))
+    for r in pre:
+        ratio = r["ours"] / r["cudnn"] if r["cudnn"] == r["cudnn"] and r["cudnn"] else float("nan")
+        print(f"{r['seq']:>6} {r['batch']:>5} {f(r['ours'])} {f(r['cudnn'])} {f(r['xla'])} "
+              f"{f(ratio, '{:10.2f}')}" + "".join(f" {f(r.get(c, float('nan')), '{:12.0f}')}"
+                                                   for c in extra_p))
+    extra_d = [c for c in (dec[0] if dec else {}) if c.startswith("ours-") and
+               not c.endswith(("_err", "_us", "_error"))]
+    print(f"\ndecode: 32 q / 8 kv heads, head_dim 128, bf16 (GB/s of K/V read; copy = {bw:.0f})")
+    print(f"{'batch':>5} {'ctx':>6} {'ours':>7} {'cudnn':>7} {'xla':>7} {'ours/copy':>9} "
+          f"{'ours us':>8}" + "".join(f" {c:>14}" for c in extra_d))
+    for r in dec:
+        print(f"{r['batch']:>5} {r['ctx']:>6} {f(r['ours'])} {f(r['cudnn'])} {f(r['xla'])} "
+              f"{f(r['ours'] / bw, '{:9.2f}')} {f(r.get('ours_us', float('nan')), '{:8.1f}')}"
+              + "".join(f" {f(r.get(c, float('nan')), '{:14.0f}')}" for c in extra_d))
+    errs = [(k, r[k]) for r in pre + dec for k in r if k.endswith("_error")]
+    if errs:
+        print(f"\n{len(errs)} failures; first: {errs[0][0]}: {errs[0][1][:800]}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"header": header, "copy_gbs": bw, "prefill": pre, "decode": dec}, fh,
+                      indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

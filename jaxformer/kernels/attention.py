@@ -1,0 +1,191 @@
+"""The one attention dispatch every layer calls.
+
+`attention(q, k, v, q_positions, kv_lengths, causal=, scale=, backend=)` with the shapes of
+kernels/reference.py. backend:
+  "xla"    the pure-jnp reference (any device, any dtype);
+  "cudnn"  jax.nn.dot_product_attention(implementation="cudnn") (NVIDIA GPUs, fp16/bf16);
+  "pallas" the Mosaic GPU kernels of this package (Hopper): flash_attention.py for T > 1,
+           decode_attention.py (flash-decoding) for T == 1;
+  "auto"   pallas where supported, else xla, logging the reason once.
+Kernels run under shard_map on the active mesh (batch on `data`, heads on `tensor`).
+
+Masks. pallas is exact for any q_positions and kv_lengths. cudnn is exact for T == 1
+(decode), for non-causal calls, and for causal calls with T == S under the prefill contract
+q_positions[b] == arange(T) (cuDNN's own causal mask); any other causal T > 1 call gets an
+explicit [B, 1, T, S] mask. Rows that see no key at all (kv_length 0) are padding: their
+output differs between backends (reference: mean of V; kernels: 0).
+"""
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from jaxformer.kernels.reference import attention_mask, attention_reference
+
+log = logging.getLogger(__name__)
+BACKENDS = ("auto", "xla", "cudnn", "pallas")
+_logged: set[str] = set()
+
+
+def _log_once(msg: str) -> None:
+    if msg not in _logged:
+        _logged.add(msg)
+        log.info(msg)
+
+
+# ---- where can the kernels run? ---------------------------------------------------------
+def _devices():
+    from jaxformer import sharding
+    mesh, _ = sharding.current()
+    if mesh is not None:
+        try:
+            return list(mesh.devices.flat)
+        except (AttributeError, ValueError):  # an abstract mesh has no devices
+            pass
+    return jax.devices()
+
+
+def is_hopper(device) -> bool:
+    if device.platform != "gpu":
+        return False
+    kind = str(getattr(device, "device_kind", ""))
+    if "H100" in kind or "H200" in kind or "H800" in kind or "GH200" in kind:
+        return True
+    return str(getattr(device, "compute_capability", "")) == "9.0"
+
+
+def pallas_unsupported(q, k, v) -> str | None:
+    """Why the Pallas kernels cannot take this call (None: they can)."""
+    from jaxformer.kernels import decode_attention, flash_attention
+    dev = _devices()[0]
+    if not is_hopper(dev):
+        return (f"the Pallas Mosaic GPU kernels need a Hopper GPU (sm_90); this is "
+                f"{dev.platform} {getattr(dev, 'device_kind', '')}".rstrip())
+    if q.shape[1] == 1:
+        return decode_attention.check_supported(q, k, v)
+    return flash_attention.check_supported(q, k, v)
+
+
+def cudnn_unsupported(q, k, v) -> str | None:
+    dev = _devices()[0]
+    if dev.platform != "gpu":
+        return f"cuDNN attention needs an NVIDIA GPU; this is {dev.platform}"
+    if not (q.dtype == k.dtype == v.dtype):
+        return f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})"
+    if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return f"cuDNN attention needs bfloat16 or float16, got {jnp.dtype(q.dtype).name}"
+    if q.shape[-1] > 256 or q.shape[-1] % 8:
+        return f"cuDNN attention needs head_dim <= 256 and a multiple of 8, got {q.shape[-1]}"
+    if q.shape[2] % k.shape[2]:
+        return f"kv heads {k.shape[2]} must divide query heads {q.shape[2]}"
+    return None
+
+
+# ---- implementations (per shard) -------------------------------------------------------
+def _pallas(q, k, v, q_positions, kv_lengths, *, causal, scale):
+    from jaxformer.kernels import decode_attention, flash_attention
+    if q.shape[1] == 1:
+        return decode_attention.decode_attention(q, k, v, q_positions, kv_lengths,
+                                                 causal=causal, scale=scale)
+    return flash_attention.flash_attention(q, k, v, q_positions, kv_lengths, causal=causal,
+                                           scale=scale)
+
+
+def _cudnn(q, k, v, q_positions, kv_lengths, *, causal, scale):
+    B, T = q.shape[:2]
+    S = k.shape[1]
+    kv_len = jnp.clip(kv_lengths.astype(jnp.int32), 0, S)
+    kw = {"scale": scale, "implementation": "cudnn"}
+    if T == 1:
+        # One query: causality is just a shorter valid length.
+        if causal:
+            kv_len = jnp.clip(jnp.minimum(kv_len, q_positions[:, 0].astype(jnp.int32) + 1), 0, S)
+        return jax.nn.dot_product_attention(
+            q, k, v, query_seq_lengths=jnp.ones((B,), jnp.int32),
+            key_value_seq_lengths=kv_len, **kw)
+    q_len = jnp.full((B,), T, jnp.int32)
+    if not causal:
+        return jax.nn.dot_product_attention(q, k, v, query_seq_lengths=q_len,
+                                            key_value_seq_lengths=kv_len, **kw)
+    if T == S:  # prefill contract: q_positions == arange(T)
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=q_len,
+                                            key_value_seq_lengths=kv_len, **kw)
+    mask = attention_mask(q_positions, kv_len, S, causal=True)[:, None]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, **kw)
+
+
+# ---- shard_map over the active mesh -----------------------------------------------------
+def _sharded(fn, q, k, v, q_positions, kv_lengths):
+    """Run fn per shard: batch on `data`, heads on `tensor` (where the sizes divide)."""
+    from jaxformer import sharding
+    mesh, _ = sharding.current()
+    if mesh is None:
+        return fn(q, k, v, q_positions, kv_lengths)
+    shape = dict(mesh.shape)
+    dp, tp = shape.get("data", 1), shape.get("tensor", 1)
+    B, _, N, _ = q.shape
+    K = k.shape[2]
+    G = N // K
+    b_ax = "data" if dp > 1 and B % dp == 0 else None
+    h_ax = "tensor" if tp > 1 and N % tp == 0 else None
+    kv_ax, pick_kv = None, False
+    if h_ax is not None:
+        if K % tp == 0:
+            kv_ax = h_ax
+        elif G % (N // tp) == 0:
+            pick_kv = True  # each shard's query heads share one kv head: slice it locally
+        else:
+            h_ax = None
+    if b_ax is None and h_ax is None:
+        return fn(q, k, v, q_positions, kv_lengths)
+
+    def body(q, k, v, q_positions, kv_lengths):
+        if pick_kv:
+            kvh = (jax.lax.axis_index("tensor") * (N // tp)) // G
+            k = jax.lax.dynamic_slice_in_dim(k, kvh, 1, axis=2)
+            v = jax.lax.dynamic_slice_in_dim(v, kvh, 1, axis=2)
+        return fn(q, k, v, q_positions, kv_lengths)
+
+    abstract = jax.sharding.get_abstract_mesh()
+    manual = set(getattr(abstract, "manual_axes", ()) or ())
+    names = {a for a in ("data", "tensor") if a in shape} - manual
+    use_mesh = abstract if manual else mesh
+    qspec = P(b_ax, None, h_ax, None)
+    kvspec = P(b_ax, None, kv_ax, None)
+    return jax.shard_map(
+        body, mesh=use_mesh,
+        in_specs=(qspec, kvspec, kvspec, P(b_ax, None), P(b_ax)),
+        out_specs=qspec, axis_names=names, check_vma=False,
+    )(q, k, v, q_positions, kv_lengths)
+
+
+def attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: float,
+              backend: str = "auto"):
+    """Masked attention. q [B,T,N,H], k/v [B,S,K,H], q_positions [B,T], kv_lengths [B].
+
+    Returns [B, T, N, H] in q's dtype. An explicit backend that cannot take the call raises
+    ValueError naming what is unsupported; "auto" falls back to "xla" and logs why, once.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "xla":
+        return attention_reference(q, k, v, q_positions, kv_lengths, causal=causal, scale=scale)
+    if backend == "auto":
+        reason = pallas_unsupported(q, k, v)
+        if reason is not None:
+            _log_once(f"attention backend 'auto' uses xla: {reason}")
+            return attention_reference(q, k, v, q_positions, kv_lengths, causal=causal,
+                                       scale=scale)
+        backend = "pallas"
+    check = pallas_unsupported if backend == "pallas" else cudnn_unsupported
+    reason = check(q, k, v)
+    if reason is not None:
+        raise ValueError(f"attention backend {backend!r} does not support this call: {reason}")
+    impl = _pallas if backend == "pallas" else _cudnn
+
+    def fn(q, k, v, q_positions, kv_lengths):
+        return impl(q, k, v, q_positions, kv_lengths, causal=causal, scale=scale)
+    return _sharded(fn, q, k, v, q_positions, kv_lengths)

@@ -1,0 +1,292 @@
+"""Decode attention (flash-decoding) for Hopper, written in Pallas for the Mosaic GPU backend.
+
+One new query token per sequence against the KV cache, which stays in the model's layout
+[B, S, K, H]. Legend: B batch, S cache length, N query heads, K kv heads, G = N // K, H head
+dim, P splits.
+
+Each CTA owns (sequence b, kv head, split p): it reads its share of that sequence's valid keys
+once, for all G query heads of the kv head together (the G rows, zero-padded to the 64 rows
+of one wgmma, are the M dimension of QK^T and PV), and writes a normalised partial output and
+its log-sum-exp. Splitting the sequence over P CTAs lets a batch of 1 fill the GPU; a small
+XLA combine step merges the P partials. The split is over each sequence's own valid length
+(kv_lengths is ragged), so padding in the cache is never read.
+
+Two warpgroups: one issues TMA copies of K/V blocks into a ring of shared-memory slots, the
+other runs wgmma + a float32 online softmax.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxformer.kernels import flash_attention as fa
+from jaxformer.kernels.reference import attention_reference
+
+ROWS = 64  # wgmma M: the G query heads of one kv head, zero-padded
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    block_kv: int = 128     # keys per pipeline step
+    stages: int = 3         # K/V shared-memory ring depth
+    ctas_per_sm: int = 1    # occupancy assumed when choosing the number of splits
+    semantics: str = "lane"
+    # Load only the G query rows (rounded up to 8) into the 64-row wgmma tile; rows past
+    # them hold whatever shared memory held and only produce rows that are never written
+    # back (every wgmma output row depends on its own A row alone). False: pad q to 64
+    # rows in XLA first (one more small kernel and 8x the query bytes).
+    q_rows_only: bool = True
+
+
+def num_sms() -> int:
+    try:
+        return int(getattr(jax.devices()[0], "core_count", 0)) or 132
+    except Exception:  # noqa: BLE001 - any backend without the attribute
+        return 132
+
+
+def choose_splits(B: int, K: int, S: int, block_kv: int, ctas_per_sm: int = 1,
+                  sms: int | None = None) -> int:
+    """Splits per (sequence, kv head): enough CTAs for one full wave, never more blocks."""
+    sms = sms or num_sms()
+    return max(1, min(-(-S // block_kv), (ctas_per_sm * sms) // (B * K)))
+
+
+def _decode_pallas(qg, k, v, kv_lengths, last_pos, *, scale: float, causal: bool,
+                   kv_len: int, o_rows: int, cfg: DecodeConfig, splits: int,
+                   interpret: bool):
+    """qg [B, K, R, H] query rows of each kv head (R = G rounded up to 8, or 64);
+    k, v [B, S, K, H] (S % block_kv == 0); kv_lengths [B] int32; last_pos [B] int32 the
+    query positions; kv_len: the unpadded cache length; o_rows: rows written back (G
+    rounded up to 8).
+    Returns o [B, K, P, o_rows, H] f32 (normalised partials) and lse2 [B, K, P, 64] f32
+    (log2 units).
+    """
+    pl, plgpu = fa._plgpu()
+    B, K, R, H = qg.shape
+    M = ROWS
+    S = k.shape[1]
+    bk = cfg.block_kv
+    isz = jnp.dtype(qg.dtype).itemsize
+    stages = fa.fit_stages(cfg.stages, M * H * (isz + 4) + 4 * M, 2 * bk * H * isz, S // bk)
+    P = splits
+    dtype = qg.dtype
+    qk_scale = float(scale) * fa.LOG2E
+
+    def kernel(q_ref, k_ref, v_ref, len_ref, pos_ref, o_ref, lse_ref,
+               q_smem, o_smem, lse_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free):
+        p = lax.axis_index("split")
+        h = lax.axis_index("kvh")
+        b = lax.axis_index("batch")
+        wg = lax.axis_index("wg")
+        # Keys visible to this sequence's query: min(kv_len, position + 1), clipped to [0, S].
+        length = jnp.minimum(len_ref[b], jnp.int32(kv_len))
+        if causal:
+            length = jnp.minimum(length, pos_ref[b] + 1)
+        length = jnp.maximum(length, 0)
+        n_blocks = lax.div(length + (bk - 1), jnp.int32(bk))
+        per = lax.div(n_blocks + (P - 1), jnp.int32(P))
+        first = jnp.minimum(p * per, n_blocks)
+        last = jnp.minimum(first + per, n_blocks)
+        n_steps = last - first
+        # Only the sequence's final block can hold keys past its length.
+        n_full = jnp.where(last * bk > length, n_steps - 1, n_steps)
+        n_full = jnp.maximum(n_full, 0)
+
+        @pl.when(wg == 0)
+        def _compute():
+            if not interpret:
+                plgpu.set_max_registers(232, action="increase")
+            dst = q_smem if R == M else q_smem.at[pl.ds(0, R)]
+            plgpu.copy_gmem_to_smem(q_ref.at[b, h], dst, q_bar)
+            plgpu.barrier_wait(q_bar)
+            m_i = fa._row_layout(jnp.full((M,), -jnp.inf, jnp.float32), interpret)
+            l_i = fa._row_layout(jnp.full((M,), 0.0, jnp.float32), interpret)
+            acc = fa._tile_layout(jnp.full((M, H), 0.0, jnp.float32), interpret)
+
+            @pl.when(n_steps > 0)
+            def _():
+                plgpu.barrier_wait(k_bar.at[0])
+
+            def step(i, carry, masked):
+                acc, m_i, l_i = carry
+                slot = lax.rem(i, jnp.int32(stages))
+                s = fa._qk(q_smem, k_smem.at[slot], (M, bk), interpret)
+                plgpu.barrier_arrive(k_free.at[slot])
+                s = s * qk_scale
+                if masked:
+                    kv_ids = fa._col_iota((M, bk), interpret) + (first + i) * bk
+                    s = jnp.where(kv_ids < length, s, fa._MASK)
+                m_new = jnp.maximum(m_i, s.max(axis=1))
+                alpha = jnp.exp2(m_i - m_new)
+                pr = jnp.exp2(s - lax.broadcast_in_dim(m_new, (M, bk), [0]))
+                l_i = l_i * alpha + pr.sum(axis=1)
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                plgpu.barrier_wait(v_bar.at[slot])
+
+                def wait_next_k():
+                    @pl.when(i + 1 < n_steps)
+                    def _():
+                        plgpu.barrier_wait(k_bar.at[lax.rem(i + 1, jnp.int32(stages))])
+                acc = fa._pv(acc, pr.astype(dtype), v_smem.at[slot], interpret,
+                             after_issue=wait_next_k)
+                plgpu.barrier_arrive(v_free.at[slot])
+                return acc, m_new, l_i
+
+            carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False),
+                                  (acc, m_i, l_i))
+            acc, m_i, l_i = lax.fori_loop(n_full, n_steps, functools.partial(step, masked=True),
+                                          carry)
+            l_safe = jnp.where(l_i == 0.0, 1.0, l_i)
+            o_smem[...] = acc * lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0])
+            lse_smem[...] = m_i + jnp.log(l_safe) * fa.LOG2E
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, o_rows)], o_ref.at[b, h, p])
+            plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, p])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 1)
+        def _memory():
+            if not interpret:
+                plgpu.set_max_registers(40, action="decrease")
+
+            def issue(i, slot):
+                rows = pl.ds((first + i) * bk, bk)
+                plgpu.copy_gmem_to_smem(k_ref.at[b, rows, h], k_smem.at[slot], k_bar.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[b, rows, h], v_smem.at[slot], v_bar.at[slot])
+
+            for i in range(stages):
+                pl.when(i < n_steps)(functools.partial(issue, i, i))
+
+            @pl.loop(stages, jnp.maximum(n_steps, stages))
+            def _refill(i):
+                slot = lax.rem(i, jnp.int32(stages))
+                rows = pl.ds((first + i) * bk, bk)
+                plgpu.barrier_wait(k_free.at[slot])
+                plgpu.copy_gmem_to_smem(k_ref.at[b, rows, h], k_smem.at[slot], k_bar.at[slot])
+                plgpu.barrier_wait(v_free.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[b, rows, h], v_smem.at[slot], v_bar.at[slot])
+
+            @pl.loop(jnp.maximum(n_steps - stages, 0), n_steps)
+            def _tail(i):
+                slot = lax.rem(i, jnp.int32(stages))
+                plgpu.barrier_wait(k_free.at[slot])
+                plgpu.barrier_wait(v_free.at[slot])
+
+    tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    scratch = [
+        plgpu.SMEM((M, H), dtype, transforms=tiled),           # q rows
+        plgpu.SMEM((M, H), jnp.float32),                       # normalised partial out
+        plgpu.SMEM((M,), jnp.float32),                         # partial lse
+        plgpu.SMEM((stages, bk, H), dtype, transforms=tiled),  # K ring
+        plgpu.SMEM((stages, bk, H), dtype, transforms=tiled),  # V ring
+        plgpu.Barrier(num_barriers=1),
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_barriers=stages),
+    ]
+    kwargs = {"interpret": fa.interpret_params()} if interpret else {}
+
+    def entry(q_ref, k_ref, v_ref, len_ref, pos_ref, o_ref, lse_ref, q_smem, o_smem, lse_smem,
+              k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free):
+        kernel(q_ref, k_ref, v_ref, len_ref, pos_ref, o_ref, lse_ref, q_smem, o_smem, lse_smem,
+               k_smem, v_smem, q_bar.at[0], k_bar, v_bar, k_free, v_free)
+
+    return plgpu.kernel(
+        entry,
+        out_type=[jax.ShapeDtypeStruct((B, K, P, o_rows, H), jnp.float32),
+                  jax.ShapeDtypeStruct((B, K, P, M), jnp.float32)],
+        scratch_types=scratch,
+        grid=(P, K, B),
+        grid_names=("split", "kvh", "batch"),
+        num_threads=2,
+        thread_name="wg",
+        compiler_params=fa.compiler_params(cfg.semantics),
+        **kwargs,
+    )(qg, k, v, kv_lengths, last_pos)
+
+
+def _o_rows(G: int) -> int:
+    return min(ROWS, -(-G // 8) * 8)
+
+
+def combine(o, lse2, G: int):
+    """Merge split partials. o [B, K, P, Gp, H] f32, lse2 [B, K, P, >=G] f32 (log2 units).
+
+    Returns out [B, K, G, H] f32 and lse [B, K, G] f32 (natural log).
+    """
+    o = o[:, :, :, :G]
+    lse2 = lse2[:, :, :, :G]
+    mx = lse2.max(axis=2, keepdims=True)
+    mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
+    w = jnp.exp2(lse2 - mx)                                  # [B, K, P, G]
+    den = w.sum(axis=2)                                      # [B, K, G]
+    out = jnp.einsum("bkpg,bkpgh->bkgh", w, o) / jnp.where(den == 0, 1.0, den)[..., None]
+    lse = (jnp.log2(jnp.where(den == 0, 1.0, den)) + mx[:, :, 0]) * fa.LN2
+    return out, jnp.where(den == 0, -jnp.inf, lse)
+
+
+def check_supported(q, k, v):
+    reason = fa.check_supported(q, k, v)
+    if reason is not None:
+        return reason
+    if q.shape[1] != 1:
+        return f"decode needs one query token per sequence, got T = {q.shape[1]}"
+    G = q.shape[2] // k.shape[2]
+    if G > ROWS:
+        return f"{G} query heads per kv head (at most {ROWS})"
+    return None
+
+
+def decode_attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: float,
+                     return_lse: bool = False, splits: int | None = None,
+                     config: DecodeConfig | None = None, interpret: bool = False):
+    """Single-token attention against the cache with the Mosaic GPU flash-decoding kernel.
+
+    q            [B, 1, N, H] bf16 or f16
+    k, v         [B, S, K, H] the cache, same dtype, K divides N
+    q_positions  [B, 1] int32 (decode: kv_lengths - 1)
+    kv_lengths   [B] int32 valid cache entries per sequence
+    Returns out [B, 1, N, H] in q.dtype (and lse [B, 1, N] f32 if return_lse).
+    """
+    reason = check_supported(q, k, v)
+    if reason is not None:
+        raise ValueError(f"decode_attention: unsupported {reason}")
+    cfg = config or DecodeConfig()
+    B, _, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    G = N // K
+    bk = cfg.block_kv
+    while bk > 64 and S % bk:
+        bk //= 2
+    if S % bk:  # rare: a cache length that is not a multiple of 64 -> pad (one copy)
+        S_pad = -(-S // bk) * bk
+        k = jnp.pad(k, ((0, 0), (0, S_pad - S), (0, 0), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, S_pad - S), (0, 0), (0, 0)))
+    cfg = dataclasses.replace(cfg, block_kv=bk)
+    P = splits or choose_splits(B, K, k.shape[1], bk, cfg.ctas_per_sm)
+    R = _o_rows(G) if cfg.q_rows_only else ROWS
+    qg = q.reshape(B, K, G, H)
+    if R != G:  # for G a multiple of 8 (and q_rows_only) this is a free reshape
+        qg = jnp.pad(qg, ((0, 0), (0, 0), (0, R - G), (0, 0)))
+    o, lse2 = _decode_pallas(qg, k, v, kv_lengths.astype(jnp.int32),
+                             q_positions.reshape(B).astype(jnp.int32), scale=scale,
+                             causal=causal, kv_len=S, o_rows=_o_rows(G), cfg=cfg, splits=P,
+                             interpret=interpret)
+    out, lse = combine(o, lse2, G)
+    out = out.reshape(B, 1, N, H).astype(q.dtype)
+    if return_lse:
+        return out, lse.reshape(B, 1, N)
+    return out
+
+
+def decode_attention_reference(q, k, v, q_positions, kv_lengths, *, causal: bool,
+                               scale: float, return_lse: bool = False):
+    """The pure-jnp twin of decode_attention (same signature, same outputs)."""
+    return attention_reference(q, k, v, q_positions, kv_lengths, causal=causal, scale=scale,
+                               return_lse=return_lse)

@@ -1,0 +1,448 @@
+"""Attention kernels against the reference, and the dispatch.
+
+CPU: the dispatch (xla/auto/errors), the mask-as-data bounds, the decode combine, the
+shard_map wrapper on 8 emulated devices, and both Mosaic GPU kernels in the Mosaic GPU
+interpreter (jax's CPU simulation of TMA copies, barriers and warpgroups, with its race
+detector and NaN-filled memory) on tiny shapes. GPU (`-m gpu`, Hopper only): the compiled
+kernels on many shapes, ragged lengths, GQA ratios, both dtypes and head dims, with the
+output memory poisoned first.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import math
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from jaxformer.kernels import attention as attn
+from jaxformer.kernels import decode_attention as da
+from jaxformer.kernels import flash_attention as fa
+from jaxformer.kernels.reference import attention_mask, attention_reference
+
+_seed = iter(range(10_000, 1_000_000))
+
+
+def rand(shape, dtype=jnp.float32):
+    """Fresh standard-normal values (numpy: no per-shape jax compile on CPU)."""
+    x = np.random.default_rng(next(_seed)).standard_normal(shape, dtype=np.float32)
+    return jnp.asarray(x.astype(jnp.dtype(dtype)))
+
+
+def rel_err(out, ref, rows=None):
+    out = np.asarray(out, np.float32)
+    ref = np.asarray(ref, np.float32)
+    if rows is not None:  # compare only rows [B, T] that see at least one key
+        out, ref = out[rows], ref[rows]
+    assert np.all(np.isfinite(out)), "non-finite output (unwritten or NaN)"
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def visible_rows(q_positions, kv_lengths, S, causal):
+    """[B, T] bool: query rows that see at least one key."""
+    mask = attention_mask(q_positions, kv_lengths, S, causal).any(-1)
+    return np.broadcast_to(np.asarray(mask), q_positions.shape)
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "scale", "return_lse"))
+def f32_reference(q, k, v, pos, kvl, causal, scale, return_lse=False):
+    up = lambda x: x.astype(jnp.float32)  # noqa: E731
+    return attention_reference(up(q), up(k), up(v), pos, kvl, causal=causal, scale=scale,
+                               return_lse=return_lse)
+
+
+def problem(B, T, S, N, K, H, dtype, lengths=None, offset=0):
+    q, k, v = rand((B, T, N, H), dtype), rand((B, S, K, H), dtype), rand((B, S, K, H), dtype)
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32) + offset, (B, T)).astype(jnp.int32)
+    if lengths is None:
+        lengths = np.random.default_rng(next(_seed)).integers(1, S + 1, size=B)
+    return q, k, v, pos, jnp.asarray(lengths, jnp.int32)
+
+
+# ---- dispatch (CPU) ----------------------------------------------------------------------
+@pytest.mark.parametrize("B,T,S,N,K,H,causal", [(2, 7, 7, 4, 2, 16, True),
+                                                (3, 1, 33, 8, 1, 32, False)])
+def test_xla_backend_equals_reference(B, T, S, N, K, H, causal):
+    q, k, v, pos, kvl = problem(B, T, S, N, K, H, jnp.float32)
+    kw = {"causal": causal, "scale": 1 / math.sqrt(H)}
+    out = jax.jit(functools.partial(attn.attention, backend="xla", **kw))(q, k, v, pos, kvl)
+    ref = jax.jit(functools.partial(attention_reference, **kw))(q, k, v, pos, kvl)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+
+
+@pytest.mark.skipif(jax.devices()[0].platform == "gpu", reason="CPU behaviour")
+def test_auto_on_cpu_is_reference_and_logs_once(caplog):
+    q, k, v, pos, kvl = problem(2, 5, 5, 4, 2, 16, jnp.bfloat16)
+    attn._logged.clear()
+    kw = {"causal": True, "scale": 0.25}
+    with caplog.at_level(logging.INFO, logger=attn.__name__):
+        out = jax.jit(functools.partial(attn.attention, backend="auto", **kw))(q, k, v, pos, kvl)
+        jax.jit(functools.partial(attn.attention, backend="auto", **kw))(  # traced again
+            q[:, :4], k[:, :4], v[:, :4], pos[:, :4], kvl)
+    ref = jax.jit(functools.partial(attention_reference, **kw))(q, k, v, pos, kvl)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(ref, np.float32))
+    msgs = [r.getMessage() for r in caplog.records if "uses xla" in r.getMessage()]
+    assert len(msgs) == 1 and "Hopper" in msgs[0]
+
+
+@pytest.mark.skipif(jax.devices()[0].platform == "gpu", reason="CPU behaviour")
+@pytest.mark.parametrize("backend", ["pallas", "cudnn"])
+def test_explicit_gpu_backend_on_cpu_raises(backend):
+    q, k, v, pos, kvl = problem(1, 4, 4, 2, 2, 64, jnp.bfloat16)
+    with pytest.raises(ValueError, match=backend):
+        attn.attention(q, k, v, pos, kvl, causal=True, scale=0.1, backend=backend)
+
+
+def test_unknown_backend_raises():
+    q, k, v, pos, kvl = problem(1, 4, 4, 2, 2, 8, jnp.float32)
+    with pytest.raises(ValueError, match="must be one of"):
+        attn.attention(q, k, v, pos, kvl, causal=True, scale=0.1, backend="triton")
+
+
+@pytest.mark.parametrize("dtype,H,match", [(jnp.float32, 64, "float32"),
+                                           (jnp.bfloat16, 96, "head_dim 96"),
+                                           (jnp.float16, 256, "head_dim 256")])
+def test_kernel_support_checks_name_the_problem(dtype, H, match):
+    q, k, v = rand((1, 8, 4, H), dtype), rand((1, 8, 2, H), dtype), rand((1, 8, 2, H), dtype)
+    assert match in fa.check_supported(q, k, v)
+    assert match in da.check_supported(q[:, :1], k, v)
+    with pytest.raises(ValueError, match=match):
+        fa.flash_attention(q, k, v, jnp.zeros((1, 8), jnp.int32), jnp.ones((1,), jnp.int32),
+                           causal=True, scale=1.0)
+    assert fa.check_supported(q.astype(jnp.bfloat16)[..., :64], k.astype(jnp.bfloat16)[..., :64],
+                              v.astype(jnp.bfloat16)[..., :64]) is None
+
+
+# ---- masks as data (CPU) -----------------------------------------------------------------
+@pytest.mark.parametrize("causal,bq,bk", [(True, 64, 128), (False, 64, 64)])
+def test_tile_bounds_cover_exactly_the_visible_keys(causal, bq, bk):
+    rng = np.random.default_rng(next(_seed))
+    B, T, S = 3, 4 * bq, 5 * bk
+    pos = np.sort(rng.integers(-3, S + 5, size=(B, T)), axis=1).astype(np.int32)
+    pos[0] = np.arange(T)  # the prefill layout
+    kvl = np.array([S, 1, rng.integers(0, S)], np.int32)
+    lim = fa.visible_limit(jnp.asarray(pos), jnp.asarray(kvl), S, causal)
+    steps, full = map(np.asarray, fa.tile_bounds(lim, bq, bk))
+    mask = np.broadcast_to(np.asarray(attention_mask(jnp.asarray(pos), jnp.asarray(kvl), S,
+                                                     causal)), (B, T, S))
+    np.testing.assert_array_equal(mask, np.arange(S)[None, None] <= np.asarray(lim)[..., None])
+    for b in range(B):
+        for t in range(T // bq):
+            m = mask[b, t * bq:(t + 1) * bq]
+            cols = np.nonzero(m.any(0))[0]
+            want_steps = 0 if cols.size == 0 else cols.max() // bk + 1
+            assert steps[b, t] == want_steps
+            assert 0 <= full[b, t] <= steps[b, t]
+            assert m[:, :full[b, t] * bk].all()  # unmasked blocks really are fully visible
+
+
+def _np_lse(x, axis=-1):
+    m = x.max(axis, keepdims=True)
+    return (m + np.log(np.exp(x - m).sum(axis, keepdims=True))).squeeze(axis)
+
+
+def test_decode_combine_equals_one_softmax():
+    B, K, P_, G, H, S = 2, 3, 4, 5, 16, 40
+    s = np.asarray(rand((B, K, G, S)), np.float64) * 3
+    vals = np.asarray(rand((B, K, S, H)), np.float64)
+    chunks = np.array_split(np.arange(S), P_)
+    o = np.zeros((B, K, P_, 8, H))  # partial rows padded to 8, as the kernel writes them
+    lse2 = np.full((B, K, P_, 64), np.nan)
+    for p, c in enumerate(chunks):
+        lse = _np_lse(s[..., c])
+        o[:, :, p, :G] = np.einsum("bkgs,bksh->bkgh", np.exp(s[..., c] - lse[..., None]),
+                                   vals[:, :, c])
+        lse2[:, :, p, :G] = lse / math.log(2)
+    lse2[1, 2, 3], o[1, 2, 3] = -np.inf, 0.0  # an empty split contributes nothing
+    keep = np.ones(S, bool)
+    keep[chunks[3]] = False
+    out, lse = jax.jit(da.combine, static_argnums=2)(jnp.asarray(o, jnp.float32),
+                                                      jnp.asarray(lse2, jnp.float32), G)
+    s12 = s.copy()
+    s12[1, 2][:, ~keep] = -np.inf
+    full_lse = _np_lse(s12)
+    ref = np.einsum("bkgs,bksh->bkgh", np.exp(s12 - full_lse[..., None]), vals)
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(lse), full_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_choose_splits_fills_one_wave():
+    assert da.choose_splits(1, 8, 32768, 128, sms=132) == 16
+    assert da.choose_splits(8, 8, 32768, 128, sms=132) == 2
+    assert da.choose_splits(64, 8, 32768, 128, sms=132) == 1
+    assert da.choose_splits(1, 8, 256, 128, sms=132) == 2  # never more splits than blocks
+
+
+# ---- shard_map wrapper (CPU, 8 emulated devices) ----------------------------------------
+def _mesh(data, pipe, tensor):
+    from jaxformer.sharding import make_mesh
+    if jax.device_count() < data * pipe * tensor:
+        pytest.skip(f"needs {data * pipe * tensor} devices")
+    return make_mesh(data=data, pipe=pipe, tensor=tensor,
+                     devices=jax.devices()[:data * pipe * tensor])
+
+
+@pytest.mark.parametrize("K", [4, 1])
+def test_sharded_wrapper_matches_unsharded(K):
+    from jaxformer import sharding
+    mesh = _mesh(2, 2, 2)
+    B, T, N, H = 4, 6, 4, 8
+    q, k, v, pos, kvl = problem(B, T, T, N, K, H, jnp.float32)
+    seen = []
+
+    def fn(q, k, v, pos, kvl):  # per shard: the reference, recording local shapes
+        seen.append((q.shape, k.shape))
+        return attention_reference(q, k, v, pos, kvl, causal=True, scale=0.3)
+
+    with sharding.use(mesh, {}):
+        out = jax.jit(lambda *a: attn._sharded(fn, *a))(q, k, v, pos, kvl)
+    ref = attention_reference(q, k, v, pos, kvl, causal=True, scale=0.3)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-6, atol=1e-6)
+    (qs, ks), = seen
+    assert qs == (B // 2, T, N // 2, H)            # batch on data, heads on tensor
+    assert ks[2] == (K // 2 if K % 2 == 0 else 1)  # kv heads split, or the one needed
+
+
+def test_sharded_wrapper_inside_pipe_shard_map():
+    from jaxformer import sharding
+    mesh = _mesh(2, 2, 2)
+    q, k, v, pos, kvl = problem(4, 5, 5, 4, 2, 8, jnp.float32)
+    fn = functools.partial(attention_reference, causal=True, scale=0.5)
+
+    def stage(q, k, v, pos, kvl):
+        return attn._sharded(fn, q, k, v, pos, kvl)
+    with sharding.use(mesh, {}):
+        out = jax.jit(jax.shard_map(stage, mesh=mesh, in_specs=P(), out_specs=P(),
+                                    axis_names={"pipe"}, check_vma=False))(q, k, v, pos, kvl)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(fn(q, k, v, pos, kvl)), rtol=1e-6,
+                               atol=1e-6)
+
+
+# ---- the kernels in the Mosaic GPU interpreter (CPU) -------------------------------------
+def _interpreter():
+    try:
+        from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    except ImportError as e:
+        pytest.skip(f"no Mosaic GPU interpreter in this jax: {e}")
+    return gpu_callbacks, InterpretGPUParams
+
+
+def _cache_thread_compiles(monkeypatch):
+    """Speed only: jax 0.10's interpreter AOT-compiles each simulated warpgroup's program on
+    every kernel call (~5 s each on 2 cores). Compile it once per program and share it."""
+    try:
+        from jax._src.pallas.mosaic.interpret import thread_map
+        params = list(inspect.signature(thread_map._run_jaxpr).parameters)
+    except (ImportError, AttributeError, ValueError):
+        return
+    if params != ["jaxpr", "consts", "args"]:
+        return
+    lock, cache = threading.Lock(), {}
+
+    def _run(jaxpr, consts, *args):
+        jax.core.eval_jaxpr(jaxpr, consts, *args)
+
+    def run_jaxpr(jaxpr, consts, *args):
+        key = (id(jaxpr), tuple((np.shape(a), np.asarray(a).dtype.str)
+                                for a in jax.tree.leaves((consts, args))))
+        with lock:
+            if key not in cache:
+                traced = jax.jit(_run, static_argnums=(0,)).trace(jaxpr, consts, *args)
+                cache[key] = (traced.lower().compile(), jaxpr)  # jaxpr kept alive: id stable
+        cache[key][0](consts, *args)
+
+    monkeypatch.setattr(thread_map, "_run_jaxpr", run_jaxpr)
+
+
+@pytest.fixture
+def interpreted(monkeypatch):
+    """Run kernels in the Mosaic GPU interpreter with its race detector; NaN-filled memory
+    (the interpreter's default) poisons every buffer the kernel fails to write."""
+    gpu_callbacks, params = _interpreter()
+    _cache_thread_compiles(monkeypatch)
+    monkeypatch.setattr(fa, "interpret_params",
+                        lambda: params(detect_races=True, uninitialized_memory="nan"))
+    yield lambda: gpu_callbacks.get_races().races_found
+
+
+INTERP_PREFILL = [
+    # B, T, S, N, K, H, dtype, causal, lengths, offset
+    (1, 100, 100, 2, 1, 64, jnp.bfloat16, False, [77], 0),     # T, S not block multiples; GQA 2
+    (1, 64, 300, 1, 1, 128, jnp.float16, True, [290], 200),    # causal chunk at positions 200+
+]
+
+
+@pytest.mark.parametrize("case", INTERP_PREFILL)
+def test_prefill_kernel_interpreted(case, interpreted):
+    B, T, S, N, K, H, dtype, causal, lengths, offset = case
+    q, k, v, pos, kvl = problem(B, T, S, N, K, H, dtype, lengths, offset)
+    cfg = fa.PrefillConfig(block_q=64, block_kv=64, stages=2)
+    out, lse = jax.jit(functools.partial(fa.flash_attention, causal=causal, scale=H ** -0.5,
+                                         return_lse=True, config=cfg, interpret=True))(
+        q, k, v, pos, kvl)
+    ref, ref_lse = f32_reference(q, k, v, pos, kvl, causal, H ** -0.5, return_lse=True)
+    rows = visible_rows(pos, kvl, S, causal)
+    assert rel_err(out, ref, rows) < 1e-2
+    np.testing.assert_allclose(np.asarray(lse)[rows], np.asarray(ref_lse)[rows], atol=2e-3)
+    assert not interpreted(), "the interpreter's race detector found a race"
+
+
+INTERP_DECODE = [
+    # B, S, N, K, H, dtype, lengths, splits, block_kv
+    (1, 256, 4, 1, 64, jnp.bfloat16, [201], 2, 64),    # G = 4, ragged tail block, 2 splits
+    (2, 128, 2, 2, 128, jnp.float16, [1, 128], 1, 64),  # MHA, a length-1 sequence
+]
+
+
+@pytest.mark.parametrize("case", INTERP_DECODE)
+def test_decode_kernel_interpreted(case, interpreted):
+    B, S, N, K, H, dtype, lengths, splits, bk = case
+    q, k, v, _, kvl = problem(B, 1, S, N, K, H, dtype, lengths)
+    pos = (kvl - 1)[:, None]
+    out, lse = jax.jit(functools.partial(
+        da.decode_attention, causal=True, scale=H ** -0.5, return_lse=True, splits=splits,
+        config=da.DecodeConfig(block_kv=bk, stages=2), interpret=True))(q, k, v, pos, kvl)
+    ref, ref_lse = f32_reference(q, k, v, pos, kvl, True, H ** -0.5, return_lse=True)
+    assert rel_err(out, ref) < 1e-2
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), atol=2e-3)
+    assert not interpreted(), "the interpreter's race detector found a race"
+
+
+# ---- the compiled kernels (Hopper GPU) ---------------------------------------------------
+def _hopper():
+    devs = jax.devices()
+    return bool(devs) and attn.is_hopper(devs[0])
+
+
+gpu = pytest.mark.gpu
+needs_hopper = pytest.mark.skipif(not _hopper(), reason="needs a Hopper GPU")
+
+
+def poison(*shapes):
+    """Fill and free device memory with NaN, so a kernel output that reuses it and is not
+    fully written shows up as NaN."""
+    for shape in shapes:
+        x = jnp.full(shape, jnp.nan, jnp.float32)
+        x.block_until_ready()
+        x.delete()
+
+
+GPU_PREFILL = [
+    # B, T, S, N, K, H, dtype, causal, offset
+    (2, 128, 128, 4, 4, 128, jnp.bfloat16, True, 0),
+    (3, 200, 200, 8, 2, 128, jnp.bfloat16, True, 0),      # GQA 4, T not a block multiple
+    (2, 1000, 1000, 4, 1, 64, jnp.float16, True, 0),      # MQA, head_dim 64
+    (1, 1, 1, 2, 2, 64, jnp.bfloat16, True, 0),           # T == S == 1 via the prefill kernel
+    (2, 333, 333, 16, 2, 64, jnp.bfloat16, False, 0),     # non-causal, GQA 8
+    (2, 384, 384, 4, 2, 128, jnp.float16, False, 0),
+    (2, 128, 700, 4, 2, 128, jnp.bfloat16, True, 500),    # chunked prefill against a cache
+    (1, 2048, 2048, 8, 8, 128, jnp.bfloat16, True, 0),
+    (1, 4096, 4096, 2, 1, 64, jnp.float16, True, 0),
+]
+
+
+@gpu
+@needs_hopper
+@pytest.mark.parametrize("case", GPU_PREFILL)
+def test_prefill_kernel_gpu(case):
+    B, T, S, N, K, H, dtype, causal, offset = case
+    q, k, v, pos, kvl = problem(B, T, S, N, K, H, dtype, offset=offset)
+    kvl = kvl.at[0].set(S)  # one full sequence, the rest ragged
+    poison((B, T, N, H), (B, N, T))
+    out, lse = jax.jit(functools.partial(fa.flash_attention, causal=causal, scale=H ** -0.5,
+                                         return_lse=True))(q, k, v, pos, kvl)
+    ref, ref_lse = f32_reference(q, k, v, pos, kvl, causal, H ** -0.5, return_lse=True)
+    rows = visible_rows(pos, kvl, S, causal)
+    assert rel_err(out, ref, rows) < 1.5e-2
+    np.testing.assert_allclose(np.asarray(lse)[rows], np.asarray(ref_lse)[rows], atol=2e-2)
+
+
+GPU_DECODE = [
+    # B, S, N, K, H, dtype, splits
+    (1, 4096, 32, 8, 128, jnp.bfloat16, None),
+    (3, 1000, 8, 1, 64, jnp.float16, None),      # MQA G = 8, S not a multiple of 128
+    (8, 2048, 16, 16, 128, jnp.bfloat16, 3),     # MHA, odd split count
+    (5, 777, 12, 4, 64, jnp.bfloat16, 7),        # S padded to 64
+    (2, 8192, 64, 8, 128, jnp.float16, None),    # G = 8
+    (64, 512, 32, 8, 128, jnp.bfloat16, None),
+]
+
+
+@gpu
+@needs_hopper
+@pytest.mark.parametrize("case", GPU_DECODE)
+def test_decode_kernel_gpu(case):
+    B, S, N, K, H, dtype, splits = case
+    q, k, v, _, kvl = problem(B, 1, S, N, K, H, dtype)
+    kvl = kvl.at[0].set(S).at[-1].set(1)
+    pos = (kvl - 1)[:, None]
+    poison((B, K, 64, 64, H))
+    out, lse = jax.jit(functools.partial(da.decode_attention, causal=True, scale=H ** -0.5,
+                                         return_lse=True, splits=splits))(q, k, v, pos, kvl)
+    ref, ref_lse = f32_reference(q, k, v, pos, kvl, True, H ** -0.5, return_lse=True)
+    assert rel_err(out, ref) < 1.5e-2
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), atol=2e-2)
+
+
+@gpu
+@needs_hopper
+@pytest.mark.parametrize("backend", ["pallas", "cudnn", "auto"])
+@pytest.mark.parametrize("T", [1, 256, 300])
+def test_dispatch_gpu_backends(backend, T):
+    B, S, N, K, H = 2, (T if T > 1 else 640), 8, 2, 128
+    q, k, v, pos, kvl = problem(B, T, S, N, K, H, jnp.bfloat16)
+    if T == 1:
+        pos = (kvl - 1)[:, None]
+    out = jax.jit(functools.partial(attn.attention, causal=True, scale=H ** -0.5,
+                                    backend=backend))(q, k, v, pos, kvl)
+    ref = f32_reference(q, k, v, pos, kvl, True, H ** -0.5)
+    assert rel_err(out, ref, visible_rows(pos, kvl, S, True)) < 1.5e-2
+
+
+@gpu
+@needs_hopper
+def test_dispatch_gpu_float32_falls_back_or_raises():
+    q, k, v, pos, kvl = problem(1, 8, 8, 2, 2, 64, jnp.float32)
+    out = attn.attention(q, k, v, pos, kvl, causal=True, scale=0.1, backend="auto")
+    ref = attention_reference(q, k, v, pos, kvl, causal=True, scale=0.1)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+    with pytest.raises(ValueError, match="float32"):
+        attn.attention(q, k, v, pos, kvl, causal=True, scale=0.1, backend="pallas")
+
+
+@gpu
+@needs_hopper
+def test_model_greedy_tokens_same_with_kernels_as_with_reference():
+    """End to end: prefill (flash kernel, ragged prompts) and decode (flash-decoding over the
+    ragged cache) give the greedy tokens of the reference backend."""
+    import dataclasses
+
+    from flax import nnx
+
+    import jaxformer as jf
+
+    cfg = jf.ModelConfig(vocab_size=256, hidden_size=256, num_layers=2, num_heads=4,
+                         num_kv_heads=2, ffn_size=512, position_embedding="rope",
+                         norm="rmsnorm", activation="silu", gated_mlp=True, qkv_bias=False,
+                         linear_bias=False, max_position_embeddings=512)
+    ref = jf.Model.random(cfg, dtype="bfloat16", seed=0, attention="xla")
+    params = nnx.to_pure_dict(ref.params)
+    # wide logit margins, so bf16 rounding differences cannot flip an argmax
+    params["embed"]["token"]["embedding"] = params["embed"]["token"]["embedding"] * 20
+    ref = jf.Model(cfg, params, ref.mesh, ref.run, ref.rules)
+    fast = jf.Model(cfg, params, ref.mesh, dataclasses.replace(ref.run, attention="pallas"),
+                    ref.rules)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 256, n).tolist() for n in (5, 70, 130, 257)]
+    want = ref.generate(prompts, max_new_tokens=24)
+    got = fast.generate(prompts, max_new_tokens=24)
+    assert got.tokens == want.tokens
+    ids = np.asarray([prompts[2]])
+    np.testing.assert_allclose(fast.logits(ids), ref.logits(ids), atol=0.15, rtol=0.02)
