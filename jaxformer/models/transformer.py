@@ -6,6 +6,8 @@ contiguous slice of the stack.
 """
 from __future__ import annotations
 
+import os
+
 import jax
 from flax import nnx
 
@@ -22,6 +24,11 @@ def stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
     return make(rngs)
 
 
+# Layer-loop unrolling (1 = a rolled scan). A tuning knob for decode, where each scan
+# iteration's dynamic slice of the stacked weights may cost a copy on some backends.
+_UNROLL = int(os.environ.get("JAXFORMER_UNROLL_LAYERS", "1"))
+
+
 def run_blocks(blocks: Block, x, positions, kv_lengths, cache=None, start=None, *,
                backend="auto"):
     """Scan x [B, T, D] through stacked blocks; cache is (k, v) each [L, B, S, K, H] or None.
@@ -35,7 +42,7 @@ def run_blocks(blocks: Block, x, positions, kv_lengths, cache=None, start=None, 
         block = nnx.merge(graphdef, layer_state)
         return block(h, positions, kv_lengths, layer_cache, start, backend=backend)
 
-    return jax.lax.scan(body, x, (state, cache))
+    return jax.lax.scan(body, x, (state, cache), unroll=_UNROLL)
 
 
 class Transformer(nnx.Module):
@@ -53,6 +60,9 @@ class Transformer(nnx.Module):
         `layers_fn` runs the stack; the pipeline substitutes its staged version.
         """
         x = self.embed(ids, positions, token_types)
+        if layers_fn is run_blocks:  # [pipeline] staged when the active mesh has stages
+            from jaxformer import pipeline
+            layers_fn = pipeline.layers_fn(run_blocks)
         x, new_cache = layers_fn(self.layers, x, positions, kv_lengths, cache, start,
                                  backend=backend)
         if self.cfg.final_norm:
