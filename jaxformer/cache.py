@@ -27,6 +27,13 @@ class KVCache(NamedTuple):
         return self.k.shape[2]
 
 
+def cache_rows(batch: int, data: int) -> int:
+    """Rows generate() allocates for `batch` prompts: a power of two (so compiles stay few)
+    rounded up to a multiple of the data-parallel size; no floor, since every padded row costs a
+    huge model a whole row of cache."""
+    return -(-(1 << (batch - 1).bit_length()) // data) * data
+
+
 def cache_shape(cfg: ModelConfig, batch: int, max_length: int) -> tuple[int, ...]:
     return (cfg.num_layers, batch, max_length, cfg.kv_heads, cfg.dims_per_head)
 

@@ -2,6 +2,8 @@
 
     jaxformer generate [--checkpoint DIR] [--tensor T --pipe P --data D] --prompt "Hello" ...
     jaxformer presets
+    jaxformer info (--checkpoint DIR | --preset NAME) [--tensor T --pipe P --data D]
+                   [--batch B --max-length L] [--dtype bfloat16] [--device-memory GiB]
 
 Without --checkpoint, `generate` runs the built-in demo model (untrained, seeded weights,
 byte tokenizer): it proves the install works, its text is noise.
@@ -46,6 +48,22 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--stream", action="store_true", help="print tokens as they are made")
     g.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "pallas"])
     sub.add_parser("presets", help="list the model presets in configs/models")
+    i = sub.add_parser("info", help="the memory plan per device (reads config.json only)",
+                       description="Weights, KV cache and prefill activations per device, "
+                       "against device memory, and the largest batch x length that fits. "
+                       "Nothing is loaded: only the checkpoint's config.json is read.")
+    src = i.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="jaxformer checkpoint dir")
+    src.add_argument("--preset", help="a model preset (jaxformer presets lists them)")
+    _add_mesh(i)
+    i.add_argument("--batch", type=int, help="prompts generated together")
+    i.add_argument("--max-length", type=int, help="prompt + new tokens per prompt")
+    i.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    i.add_argument("--device-memory", type=float, metavar="GiB",
+                   help="memory per device (default: what jax reports, or "
+                        "$JAXFORMER_DEVICE_MEMORY)")
+    i.add_argument("--rules", default="default", help="sharding rules (configs/sharding/)")
+    i.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "pallas"])
     return ap
 
 
@@ -104,6 +122,27 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_info(args) -> int:
+    """Print the memory plan; exit status 1 when it does not fit device memory."""
+    from types import SimpleNamespace
+
+    from jaxformer import memory
+    from jaxformer import sharding as shd
+    from jaxformer.config import ModelConfig
+    if args.checkpoint:
+        from jaxformer.checkpoint import read_config
+        config = read_config(args.checkpoint)
+    else:
+        config = ModelConfig.from_preset(args.preset)
+    sizes = {"data": args.data, "pipe": args.pipe, "tensor": args.tensor}
+    shd.check_divisible(config, SimpleNamespace(shape=sizes), shd.load_rules(args.rules))
+    dev = None if args.device_memory is None else args.device_memory * memory.GiB
+    plan = memory.plan(config, sizes, args.dtype, batch=args.batch, max_length=args.max_length,
+                       rules=args.rules, attention=args.attention, device_memory=dev)
+    print(plan.explain())
+    return 1 if plan.fits is False else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -111,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "info":
+            return cmd_info(args)
         if args.command == "presets":
             import jaxformer as jf
             print("\n".join(jf.list_presets()))

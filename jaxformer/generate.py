@@ -249,7 +249,7 @@ class _Run:
         for p in self.prompt_ids:
             model.check_ids(np.asarray([p]), "prompt token ids")
         data = shd.mesh_size(model.mesh, model.rules.get("cache_batch"))
-        B = -(-bucket(n, None) // data) * data if n > 1 else data
+        B = kvc.cache_rows(n, data)
         Tb = bucket(longest, limit)
         self.max_new = int(max_new_tokens)
         self.cache_len = min(-(-(Tb + self.max_new) // 128) * 128, max(limit, Tb))

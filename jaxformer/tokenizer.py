@@ -312,6 +312,10 @@ class HFJsonTokenizer(_HFTokenizer):
         data = Path(json_file).read_bytes()
         self._files = {"tokenizer.json": data}
         self._tok = _Tok.from_str(data.decode("utf-8"))
+        # a tokenizer.json may carry the padding/truncation of its training pipeline; text in,
+        # text out must not pad or cut (the model's limits are checked where ids are used)
+        self._tok.no_padding()
+        self._tok.no_truncation()
         for key, candidates in self._GUESS.items():
             self._special[key] = next((i for t in candidates if (i := self._tok.token_to_id(t)) is not None), None)
 

@@ -1,0 +1,473 @@
+"""The memory plan per device: weights, KV cache, prefill and decode against device memory.
+
+    plan = jaxformer.memory.plan(config, {"data": 1, "pipe": 2, "tensor": 4}, "bfloat16",
+                                 batch=8, max_length=2048)
+    print(plan.explain())          # what `jaxformer info` prints
+    plan.fits                      # True / False / None (device memory unknown)
+
+Everything is computed from the config and the mesh sizes alone (nothing is loaded or
+allocated), with the same rules that place the real arrays:
+
+- weights: the abstract parameter tree (models.param_axes) through the sharding rules
+  (sharding.logical_to_spec); a dimension on mesh axes of total size n holds dim / n per
+  device. All leaves are stored in the run dtype, as `load` and `Model.random` create them.
+- KV cache: k and v, each [L, B, S, K, H] with the cache axes of cache.py (layers on `pipe`,
+  kv heads on `tensor`, batch on `data` in the default rules), in the run dtype, for the
+  batch and cache length that generate() allocates (`cache.cache_rows`, `cache_length`).
+- prefill activations: an estimate of the largest live temporaries of the prefill
+  (`activation_bytes` states the formula);
+- decode working set: what a decode step holds besides the cache (`decode_bytes`): today a
+  second copy of the cache, since the layer scan reads the carried cache and writes a new one.
+
+total = weights + KV cache + max(prefill activations, decode working set). On an H100 (bf16,
+one device) this came within 0.1% of the measured peak (`peak_bytes_in_use`) for gpt3-1.3b and
+llama-7b at 16 x (512 + 128) and gpt3-1.3b at 64 x (1024 + 128); the decode terms were
+identified from those runs (docs/parallelism.md has the table).
+
+Device memory is `bytes_limit` from `jax.Device.memory_stats()` (GPUs; it already reflects
+XLA_PYTHON_CLIENT_MEM_FRACTION), overridden by the JAXFORMER_DEVICE_MEMORY environment
+variable ("80GiB", "79.6G", "8e10") or an explicit argument. On CPU it is unknown: the plan
+is printed without a verdict.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Any, Mapping
+
+import numpy as np
+
+from jaxformer import cache as kvc
+from jaxformer.config import ModelConfig
+
+GiB = 1 << 30
+ENV_DEVICE_MEMORY = "JAXFORMER_DEVICE_MEMORY"
+MESH_AXES = ("data", "pipe", "tensor")
+CACHE_AXES = ("layers", "cache_batch", "cache_length", "kv_heads", "head_dim")  # cache.py
+
+
+# ---- small helpers ---------------------------------------------------------------------------
+def mesh_sizes(mesh) -> dict[str, int]:
+    """{'data': D, 'pipe': P, 'tensor': T} from a jax Mesh, a mapping or None (all 1)."""
+    if mesh is None:
+        return dict.fromkeys(MESH_AXES, 1)
+    shape = dict(mesh.shape) if hasattr(mesh, "shape") else dict(mesh)
+    out = {a: int(shape.get(a, 1)) for a in MESH_AXES}
+    for a, n in out.items():
+        if n <= 0:
+            raise ValueError(f"mesh size {a}={n} must be a positive integer")
+    return out
+
+
+def _axes_size(sizes: Mapping[str, int], entry) -> int:
+    if entry is None:
+        return 1
+    axes = (entry,) if isinstance(entry, str) else tuple(entry)
+    return int(np.prod([sizes[a] for a in axes], dtype=np.int64))
+
+
+def shard_shape(shape, axes, sizes: Mapping[str, int], rules) -> tuple[int, ...]:
+    """The per-device shape of an array with logical `axes` (ceil division, as jax pads)."""
+    from jaxformer.sharding import logical_to_spec
+    spec = logical_to_spec(tuple(axes), rules)
+    spec = tuple(spec) + (None,) * (len(shape) - len(spec))
+    return tuple(-(-int(d) // _axes_size(sizes, e)) for d, e in zip(shape, spec))
+
+
+def _itemsize(dtype) -> int:
+    import jax.numpy as jnp
+    return jnp.dtype(dtype).itemsize
+
+
+def _rules(rules):
+    from jaxformer.sharding import load_rules
+    return load_rules(rules) if not isinstance(rules, dict) else rules
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, size in (("GiB", GiB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)
+
+
+def parse_bytes(text) -> int:
+    """'80GiB', '80G', '79.6 GB' (GiB: memory sizes are binary), '8e10' (bytes) -> bytes."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?)(i?B)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"cannot read a memory size from {text!r}; write e.g. '80GiB' or '8e10'")
+    scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m.group(2).upper()]
+    return int(float(m.group(1)) * scale)
+
+
+# ---- the three terms ------------------------------------------------------------------------
+def weights_bytes(config: ModelConfig, mesh=None, dtype="float32", rules="default",
+                  subtree: str | None = None) -> int:
+    """Bytes of parameters on one device: sum over leaves of prod(shard shape) * itemsize
+    (only the leaves under `subtree`, e.g. "layers", when given)."""
+    from jaxformer.models import abstract_params, param_axes
+    sizes, table = mesh_sizes(mesh), _rules(rules)
+    shapes, axes = abstract_params(config), param_axes(config)
+    if subtree is not None:
+        shapes, axes = shapes[subtree], axes[subtree]
+    item = _itemsize(dtype)
+    return int(sum(int(np.prod(shard_shape(s.shape, a, sizes, table), dtype=np.int64)) * item
+                   for s, a in _pairs(shapes, axes)))
+
+
+def _pairs(shapes, axes):
+    for k, v in shapes.items():
+        if isinstance(v, dict):
+            yield from _pairs(v, axes[k])
+        else:
+            yield v, axes[k]
+
+
+def prompt_bucket(config: ModelConfig, prompt_length: int) -> int:
+    """The padded prompt length generate() prefills (engine.bucket: a power of two >= 16)."""
+    from jaxformer.engine import bucket
+    return bucket(prompt_length, config.max_position_embeddings)
+
+
+def cache_length(config: ModelConfig, max_length: int, prompt_length: int | None = None) -> int:
+    """Cache slots generate() allocates for a prompt of `prompt_length` tokens plus new
+    tokens up to `max_length` in all: the prompt bucket plus the new tokens, rounded up to a
+    multiple of 128, capped at the model's position limit. Without prompt_length: the most
+    any split of max_length can take (a prompt just past a power of two is padded to the next
+    one, so a prompt of 129 + 127 new tokens takes 384 slots where 128 + 128 takes 256)."""
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    limit = config.max_position_embeddings
+
+    def alloc(p):  # generate._Run's rule for prompts of p and max_length - p new tokens
+        tb, new = prompt_bucket(config, p), max(max_length - p, 1)
+        n = min(-(-(tb + new) // 128) * 128, max(limit, tb))
+        return max(n, p + new, tb)
+
+    if prompt_length is not None:
+        if not 1 <= prompt_length < max(max_length, 2):
+            raise ValueError(f"prompt_length {prompt_length} must be in [1, max_length)")
+        return alloc(prompt_length)
+    # within one bucket the slots fall as the prompt grows: try each bucket's shortest prompt
+    cands = {1, max(max_length - 1, 1)} | {(1 << k) + 1 for k in range(4, 40)
+                                           if (1 << k) + 1 < max_length}
+    return max(alloc(p) for p in cands)
+
+
+def kv_cache_bytes(config: ModelConfig, mesh=None, dtype="float32", batch: int = 1,
+                   length: int = 1, rules="default") -> int:
+    """Bytes of k and v on one device for a cache of exactly `batch` rows x `length` slots:
+    2 * prod(shard shape of [L, batch, length, K, H]) * itemsize."""
+    sizes, table = mesh_sizes(mesh), _rules(rules)
+    shape = (config.num_layers, batch, length, config.kv_heads, config.dims_per_head)
+    return 2 * int(np.prod(shard_shape(shape, CACHE_AXES, sizes, table), dtype=np.int64)) \
+        * _itemsize(dtype)
+
+
+def activation_bytes(config: ModelConfig, mesh=None, dtype="float32", batch: int = 1,
+                     length: int = 1, rules="default", attention: str = "auto") -> int:
+    """Estimated peak of prefill temporaries on one device (an estimate, not exact).
+
+    With b = rows per device (batch / data-size of `batch`), r = rows per pipeline
+    microbatch (b / pipe), T = length (the padded prompt), e = itemsize, and per-device
+    sizes n = N / t, k = K / t, f = F / t, v = Vp / t (t: the tensor size where the rules
+    shard heads, kv heads, mlp and vocab):
+
+        r*T*(6*D*e + k*(G+2)*H*e + n*H*e + (3 if gated else 2)*f*e)   one block's tensors
+      + 2*r*n*T*T*4               float32 scores and probabilities (xla attention, and auto
+                                  where it falls back to xla; pallas and cudnn are flash-style)
+      + 2*b*T*D*e                 the stage's input and output buffers (pipe > 1 only)
+      + 2*r*T*k*H*e               one layer's fresh keys and values before the cache write
+      + 2*b*v*4                   last-position logits and the sampler's sorted copy (float32)
+    """
+    sizes, table = mesh_sizes(mesh), _rules(rules)
+    c = config
+    e = _itemsize(dtype)
+    div = lambda n, logical: -(-n // _axes_size(sizes, table.get(logical)))  # noqa: E731
+    b = div(batch, "batch")
+    pipe = sizes["pipe"]
+    r = -(-b // pipe)
+    T = length
+    D, H, G = c.hidden_size, c.dims_per_head, c.q_per_kv
+    n, k, f, v = div(c.num_heads, "heads"), div(c.kv_heads, "kv_heads"), div(c.mlp_size, "mlp"), \
+        div(c.padded_vocab_size, "vocab")
+    block = r * T * (6 * D * e + k * (G + 2) * H * e + n * H * e
+                     + (3 if c.gated_mlp else 2) * f * e)
+    scores = 0 if _flash(attention, dtype) else 2 * r * n * T * T * 4
+    stage = 2 * b * T * D * e if pipe > 1 else 0
+    fresh_kv = 2 * r * T * k * H * e
+    logits = 2 * b * v * 4
+    return int(block + scores + stage + fresh_kv + logits)
+
+
+def _flash(attention: str, dtype) -> bool:
+    """Whether attention runs flash-style (no [T, T] scores): pallas and cudnn do, and auto
+    does where it picks pallas (Hopper GPUs, bfloat16 / float16)."""
+    if attention in ("pallas", "cudnn"):
+        return True
+    if attention != "auto" or _itemsize(dtype) != 2:
+        return False
+    try:
+        import jax
+        from jaxformer.kernels.attention import is_hopper
+        return is_hopper(jax.local_devices()[0])
+    except Exception:  # no backend or no kernels module: count the scores
+        return False
+
+
+def decode_bytes(config: ModelConfig, mesh=None, dtype="float32", batch: int = 1,
+                 length: int = 1, rules="default") -> int:
+    """What a decode step holds on one device besides the cache itself:
+
+        kv_cache_bytes(batch, length)   a second copy of the cache: the layer scan reads the
+                                        carried cache and writes a new one (seen on an H100,
+                                        and in XLA's memory analysis on CPU)
+      + 2*b*S*k*H*e                     one layer's k and v slice being updated
+      + one layer's weights             the slice of the stacked weights the scan copies
+      + 2*b*v*4                         the step's logits and the sampler's copy (float32)
+
+    with b, k, v, e as in `activation_bytes` and S = length (the cache slots).
+    """
+    sizes, table = mesh_sizes(mesh), _rules(rules)
+    c = config
+    div = lambda n, logical: -(-n // _axes_size(sizes, table.get(logical)))  # noqa: E731
+    b, k, v = div(batch, "cache_batch"), div(c.kv_heads, "kv_heads"), \
+        div(c.padded_vocab_size, "vocab")
+    e = _itemsize(dtype)
+    layer = weights_bytes(config, sizes, dtype, table, "layers") \
+        // div(c.num_layers, "layers")
+    return int(kv_cache_bytes(config, sizes, dtype, batch, length, table)
+               + 2 * b * length * k * c.dims_per_head * e + layer + 2 * b * v * 4)
+
+
+def device_memory_limit(devices=None) -> tuple[int | None, str]:
+    """(bytes per device, where it came from): JAXFORMER_DEVICE_MEMORY, else the smallest
+    `bytes_limit` of the local devices' memory_stats(), else (None, reason)."""
+    env = os.environ.get(ENV_DEVICE_MEMORY)
+    if env:
+        return parse_bytes(env), f"${ENV_DEVICE_MEMORY}"
+    import jax
+    devs = list(devices) if devices is not None else jax.local_devices()
+    limits = []
+    for d in devs:
+        try:
+            stats = d.memory_stats()
+        except Exception:  # some backends raise instead of returning None
+            stats = None
+        if stats and stats.get("bytes_limit"):
+            limits.append(int(stats["bytes_limit"]))
+    if limits and len(limits) == len(devs):
+        return min(limits), f"bytes_limit of {devs[0].device_kind}"
+    return None, f"unknown on {devs[0].platform if devs else 'this machine'}"
+
+
+# ---- the plan -------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes per device for one model on one mesh; see the module docstring."""
+
+    config: ModelConfig
+    sizes: dict
+    dtype: str
+    rules: Any
+    attention: str
+    weights: int
+    batch: int | None = None  # prompts asked for
+    max_length: int | None = None  # prompt + new tokens asked for
+    prompt_length: int | None = None  # None: any prompt up to max_length - 1
+    rows: int | None = None  # cache rows generate() allocates (all devices)
+    slots: int | None = None  # cache length generate() allocates
+    prefill_tokens: int | None = None  # padded prompt length the activations are for
+    kv_cache: int = 0
+    activations: int = 0  # prefill temporaries
+    decode: int = 0  # decode working set besides the cache
+    device_memory: int | None = None
+    device_memory_source: str = ""
+
+    @property
+    def total(self) -> int:
+        """weights + KV cache + the larger of the prefill and decode working sets."""
+        return self.weights + self.kv_cache + max(self.activations, self.decode)
+
+    @property
+    def fits(self) -> bool | None:
+        """Whether the total fits device memory; None when device memory is unknown."""
+        return None if self.device_memory is None else self.total <= self.device_memory
+
+    @property
+    def weights_fit(self) -> bool | None:
+        return None if self.device_memory is None else self.weights <= self.device_memory
+
+    def largest_batch(self, length: int) -> int:
+        """The largest number of prompts (as generate() pads them) whose cache of `length`
+        fits beside the weights; 0 if not even one does (or device memory is unknown)."""
+        if self.device_memory is None:
+            return 0
+        best, n = 0, 1
+        while n <= 1 << 24:
+            if _plan_total(self, n, length) > self.device_memory:
+                break
+            best = n
+            n = 16 if n == 1 else n * 2
+        return best
+
+    def fit_table(self, lengths=None) -> list[tuple[int, int]]:
+        """[(length, largest batch)] for powers of two up to the position limit."""
+        limit = self.config.max_position_embeddings
+        if lengths is None:
+            lengths = sorted({min(128 << i, limit) for i in range(16) if 128 << i <= 2 * limit}
+                             | ({self.max_length} if self.max_length else set()))
+        return [(L, self.largest_batch(L)) for L in lengths]
+
+    def explain(self) -> str:
+        """The plan as text (what `jaxformer info` prints and what load() raises)."""
+        c, s = self.config, self.sizes
+        n_dev = s["data"] * s["pipe"] * s["tensor"]
+        item = _itemsize(self.dtype)
+        rules = self.rules if isinstance(self.rules, str) else "<custom>"
+        lines = [
+            f"model {c.name or '(unnamed)'}: {c.arch}, {_count(c.num_params())} parameters, "
+            f"L={c.num_layers} D={c.hidden_size} N={c.num_heads} K={c.kv_heads} "
+            f"H={c.dims_per_head} F={c.mlp_size} V={c.padded_vocab_size}",
+            f"mesh data={s['data']} x pipe={s['pipe']} x tensor={s['tensor']} "
+            f"({n_dev} devices), {self.dtype}, rules {rules}",
+            "per device:",
+            f"  weights       {fmt_bytes(self.weights):>12}   "
+            f"(the whole model: {fmt_bytes(c.num_params() * item)})",
+        ]
+        if self.rows is not None:
+            table = _rules(self.rules)
+            shp = shard_shape((c.num_layers, self.rows, self.slots, c.kv_heads, c.dims_per_head),
+                              CACHE_AXES, s, table)
+            lines += [
+                f"  KV cache      {fmt_bytes(self.kv_cache):>12}   k and v, each "
+                f"[{', '.join(map(str, shp))}] x {item} B (batch {self.batch} -> "
+                f"{self.rows} rows, length {self.max_length} -> "
+                f"{'' if self.prompt_length else 'up to '}{self.slots} slots)",
+                f"  prefill       {fmt_bytes(self.activations):>12}   activations for "
+                f"{self.rows} x {self.prefill_tokens} tokens, {self.attention} attention "
+                f"(an estimate: memory.activation_bytes)",
+                f"  decode        {fmt_bytes(self.decode):>12}   working set: a second cache "
+                f"copy, one layer's k/v, logits (memory.decode_bytes)",
+            ]
+        lines.append(f"  total         {fmt_bytes(self.total):>12}" + (
+            "   weights + KV cache + max(prefill, decode)" if self.rows is not None else ""))
+        if self.device_memory is None:
+            lines.append(f"device memory: {self.device_memory_source}; pass --device-memory "
+                         f"GiB (or set ${ENV_DEVICE_MEMORY}) for a verdict")
+            return "\n".join(lines)
+        free = self.device_memory - self.total
+        verdict = "fits" if free >= 0 else "DOES NOT FIT"
+        lines.append(f"device memory {fmt_bytes(self.device_memory):>12}   "
+                     f"({self.device_memory_source}): {verdict}, "
+                     f"{fmt_bytes(abs(free))} {'free' if free >= 0 else 'short'}")
+        if not self.weights_fit:
+            lines.append(f"the weights alone need {fmt_bytes(self.weights)} per device: use "
+                         f"more tensor or pipe shards (per-device weights scale as "
+                         f"1 / (tensor x pipe)), or a smaller dtype")
+            return "\n".join(lines)
+        rows = self.fit_table()
+        lines.append("largest batch that fits, by length (prompt + new tokens): "
+                     + ", ".join(f"{L}: {B}" for L, B in rows))
+        if self.fits is False:
+            lines.append("reduce the batch or the length, or spread it over more devices: the "
+                         "KV cache splits its rows over data, its layers over pipe and its kv "
+                         "heads over tensor")
+        return "\n".join(lines)
+
+
+def _workload(config, sizes, dtype, table, attention, batch, max_length, prompt_length):
+    """(rows, slots, prefill tokens, kv, prefill activation and decode bytes) of a workload."""
+    rows = kvc.cache_rows(batch, _axes_size(sizes, table.get("cache_batch")))
+    slots = cache_length(config, max_length, prompt_length)
+    tokens = prompt_bucket(config, prompt_length or max(max_length - 1, 1))
+    return (rows, slots, tokens, kv_cache_bytes(config, sizes, dtype, rows, slots, table),
+            activation_bytes(config, sizes, dtype, rows, tokens, table, attention),
+            decode_bytes(config, sizes, dtype, rows, slots, table))
+
+
+def _plan_total(p: MemoryPlan, batch: int, length: int) -> int:
+    *_, kv, act, dec = _workload(p.config, p.sizes, p.dtype, _rules(p.rules), p.attention,
+                                 batch, length, None)
+    return p.weights + kv + max(act, dec)
+
+
+def plan(config: ModelConfig, mesh=None, dtype="float32", *, batch: int | None = None,
+         max_length: int | None = None, prompt_length: int | None = None, rules="default",
+         attention: str = "auto", device_memory=None) -> MemoryPlan:
+    """The memory plan per device. `mesh`: a jax Mesh or {'data', 'pipe', 'tensor'} sizes.
+
+    batch and max_length (prompt + new tokens) add the KV cache, the prefill activations and
+    the decode working set of generate(); prompt_length (default: the worst case) makes the
+    cache exact for one prompt length. device_memory (bytes or '80GiB') overrides
+    `device_memory_limit`.
+    attention "auto" counts the xla backend's [T, T] scores except on Hopper GPUs, where
+    auto picks the flash-style Pallas kernels.
+    """
+    import jax.numpy as jnp
+    sizes = mesh_sizes(mesh)
+    dtype = jnp.dtype(dtype).name
+    table = _rules(rules)
+    weights = weights_bytes(config, sizes, dtype, table)
+    if device_memory is not None:
+        dev, src = parse_bytes(device_memory), "given"
+    else:
+        dev, src = device_memory_limit()
+    p = MemoryPlan(config, sizes, dtype, rules, attention, weights, device_memory=dev,
+                   device_memory_source=src)
+    if batch is None and max_length is None:
+        return p
+    batch = 1 if batch is None else int(batch)
+    max_length = config.max_position_embeddings if max_length is None else int(max_length)
+    rows, slots, tokens, kv, act, dec = _workload(config, sizes, dtype, table, attention,
+                                                  batch, max_length, prompt_length)
+    return dataclasses.replace(p, batch=batch, max_length=max_length, rows=rows, slots=slots,
+                               prompt_length=prompt_length, prefill_tokens=tokens, kv_cache=kv,
+                               activations=act, decode=dec)
+
+
+class OutOfMemoryPlan(ValueError):
+    """The plan does not fit device memory; the message is the plan."""
+
+
+def check_fits(config: ModelConfig, mesh, dtype, rules="default", *, max_batch=None,
+               max_length=None, attention="auto", devices=None) -> MemoryPlan | None:
+    """Refuse (OutOfMemoryPlan, a ValueError) a plan that cannot fit the mesh's devices.
+
+    Always checks the weights when device memory is known; with max_batch or max_length also
+    the KV cache, prefill activations and decode working set of that workload.
+    """
+    sizes = mesh_sizes(mesh)
+    if devices is None and hasattr(mesh, "devices"):
+        devices = [d for d in np.asarray(mesh.devices).flat if _is_local(d)]
+    dev, src = device_memory_limit(devices)
+    if dev is None:  # nothing to check against (CPU, unless JAXFORMER_DEVICE_MEMORY is set)
+        return None
+    p = plan(config, sizes, dtype, batch=max_batch, max_length=max_length, rules=rules,
+             attention=attention, device_memory=dev)
+    p = dataclasses.replace(p, device_memory_source=src)
+    if p.fits is False:
+        what = "the weights" if not p.weights_fit else \
+            f"batch {p.batch} x length {p.max_length}"
+        raise OutOfMemoryPlan(f"{what} cannot fit device memory on this mesh:\n{p.explain()}")
+    return p
+
+
+def _is_local(d) -> bool:
+    import jax
+    return getattr(d, "process_index", 0) == jax.process_index()
+
+
+__all__ = ["MemoryPlan", "OutOfMemoryPlan", "activation_bytes", "cache_length",
+           "check_fits", "decode_bytes", "device_memory_limit", "kv_cache_bytes", "plan",
+           "weights_bytes"]
