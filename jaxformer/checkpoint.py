@@ -182,16 +182,13 @@ def save_params(directory: Path, tree: Mapping) -> None:
     """
     import orbax.checkpoint as ocp
     import tensorstore as ts
-    from orbax.checkpoint._src.serialization import type_handlers as th
 
     directory = Path(directory).absolute()
     flat = _flatten(tree)
     # orbax writes the tree's metadata from one-element stand-ins (a full-size stand-in would
     # be materialised); each array is then re-created at its real shape in the same store.
     standin = _unflatten({p: np.zeros((1,) * a.ndim, a.dtype) for p, a in flat.items()})
-    registry = ocp.type_handlers.create_type_handler_registry(
-        (np.ndarray, th.NumpyHandler(deepcopy_host_arrays=False)))
-    ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry)).save(
+    ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).save(
         directory, args=ocp.args.PyTreeSave(standin))
     context = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
     for path, src in flat.items():
