@@ -34,6 +34,14 @@ def cache_rows(batch: int, data: int) -> int:
     return -(-(1 << (batch - 1).bit_length()) // data) * data
 
 
+def cache_slots(prompt_bucket: int, longest_prompt: int, max_new: int, limit: int) -> int:
+    """Cache length generate() allocates: the padded prompt plus the new tokens, rounded up to
+    a multiple of 128 and capped at the position limit, but never fewer slots than the
+    longest prompt plus its new tokens, nor than the padded prompt itself."""
+    rounded = min(-(-(prompt_bucket + max_new) // 128) * 128, max(limit, prompt_bucket))
+    return max(rounded, longest_prompt + max_new, prompt_bucket)
+
+
 def cache_shape(cfg: ModelConfig, batch: int, max_length: int) -> tuple[int, ...]:
     return (cfg.num_layers, batch, max_length, cfg.kv_heads, cfg.dims_per_head)
 

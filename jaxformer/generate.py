@@ -252,9 +252,7 @@ class _Run:
         B = kvc.cache_rows(n, data)
         Tb = bucket(longest, limit)
         self.max_new = int(max_new_tokens)
-        self.cache_len = min(-(-(Tb + self.max_new) // 128) * 128, max(limit, Tb))
-        self.cache_len = max(self.cache_len, longest + self.max_new)
-        self.cache_len = max(self.cache_len, Tb)
+        self.cache_len = kvc.cache_slots(Tb, longest, self.max_new, limit)
         ids = np.zeros((B, Tb), np.int32)
         lengths = np.ones((B,), np.int32)
         for b, p in enumerate(self.prompt_ids):

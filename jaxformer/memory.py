@@ -150,9 +150,7 @@ def cache_length(config: ModelConfig, max_length: int, prompt_length: int | None
     limit = config.max_position_embeddings
 
     def alloc(p):  # generate._Run's rule for prompts of p and max_length - p new tokens
-        tb, new = prompt_bucket(config, p), max(max_length - p, 1)
-        n = min(-(-(tb + new) // 128) * 128, max(limit, tb))
-        return max(n, p + new, tb)
+        return kvc.cache_slots(prompt_bucket(config, p), p, max(max_length - p, 1), limit)
 
     if prompt_length is not None:
         if not 1 <= prompt_length < max(max_length, 2):
