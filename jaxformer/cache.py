@@ -68,3 +68,26 @@ def write(layer_cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array
     """Write new [B, T, K, H] into one layer's cache [B, S, K, H] at slot start[b] of row b."""
     return jax.vmap(lambda c, x, s: lax.dynamic_update_slice(c, x.astype(c.dtype), (s, 0, 0)))(
         layer_cache, new, start)
+
+
+def write_layer(cache: jax.Array, new: jax.Array, layer, start: jax.Array | None) -> jax.Array:
+    """Write new [B, T, K, H] into layer `layer` of the stacked cache [L, B, S, K, H].
+
+    start [B]: row b's keys go to slots [start[b], start[b] + T); None: every row at slot 0.
+    Only the new entries are written: inside the layer loop the stacked cache is a loop
+    carry, so XLA updates it in place instead of rebuilding a layer's [B, S, K, H] (or the
+    whole stack) per step, which made decode copy the cache every token.
+    """
+    new = new.astype(cache.dtype)[None]  # [1, B, T, K, H]
+    zero = jnp.int32(0)
+    layer = jnp.asarray(layer, jnp.int32)
+    if start is None:
+        return lax.dynamic_update_slice(cache, new, (layer, zero, zero, zero, zero))
+    return jax.vmap(
+        lambda c, x, s: lax.dynamic_update_slice(c, x, (layer, s, zero, zero)),
+        in_axes=(1, 1, 0), out_axes=1)(cache, new, start.astype(jnp.int32))
+
+
+def read_layer(cache: jax.Array, layer) -> jax.Array:
+    """Layer `layer` [B, S, K, H] of the stacked cache [L, B, S, K, H]."""
+    return lax.dynamic_index_in_dim(cache, jnp.asarray(layer, jnp.int32), 0, keepdims=False)

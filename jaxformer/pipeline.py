@@ -299,12 +299,17 @@ def make_decode_loop(model, feats):
         pkt = _Packet(jnp.zeros((b, 1, D), model.run.dtype), jnp.zeros((b,), jnp.int32),
                       jnp.zeros((b,), jnp.int32), jnp.int32(0), jnp.int32(0))
         mb_step = jnp.full((M,), book.step, jnp.int32)
-        # cache [Ls, B, S, K, H] viewed as [Ls, b, M, S, K, H]: microbatch m at [:, :, m]
-        cache = tuple(c.reshape(c.shape[0], b, M, *c.shape[2:]) for c in cache)
+        # cache [Ls, B, S, K, H] -> [Ls * M, b, S, K, H]: layer l of microbatch m at l * M + m,
+        # so a layer reads and writes its microbatch's rows in place (one transpose per call
+        # here instead of a copy of those rows per layer and tick).
+        Ls = cache[0].shape[0]
+        cache = tuple(c.reshape(Ls, b, M, *c.shape[2:]).swapaxes(1, 2)
+                      .reshape(Ls * M, b, *c.shape[2:]) for c in cache)
         inner = (cache, book.lengths, book, mb_step, active, pkt)
         _, _, inner = lax.while_loop(lambda c: c[1], round_, (jnp.int32(0), active.any(), inner))
         cache, _, book, mb_step, _, _ = inner
-        cache = tuple(c.reshape(c.shape[0], B, *c.shape[3:]) for c in cache)
+        cache = tuple(c.reshape(Ls, M, b, *c.shape[2:]).swapaxes(1, 2)
+                      .reshape(Ls, B, *c.shape[2:]) for c in cache)
         book = book._replace(step=mb_step.max())
         # the last stage's bookkeeping is the true one: stack per stage, slice outside
         return cache, jax.tree.map(lambda a: a[None], book)
@@ -326,25 +331,22 @@ def _decode_layers(blocks, h, at, cache, m, backend):
     """One decode step of a stage's layers for microbatch m, updating its cache in place.
 
     h [b, 1, D]; at [b] the cache slot (and position) of the token; cache (k, v) each
-    [Ls, b, M, S, K, H]. The stage cache rides in the scan carry and each layer reads and
-    writes only microbatch m's rows, so no copy of the whole cache is made per tick.
+    [Ls * M, b, S, K, H] with layer l of microbatch m at l * M + m. The stage cache rides in
+    the scan carry and each layer writes only its new entries and reads its own slab, so no
+    copy of the cache is made per tick.
     """
     graphdef, state = nnx.split(blocks)
-    Ls, b, _, S, K, H = cache[0].shape
+    Ls = jax.tree.leaves(state)[0].shape[0]
+    M = cache[0].shape[0] // Ls
 
     def body(carry, xs):
         h, cache = carry
         layer_state, layer = xs
-        idx = (layer, 0, m, 0, 0, 0)
-        old = tuple(lax.dynamic_slice(c, idx, (1, b, 1, S, K, H)).reshape(b, S, K, H)
-                    for c in cache)
-        h, new = nnx.merge(graphdef, layer_state)(h, at[:, None], at + 1, old, at,
-                                                  backend=backend)
-        cache = tuple(lax.dynamic_update_slice(c, n.reshape(1, b, 1, S, K, H).astype(c.dtype),
-                                               idx) for c, n in zip(cache, new))
+        h, cache = nnx.merge(graphdef, layer_state)(h, at[:, None], at + 1, cache, at,
+                                                    layer * M + m, backend=backend)
         return (h, cache), None
 
-    (h, cache), _ = lax.scan(body, (h, cache), (state, jnp.arange(Ls)))
+    (h, cache), _ = lax.scan(body, (h, tuple(cache)), (state, jnp.arange(Ls, dtype=jnp.int32)))
     return h, cache
 
 

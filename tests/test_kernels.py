@@ -196,7 +196,7 @@ def test_sharded_wrapper_matches_unsharded(K):
     q, k, v, pos, kvl = problem(B, T, T, N, K, H, jnp.float32)
     seen = []
 
-    def fn(q, k, v, pos, kvl):  # per shard: the reference, recording local shapes
+    def fn(q, k, v, pos, kvl, layer=None):  # per shard: the reference, recording shapes
         seen.append((q.shape, k.shape))
         return attention_reference(q, k, v, pos, kvl, causal=True, scale=0.3)
 
@@ -216,7 +216,7 @@ def test_sharded_wrapper_inside_pipe_shard_map():
     fn = functools.partial(attention_reference, causal=True, scale=0.5)
 
     def stage(q, k, v, pos, kvl):
-        return attn._sharded(fn, q, k, v, pos, kvl)
+        return attn._sharded(lambda *a: fn(*a[:5]), q, k, v, pos, kvl)
     with sharding.use(mesh, {}):
         out = jax.jit(jax.shard_map(stage, mesh=mesh, in_specs=P(), out_specs=P(),
                                     axis_names={"pipe"}, check_vma=False))(q, k, v, pos, kvl)
@@ -294,6 +294,68 @@ def test_prefill_kernel_interpreted(case, interpreted):
     assert not interpreted(), "the interpreter's race detector found a race"
 
 
+def _stacked(k, layer, L, dtype):
+    """k [B, S, K, H] placed at `layer` of a fresh random [L, B, S, K, H] stack."""
+    stack = rand((L,) + k.shape, dtype)
+    return stack.at[layer].set(k)
+
+
+@pytest.mark.parametrize("mesh_sizes", [None, (2, 1, 2), (1, 1, 4)])
+def test_stacked_cache_layer_equals_its_slice(mesh_sizes):
+    """attention(layer=l) over a stacked [L, B, S, K, H] cache == attention over layer l."""
+    from jaxformer import sharding
+    B, S, N, K, H, L = 4, 24, 8, 4, 16, 3
+    q, k, v, _, kvl = problem(B, 1, S, N, K, H, jnp.float32)
+    pos = (kvl - 1)[:, None]
+    ks, vs = _stacked(k, 1, L, jnp.float32), _stacked(v, 1, L, jnp.float32)
+    run = jax.jit(lambda q, k, v, p, n, l: attn.attention(q, k, v, p, n, causal=True,
+                                                          scale=0.25, backend="auto", layer=l))
+    if mesh_sizes is None:
+        out = run(q, ks, vs, pos, kvl, jnp.int32(1))
+    else:
+        with sharding.use(_mesh(*mesh_sizes), {}):
+            out = run(q, ks, vs, pos, kvl, jnp.int32(1))
+    ref = attention_reference(q, k, v, pos, kvl, causal=True, scale=0.25)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-6, atol=1e-6)
+
+
+def test_sharded_wrapper_passes_the_layer_and_the_stack():
+    from jaxformer import sharding
+    mesh = _mesh(2, 1, 2)
+    B, N, K, H, S, L = 4, 4, 2, 8, 10, 3
+    q, k, v, _, kvl = problem(B, 1, S, N, K, H, jnp.float32)
+    pos = (kvl - 1)[:, None]
+    ks, vs = _stacked(k, 2, L, jnp.float32), _stacked(v, 2, L, jnp.float32)
+    seen = []
+
+    def fn(q, k, v, pos, kvl, layer):  # per shard: read the layer, record local shapes
+        seen.append(k.shape)
+        return attention_reference(q, k[layer], v[layer], pos, kvl, causal=True, scale=0.3)
+
+    with sharding.use(mesh, {}):
+        out = jax.jit(lambda *a: attn._sharded(fn, *a))(q, ks, vs, pos, kvl, jnp.int32(2))
+    ref = attention_reference(q, k, v, pos, kvl, causal=True, scale=0.3)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-6, atol=1e-6)
+    assert seen == [(L, B // 2, S, K // 2, H)]  # the stack, batch on data, kv heads on tensor
+
+
+def test_write_layer_touches_only_the_new_entries():
+    from jaxformer import cache as kvc
+    L, B, S, K, H, T = 3, 2, 8, 2, 4, 2
+    stack = rand((L, B, S, K, H))
+    new = rand((B, T, K, H))
+    start = jnp.asarray([1, 5], jnp.int32)
+    got = np.asarray(jax.jit(kvc.write_layer)(stack, new, jnp.int32(2), start))
+    want = np.asarray(stack).copy()
+    for b, s0 in enumerate([1, 5]):
+        want[2, b, s0:s0 + T] = np.asarray(new)[b]
+    np.testing.assert_array_equal(got, want)
+    got0 = np.asarray(jax.jit(kvc.write_layer)(stack, new, jnp.int32(0), None))
+    want0 = np.asarray(stack).copy()
+    want0[0, :, :T] = np.asarray(new)
+    np.testing.assert_array_equal(got0, want0)
+
+
 INTERP_DECODE = [
     # B, S, N, K, H, dtype, lengths, splits, block_kv
     (1, 256, 4, 1, 64, jnp.bfloat16, [201], 2, 64),    # G = 4, ragged tail block, 2 splits
@@ -312,6 +374,22 @@ def test_decode_kernel_interpreted(case, interpreted):
     ref, ref_lse = f32_reference(q, k, v, pos, kvl, True, H ** -0.5, return_lse=True)
     assert rel_err(out, ref) < 1e-2
     np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), atol=2e-3)
+    assert not interpreted(), "the interpreter's race detector found a race"
+
+
+def test_decode_kernel_interpreted_reads_one_layer_of_the_stack(interpreted):
+    """The stacked-cache path: layer 1 of 3, the other layers NaN (a read of them shows)."""
+    B, S, N, K, H, dtype = 2, 128, 2, 1, 64, jnp.bfloat16
+    q, k, v, _, kvl = problem(B, 1, S, N, K, H, dtype, [70, 128])
+    pos = (kvl - 1)[:, None]
+    nan = jnp.full((3, B, S, K, H), jnp.nan, dtype)
+    ks, vs = nan.at[1].set(k), nan.at[1].set(v)
+    out = jax.jit(functools.partial(
+        da.decode_attention, causal=True, scale=H ** -0.5, splits=1,
+        config=da.DecodeConfig(block_kv=64, stages=2), interpret=True))(
+            q, ks, vs, pos, kvl, layer=jnp.int32(1))
+    ref = f32_reference(q, k, v, pos, kvl, True, H ** -0.5)
+    assert rel_err(out, ref) < 1e-2
     assert not interpreted(), "the interpreter's race detector found a race"
 
 
@@ -389,6 +467,22 @@ def test_decode_kernel_gpu(case):
     ref, ref_lse = f32_reference(q, k, v, pos, kvl, True, H ** -0.5, return_lse=True)
     assert rel_err(out, ref) < 1.5e-2
     np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), atol=2e-2)
+
+
+@gpu
+@needs_hopper
+@pytest.mark.parametrize("S", [4096, 1000])
+def test_decode_kernel_gpu_stacked_cache(S):
+    """Layer 2 of a [4, B, S, K, H] stack with NaN in every other layer."""
+    B, N, K, H, dtype = 4, 32, 8, 128, jnp.bfloat16
+    q, k, v, _, kvl = problem(B, 1, S, N, K, H, dtype)
+    pos = (kvl - 1)[:, None]
+    nan = jnp.full((4, B, S, K, H), jnp.nan, dtype)
+    ks, vs = nan.at[2].set(k), nan.at[2].set(v)
+    out = jax.jit(functools.partial(da.decode_attention, causal=True, scale=H ** -0.5))(
+        q, ks, vs, pos, kvl, layer=jnp.int32(2))
+    ref = f32_reference(q, k, v, pos, kvl, True, H ** -0.5)
+    assert rel_err(out, ref) < 1.5e-2
 
 
 @gpu

@@ -85,11 +85,11 @@ def cudnn_unsupported(q, k, v) -> str | None:
 
 
 # ---- implementations (per shard) -------------------------------------------------------
-def _pallas(q, k, v, q_positions, kv_lengths, *, causal, scale):
+def _pallas(q, k, v, q_positions, kv_lengths, layer=None, *, causal, scale):
     from jaxformer.kernels import decode_attention, flash_attention
     if q.shape[1] == 1:
         return decode_attention.decode_attention(q, k, v, q_positions, kv_lengths,
-                                                 causal=causal, scale=scale)
+                                                 causal=causal, scale=scale, layer=layer)
     return flash_attention.flash_attention(q, k, v, q_positions, kv_lengths, causal=causal,
                                            scale=scale)
 
@@ -118,16 +118,21 @@ def _cudnn(q, k, v, q_positions, kv_lengths, *, causal, scale):
 
 
 # ---- shard_map over the active mesh -----------------------------------------------------
-def _sharded(fn, q, k, v, q_positions, kv_lengths):
-    """Run fn per shard: batch on `data`, heads on `tensor` (where the sizes divide)."""
+def _sharded(fn, q, k, v, q_positions, kv_lengths, layer=None):
+    """Run fn per shard: batch on `data`, heads on `tensor` (where the sizes divide).
+
+    k, v [B, S, K, H], or [L, B, S, K, H] with `layer` (int32 scalar) naming the layer."""
     from jaxformer import sharding
     mesh, _ = sharding.current()
     if mesh is None:
-        return fn(q, k, v, q_positions, kv_lengths)
+        return fn(q, k, v, q_positions, kv_lengths, layer)
+    stacked = layer is not None
+    lead = (None,) if stacked else ()
+    kv_axis = 3 if stacked else 2
     shape = dict(mesh.shape)
     dp, tp = shape.get("data", 1), shape.get("tensor", 1)
     B, _, N, _ = q.shape
-    K = k.shape[2]
+    K = k.shape[kv_axis]
     G = N // K
     b_ax = "data" if dp > 1 and B % dp == 0 else None
     h_ax = "tensor" if tp > 1 and N % tp == 0 else None
@@ -140,52 +145,66 @@ def _sharded(fn, q, k, v, q_positions, kv_lengths):
         else:
             h_ax = None
     if b_ax is None and h_ax is None:
-        return fn(q, k, v, q_positions, kv_lengths)
+        return fn(q, k, v, q_positions, kv_lengths, layer)
 
-    def body(q, k, v, q_positions, kv_lengths):
+    def body(q, k, v, q_positions, kv_lengths, layer):
         if pick_kv:
             kvh = (jax.lax.axis_index("tensor") * (N // tp)) // G
-            k = jax.lax.dynamic_slice_in_dim(k, kvh, 1, axis=2)
-            v = jax.lax.dynamic_slice_in_dim(v, kvh, 1, axis=2)
-        return fn(q, k, v, q_positions, kv_lengths)
+            k = jax.lax.dynamic_slice_in_dim(k, kvh, 1, axis=kv_axis)
+            v = jax.lax.dynamic_slice_in_dim(v, kvh, 1, axis=kv_axis)
+        return fn(q, k, v, q_positions, kv_lengths, layer)
 
     abstract = jax.sharding.get_abstract_mesh()
     manual = set(getattr(abstract, "manual_axes", ()) or ())
     names = {a for a in ("data", "tensor") if a in shape} - manual
     use_mesh = abstract if manual else mesh
     qspec = P(b_ax, None, h_ax, None)
-    kvspec = P(b_ax, None, kv_ax, None)
+    kvspec = P(*lead, b_ax, None, kv_ax, None)
     return jax.shard_map(
         body, mesh=use_mesh,
-        in_specs=(qspec, kvspec, kvspec, P(b_ax, None), P(b_ax)),
+        in_specs=(qspec, kvspec, kvspec, P(b_ax, None), P(b_ax), P() if stacked else None),
         out_specs=qspec, axis_names=names, check_vma=False,
-    )(q, k, v, q_positions, kv_lengths)
+    )(q, k, v, q_positions, kv_lengths, layer)
 
 
 def attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: float,
-              backend: str = "auto"):
+              backend: str = "auto", layer=None):
     """Masked attention. q [B,T,N,H], k/v [B,S,K,H], q_positions [B,T], kv_lengths [B].
 
+    With `layer` (an int32 scalar), k and v are a stacked cache [L, B, S, K, H] and the call
+    attends over layer `layer`: the decode kernel reads it in place, other paths slice it.
     Returns [B, T, N, H] in q's dtype. An explicit backend that cannot take the call raises
     ValueError naming what is unsupported; "auto" falls back to "xla" and logs why, once.
     """
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    if layer is not None and not (backend in ("auto", "pallas") and q.shape[1] == 1):
+        from jaxformer.cache import read_layer
+        k, v, layer = read_layer(k, layer), read_layer(v, layer), None
     if backend == "xla":
         return attention_reference(q, k, v, q_positions, kv_lengths, causal=causal, scale=scale)
+    # The support checks look at one layer's shapes.
+    k1, v1 = (k, v) if layer is None else (
+        jax.ShapeDtypeStruct(k.shape[1:], k.dtype), jax.ShapeDtypeStruct(v.shape[1:], v.dtype))
     if backend == "auto":
-        reason = pallas_unsupported(q, k, v)
+        reason = pallas_unsupported(q, k1, v1)
         if reason is not None:
             _log_once(f"attention backend 'auto' uses xla: {reason}")
+            if layer is not None:
+                from jaxformer.cache import read_layer
+                k, v = read_layer(k, layer), read_layer(v, layer)
             return attention_reference(q, k, v, q_positions, kv_lengths, causal=causal,
                                        scale=scale)
         backend = "pallas"
     check = pallas_unsupported if backend == "pallas" else cudnn_unsupported
-    reason = check(q, k, v)
+    reason = check(q, k1, v1)
     if reason is not None:
         raise ValueError(f"attention backend {backend!r} does not support this call: {reason}")
-    impl = _pallas if backend == "pallas" else _cudnn
 
-    def fn(q, k, v, q_positions, kv_lengths):
-        return impl(q, k, v, q_positions, kv_lengths, causal=causal, scale=scale)
-    return _sharded(fn, q, k, v, q_positions, kv_lengths)
+    if backend == "pallas":
+        def fn(q, k, v, q_positions, kv_lengths, layer):
+            return _pallas(q, k, v, q_positions, kv_lengths, layer, causal=causal, scale=scale)
+    else:
+        def fn(q, k, v, q_positions, kv_lengths, layer):
+            return _cudnn(q, k, v, q_positions, kv_lengths, causal=causal, scale=scale)
+    return _sharded(fn, q, k, v, q_positions, kv_lengths, layer)

@@ -56,12 +56,12 @@ def choose_splits(B: int, K: int, S: int, block_kv: int, ctas_per_sm: int = 1,
     return max(1, min(-(-S // block_kv), (ctas_per_sm * sms) // (B * K)))
 
 
-def _decode_pallas(qg, k, v, kv_lengths, last_pos, *, scale: float, causal: bool,
+def _decode_pallas(qg, k, v, kv_lengths, last_pos, layer, *, scale: float, causal: bool,
                    kv_len: int, o_rows: int, cfg: DecodeConfig, splits: int,
                    interpret: bool):
     """qg [B, K, R, H] query rows of each kv head (R = G rounded up to 8, or 64);
-    k, v [B, S, K, H] (S % block_kv == 0); kv_lengths [B] int32; last_pos [B] int32 the
-    query positions; kv_len: the unpadded cache length; o_rows: rows written back (G
+    k, v [L, B, S, K, H] a stacked cache (S % block_kv == 0); kv_lengths [B] int32;
+    last_pos [B] int32 the query positions; layer [1] int32 the cache layer to read; kv_len: the unpadded cache length; o_rows: rows written back (G
     rounded up to 8).
     Returns o [B, K, P, o_rows, H] f32 (normalised partials) and lse2 [B, K, P, 64] f32
     (log2 units).
@@ -69,7 +69,7 @@ def _decode_pallas(qg, k, v, kv_lengths, last_pos, *, scale: float, causal: bool
     pl, plgpu = fa._plgpu()
     B, K, R, H = qg.shape
     M = ROWS
-    S = k.shape[1]
+    S = k.shape[2]
     bk = cfg.block_kv
     isz = jnp.dtype(qg.dtype).itemsize
     stages = fa.fit_stages(cfg.stages, M * H * (isz + 4) + 4 * M, 2 * bk * H * isz, S // bk)
@@ -77,12 +77,13 @@ def _decode_pallas(qg, k, v, kv_lengths, last_pos, *, scale: float, causal: bool
     dtype = qg.dtype
     qk_scale = float(scale) * fa.LOG2E
 
-    def kernel(q_ref, k_ref, v_ref, len_ref, pos_ref, o_ref, lse_ref,
+    def kernel(q_ref, k_ref, v_ref, len_ref, pos_ref, layer_ref, o_ref, lse_ref,
                q_smem, o_smem, lse_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free):
         p = lax.axis_index("split")
         h = lax.axis_index("kvh")
         b = lax.axis_index("batch")
         wg = lax.axis_index("wg")
+        lyr = layer_ref[0]
         # Keys visible to this sequence's query: min(kv_len, position + 1), clipped to [0, S].
         length = jnp.minimum(len_ref[b], jnp.int32(kv_len))
         if causal:
@@ -156,8 +157,10 @@ def _decode_pallas(qg, k, v, kv_lengths, last_pos, *, scale: float, causal: bool
 
             def issue(i, slot):
                 rows = pl.ds((first + i) * bk, bk)
-                plgpu.copy_gmem_to_smem(k_ref.at[b, rows, h], k_smem.at[slot], k_bar.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[b, rows, h], v_smem.at[slot], v_bar.at[slot])
+                plgpu.copy_gmem_to_smem(k_ref.at[lyr, b, rows, h], k_smem.at[slot],
+                                        k_bar.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[lyr, b, rows, h], v_smem.at[slot],
+                                        v_bar.at[slot])
 
             for i in range(stages):
                 pl.when(i < n_steps)(functools.partial(issue, i, i))
@@ -167,9 +170,11 @@ def _decode_pallas(qg, k, v, kv_lengths, last_pos, *, scale: float, causal: bool
                 slot = lax.rem(i, jnp.int32(stages))
                 rows = pl.ds((first + i) * bk, bk)
                 plgpu.barrier_wait(k_free.at[slot])
-                plgpu.copy_gmem_to_smem(k_ref.at[b, rows, h], k_smem.at[slot], k_bar.at[slot])
+                plgpu.copy_gmem_to_smem(k_ref.at[lyr, b, rows, h], k_smem.at[slot],
+                                        k_bar.at[slot])
                 plgpu.barrier_wait(v_free.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[b, rows, h], v_smem.at[slot], v_bar.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[lyr, b, rows, h], v_smem.at[slot],
+                                        v_bar.at[slot])
 
             @pl.loop(jnp.maximum(n_steps - stages, 0), n_steps)
             def _tail(i):
@@ -192,10 +197,10 @@ def _decode_pallas(qg, k, v, kv_lengths, last_pos, *, scale: float, causal: bool
     ]
     kwargs = {"interpret": fa.interpret_params()} if interpret else {}
 
-    def entry(q_ref, k_ref, v_ref, len_ref, pos_ref, o_ref, lse_ref, q_smem, o_smem, lse_smem,
-              k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free):
-        kernel(q_ref, k_ref, v_ref, len_ref, pos_ref, o_ref, lse_ref, q_smem, o_smem, lse_smem,
-               k_smem, v_smem, q_bar.at[0], k_bar, v_bar, k_free, v_free)
+    def entry(q_ref, k_ref, v_ref, len_ref, pos_ref, layer_ref, o_ref, lse_ref, q_smem, o_smem,
+              lse_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free):
+        kernel(q_ref, k_ref, v_ref, len_ref, pos_ref, layer_ref, o_ref, lse_ref, q_smem, o_smem,
+               lse_smem, k_smem, v_smem, q_bar.at[0], k_bar, v_bar, k_free, v_free)
 
     return plgpu.kernel(
         entry,
@@ -208,7 +213,7 @@ def _decode_pallas(qg, k, v, kv_lengths, last_pos, *, scale: float, causal: bool
         thread_name="wg",
         compiler_params=fa.compiler_params(cfg.semantics),
         **kwargs,
-    )(qg, k, v, kv_lengths, last_pos)
+    )(qg, k, v, kv_lengths, last_pos, layer)
 
 
 def _o_rows(G: int) -> int:
@@ -245,37 +250,46 @@ def check_supported(q, k, v):
 
 def decode_attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: float,
                      return_lse: bool = False, splits: int | None = None,
-                     config: DecodeConfig | None = None, interpret: bool = False):
+                     config: DecodeConfig | None = None, interpret: bool = False,
+                     layer=None):
     """Single-token attention against the cache with the Mosaic GPU flash-decoding kernel.
 
     q            [B, 1, N, H] bf16 or f16
-    k, v         [B, S, K, H] the cache, same dtype, K divides N
+    k, v         [B, S, K, H] the cache, same dtype, K divides N; or, with `layer`, the
+                 stacked cache [L, B, S, K, H], read in place at layer `layer`
     q_positions  [B, 1] int32 (decode: kv_lengths - 1)
     kv_lengths   [B] int32 valid cache entries per sequence
+    layer        None or an int32 scalar
     Returns out [B, 1, N, H] in q.dtype (and lse [B, 1, N] f32 if return_lse).
     """
-    reason = check_supported(q, k, v)
+    if layer is None:
+        k, v, layer = k[None], v[None], 0
+    one = jax.ShapeDtypeStruct(k.shape[1:], k.dtype)  # the support check sees one layer
+    reason = check_supported(q, one, jax.ShapeDtypeStruct(v.shape[1:], v.dtype))
     if reason is not None:
         raise ValueError(f"decode_attention: unsupported {reason}")
     cfg = config or DecodeConfig()
     B, _, N, H = q.shape
-    S, K = k.shape[1], k.shape[2]
+    S, K = k.shape[2], k.shape[3]
     G = N // K
     bk = cfg.block_kv
     while bk > 64 and S % bk:
         bk //= 2
-    if S % bk:  # rare: a cache length that is not a multiple of 64 -> pad (one copy)
+    layer = jnp.reshape(jnp.asarray(layer, jnp.int32), (1,))
+    if S % bk:  # rare: a cache length that is not a multiple of 64 -> pad one layer (a copy)
         S_pad = -(-S // bk) * bk
-        k = jnp.pad(k, ((0, 0), (0, S_pad - S), (0, 0), (0, 0)))
-        v = jnp.pad(v, ((0, 0), (0, S_pad - S), (0, 0), (0, 0)))
+        pad = ((0, 0), (0, 0), (0, S_pad - S), (0, 0), (0, 0))
+        k = jnp.pad(lax.dynamic_index_in_dim(k, layer[0], 0), pad)
+        v = jnp.pad(lax.dynamic_index_in_dim(v, layer[0], 0), pad)
+        layer = jnp.zeros((1,), jnp.int32)
     cfg = dataclasses.replace(cfg, block_kv=bk)
-    P = splits or choose_splits(B, K, k.shape[1], bk, cfg.ctas_per_sm)
+    P = splits or choose_splits(B, K, k.shape[2], bk, cfg.ctas_per_sm)
     R = _o_rows(G) if cfg.q_rows_only else ROWS
     qg = q.reshape(B, K, G, H)
     if R != G:  # for G a multiple of 8 (and q_rows_only) this is a free reshape
         qg = jnp.pad(qg, ((0, 0), (0, 0), (0, R - G), (0, 0)))
     o, lse2 = _decode_pallas(qg, k, v, kv_lengths.astype(jnp.int32),
-                             q_positions.reshape(B).astype(jnp.int32), scale=scale,
+                             q_positions.reshape(B).astype(jnp.int32), layer, scale=scale,
                              causal=causal, kv_len=S, o_rows=_o_rows(G), cfg=cfg, splits=P,
                              interpret=interpret)
     out, lse = combine(o, lse2, G)

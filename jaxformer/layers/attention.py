@@ -27,14 +27,16 @@ class Attention(nnx.Module):
         self.out = Dense(rngs, (N, H, D), ("heads", "head_dim", "embed"),
                          (D,) if cfg.linear_bias else None, ("embed",))
 
-    def __call__(self, x, positions, kv_lengths, cache=None, start=None, *, backend="auto"):
+    def __call__(self, x, positions, kv_lengths, cache=None, start=None, layer=None, *,
+                 backend="auto"):
         """One attention sublayer.
 
         x [B, T, D]; positions [B, T] int32; kv_lengths [B] int32 valid keys after this step.
-        cache: None (attend within x) or (k, v) each [B, S, K, H]: the new keys are written at
-        slot start[b] (start [B] int32) and the queries attend over the whole cache row; with
-        start None they are written at slot 0 and the queries attend within x.
-        Returns (out [B, T, D], new (k, v) or None).
+        cache: None (attend within x) or (k, v) each [B, S, K, H], or with `layer` (an int32
+        scalar) the whole stack [L, B, S, K, H] of which this is layer `layer`. The new keys
+        are written at slot start[b] (start [B] int32) and the queries attend over the whole
+        cache row; with start None they are written at slot 0 and the queries attend within x.
+        Returns (out [B, T, D], new cache (same structure) or None).
         """
         cfg = self.cfg
         B, T, _ = x.shape
@@ -48,8 +50,15 @@ class Attention(nnx.Module):
             q = apply_rope(q, positions, **rope)
             k = apply_rope(k, positions, **rope)
         q = q.reshape(B, T, K * G, H)  # head n = k * G + g
-        new_cache = None
-        if cache is not None:
+        new_cache, kv_layer = None, None
+        if cache is not None and layer is not None:
+            # The stacked cache rides in the layer loop's carry: write only the new entries
+            # and let attention read layer `layer` in place (the kernels index it directly).
+            new_cache = (kv.write_layer(cache[0], k, layer, start),
+                         kv.write_layer(cache[1], v, layer, start))
+            if start is not None:
+                (k, v), kv_layer = new_cache, layer
+        elif cache is not None:
             # start None: a prefill from an empty cache, which attends within x (T keys, not
             # S) and stores x's keys at slots [0, T).
             at = jnp.zeros((B,), jnp.int32) if start is None else start
@@ -57,7 +66,7 @@ class Attention(nnx.Module):
             if start is not None:
                 k, v = new_cache
         o = attention(q, k, v, positions, kv_lengths, causal=cfg.causal, scale=cfg.scale,
-                      backend=backend)
+                      backend=backend, layer=kv_layer)
         o = shard(o, ("batch", "length", "act_heads", "head_dim"))
         out = self.out.add_bias(jnp.einsum("btnh,nhd->btd", o, self.out.kernel[...]))
         return shard(out, ("batch", "length", "embed")), new_cache

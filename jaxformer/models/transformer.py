@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.config import ModelConfig
@@ -33,16 +34,25 @@ def run_blocks(blocks: Block, x, positions, kv_lengths, cache=None, start=None, 
                backend="auto"):
     """Scan x [B, T, D] through stacked blocks; cache is (k, v) each [L, B, S, K, H] or None.
 
-    Returns (x [B, T, D], new (k, v) or None).
+    Returns (x [B, T, D], new (k, v) or None). The whole cache is a carry of the scan, each
+    layer writing its new entries in place: as scan outputs it would be rebuilt (zero-filled
+    and copied) every step, many times the bytes decode actually needs to read.
     """
     graphdef, state = nnx.split(blocks)
+    L = jax.tree.leaves(state)[0].shape[0]
 
-    def body(h, xs):
-        layer_state, layer_cache = xs
+    def body(carry, xs):
+        h, cache = carry
+        layer_state, layer = xs
         block = nnx.merge(graphdef, layer_state)
-        return block(h, positions, kv_lengths, layer_cache, start, backend=backend)
+        h, cache = block(h, positions, kv_lengths, cache, start,
+                         None if cache is None else layer, backend=backend)
+        return (h, cache), None
 
-    return jax.lax.scan(body, x, (state, cache), unroll=_UNROLL)
+    cache = None if cache is None else tuple(cache)
+    layers = jnp.arange(L, dtype=jnp.int32)
+    (x, cache), _ = jax.lax.scan(body, (x, cache), (state, layers), unroll=_UNROLL)
+    return x, cache
 
 
 class Transformer(nnx.Module):
