@@ -191,7 +191,8 @@ def main(argv=None) -> int:
 
 
 HEADER = (f"{'preset':<11}{'batch':>6}{'prompt':>7}{'TTFT ms':>9}{'step ms':>9}{'tok/s':>9}"
-          f"{'MBU':>6}{'MFU':>6}{'peak GB':>8}{'HF step':>9}{'HF tok/s':>9}{'x HF':>6}")
+          f"{'MBU':>6}{'MFU':>6}{'peak GB':>8}{'compile s':>10}{'HF step':>9}{'HF tok/s':>9}"
+          f"{'x HF':>6}")
 _printed = False
 
 
@@ -204,7 +205,7 @@ def _print_row(r):
     ratio = r["tok_s"] / hf["tok_s"] if hf else float("nan")
     print(f"{r['preset']:<11}{r['batch']:>6}{r['prompt']:>7}{r['ttft_ms']:>9.1f}"
           f"{r['step_ms']:>9.2f}{r['tok_s']:>9.0f}{r['mbu']:>6.0%}{r['mfu']:>6.0%}"
-          f"{r['peak_GB']:>8.1f}{hf.get('step_ms', float('nan')):>9.2f}"
+          f"{r['peak_GB']:>8.1f}{r['compile_s']:>10.1f}{hf.get('step_ms', float('nan')):>9.2f}"
           f"{hf.get('tok_s', float('nan')):>9.0f}{ratio:>6.2f}", flush=True)
 
 

@@ -9,6 +9,7 @@ Inputs are right-padded: an attention_mask row is ones then zeros.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -25,7 +26,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxformer import checkpoint as ckpt
 from jaxformer import sharding as shd
 from jaxformer.config import ModelConfig, RunConfig
-from jaxformer.models import abstract_model, build, param_axes
+from jaxformer.models import (abstract_model, build, is_unrolled, param_axes, stacked_leaves,
+                              unstack_layers)
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +57,8 @@ def default_mesh() -> Mesh:
     return shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
 
 
-def param_shardings(cfg: ModelConfig, mesh: Mesh, rules) -> dict:
-    return shd.tree_shardings(mesh, param_axes(cfg), rules)
+def param_shardings(cfg: ModelConfig, mesh: Mesh, rules, unrolled: bool = False) -> dict:
+    return shd.tree_shardings(mesh, param_axes(cfg, unrolled), rules)
 
 
 class Model:
@@ -69,7 +71,13 @@ class Model:
         self.run = run
         self.rules = rules
         self.tokenizer = tokenizer
-        graphdef, abstract_state = abstract_model(config)
+        if run.layer_loop == "auto":
+            run = dataclasses.replace(run, layer_loop=resolve_layer_loop(mesh, "auto"))
+            self.run = run
+        unrolled = run.layer_loop == "unroll"
+        if unrolled and not is_unrolled(params):  # one array per layer (models/transformer.py)
+            params = unstack_layers(params, param_shardings(config, mesh, rules, True))
+        graphdef, abstract_state = abstract_model(config, unrolled)
         self.graphdef = graphdef
         state = jax.tree.map(lambda x: x, abstract_state)  # a copy to fill in
         nnx.replace_by_pure_dict(state, params)
@@ -78,10 +86,11 @@ class Model:
     # ---- construction -------------------------------------------------------------------
     @classmethod
     def random(cls, config: ModelConfig, mesh: Mesh | None = None, *, dtype="float32",
-               seed: int = 0, rules="default", attention="auto", tokenizer=None) -> "Model":
+               seed: int = 0, rules="default", attention="auto", tokenizer=None,
+               layer_loop: str = "auto") -> "Model":
         """Seeded random (untrained) weights, initialised directly in their shardings."""
         mesh = mesh or default_mesh()
-        run, rules = _run_config(mesh, dtype, rules, attention)
+        run, rules = _run_config(mesh, dtype, rules, attention, layer_loop)
         shd.check_divisible(config, mesh, rules)
         from jaxformer import memory  # [memory] refuse weights that cannot fit the devices
         memory.check_fits(config, mesh, run.dtype, rules if run.rules == "<custom>" else
@@ -186,8 +195,12 @@ class Model:
                         seed=seed, **kwargs)
 
     def save(self, path, *, overwrite=False) -> None:
-        ckpt.save(path, nnx.to_pure_dict(self.params), self.config, self.tokenizer,
-                  overwrite=overwrite)
+        """Write a checkpoint (always the stacked layout, one array on the host at a time)."""
+        with ckpt.CheckpointWriter(path, self.config, overwrite=overwrite) as w:
+            for key, array in stacked_leaves(nnx.to_pure_dict(self.params)):
+                w.put(key, array)
+            if self.tokenizer is not None:
+                w.add_tokenizer(self.tokenizer)
 
     def traced(self):
         """Context for tracing model code: the mesh and rules that shard() applies."""
@@ -197,14 +210,26 @@ class Model:
         return nnx.merge(self.graphdef, params)
 
 
-def _run_config(mesh: Mesh, dtype, rules, attention) -> tuple[RunConfig, dict]:
+def resolve_layer_loop(mesh: Mesh, layer_loop: str) -> str:
+    """"auto" -> "unroll" on GPUs without pipeline stages (models/transformer.py), else
+    "scan"; other values pass through (RunConfig validates them)."""
+    if layer_loop != "auto":
+        return layer_loop
+    gpu = list(mesh.devices.flat)[0].platform == "gpu"
+    return "unroll" if gpu and mesh.shape["pipe"] == 1 else "scan"
+
+
+def _run_config(mesh: Mesh, dtype, rules, attention, layer_loop="auto"
+                ) -> tuple[RunConfig, dict]:
     if jax.process_count() > 1:  # [distributed] all processes must build the same mesh
         from jaxformer.distributed import check_mesh
         check_mesh(mesh)
     dtype = jnp.dtype(dtype).name
+    layer_loop = resolve_layer_loop(mesh, layer_loop)  # so the RunConfig says what runs
     run = RunConfig(data=mesh.shape["data"], pipe=mesh.shape["pipe"],
                     tensor=mesh.shape["tensor"], dtype=dtype, attention=attention,
-                    rules=rules if isinstance(rules, str) else "<custom>")
+                    rules=rules if isinstance(rules, str) else "<custom>",
+                    layer_loop=layer_loop)
     return run, shd.load_rules(rules)
 
 
@@ -251,7 +276,8 @@ def register_entry_point(name: str, factory) -> None:
 # ---- loading ----------------------------------------------------------------------------
 def load(path: str | os.PathLike, mesh: Mesh | None = None, dtype: str = "float32", *,
          rules="default", attention: str = "auto", tokenizer: bool = True,
-         max_batch: int | None = None, max_length: int | None = None) -> Model:
+         max_batch: int | None = None, max_length: int | None = None,
+         layer_loop: str = "auto") -> Model:
     """Load a jaxformer checkpoint straight into the shardings `mesh` and `rules` imply.
 
     No host materialises the whole model: each array is restored shard by shard.
@@ -259,11 +285,13 @@ def load(path: str | os.PathLike, mesh: Mesh | None = None, dtype: str = "float3
     against device memory: a ValueError explains a plan that cannot fit, for the weights
     alone and, when max_batch or max_length (prompt + new tokens) are given, for the KV
     cache and prefill of that workload too.
+    layer_loop: "scan" (stacked layer weights, lax.scan), "unroll" (one array per layer;
+    the fast decode on GPUs) or "auto" (unroll on GPUs when pipe == 1); see RunConfig.
     """
     path = Path(path)
     config = ckpt.read_config(path)
     mesh = mesh or default_mesh()
-    run, rules_table = _run_config(mesh, dtype, rules, attention)
+    run, rules_table = _run_config(mesh, dtype, rules, attention, layer_loop)
     shd.check_divisible(config, mesh, rules_table)
     from jaxformer import memory, progress  # [memory] refuse a plan that cannot fit
     memory.check_fits(config, mesh, run.dtype, rules if isinstance(rules, str) else rules_table,

@@ -11,8 +11,8 @@ from jaxformer.sharding import shard
 
 
 class DecoderLM(Transformer):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        super().__init__(cfg, rngs)
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, unrolled: bool = False):
+        super().__init__(cfg, rngs, unrolled)
         if not cfg.tie_embeddings:
             self.lm_head = _Head(cfg, rngs)
 

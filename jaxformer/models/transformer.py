@@ -1,8 +1,13 @@
 """The trunk every model shares: embeddings, a stack of L blocks, the final norm.
 
-Block weights are stacked on a leading `layers` axis (nnx.vmap at construction) and run with
-lax.scan, so compile time does not grow with depth and the pipeline can hand each stage its
-contiguous slice of the stack.
+Two layer layouts (RunConfig.layer_loop), the same weights either way:
+  scan    block weights stacked on a leading `layers` axis (nnx.vmap at construction), run
+          with lax.scan: compile time does not grow with depth, and the pipeline hands each
+          stage its contiguous slice of the stack. The checkpoint layout.
+  unroll  one weight array per layer (nnx.List of blocks) and a Python loop over layers. On
+          GPUs XLA copies each layer's slice of a stacked weight out before its matmul
+          (a contiguous dynamic slice becomes a device memcpy), which at decode doubles or
+          triples the bytes moved per token; separate arrays have nothing to slice.
 """
 from __future__ import annotations
 
@@ -30,14 +35,24 @@ def stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
 _UNROLL = int(os.environ.get("JAXFORMER_UNROLL_LAYERS", "1"))
 
 
-def run_blocks(blocks: Block, x, positions, kv_lengths, cache=None, start=None, *,
-               backend="auto"):
-    """Scan x [B, T, D] through stacked blocks; cache is (k, v) each [L, B, S, K, H] or None.
+def unrolled_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.List:
+    return nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+
+
+def run_blocks(blocks, x, positions, kv_lengths, cache=None, start=None, *, backend="auto"):
+    """Run x [B, T, D] through the blocks (stacked: a scan; a list: a Python loop); cache is
+    (k, v) each [L, B, S, K, H] or None.
 
     Returns (x [B, T, D], new (k, v) or None). The whole cache is a carry of the scan, each
     layer writing its new entries in place: as scan outputs it would be rebuilt (zero-filled
     and copied) every step, many times the bytes decode actually needs to read.
     """
+    cache = None if cache is None else tuple(cache)
+    if isinstance(blocks, nnx.List):
+        for layer, block in enumerate(blocks):
+            x, cache = block(x, positions, kv_lengths, cache, start,
+                             None if cache is None else jnp.int32(layer), backend=backend)
+        return x, cache
     graphdef, state = nnx.split(blocks)
     L = jax.tree.leaves(state)[0].shape[0]
 
@@ -49,17 +64,16 @@ def run_blocks(blocks: Block, x, positions, kv_lengths, cache=None, start=None, 
                          None if cache is None else layer, backend=backend)
         return (h, cache), None
 
-    cache = None if cache is None else tuple(cache)
     layers = jnp.arange(L, dtype=jnp.int32)
     (x, cache), _ = jax.lax.scan(body, (x, cache), (state, layers), unroll=_UNROLL)
     return x, cache
 
 
 class Transformer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, unrolled: bool = False):
         self.cfg = cfg
         self.embed = Embeddings(cfg, rngs)
-        self.layers = stacked_blocks(cfg, rngs)
+        self.layers = unrolled_blocks(cfg, rngs) if unrolled else stacked_blocks(cfg, rngs)
         if cfg.final_norm:
             self.final_norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps, rngs)
 
