@@ -17,6 +17,7 @@ output differs between backends (reference: mean of V; kernels: 0).
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 import jax
@@ -85,6 +86,9 @@ def cudnn_unsupported(q, k, v) -> str | None:
 
 
 # ---- implementations (per shard) -------------------------------------------------------
+# jit-wrapped so that identical calls (every layer of an unrolled model) trace to one jaxpr,
+# which jax lowers once: the Mosaic GPU kernel is built once, not once per layer.
+@functools.partial(jax.jit, static_argnames=("causal", "scale"))
 def _pallas(q, k, v, q_positions, kv_lengths, layer=None, *, causal, scale):
     from jaxformer.kernels import decode_attention, flash_attention
     if q.shape[1] == 1:
