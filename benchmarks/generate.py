@@ -94,6 +94,8 @@ def run_jax(cfg, batch: int, prompt: int, new: int, dtype: str, attention="auto"
                tok_s=batch * new / (ttft + step * (new - 1)),
                weight_GB=weight_bytes / 1e9, step_bytes=weight_bytes + kv_bytes,
                prefill_flops=flops_prefill, compile_s=compile_s, peak_GB=(peak_bytes() or 0) / 1e9)
+    for leaf in jax.tree.leaves(model.params):  # free now: compiled closures keep models alive
+        leaf.delete()
     del model, run, s
     gc.collect()
     return out
