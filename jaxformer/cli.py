@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--stream", action="store_true", help="print tokens as they are made")
     g.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "pallas"])
+    g.add_argument("--no-compile-cache", action="store_true",
+                   help="do not use the persistent compilation cache ($JAXFORMER_CACHE_DIR, "
+                        "default ~/.cache/jaxformer/jax)")
     sub.add_parser("presets", help="list the model presets in configs/models")
     i = sub.add_parser("info", help="the memory plan per device (reads config.json only)",
                        description="Weights, KV cache and prefill activations per device, "
@@ -85,6 +88,8 @@ def cmd_generate(args) -> int:
         repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty, num_beams=args.num_beams,
         length_penalty=args.length_penalty, stop_strings=tuple(args.stop))
+    if not args.no_compile_cache:  # a second run loads its programs instead of compiling
+        jf.enable_compilation_cache()
     mesh = jf.make_mesh(args.data, args.pipe, args.tensor,
                         devices=None if args.data * args.pipe * args.tensor > 1 else
                         __import__("jax").devices()[:1])

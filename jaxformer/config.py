@@ -230,9 +230,9 @@ class RunConfig:
     dtype: str = "float32"  # compute and weight dtype on the device
     attention: str = "auto"  # "auto" | "xla" | "pallas" | "cudnn"
     microbatches: int | None = None  # pipeline microbatches; None means pipe
-    # "scan": stacked layer weights and lax.scan; "unroll": one array per layer and a Python
-    # loop (no per-layer weight copies on GPUs; pipe=1 only); "auto": unroll on GPUs when
-    # pipe == 1, else scan. See models/transformer.py.
+    # "scan": stacked layer weights and lax.scan; "unroll": one array per layer position and
+    # a Python loop (no per-layer weight copies on GPUs); "auto": unroll on GPUs, else scan.
+    # See models/transformer.py.
     layer_loop: str = "auto"
 
     def __post_init__(self):
@@ -245,9 +245,6 @@ class RunConfig:
         if self.layer_loop not in ("auto", "scan", "unroll"):
             raise ValueError(f"RunConfig.layer_loop: must be auto, scan or unroll, "
                              f"got {self.layer_loop!r}")
-        if self.layer_loop == "unroll" and self.pipe > 1:
-            raise ValueError("RunConfig.layer_loop: 'unroll' needs pipe=1; pipeline stages "
-                             "hold slices of the stacked layers (use 'scan' or 'auto')")
         if self.attention not in ("auto", "xla", "pallas", "cudnn"):
             raise ValueError(f"RunConfig.attention: must be auto, xla, pallas or cudnn, "
                              f"got {self.attention!r}")

@@ -57,8 +57,9 @@ def default_mesh() -> Mesh:
     return shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
 
 
-def param_shardings(cfg: ModelConfig, mesh: Mesh, rules, unrolled: bool = False) -> dict:
-    return shd.tree_shardings(mesh, param_axes(cfg, unrolled), rules)
+def param_shardings(cfg: ModelConfig, mesh: Mesh, rules, stages: int | None = None) -> dict:
+    """Shardings of the params tree in the layer layout `stages` names (models.param_axes)."""
+    return shd.tree_shardings(mesh, param_axes(cfg, stages), rules)
 
 
 class Model:
@@ -74,10 +75,12 @@ class Model:
         if run.layer_loop == "auto":
             run = dataclasses.replace(run, layer_loop=resolve_layer_loop(mesh, "auto"))
             self.run = run
-        unrolled = run.layer_loop == "unroll"
-        if unrolled and not is_unrolled(params):  # one array per layer (models/transformer.py)
-            params = unstack_layers(params, param_shardings(config, mesh, rules, True))
-        graphdef, abstract_state = abstract_model(config, unrolled)
+        # the layer layout (models/transformer.py): None stacked, else unrolled for S stages
+        self.stages = run.pipe if run.layer_loop == "unroll" else None
+        if self.stages is not None and not is_unrolled(params):
+            params = unstack_layers(params, self.stages,
+                                    param_shardings(config, mesh, rules, self.stages))
+        graphdef, abstract_state = abstract_model(config, self.stages)
         self.graphdef = graphdef
         state = jax.tree.map(lambda x: x, abstract_state)  # a copy to fill in
         nnx.replace_by_pure_dict(state, params)
@@ -211,12 +214,27 @@ class Model:
 
 
 def resolve_layer_loop(mesh: Mesh, layer_loop: str) -> str:
-    """"auto" -> "unroll" on GPUs without pipeline stages (models/transformer.py), else
-    "scan"; other values pass through (RunConfig validates them)."""
+    """"auto" -> "unroll" on GPUs (models/transformer.py), else "scan" (compile time flat
+    in depth); other values pass through (RunConfig validates them)."""
     if layer_loop != "auto":
         return layer_loop
-    gpu = list(mesh.devices.flat)[0].platform == "gpu"
-    return "unroll" if gpu and mesh.shape["pipe"] == 1 else "scan"
+    return "unroll" if list(mesh.devices.flat)[0].platform == "gpu" else "scan"
+
+
+def enable_compilation_cache(path: str | os.PathLike | None = None) -> str:
+    """Turn on JAX's persistent compilation cache, so a restarted process loads its compiled
+    prefill and decode programs instead of compiling them again.
+
+    path: default $JAXFORMER_CACHE_DIR, else ~/.cache/jaxformer/jax. Returns the directory.
+    Every program that took at least a second to compile is stored.
+    """
+    path = Path(path or os.environ.get("JAXFORMER_CACHE_DIR")
+                or Path.home() / ".cache" / "jaxformer" / "jax").expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return str(path)
 
 
 def _run_config(mesh: Mesh, dtype, rules, attention, layer_loop="auto"
@@ -285,8 +303,8 @@ def load(path: str | os.PathLike, mesh: Mesh | None = None, dtype: str = "float3
     against device memory: a ValueError explains a plan that cannot fit, for the weights
     alone and, when max_batch or max_length (prompt + new tokens) are given, for the KV
     cache and prefill of that workload too.
-    layer_loop: "scan" (stacked layer weights, lax.scan), "unroll" (one array per layer;
-    the fast decode on GPUs) or "auto" (unroll on GPUs when pipe == 1); see RunConfig.
+    layer_loop: "scan" (stacked layer weights, lax.scan), "unroll" (one array per layer
+    position; the fast decode on GPUs) or "auto" (unroll on GPUs); see RunConfig.
     """
     path = Path(path)
     config = ckpt.read_config(path)

@@ -142,7 +142,8 @@ def run_stages(blocks, x, positions, kv_lengths, cache=None, start=None, *, back
     mesh, rules = shd.current()
     S = num_stages(mesh)
     graphdef, state = nnx.split(blocks)
-    L = jax.tree.leaves(state)[0].shape[0]
+    lead = jax.tree.leaves(state)[0].shape[0]  # stacked: L; unrolled: S per position
+    L = len(blocks) * lead if isinstance(blocks, nnx.List) else lead
     check_split(L, S, rules)
     smap, data = _stage_context(mesh, rules)
     B, T = x.shape[:2]
@@ -212,7 +213,7 @@ def make_decode_loop(model, feats):
     check_split(cfg.num_layers, S, rules)
     smap, data = _stage_context(mesh, rules)
     backend = model.run.attention
-    pspecs = jax.tree.map(lambda a: pipe_spec(a, rules), param_axes(cfg),
+    pspecs = jax.tree.map(lambda a: pipe_spec(a, rules), param_axes(cfg, model.stages),
                           is_leaf=lambda a: isinstance(a, tuple))
     cspec = pipe_spec(kvc.CACHE_AXES, rules)
 
@@ -335,6 +336,15 @@ def _decode_layers(blocks, h, at, cache, m, backend):
     the scan carry and each layer writes only its new entries and reads its own slab, so no
     copy of the cache is made per tick.
     """
+    from jaxformer.models.transformer import _position
+
+    if isinstance(blocks, nnx.List):  # unrolled: this stage's layer j, read in place
+        M = cache[0].shape[0] // len(blocks)
+        cache = tuple(cache)
+        for j, stacked in enumerate(blocks):
+            h, cache = _position(stacked)(h, at[:, None], at + 1, cache, at,
+                                          jnp.int32(j * M) + m, backend=backend)
+        return h, cache
     graphdef, state = nnx.split(blocks)
     Ls = jax.tree.leaves(state)[0].shape[0]
     M = cache[0].shape[0] // Ls
@@ -354,7 +364,7 @@ def _module(model, pure: dict):
     """The model module over a (stage-local) plain parameter dict."""
     from jaxformer.models import abstract_model
 
-    graphdef, abstract = abstract_model(model.config)
+    graphdef, abstract = abstract_model(model.config, model.stages)
     state = jax.tree.map(lambda x: x, abstract)
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state)

@@ -17,7 +17,7 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
 def llama(tmp_path_factory):
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
         num_attention_heads=8, num_key_value_heads=4, head_dim=8, max_position_embeddings=64,
         tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
     hf = transformers.LlamaForCausalLM(cfg).eval()
@@ -34,17 +34,24 @@ def _hf_greedy(hf, prompt, n):
     return out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("sizes", [(1, 1), (2, 2), (1, 4)])
+@pytest.mark.parametrize("sizes", [(1, 1, 1), (2, 1, 2), (1, 1, 4), (1, 2, 1), (1, 4, 1),
+                                   (2, 2, 2)])
 def test_unrolled_matches_transformers_on_meshes(llama, sizes):
     hf, path = llama
-    data, tensor = sizes
-    mesh = jf.make_mesh(data=data, tensor=tensor, devices=jax.devices()[:data * tensor])
+    data, pipe, tensor = sizes
+    mesh = jf.make_mesh(data=data, pipe=pipe, tensor=tensor,
+                        devices=jax.devices()[:data * pipe * tensor])
     model = jf.load(path, mesh=mesh, layer_loop="unroll")
     assert model.run.layer_loop == "unroll"
-    leaf = model.params["layers"][2]["attn"]["qkv"]["kernel"][...]
-    assert leaf.shape == (64, 4, 4, 8)  # one layer's [D, K, G+2, H]: nothing stacked
+    Ls = 4 // pipe
+    assert sorted(model.params["layers"].keys()) == list(range(Ls))
+    leaf = model.params["layers"][Ls - 1]["attn"]["qkv"]["kernel"][...]
+    # position j holds layer j of each stage: [S, D, K, G+2, H], stages on pipe
+    assert leaf.shape == (pipe, 64, 4, 4, 8)
+    if pipe > 1:
+        assert leaf.sharding.spec[0] == "pipe"
     if tensor > 1:
-        assert leaf.sharding.spec[1] == "tensor"  # kv heads still on tensor
+        assert leaf.sharding.spec[2] == "tensor"  # kv heads still on tensor
     ids = np.asarray([PROMPTS[0] * 2])
     with torch.no_grad():
         ref = hf(torch.tensor(ids)).logits.numpy()
@@ -53,12 +60,14 @@ def test_unrolled_matches_transformers_on_meshes(llama, sizes):
     assert out.tokens == [_hf_greedy(hf, p, 6) for p in PROMPTS]
 
 
-def test_unrolled_saves_the_stacked_checkpoint(llama, tmp_path):
+@pytest.mark.parametrize("pipe", [1, 2])
+def test_unrolled_saves_the_stacked_checkpoint(llama, tmp_path, pipe):
     _, path = llama
-    model = jf.load(path, layer_loop="unroll")
+    mesh = jf.make_mesh(pipe=pipe, devices=jax.devices()[:pipe])
+    model = jf.load(path, mesh=mesh, layer_loop="unroll")
     model.save(tmp_path / "again")
     back = jf.load(tmp_path / "again", layer_loop="scan")
-    assert back.params["layers"]["attn"]["qkv"]["kernel"][...].shape[0] == 3
+    assert back.params["layers"]["attn"]["qkv"]["kernel"][...].shape[0] == 4
     ids = np.asarray([PROMPTS[2]])
     np.testing.assert_array_equal(back.logits(ids), model.logits(ids))
 
@@ -68,5 +77,3 @@ def test_layer_loop_choices_and_errors():
     assert jf.engine.resolve_layer_loop(cpu, "auto") == "scan"  # unroll is for GPUs
     with pytest.raises(ValueError, match="layer_loop"):
         RunConfig(layer_loop="loop")
-    with pytest.raises(ValueError, match="needs pipe=1"):
-        RunConfig(pipe=2, layer_loop="unroll")

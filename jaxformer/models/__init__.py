@@ -14,48 +14,59 @@ from jaxformer.models.gpt import DecoderLM
 LAYERS = "layers"  # the parameter subtree of the blocks
 
 
-def build(cfg: ModelConfig, seed: int = 0, unrolled: bool = False):
-    """A model with random weights (float32, host/default device)."""
+def build(cfg: ModelConfig, seed: int = 0, stages: int | None = None):
+    """A model with random weights (float32, host/default device); `stages`: the layer
+    layout (models/transformer.py: None stacked, S unrolled for S pipeline stages)."""
     cls = DecoderLM if cfg.arch == "decoder" else Encoder
-    return cls(cfg, nnx.Rngs(params=seed), unrolled)
+    return cls(cfg, nnx.Rngs(params=seed), stages)
 
 
 @functools.lru_cache(maxsize=64)
-def _abstract(cfg: ModelConfig, unrolled: bool = False):
-    model = nnx.eval_shape(lambda: build(cfg, unrolled=unrolled))
+def _abstract(cfg: ModelConfig, stages: int | None = None):
+    model = nnx.eval_shape(lambda: build(cfg, stages=stages))
     graphdef, state = nnx.split(model)
     return graphdef, state
 
 
-def abstract_model(cfg: ModelConfig, unrolled: bool = False):
+def abstract_model(cfg: ModelConfig, stages: int | None = None):
     """(graphdef, abstract nnx.State) of the model `cfg` describes; nothing is allocated.
-    unrolled: the per-layer layout (models/transformer.py) instead of the stacked one."""
-    return _abstract(cfg, unrolled)
+    stages: None for the stacked layer layout, S for the unrolled one (transformer.py)."""
+    return _abstract(cfg, stages)
 
 
-def unstack_layers(params: dict, shardings: dict | None = None, delete: bool = True) -> dict:
-    """Stacked params (leaves under `layers` are [L, ...]) -> the unrolled layout
-    (`layers` = {0: tree, 1: tree, ...}), on the device, one leaf at a time: each stacked
-    array is split and then deleted, so the peak is the model plus one leaf.
+def unstack_layers(params: dict, stages: int = 1, shardings: dict | None = None,
+                   delete: bool = True) -> dict:
+    """Stacked params (leaves under `layers` are [L, ...]) -> the unrolled layout for
+    `stages` pipeline stages (`layers` = {j: tree of [S, ...]}, j < Ls = L / S, layer
+    s * Ls + j at [s] of position j). On the device, one leaf at a time: each stacked array
+    is split and then deleted, so the peak is the model plus one leaf. With the stack's
+    `layers` axis on `pipe`, every stage keeps exactly its own layers: nothing moves.
 
-    shardings: the unrolled layout's shardings (param_shardings(..., unrolled=True)).
+    shardings: the unrolled layout's shardings (param_shardings(..., stages=S)).
     """
     stacked = params[LAYERS]
     flat, treedef = jax.tree.flatten(stacked)
     L = flat[0].shape[0]
+    S = stages
+    Ls = L // S
     sh_flat = None
     if shardings is not None:
-        sh_flat = [jax.tree.flatten(shardings[LAYERS][i])[0] for i in range(L)]
-    per_layer = [[None] * len(flat) for _ in range(L)]
-    for j, a in enumerate(flat):
-        out_sh = None if sh_flat is None else tuple(sh_flat[i][j] for i in range(L))
-        parts = jax.jit(lambda a: tuple(a[i] for i in range(L)), out_shardings=out_sh)(a)
-        for i in range(L):
-            per_layer[i][j] = parts[i]
+        sh_flat = [jax.tree.flatten(shardings[LAYERS][j])[0] for j in range(Ls)]
+    per_pos = [[None] * len(flat) for _ in range(Ls)]
+
+    def split(a):
+        a = a.reshape((S, Ls) + a.shape[1:])
+        return tuple(a[:, j] for j in range(Ls))
+
+    for i, a in enumerate(flat):
+        out_sh = None if sh_flat is None else tuple(sh_flat[j][i] for j in range(Ls))
+        parts = jax.jit(split, out_shardings=out_sh)(a)
+        for j in range(Ls):
+            per_pos[j][i] = parts[j]
         if delete and isinstance(a, jax.Array) and not a.is_deleted():
             a.delete()
     out = dict(params)
-    out[LAYERS] = {i: jax.tree.unflatten(treedef, per_layer[i]) for i in range(L)}
+    out[LAYERS] = {j: jax.tree.unflatten(treedef, per_pos[j]) for j in range(Ls)}
     return out
 
 
@@ -85,7 +96,7 @@ def stacked_leaves(params: dict):
         for path, leaf in walk(layers, (LAYERS,)):
             yield path, np.asarray(jax.device_get(leaf))
         return
-    L = len(layers)
+    Ls = len(layers)
     for path, _ in walk(layers[0], (LAYERS,)):
         rest = path[1:]
 
@@ -93,7 +104,17 @@ def stacked_leaves(params: dict):
             for k in keys:
                 tree = tree[k]
             return tree
-        yield path, np.stack([np.asarray(jax.device_get(get(layers[i]))) for i in range(L)])
+        parts = np.stack([np.asarray(jax.device_get(get(layers[j]))) for j in range(Ls)])
+        # [Ls, S, ...] -> [S, Ls, ...] -> [L, ...]: layer s * Ls + j
+        parts = parts.swapaxes(0, 1)
+        yield path, parts.reshape((-1,) + parts.shape[2:])
+
+
+def layer_stages(params) -> int | None:
+    """The layout of a params tree: None stacked, else its number of stages S."""
+    if not is_unrolled(params):
+        return None
+    return int(jax.tree.leaves(params[LAYERS][0])[0].shape[0])
 
 
 def abstract_params(cfg: ModelConfig) -> dict:
@@ -101,13 +122,14 @@ def abstract_params(cfg: ModelConfig) -> dict:
     return nnx.to_pure_dict(_abstract(cfg)[1])
 
 
-def param_axes(cfg: ModelConfig, unrolled: bool = False) -> dict:
-    """Plain nested dict of logical-axis tuples, one per parameter."""
-    _, state = _abstract(cfg, unrolled)
+def param_axes(cfg: ModelConfig, stages: int | None = None) -> dict:
+    """Plain nested dict of logical-axis tuples, one per parameter (in the layer layout
+    `stages` names, as abstract_model)."""
+    _, state = _abstract(cfg, stages)
     specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
     return jax.tree.map(lambda p: tuple(p), specs,
                         is_leaf=lambda p: isinstance(p, jax.sharding.PartitionSpec))
 
 
 __all__ = ["DecoderLM", "Encoder", "build", "abstract_model", "abstract_params", "param_axes",
-           "unstack_layers", "stacked_leaves", "is_unrolled", "LAYERS"]
+           "unstack_layers", "stacked_leaves", "is_unrolled", "layer_stages", "LAYERS"]

@@ -22,8 +22,8 @@ class _MLMHead(nnx.Module):
 
 
 class Encoder(Transformer):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, unrolled: bool = False):
-        super().__init__(cfg, rngs, unrolled)
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, stages: int | None = None):
+        super().__init__(cfg, rngs, stages)
         D = cfg.hidden_size
         if cfg.pooler:
             self.pooler = Dense(rngs, (D, D), ("embed", None), (D,), (None,))

@@ -11,8 +11,8 @@ from jaxformer.sharding import shard
 
 
 class DecoderLM(Transformer):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, unrolled: bool = False):
-        super().__init__(cfg, rngs, unrolled)
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, stages: int | None = None):
+        super().__init__(cfg, rngs, stages)
         if not cfg.tie_embeddings:
             self.lm_head = _Head(cfg, rngs)
 

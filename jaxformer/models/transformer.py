@@ -4,10 +4,13 @@ Two layer layouts (RunConfig.layer_loop), the same weights either way:
   scan    block weights stacked on a leading `layers` axis (nnx.vmap at construction), run
           with lax.scan: compile time does not grow with depth, and the pipeline hands each
           stage its contiguous slice of the stack. The checkpoint layout.
-  unroll  one weight array per layer (nnx.List of blocks) and a Python loop over layers. On
-          GPUs XLA copies each layer's slice of a stacked weight out before its matmul
-          (a contiguous dynamic slice becomes a device memcpy), which at decode doubles or
-          triples the bytes moved per token; separate arrays have nothing to slice.
+  unroll  one weight array per layer position and a Python loop over layers. On GPUs XLA
+          copies each layer's slice of a stacked weight out before its matmul (a contiguous
+          dynamic slice becomes a device memcpy), which at decode doubles or triples the
+          bytes moved per token; separate arrays have nothing to slice. With S pipeline
+          stages of Ls = L / S layers, array j holds layer j of every stage, [S, ...] with S
+          on `pipe` (layer l = s * Ls + j), so each stage's shard is exactly its own layer
+          j; without stages S = 1.
 """
 from __future__ import annotations
 
@@ -21,8 +24,9 @@ from jaxformer.config import ModelConfig
 from jaxformer.layers import Block, Embeddings, Norm
 
 
-def stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
-    @nnx.split_rngs(splits=cfg.num_layers)
+def stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs, n: int | None = None) -> Block:
+    """n (default: all L) blocks with weights stacked on a leading `layers` axis."""
+    @nnx.split_rngs(splits=n or cfg.num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make(r):
         return Block(cfg, r)
@@ -35,8 +39,17 @@ def stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
 _UNROLL = int(os.environ.get("JAXFORMER_UNROLL_LAYERS", "1"))
 
 
-def unrolled_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.List:
-    return nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+def unrolled_blocks(cfg: ModelConfig, rngs: nnx.Rngs, stages: int) -> nnx.List:
+    """L / stages layer positions, each `stages` blocks stacked on `layers` (see above)."""
+    return nnx.List([stacked_blocks(cfg, rngs, stages)
+                     for _ in range(cfg.num_layers // stages)])
+
+
+def _position(stacked: Block) -> Block:
+    """The one block a layer position holds here: leaves [1, ...] (S = 1, or this stage's
+    shard inside the pipeline) -> [...], a free reshape."""
+    graphdef, state = nnx.split(stacked)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a.reshape(a.shape[1:]), state))
 
 
 def run_blocks(blocks, x, positions, kv_lengths, cache=None, start=None, *, backend="auto"):
@@ -48,10 +61,11 @@ def run_blocks(blocks, x, positions, kv_lengths, cache=None, start=None, *, back
     and copied) every step, many times the bytes decode actually needs to read.
     """
     cache = None if cache is None else tuple(cache)
-    if isinstance(blocks, nnx.List):
-        for layer, block in enumerate(blocks):
-            x, cache = block(x, positions, kv_lengths, cache, start,
-                             None if cache is None else jnp.int32(layer), backend=backend)
+    if isinstance(blocks, nnx.List):  # cache layer j: this stage's j-th layer
+        for layer, stacked in enumerate(blocks):
+            x, cache = _position(stacked)(x, positions, kv_lengths, cache, start,
+                                          None if cache is None else jnp.int32(layer),
+                                          backend=backend)
         return x, cache
     graphdef, state = nnx.split(blocks)
     L = jax.tree.leaves(state)[0].shape[0]
@@ -70,10 +84,13 @@ def run_blocks(blocks, x, positions, kv_lengths, cache=None, start=None, *, back
 
 
 class Transformer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, unrolled: bool = False):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, stages: int | None = None):
+        """stages: None for the stacked (scan) layout, else the unrolled layout for that
+        many pipeline stages (1: none)."""
         self.cfg = cfg
         self.embed = Embeddings(cfg, rngs)
-        self.layers = unrolled_blocks(cfg, rngs) if unrolled else stacked_blocks(cfg, rngs)
+        self.layers = (stacked_blocks(cfg, rngs) if stages is None
+                       else unrolled_blocks(cfg, rngs, stages))
         if cfg.final_norm:
             self.final_norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps, rngs)
 
