@@ -225,9 +225,13 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> str:
     """Turn on JAX's persistent compilation cache, so a restarted process loads its compiled
     prefill and decode programs instead of compiling them again.
 
-    path: default $JAXFORMER_CACHE_DIR, else ~/.cache/jaxformer/jax. Returns the directory.
-    Every program that took at least a second to compile is stored.
+    path: default $JAXFORMER_CACHE_DIR, else a directory already configured in JAX (left
+    as it is), else ~/.cache/jaxformer/jax. Returns the directory. Every program that took
+    at least a second to compile is stored.
     """
+    configured = jax.config.jax_compilation_cache_dir
+    if path is None and not os.environ.get("JAXFORMER_CACHE_DIR") and configured:
+        return configured
     path = Path(path or os.environ.get("JAXFORMER_CACHE_DIR")
                 or Path.home() / ".cache" / "jaxformer" / "jax").expanduser()
     path.mkdir(parents=True, exist_ok=True)

@@ -256,3 +256,18 @@ def test_texts_and_stop_strings_with_a_tokenizer(tmp_path, capsys):
     assert f"=== prompt 0: 'ab'\n{got.texts[0]}\n" in printed and "tokens/s" in printed
     assert cli.main(["generate", "--checkpoint", str(tmp_path / "ckpt"), "--top-p", "0"]) == 2
     assert "top_p" in capsys.readouterr().err
+
+
+def test_compilation_cache_stores_programs_and_keeps_a_configured_dir(tmp_path):
+    import jax
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        assert jf.enable_compilation_cache() == before  # the suite's own dir is kept
+        d = jf.enable_compilation_cache(tmp_path / "cc")
+        assert d == str(tmp_path / "cc") and jax.config.jax_compilation_cache_dir == d
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.jit(lambda x: jnp.sin(x) * 3.25 + 0.5)(jnp.arange(7.0)).block_until_ready()
+        assert any((tmp_path / "cc").iterdir()), "no compiled program was stored"
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
