@@ -55,8 +55,8 @@ def default_mesh() -> Mesh:
     return shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
 
 
-def param_shardings(cfg: ModelConfig, mesh: Mesh, rules) -> dict:
-    return shd.tree_shardings(mesh, param_axes(cfg), rules)
+def param_shardings(cfg: ModelConfig, mesh: Mesh, rules, quantize: str | None = None) -> dict:
+    return shd.tree_shardings(mesh, param_axes(cfg, quantize), rules)
 
 
 class Model:
@@ -69,7 +69,7 @@ class Model:
         self.run = run
         self.rules = rules
         self.tokenizer = tokenizer
-        graphdef, abstract_state = abstract_model(config)
+        graphdef, abstract_state = abstract_model(config, run.quantize)
         self.graphdef = graphdef
         state = jax.tree.map(lambda x: x, abstract_state)  # a copy to fill in
         nnx.replace_by_pure_dict(state, params)
@@ -78,11 +78,19 @@ class Model:
     # ---- construction -------------------------------------------------------------------
     @classmethod
     def random(cls, config: ModelConfig, mesh: Mesh | None = None, *, dtype="float32",
-               seed: int = 0, rules="default", attention="auto", tokenizer=None) -> "Model":
-        """Seeded random (untrained) weights, initialised directly in their shardings."""
+               seed: int = 0, rules="default", attention="auto", tokenizer=None,
+               quantize: str | None = None, calibration=None) -> "Model":
+        """Seeded random (untrained) weights, initialised directly in their shardings.
+
+        quantize (RunConfig.quantize): the float weights (in `dtype`) are then quantized on
+        the devices, one stacked weight at a time; "fp8" also calibrates activation scales
+        on `calibration` prompts (see `calibrate`).
+        """
         mesh = mesh or default_mesh()
-        run, rules = _run_config(mesh, dtype, rules, attention)
+        run, rules = _run_config(mesh, dtype, rules, attention, quantize)
         shd.check_divisible(config, mesh, rules)
+        from jaxformer.quant import params as qp
+        qp.check_mesh(config, run.quantize, mesh, rules)
         from jaxformer import memory  # [memory] refuse weights that cannot fit the devices
         memory.check_fits(config, mesh, run.dtype, rules if run.rules == "<custom>" else
                           run.rules, attention=attention)
@@ -93,7 +101,13 @@ class Model:
             _, state = nnx.split(build(config, seed))
             return jax.tree.map(lambda a: a.astype(run.dtype), nnx.to_pure_dict(state))
 
-        return cls(config, init(), mesh, run, rules, tokenizer)
+        params = init()
+        if run.quantize is not None:
+            params = qp.quantize_params(params, config, run.quantize, mesh, rules)
+        model = cls(config, params, mesh, run, rules, tokenizer)
+        if _needs_calibration(run.quantize, calibration, stored=False):
+            model.calibrate(calibration)
+        return model
 
     # ---- helpers ------------------------------------------------------------------------
     def _batch_sharding(self, batch: int, ndim: int) -> NamedSharding:
@@ -186,8 +200,20 @@ class Model:
                         seed=seed, **kwargs)
 
     def save(self, path, *, overwrite=False) -> None:
+        """Write a checkpoint (docs/checkpoint_format.md); a quantized model writes its
+        quantized weights and scales, which `load` restores directly."""
         ckpt.save(path, nnx.to_pure_dict(self.params), self.config, self.tokenizer,
-                  overwrite=overwrite)
+                  overwrite=overwrite, quantize=self.run.quantize)
+
+    def calibrate(self, prompts=None) -> dict:
+        """Measure the static FP8 activation scales (quantize="fp8" / "fp8-tensor") on
+        `prompts` (strings, or token-id lists; None: jaxformer.quant.calibrate's default
+        prompts, or seeded random ids for a model without a tokenizer) and store them.
+
+        Returns {linear layer name: max |input| per layer [L]} (float32 numpy).
+        """
+        from jaxformer.quant import calibrate
+        return calibrate.calibrate(self, prompts)
 
     def traced(self):
         """Context for tracing model code: the mesh and rules that shard() applies."""
@@ -197,14 +223,16 @@ class Model:
         return nnx.merge(self.graphdef, params)
 
 
-def _run_config(mesh: Mesh, dtype, rules, attention) -> tuple[RunConfig, dict]:
+def _run_config(mesh: Mesh, dtype, rules, attention, quantize=None) -> tuple[RunConfig, dict]:
     if jax.process_count() > 1:  # [distributed] all processes must build the same mesh
         from jaxformer.distributed import check_mesh
         check_mesh(mesh)
     dtype = jnp.dtype(dtype).name
+    from jaxformer.quant.spec import name
     run = RunConfig(data=mesh.shape["data"], pipe=mesh.shape["pipe"],
                     tensor=mesh.shape["tensor"], dtype=dtype, attention=attention,
-                    rules=rules if isinstance(rules, str) else "<custom>")
+                    rules=rules if isinstance(rules, str) else "<custom>",
+                    quantize=name(quantize))
     return run, shd.load_rules(rules)
 
 
@@ -251,7 +279,8 @@ def register_entry_point(name: str, factory) -> None:
 # ---- loading ----------------------------------------------------------------------------
 def load(path: str | os.PathLike, mesh: Mesh | None = None, dtype: str = "float32", *,
          rules="default", attention: str = "auto", tokenizer: bool = True,
-         max_batch: int | None = None, max_length: int | None = None) -> Model:
+         max_batch: int | None = None, max_length: int | None = None,
+         quantize: str | None = None, calibration=None) -> Model:
     """Load a jaxformer checkpoint straight into the shardings `mesh` and `rules` imply.
 
     No host materialises the whole model: each array is restored shard by shard.
@@ -259,31 +288,68 @@ def load(path: str | os.PathLike, mesh: Mesh | None = None, dtype: str = "float3
     against device memory: a ValueError explains a plan that cannot fit, for the weights
     alone and, when max_batch or max_length (prompt + new tokens) are given, for the KV
     cache and prefill of that workload too.
+
+    quantize (RunConfig.quantize: "int8", "int4", "int4-g<N>", "fp8", "fp8-tensor"): a float
+    checkpoint is quantized on the devices as it is read, one stacked weight at a time;
+    "fp8" then calibrates its activation scales on `calibration` prompts (Model.calibrate).
+    A quantized checkpoint (Model.save of a quantized model) loads as it is stored with
+    quantize None or its own value; any other value is a ValueError.
     """
+    from jaxformer.quant import params as qp
+    from jaxformer.quant.spec import name
     path = Path(path)
     config = ckpt.read_config(path)
+    stored, wanted = ckpt.read_quantization(path), name(quantize)
+    if stored is not None and wanted not in (None, stored):
+        raise ValueError(f"load(quantize={quantize!r}): {path} holds {stored!r}-quantized "
+                         f"weights, which cannot be re-quantized; load it with quantize=None "
+                         f"or {stored!r}, or quantize its float checkpoint instead")
     mesh = mesh or default_mesh()
-    run, rules_table = _run_config(mesh, dtype, rules, attention)
+    run, rules_table = _run_config(mesh, dtype, rules, attention, stored or wanted)
     shd.check_divisible(config, mesh, rules_table)
+    qp.check_mesh(config, run.quantize, mesh, rules_table)
     from jaxformer import memory, progress  # [memory] refuse a plan that cannot fit
     memory.check_fits(config, mesh, run.dtype, rules if isinstance(rules, str) else rules_table,
-                      max_batch=max_batch, max_length=max_length, attention=attention)
-    shardings = param_shardings(config, mesh, rules_table)
-    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, run.dtype, sharding=sh),
-                            _pure_abstract(config), shardings)
+                      max_batch=max_batch, max_length=max_length, attention=attention,
+                      quantize=run.quantize)
     if log.isEnabledFor(logging.INFO):
-        log.info("loading %s: %s of %s weights per device on mesh %s", path,
-                 memory.fmt_bytes(memory.weights_bytes(config, mesh, run.dtype, rules_table)),
-                 run.dtype, dict(mesh.shape))
+        log.info("loading %s: %s of %s%s weights per device on mesh %s", path,
+                 memory.fmt_bytes(memory.weights_bytes(config, mesh, run.dtype, rules_table,
+                                                       quantize=run.quantize)),
+                 run.dtype, f" / {run.quantize}" if run.quantize else "", dict(mesh.shape))
     t0 = time.perf_counter()
     with progress.spinner(f"loading {path.name}"):
-        params = ckpt.restore_params(path, abstract)
+        if run.quantize is not None and stored is None:
+            params = qp.restore_quantized(path, config, run.quantize, mesh, rules_table,
+                                          run.dtype)
+        else:
+            shardings = param_shardings(config, mesh, rules_table, run.quantize)
+            dtypes = qp.target_dtypes(config, run.quantize, run.dtype)
+            abstract = jax.tree.map(lambda s, d, sh: jax.ShapeDtypeStruct(s.shape, d, sharding=sh),
+                                    _pure_abstract(config, run.quantize), dtypes, shardings)
+            params = ckpt.restore_params(path, abstract)
     log.info("restored %s in %.1fs", path, time.perf_counter() - t0)
     tok = None
     if tokenizer and (path / ckpt.TOKENIZER_DIR).is_dir():
         from jaxformer.tokenizer import load_tokenizer
         tok = load_tokenizer(path / ckpt.TOKENIZER_DIR)
-    return Model(config, params, mesh, run, rules_table, tok)
+    model = Model(config, params, mesh, run, rules_table, tok)
+    if _needs_calibration(run.quantize, calibration, stored=stored is not None):
+        model.calibrate(calibration)
+    return model
+
+
+def _needs_calibration(quantize, calibration, *, stored: bool) -> bool:
+    """FP8 models fresh from float weights calibrate (on `calibration` or the defaults); a
+    stored FP8 checkpoint keeps its scales unless new prompts are given."""
+    from jaxformer.quant.spec import parse
+    spec = parse(quantize)
+    if spec is None or not spec.activations:
+        if calibration is not None:
+            raise ValueError(f"calibration prompts set FP8 activation scales; they do not "
+                             f"apply to quantize={quantize!r}")
+        return False
+    return not stored or calibration is not None
 
 
 def _beams(sampling) -> bool:
@@ -308,9 +374,9 @@ def _generate_with_bar(model, prompts, max_new_tokens, sampling, seed, progress,
         bar.close()
 
 
-def _pure_abstract(cfg: ModelConfig) -> dict:
+def _pure_abstract(cfg: ModelConfig, quantize: str | None = None) -> dict:
     from jaxformer.models import abstract_params
-    return abstract_params(cfg)
+    return abstract_params(cfg, quantize)
 
 
 def demo_model(mesh: Mesh | None = None, dtype: str = "float32", seed: int = 0) -> Model:

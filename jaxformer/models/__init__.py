@@ -18,25 +18,38 @@ def build(cfg: ModelConfig, seed: int = 0):
 
 
 @functools.lru_cache(maxsize=64)
-def _abstract(cfg: ModelConfig):
-    model = nnx.eval_shape(lambda: build(cfg))
-    graphdef, state = nnx.split(model)
+def _abstract(cfg: ModelConfig, quantize: str | None):
+    def make():
+        model = build(cfg)
+        if quantize is not None:
+            from jaxformer.quant.params import quantize_module
+            quantize_module(model, quantize)
+        return model
+
+    graphdef, state = nnx.split(nnx.eval_shape(make))
     return graphdef, state
 
 
-def abstract_model(cfg: ModelConfig):
-    """(graphdef, abstract nnx.State) of the model `cfg` describes; nothing is allocated."""
-    return _abstract(cfg)
+def _name(quantize):
+    from jaxformer.quant.spec import name
+    return name(quantize)
 
 
-def abstract_params(cfg: ModelConfig) -> dict:
-    """Plain nested dict of jax.ShapeDtypeStruct (float32): the checkpoint's tree."""
-    return nnx.to_pure_dict(_abstract(cfg)[1])
+def abstract_model(cfg: ModelConfig, quantize: str | None = None):
+    """(graphdef, abstract nnx.State) of the model `cfg` describes, with its linear layers
+    quantized as `quantize` says (jaxformer.quant); nothing is allocated."""
+    return _abstract(cfg, _name(quantize))
 
 
-def param_axes(cfg: ModelConfig) -> dict:
+def abstract_params(cfg: ModelConfig, quantize: str | None = None) -> dict:
+    """Plain nested dict of jax.ShapeDtypeStruct: the checkpoint's tree. Float leaves are
+    float32; quantized kernels have their own dtype and float32 scales beside them."""
+    return nnx.to_pure_dict(_abstract(cfg, _name(quantize))[1])
+
+
+def param_axes(cfg: ModelConfig, quantize: str | None = None) -> dict:
     """Plain nested dict of logical-axis tuples, one per parameter."""
-    _, state = _abstract(cfg)
+    _, state = _abstract(cfg, _name(quantize))
     specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
     return jax.tree.map(lambda p: tuple(p), specs,
                         is_leaf=lambda p: isinstance(p, jax.sharding.PartitionSpec))
