@@ -379,9 +379,11 @@ def _pure_abstract(cfg: ModelConfig, quantize: str | None = None) -> dict:
     return abstract_params(cfg, quantize)
 
 
-def demo_model(mesh: Mesh | None = None, dtype: str = "float32", seed: int = 0) -> Model:
+def demo_model(mesh: Mesh | None = None, dtype: str = "float32", seed: int = 0,
+               quantize: str | None = None) -> Model:
     """The built-in default: the `demo` preset with seeded random (UNTRAINED) weights and the
-    byte tokenizer. It exercises the whole stack without any download; its text is noise."""
+    byte tokenizer. It exercises the whole stack without any download; its text is noise.
+    quantize: as in Model.random (int4 needs a group dividing ffn_size 344, e.g. int4-g8)."""
     from jaxformer.tokenizer import ByteTokenizer
     return Model.random(ModelConfig.from_preset("demo"), mesh, dtype=dtype, seed=seed,
-                        tokenizer=ByteTokenizer())
+                        tokenizer=ByteTokenizer(), quantize=quantize)
