@@ -85,8 +85,12 @@ def encode(model, prompts=None):
                 if tok is None:
                     raise ValueError("calibration: string prompts need a tokenizer; this model "
                                      "has none, so pass token-id lists")
-                if hasattr(tok, "encode_for_model") and cfg.arch == "encoder":
+                if cfg.arch == "encoder" and hasattr(tok, "encode_for_model"):
                     ids, tt = tok.encode_for_model(p)
+                elif cfg.arch == "encoder":  # BERT's frame where the vocabulary has it
+                    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+                    ids = tok.encode(p)
+                    ids = ids if cls is None or sep is None else [cls] + ids + [sep]
                 else:
                     ids = tok.encode(p)
                     if tok.bos_id is not None and cfg.bos_token_id is not None:

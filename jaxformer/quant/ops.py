@@ -44,11 +44,17 @@ def _nonzero(amax):
     return jnp.where(amax > 0, amax, 1.0)
 
 
+def _inv(spec: QuantSpec):
+    """1 / qmax as a float32 constant: compilers turn division by a constant into this
+    multiplication anyway, so writing it keeps CPU, GPU and numpy bit-identical."""
+    return jnp.float32(1.0 / spec.qmax)
+
+
 def quantize_kernel(w, spec: QuantSpec, lead: int, contract: int):
     """w [*lead, *contraction, *out] -> (q, scale float32); layouts in the module docstring.
 
     Symmetric, round to nearest even: int8 codes -127..127, int4 -7..7, fp8 e4m3 saturated
-    at +-448. scale = max|w| / qmax over each channel (group, matrix).
+    at +-448. scale = max|w| * float32(1 / qmax) over each channel (group, matrix).
     """
     w = jnp.asarray(w).astype(jnp.float32)
     if spec.mode == "int4":
@@ -60,11 +66,11 @@ def quantize_kernel(w, spec: QuantSpec, lead: int, contract: int):
                              f"{n} of a kernel of shape {w.shape}; choose int4-g<N> with N "
                              f"dividing {n}")
         wg = w.reshape(w.shape[:gd] + (n // g, g) + w.shape[gd + 1:])
-        scale = _nonzero(jnp.max(jnp.abs(wg), axis=gd + 1)) / spec.qmax
+        scale = _nonzero(jnp.max(jnp.abs(wg), axis=gd + 1)) * _inv(spec)
         q = jnp.clip(jnp.round(wg / jnp.expand_dims(scale, gd + 1)), -spec.qmax, spec.qmax)
         return q.astype(spec.weight_dtype).reshape(w.shape), scale
     axes = tuple(range(lead, w.ndim)) if spec.per_tensor else tuple(range(lead, lead + contract))
-    scale = _nonzero(jnp.max(jnp.abs(w), axis=axes)) / spec.qmax
+    scale = _nonzero(jnp.max(jnp.abs(w), axis=axes)) * _inv(spec)
     ws = w / jnp.expand_dims(scale, axes)
     if spec.mode == "int8":
         q = jnp.clip(jnp.round(ws), -spec.qmax, spec.qmax)
