@@ -209,8 +209,8 @@ def main(argv=None) -> int:
     return 0
 
 
-HEADER = (f"{'preset':<11}{'quant':>9}{'batch':>6}{'prompt':>7}{'TTFT ms':>9}{'step ms':>9}{'tok/s':>9}"
-          f"{'MBU':>6}{'MFU':>6}{'peak GB':>8}{'HF step':>9}{'HF tok/s':>9}{'x HF':>6}")
+HEADER = (f"{'preset':<11}{'quant':>9}{'batch':>6}{'prompt':>7}{'TTFT ms':>9}{'step ms':>9}"
+          f"{'tok/s':>9}{'MBU':>6}{'MFU':>6}{'peak GB':>8}{'HF step':>9}{'HF tok/s':>9}{'x HF':>6}")
 _printed = False
 
 

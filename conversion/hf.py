@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from jaxformer.checkpoint import CheckpointError, CheckpointWriter
+from jaxformer.checkpoint import CheckpointWriter
 from jaxformer.config import DTYPES, ModelConfig
 from jaxformer.hf_config import from_hf_config
 
