@@ -309,9 +309,12 @@ def load(path: str | os.PathLike, mesh: Mesh | None = None, dtype: str = "float3
     shd.check_divisible(config, mesh, rules_table)
     qp.check_mesh(config, run.quantize, mesh, rules_table)
     from jaxformer import memory, progress  # [memory] refuse a plan that cannot fit
-    memory.check_fits(config, mesh, run.dtype, rules if isinstance(rules, str) else rules_table,
-                      max_batch=max_batch, max_length=max_length, attention=attention,
-                      quantize=run.quantize)
+    plan = memory.check_fits(config, mesh, run.dtype,
+                             rules if isinstance(rules, str) else rules_table,
+                             max_batch=max_batch, max_length=max_length, attention=attention,
+                             quantize=run.quantize)
+    if run.quantize is not None and stored is None:
+        memory.check_quantize_at_load(plan, config, mesh, run.dtype, rules_table)
     if log.isEnabledFor(logging.INFO):
         log.info("loading %s: %s of %s%s weights per device on mesh %s", path,
                  memory.fmt_bytes(memory.weights_bytes(config, mesh, run.dtype, rules_table,

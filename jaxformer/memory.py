@@ -476,11 +476,47 @@ def check_fits(config: ModelConfig, mesh, dtype, rules="default", *, max_batch=N
     return p
 
 
+def quantize_transient_bytes(config: ModelConfig, mesh=None, dtype="float32",
+                             rules="default") -> int:
+    """Quantizing a float checkpoint while loading holds one float stacked kernel (all layers
+    of one linear) beside the quantized model: the largest such kernel per device."""
+    from jaxformer.models import abstract_params, param_axes
+    from jaxformer.quant.params import covered
+    sizes, table = mesh_sizes(mesh), _rules(rules)
+    shapes, axes = abstract_params(config), param_axes(config)
+    out = 0
+    for path in covered(config):
+        s, a = shapes, axes
+        for k in path:
+            s, a = s[k], a[k]
+        n = int(np.prod(shard_shape(s["kernel"].shape, a["kernel"], sizes, table),
+                        dtype=np.int64))
+        out = max(out, n * _itemsize(dtype))
+    return out
+
+
+def check_quantize_at_load(p: MemoryPlan | None, config: ModelConfig, mesh, dtype,
+                           rules="default") -> None:
+    """Refuse (OutOfMemoryPlan) quantizing at load when the quantized plan `p` (from
+    check_fits) plus the float kernel being quantized exceed device memory."""
+    if p is None or p.device_memory is None:
+        return
+    extra = quantize_transient_bytes(config, mesh, dtype, rules)
+    if p.total + extra > p.device_memory:
+        raise OutOfMemoryPlan(
+            f"quantizing while loading needs {fmt_bytes(extra)} per device for one float "
+            f"stacked kernel beside the {p.quantize} model ({fmt_bytes(p.total)}), more than "
+            f"the {fmt_bytes(p.device_memory)} of device memory: quantize the checkpoint once "
+            f"on the host (jaxformer.quant.convert.quantize_checkpoint, or the converters' "
+            f"--quantize) and load the quantized checkpoint, or use more devices\n{p.explain()}")
+
+
 def _is_local(d) -> bool:
     import jax
     return getattr(d, "process_index", 0) == jax.process_index()
 
 
 __all__ = ["MemoryPlan", "OutOfMemoryPlan", "activation_bytes", "cache_length",
+           "check_quantize_at_load", "quantize_transient_bytes",
            "check_fits", "decode_bytes", "device_memory_limit", "kv_cache_bytes", "plan",
            "weights_bytes"]

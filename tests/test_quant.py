@@ -510,6 +510,22 @@ def test_weights_bytes_match_the_arrays(tiny, name, layout):
     assert plan < memory.weights_bytes(TINY, model.mesh, "bfloat16")
 
 
+def test_load_checks_the_quantization_transient(tiny, monkeypatch):
+    """Quantizing while loading holds one float stacked kernel beside the quantized model:
+    load refuses when that cannot fit and says to quantize offline; the quantized checkpoint
+    itself loads in the same memory."""
+    f32, models = tiny
+    weights = memory.weights_bytes(TINY, None, "float32", quantize="int8")
+    extra = memory.quantize_transient_bytes(TINY, None, "float32")
+    assert extra == 4 * TINY.hidden_size * 2 * TINY.mlp_size * 4  # wi [L, D, 2, F] float32
+    monkeypatch.setenv(memory.ENV_DEVICE_MEMORY, str(weights + extra - 1))
+    with pytest.raises(memory.OutOfMemoryPlan, match="quantize the checkpoint once"):
+        jf.load(f32, quantize="int8")
+    assert jf.load(models["int8"][0]).run.quantize == "int8"
+    monkeypatch.setenv(memory.ENV_DEVICE_MEMORY, str(weights + extra))
+    assert jf.load(f32, quantize="int8").run.quantize == "int8"
+
+
 def test_info_counts_quantized_weights(capsys, tiny):
     """llama-7b in bf16: int8 linear layers halve the weights, int4 quarter them (the
     embedding and head stay bf16), and `jaxformer info` says which."""
