@@ -150,8 +150,10 @@ def cmd_info(args) -> int:
         from jaxformer.checkpoint import read_config, read_quantization
         config = read_config(args.checkpoint)
         stored = read_quantization(args.checkpoint)
-        if stored is not None and quantize is None:
-            quantize = None if args.quantize == "none" else stored
+        if stored is not None and args.quantize not in (None, stored):
+            raise ValueError(f"{args.checkpoint} holds {stored!r}-quantized weights; "
+                             f"--quantize {args.quantize} cannot apply to it")
+        quantize = stored or quantize
     else:
         config = ModelConfig.from_preset(args.preset)
     sizes = {"data": args.data, "pipe": args.pipe, "tensor": args.tensor}

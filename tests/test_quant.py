@@ -539,6 +539,8 @@ def test_info_counts_quantized_weights(capsys, tiny):
     assert memory.fmt_bytes(memory.plan(cfg, None, "bfloat16", quantize="int8").weights) in text
     assert cli.main(["info", "--checkpoint", str(tiny[1]["fp8"][0])]) == 0  # as stored
     assert "fp8 linear layers" in capsys.readouterr().out
+    assert cli.main(["info", "--checkpoint", str(tiny[1]["fp8"][0]), "--quantize", "int8"]) == 2
+    assert "holds 'fp8'-quantized weights" in capsys.readouterr().err
 
 
 def test_cli_generate_quantize(capsys, tiny):
