@@ -2,6 +2,8 @@
 
     python benchmarks/generate.py --presets gpt3-1.3b gpt3-6.7b --batches 1 64 --prompts 128
     python benchmarks/generate.py --tiny        # a CPU smoke run of the same code
+    python benchmarks/generate.py --presets llama-7b --batches 1 256 --prompts 128 2048 \
+        --quantize none,int8,int4,fp8            # bf16 and quantized rows side by side
 
 For each preset (random weights, bf16), prompt length and batch: time to first token (prefill
 plus the first sample), per-token decode latency, output tokens/s and peak device memory.
@@ -9,6 +11,10 @@ The card's ceilings are measured in the same run (a large device copy for bandwi
 bf16 matmul for FLOP/s), giving decode bandwidth utilisation (weights + KV bytes read per step
 / step time / measured bandwidth) and prefill FLOP utilisation. With --hf, the same shapes run
 through transformers (static KV cache, torch.compile'd decode) for a ratio on every row.
+With --quantize, every shape runs once per mode (none = the dtype alone; int8, int4,
+int4-g<N>, fp8, fp8-tensor: jaxformer.quant, FP8 calibrated on random ids), rows side by
+side: decode step time at batch 1 is the weight-only win, prefill (TTFT) at long prompts the
+FP8 one. MFU stays relative to the measured bf16 matmul ceiling.
 """
 from __future__ import annotations
 
@@ -55,12 +61,15 @@ def peak_bytes() -> int | None:
 
 
 def run_jax(cfg, batch: int, prompt: int, new: int, dtype: str, attention="auto",
-            seed=0) -> dict:
+            seed=0, quantize=None) -> dict:
     import jaxformer as jf
+    from jaxformer import memory
     from jaxformer.generate import _Run
 
-    model = jf.Model.random(cfg, dtype=dtype, seed=seed, attention=attention)
-    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(model.params))
+    model = jf.Model.random(cfg, dtype=dtype, seed=seed, attention=attention,
+                            quantize=quantize)
+    # counted from the plan: jax reports int4 arrays at a byte per element
+    weight_bytes = memory.weights_bytes(cfg, None, dtype, quantize=quantize)
     rng = np.random.default_rng(seed)
     prompts = rng.integers(0, cfg.vocab_size, (batch, prompt)).tolist()
     run = _Run(model, prompts, new, None, seed, ignore_eos=True)
@@ -88,7 +97,7 @@ def run_jax(cfg, batch: int, prompt: int, new: int, dtype: str, attention="auto"
     itemsize = jnp.dtype(dtype).itemsize
     avg_ctx = prompt + new / 2
     kv_bytes = 2 * L * batch * avg_ctx * K * H * itemsize  # k and v actually needed per step
-    flops_prefill = 2 * batch * prompt * (weight_bytes / itemsize) \
+    flops_prefill = 2 * batch * prompt * cfg.num_params() \
         + 2 * 2 * L * batch * prompt * prompt / 2 * cfg.num_heads * H
     out = dict(ttft_ms=ttft * 1e3, step_ms=step * 1e3,
                tok_s=batch * new / (ttft + step * (new - 1)),
@@ -156,8 +165,15 @@ def main(argv=None) -> int:
     ap.add_argument("--hf", action="store_true", help="also run transformers (needs CUDA torch)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny config")
     ap.add_argument("--json", help="write all rows to this file")
+    ap.add_argument("--quantize", default="none",
+                    help="comma-separated modes per shape: none,int8,int4,int4-g<N>,fp8,"
+                         "fp8-tensor (default: none)")
     args = ap.parse_args(argv)
     import jaxformer as jf
+    from jaxformer.quant.spec import name
+
+    modes = [None if m.strip() in ("", "none") else name(m.strip(), "--quantize")
+             for m in args.quantize.split(",")]
 
     dev = jax.devices()[0]
     print(f"# device: {dev.device_kind} x{jax.device_count()}  jax {jax.__version__}")
@@ -166,25 +182,28 @@ def main(argv=None) -> int:
           f"bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s")
     rows = []
     presets = ["demo"] if args.tiny else args.presets
-    for name in presets:
-        cfg = jf.ModelConfig.from_preset(name)
+    for preset in presets:
+        cfg = jf.ModelConfig.from_preset(preset)
         for prompt in args.prompts:
             for batch in args.batches:
                 if prompt + args.new > cfg.max_position_embeddings:
                     continue
-                try:
-                    r = run_jax(cfg, batch, prompt, args.new, args.dtype, args.attention)
-                except Exception as e:  # out of memory at large batch: report, go on
-                    print(f"# {name} b={batch} p={prompt}: jax failed: {type(e).__name__}: "
-                          f"{str(e)[:200]}", flush=True)
-                    continue
                 hf = run_hf(cfg, batch, prompt, args.new) if args.hf else None
-                r.update(preset=name, batch=batch, prompt=prompt,
-                         mbu=r["step_bytes"] / (r["step_ms"] / 1e3) / (ceil["copy_GBps"] * 1e9),
-                         mfu=r["prefill_flops"] / (r["ttft_ms"] / 1e3)
-                         / (ceil["matmul_TFLOPs"] * 1e12), hf=hf)
-                rows.append(r)
-                _print_row(r)
+                for mode in modes:
+                    try:
+                        r = run_jax(cfg, batch, prompt, args.new, args.dtype, args.attention,
+                                    quantize=mode)
+                    except Exception as e:  # out of memory at large batch: report, go on
+                        print(f"# {preset} b={batch} p={prompt} {mode or args.dtype}: jax "
+                              f"failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                        continue
+                    r.update(preset=preset, batch=batch, prompt=prompt, quant=mode or "none",
+                             mbu=r["step_bytes"] / (r["step_ms"] / 1e3)
+                             / (ceil["copy_GBps"] * 1e9),
+                             mfu=r["prefill_flops"] / (r["ttft_ms"] / 1e3)
+                             / (ceil["matmul_TFLOPs"] * 1e12), hf=hf)
+                    rows.append(r)
+                    _print_row(r)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=dev.device_kind, jax=jax.__version__, ceilings=ceil,
@@ -192,9 +211,9 @@ def main(argv=None) -> int:
     return 0
 
 
-HEADER = (f"{'preset':<11}{'batch':>6}{'prompt':>7}{'TTFT ms':>9}{'step ms':>9}{'tok/s':>9}"
-          f"{'MBU':>6}{'MFU':>6}{'peak GB':>8}{'compile s':>10}{'HF step':>9}{'HF tok/s':>9}"
-          f"{'x HF':>6}")
+HEADER = (f"{'preset':<11}{'quant':>9}{'batch':>6}{'prompt':>7}{'TTFT ms':>9}{'step ms':>9}"
+          f"{'tok/s':>9}{'MBU':>6}{'MFU':>6}{'peak GB':>8}{'compile s':>10}{'HF step':>9}"
+          f"{'HF tok/s':>9}{'x HF':>6}")
 _printed = False
 
 
@@ -205,7 +224,7 @@ def _print_row(r):
         _printed = True
     hf = r["hf"] or {}
     ratio = r["tok_s"] / hf["tok_s"] if hf else float("nan")
-    print(f"{r['preset']:<11}{r['batch']:>6}{r['prompt']:>7}{r['ttft_ms']:>9.1f}"
+    print(f"{r['preset']:<11}{r['quant']:>9}{r['batch']:>6}{r['prompt']:>7}{r['ttft_ms']:>9.1f}"
           f"{r['step_ms']:>9.2f}{r['tok_s']:>9.0f}{r['mbu']:>6.0%}{r['mfu']:>6.0%}"
           f"{r['peak_GB']:>8.1f}{r['compile_s']:>10.1f}{hf.get('step_ms', float('nan')):>9.2f}"
           f"{hf.get('tok_s', float('nan')):>9.0f}{ratio:>6.2f}", flush=True)

@@ -1,6 +1,7 @@
 """Hugging Face GPT-2 / LLaMA(-style) / BERT directories -> jaxformer checkpoints.
 
     python -m conversion.hf --input hf/gpt2 --output ckpt/gpt2 [--dtype bfloat16] [--overwrite]
+                            [--quantize int8|int4|int4-g<N>|fp8|fp8-tensor]
 
 Table-driven: every family is a list of `Row`s (source-key regex, target path, transform,
 optional slot inside the target). Tensors stream one at a time from safetensors (`safe_open`)
@@ -27,7 +28,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from jaxformer.checkpoint import CheckpointError, CheckpointWriter
+from jaxformer.checkpoint import CheckpointWriter
 from jaxformer.config import DTYPES, ModelConfig
 from jaxformer.hf_config import from_hf_config
 
@@ -433,13 +434,19 @@ def _check_complete(src_dir, expected, required, written, zero_ok) -> None:
 
 
 def convert(input_dir, output_dir, *, dtype: str | None = None, overwrite: bool = False,
-            progress: bool | None = None) -> ModelConfig:
+            progress: bool | None = None, quantize: str | None = None,
+            calibration=None) -> ModelConfig:
     """Convert a Hugging Face model directory to a jaxformer checkpoint; returns its config.
 
     dtype: stored dtype of every tensor (None: the config's `torch_dtype` if float32 /
     bfloat16 / float16, else float32). Raises ConversionError naming the file and key.
+    quantize (RunConfig.quantize): write a quantized checkpoint; the float one is staged
+    beside the output and quantized on this host's CPU (jaxformer.quant.convert), FP8 scales
+    calibrated on `calibration` prompts (default: jaxformer.quant.calibrate's).
     """
     from jaxformer.models import abstract_params
+    from jaxformer.quant.spec import name
+    quantize = name(quantize, "quantize")
 
     src_dir, t0 = Path(input_dir), time.perf_counter()
     if not src_dir.is_dir():
@@ -456,6 +463,14 @@ def convert(input_dir, output_dir, *, dtype: str | None = None, overwrite: bool 
     dtype = dtype or hf.get("torch_dtype") or hf.get("dtype") or "float32"
     if dtype not in DTYPES:
         dtype = "float32"
+    if quantize is not None:
+        from jaxformer.quant.convert import quantize_checkpoint, staged_float
+        with staged_float(output_dir, overwrite) as tmp:
+            cfg = convert(src_dir, tmp, dtype=dtype, progress=progress)
+            quantize_checkpoint(tmp, output_dir, quantize, dtype=dtype, overwrite=overwrite,
+                                calibration=calibration)
+        print(f"quantized {output_dir} to {quantize}")
+        return cfg
     fam = FAMILIES[model_type]
     source = Source(src_dir)
 
@@ -536,10 +551,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=DTYPES, default=None,
                     help="stored dtype (default: the model's torch_dtype, else float32)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    ap.add_argument("--quantize", help="write quantized linear layers: int8 | int4 | "
+                    "int4-g<N> | fp8 | fp8-tensor (docs/quantization.md)")
     args = ap.parse_args(argv)
     try:
-        convert(args.input, args.output, dtype=args.dtype, overwrite=args.overwrite)
-    except (ConversionError, CheckpointError, FileExistsError) as e:
+        convert(args.input, args.output, dtype=args.dtype, overwrite=args.overwrite,
+                quantize=args.quantize)
+    except (ValueError, FileExistsError) as e:  # ConversionError, CheckpointError, quantize
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

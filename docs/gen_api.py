@@ -42,6 +42,10 @@ SECTIONS = [
     ("Checkpoints", "The format is in [checkpoint_format.md](checkpoint_format.md).",
      ["jaxformer.checkpoint.save", "jaxformer.checkpoint.read_config",
       "jaxformer.checkpoint.CheckpointWriter", "jaxformer.checkpoint.CheckpointError"]),
+    ("Quantization", "See [quantization.md](quantization.md). `load(..., quantize=)`, "
+     "`Model.random(..., quantize=)`, `Model.calibrate` and `RunConfig.quantize` are above.",
+     ["jaxformer.quant.spec.QuantSpec", "jaxformer.quant.calibrate.calibrate",
+      "jaxformer.quant.convert.quantize_checkpoint", "jaxformer.checkpoint.read_quantization"]),
     ("Conversion", "See [conversion.md](conversion.md).",
      ["conversion.hf.convert", "conversion.hf.ConversionError", "conversion.megatron.convert",
       "conversion.megatron.MegatronConversionError"]),

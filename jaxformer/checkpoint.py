@@ -1,12 +1,14 @@
 """Orbax checkpoints: write once (streamed, atomically), restore straight into shardings.
 
-Layout (docs/checkpoint_format.md): `config.json`, `tokenizer/`, `params/` (orbax).
+Layout (docs/checkpoint_format.md): `config.json`, `tokenizer/`, `params/` (orbax), and
+`quantization.json` when the linear layers are stored quantized (jaxformer.quant).
 Writers stage everything in `<output>.tmp-<random>` beside the output and rename it at the
 end, so a failed write leaves nothing that looks like a checkpoint.
 """
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import mmap
 import os
@@ -25,6 +27,7 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 TOKENIZER_DIR = "tokenizer"
+QUANT_FILE = "quantization.json"
 STAGING_DIR = "_staging"
 CHUNK_BYTES = 16 << 20  # storage chunks: a shard's restore reads little else, a save buffers little
 
@@ -66,17 +69,21 @@ class CheckpointWriter:
         buf[i] = layer_i_weight                                # one layer at a time
         w.add_tokenizer(tok)                                   # optional
 
-    Every path must match the tree that `config` describes (docs/checkpoint_format.md),
-    with the same shapes; anything missing or extra fails before anything is committed.
-    Host memory stays near one tensor: `allocate` returns a memory map in the staging dir.
+    Every path must match the tree that `config` (and `quantize`) describe
+    (docs/checkpoint_format.md), with the same shapes; anything missing or extra fails before
+    anything is committed. Host memory stays near one tensor: `allocate` returns a memory map
+    in the staging dir. `quantize` (a RunConfig.quantize value) writes a quantized tree:
+    kernels in their quantized dtype, float32 scales, and `quantization.json`.
     """
 
     def __init__(self, output: str | os.PathLike, config: ModelConfig, *, overwrite=False,
-                 dtype: str | None = None):
+                 dtype: str | None = None, quantize: str | None = None):
+        from jaxformer.quant.spec import name
         self.output = Path(output)
         self.config = config
         self.overwrite = overwrite
         self.dtype = dtype  # store every floating tensor in this dtype (None: as given)
+        self.quantize = name(quantize)
         if self.output.exists() and not overwrite:
             raise FileExistsError(f"{self.output} exists; pass overwrite=True to replace it")
         self.tmp = self.output.parent / f".{self.output.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -88,9 +95,12 @@ class CheckpointWriter:
         (self.tmp / STAGING_DIR).mkdir(parents=True)
         return self
 
-    def _check(self, path, shape):
+    def _expected(self) -> dict:
         from jaxformer.models import abstract_params
-        expected = _flatten(_to_plain(abstract_params(self.config)))
+        return _flatten(_to_plain(abstract_params(self.config, self.quantize)))
+
+    def _check(self, path, shape, dtype=None):
+        expected = self._expected()
         if path not in expected:
             raise CheckpointError(f"{'/'.join(path)} is not a parameter of this model "
                                   f"({self.config.name or 'config'}); expected one of "
@@ -98,18 +108,24 @@ class CheckpointWriter:
         if tuple(shape) != tuple(expected[path].shape):
             raise CheckpointError(f"{'/'.join(path)}: shape {tuple(shape)} does not match the "
                                   f"config's {tuple(expected[path].shape)}")
+        want = expected[path].dtype
+        if dtype is not None and _fixed_dtype(path, want) and np.dtype(dtype) != want:
+            raise CheckpointError(f"{'/'.join(path)}: dtype {np.dtype(dtype)}, but a "
+                                  f"{self.quantize} checkpoint stores {want}")
 
     def put(self, key, array) -> None:
         path = _path(key)
         array = np.asarray(array)
-        self._check(path, array.shape)
-        self._arrays[path] = array if self.dtype is None else _cast(array, self.dtype)
+        self._check(path, array.shape, array.dtype)
+        keep = self.dtype is None or _fixed_dtype(path, self._expected()[path].dtype)
+        self._arrays[path] = array if keep else _cast(array, self.dtype)
 
     def allocate(self, key, shape, dtype=np.float32) -> np.ndarray:
         """A disk-backed buffer (in the writer's dtype, when it has one) to fill in place."""
         path = _path(key)
-        self._check(path, shape)
-        if self.dtype is not None and np.issubdtype(np.dtype(dtype), np.floating):
+        self._check(path, shape, dtype)
+        if self.dtype is not None and np.issubdtype(np.dtype(dtype), np.floating) \
+                and not _fixed_dtype(path, self._expected()[path].dtype):
             dtype = _cast(np.zeros((), dtype), self.dtype).dtype
         file = self.tmp / STAGING_DIR / ("__".join(path) + ".npy")
         buf = np.lib.format.open_memmap(file, mode="w+", dtype=dtype, shape=tuple(shape))
@@ -130,8 +146,7 @@ class CheckpointWriter:
         return False
 
     def _commit(self):
-        from jaxformer.models import abstract_params
-        expected = _flatten(_to_plain(abstract_params(self.config)))
+        expected = self._expected()
         missing = sorted("/".join(p) for p in set(expected) - set(self._arrays))
         if missing:
             raise CheckpointError(f"checkpoint for {self.output} is incomplete: missing {missing}")
@@ -139,12 +154,20 @@ class CheckpointWriter:
         save_params(self.tmp / PARAMS_DIR, tree)
         shutil.rmtree(self.tmp / STAGING_DIR)
         self.config.save_json(self.tmp / CONFIG_FILE)
+        if self.quantize is not None:
+            (self.tmp / QUANT_FILE).write_text(json.dumps({"quantize": self.quantize}) + "\n")
         if self._tokenizer is not None:
             self._tokenizer.save(self.tmp / TOKENIZER_DIR)
         if self.output.exists():
             shutil.rmtree(self.output)
         os.replace(self.tmp, self.output)
         log.info("wrote checkpoint %s", self.output)
+
+
+def _fixed_dtype(path, dtype) -> bool:
+    """Quantized kernels and their float32 scales keep their dtype whatever the writer's."""
+    from jaxformer.quant.params import SCALE_LEAVES
+    return path[-1] in SCALE_LEAVES or np.dtype(dtype) != np.float32
 
 
 def _cast(a: np.ndarray, dtype: str):
@@ -208,9 +231,11 @@ def save_params(directory: Path, tree: Mapping) -> None:
 
 
 def save(output, params, config: ModelConfig, tokenizer=None, *, overwrite=False,
-         dtype: str | None = None) -> None:
-    """Save a whole parameter tree (nnx.State or nested dict of arrays) as a checkpoint."""
-    with CheckpointWriter(output, config, overwrite=overwrite, dtype=dtype) as w:
+         dtype: str | None = None, quantize: str | None = None) -> None:
+    """Save a whole parameter tree (nnx.State or nested dict of arrays) as a checkpoint;
+    `quantize`: the tree is quantized so (RunConfig.quantize), recorded in quantization.json."""
+    with CheckpointWriter(output, config, overwrite=overwrite, dtype=dtype,
+                          quantize=quantize) as w:
         for path, arr in _flatten(_to_plain(params)).items():
             w.put(path, np.asarray(jax.device_get(arr)))
         if tokenizer is not None:
@@ -230,10 +255,25 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
         raise CheckpointError(f"{path / CONFIG_FILE}: {e}") from None
 
 
-def restore_params(path: str | os.PathLike, target: Mapping) -> dict:
+def read_quantization(path: str | os.PathLike) -> str | None:
+    """The `quantize` value a checkpoint's linear layers are stored in (None: float)."""
+    f = Path(path) / QUANT_FILE
+    if not f.exists():
+        return None
+    try:
+        value = json.loads(f.read_text())["quantize"]
+        from jaxformer.quant.spec import name
+        return name(value)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{f}: not a valid quantization record: {e}") from None
+
+
+def restore_params(path: str | os.PathLike, target: Mapping, *, partial: bool = False) -> dict:
     """Restore `params/` into `target`, a nested dict of jax.ShapeDtypeStruct with shardings.
 
     Each host reads only the slices its devices need; dtypes are cast on the way in.
+    partial: `target` may be a subset of the stored tree (quantizing at load restores one
+    float weight at a time).
     """
     import orbax.checkpoint as ocp
     pdir = Path(path).absolute() / PARAMS_DIR
@@ -249,7 +289,7 @@ def restore_params(path: str | os.PathLike, target: Mapping) -> dict:
     target_flat = _flatten(target)
     missing = sorted("/".join(p) for p in set(target_flat) - set(stored_flat))
     extra = sorted("/".join(p) for p in set(stored_flat) - set(target_flat))
-    if missing or extra:
+    if missing or (extra and not partial):
         raise CheckpointError(f"{path}: weights do not match config.json: missing {missing}, "
                               f"unexpected {extra}")
     for p, t in target_flat.items():
@@ -257,6 +297,12 @@ def restore_params(path: str | os.PathLike, target: Mapping) -> dict:
             raise CheckpointError(f"{path}: {'/'.join(p)} has shape {tuple(stored_flat[p].shape)} "
                                   f"but config.json implies {tuple(t.shape)}")
     try:
+        if partial:
+            restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(
+                sharding=t.sharding, global_shape=t.shape, dtype=t.dtype), target)
+            args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                          partial_restore=True)
+            return ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(pdir, args=args)
         return ckptr.restore(pdir, target)
     except Exception as e:
         raise CheckpointError(f"{pdir}: could not restore parameters: {e}") from None

@@ -1,9 +1,11 @@
 """The `jaxformer` command.
 
-    jaxformer generate [--checkpoint DIR] [--tensor T --pipe P --data D] --prompt "Hello" ...
+    jaxformer generate [--checkpoint DIR] [--tensor T --pipe P --data D] --prompt "Hello"
+                       [--quantize int8|int4|int4-g<N>|fp8|fp8-tensor] ...
     jaxformer presets
     jaxformer info (--checkpoint DIR | --preset NAME) [--tensor T --pipe P --data D]
                    [--batch B --max-length L] [--dtype bfloat16] [--device-memory GiB]
+                   [--quantize ...]
 
 Without --checkpoint, `generate` runs the built-in demo model (untrained, seeded weights,
 byte tokenizer): it proves the install works, its text is noise.
@@ -20,6 +22,14 @@ def _add_mesh(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=int, default=1, help="data-parallel size")
     p.add_argument("--pipe", type=int, default=1, help="pipeline stages")
     p.add_argument("--tensor", type=int, default=1, help="tensor-parallel size")
+
+
+QUANTIZE_HELP = ("quantize the linear layers: int8 | int4 | int4-g<N> | fp8 | fp8-tensor | none "
+                 "(docs/quantization.md)")
+
+
+def _quantize(value):
+    return None if value in (None, "none") else value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--no-compile-cache", action="store_true",
                    help="do not use the persistent compilation cache ($JAXFORMER_CACHE_DIR, "
                         "default ~/.cache/jaxformer/jax)")
+    g.add_argument("--quantize", help=QUANTIZE_HELP + "; a quantized checkpoint loads as "
+                   "stored without it")
     sub.add_parser("presets", help="list the model presets in configs/models")
     i = sub.add_parser("info", help="the memory plan per device (reads config.json only)",
                        description="Weights, KV cache and prefill activations per device, "
@@ -67,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
                         "$JAXFORMER_DEVICE_MEMORY)")
     i.add_argument("--rules", default="default", help="sharding rules (configs/sharding/)")
     i.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "pallas"])
+    i.add_argument("--quantize", help=QUANTIZE_HELP + " (default: as the checkpoint stores "
+                   "it)")
     return ap
 
 
@@ -95,13 +109,15 @@ def cmd_generate(args) -> int:
                         __import__("jax").devices()[:1])
     t0 = time.perf_counter()
     if args.checkpoint:
-        model = jf.load(args.checkpoint, mesh=mesh, dtype=args.dtype, attention=args.attention)
+        model = jf.load(args.checkpoint, mesh=mesh, dtype=args.dtype, attention=args.attention,
+                        quantize=_quantize(args.quantize))
     else:
         print("# no --checkpoint: using the built-in demo model (UNTRAINED random weights; "
               "its text is noise)", file=sys.stderr)
-        model = jf.demo_model(mesh=mesh, dtype=args.dtype)
-    print(f"# loaded {model.config.name or args.checkpoint} in {time.perf_counter() - t0:.1f}s",
-          file=sys.stderr)
+        model = jf.demo_model(mesh=mesh, dtype=args.dtype, quantize=_quantize(args.quantize))
+    quant = f" ({model.run.quantize})" if model.run.quantize else ""
+    print(f"# loaded {model.config.name or args.checkpoint}{quant} in "
+          f"{time.perf_counter() - t0:.1f}s", file=sys.stderr)
     prompts = _prompts(args)
     t0 = time.perf_counter()
     if args.stream:
@@ -134,16 +150,23 @@ def cmd_info(args) -> int:
     from jaxformer import memory
     from jaxformer import sharding as shd
     from jaxformer.config import ModelConfig
+    quantize = _quantize(args.quantize)
     if args.checkpoint:
-        from jaxformer.checkpoint import read_config
+        from jaxformer.checkpoint import read_config, read_quantization
         config = read_config(args.checkpoint)
+        stored = read_quantization(args.checkpoint)
+        if stored is not None and args.quantize not in (None, stored):
+            raise ValueError(f"{args.checkpoint} holds {stored!r}-quantized weights; "
+                             f"--quantize {args.quantize} cannot apply to it")
+        quantize = stored or quantize
     else:
         config = ModelConfig.from_preset(args.preset)
     sizes = {"data": args.data, "pipe": args.pipe, "tensor": args.tensor}
     shd.check_divisible(config, SimpleNamespace(shape=sizes), shd.load_rules(args.rules))
     dev = None if args.device_memory is None else args.device_memory * memory.GiB
     plan = memory.plan(config, sizes, args.dtype, batch=args.batch, max_length=args.max_length,
-                       rules=args.rules, attention=args.attention, device_memory=dev)
+                       rules=args.rules, attention=args.attention, device_memory=dev,
+                       quantize=quantize)
     print(plan.explain())
     return 1 if plan.fits is False else 0
 

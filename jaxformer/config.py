@@ -221,7 +221,11 @@ def list_presets() -> list[str]:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """How a model runs: mesh sizes, sharding rules, dtype and attention backend."""
+    """How a model runs: mesh sizes, sharding rules, dtype, attention backend, quantization.
+
+    quantize: None (weights in `dtype`), "int8", "int4" (groups of 128), "int4-g<N>" (groups
+    of N), "fp8" or "fp8-tensor"; see jaxformer.quant and docs/quantization.md.
+    """
 
     data: int = 1
     pipe: int = 1
@@ -234,6 +238,7 @@ class RunConfig:
     # a Python loop (no per-layer weight copies on GPUs); "auto": unroll on GPUs, else scan.
     # See models/transformer.py.
     layer_loop: str = "auto"
+    quantize: str | None = None  # linear-layer weight (and FP8 activation) quantization
 
     def __post_init__(self):
         for field in ("data", "pipe", "tensor"):
@@ -248,3 +253,6 @@ class RunConfig:
         if self.attention not in ("auto", "xla", "pallas", "cudnn"):
             raise ValueError(f"RunConfig.attention: must be auto, xla, pallas or cudnn, "
                              f"got {self.attention!r}")
+        if self.quantize is not None:
+            from jaxformer.quant.spec import parse  # local: the quant package imports config
+            parse(self.quantize, "RunConfig.quantize")

@@ -57,9 +57,11 @@ def default_mesh() -> Mesh:
     return shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
 
 
-def param_shardings(cfg: ModelConfig, mesh: Mesh, rules, stages: int | None = None) -> dict:
-    """Shardings of the params tree in the layer layout `stages` names (models.param_axes)."""
-    return shd.tree_shardings(mesh, param_axes(cfg, stages), rules)
+def param_shardings(cfg: ModelConfig, mesh: Mesh, rules, quantize: str | None = None,
+                    stages: int | None = None) -> dict:
+    """Shardings of the params tree (quantized as `quantize` says, in the layer layout
+    `stages` names: models.param_axes)."""
+    return shd.tree_shardings(mesh, param_axes(cfg, quantize, stages), rules)
 
 
 class Model:
@@ -78,9 +80,9 @@ class Model:
         # the layer layout (models/transformer.py): None stacked, else unrolled for S stages
         self.stages = run.pipe if run.layer_loop == "unroll" else None
         if self.stages is not None and not is_unrolled(params):
-            params = unstack_layers(params, self.stages,
-                                    param_shardings(config, mesh, rules, self.stages))
-        graphdef, abstract_state = abstract_model(config, self.stages)
+            params = unstack_layers(params, self.stages, param_shardings(
+                config, mesh, rules, run.quantize, self.stages))
+        graphdef, abstract_state = abstract_model(config, self.stages, run.quantize)
         self.graphdef = graphdef
         state = jax.tree.map(lambda x: x, abstract_state)  # a copy to fill in
         nnx.replace_by_pure_dict(state, params)
@@ -90,11 +92,19 @@ class Model:
     @classmethod
     def random(cls, config: ModelConfig, mesh: Mesh | None = None, *, dtype="float32",
                seed: int = 0, rules="default", attention="auto", tokenizer=None,
+               quantize: str | None = None, calibration=None,
                layer_loop: str = "auto") -> "Model":
-        """Seeded random (untrained) weights, initialised directly in their shardings."""
+        """Seeded random (untrained) weights, initialised directly in their shardings.
+
+        quantize (RunConfig.quantize): the float weights (in `dtype`) are then quantized on
+        the devices, one stacked weight at a time; "fp8" also calibrates activation scales
+        on `calibration` prompts (see `calibrate`). layer_loop: as `load`'s.
+        """
         mesh = mesh or default_mesh()
-        run, rules = _run_config(mesh, dtype, rules, attention, layer_loop)
+        run, rules = _run_config(mesh, dtype, rules, attention, quantize, layer_loop)
         shd.check_divisible(config, mesh, rules)
+        from jaxformer.quant import params as qp
+        qp.check_mesh(config, run.quantize, mesh, rules)
         from jaxformer import memory  # [memory] refuse weights that cannot fit the devices
         memory.check_fits(config, mesh, run.dtype, rules if run.rules == "<custom>" else
                           run.rules, attention=attention)
@@ -105,7 +115,13 @@ class Model:
             _, state = nnx.split(build(config, seed))
             return jax.tree.map(lambda a: a.astype(run.dtype), nnx.to_pure_dict(state))
 
-        return cls(config, init(), mesh, run, rules, tokenizer)
+        params = init()
+        if run.quantize is not None:
+            params = qp.quantize_params(params, config, run.quantize, mesh, rules)
+        model = cls(config, params, mesh, run, rules, tokenizer)
+        if _needs_calibration(run.quantize, calibration, stored=False):
+            model.calibrate(calibration)
+        return model
 
     # ---- helpers ------------------------------------------------------------------------
     def _batch_sharding(self, batch: int, ndim: int) -> NamedSharding:
@@ -198,12 +214,25 @@ class Model:
                         seed=seed, **kwargs)
 
     def save(self, path, *, overwrite=False) -> None:
-        """Write a checkpoint (always the stacked layout, one array on the host at a time)."""
-        with ckpt.CheckpointWriter(path, self.config, overwrite=overwrite) as w:
+        """Write a checkpoint (docs/checkpoint_format.md): always the stacked layout, one
+        array on the host at a time; a quantized model writes its quantized weights and
+        scales, which `load` restores directly."""
+        with ckpt.CheckpointWriter(path, self.config, overwrite=overwrite,
+                                   quantize=self.run.quantize) as w:
             for key, array in stacked_leaves(nnx.to_pure_dict(self.params)):
                 w.put(key, array)
             if self.tokenizer is not None:
                 w.add_tokenizer(self.tokenizer)
+
+    def calibrate(self, prompts=None) -> dict:
+        """Measure the static FP8 activation scales (quantize="fp8" / "fp8-tensor") on
+        `prompts` (strings, or token-id lists; None: jaxformer.quant.calibrate's default
+        prompts, or seeded random ids for a model without a tokenizer) and store them.
+
+        Returns {linear layer name: max |input| per layer [L]} (float32 numpy).
+        """
+        from jaxformer.quant import calibrate
+        return calibrate.calibrate(self, prompts)
 
     def traced(self):
         """Context for tracing model code: the mesh and rules that shard() applies."""
@@ -241,17 +270,18 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> str:
     return str(path)
 
 
-def _run_config(mesh: Mesh, dtype, rules, attention, layer_loop="auto"
+def _run_config(mesh: Mesh, dtype, rules, attention, quantize=None, layer_loop="auto"
                 ) -> tuple[RunConfig, dict]:
     if jax.process_count() > 1:  # [distributed] all processes must build the same mesh
         from jaxformer.distributed import check_mesh
         check_mesh(mesh)
     dtype = jnp.dtype(dtype).name
     layer_loop = resolve_layer_loop(mesh, layer_loop)  # so the RunConfig says what runs
+    from jaxformer.quant.spec import name
     run = RunConfig(data=mesh.shape["data"], pipe=mesh.shape["pipe"],
                     tensor=mesh.shape["tensor"], dtype=dtype, attention=attention,
                     rules=rules if isinstance(rules, str) else "<custom>",
-                    layer_loop=layer_loop)
+                    quantize=name(quantize), layer_loop=layer_loop)
     return run, shd.load_rules(rules)
 
 
@@ -299,7 +329,7 @@ def register_entry_point(name: str, factory) -> None:
 def load(path: str | os.PathLike, mesh: Mesh | None = None, dtype: str = "float32", *,
          rules="default", attention: str = "auto", tokenizer: bool = True,
          max_batch: int | None = None, max_length: int | None = None,
-         layer_loop: str = "auto") -> Model:
+         quantize: str | None = None, calibration=None, layer_loop: str = "auto") -> Model:
     """Load a jaxformer checkpoint straight into the shardings `mesh` and `rules` imply.
 
     No host materialises the whole model: each array is restored shard by shard.
@@ -309,31 +339,71 @@ def load(path: str | os.PathLike, mesh: Mesh | None = None, dtype: str = "float3
     cache and prefill of that workload too.
     layer_loop: "scan" (stacked layer weights, lax.scan), "unroll" (one array per layer
     position; the fast decode on GPUs) or "auto" (unroll on GPUs); see RunConfig.
+
+    quantize (RunConfig.quantize: "int8", "int4", "int4-g<N>", "fp8", "fp8-tensor"): a float
+    checkpoint is quantized on the devices as it is read, one stacked weight at a time;
+    "fp8" then calibrates its activation scales on `calibration` prompts (Model.calibrate).
+    A quantized checkpoint (Model.save of a quantized model) loads as it is stored with
+    quantize None or its own value; any other value is a ValueError.
     """
+    from jaxformer.quant import params as qp
+    from jaxformer.quant.spec import name
     path = Path(path)
     config = ckpt.read_config(path)
+    stored, wanted = ckpt.read_quantization(path), name(quantize)
+    if stored is not None and wanted not in (None, stored):
+        raise ValueError(f"load(quantize={quantize!r}): {path} holds {stored!r}-quantized "
+                         f"weights, which cannot be re-quantized; load it with quantize=None "
+                         f"or {stored!r}, or quantize its float checkpoint instead")
     mesh = mesh or default_mesh()
-    run, rules_table = _run_config(mesh, dtype, rules, attention, layer_loop)
+    run, rules_table = _run_config(mesh, dtype, rules, attention, stored or wanted, layer_loop)
     shd.check_divisible(config, mesh, rules_table)
+    qp.check_mesh(config, run.quantize, mesh, rules_table)
     from jaxformer import memory, progress  # [memory] refuse a plan that cannot fit
-    memory.check_fits(config, mesh, run.dtype, rules if isinstance(rules, str) else rules_table,
-                      max_batch=max_batch, max_length=max_length, attention=attention)
-    shardings = param_shardings(config, mesh, rules_table)
-    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, run.dtype, sharding=sh),
-                            _pure_abstract(config), shardings)
+    plan = memory.check_fits(config, mesh, run.dtype,
+                             rules if isinstance(rules, str) else rules_table,
+                             max_batch=max_batch, max_length=max_length, attention=attention,
+                             quantize=run.quantize)
+    if run.quantize is not None and stored is None:
+        memory.check_quantize_at_load(plan, config, mesh, run.dtype, rules_table)
     if log.isEnabledFor(logging.INFO):
-        log.info("loading %s: %s of %s weights per device on mesh %s", path,
-                 memory.fmt_bytes(memory.weights_bytes(config, mesh, run.dtype, rules_table)),
-                 run.dtype, dict(mesh.shape))
+        log.info("loading %s: %s of %s%s weights per device on mesh %s", path,
+                 memory.fmt_bytes(memory.weights_bytes(config, mesh, run.dtype, rules_table,
+                                                       quantize=run.quantize)),
+                 run.dtype, f" / {run.quantize}" if run.quantize else "", dict(mesh.shape))
     t0 = time.perf_counter()
     with progress.spinner(f"loading {path.name}"):
-        params = ckpt.restore_params(path, abstract)
+        if run.quantize is not None and stored is None:
+            params = qp.restore_quantized(path, config, run.quantize, mesh, rules_table,
+                                          run.dtype)
+        else:
+            shardings = param_shardings(config, mesh, rules_table, run.quantize)
+            dtypes = qp.target_dtypes(config, run.quantize, run.dtype)
+            abstract = jax.tree.map(lambda s, d, sh: jax.ShapeDtypeStruct(s.shape, d, sharding=sh),
+                                    _pure_abstract(config, run.quantize), dtypes, shardings)
+            params = ckpt.restore_params(path, abstract)
     log.info("restored %s in %.1fs", path, time.perf_counter() - t0)
     tok = None
     if tokenizer and (path / ckpt.TOKENIZER_DIR).is_dir():
         from jaxformer.tokenizer import load_tokenizer
         tok = load_tokenizer(path / ckpt.TOKENIZER_DIR)
-    return Model(config, params, mesh, run, rules_table, tok)
+    model = Model(config, params, mesh, run, rules_table, tok)
+    if _needs_calibration(run.quantize, calibration, stored=stored is not None):
+        model.calibrate(calibration)
+    return model
+
+
+def _needs_calibration(quantize, calibration, *, stored: bool) -> bool:
+    """FP8 models fresh from float weights calibrate (on `calibration` or the defaults); a
+    stored FP8 checkpoint keeps its scales unless new prompts are given."""
+    from jaxformer.quant.spec import parse
+    spec = parse(quantize)
+    if spec is None or not spec.activations:
+        if calibration is not None:
+            raise ValueError(f"calibration prompts set FP8 activation scales; they do not "
+                             f"apply to quantize={quantize!r}")
+        return False
+    return not stored or calibration is not None
 
 
 def _beams(sampling) -> bool:
@@ -358,14 +428,16 @@ def _generate_with_bar(model, prompts, max_new_tokens, sampling, seed, progress,
         bar.close()
 
 
-def _pure_abstract(cfg: ModelConfig) -> dict:
+def _pure_abstract(cfg: ModelConfig, quantize: str | None = None) -> dict:
     from jaxformer.models import abstract_params
-    return abstract_params(cfg)
+    return abstract_params(cfg, quantize)
 
 
-def demo_model(mesh: Mesh | None = None, dtype: str = "float32", seed: int = 0) -> Model:
+def demo_model(mesh: Mesh | None = None, dtype: str = "float32", seed: int = 0,
+               quantize: str | None = None) -> Model:
     """The built-in default: the `demo` preset with seeded random (UNTRAINED) weights and the
-    byte tokenizer. It exercises the whole stack without any download; its text is noise."""
+    byte tokenizer. It exercises the whole stack without any download; its text is noise.
+    quantize: as in Model.random (int4 needs a group dividing ffn_size 344, e.g. int4-g8)."""
     from jaxformer.tokenizer import ByteTokenizer
     return Model.random(ModelConfig.from_preset("demo"), mesh, dtype=dtype, seed=seed,
-                        tokenizer=ByteTokenizer())
+                        tokenizer=ByteTokenizer(), quantize=quantize)

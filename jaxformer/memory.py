@@ -10,7 +10,9 @@ allocated), with the same rules that place the real arrays:
 
 - weights: the abstract parameter tree (models.param_axes) through the sharding rules
   (sharding.logical_to_spec); a dimension on mesh axes of total size n holds dim / n per
-  device. All leaves are stored in the run dtype, as `load` and `Model.random` create them.
+  device. All leaves are stored in the run dtype, as `load` and `Model.random` create them,
+  except under quantization (jaxformer.quant): quantized kernels count their own bits (int8
+  and fp8 8, int4 4: XLA packs int4 two to a byte) and their scales 4 bytes.
 - KV cache: k and v, each [L, B, S, K, H] with the cache axes of cache.py (layers on `pipe`,
   kv heads on `tensor`, batch on `data` in the default rules), in the run dtype, for the
   batch and cache length that generate() allocates (`cache.cache_rows`, `cache_length`).
@@ -112,25 +114,29 @@ def parse_bytes(text) -> int:
 
 # ---- the three terms ------------------------------------------------------------------------
 def weights_bytes(config: ModelConfig, mesh=None, dtype="float32", rules="default",
-                  subtree: str | None = None) -> int:
+                  subtree: str | None = None, quantize: str | None = None) -> int:
     """Bytes of parameters on one device: sum over leaves of prod(shard shape) * itemsize
-    (only the leaves under `subtree`, e.g. "layers", when given)."""
+    (only the leaves under `subtree`, e.g. "layers", when given). quantize: the linear
+    layers as RunConfig.quantize stores them (jaxformer.quant.params.leaf_dtype)."""
     from jaxformer.models import abstract_params, param_axes
+    from jaxformer.quant.params import leaf_dtype, weight_bits
     sizes, table = mesh_sizes(mesh), _rules(rules)
-    shapes, axes = abstract_params(config), param_axes(config)
+    shapes, axes = abstract_params(config, quantize), param_axes(config, quantize)
+    prefix = ()
     if subtree is not None:
-        shapes, axes = shapes[subtree], axes[subtree]
-    item = _itemsize(dtype)
-    return int(sum(int(np.prod(shard_shape(s.shape, a, sizes, table), dtype=np.int64)) * item
-                   for s, a in _pairs(shapes, axes)))
+        shapes, axes, prefix = shapes[subtree], axes[subtree], (subtree,)
+    bits = sum(int(np.prod(shard_shape(s.shape, a, sizes, table), dtype=np.int64))
+               * weight_bits(leaf_dtype(p, s.dtype, dtype))
+               for p, s, a in _pairs(shapes, axes, prefix))
+    return int(-(-bits // 8))
 
 
-def _pairs(shapes, axes):
+def _pairs(shapes, axes, prefix=()):
     for k, v in shapes.items():
         if isinstance(v, dict):
-            yield from _pairs(v, axes[k])
+            yield from _pairs(v, axes[k], prefix + (k,))
         else:
-            yield v, axes[k]
+            yield prefix + (k,), v, axes[k]
 
 
 def prompt_bucket(config: ModelConfig, prompt_length: int) -> int:
@@ -224,7 +230,7 @@ def _flash(attention: str, dtype) -> bool:
 
 
 def decode_bytes(config: ModelConfig, mesh=None, dtype="float32", batch: int = 1,
-                 length: int = 1, rules="default") -> int:
+                 length: int = 1, rules="default", quantize: str | None = None) -> int:
     """What a decode step holds on one device besides the cache itself:
 
         kv_cache_bytes(batch, length)   a second copy of the cache: the layer scan reads the
@@ -242,7 +248,7 @@ def decode_bytes(config: ModelConfig, mesh=None, dtype="float32", batch: int = 1
     b, k, v = div(batch, "cache_batch"), div(c.kv_heads, "kv_heads"), \
         div(c.padded_vocab_size, "vocab")
     e = _itemsize(dtype)
-    layer = weights_bytes(config, sizes, dtype, table, "layers") \
+    layer = weights_bytes(config, sizes, dtype, table, "layers", quantize) \
         // div(c.num_layers, "layers")
     return int(kv_cache_bytes(config, sizes, dtype, batch, length, table)
                + 2 * b * length * k * c.dims_per_head * e + layer + 2 * b * v * 4)
@@ -280,6 +286,7 @@ class MemoryPlan:
     rules: Any
     attention: str
     weights: int
+    quantize: str | None = None  # RunConfig.quantize of the linear layers
     batch: int | None = None  # prompts asked for
     max_length: int | None = None  # prompt + new tokens asked for
     prompt_length: int | None = None  # None: any prompt up to max_length - 1
@@ -333,15 +340,17 @@ class MemoryPlan:
         n_dev = s["data"] * s["pipe"] * s["tensor"]
         item = _itemsize(self.dtype)
         rules = self.rules if isinstance(self.rules, str) else "<custom>"
+        whole = weights_bytes(c, None, self.dtype, _rules(self.rules), quantize=self.quantize)
+        quant = f", {self.quantize} linear layers" if self.quantize else ""
         lines = [
             f"model {c.name or '(unnamed)'}: {c.arch}, {_count(c.num_params())} parameters, "
             f"L={c.num_layers} D={c.hidden_size} N={c.num_heads} K={c.kv_heads} "
             f"H={c.dims_per_head} F={c.mlp_size} V={c.padded_vocab_size}",
             f"mesh data={s['data']} x pipe={s['pipe']} x tensor={s['tensor']} "
-            f"({n_dev} devices), {self.dtype}, rules {rules}",
+            f"({n_dev} devices), {self.dtype}{quant}, rules {rules}",
             "per device:",
             f"  weights       {fmt_bytes(self.weights):>12}   "
-            f"(the whole model: {fmt_bytes(c.num_params() * item)})",
+            f"(the whole model: {fmt_bytes(whole)})",
         ]
         if self.rows is not None:
             table = _rules(self.rules)
@@ -372,7 +381,7 @@ class MemoryPlan:
         if not self.weights_fit:
             lines.append(f"the weights alone need {fmt_bytes(self.weights)} per device: use "
                          f"more tensor or pipe shards (per-device weights scale as "
-                         f"1 / (tensor x pipe)), or a smaller dtype")
+                         f"1 / (tensor x pipe)), or a smaller dtype or quantization")
             return "\n".join(lines)
         rows = self.fit_table()
         lines.append("largest batch that fits, by length (prompt + new tokens): "
@@ -384,25 +393,27 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-def _workload(config, sizes, dtype, table, attention, batch, max_length, prompt_length):
+def _workload(config, sizes, dtype, table, attention, batch, max_length, prompt_length,
+              quantize=None):
     """(rows, slots, prefill tokens, kv, prefill activation and decode bytes) of a workload."""
     rows = kvc.cache_rows(batch, _axes_size(sizes, table.get("cache_batch")))
     slots = cache_length(config, max_length, prompt_length)
     tokens = prompt_bucket(config, prompt_length or max(max_length - 1, 1))
     return (rows, slots, tokens, kv_cache_bytes(config, sizes, dtype, rows, slots, table),
             activation_bytes(config, sizes, dtype, rows, tokens, table, attention),
-            decode_bytes(config, sizes, dtype, rows, slots, table))
+            decode_bytes(config, sizes, dtype, rows, slots, table, quantize))
 
 
 def _plan_total(p: MemoryPlan, batch: int, length: int) -> int:
     *_, kv, act, dec = _workload(p.config, p.sizes, p.dtype, _rules(p.rules), p.attention,
-                                 batch, length, None)
+                                 batch, length, None, p.quantize)
     return p.weights + kv + max(act, dec)
 
 
 def plan(config: ModelConfig, mesh=None, dtype="float32", *, batch: int | None = None,
          max_length: int | None = None, prompt_length: int | None = None, rules="default",
-         attention: str = "auto", device_memory=None) -> MemoryPlan:
+         attention: str = "auto", device_memory=None,
+         quantize: str | None = None) -> MemoryPlan:
     """The memory plan per device. `mesh`: a jax Mesh or {'data', 'pipe', 'tensor'} sizes.
 
     batch and max_length (prompt + new tokens) add the KV cache, the prefill activations and
@@ -410,25 +421,28 @@ def plan(config: ModelConfig, mesh=None, dtype="float32", *, batch: int | None =
     cache exact for one prompt length. device_memory (bytes or '80GiB') overrides
     `device_memory_limit`.
     attention "auto" counts the xla backend's [T, T] scores except on Hopper GPUs, where
-    auto picks the flash-style Pallas kernels.
+    auto picks the flash-style Pallas kernels. quantize (RunConfig.quantize) counts the
+    linear layers' weights at their quantized size.
     """
     import jax.numpy as jnp
     sizes = mesh_sizes(mesh)
     dtype = jnp.dtype(dtype).name
     table = _rules(rules)
-    weights = weights_bytes(config, sizes, dtype, table)
+    from jaxformer.quant.spec import name
+    quantize = name(quantize)
+    weights = weights_bytes(config, sizes, dtype, table, quantize=quantize)
     if device_memory is not None:
         dev, src = parse_bytes(device_memory), "given"
     else:
         dev, src = device_memory_limit()
-    p = MemoryPlan(config, sizes, dtype, rules, attention, weights, device_memory=dev,
-                   device_memory_source=src)
+    p = MemoryPlan(config, sizes, dtype, rules, attention, weights, quantize,
+                   device_memory=dev, device_memory_source=src)
     if batch is None and max_length is None:
         return p
     batch = 1 if batch is None else int(batch)
     max_length = config.max_position_embeddings if max_length is None else int(max_length)
     rows, slots, tokens, kv, act, dec = _workload(config, sizes, dtype, table, attention,
-                                                  batch, max_length, prompt_length)
+                                                  batch, max_length, prompt_length, quantize)
     return dataclasses.replace(p, batch=batch, max_length=max_length, rows=rows, slots=slots,
                                prompt_length=prompt_length, prefill_tokens=tokens, kv_cache=kv,
                                activations=act, decode=dec)
@@ -439,7 +453,8 @@ class OutOfMemoryPlan(ValueError):
 
 
 def check_fits(config: ModelConfig, mesh, dtype, rules="default", *, max_batch=None,
-               max_length=None, attention="auto", devices=None) -> MemoryPlan | None:
+               max_length=None, attention="auto", devices=None,
+               quantize: str | None = None) -> MemoryPlan | None:
     """Refuse (OutOfMemoryPlan, a ValueError) a plan that cannot fit the mesh's devices.
 
     Always checks the weights when device memory is known; with max_batch or max_length also
@@ -452,7 +467,7 @@ def check_fits(config: ModelConfig, mesh, dtype, rules="default", *, max_batch=N
     if dev is None:  # nothing to check against (CPU, unless JAXFORMER_DEVICE_MEMORY is set)
         return None
     p = plan(config, sizes, dtype, batch=max_batch, max_length=max_length, rules=rules,
-             attention=attention, device_memory=dev)
+             attention=attention, device_memory=dev, quantize=quantize)
     p = dataclasses.replace(p, device_memory_source=src)
     if p.fits is False:
         what = "the weights" if not p.weights_fit else \
@@ -461,11 +476,47 @@ def check_fits(config: ModelConfig, mesh, dtype, rules="default", *, max_batch=N
     return p
 
 
+def quantize_transient_bytes(config: ModelConfig, mesh=None, dtype="float32",
+                             rules="default") -> int:
+    """Quantizing a float checkpoint while loading holds one float stacked kernel (all layers
+    of one linear) beside the quantized model: the largest such kernel per device."""
+    from jaxformer.models import abstract_params, param_axes
+    from jaxformer.quant.params import covered
+    sizes, table = mesh_sizes(mesh), _rules(rules)
+    shapes, axes = abstract_params(config), param_axes(config)
+    out = 0
+    for path in covered(config):
+        s, a = shapes, axes
+        for k in path:
+            s, a = s[k], a[k]
+        n = int(np.prod(shard_shape(s["kernel"].shape, a["kernel"], sizes, table),
+                        dtype=np.int64))
+        out = max(out, n * _itemsize(dtype))
+    return out
+
+
+def check_quantize_at_load(p: MemoryPlan | None, config: ModelConfig, mesh, dtype,
+                           rules="default") -> None:
+    """Refuse (OutOfMemoryPlan) quantizing at load when the quantized plan `p` (from
+    check_fits) plus the float kernel being quantized exceed device memory."""
+    if p is None or p.device_memory is None:
+        return
+    extra = quantize_transient_bytes(config, mesh, dtype, rules)
+    if p.total + extra > p.device_memory:
+        raise OutOfMemoryPlan(
+            f"quantizing while loading needs {fmt_bytes(extra)} per device for one float "
+            f"stacked kernel beside the {p.quantize} model ({fmt_bytes(p.total)}), more than "
+            f"the {fmt_bytes(p.device_memory)} of device memory: quantize the checkpoint once "
+            f"on the host (jaxformer.quant.convert.quantize_checkpoint, or the converters' "
+            f"--quantize) and load the quantized checkpoint, or use more devices\n{p.explain()}")
+
+
 def _is_local(d) -> bool:
     import jax
     return getattr(d, "process_index", 0) == jax.process_index()
 
 
 __all__ = ["MemoryPlan", "OutOfMemoryPlan", "activation_bytes", "cache_length",
+           "check_quantize_at_load", "quantize_transient_bytes",
            "check_fits", "decode_bytes", "device_memory_limit", "kv_cache_bytes", "plan",
            "weights_bytes"]

@@ -213,7 +213,8 @@ def make_decode_loop(model, feats):
     check_split(cfg.num_layers, S, rules)
     smap, data = _stage_context(mesh, rules)
     backend = model.run.attention
-    pspecs = jax.tree.map(lambda a: pipe_spec(a, rules), param_axes(cfg, model.stages),
+    pspecs = jax.tree.map(lambda a: pipe_spec(a, rules),
+                          param_axes(cfg, model.run.quantize, model.stages),
                           is_leaf=lambda a: isinstance(a, tuple))
     cspec = pipe_spec(kvc.CACHE_AXES, rules)
 
@@ -364,7 +365,7 @@ def _module(model, pure: dict):
     """The model module over a (stage-local) plain parameter dict."""
     from jaxformer.models import abstract_model
 
-    graphdef, abstract = abstract_model(model.config, model.stages)
+    graphdef, abstract = abstract_model(model.config, model.stages, model.run.quantize)
     state = jax.tree.map(lambda x: x, abstract)
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state)

@@ -55,6 +55,8 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--keep-vocab-padding", action="store_true", help="keep Megatron's padded "
                    "embedding rows (logits beyond the true vocabulary are still masked)")
     v.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    v.add_argument("--quantize", help="write quantized linear layers: int8 | int4 | int4-g<N> "
+                   "| fp8 | fp8-tensor (docs/quantization.md)")
     c = p.add_argument_group("config overrides (win over args and shapes)")
     for flag, (_, typ, help_) in OVERRIDES.items():
         c.add_argument("--" + flag.replace("_", "-"), type=typ, help=help_)
@@ -105,7 +107,7 @@ def main(argv=None) -> int:
                 dtype=ns.dtype, true_vocab_size=ns.true_vocab_size,
                 keep_vocab_padding=ns.keep_vocab_padding, overwrite=ns.overwrite,
                 overrides=overrides, layernorm_1p=ns.layernorm_1p, name=ns.name,
-                progress=not ns.no_progress, echo=echo)
+                progress=not ns.no_progress, echo=echo, quantize=ns.quantize)
     except (ValueError, FileExistsError, FileNotFoundError) as e:  # incl. MegatronConversionError
         print(f"error: {e}", file=sys.stderr)
         return 1

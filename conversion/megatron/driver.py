@@ -107,7 +107,8 @@ def load_tokenizer_from(*, vocab_file=None, merges_file=None, tokenizer_model=No
 def convert(input, output, *, tokenizer=None, vocab_file=None, merges_file=None,
             tokenizer_model=None, vocab_txt=None, lower_case=None, dtype=None,
             true_vocab_size=None, keep_vocab_padding=False, overwrite=False,
-            overrides=None, layernorm_1p=None, progress=True, name=None, echo=print) -> dict:
+            overrides=None, layernorm_1p=None, progress=True, name=None, echo=print,
+            quantize=None, calibration=None) -> dict:
     """Convert the Megatron checkpoint at `input` into a jaxformer checkpoint at `output`.
 
     `input`: a checkpoint root (with latest_checkpointed_iteration.txt), an iter_XXXXXXX /
@@ -117,9 +118,32 @@ def convert(input, output, *, tokenizer=None, vocab_file=None, merges_file=None,
     vocabulary, and Megatron's padding rows are stripped unless `keep_vocab_padding`.
     `overrides`: ModelConfig fields that win over what args and shapes say. Returns a summary
     dict (also echoed): config, parameter count, bytes, seconds, peak RSS.
+    `quantize` (RunConfig.quantize) writes a quantized checkpoint: the float one is staged
+    beside the output and quantized on this host's CPU (jaxformer.quant.convert), FP8
+    activation scales calibrated on `calibration` prompts (default: jaxformer.quant's).
     """
     t0 = time.time()
     output = Path(output)
+    if quantize is not None:
+        from jaxformer.quant.convert import quantize_checkpoint, staged_float
+        from jaxformer.quant.spec import name as quant_name
+        quantize = quant_name(quantize, "quantize")
+        with staged_float(output, overwrite) as tmp:
+            summary = convert(input, tmp, tokenizer=tokenizer, vocab_file=vocab_file,
+                              merges_file=merges_file, tokenizer_model=tokenizer_model,
+                              vocab_txt=vocab_txt, lower_case=lower_case, dtype=dtype,
+                              true_vocab_size=true_vocab_size,
+                              keep_vocab_padding=keep_vocab_padding, overrides=overrides,
+                              layernorm_1p=layernorm_1p, progress=progress, name=name,
+                              echo=echo)
+            quantize_checkpoint(tmp, output, quantize, dtype=summary["dtype"],
+                                overwrite=overwrite, calibration=calibration)
+        nbytes = sum(f.stat().st_size for f in output.rglob("*") if f.is_file())
+        summary.update(output=str(output), quantize=quantize, bytes=nbytes,
+                       seconds=round(time.time() - t0, 2))
+        echo(f"quantized {output} to {quantize}: {nbytes / 2**20:,.1f} MiB on disk, "
+             f"{summary['seconds']:.1f} s in all")
+        return summary
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
     src = open_source(input)

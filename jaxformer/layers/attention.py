@@ -25,7 +25,7 @@ class Attention(nnx.Module):
         self.qkv = Dense(rngs, (D, K, G + 2, H), ("embed", "kv_heads", "qkv", "head_dim"),
                          (K, G + 2, H) if cfg.qkv_bias else None, ("kv_heads", "qkv", "head_dim"))
         self.out = Dense(rngs, (N, H, D), ("heads", "head_dim", "embed"),
-                         (D,) if cfg.linear_bias else None, ("embed",))
+                         (D,) if cfg.linear_bias else None, ("embed",), contract=2)
 
     def __call__(self, x, positions, kv_lengths, cache=None, start=None, layer=None, *,
                  backend="auto"):
@@ -41,7 +41,7 @@ class Attention(nnx.Module):
         cfg = self.cfg
         B, T, _ = x.shape
         K, G, H = cfg.kv_heads, cfg.q_per_kv, cfg.dims_per_head
-        qkv = self.qkv.add_bias(jnp.einsum("btd,dkch->btkch", x, self.qkv.kernel[...]))
+        qkv = self.qkv.add_bias(self.qkv.einsum("btd,dkch->btkch", x))
         qkv = shard(qkv, ("batch", "length", "act_kv_heads", "qkv", "head_dim"))
         q, k, v = qkv[:, :, :, :G], qkv[:, :, :, G], qkv[:, :, :, G + 1]  # q [B,T,K,G,H]
         if cfg.position_embedding == "rope":
@@ -68,5 +68,5 @@ class Attention(nnx.Module):
         o = attention(q, k, v, positions, kv_lengths, causal=cfg.causal, scale=cfg.scale,
                       backend=backend, layer=kv_layer)
         o = shard(o, ("batch", "length", "act_heads", "head_dim"))
-        out = self.out.add_bias(jnp.einsum("btnh,nhd->btd", o, self.out.kernel[...]))
+        out = self.out.add_bias(self.out.einsum("btnh,nhd->btd", o))
         return shard(out, ("batch", "length", "embed")), new_cache

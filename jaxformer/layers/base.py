@@ -33,13 +33,39 @@ def param(rngs: nnx.Rngs | None, shape: Sequence[int], axes: Sequence[str | None
 
 
 class Dense(nnx.Module):
-    """A weight holder: `kernel` (+ `bias`). The caller writes the einsum, with its shapes."""
+    """A weight holder: `kernel` (+ `bias`). The caller writes the einsum, with its shapes,
+    and applies it with `einsum(eq, x)`.
+
+    The kernel's first `contract` dimensions are the ones every einsum over it contracts (its
+    input features), the rest its outputs: quantization (jaxformer.quant) puts its scales on
+    the outputs, or on groups along the last contraction dimension, accordingly.
+    """
 
     def __init__(self, rngs: nnx.Rngs, kernel_shape, kernel_axes, bias_shape=None,
-                 bias_axes=None):
+                 bias_axes=None, *, contract: int = 1):
         self.kernel = param(rngs, kernel_shape, kernel_axes)
         if bias_shape is not None:
             self.bias = param(rngs, bias_shape, bias_axes, "zeros")
+        self.contract = contract
+        self.kernel_ndim = len(kernel_shape)  # without the stacked `layers` axis
+        self.quant = None  # the quantize name once jaxformer.quant has quantized the kernel
+        self.qname = None  # its name in calibration records, e.g. "attn/qkv"
+
+    def einsum(self, eq: str, x):
+        """einsum(eq, x, kernel), eq e.g. "btd,df->btf"; a quantized kernel runs its
+        low-precision matmul (jaxformer.quant.ops.einsum) instead."""
+        if self.quant is None:
+            return jnp.einsum(eq, x, self.kernel[...])
+        from jaxformer.quant import ops, spec
+        q = spec.parse(self.quant)
+        rec = ops.recorder()
+        act_scale = None
+        if rec is not None:  # calibration: record the input, keep it unquantized
+            rec.observe(self.qname, x)
+        elif q.activations:
+            act_scale = self.act_scale[...]
+        return ops.einsum(eq, x, self.kernel[...], self.kernel_scale[...], q, self.contract,
+                          act_scale)
 
     def add_bias(self, y):
         return y + self.bias[...] if hasattr(self, "bias") else y

@@ -38,11 +38,11 @@ class MLP(nnx.Module):
         """x [B, T, D] -> [B, T, D]."""
         cfg = self.cfg
         if cfg.gated_mlp:
-            h = self.wi.add_bias(jnp.einsum("btd,dcf->btcf", x, self.wi.kernel[...]))  # c: gate, up
+            h = self.wi.add_bias(self.wi.einsum("btd,dcf->btcf", x))  # c: gate, up
             h = shard(h, ("batch", "length", "glu", "act_mlp"))
             h = activation(cfg.activation, h[:, :, 0]) * h[:, :, 1]
         else:
-            h = self.wi.add_bias(jnp.einsum("btd,df->btf", x, self.wi.kernel[...]))
+            h = self.wi.add_bias(self.wi.einsum("btd,df->btf", x))
             h = activation(cfg.activation, shard(h, ("batch", "length", "act_mlp")))
-        out = self.wo.add_bias(jnp.einsum("btf,fd->btd", h, self.wo.kernel[...]))
+        out = self.wo.add_bias(self.wo.einsum("btf,fd->btd", h))
         return shard(out, ("batch", "length", "embed"))

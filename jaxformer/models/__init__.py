@@ -22,18 +22,28 @@ def build(cfg: ModelConfig, seed: int = 0, stages: int | None = None):
 
 
 @functools.lru_cache(maxsize=64)
-def _abstract(cfg: ModelConfig, stages: int | None = None):
-    model = nnx.eval_shape(lambda: build(cfg, stages=stages))
-    graphdef, state = nnx.split(model)
+def _abstract(cfg: ModelConfig, stages: int | None = None, quantize: str | None = None):
+    def make():
+        model = build(cfg, stages=stages)
+        if quantize is not None:
+            from jaxformer.quant.params import quantize_module
+            quantize_module(model, quantize)
+        return model
+
+    graphdef, state = nnx.split(nnx.eval_shape(make))
     return graphdef, state
 
 
-def abstract_model(cfg: ModelConfig, stages: int | None = None):
-    """(graphdef, abstract nnx.State) of the model `cfg` describes; nothing is allocated.
-    stages: None for the stacked layer layout, S for the unrolled one (transformer.py)."""
-    return _abstract(cfg, stages)
+def _name(quantize):
+    from jaxformer.quant.spec import name
+    return name(quantize)
 
 
+def abstract_model(cfg: ModelConfig, stages: int | None = None, quantize: str | None = None):
+    """(graphdef, abstract nnx.State) of the model `cfg` describes, with its linear layers
+    quantized as `quantize` says (jaxformer.quant); nothing is allocated. stages: None for
+    the stacked layer layout, S for the unrolled one (models/transformer.py)."""
+    return _abstract(cfg, stages, _name(quantize))
 def unstack_layers(params: dict, stages: int = 1, shardings: dict | None = None,
                    delete: bool = True) -> dict:
     """Stacked params (leaves under `layers` are [L, ...]) -> the unrolled layout for
@@ -117,15 +127,18 @@ def layer_stages(params) -> int | None:
     return int(jax.tree.leaves(params[LAYERS][0])[0].shape[0])
 
 
-def abstract_params(cfg: ModelConfig) -> dict:
-    """Plain nested dict of jax.ShapeDtypeStruct (float32): the checkpoint's tree."""
-    return nnx.to_pure_dict(_abstract(cfg)[1])
+def abstract_params(cfg: ModelConfig, quantize: str | None = None) -> dict:
+    """Plain nested dict of jax.ShapeDtypeStruct: the checkpoint's (stacked) tree. Float
+    leaves are float32; quantized kernels have their own dtype and float32 scales beside
+    them."""
+    return nnx.to_pure_dict(_abstract(cfg, None, _name(quantize))[1])
 
 
-def param_axes(cfg: ModelConfig, stages: int | None = None) -> dict:
+def param_axes(cfg: ModelConfig, quantize: str | None = None,
+               stages: int | None = None) -> dict:
     """Plain nested dict of logical-axis tuples, one per parameter (in the layer layout
     `stages` names, as abstract_model)."""
-    _, state = _abstract(cfg, stages)
+    _, state = _abstract(cfg, stages, _name(quantize))
     specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
     return jax.tree.map(lambda p: tuple(p), specs,
                         is_leaf=lambda p: isinstance(p, jax.sharding.PartitionSpec))

@@ -40,16 +40,17 @@ class Encoder(Transformer):
         x, _ = self.trunk(ids, positions, lengths, token_types=token_types, backend=backend)
         pooled = None
         if self.cfg.pooler:
-            pooled = jnp.tanh(self.pooler.add_bias(x[:, 0] @ self.pooler.kernel[...]))
+            pooled = jnp.tanh(self.pooler.add_bias(self.pooler.einsum("bd,de->be", x[:, 0])))
         return x, pooled
 
     def mlm_logits(self, x):
         """x [B, T, D] -> float32 logits [B, T, Vp] (decoder tied to the token table)."""
-        h = self.mlm.dense.add_bias(x @ self.mlm.dense.kernel[...])
+        h = self.mlm.dense.add_bias(self.mlm.dense.einsum("btd,de->bte", x))
         h = self.mlm.norm(activation(self.cfg.mlm_activation or self.cfg.activation, h))
         logits = self.embed.attend(h) + self.mlm.bias[...].astype(jnp.float32)
         return mask_padded_vocab(logits, self.cfg.vocab_size)
 
     def nsp_logits(self, pooled):
         """pooled [B, D] -> float32 [B, 2]."""
-        return self.binary_head.add_bias(pooled @ self.binary_head.kernel[...]).astype(jnp.float32)
+        logits = self.binary_head.add_bias(self.binary_head.einsum("bd,dc->bc", pooled))
+        return logits.astype(jnp.float32)

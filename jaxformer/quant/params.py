@@ -1,0 +1,223 @@
+"""Quantizing a model's parameters: the module tree (abstract or real) and arrays on devices.
+
+What is quantized: every linear layer of the transformer blocks (the `Dense` kernels under
+`layers`: attention qkv and out, MLP wi and wo), which hold nearly all of a model's weights
+and matmul FLOPs. Embeddings, the LM head, norms, biases and the BERT pooler / MLM / binary
+heads stay in the run dtype: the LM head and embedding are a few percent of a large model's
+bytes and the most sensitive to error (the usual choice of GPTQ, AWQ and vLLM's FP8 too).
+
+Each quantized Dense gets, beside its kernel (now int8 / int4 / float8_e4m3fn):
+
+    kernel_scale   float32, logical axes from ops.scale_axes (the kernel's output axes, or for
+                   int4 also its group axis named like the contraction dim it splits), so
+                   scales shard exactly like the weights they scale
+    act_scale      float32 [L] (fp8 only): the static per-tensor scale of its input
+
+The leading `layers` axis comes from the kernel's own logical axes, so stacked scales are
+split over `pipe` with their layers.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxformer.quant import ops
+from jaxformer.quant.spec import QuantSpec, parse
+
+log = logging.getLogger(__name__)
+
+SCALE_LEAVES = ("kernel_scale", "act_scale")
+
+
+def iter_denses(module):
+    """(path, Dense) for every linear layer that quantization covers (those under `layers`)."""
+    from jaxformer.layers.base import Dense
+    it = nnx.iter_modules(module) if hasattr(nnx, "iter_modules") else module.iter_modules()
+    for path, m in it:
+        if isinstance(m, Dense) and path and path[0] == "layers":
+            yield tuple(str(p) for p in path), m
+
+
+def _param(value, axes) -> nnx.Param:
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+def quantize_module(module, quantize):
+    """Quantize the covered Dense kernels of `module` in place (real or abstract values);
+    returns the module. `quantize`: a RunConfig.quantize value or QuantSpec."""
+    spec = parse(quantize)
+    for path, dense in list(iter_denses(module)):
+        kernel = dense.kernel[...]
+        axes = tuple(dense.kernel.get_metadata()["out_sharding"])
+        lead = kernel.ndim - dense.kernel_ndim
+        q, scale = ops.quantize_kernel(kernel, spec, lead, dense.contract)
+        dense.kernel = _param(q, axes)
+        dense.kernel_scale = _param(scale, ops.scale_axes(axes, spec, lead, dense.contract))
+        if spec.activations:  # placeholder 1.0 until calibrate() measures the inputs
+            dense.act_scale = _param(jnp.ones(kernel.shape[:lead], jnp.float32), axes[:lead])
+        dense.quant = spec.name
+        dense.qname = "/".join(path[1:])
+    return module
+
+
+@functools.lru_cache(maxsize=64)
+def covered(cfg) -> dict:
+    """{path of a quantized Dense: (contract, lead)} for the model `cfg` describes."""
+    from jaxformer.models import build
+    model = nnx.eval_shape(lambda: build(cfg))
+    return {path: (d.contract, len(d.kernel.shape) - d.kernel_ndim)
+            for path, d in iter_denses(model)}
+
+
+def leaf_dtype(path, abstract_dtype, dtype):
+    """The dtype a parameter lives in on the devices: quantized kernels their own, scales
+    float32, everything else the run dtype."""
+    if path[-1] in SCALE_LEAVES:
+        return jnp.dtype(jnp.float32)
+    if jnp.dtype(abstract_dtype) != jnp.float32:
+        return jnp.dtype(abstract_dtype)
+    return jnp.dtype(dtype)
+
+
+def target_dtypes(cfg, quantize, dtype) -> dict:
+    """Nested dict of the dtypes `load` and `Model.random` create the parameters in."""
+    from jaxformer.models import abstract_params
+    return jax.tree_util.tree_map_with_path(
+        lambda p, s: leaf_dtype(tuple(k.key for k in p), s.dtype, dtype),
+        abstract_params(cfg, quantize))
+
+
+def weight_bits(dtype) -> int:
+    """Storage bits of one element (XLA packs int4 two to a byte)."""
+    dtype = jnp.dtype(dtype)
+    return 4 if dtype == jnp.int4 else 8 * dtype.itemsize
+
+
+def _get(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _copy(tree):
+    return {k: _copy(v) if isinstance(v, dict) else v for k, v in tree.items()}
+
+
+def check_mesh(cfg, quantize, mesh, rules) -> None:
+    """Explain, in one error, every scale dimension the mesh does not divide (int4 groups of
+    a sharded contraction dimension must fall whole on each shard)."""
+    from jaxformer import sharding as shd
+    from jaxformer.models import abstract_params, param_axes
+    spec = parse(quantize)
+    if spec is None:
+        return
+    shapes, axes = abstract_params(cfg, spec.name), param_axes(cfg, spec.name)
+    problems = []
+    for path in covered(cfg):
+        s, a = _get(shapes, path)["kernel_scale"], _get(axes, path)["kernel_scale"]
+        for size, logical in zip(s.shape, a):
+            n = shd.mesh_size(mesh, rules.get(logical)) if logical else 1
+            if size % n:
+                problems.append(f"{'/'.join(path)}: {size} scale rows along {logical!r} over "
+                                f"{n} shards")
+    if problems:
+        raise ValueError(f"quantize={spec.name!r}: the mesh does not divide the int4 groups "
+                         f"({'; '.join(problems)}); choose a smaller group (int4-g<N>) so that "
+                         f"each shard holds whole groups")
+
+
+def quantize_params(params: dict, cfg, quantize, mesh, rules, *, delete: bool = True) -> dict:
+    """Quantize a plain parameter dict of device arrays (float, in the run dtype) on the
+    devices, one stacked weight at a time; returns the quantized dict. With `delete`, each
+    float kernel is freed as soon as its quantized form exists, so the peak is the float
+    model plus one quantized kernel, never two full copies."""
+    from jaxformer.models import param_axes
+    spec = parse(quantize)
+    axes = param_axes(cfg, spec.name)
+    out = _copy(params)
+    for path, (contract, lead) in covered(cfg).items():
+        node = _get(out, path)
+        w = node["kernel"]
+        node.update(quantize_kernel_on_device(w, spec, lead, contract, mesh, rules,
+                                              _get(axes, path)))
+        if delete and isinstance(w, jax.Array):
+            w.delete()
+    return out
+
+
+def quantize_kernel_on_device(w, spec: QuantSpec, lead, contract, mesh, rules, axes) -> dict:
+    """{kernel, kernel_scale[, act_scale]} of one float kernel `w`, in their shardings."""
+    from jaxformer import sharding as shd
+    sh = {k: shd.named_sharding(mesh, axes[k], rules) for k in ("kernel", "kernel_scale")}
+    fn = jax.jit(functools.partial(ops.quantize_kernel, spec=spec, lead=lead,
+                                   contract=contract),
+                 out_shardings=(sh["kernel"], sh["kernel_scale"]))
+    q, scale = fn(w)
+    out = {"kernel": q, "kernel_scale": scale}
+    if spec.activations:
+        ones = np.ones(w.shape[:lead], np.float32)
+        out["act_scale"] = jax.device_put(ones, shd.named_sharding(mesh, axes["act_scale"],
+                                                                   rules))
+    return out
+
+
+def restore_quantized(path, cfg, quantize, mesh, rules, dtype) -> dict:
+    """Restore a float checkpoint and quantize it on the devices, reading one stacked kernel
+    at a time (orbax partial restore): the device peak is the quantized model plus one float
+    kernel (all layers of one weight) in the run dtype."""
+    from jaxformer import checkpoint as ckpt
+    from jaxformer import sharding as shd
+    from jaxformer.models import abstract_params, param_axes
+    spec = parse(quantize)
+    shardings = shd.tree_shardings(mesh, param_axes(cfg), rules)
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sh),
+                          abstract_params(cfg), shardings)
+    kernels = covered(cfg)
+    rest = _copy(target)
+    for p in kernels:
+        del _get(rest, p)["kernel"]
+    params = _regrow(ckpt.restore_params(path, _prune(rest), partial=True), kernels)
+    qaxes = param_axes(cfg, spec.name)
+    for p, (contract, lead) in kernels.items():
+        one = ckpt.restore_params(path, _nest(p + ("kernel",), _get(target, p)["kernel"]),
+                                  partial=True)
+        w = _get(one, p)["kernel"]
+        _get(params, p).update(quantize_kernel_on_device(w, spec, lead, contract, mesh, rules,
+                                                         _get(qaxes, p)))
+        w.delete()
+        log.info("quantized %s to %s", "/".join(p), spec.name)
+    return params
+
+
+def _prune(tree: dict) -> dict:
+    """Without empty subtrees (a Dense left with no leaf once its kernel is taken out):
+    orbax's partial restore cannot match an empty dict."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            v = _prune(v)
+            if not v:
+                continue
+        out[k] = v
+    return out
+
+
+def _regrow(tree: dict, paths) -> dict:
+    """The nodes `paths` name, made again where _prune dropped them."""
+    for p in paths:
+        node = tree
+        for k in p:
+            node = node.setdefault(k, {})
+    return tree
+
+
+def _nest(path, leaf) -> dict:
+    tree = leaf
+    for k in reversed(path):
+        tree = {k: tree}
+    return tree
