@@ -77,3 +77,26 @@ def test_layer_loop_choices_and_errors():
     assert jf.engine.resolve_layer_loop(cpu, "auto") == "scan"  # unroll is for GPUs
     with pytest.raises(ValueError, match="layer_loop"):
         RunConfig(layer_loop="loop")
+
+
+@pytest.mark.parametrize("quantize,pipe", [("int8", 1), ("fp8", 1), ("fp8", 2), ("int4-g16", 2)])
+def test_quantized_unrolled_equals_quantized_scan(llama, tmp_path, quantize, pipe):
+    """Quantized weights, FP8 calibration and quantized checkpoints in the unrolled layout
+    give exactly the stacked layout's results."""
+    _, path = llama
+    mesh = jf.make_mesh(pipe=pipe, devices=jax.devices()[:pipe])
+    ids = np.asarray([PROMPTS[0] + PROMPTS[2]])
+    scan = jf.load(path, mesh=mesh, quantize=quantize, layer_loop="scan")
+    unrolled = jf.load(path, mesh=mesh, quantize=quantize, layer_loop="unroll")
+    np.testing.assert_allclose(unrolled.logits(ids), scan.logits(ids), atol=1e-5, rtol=1e-5)
+    if quantize == "fp8":  # calibrated scales: [L] stacked vs [S] per position
+        a = np.asarray(scan.params["layers"]["mlp"]["wo"]["act_scale"][...])
+        b = np.stack([np.asarray(unrolled.params["layers"][j]["mlp"]["wo"]["act_scale"][...])
+                      for j in range(4 // pipe)], 1).reshape(-1)
+        np.testing.assert_allclose(b, a, rtol=1e-6)
+    unrolled.save(tmp_path / "q")
+    back = jf.load(tmp_path / "q", mesh=mesh, layer_loop="scan")
+    assert back.run.quantize == scan.run.quantize
+    np.testing.assert_allclose(back.logits(ids), scan.logits(ids), atol=1e-5, rtol=1e-5)
+    assert unrolled.generate(PROMPTS, max_new_tokens=4).tokens == \
+        scan.generate(PROMPTS, max_new_tokens=4).tokens

@@ -132,7 +132,10 @@ def _measure(model, ids, lengths, types) -> dict:
     cfg, backend = model.config, model.run.attention
     L = cfg.num_layers
     S = shd.mesh_size(model.mesh, model.rules.get("layers"))  # stages holding the stack
-    graphdef, state = nnx.split(model.module(model.params).layers)
+    layers = model.module(model.params).layers
+    if isinstance(layers, nnx.List):  # unrolled: position j holds layer j of every stage
+        return _measure_unrolled(model, layers, ids, lengths, types)
+    graphdef, state = nnx.split(layers)
 
     @jax.jit
     def embed(params, ids, types):
@@ -167,14 +170,57 @@ def _measure(model, ids, lengths, types) -> dict:
             for k in names}
 
 
+def _embed_fn(model):
+    @jax.jit
+    def embed(params, ids, types):
+        with model.traced():
+            B, T = ids.shape
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+            return model.module(params).embed(ids, positions, types)
+    return embed
+
+
+def _measure_unrolled(model, layers, ids, lengths, types) -> dict:
+    """_measure for the unrolled layout: layer l = s * Ls + j is [s] of position j."""
+    backend = model.run.attention
+    Ls = len(layers)
+    S = model.config.num_layers // Ls
+    graphdef, _ = nnx.split(layers[0])
+
+    @jax.jit
+    def layer(state, s, h, lengths):
+        take = lambda a: lax.dynamic_index_in_dim(a, s, 0, keepdims=False)  # noqa: E731
+        with model.traced():
+            block = nnx.merge(graphdef, jax.tree.map(take, state))
+            B, T = h.shape[:2]
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+            mask = positions < lengths[:, None]
+            with ops.recording(mask) as rec:
+                h, _ = block(h, positions, lengths, backend=backend)
+            return h, rec.amax
+
+    h = _embed_fn(model)(model.params, ids, types)
+    states = [nnx.split(pos)[1] for pos in layers]
+    per_layer = []
+    for i in range(S * Ls):
+        h, amax = layer(states[i % Ls], jnp.int32(i // Ls), h, lengths)
+        per_layer.append(amax)
+    names = per_layer[0].keys()
+    return {k: np.asarray([float(jax.device_get(a[k])) for a in per_layer], np.float32)
+            for k in names}
+
+
 def set_act_scales(model, amax: dict) -> None:
     """act_scale = amax / 448 (1 where a layer saw only zeros), in each scale's sharding."""
     pure = nnx.to_pure_dict(model.params)
     for path, dense in iter_denses(model.module(model.params)):
         a = np.asarray(amax[dense.qname], np.float32)
+        if len(path) > 1 and path[1].isdigit():  # unrolled position j: layers s * Ls + j
+            Ls = len(pure[path[0]])
+            a = a.reshape(-1, Ls)[:, int(path[1])]
         node = pure
         for k in path:
-            node = node[k]
+            node = node[int(k)] if k.isdigit() and int(k) in node else node[k]
         old = node["act_scale"]
         scale = np.where(a > 0, a, ops.FP8_MAX) / ops.FP8_MAX
         node["act_scale"] = jax.device_put(scale.astype(np.float32).reshape(old.shape),

@@ -61,7 +61,9 @@ def quantize_module(module, quantize):
         if spec.activations:  # placeholder 1.0 until calibrate() measures the inputs
             dense.act_scale = _param(jnp.ones(kernel.shape[:lead], jnp.float32), axes[:lead])
         dense.quant = spec.name
-        dense.qname = "/".join(path[1:])
+        # the layer-independent name ("attn/qkv"): the unrolled layout's position index
+        # (layers/<j>/attn/qkv, models/transformer.py) is not part of it
+        dense.qname = "/".join(path[2:] if len(path) > 1 and path[1].isdigit() else path[1:])
     return module
 
 
