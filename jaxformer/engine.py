@@ -264,6 +264,12 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> str:
     path = Path(path or os.environ.get("JAXFORMER_CACHE_DIR")
                 or Path.home() / ".cache" / "jaxformer" / "jax").expanduser()
     path.mkdir(parents=True, exist_ok=True)
+    if configured and configured != str(path):
+        try:  # JAX opens its cache once per process: let it open the new directory
+            from jax.experimental.compilation_cache import compilation_cache
+            compilation_cache.reset_cache()
+        except (ImportError, AttributeError):  # pragma: no cover - older layouts
+            pass
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

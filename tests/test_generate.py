@@ -261,6 +261,7 @@ def test_texts_and_stop_strings_with_a_tokenizer(tmp_path, capsys):
 def test_compilation_cache_stores_programs_and_keeps_a_configured_dir(tmp_path):
     import jax
     before = jax.config.jax_compilation_cache_dir
+    jax.jit(lambda x: x * 2.5 - 1)(jnp.arange(3.0)).block_until_ready()  # cache opened
     try:
         assert jf.enable_compilation_cache() == before  # the suite's own dir is kept
         d = jf.enable_compilation_cache(tmp_path / "cc")
@@ -269,5 +270,5 @@ def test_compilation_cache_stores_programs_and_keeps_a_configured_dir(tmp_path):
         jax.jit(lambda x: jnp.sin(x) * 3.25 + 0.5)(jnp.arange(7.0)).block_until_ready()
         assert any((tmp_path / "cc").iterdir()), "no compiled program was stored"
     finally:
-        jax.config.update("jax_compilation_cache_dir", before)
+        jf.enable_compilation_cache(before)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

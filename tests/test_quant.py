@@ -113,7 +113,9 @@ def test_codes_and_roundtrip_error(name, site):
     assert q.dtype == spec.weight_dtype and scale.dtype == jnp.float32
     rq, rscale = np_quantize(w, name, contract)
     np.testing.assert_array_equal(np.asarray(scale), rscale)
-    codes = np.asarray(q).astype(np.float64)
+    if ops.stored_layout(spec):  # int8 / fp8 codes are stored K-minor: [*out, *contraction]
+        assert q.shape == shape[contract:] + shape[:contract]
+    codes = np.asarray(ops.from_stored(q, spec, 0, contract)).astype(np.float64)
     assert np.abs(codes).max() <= QMAX[spec.mode]
     np.testing.assert_array_equal(codes, rq)
     deq = np.asarray(ops.dequantize(q, scale, spec, 0, contract), np.float64)
@@ -128,22 +130,28 @@ def test_codes_and_roundtrip_error(name, site):
     assert (err <= bound * (1 + 1e-6)).all(), float((err / bound).max())
 
 
+@pytest.mark.parametrize("rows", [(1, 1), (2, 5), (2, 40)])
 @pytest.mark.parametrize("name", MODES)
 @pytest.mark.parametrize("site", SITES)
-def test_quantized_einsum_matches_numpy(name, site):
-    """ops.einsum == numpy einsum(x, dequantized kernel) to float32 accumulation error; FP8
-    with act_scale == numpy over the FP8-rounded activations."""
+def test_quantized_einsum_matches_numpy(name, site, rows):
+    """ops.einsum == numpy einsum(x, dequantized kernel) to float32 accumulation error, on
+    each path: one row (the matrix-vector reduction), a few rows (weight-only GEMM; FP8
+    models too) and more than ops.SMALL_M rows, where FP8 with act_scale == numpy over the
+    FP8-rounded activations."""
     eq, shape, contract, xshape = SITES[site]
+    xshape = rows + xshape[2:]
     spec = parse(name)
     rng = np.random.default_rng(1)
     w = rng.normal(0, 0.05, shape).astype(F32)
     x = rng.normal(0, 1.0, xshape).astype(F32)
     q, scale = ops.quantize_kernel(jnp.asarray(w), spec, 0, contract)
-    deq = np_dequantize(np.asarray(q).astype(np.float64), np.asarray(scale), name, contract)
+    deq = np_dequantize(np.asarray(ops.from_stored(q, spec, 0, contract)).astype(np.float64),
+                        np.asarray(scale), name, contract)
     act = F32(np.abs(x).max() / 448 * 0.9) if spec.activations else None  # some saturate
     y = jax.jit(lambda x, q, s, a: ops.einsum(eq, x, q, s, spec, contract, a))(
         jnp.asarray(x), q, scale, act)
-    xr = np_fp8_activation(x, act) if act is not None else x.astype(np.float64)
+    fp8_gemm = act is not None and rows[0] * rows[1] > ops.SMALL_M
+    xr = np_fp8_activation(x, act) if fp8_gemm else x.astype(np.float64)
     want = np.einsum(eq, xr, deq)
     err = np.abs(np.asarray(y, np.float64) - want).max() / np.abs(want).max()
     assert err < 1e-5, err
@@ -383,13 +391,14 @@ def tiny(tmp_path_factory):
     return f32, out
 
 
-def _expected_scale_spec(kernel_spec, name, contract):
+def _expected_scale_spec(kernel_spec, name, contract, ndim):
     """The scale's PartitionSpec derived from its kernel's: per-channel scales drop the
-    contraction entries, int4 group scales keep them all, act_scale keeps the layers entry."""
-    k = tuple(kernel_spec) + (None,) * 8
+    contraction entries (the last `contract` of an int8 / fp8 kernel, stored K-minor), int4
+    group scales keep them all, act_scale keeps the layers entry."""
+    k = tuple(kernel_spec) + (None,) * (ndim - len(tuple(kernel_spec)))
     if parse(name).mode == "int4":
         return tuple(kernel_spec)
-    return (k[0],) + tuple(kernel_spec)[1 + contract:]
+    return tuple(k[: ndim - contract])
 
 
 @pytest.mark.parametrize("layout", MESHES, ids=lambda m: "data{}-pipe{}-tensor{}".format(*m))
@@ -412,7 +421,10 @@ def test_meshes_equal_one_device(tiny, name, layout):
             node = node[k]
         kspec = node["kernel"][...].sharding.spec
         sspec = node["kernel_scale"][...].sharding.spec
-        assert tuple(sspec) == _expected_scale_spec(kspec, name, contract), (path_, kspec, sspec)
+        ndim = node["kernel"][...].ndim
+        want = _expected_scale_spec(kspec, name, contract, ndim)
+        got = tuple(sspec) + (None,) * (len(want) - len(tuple(sspec)))
+        assert got == want, (path_, kspec, sspec)
         assert kspec[0] == ("pipe" if layout[1] > 1 else kspec[0])
         if "act_scale" in node:
             assert tuple(node["act_scale"][...].sharding.spec) == (kspec[0],)

@@ -1,9 +1,16 @@
 """Quantized weights and the matmuls that use them, in plain jnp.
 
-A kernel is laid out [*lead, *contraction, *out]: `lead` stacked dimensions (the `layers`
-axis, or none inside the layer scan), then the `contract` dimensions its einsum contracts
-(the input features: D for QKV and the first MLP matrix, N H for the attention output, F for
-the second MLP matrix), then its output dimensions. Scales (float32):
+A float kernel is laid out [*lead, *contraction, *out]: `lead` stacked dimensions (the
+`layers` axis, or none inside the layer scan), then the `contract` dimensions its einsum
+contracts (the input features: D for QKV and the first MLP matrix, N H for the attention
+output, F for the second MLP matrix), then its output dimensions.
+
+Stored int8 and fp8 kernels are K-minor, [*lead, *out, *contraction] (`stored_layout`): on
+an H100, cuBLASLt's FP8 GEMM needs the contraction dim minor in both operands (1234 TFLOP/s
+on 2048 x 4096 x 16384 against 365 with it major, where XLA transposes the weight on every
+call) and the INT8 matrix-vector product reads rows of codes (1641 GB/s of int8 against 1012
+in the float layout); see benchmarks/quant_matmul.py. int4 keeps the float layout.
+Scales (float32):
 
     int8, fp8     [*lead, *out]                 one per output channel
     fp8-tensor    [*lead]                       one per matrix
@@ -11,17 +18,20 @@ the second MLP matrix), then its output dimensions. Scales (float32):
                   [*lead, ..., n / g, *out]; that axis keeps the contraction dim's logical
                   name, so a group axis of a row-parallel matrix is sharded like its rows
 
-The matmuls (GPU paths; CPU runs the same programs, upcast by XLA):
+The matmuls (GPU paths; CPU runs the same programs, upcast by XLA), M = rows of x:
 
-    int8 / fp8 weight-only   einsum(x, q.astype(x.dtype)) * scale: XLA's GPU compiler fuses the
-                             convert into its Triton GEMM fusion, so weights travel from memory
-                             in 8 bits and are widened in registers (the decode win)
+    int8 / fp8 weights,      M == 1: sum(x * q, over the contraction) in float32, a row
+    weight-only              reduction XLA fuses with the convert, so the codes travel in 8
+                             bits (the batch-1 decode win); M > 1: einsum(x, q.astype(x.dtype))
+                             * scale, the convert fused into XLA's GEMM fusion
     int4                     dequantize the groups (convert, multiply by the group scale)
-                             and einsum; the same fusion reads the weights in 4 bits
-    fp8 (with activations)   x is scaled by its static act_scale and cast to float8_e4m3fn;
-                             dot_general(fp8, fp8, preferred_element_type=float32), which
-                             XLA's GEMM rewriter sends to cuBLASLt's FP8 tensor-core GEMM on
-                             Hopper (the prefill win), then * act_scale * kernel scale
+                             and einsum
+    fp8 (with activations)   M > SMALL_M: x is scaled by its static act_scale and cast to
+                             float8_e4m3fn; einsum(fp8, fp8, preferred_element_type=float32)
+                             on K-minor operands is cuBLASLt's FP8 tensor-core GEMM on Hopper
+                             (the prefill win), then * act_scale * kernel scale. M <= SMALL_M
+                             (decode) takes the weight-only path: an FP8 GEMM of a few rows
+                             is slower than reading the FP8 weights into a bf16 product
 
 Plain jnp rather than google's qwix / aqt: the three paths are a few lines each over public
 jax APIs, run unchanged on jax 0.10 and 0.11, and keep the numerics testable against numpy;
@@ -37,6 +47,38 @@ import jax.numpy as jnp
 from jaxformer.quant.spec import QuantSpec
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+SMALL_M = 64  # rows up to which FP8 models run weight-only (decode steps)
+
+
+def stored_layout(spec: QuantSpec) -> bool:
+    """Whether this mode stores kernels K-minor ([*lead, *out, *contraction])."""
+    return spec.mode in ("int8", "fp8")
+
+
+def to_stored(a, spec: QuantSpec, lead: int, contract: int):
+    """[*lead, *contraction, *out] -> the stored layout (module docstring)."""
+    return a if not stored_layout(spec) else jnp.transpose(a, _perm(a.ndim, lead, contract))
+
+
+def from_stored(q, spec: QuantSpec, lead: int, contract: int):
+    """The stored layout -> [*lead, *contraction, *out]."""
+    if not stored_layout(spec):
+        return q
+    perm = _perm(q.ndim, lead, contract)
+    inv = [perm.index(i) for i in range(q.ndim)]
+    return jnp.transpose(q, inv)
+
+
+def stored_axes(axes, spec: QuantSpec, lead: int, contract: int) -> tuple:
+    """A kernel's logical axis names in its stored layout."""
+    axes = tuple(axes)
+    return axes if not stored_layout(spec) else tuple(axes[i] for i in
+                                                      _perm(len(axes), lead, contract))
+
+
+def _perm(ndim: int, lead: int, contract: int) -> list[int]:
+    return (list(range(lead)) + list(range(lead + contract, ndim))
+            + list(range(lead, lead + contract)))
 
 
 def _nonzero(amax):
@@ -76,7 +118,7 @@ def quantize_kernel(w, spec: QuantSpec, lead: int, contract: int):
         q = jnp.clip(jnp.round(ws), -spec.qmax, spec.qmax)
     else:
         q = jnp.clip(ws, -FP8_MAX, FP8_MAX)
-    return q.astype(spec.weight_dtype), scale
+    return to_stored(q.astype(spec.weight_dtype), spec, lead, contract), scale
 
 
 def dequantize(q, scale, spec: QuantSpec, lead: int, contract: int, dtype=jnp.float32):
@@ -87,6 +129,7 @@ def dequantize(q, scale, spec: QuantSpec, lead: int, contract: int, dtype=jnp.fl
         g = spec.group(n)
         qg = q.reshape(q.shape[:gd] + (n // g, g) + q.shape[gd + 1:]).astype(jnp.float32)
         return (qg * jnp.expand_dims(scale, gd + 1)).reshape(q.shape).astype(dtype)
+    q = from_stored(q, spec, lead, contract)
     axes = tuple(range(lead, q.ndim)) if spec.per_tensor else tuple(range(lead, lead + contract))
     return (q.astype(jnp.float32) * jnp.expand_dims(scale, axes)).astype(dtype)
 
@@ -134,11 +177,23 @@ def einsum(eq: str, x, q, scale, spec: QuantSpec, contract: int, act_scale=None)
     if spec.mode == "int4":
         w = dequantize(q, scale, spec, 0, contract, x.dtype)
         return jnp.einsum(eq, x, w, preferred_element_type=f32).astype(x.dtype)
-    if spec.mode == "fp8" and act_scale is not None:
-        y = jnp.einsum(eq, quantize_activation(x, act_scale), q, preferred_element_type=f32)
+    inputs, out = eq.replace(" ", "").split("->")
+    xs, ks = inputs.split(",")
+    eq_stored = f"{xs},{ks[contract:]}{ks[:contract]}->{out}"  # q is K-minor
+    rows = 1
+    for n in x.shape[: x.ndim - contract]:
+        rows *= n
+    if spec.mode == "fp8" and act_scale is not None and rows > SMALL_M:
+        y = jnp.einsum(eq_stored, quantize_activation(x, act_scale), q,
+                       preferred_element_type=f32)
         return (y * (act_scale * scale)).astype(x.dtype)
+    if rows == 1:  # a matrix-vector product: a row reduction over the K-minor codes
+        n_out = q.ndim - contract
+        xv = x.reshape(x.shape[x.ndim - contract:]).astype(f32)  # [*contraction]
+        y = jnp.sum(q.astype(f32) * xv, axis=tuple(range(n_out, q.ndim)))  # [*out]
+        return (y * scale).reshape(x.shape[: x.ndim - contract] + y.shape).astype(x.dtype)
     # int8 and fp8 codes are exact in bfloat16 / float16 / float32
-    y = jnp.einsum(eq, x, q.astype(x.dtype), preferred_element_type=f32)
+    y = jnp.einsum(eq_stored, x, q.astype(x.dtype), preferred_element_type=f32)
     return (y * scale).astype(x.dtype)
 
 

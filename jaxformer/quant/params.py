@@ -56,7 +56,7 @@ def quantize_module(module, quantize):
         axes = tuple(dense.kernel.get_metadata()["out_sharding"])
         lead = kernel.ndim - dense.kernel_ndim
         q, scale = ops.quantize_kernel(kernel, spec, lead, dense.contract)
-        dense.kernel = _param(q, axes)
+        dense.kernel = _param(q, ops.stored_axes(axes, spec, lead, dense.contract))
         dense.kernel_scale = _param(scale, ops.scale_axes(axes, spec, lead, dense.contract))
         if spec.activations:  # placeholder 1.0 until calibrate() measures the inputs
             dense.act_scale = _param(jnp.ones(kernel.shape[:lead], jnp.float32), axes[:lead])
