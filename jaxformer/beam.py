@@ -73,7 +73,7 @@ def _advance(state: BeamState, logprobs, stop_ids, max_new, length_penalty, nb):
     worst = jnp.where(fin_flag, fin_scores.min(1, keepdims=True), NEG)
     open_ = state.open_ & (best[:, None] > worst).any(1)
     state = state._replace(
-        cache=kvc.KVCache(state.cache.k[:, src], state.cache.v[:, src]),
+        cache=kvc.KVCache(*(None if c is None else c[:, src] for c in state.cache)),
         last=seqs[:, :, i].reshape(-1), step=i + 1, seqs=seqs, scores=scores,
         fin_seqs=fin_seqs, fin_scores=fin_scores, fin_lens=fin_lens, fin_flag=fin_flag,
         open_=open_, all_hit=hits.all())
@@ -88,13 +88,15 @@ def make_beam_search(model: Model, nb: int, max_new: int, cache_len: int, length
             m = model.module(params)
             B, T = ids.shape
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-            empty = kvc.init_cache(cfg, B, cache_len, model.run.dtype)
-            x, cache = m.trunk(ids, positions, lengths, tuple(empty), None, backend=backend)
+            empty = kvc.init_cache(cfg, B, cache_len, model.run.dtype,
+                                   kv_cache=model.run.kv_cache)
+            x, cache = m.trunk(ids, positions, lengths, kvc.as_tuple(empty), None,
+                               backend=backend)
             last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)
             logprobs = jax.nn.log_softmax(m.head(last)[:, 0], -1)
             rep = lambda a: jnp.repeat(a, nb, axis=1)  # noqa: E731  [L, B, ...] -> [L, B*nb, ...]
             state = BeamState(
-                cache=kvc.KVCache(rep(cache[0]), rep(cache[1])),
+                cache=kvc.KVCache(*(rep(c) for c in cache)),
                 last=jnp.zeros((B * nb,), jnp.int32), lengths=jnp.repeat(lengths, nb),
                 step=jnp.int32(0), seqs=jnp.full((B, nb, max_new), -1, jnp.int32),
                 scores=jnp.tile(jnp.asarray([0.0] + [NEG] * (nb - 1), jnp.float32), (B, 1)),
@@ -107,7 +109,7 @@ def make_beam_search(model: Model, nb: int, max_new: int, cache_len: int, length
 
             def body(s: BeamState):
                 x, c = m.trunk(s.last[:, None], s.lengths[:, None], s.lengths + 1,
-                               tuple(s.cache), s.lengths, backend=backend)
+                               kvc.as_tuple(s.cache), s.lengths, backend=backend)
                 lp = jax.nn.log_softmax(m.head(x)[:, 0], -1)
                 s = s._replace(cache=kvc.KVCache(*c), lengths=s.lengths + 1)
                 return _advance(s, lp, stop_ids, max_new, length_penalty, nb)

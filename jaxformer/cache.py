@@ -4,6 +4,11 @@ k and v are [L, B, S, K, H] (layers, cache_batch, cache_length, kv_heads, head_d
 map to `pipe` (each stage holds its layers' cache), kv heads to `tensor`, batch to `data`.
 Sequences are right-padded: sequence b's tokens occupy slots [0, length_b); a step writes its
 new keys at slot `start[b]` of its own row, so rows of different lengths share one cache.
+
+Quantized caches (RunConfig.kv_cache "int8" or "fp8"): k and v hold int8 / float8_e4m3fn
+codes and k_scale, v_scale [L, B, S, K] float32 one scale per token and kv head (max |x| over
+the head dim / 127 or / 448), written with their entries. Half the bytes of a bf16 cache plus
+4 bytes per head and token (3% at head_dim 128), so about twice the batch x context fits.
 """
 from __future__ import annotations
 
@@ -16,15 +21,55 @@ from jax import lax
 from jaxformer.config import ModelConfig
 
 CACHE_AXES = ("layers", "cache_batch", "cache_length", "kv_heads", "head_dim")
+SCALE_AXES = CACHE_AXES[:-1]
+KV_MODES = {"int8": (jnp.int8, 127.0), "fp8": (jnp.float8_e4m3fn, 448.0)}
 
 
 class KVCache(NamedTuple):
     k: jax.Array  # [L, B, S, K, H]
     v: jax.Array  # [L, B, S, K, H]
+    k_scale: jax.Array | None = None  # [L, B, S, K] float32 (quantized caches)
+    v_scale: jax.Array | None = None
 
     @property
     def max_length(self) -> int:
         return self.k.shape[2]
+
+
+def as_tuple(cache) -> tuple:
+    """(k, v) or, quantized, (k, v, k_scale, v_scale): what the layers take."""
+    t = tuple(cache)
+    return t[:2] if len(t) == 2 or t[2] is None else t
+
+
+def check_mode(kv_cache) -> str | None:
+    if kv_cache is not None and kv_cache not in KV_MODES:
+        raise ValueError(f"RunConfig.kv_cache: must be None, 'int8' or 'fp8', got {kv_cache!r}")
+    return kv_cache
+
+
+def quantize(x, mode: str):
+    """x [..., H] -> (codes [..., H] int8 / float8_e4m3fn, scale [...] float32)."""
+    dtype, qmax = KV_MODES[mode]
+    x = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(x), axis=-1)
+    scale = jnp.where(amax > 0, amax, 1.0) * jnp.float32(1.0 / qmax)
+    y = x / scale[..., None]
+    y = jnp.round(y) if mode == "int8" else y
+    return jnp.clip(y, -qmax, qmax).astype(dtype), scale
+
+
+def dequantize(q, scale, dtype):
+    """codes [..., H], scale [...] -> [..., H] in `dtype`."""
+    return (q.astype(jnp.float32) * scale[..., None]).astype(dtype)
+
+
+def mode_of(cache) -> str | None:
+    """The quantization of a cache tuple, from its code dtype (None: a float cache)."""
+    t = as_tuple(cache)
+    if len(t) == 2:
+        return None
+    return "int8" if t[0].dtype == jnp.int8 else "fp8"
 
 
 def cache_rows(batch: int, data: int) -> int:
@@ -46,28 +91,66 @@ def cache_shape(cfg: ModelConfig, batch: int, max_length: int) -> tuple[int, ...
     return (cfg.num_layers, batch, max_length, cfg.kv_heads, cfg.dims_per_head)
 
 
-def abstract_cache(cfg: ModelConfig, batch: int, max_length: int, dtype) -> KVCache:
-    s = jax.ShapeDtypeStruct(cache_shape(cfg, batch, max_length), jnp.dtype(dtype))
-    return KVCache(s, s)
-
-
-def cache_axes() -> KVCache:
-    return KVCache(CACHE_AXES, CACHE_AXES)
-
-
-def init_cache(cfg: ModelConfig, batch: int, max_length: int, dtype, shardings=None) -> KVCache:
-    """Zeros, created directly in `shardings` (a KVCache of shardings) when given."""
+def abstract_cache(cfg: ModelConfig, batch: int, max_length: int, dtype,
+                   kv_cache: str | None = None) -> KVCache:
     shape = cache_shape(cfg, batch, max_length)
-    make = lambda s: jnp.zeros(shape, dtype)  # noqa: E731
+    if kv_cache is None:
+        s = jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
+        return KVCache(s, s)
+    q = jax.ShapeDtypeStruct(shape, jnp.dtype(KV_MODES[kv_cache][0]))
+    sc = jax.ShapeDtypeStruct(shape[:-1], jnp.float32)
+    return KVCache(q, q, sc, sc)
+
+
+def cache_axes(kv_cache: str | None = None) -> KVCache:
+    if kv_cache is None:
+        return KVCache(CACHE_AXES, CACHE_AXES)
+    return KVCache(CACHE_AXES, CACHE_AXES, SCALE_AXES, SCALE_AXES)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_length: int, dtype, shardings=None,
+               kv_cache: str | None = None) -> KVCache:
+    """Zeros (codes and scales when quantized), created directly in `shardings` (a KVCache
+    of shardings) when given."""
+    abstract = abstract_cache(cfg, batch, max_length, dtype, kv_cache)
+
+    def make():
+        return KVCache(*(None if a is None else jnp.zeros(a.shape, a.dtype) for a in abstract))
     if shardings is None:
-        return KVCache(make(None), make(None))
-    return jax.jit(lambda: KVCache(make(None), make(None)), out_shardings=shardings)()
+        return make()
+    return jax.jit(make, out_shardings=shardings)()
 
 
 def write(layer_cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-    """Write new [B, T, K, H] into one layer's cache [B, S, K, H] at slot start[b] of row b."""
-    return jax.vmap(lambda c, x, s: lax.dynamic_update_slice(c, x.astype(c.dtype), (s, 0, 0)))(
+    """Write new [B, T, K, H] into one layer's cache [B, S, K, H] (scales: [B, T, K] into
+    [B, S, K]) at slot start[b] of row b."""
+    rest = (0,) * (layer_cache.ndim - 2)
+    return jax.vmap(lambda c, x, s: lax.dynamic_update_slice(c, x.astype(c.dtype), (s,) + rest))(
         layer_cache, new, start)
+
+
+def store(cache: tuple, k, v, layer, start) -> tuple:
+    """Write this step's k, v [B, T, K, H] (quantizing them for a quantized cache) into
+    `cache`: one layer's (k, v[, k_scale, v_scale]) with layer None, else the stacked cache
+    at layer `layer`; start as in `write_layer` (None: slot 0)."""
+    mode = mode_of(cache)
+    if mode is None:
+        new = (k, v)
+    else:
+        (kq, ks), (vq, vs) = quantize(k, mode), quantize(v, mode)
+        new = (kq, vq, ks, vs)
+    if layer is not None:
+        return tuple(write_layer(c, n, layer, start) for c, n in zip(cache, new))
+    at = jnp.zeros((k.shape[0],), jnp.int32) if start is None else start
+    return tuple(write(c, n, at) for c, n in zip(cache, new))
+
+
+def dequantized(cache: tuple, layer, dtype):
+    """(k, v) [B, S, K, H] in `dtype` of a quantized cache (one layer's with layer None)."""
+    t = as_tuple(cache)
+    if layer is not None:
+        t = tuple(read_layer(c, layer) for c in t)
+    return dequantize(t[0], t[2], dtype), dequantize(t[1], t[3], dtype)
 
 
 def write_layer(cache: jax.Array, new: jax.Array, layer, start: jax.Array | None) -> jax.Array:
@@ -78,13 +161,14 @@ def write_layer(cache: jax.Array, new: jax.Array, layer, start: jax.Array | None
     carry, so XLA updates it in place instead of rebuilding a layer's [B, S, K, H] (or the
     whole stack) per step, which made decode copy the cache every token.
     """
-    new = new.astype(cache.dtype)[None]  # [1, B, T, K, H]
+    new = new.astype(cache.dtype)[None]  # [1, B, T, K, H] (scales: [1, B, T, K])
     zero = jnp.int32(0)
+    rest = (zero,) * (cache.ndim - 3)
     layer = jnp.asarray(layer, jnp.int32)
     if start is None:
-        return lax.dynamic_update_slice(cache, new, (layer, zero, zero, zero, zero))
+        return lax.dynamic_update_slice(cache, new, (layer, zero, zero) + rest)
     return jax.vmap(
-        lambda c, x, s: lax.dynamic_update_slice(c, x, (layer, s, zero, zero)),
+        lambda c, x, s: lax.dynamic_update_slice(c, x, (layer, s) + rest),
         in_axes=(1, 1, 0), out_axes=1)(cache, new, start.astype(jnp.int32))
 
 

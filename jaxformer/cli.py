@@ -62,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
                         "default ~/.cache/jaxformer/jax)")
     g.add_argument("--quantize", help=QUANTIZE_HELP + "; a quantized checkpoint loads as "
                    "stored without it")
+    g.add_argument("--kv-cache", choices=["int8", "fp8"],
+                   help="quantize the KV cache (about half the bytes of bf16)")
     sub.add_parser("presets", help="list the model presets in configs/models")
     i = sub.add_parser("info", help="the memory plan per device (reads config.json only)",
                        description="Weights, KV cache and prefill activations per device, "
@@ -81,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "pallas"])
     i.add_argument("--quantize", help=QUANTIZE_HELP + " (default: as the checkpoint stores "
                    "it)")
+    i.add_argument("--kv-cache", choices=["int8", "fp8"], help="a quantized KV cache")
     return ap
 
 
@@ -110,11 +113,12 @@ def cmd_generate(args) -> int:
     t0 = time.perf_counter()
     if args.checkpoint:
         model = jf.load(args.checkpoint, mesh=mesh, dtype=args.dtype, attention=args.attention,
-                        quantize=_quantize(args.quantize))
+                        quantize=_quantize(args.quantize), kv_cache=args.kv_cache)
     else:
         print("# no --checkpoint: using the built-in demo model (UNTRAINED random weights; "
               "its text is noise)", file=sys.stderr)
-        model = jf.demo_model(mesh=mesh, dtype=args.dtype, quantize=_quantize(args.quantize))
+        model = jf.demo_model(mesh=mesh, dtype=args.dtype, quantize=_quantize(args.quantize),
+                              kv_cache=args.kv_cache)
     quant = f" ({model.run.quantize})" if model.run.quantize else ""
     print(f"# loaded {model.config.name or args.checkpoint}{quant} in "
           f"{time.perf_counter() - t0:.1f}s", file=sys.stderr)
@@ -166,7 +170,7 @@ def cmd_info(args) -> int:
     dev = None if args.device_memory is None else args.device_memory * memory.GiB
     plan = memory.plan(config, sizes, args.dtype, batch=args.batch, max_length=args.max_length,
                        rules=args.rules, attention=args.attention, device_memory=dev,
-                       quantize=quantize)
+                       quantize=quantize, kv_cache=args.kv_cache)
     print(plan.explain())
     return 1 if plan.fits is False else 0
 

@@ -225,6 +225,8 @@ class RunConfig:
 
     quantize: None (weights in `dtype`), "int8", "int4" (groups of 128), "int4-g<N>" (groups
     of N), "fp8" or "fp8-tensor"; see jaxformer.quant and docs/quantization.md.
+    kv_cache: None (the cache in `dtype`), "int8" or "fp8": codes plus a float32 scale per
+    token and kv head (jaxformer/cache.py), about half the bytes of a bf16 cache.
     """
 
     data: int = 1
@@ -239,6 +241,7 @@ class RunConfig:
     # See models/transformer.py.
     layer_loop: str = "auto"
     quantize: str | None = None  # linear-layer weight (and FP8 activation) quantization
+    kv_cache: str | None = None  # KV-cache quantization: None, "int8" or "fp8"
 
     def __post_init__(self):
         for field in ("data", "pipe", "tensor"):
@@ -256,3 +259,6 @@ class RunConfig:
         if self.quantize is not None:
             from jaxformer.quant.spec import parse  # local: the quant package imports config
             parse(self.quantize, "RunConfig.quantize")
+        if self.kv_cache not in (None, "int8", "fp8"):
+            raise ValueError(f"RunConfig.kv_cache: must be None, 'int8' or 'fp8', "
+                             f"got {self.kv_cache!r}")

@@ -93,15 +93,16 @@ class Model:
     def random(cls, config: ModelConfig, mesh: Mesh | None = None, *, dtype="float32",
                seed: int = 0, rules="default", attention="auto", tokenizer=None,
                quantize: str | None = None, calibration=None,
-               layer_loop: str = "auto") -> "Model":
+               layer_loop: str = "auto", kv_cache: str | None = None) -> "Model":
         """Seeded random (untrained) weights, initialised directly in their shardings.
 
         quantize (RunConfig.quantize): the float weights (in `dtype`) are then quantized on
         the devices, one stacked weight at a time; "fp8" also calibrates activation scales
-        on `calibration` prompts (see `calibrate`). layer_loop: as `load`'s.
+        on `calibration` prompts (see `calibrate`). layer_loop, kv_cache: as `load`'s.
         """
         mesh = mesh or default_mesh()
-        run, rules = _run_config(mesh, dtype, rules, attention, quantize, layer_loop)
+        run, rules = _run_config(mesh, dtype, rules, attention, quantize, layer_loop,
+                                 kv_cache)
         shd.check_divisible(config, mesh, rules)
         from jaxformer.quant import params as qp
         qp.check_mesh(config, run.quantize, mesh, rules)
@@ -276,8 +277,8 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> str:
     return str(path)
 
 
-def _run_config(mesh: Mesh, dtype, rules, attention, quantize=None, layer_loop="auto"
-                ) -> tuple[RunConfig, dict]:
+def _run_config(mesh: Mesh, dtype, rules, attention, quantize=None, layer_loop="auto",
+                kv_cache=None) -> tuple[RunConfig, dict]:
     if jax.process_count() > 1:  # [distributed] all processes must build the same mesh
         from jaxformer.distributed import check_mesh
         check_mesh(mesh)
@@ -287,7 +288,7 @@ def _run_config(mesh: Mesh, dtype, rules, attention, quantize=None, layer_loop="
     run = RunConfig(data=mesh.shape["data"], pipe=mesh.shape["pipe"],
                     tensor=mesh.shape["tensor"], dtype=dtype, attention=attention,
                     rules=rules if isinstance(rules, str) else "<custom>",
-                    quantize=name(quantize), layer_loop=layer_loop)
+                    quantize=name(quantize), layer_loop=layer_loop, kv_cache=kv_cache)
     return run, shd.load_rules(rules)
 
 
@@ -335,7 +336,8 @@ def register_entry_point(name: str, factory) -> None:
 def load(path: str | os.PathLike, mesh: Mesh | None = None, dtype: str = "float32", *,
          rules="default", attention: str = "auto", tokenizer: bool = True,
          max_batch: int | None = None, max_length: int | None = None,
-         quantize: str | None = None, calibration=None, layer_loop: str = "auto") -> Model:
+         quantize: str | None = None, calibration=None, layer_loop: str = "auto",
+         kv_cache: str | None = None) -> Model:
     """Load a jaxformer checkpoint straight into the shardings `mesh` and `rules` imply.
 
     No host materialises the whole model: each array is restored shard by shard.
@@ -345,6 +347,8 @@ def load(path: str | os.PathLike, mesh: Mesh | None = None, dtype: str = "float3
     cache and prefill of that workload too.
     layer_loop: "scan" (stacked layer weights, lax.scan), "unroll" (one array per layer
     position; the fast decode on GPUs) or "auto" (unroll on GPUs); see RunConfig.
+    kv_cache: None, "int8" or "fp8" (RunConfig.kv_cache): the KV cache generate() allocates
+    holds int8 / fp8 codes with a scale per token and kv head, about half the bytes.
 
     quantize (RunConfig.quantize: "int8", "int4", "int4-g<N>", "fp8", "fp8-tensor"): a float
     checkpoint is quantized on the devices as it is read, one stacked weight at a time;
@@ -362,14 +366,15 @@ def load(path: str | os.PathLike, mesh: Mesh | None = None, dtype: str = "float3
                          f"weights, which cannot be re-quantized; load it with quantize=None "
                          f"or {stored!r}, or quantize its float checkpoint instead")
     mesh = mesh or default_mesh()
-    run, rules_table = _run_config(mesh, dtype, rules, attention, stored or wanted, layer_loop)
+    run, rules_table = _run_config(mesh, dtype, rules, attention, stored or wanted, layer_loop,
+                                   kv_cache)
     shd.check_divisible(config, mesh, rules_table)
     qp.check_mesh(config, run.quantize, mesh, rules_table)
     from jaxformer import memory, progress  # [memory] refuse a plan that cannot fit
     plan = memory.check_fits(config, mesh, run.dtype,
                              rules if isinstance(rules, str) else rules_table,
                              max_batch=max_batch, max_length=max_length, attention=attention,
-                             quantize=run.quantize)
+                             quantize=run.quantize, kv_cache=run.kv_cache)
     if run.quantize is not None and stored is None:
         memory.check_quantize_at_load(plan, config, mesh, run.dtype, rules_table)
     if log.isEnabledFor(logging.INFO):
@@ -440,10 +445,11 @@ def _pure_abstract(cfg: ModelConfig, quantize: str | None = None) -> dict:
 
 
 def demo_model(mesh: Mesh | None = None, dtype: str = "float32", seed: int = 0,
-               quantize: str | None = None) -> Model:
+               quantize: str | None = None, kv_cache: str | None = None) -> Model:
     """The built-in default: the `demo` preset with seeded random (UNTRAINED) weights and the
     byte tokenizer. It exercises the whole stack without any download; its text is noise.
-    quantize: as in Model.random (int4 needs a group dividing ffn_size 344, e.g. int4-g8)."""
+    quantize, kv_cache: as in Model.random (int4 needs a group dividing ffn_size 344, e.g.
+    int4-g8)."""
     from jaxformer.tokenizer import ByteTokenizer
     return Model.random(ModelConfig.from_preset("demo"), mesh, dtype=dtype, seed=seed,
-                        tokenizer=ByteTokenizer(), quantize=quantize)
+                        tokenizer=ByteTokenizer(), quantize=quantize, kv_cache=kv_cache)

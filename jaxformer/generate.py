@@ -101,9 +101,11 @@ def make_prefill(model: Model, feats: Features, max_new: int, cache_len: int):
             m = model.module(params)
             B, T = ids.shape
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-            empty = kvc.init_cache(cfg, B, cache_len, model.run.dtype)
+            empty = kvc.init_cache(cfg, B, cache_len, model.run.dtype,
+                                   kv_cache=model.run.kv_cache)
             empty = jax.lax.with_sharding_constraint(empty, cache_sh)
-            x, cache = m.trunk(ids, positions, lengths, tuple(empty), None, backend=backend)
+            x, cache = m.trunk(ids, positions, lengths, kvc.as_tuple(empty), None,
+                               backend=backend)
             last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
             logits = m.head(last)[:, 0]
             seen = counts = None
@@ -129,7 +131,7 @@ def decode_step(model: Model, params, state: DecodeState, req: Request, feats: F
     m = model.module(params)
     B = state.last.shape[0]
     pos = state.lengths[:, None]
-    x, cache = m.trunk(state.last[:, None], pos, state.lengths + 1, tuple(state.cache),
+    x, cache = m.trunk(state.last[:, None], pos, state.lengths + 1, kvc.as_tuple(state.cache),
                        state.lengths, backend=model.run.attention)
     logits = m.head(x)[:, 0]
     tok, lp = sample(logits, req.params, feats, _row_keys(req.key, state.step, B),
@@ -155,8 +157,11 @@ def make_decode_loop(model: Model, feats: Features):
 
 
 def kv_shardings(model: Model) -> kvc.KVCache:
-    spec = shd.logical_to_spec(kvc.CACHE_AXES, model.rules)
-    return kvc.KVCache(NamedSharding(model.mesh, spec), NamedSharding(model.mesh, spec))
+    """The cache's shardings (codes and scales for a quantized cache)."""
+    axes = kvc.cache_axes(model.run.kv_cache)
+    return kvc.KVCache(*(None if a is None else
+                         NamedSharding(model.mesh, shd.logical_to_spec(a, model.rules))
+                         for a in axes))
 
 
 # ---- host side ----------------------------------------------------------------------------

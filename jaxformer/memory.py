@@ -169,13 +169,19 @@ def cache_length(config: ModelConfig, max_length: int, prompt_length: int | None
 
 
 def kv_cache_bytes(config: ModelConfig, mesh=None, dtype="float32", batch: int = 1,
-                   length: int = 1, rules="default") -> int:
+                   length: int = 1, rules="default", kv_cache: str | None = None) -> int:
     """Bytes of k and v on one device for a cache of exactly `batch` rows x `length` slots:
-    2 * prod(shard shape of [L, batch, length, K, H]) * itemsize."""
+    2 * prod(shard shape of [L, batch, length, K, H]) * itemsize; a quantized cache
+    (RunConfig.kv_cache) holds 1-byte codes plus 2 * prod([L, batch, length, K]) * 4 bytes of
+    scales."""
     sizes, table = mesh_sizes(mesh), _rules(rules)
     shape = (config.num_layers, batch, length, config.kv_heads, config.dims_per_head)
-    return 2 * int(np.prod(shard_shape(shape, CACHE_AXES, sizes, table), dtype=np.int64)) \
-        * _itemsize(dtype)
+    n = int(np.prod(shard_shape(shape, CACHE_AXES, sizes, table), dtype=np.int64))
+    if kv_cache is None:
+        return 2 * n * _itemsize(dtype)
+    scales = int(np.prod(shard_shape(shape[:-1], kvc.SCALE_AXES, sizes, table),
+                         dtype=np.int64))
+    return 2 * n + 2 * scales * 4
 
 
 def activation_bytes(config: ModelConfig, mesh=None, dtype="float32", batch: int = 1,
@@ -230,7 +236,8 @@ def _flash(attention: str, dtype) -> bool:
 
 
 def decode_bytes(config: ModelConfig, mesh=None, dtype="float32", batch: int = 1,
-                 length: int = 1, rules="default", quantize: str | None = None) -> int:
+                 length: int = 1, rules="default", quantize: str | None = None,
+                 kv_cache: str | None = None) -> int:
     """What a decode step holds on one device besides the cache itself:
 
         kv_cache_bytes(batch, length)   a second copy of the cache: the layer scan reads the
@@ -250,7 +257,7 @@ def decode_bytes(config: ModelConfig, mesh=None, dtype="float32", batch: int = 1
     e = _itemsize(dtype)
     layer = weights_bytes(config, sizes, dtype, table, "layers", quantize) \
         // div(c.num_layers, "layers")
-    return int(kv_cache_bytes(config, sizes, dtype, batch, length, table)
+    return int(kv_cache_bytes(config, sizes, dtype, batch, length, table, kv_cache)
                + 2 * b * length * k * c.dims_per_head * e + layer + 2 * b * v * 4)
 
 
@@ -287,6 +294,7 @@ class MemoryPlan:
     attention: str
     weights: int
     quantize: str | None = None  # RunConfig.quantize of the linear layers
+    kv_quant: str | None = None  # RunConfig.kv_cache
     batch: int | None = None  # prompts asked for
     max_length: int | None = None  # prompt + new tokens asked for
     prompt_length: int | None = None  # None: any prompt up to max_length - 1
@@ -356,9 +364,11 @@ class MemoryPlan:
             table = _rules(self.rules)
             shp = shard_shape((c.num_layers, self.rows, self.slots, c.kv_heads, c.dims_per_head),
                               CACHE_AXES, s, table)
+            per = (f"1 B {self.kv_quant} + a float32 scale per token and head"
+                   if self.kv_quant else f"{item} B")
             lines += [
                 f"  KV cache      {fmt_bytes(self.kv_cache):>12}   k and v, each "
-                f"[{', '.join(map(str, shp))}] x {item} B (batch {self.batch} -> "
+                f"[{', '.join(map(str, shp))}] x {per} (batch {self.batch} -> "
                 f"{self.rows} rows, length {self.max_length} -> "
                 f"{'' if self.prompt_length else 'up to '}{self.slots} slots)",
                 f"  prefill       {fmt_bytes(self.activations):>12}   activations for "
@@ -394,26 +404,27 @@ class MemoryPlan:
 
 
 def _workload(config, sizes, dtype, table, attention, batch, max_length, prompt_length,
-              quantize=None):
+              quantize=None, kv_quant=None):
     """(rows, slots, prefill tokens, kv, prefill activation and decode bytes) of a workload."""
     rows = kvc.cache_rows(batch, _axes_size(sizes, table.get("cache_batch")))
     slots = cache_length(config, max_length, prompt_length)
     tokens = prompt_bucket(config, prompt_length or max(max_length - 1, 1))
-    return (rows, slots, tokens, kv_cache_bytes(config, sizes, dtype, rows, slots, table),
+    return (rows, slots, tokens,
+            kv_cache_bytes(config, sizes, dtype, rows, slots, table, kv_quant),
             activation_bytes(config, sizes, dtype, rows, tokens, table, attention),
-            decode_bytes(config, sizes, dtype, rows, slots, table, quantize))
+            decode_bytes(config, sizes, dtype, rows, slots, table, quantize, kv_quant))
 
 
 def _plan_total(p: MemoryPlan, batch: int, length: int) -> int:
     *_, kv, act, dec = _workload(p.config, p.sizes, p.dtype, _rules(p.rules), p.attention,
-                                 batch, length, None, p.quantize)
+                                 batch, length, None, p.quantize, p.kv_quant)
     return p.weights + kv + max(act, dec)
 
 
 def plan(config: ModelConfig, mesh=None, dtype="float32", *, batch: int | None = None,
          max_length: int | None = None, prompt_length: int | None = None, rules="default",
          attention: str = "auto", device_memory=None,
-         quantize: str | None = None) -> MemoryPlan:
+         quantize: str | None = None, kv_cache: str | None = None) -> MemoryPlan:
     """The memory plan per device. `mesh`: a jax Mesh or {'data', 'pipe', 'tensor'} sizes.
 
     batch and max_length (prompt + new tokens) add the KV cache, the prefill activations and
@@ -422,7 +433,8 @@ def plan(config: ModelConfig, mesh=None, dtype="float32", *, batch: int | None =
     `device_memory_limit`.
     attention "auto" counts the xla backend's [T, T] scores except on Hopper GPUs, where
     auto picks the flash-style Pallas kernels. quantize (RunConfig.quantize) counts the
-    linear layers' weights at their quantized size.
+    linear layers' weights at their quantized size; kv_cache (RunConfig.kv_cache) the KV
+    cache at its quantized size.
     """
     import jax.numpy as jnp
     sizes = mesh_sizes(mesh)
@@ -435,14 +447,15 @@ def plan(config: ModelConfig, mesh=None, dtype="float32", *, batch: int | None =
         dev, src = parse_bytes(device_memory), "given"
     else:
         dev, src = device_memory_limit()
-    p = MemoryPlan(config, sizes, dtype, rules, attention, weights, quantize,
+    p = MemoryPlan(config, sizes, dtype, rules, attention, weights, quantize, kv_cache,
                    device_memory=dev, device_memory_source=src)
     if batch is None and max_length is None:
         return p
     batch = 1 if batch is None else int(batch)
     max_length = config.max_position_embeddings if max_length is None else int(max_length)
     rows, slots, tokens, kv, act, dec = _workload(config, sizes, dtype, table, attention,
-                                                  batch, max_length, prompt_length, quantize)
+                                                  batch, max_length, prompt_length, quantize,
+                                                  kv_cache)
     return dataclasses.replace(p, batch=batch, max_length=max_length, rows=rows, slots=slots,
                                prompt_length=prompt_length, prefill_tokens=tokens, kv_cache=kv,
                                activations=act, decode=dec)
@@ -454,7 +467,8 @@ class OutOfMemoryPlan(ValueError):
 
 def check_fits(config: ModelConfig, mesh, dtype, rules="default", *, max_batch=None,
                max_length=None, attention="auto", devices=None,
-               quantize: str | None = None) -> MemoryPlan | None:
+               quantize: str | None = None, kv_cache: str | None = None
+               ) -> MemoryPlan | None:
     """Refuse (OutOfMemoryPlan, a ValueError) a plan that cannot fit the mesh's devices.
 
     Always checks the weights when device memory is known; with max_batch or max_length also
@@ -467,7 +481,7 @@ def check_fits(config: ModelConfig, mesh, dtype, rules="default", *, max_batch=N
     if dev is None:  # nothing to check against (CPU, unless JAXFORMER_DEVICE_MEMORY is set)
         return None
     p = plan(config, sizes, dtype, batch=max_batch, max_length=max_length, rules=rules,
-             attention=attention, device_memory=dev, quantize=quantize)
+             attention=attention, device_memory=dev, quantize=quantize, kv_cache=kv_cache)
     p = dataclasses.replace(p, device_memory_source=src)
     if p.fits is False:
         what = "the weights" if not p.weights_fit else \

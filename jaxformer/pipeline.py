@@ -181,7 +181,7 @@ def run_stages(blocks, x, positions, kv_lengths, cache=None, start=None, *, back
         return out, cache
 
     cache = None if cache is None else tuple(cache)
-    cspec = None if cache is None else (P(PIPE), P(PIPE))
+    cspec = None if cache is None else tuple(P(PIPE) for _ in cache)
     fn = smap(body, in_specs=(P(PIPE), P(), P(), P(), cspec, P()), out_specs=(P(), cspec))
     return fn(state, x, positions, kv_lengths, cache, start)
 
@@ -217,6 +217,7 @@ def make_decode_loop(model, feats):
                           param_axes(cfg, model.run.quantize, model.stages),
                           is_leaf=lambda a: isinstance(a, tuple))
     cspec = pipe_spec(kvc.CACHE_AXES, rules)
+    sspec = pipe_spec(kvc.SCALE_AXES, rules)
 
     def body(params, cache, book, req, until):
         s = lax.axis_index(PIPE)
@@ -319,10 +320,11 @@ def make_decode_loop(model, feats):
     def loop(params, state, req, until):
         with model.traced():
             book = state._replace(cache=None)
-            fn = smap(body, in_specs=(pspecs, (cspec, cspec), P(), P(), P()),
-                      out_specs=((cspec, cspec), P(PIPE)))
-            cache, stacked = fn(nnx.to_pure_dict(params), tuple(state.cache), book, req,
-                                until)
+            cache = kvc.as_tuple(state.cache)
+            cspecs = tuple(cspec if c.ndim == 5 else sspec for c in cache)  # codes, scales
+            fn = smap(body, in_specs=(pspecs, cspecs, P(), P(), P()),
+                      out_specs=(cspecs, P(PIPE)))
+            cache, stacked = fn(nnx.to_pure_dict(params), cache, book, req, until)
             book = jax.tree.map(lambda a: a[S - 1], stacked)
             return book._replace(cache=kvc.KVCache(*cache))
 

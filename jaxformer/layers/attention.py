@@ -51,20 +51,17 @@ class Attention(nnx.Module):
             k = apply_rope(k, positions, **rope)
         q = q.reshape(B, T, K * G, H)  # head n = k * G + g
         new_cache, kv_layer = None, None
-        if cache is not None and layer is not None:
-            # The stacked cache rides in the layer loop's carry: write only the new entries
-            # and let attention read layer `layer` in place (the kernels index it directly).
-            new_cache = (kv.write_layer(cache[0], k, layer, start),
-                         kv.write_layer(cache[1], v, layer, start))
-            if start is not None:
-                (k, v), kv_layer = new_cache, layer
-        elif cache is not None:
-            # start None: a prefill from an empty cache, which attends within x (T keys, not
-            # S) and stores x's keys at slots [0, T).
-            at = jnp.zeros((B,), jnp.int32) if start is None else start
-            new_cache = (kv.write(cache[0], k, at), kv.write(cache[1], v, at))
-            if start is not None:
-                k, v = new_cache
+        if cache is not None:
+            # The stacked cache (with `layer`) rides in the layer loop's carry: write only the
+            # new entries. start None: a prefill from an empty cache, which attends within x
+            # (T keys, not S) and stores x's keys at slots [0, T).
+            new_cache = kv.store(kv.as_tuple(cache), k, v, layer, start)
+            if start is not None and kv.mode_of(new_cache) is not None:
+                # a quantized cache is read as a dequantized copy of this layer's entries
+                # (the Pallas decode kernel reads bf16 / fp16 caches only)
+                k, v = kv.dequantized(new_cache, layer, q.dtype)
+            elif start is not None:
+                (k, v), kv_layer = new_cache, layer  # attention reads the layer in place
         o = attention(q, k, v, positions, kv_lengths, causal=cfg.causal, scale=cfg.scale,
                       backend=backend, layer=kv_layer)
         o = shard(o, ("batch", "length", "act_heads", "head_dim"))

@@ -1,0 +1,129 @@
+"""INT8 / FP8 KV cache (RunConfig.kv_cache): the quantizer against numpy, decoding against a
+teacher-forced float pass, meshes against one device, and the memory it saves."""
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import jaxformer as jf
+from conversion.hf import convert
+from jaxformer import cache as kvc
+from jaxformer import memory
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
+NEW = 10
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=8, max_position_embeddings=64,
+        tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    d = tmp_path_factory.mktemp("llama")
+    hf.save_pretrained(d / "hf")
+    convert(d / "hf", d / "ckpt")
+    return d / "ckpt"
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_quantizer_matches_numpy(mode):
+    x = np.random.default_rng(0).standard_t(4, (3, 5, 2, 16)).astype(np.float32)
+    x[0, 0, 0] = 0.0  # an all-zero head keeps scale 1/qmax and codes 0
+    q, s = jax.jit(kvc.quantize, static_argnums=1)(jnp.asarray(x), mode)
+    qmax = 127.0 if mode == "int8" else 448.0
+    amax = np.abs(x).max(-1)
+    want_s = np.where(amax > 0, amax, 1.0) * np.float32(1 / qmax)
+    np.testing.assert_allclose(np.asarray(s), want_s, rtol=1e-7)
+    y = x / want_s[..., None]
+    if mode == "int8":
+        np.testing.assert_array_equal(np.asarray(q), np.clip(np.round(y), -127, 127))
+        bound = want_s[..., None] / 2
+    else:
+        np.testing.assert_array_equal(np.asarray(q).astype(np.float32),
+                                      y.astype(ml_dtypes.float8_e4m3fn).astype(np.float32))
+        bound = np.maximum(np.abs(x) * 2.0 ** -4, want_s[..., None] * 2.0 ** -10)
+    err = np.abs(np.asarray(kvc.dequantize(q, s, jnp.float32)) - x)
+    assert (err <= bound * (1 + 1e-6)).all()
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_decode_with_quantized_cache_tracks_the_float_pass(llama, mode):
+    """Each generated token's log-probability from the quantized-cache decode equals the
+    teacher-forced float32 forward over prompt + generated tokens to the quantization
+    noise (measured: about 1e-3 int8, 1e-2 fp8), and the greedy choice is that forward's
+    argmax wherever its top two logits are not within that noise."""
+    model = jf.load(llama, kv_cache=mode)
+    assert model.run.kv_cache == mode
+    out = model.generate(PROMPTS, max_new_tokens=NEW,
+                         sampling=jf.Sampling(temperature=0, logprobs=True))
+    worst = 0.0
+    for prompt, toks, lps in zip(PROMPTS, out.tokens, out.logprobs):
+        seq = np.asarray([prompt + toks])
+        logits = model.logits(seq)[0, len(prompt) - 1:-1]  # predicts each generated token
+        ref = jax.nn.log_softmax(jnp.asarray(logits), -1)
+        got = np.asarray(lps)
+        want = np.asarray(ref)[np.arange(len(toks)), toks]
+        worst = max(worst, float(np.abs(got - want).max()))
+        top2 = np.sort(logits, -1)[:, -2:]
+        clear = (top2[:, 1] - top2[:, 0]) > 0.1
+        assert (np.argmax(logits, -1)[clear] == np.asarray(toks)[clear]).all()
+    assert worst < (0.01 if mode == "int8" else 0.05), worst
+
+
+@pytest.mark.parametrize("sizes,loop", [((2, 1, 2), "scan"), ((1, 2, 1), "scan"),
+                                        ((1, 2, 2), "unroll"), ((2, 1, 1), "unroll")])
+def test_quantized_cache_on_meshes_equals_one_device(llama, sizes, loop):
+    one = jf.load(llama, kv_cache="int8").generate(PROMPTS, max_new_tokens=6).tokens
+    d, p, t = sizes
+    mesh = jf.make_mesh(d, p, t, devices=jax.devices()[:d * p * t])
+    model = jf.load(llama, mesh=mesh, kv_cache="int8", layer_loop=loop)
+    assert model.generate(PROMPTS, max_new_tokens=6).tokens == one
+
+
+def test_beam_search_with_a_quantized_cache(llama):
+    s = jf.Sampling(temperature=0, num_beams=3)
+    got = jf.load(llama, kv_cache="int8").generate(PROMPTS, max_new_tokens=5, sampling=s)
+    ref = jf.load(llama).generate(PROMPTS, max_new_tokens=5, sampling=s)
+    agree = np.mean([a == b for x, y in zip(got.tokens, ref.tokens) for a, b in zip(x, y)])
+    assert agree >= 0.8, (got.tokens, ref.tokens)
+
+
+def test_cache_bytes_halve_and_the_fitting_batch_doubles():
+    cfg = jf.ModelConfig.from_preset("llama-7b")
+    bf16 = memory.kv_cache_bytes(cfg, None, "bfloat16", 8, 1024)
+    int8 = memory.kv_cache_bytes(cfg, None, "bfloat16", 8, 1024, kv_cache="int8")
+    assert int8 == bf16 // 2 + 2 * 32 * 8 * 1024 * 32 * 4  # codes + one f32 scale per head
+    assert int8 / bf16 < 0.52
+    fp = memory.plan(cfg, None, "bfloat16", batch=1, max_length=1024, device_memory="80GiB",
+                     attention="pallas")
+    q = memory.plan(cfg, None, "bfloat16", batch=1, max_length=1024, device_memory="80GiB",
+                    attention="pallas", kv_cache="int8")
+    # where the cache, not the prefill activations, bounds the batch (256 to 1024 tokens
+    # here; longer prompts' activations grow as fast), twice the rows fit
+    for (length, b_fp), (_, b_q) in zip(fp.fit_table(), q.fit_table()):
+        assert b_q >= b_fp, (length, b_fp, b_q)
+        if 256 <= length <= 1024:
+            assert b_q >= 2 * b_fp > 0, (length, b_fp, b_q)
+    # the plan counts what init_cache allocates
+    small = jf.ModelConfig.from_preset("demo")
+    c = kvc.init_cache(small, 2, 128, jnp.bfloat16, kv_cache="int8")
+    assert sum(a.nbytes for a in c) == memory.kv_cache_bytes(small, None, "bfloat16", 2, 128,
+                                                             kv_cache="int8")
+
+
+def test_bad_kv_cache_value_is_named():
+    with pytest.raises(ValueError, match="RunConfig.kv_cache"):
+        jf.RunConfig(kv_cache="int4")
+
+
+def test_cli_generate_with_a_quantized_cache(capsys):
+    from jaxformer import cli
+    assert cli.main(["generate", "--kv-cache", "int8", "--max-new-tokens", "4",
+                     "--prompt", "hi", "--no-compile-cache"]) == 0
+    assert "=== prompt 0" in capsys.readouterr().out
