@@ -3,6 +3,7 @@
     jaxformer generate [--checkpoint DIR] [--tensor T --pipe P --data D] --prompt "Hello"
                        [--quantize int8|int4|int4-g<N>|fp8|fp8-tensor] ...
     jaxformer presets
+    jaxformer bench [--presets gpt3-1.3b ...] [--batches 1 64] [--hf] ...   (jaxformer/bench.py)
     jaxformer info (--checkpoint DIR | --preset NAME) [--tensor T --pipe P --data D]
                    [--batch B --max-length L] [--dtype bfloat16] [--device-memory GiB]
                    [--quantize ...]
@@ -65,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--kv-cache", choices=["int8", "fp8"],
                    help="quantize the KV cache (about half the bytes of bf16)")
     sub.add_parser("presets", help="list the model presets in configs/models")
+    sub.add_parser("bench", add_help=False,
+                   help="generation speed vs the card's ceilings and Hugging Face "
+                        "(jaxformer bench --help)")
     i = sub.add_parser("info", help="the memory plan per device (reads config.json only)",
                        description="Weights, KV cache and prefill activations per device, "
                        "against device memory, and the largest batch x length that fits. "
@@ -176,6 +180,10 @@ def cmd_info(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # its own argument parser (jaxformer/bench.py)
+        from jaxformer import bench
+        return bench.main(argv[1:])
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
