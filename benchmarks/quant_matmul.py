@@ -15,49 +15,103 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-f32, bf16, f8 = jnp.float32, jnp.bfloat16, jnp.float8_e4m3fn
-R = 8
-def bench(name, fn, *args, bytes_=None, flops=None):
-    f = jax.jit(fn)
+F32, BF16, F8 = jnp.float32, jnp.bfloat16, jnp.float8_e4m3fn
+R = 8  # distinct weights per timed call
+K, N = 4096, 16384
+
+
+def bench(name, mm, x, weights, *rest, nbytes=None, flops=None):
+    """Time sum(mm(x, w) for w in weights) and print one line per product."""
+    f = jax.jit(lambda x, ws, *rest: sum(mm(x, w, *rest) for w in ws))
     try:
-        f(*args).block_until_ready()
-    except Exception as e:
-        print(f"{name:<34} FAILED {type(e).__name__}: {str(e)[:150]}"); return
+        f(x, weights, *rest).block_until_ready()
+    except Exception as e:  # noqa: BLE001 - a formulation this backend cannot compile
+        print(f"{name:<34} FAILED {type(e).__name__}: {str(e)[:150]}")
+        return
     ts = []
     for _ in range(10):
-        t = time.perf_counter(); f(*args).block_until_ready(); ts.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        f(x, weights, *rest).block_until_ready()
+        ts.append(time.perf_counter() - t)
     t = float(np.median(ts)) / R
-    extra = (f"  {bytes_ / t / 1e9:7.0f} GB/s" if bytes_ else "") + (f"  {flops / t / 1e12:6.0f} TFLOP/s" if flops else "")
-    print(f"{name:<34} {t * 1e6:9.1f} us/matmul{extra}", flush=True)
+    rate = (f"  {nbytes / t / 1e9:7.0f} GB/s" if nbytes else "") + \
+        (f"  {flops / t / 1e12:6.0f} TFLOP/s" if flops else "")
+    print(f"{name:<34} {t * 1e6:9.1f} us/matmul{rate}", flush=True)
 
-def many(mm):
-    return lambda x, ws, *rest: sum(mm(x, w, *rest) for w in ws)
 
-K, N = 4096, 16384
-key = jax.random.key(0)
-wb = [jax.random.normal(jax.random.fold_in(key, i), (K, N), bf16) for i in range(R)]
-wq = [jnp.clip(jnp.round(w.astype(f32) * 40), -127, 127).astype(jnp.int8) for w in wb]
-wqt = [jnp.asarray(w.T) for w in wq]
-s = jnp.ones((N,), f32) / 40
-for M in (1, 16, 64):
-    x = jax.random.normal(key, (M, K), bf16)
-    print(f"## decode-like M={M}, K={K}, N={N}")
-    bench("bf16 einsum", many(lambda x, w: jnp.einsum("mk,kn->mn", x, w)), x, wb, bytes_=K * N * 2)
-    bench("int8 astype einsum", many(lambda x, q, s: (jnp.einsum("mk,kn->mn", x, q.astype(bf16), preferred_element_type=f32) * s).astype(bf16)), x, wq, s, bytes_=K * N)
-    bench("int8 dot_general mixed", many(lambda x, q, s: (lax.dot_general(x, q, (((1,), (0,)), ((), ())), preferred_element_type=f32) * s).astype(bf16)), x, wq, s, bytes_=K * N)
-    bench("int8 transposed [N,K] astype", many(lambda x, q, s: (jnp.einsum("mk,nk->mn", x, q.astype(bf16), preferred_element_type=f32) * s).astype(bf16)), x, wqt, s, bytes_=K * N)
-    if M <= 16:
-        bench("int8 reduce form", many(lambda x, q, s: ((x.astype(f32)[:, :, None] * q.astype(f32)[None]).sum(1) * s).astype(bf16)), x, wq, s, bytes_=K * N)
-        bench("int8 transposed reduce form", many(lambda x, q, s: ((x.astype(f32)[:, None, :] * q.astype(f32)[None]).sum(2) * s).astype(bf16)), x, wqt, s, bytes_=K * N)
-M = 2048
-x = jax.random.normal(key, (M, K), bf16)
-w8 = [w.astype(f8) for w in wb]
-w8t = [jnp.asarray(w.T) for w in w8]
-print(f"## prefill-like M={M}, K={K}, N={N}")
-fl = 2 * M * K * N
-bench("bf16 einsum", many(lambda x, w: jnp.einsum("mk,kn->mn", x, w)), x, wb, flops=fl)
-bench("fp8 einsum f32 out", many(lambda x, w: jnp.einsum("mk,kn->mn", x.astype(f8), w, preferred_element_type=f32).astype(bf16)), x, w8, flops=fl)
-bench("fp8 einsum bf16 out", many(lambda x, w: jnp.einsum("mk,kn->mn", x.astype(f8), w, preferred_element_type=bf16)), x, w8, flops=fl)
-bench("fp8 transposed w [N,K]", many(lambda x, w: jnp.einsum("mk,nk->mn", x.astype(f8), w, preferred_element_type=bf16)), x, w8t, flops=fl)
-bench("fp8 dequant pattern", many(lambda x, w: jnp.einsum("mk,kn->mn", x.astype(f8).astype(bf16) * bf16(1.0), w.astype(bf16) * bf16(1.0))), x, w8, flops=fl)
-bench("fp8 dequant pattern [N,K]", many(lambda x, w: jnp.einsum("mk,nk->mn", (x.astype(f8).astype(f32) * 1.0).astype(bf16), (w.astype(f32) * 1.0).astype(bf16))), x, w8t, flops=fl)
+# the formulations: x [M, K]; w [K, N] (float layout) or [N, K] (K-minor); s [N] scales
+def bf16_mm(x, w):
+    return jnp.einsum("mk,kn->mn", x, w)
+
+
+def int8_astype(x, q, s):
+    return (jnp.einsum("mk,kn->mn", x, q.astype(BF16), preferred_element_type=F32) * s
+            ).astype(BF16)
+
+
+def int8_mixed_dot(x, q, s):
+    y = lax.dot_general(x, q, (((1,), (0,)), ((), ())), preferred_element_type=F32)
+    return (y * s).astype(BF16)
+
+
+def int8_kminor_astype(x, q, s):
+    return (jnp.einsum("mk,nk->mn", x, q.astype(BF16), preferred_element_type=F32) * s
+            ).astype(BF16)
+
+
+def int8_reduce(x, q, s):
+    return ((x.astype(F32)[:, :, None] * q.astype(F32)[None]).sum(1) * s).astype(BF16)
+
+
+def int8_kminor_reduce(x, q, s):
+    return ((x.astype(F32)[:, None, :] * q.astype(F32)[None]).sum(2) * s).astype(BF16)
+
+
+def fp8_f32_out(x, w):
+    return jnp.einsum("mk,kn->mn", x.astype(F8), w, preferred_element_type=F32).astype(BF16)
+
+
+def fp8_bf16_out(x, w):
+    return jnp.einsum("mk,kn->mn", x.astype(F8), w, preferred_element_type=BF16)
+
+
+def fp8_kminor(x, w):
+    return jnp.einsum("mk,nk->mn", x.astype(F8), w, preferred_element_type=BF16)
+
+
+def fp8_dequant_pattern(x, w):
+    return jnp.einsum("mk,kn->mn", x.astype(F8).astype(BF16), w.astype(BF16))
+
+
+def main():
+    key = jax.random.key(0)
+    wb = [jax.random.normal(jax.random.fold_in(key, i), (K, N), BF16) for i in range(R)]
+    wq = [jnp.clip(jnp.round(w.astype(F32) * 40), -127, 127).astype(jnp.int8) for w in wb]
+    wq_kminor = [jnp.asarray(w.T) for w in wq]
+    s = jnp.ones((N,), F32) / 40
+    print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}")
+    for M in (1, 16, 64):
+        x = jax.random.normal(key, (M, K), BF16)
+        print(f"## decode-like M={M}, K={K}, N={N}")
+        bench("bf16 einsum", bf16_mm, x, wb, nbytes=K * N * 2)
+        bench("int8 astype einsum", int8_astype, x, wq, s, nbytes=K * N)
+        bench("int8 dot_general mixed", int8_mixed_dot, x, wq, s, nbytes=K * N)
+        bench("int8 K-minor astype einsum", int8_kminor_astype, x, wq_kminor, s, nbytes=K * N)
+        if M <= 16:
+            bench("int8 reduce", int8_reduce, x, wq, s, nbytes=K * N)
+            bench("int8 K-minor reduce", int8_kminor_reduce, x, wq_kminor, s, nbytes=K * N)
+    M = 2048
+    x = jax.random.normal(key, (M, K), BF16)
+    w8 = [w.astype(F8) for w in wb]
+    w8_kminor = [jnp.asarray(w.T) for w in w8]
+    flops = 2 * M * K * N
+    print(f"## prefill-like M={M}, K={K}, N={N}")
+    bench("bf16 einsum", bf16_mm, x, wb, flops=flops)
+    bench("fp8 einsum, f32 out", fp8_f32_out, x, w8, flops=flops)
+    bench("fp8 einsum, bf16 out", fp8_bf16_out, x, w8, flops=flops)
+    bench("fp8 K-minor weight", fp8_kminor, x, w8_kminor, flops=flops)
+    bench("fp8 dequantize-then-dot pattern", fp8_dequant_pattern, x, w8, flops=flops)
+
+
+if __name__ == "__main__":
+    main()
