@@ -42,12 +42,6 @@ def as_tuple(cache) -> tuple:
     return t[:2] if len(t) == 2 or t[2] is None else t
 
 
-def check_mode(kv_cache) -> str | None:
-    if kv_cache is not None and kv_cache not in KV_MODES:
-        raise ValueError(f"RunConfig.kv_cache: must be None, 'int8' or 'fp8', got {kv_cache!r}")
-    return kv_cache
-
-
 def quantize(x, mode: str):
     """x [..., H] -> (codes [..., H] int8 / float8_e4m3fn, scale [...] float32)."""
     dtype, qmax = KV_MODES[mode]
@@ -121,36 +115,23 @@ def init_cache(cfg: ModelConfig, batch: int, max_length: int, dtype, shardings=N
     return jax.jit(make, out_shardings=shardings)()
 
 
-def write(layer_cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-    """Write new [B, T, K, H] into one layer's cache [B, S, K, H] (scales: [B, T, K] into
-    [B, S, K]) at slot start[b] of row b."""
-    rest = (0,) * (layer_cache.ndim - 2)
-    return jax.vmap(lambda c, x, s: lax.dynamic_update_slice(c, x.astype(c.dtype), (s,) + rest))(
-        layer_cache, new, start)
-
-
 def store(cache: tuple, k, v, layer, start) -> tuple:
     """Write this step's k, v [B, T, K, H] (quantizing them for a quantized cache) into
-    `cache`: one layer's (k, v[, k_scale, v_scale]) with layer None, else the stacked cache
-    at layer `layer`; start as in `write_layer` (None: slot 0)."""
+    layer `layer` of the stacked cache (k, v[, k_scale, v_scale]); start as in
+    `write_layer` (None: slot 0)."""
     mode = mode_of(cache)
     if mode is None:
         new = (k, v)
     else:
         (kq, ks), (vq, vs) = quantize(k, mode), quantize(v, mode)
         new = (kq, vq, ks, vs)
-    if layer is not None:
-        return tuple(write_layer(c, n, layer, start) for c, n in zip(cache, new))
-    at = jnp.zeros((k.shape[0],), jnp.int32) if start is None else start
-    return tuple(write(c, n, at) for c, n in zip(cache, new))
+    return tuple(write_layer(c, n, layer, start) for c, n in zip(cache, new))
 
 
 def dequantized(cache: tuple, layer, dtype):
-    """(k, v) [B, S, K, H] in `dtype` of a quantized cache (one layer's with layer None)."""
-    t = as_tuple(cache)
-    if layer is not None:
-        t = tuple(read_layer(c, layer) for c in t)
-    return dequantize(t[0], t[2], dtype), dequantize(t[1], t[3], dtype)
+    """(k, v) [B, S, K, H] in `dtype`: layer `layer` of a quantized stacked cache."""
+    k, v, ks, vs = (read_layer(c, layer) for c in as_tuple(cache))
+    return dequantize(k, ks, dtype), dequantize(v, vs, dtype)
 
 
 def write_layer(cache: jax.Array, new: jax.Array, layer, start: jax.Array | None) -> jax.Array:

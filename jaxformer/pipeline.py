@@ -206,6 +206,7 @@ def make_decode_loop(model, feats):
     from jaxformer import cache as kvc
     gen = importlib.import_module("jaxformer.generate")  # the package re-exports generate()
     from jaxformer.models import param_axes
+    from jaxformer.models.transformer import run_blocks
     from jaxformer.sampling import RowParams, sample
 
     cfg, mesh, rules = model.config, model.mesh, model.rules
@@ -276,7 +277,10 @@ def make_decode_loop(model, feats):
             # A bubble writes its garbage keys at each row's next slot, which the row's next
             # real step overwrites before anything reads it: no select over the cache.
             at = jnp.where(valid, lens, take(slots, m))
-            h, cache = _decode_layers(net.layers, h, at, cache, m, backend)
+            # cache [Ls * M, b, S, K, H]: layer l of microbatch m at l * M + m (below), read
+            # and written in place by each layer
+            h, cache = run_blocks(net.layers, h, at[:, None], at + 1, cache, at,
+                                  backend=backend, cache_layer=lambda l: l * M + m)
             slots = jnp.where(valid, _put(slots, m, lens + 1, M), slots)
             # Every stage computes the last stage's work and keeps it only there: a lax.cond on
             # the stage would hold collectives that XLA may lay over all devices (deadlock),
@@ -329,38 +333,6 @@ def make_decode_loop(model, feats):
             return book._replace(cache=kvc.KVCache(*cache))
 
     return jax.jit(loop, donate_argnums=(1,))
-
-
-def _decode_layers(blocks, h, at, cache, m, backend):
-    """One decode step of a stage's layers for microbatch m, updating its cache in place.
-
-    h [b, 1, D]; at [b] the cache slot (and position) of the token; cache (k, v) each
-    [Ls * M, b, S, K, H] with layer l of microbatch m at l * M + m. The stage cache rides in
-    the scan carry and each layer writes only its new entries and reads its own slab, so no
-    copy of the cache is made per tick.
-    """
-    from jaxformer.models.transformer import _position
-
-    if isinstance(blocks, nnx.List):  # unrolled: this stage's layer j, read in place
-        M = cache[0].shape[0] // len(blocks)
-        cache = tuple(cache)
-        for j, stacked in enumerate(blocks):
-            h, cache = _position(stacked)(h, at[:, None], at + 1, cache, at,
-                                          jnp.int32(j * M) + m, backend=backend)
-        return h, cache
-    graphdef, state = nnx.split(blocks)
-    Ls = jax.tree.leaves(state)[0].shape[0]
-    M = cache[0].shape[0] // Ls
-
-    def body(carry, xs):
-        h, cache = carry
-        layer_state, layer = xs
-        h, cache = nnx.merge(graphdef, layer_state)(h, at[:, None], at + 1, cache, at,
-                                                    layer * M + m, backend=backend)
-        return (h, cache), None
-
-    (h, cache), _ = lax.scan(body, (h, tuple(cache)), (state, jnp.arange(Ls, dtype=jnp.int32)))
-    return h, cache
 
 
 def _module(model, pure: dict):

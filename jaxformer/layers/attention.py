@@ -6,7 +6,6 @@ then its key and value heads, so sharding kv_heads over `tensor` keeps whole gro
 """
 from __future__ import annotations
 
-import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer import cache as kv
@@ -32,10 +31,11 @@ class Attention(nnx.Module):
         """One attention sublayer.
 
         x [B, T, D]; positions [B, T] int32; kv_lengths [B] int32 valid keys after this step.
-        cache: None (attend within x) or (k, v) each [B, S, K, H], or with `layer` (an int32
-        scalar) the whole stack [L, B, S, K, H] of which this is layer `layer`. The new keys
-        are written at slot start[b] (start [B] int32) and the queries attend over the whole
-        cache row; with start None they are written at slot 0 and the queries attend within x.
+        cache: None (attend within x) or the stacked cache (k, v[, k_scale, v_scale]), each
+        [L, B, S, ...], of which this is layer `layer` (an int32 scalar, required with a
+        cache). The new keys are written at slot start[b] (start [B] int32) and the queries
+        attend over the whole cache row; with start None they are written at slot 0 and the
+        queries attend within x.
         Returns (out [B, T, D], new cache (same structure) or None).
         """
         cfg = self.cfg
@@ -52,8 +52,7 @@ class Attention(nnx.Module):
         q = q.reshape(B, T, K * G, H)  # head n = k * G + g
         new_cache, kv_layer = None, None
         if cache is not None:
-            # The stacked cache (with `layer`) rides in the layer loop's carry: write only the
-            # new entries. start None: a prefill from an empty cache, which attends within x
+            # The stacked cache rides in the layer loop's carry: write only the new entries. start None: a prefill from an empty cache, which attends within x
             # (T keys, not S) and stores x's keys at slots [0, T).
             new_cache = kv.store(kv.as_tuple(cache), k, v, layer, start)
             if start is not None and kv.mode_of(new_cache) is not None:

@@ -52,20 +52,29 @@ def _position(stacked: Block) -> Block:
     return nnx.merge(graphdef, jax.tree.map(lambda a: a.reshape(a.shape[1:]), state))
 
 
-def run_blocks(blocks, x, positions, kv_lengths, cache=None, start=None, *, backend="auto"):
+def run_blocks(blocks, x, positions, kv_lengths, cache=None, start=None, *, backend="auto",
+               cache_layer=None):
     """Run x [B, T, D] through the blocks (stacked: a scan; a list: a Python loop); cache is
-    (k, v) each [L, B, S, K, H] or None.
+    (k, v[, k_scale, v_scale]) each [L', B, S, ...] or None.
 
-    Returns (x [B, T, D], new (k, v) or None). The whole cache is a carry of the scan, each
-    layer writing its new entries in place: as scan outputs it would be rebuilt (zero-filled
-    and copied) every step, many times the bytes decode actually needs to read.
+    Block l (of these blocks) uses cache layer cache_layer(l) (default l; the pipelined
+    decode interleaves microbatches). Returns (x [B, T, D], new cache or None). The whole
+    cache is a carry of the loop, each layer writing its new entries in place: as scan
+    outputs it would be rebuilt (zero-filled and copied) every step, many times the bytes
+    decode actually needs to read.
     """
     cache = None if cache is None else tuple(cache)
-    if isinstance(blocks, nnx.List):  # cache layer j: this stage's j-th layer
+    has_cache = cache is not None
+
+    def cache_index(layer):
+        if not has_cache:
+            return None
+        return layer if cache_layer is None else cache_layer(layer)
+
+    if isinstance(blocks, nnx.List):  # block j: this stage's j-th layer
         for layer, stacked in enumerate(blocks):
             x, cache = _position(stacked)(x, positions, kv_lengths, cache, start,
-                                          None if cache is None else jnp.int32(layer),
-                                          backend=backend)
+                                          cache_index(jnp.int32(layer)), backend=backend)
         return x, cache
     graphdef, state = nnx.split(blocks)
     L = jax.tree.leaves(state)[0].shape[0]
@@ -74,8 +83,8 @@ def run_blocks(blocks, x, positions, kv_lengths, cache=None, start=None, *, back
         h, cache = carry
         layer_state, layer = xs
         block = nnx.merge(graphdef, layer_state)
-        h, cache = block(h, positions, kv_lengths, cache, start,
-                         None if cache is None else layer, backend=backend)
+        h, cache = block(h, positions, kv_lengths, cache, start, cache_index(layer),
+                         backend=backend)
         return (h, cache), None
 
     layers = jnp.arange(L, dtype=jnp.int32)
