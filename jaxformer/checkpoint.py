@@ -230,14 +230,35 @@ def save_params(directory: Path, tree: Mapping) -> None:
                 pages.madvise(mmap.MADV_DONTNEED)
 
 
+def stacked_leaves(params: Mapping):
+    """Yield (path, host numpy array) of a params tree in the checkpoint's stacked layout,
+    one array at a time, from either layer layout (models/transformer.py): the unrolled
+    layout's positions `layers/{j}` of [S, ...] (layer s * Ls + j at [s]) are stacked back
+    into [L, ...]."""
+    from jaxformer.models import LAYERS, is_unrolled
+    unrolled = is_unrolled(params)
+    layers = params.get(LAYERS)
+    rest = {k: v for k, v in params.items() if not (unrolled and k == LAYERS)}
+    for path, leaf in _flatten(rest).items():
+        yield path, np.asarray(jax.device_get(leaf))
+    if not unrolled:
+        return
+    positions = [_flatten(layers[j]) for j in range(len(layers))]
+    for sub in positions[0]:
+        # [Ls, S, ...] -> [S, Ls, ...] -> [L, ...]
+        parts = np.stack([np.asarray(jax.device_get(p[sub])) for p in positions]).swapaxes(0, 1)
+        yield (LAYERS,) + sub, parts.reshape((-1,) + parts.shape[2:])
+
+
 def save(output, params, config: ModelConfig, tokenizer=None, *, overwrite=False,
          dtype: str | None = None, quantize: str | None = None) -> None:
-    """Save a whole parameter tree (nnx.State or nested dict of arrays) as a checkpoint;
-    `quantize`: the tree is quantized so (RunConfig.quantize), recorded in quantization.json."""
+    """Save a whole parameter tree (nnx.State or nested dict of arrays, either layer layout)
+    as a checkpoint, one array on the host at a time; `quantize`: the tree is quantized so
+    (RunConfig.quantize), recorded in quantization.json."""
     with CheckpointWriter(output, config, overwrite=overwrite, dtype=dtype,
                           quantize=quantize) as w:
-        for path, arr in _flatten(_to_plain(params)).items():
-            w.put(path, np.asarray(jax.device_get(arr)))
+        for path, arr in stacked_leaves(_to_plain(params)):
+            w.put(path, arr)
         if tokenizer is not None:
             w.add_tokenizer(tokenizer)
 

@@ -15,7 +15,6 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxformer import checkpoint as ckpt
 from jaxformer import sharding as shd
 from jaxformer.config import ModelConfig, RunConfig
-from jaxformer.models import (abstract_model, build, is_unrolled, param_axes, stacked_leaves,
-                              unstack_layers)
+from jaxformer.models import abstract_model, build, is_unrolled, param_axes, unstack_layers
 
 log = logging.getLogger(__name__)
 
@@ -218,12 +216,8 @@ class Model:
         """Write a checkpoint (docs/checkpoint_format.md): always the stacked layout, one
         array on the host at a time; a quantized model writes its quantized weights and
         scales, which `load` restores directly."""
-        with ckpt.CheckpointWriter(path, self.config, overwrite=overwrite,
-                                   quantize=self.run.quantize) as w:
-            for key, array in stacked_leaves(nnx.to_pure_dict(self.params)):
-                w.put(key, array)
-            if self.tokenizer is not None:
-                w.add_tokenizer(self.tokenizer)
+        ckpt.save(path, nnx.to_pure_dict(self.params), self.config, self.tokenizer,
+                  overwrite=overwrite, quantize=self.run.quantize)
 
     def calibrate(self, prompts=None) -> dict:
         """Measure the static FP8 activation scales (quantize="fp8" / "fp8-tensor") on

@@ -85,48 +85,6 @@ def is_unrolled(params: dict) -> bool:
     return isinstance(layers, dict) and 0 in layers
 
 
-def stacked_leaves(params: dict):
-    """Yield (path tuple, host numpy array) in the stacked (checkpoint) layout, one leaf at
-    a time, from params in either layout."""
-    import numpy as np
-
-    def walk(tree, prefix):
-        for k, v in tree.items():
-            if isinstance(v, dict):
-                yield from walk(v, prefix + (str(k),))
-            else:
-                yield prefix + (str(k),), v
-
-    for path, leaf in walk({k: v for k, v in params.items() if k != LAYERS}, ()):
-        yield path, np.asarray(jax.device_get(leaf))
-    layers = params.get(LAYERS)
-    if layers is None:
-        return
-    if not is_unrolled(params):
-        for path, leaf in walk(layers, (LAYERS,)):
-            yield path, np.asarray(jax.device_get(leaf))
-        return
-    Ls = len(layers)
-    for path, _ in walk(layers[0], (LAYERS,)):
-        rest = path[1:]
-
-        def get(tree, keys=rest):
-            for k in keys:
-                tree = tree[k]
-            return tree
-        parts = np.stack([np.asarray(jax.device_get(get(layers[j]))) for j in range(Ls)])
-        # [Ls, S, ...] -> [S, Ls, ...] -> [L, ...]: layer s * Ls + j
-        parts = parts.swapaxes(0, 1)
-        yield path, parts.reshape((-1,) + parts.shape[2:])
-
-
-def layer_stages(params) -> int | None:
-    """The layout of a params tree: None stacked, else its number of stages S."""
-    if not is_unrolled(params):
-        return None
-    return int(jax.tree.leaves(params[LAYERS][0])[0].shape[0])
-
-
 def abstract_params(cfg: ModelConfig, quantize: str | None = None) -> dict:
     """Plain nested dict of jax.ShapeDtypeStruct: the checkpoint's (stacked) tree. Float
     leaves are float32; quantized kernels have their own dtype and float32 scales beside
@@ -145,4 +103,4 @@ def param_axes(cfg: ModelConfig, quantize: str | None = None,
 
 
 __all__ = ["DecoderLM", "Encoder", "build", "abstract_model", "abstract_params", "param_axes",
-           "unstack_layers", "stacked_leaves", "is_unrolled", "layer_stages", "LAYERS"]
+           "unstack_layers", "is_unrolled", "LAYERS"]
