@@ -29,7 +29,7 @@ from jax import lax
 
 from jaxformer import sharding as shd
 from jaxformer.quant import ops
-from jaxformer.quant.params import iter_denses
+from jaxformer.quant.params import _get, iter_denses
 from jaxformer.quant.spec import parse
 
 MAX_TOKENS = 256
@@ -129,13 +129,25 @@ def calibrate(model, prompts=None) -> dict:
 
 
 def _measure(model, ids, lengths, types) -> dict:
-    cfg, backend = model.config, model.run.attention
-    L = cfg.num_layers
-    S = shd.mesh_size(model.mesh, model.rules.get("layers"))  # stages holding the stack
+    """max |x| at each quantized linear's input, layer by layer: {name: [L] float32}.
+
+    Both layer layouts are viewed as [S, n, ...] stacks (S stages; stacked: one tree with
+    n = L / S layers per stage; unrolled: position j's tree with n = 1), so each step takes
+    layer i = s * (L / S) + j stage-locally: a pipe-sharded stack moves at most one layer.
+    """
+    backend = model.run.attention
+    L = model.config.num_layers
     layers = model.module(model.params).layers
     if isinstance(layers, nnx.List):  # unrolled: position j holds layer j of every stage
-        return _measure_unrolled(model, layers, ids, lengths, types)
-    graphdef, state = nnx.split(layers)
+        Ls, S = len(layers), L // len(layers)
+        graphdef = nnx.split(layers[0])[0]
+        states = [nnx.split(pos)[1] for pos in layers]
+        where = lambda i: (states[i % Ls], i // Ls, 0)  # noqa: E731
+    else:
+        S = shd.mesh_size(model.mesh, model.rules.get("layers"))  # stages holding the stack
+        Ls = L // S
+        graphdef, state = nnx.split(layers)
+        where = lambda i: (state, i // Ls, i % Ls)  # noqa: E731
 
     @jax.jit
     def embed(params, ids, types):
@@ -145,11 +157,11 @@ def _measure(model, ids, lengths, types) -> dict:
             return model.module(params).embed(ids, positions, types)
 
     @jax.jit
-    def layer(state, l, h, lengths):
-        def take(a):  # layer l of a [L, ...] stack, viewed [S, L/S, ...] as the stages hold it
-            a = a.reshape((S, L // S) + a.shape[1:])
-            a = lax.dynamic_index_in_dim(a, l % (L // S), 1, keepdims=False)
-            return lax.dynamic_index_in_dim(a, l // (L // S), 0, keepdims=False)
+    def layer(state, s, j, h, lengths):
+        def take(a):  # [S * n, ...] viewed [S, n, ...] as the stages hold it -> [s, j]
+            a = a.reshape((S, a.shape[0] // S) + a.shape[1:])
+            a = lax.dynamic_index_in_dim(a, j, 1, keepdims=False)
+            return lax.dynamic_index_in_dim(a, s, 0, keepdims=False)
 
         with model.traced():
             block = nnx.merge(graphdef, jax.tree.map(take, state))
@@ -163,47 +175,8 @@ def _measure(model, ids, lengths, types) -> dict:
     h = embed(model.params, ids, types)
     per_layer = []
     for i in range(L):
-        h, amax = layer(state, jnp.int32(i), h, lengths)
-        per_layer.append(amax)
-    names = per_layer[0].keys()
-    return {k: np.asarray([float(jax.device_get(a[k])) for a in per_layer], np.float32)
-            for k in names}
-
-
-def _embed_fn(model):
-    @jax.jit
-    def embed(params, ids, types):
-        with model.traced():
-            B, T = ids.shape
-            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-            return model.module(params).embed(ids, positions, types)
-    return embed
-
-
-def _measure_unrolled(model, layers, ids, lengths, types) -> dict:
-    """_measure for the unrolled layout: layer l = s * Ls + j is [s] of position j."""
-    backend = model.run.attention
-    Ls = len(layers)
-    S = model.config.num_layers // Ls
-    graphdef, _ = nnx.split(layers[0])
-
-    @jax.jit
-    def layer(state, s, h, lengths):
-        take = lambda a: lax.dynamic_index_in_dim(a, s, 0, keepdims=False)  # noqa: E731
-        with model.traced():
-            block = nnx.merge(graphdef, jax.tree.map(take, state))
-            B, T = h.shape[:2]
-            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-            mask = positions < lengths[:, None]
-            with ops.recording(mask) as rec:
-                h, _ = block(h, positions, lengths, backend=backend)
-            return h, rec.amax
-
-    h = _embed_fn(model)(model.params, ids, types)
-    states = [nnx.split(pos)[1] for pos in layers]
-    per_layer = []
-    for i in range(S * Ls):
-        h, amax = layer(states[i % Ls], jnp.int32(i // Ls), h, lengths)
+        state_i, s, j = where(i)
+        h, amax = layer(state_i, jnp.int32(s), jnp.int32(j), h, lengths)
         per_layer.append(amax)
     names = per_layer[0].keys()
     return {k: np.asarray([float(jax.device_get(a[k])) for a in per_layer], np.float32)
@@ -218,9 +191,7 @@ def set_act_scales(model, amax: dict) -> None:
         if len(path) > 1 and path[1].isdigit():  # unrolled position j: layers s * Ls + j
             Ls = len(pure[path[0]])
             a = a.reshape(-1, Ls)[:, int(path[1])]
-        node = pure
-        for k in path:
-            node = node[int(k)] if k.isdigit() and int(k) in node else node[k]
+        node = _get(pure, path)
         old = node["act_scale"]
         scale = np.where(a > 0, a, ops.FP8_MAX) / ops.FP8_MAX
         node["act_scale"] = jax.device_put(scale.astype(np.float32).reshape(old.shape),

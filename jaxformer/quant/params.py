@@ -101,8 +101,10 @@ def weight_bits(dtype) -> int:
 
 
 def _get(tree, path):
+    """tree[path[0]][path[1]]...; module paths name the unrolled layout's positions "0",
+    "1", ... (iter_denses), which its params tree keys as ints."""
     for k in path:
-        tree = tree[k]
+        tree = tree[int(k)] if isinstance(k, str) and k.isdigit() and int(k) in tree else tree[k]
     return tree
 
 
