@@ -182,26 +182,22 @@ def attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: float,
     """
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
-    if layer is not None and not (backend in ("auto", "pallas") and q.shape[1] == 1):
-        from jaxformer.cache import read_layer
+
+    def one_layer(a, layer):  # what the support checks look at: one layer's shapes
+        return a if layer is None else jax.ShapeDtypeStruct(a.shape[1:], a.dtype)
+
+    if backend == "auto":
+        reason = pallas_unsupported(q, one_layer(k, layer), one_layer(v, layer))
+        if reason is not None:
+            _log_once(f"attention backend 'auto' uses xla: {reason}")
+        backend = "xla" if reason is not None else "pallas"
+    if layer is not None and not (backend == "pallas" and q.shape[1] == 1):
+        from jaxformer.cache import read_layer  # only the decode kernel reads it in place
         k, v, layer = read_layer(k, layer), read_layer(v, layer), None
     if backend == "xla":
         return attention_reference(q, k, v, q_positions, kv_lengths, causal=causal, scale=scale)
-    # The support checks look at one layer's shapes.
-    k1, v1 = (k, v) if layer is None else (
-        jax.ShapeDtypeStruct(k.shape[1:], k.dtype), jax.ShapeDtypeStruct(v.shape[1:], v.dtype))
-    if backend == "auto":
-        reason = pallas_unsupported(q, k1, v1)
-        if reason is not None:
-            _log_once(f"attention backend 'auto' uses xla: {reason}")
-            if layer is not None:
-                from jaxformer.cache import read_layer
-                k, v = read_layer(k, layer), read_layer(v, layer)
-            return attention_reference(q, k, v, q_positions, kv_lengths, causal=causal,
-                                       scale=scale)
-        backend = "pallas"
     check = pallas_unsupported if backend == "pallas" else cudnn_unsupported
-    reason = check(q, k1, v1)
+    reason = check(q, one_layer(k, layer), one_layer(v, layer))
     if reason is not None:
         raise ValueError(f"attention backend {backend!r} does not support this call: {reason}")
 
