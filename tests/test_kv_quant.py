@@ -5,11 +5,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-import torch
-import transformers
 
 import jaxformer as jf
-from conversion.hf import convert
 from jaxformer import cache as kvc
 from jaxformer import memory
 
@@ -18,17 +15,9 @@ NEW = 10
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=4, head_dim=8, max_position_embeddings=64,
-        tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    hf = transformers.LlamaForCausalLM(cfg).eval()
-    d = tmp_path_factory.mktemp("llama")
-    hf.save_pretrained(d / "hf")
-    convert(d / "hf", d / "ckpt")
-    return d / "ckpt"
+def llama(llama4):
+    """The checkpoint of conftest's 4-layer LLaMA."""
+    return llama4[1]
 
 
 @pytest.mark.parametrize("mode", ["int8", "fp8"])

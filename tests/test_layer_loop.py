@@ -4,27 +4,11 @@ import jax
 import numpy as np
 import pytest
 import torch
-import transformers
 
 import jaxformer as jf
-from conversion.hf import convert
 from jaxformer import RunConfig
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=4, head_dim=8, max_position_embeddings=64,
-        tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    hf = transformers.LlamaForCausalLM(cfg).eval()
-    d = tmp_path_factory.mktemp("llama")
-    hf.save_pretrained(d / "hf")
-    convert(d / "hf", d / "ckpt")
-    return hf, d / "ckpt"
 
 
 def _hf_greedy(hf, prompt, n):
@@ -36,8 +20,8 @@ def _hf_greedy(hf, prompt, n):
 
 @pytest.mark.parametrize("sizes", [(1, 1, 1), (2, 1, 2), (1, 1, 4), (1, 2, 1), (1, 4, 1),
                                    (2, 2, 2)])
-def test_unrolled_matches_transformers_on_meshes(llama, sizes):
-    hf, path = llama
+def test_unrolled_matches_transformers_on_meshes(llama4, sizes):
+    hf, path = llama4
     data, pipe, tensor = sizes
     mesh = jf.make_mesh(data=data, pipe=pipe, tensor=tensor,
                         devices=jax.devices()[:data * pipe * tensor])
@@ -61,8 +45,8 @@ def test_unrolled_matches_transformers_on_meshes(llama, sizes):
 
 
 @pytest.mark.parametrize("pipe", [1, 2])
-def test_unrolled_saves_the_stacked_checkpoint(llama, tmp_path, pipe):
-    _, path = llama
+def test_unrolled_saves_the_stacked_checkpoint(llama4, tmp_path, pipe):
+    _, path = llama4
     mesh = jf.make_mesh(pipe=pipe, devices=jax.devices()[:pipe])
     model = jf.load(path, mesh=mesh, layer_loop="unroll")
     model.save(tmp_path / "again")
@@ -80,10 +64,10 @@ def test_layer_loop_choices_and_errors():
 
 
 @pytest.mark.parametrize("quantize,pipe", [("int8", 1), ("fp8", 1), ("fp8", 2), ("int4-g16", 2)])
-def test_quantized_unrolled_equals_quantized_scan(llama, tmp_path, quantize, pipe):
+def test_quantized_unrolled_equals_quantized_scan(llama4, tmp_path, quantize, pipe):
     """Quantized weights, FP8 calibration and quantized checkpoints in the unrolled layout
     give exactly the stacked layout's results."""
-    _, path = llama
+    _, path = llama4
     mesh = jf.make_mesh(pipe=pipe, devices=jax.devices()[:pipe])
     ids = np.asarray([PROMPTS[0] + PROMPTS[2]])
     scan = jf.load(path, mesh=mesh, quantize=quantize, layer_loop="scan")
