@@ -10,9 +10,8 @@ done. Streaming calls the same compiled loop for a few steps at a time.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
-from typing import Iterator, NamedTuple, Sequence
+from typing import Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
