@@ -150,6 +150,8 @@ def run_prefill(seqs, tokens, N, H, log, variants=False):
             for name, cfg in [
                 ("ours-s3", fa.PrefillConfig(stages=3)),
                 ("ours-fwd", fa.PrefillConfig(reverse_q=False)),
+                ("ours-kv64", fa.PrefillConfig(block_kv=64, stages=4)),
+                ("ours-kv192", fa.PrefillConfig(block_kv=192)),
             ]:
                 impls.append((name, backend_fn("ours-prefill", scale, config=cfg)))
         for name, f in impls:
@@ -196,6 +198,9 @@ def run_decode(batches, ctxs, N, K, H, log, variants=False):
                 for name, cfg in [
                     ("ours-pad64", da.DecodeConfig(q_rows_only=False)),
                     ("ours-bk64s4", da.DecodeConfig(block_kv=64, stages=4)),
+                    ("ours-occ2", da.DecodeConfig(ctas_per_sm=2)),
+                    ("ours-occ4", da.DecodeConfig(ctas_per_sm=4)),
+                    ("ours-bk64occ4", da.DecodeConfig(block_kv=64, stages=4, ctas_per_sm=4)),
                 ]:
                     impls.append((name, backend_fn("ours-decode", scale, config=cfg)))
             q, k, v, pos, kvl = sets[0]

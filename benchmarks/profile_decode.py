@@ -2,6 +2,7 @@
 jax.profiler trace of generate()'s decode loop.
 
     python benchmarks/profile_decode.py gpt3-1.3b:1 gpt3-1.3b:64     # PRESET:BATCH ...
+    python benchmarks/profile_decode.py gpt3-6.7b:1:int8 --sequence 40  # + launch order
 
 For each case (random weights, bf16, prompt 128, 64 new tokens) it prints the wall time per
 step, the summed kernel time per step, the kernel launches per step, and the kernels that
@@ -26,9 +27,10 @@ import jaxformer as jf  # noqa: E402
 from jaxformer.generate import _Run  # noqa: E402
 
 
-def profile(preset: str, batch: int, prompt: int = 128, new: int = 64, top: int = 25) -> None:
+def profile(preset: str, batch: int, prompt: int = 128, new: int = 64, top: int = 25,
+            sequence: int = 0, quantize: str | None = None) -> None:
     cfg = jf.ModelConfig.from_preset(preset)
-    model = jf.Model.random(cfg, dtype="bfloat16", seed=0)
+    model = jf.Model.random(cfg, dtype="bfloat16", seed=0, quantize=quantize)
     prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt)).tolist()
     run = _Run(model, prompts, new, None, 0, ignore_eos=True)
     jax.block_until_ready(run.decode(run.prefill(), new).out)  # compile
@@ -41,6 +43,7 @@ def profile(preset: str, batch: int, prompt: int = 128, new: int = 64, top: int 
         wall = time.perf_counter() - t
     steps = new - 1
     total, count = collections.Counter(), collections.Counter()
+    events = []  # (start ns, duration ns, name) of every kernel, for --sequence
     for path in glob.glob(os.path.join(trace, "**", "*.xplane.pb"), recursive=True):
         for plane in jax.profiler.ProfileData.from_file(path).planes:
             if not plane.name.startswith("/device:GPU"):
@@ -51,16 +54,33 @@ def profile(preset: str, batch: int, prompt: int = 128, new: int = 64, top: int 
                 for ev in line.events:
                     total[ev.name] += ev.duration_ns
                     count[ev.name] += 1
+                    events.append((ev.start_ns, ev.duration_ns, ev.name))
     busy = sum(total.values())
     print(f"## {preset} batch {batch}: wall {wall / steps * 1e3:.3f} ms/step, kernels "
           f"{busy / steps / 1e6:.3f} ms/step, {sum(count.values()) / steps:.0f} launches/step "
           f"(with the profiler attached)")
     for name, ns in total.most_common(top):
         print(f"  {ns / steps / 1e3:9.1f} us/step  x{count[name] / steps:6.1f}  {name[:100]}")
+    if sequence:
+        # consecutive kernels from the middle of the loop: one layer's launches in order,
+        # with the idle gap before each (launch latency the GPU spends waiting)
+        events.sort()
+        mid = len(events) // 2
+        print(f"  {sequence} consecutive kernels from mid-loop (gap before, duration, name):")
+        for (s0, d, n), (p0, pd, _) in zip(events[mid:mid + sequence],
+                                           events[mid - 1:mid + sequence - 1]):
+            print(f"    {(s0 - p0 - pd) / 1e3:6.2f} us  {d / 1e3:7.2f} us  {n[:90]}")
     sys.stdout.flush()
 
 
 if __name__ == "__main__":
-    for case in sys.argv[1:] or ["gpt3-1.3b:1"]:
-        name, b = case.split(":")
-        profile(name, int(b))
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("cases", nargs="*", default=["gpt3-1.3b:1"], help="PRESET:BATCH[:QUANT]")
+    ap.add_argument("--sequence", type=int, default=0,
+                    help="also list this many consecutive kernels in launch order")
+    args = ap.parse_args()
+    for case in args.cases:
+        name, b, *q = case.split(":")
+        profile(name, int(b), sequence=args.sequence, quantize=q[0] if q else None)

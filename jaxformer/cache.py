@@ -148,6 +148,11 @@ def write_layer(cache: jax.Array, new: jax.Array, layer, start: jax.Array | None
     layer = jnp.asarray(layer, jnp.int32)
     if start is None:
         return lax.dynamic_update_slice(cache, new, (layer, zero, zero) + rest)
+    if new.shape[1] == 1:
+        # one row: a plain update (the vmapped one below becomes a scatter, which XLA lowers
+        # as a read, a bounds select and a write: three kernels instead of one per layer)
+        return lax.dynamic_update_slice(cache, new, (layer, zero, start[0].astype(jnp.int32))
+                                        + rest)
     return jax.vmap(
         lambda c, x, s: lax.dynamic_update_slice(c, x, (layer, s) + rest),
         in_axes=(1, 1, 0), out_axes=1)(cache, new, start.astype(jnp.int32))

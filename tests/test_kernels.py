@@ -170,13 +170,25 @@ def test_decode_combine_equals_one_softmax():
     ref = np.einsum("bkgs,bksh->bkgh", np.exp(s12 - full_lse[..., None]), vals)
     np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(lse), full_lse, rtol=1e-5, atol=1e-5)
+    # a row with no keys in any split: output 0 and lse -inf, never NaN
+    lse2[0, 1, :, :G] = -np.inf
+    o[0, 1] = 0.0
+    out, lse = jax.jit(da.combine, static_argnums=2)(jnp.asarray(o, jnp.float32),
+                                                      jnp.asarray(lse2, jnp.float32), G)
+    assert np.all(np.asarray(out)[0, 1] == 0) and np.all(np.asarray(lse)[0, 1] == -np.inf)
+    # one split: its normalised partial and its lse, converted to natural log
+    out1, lse1 = da.combine(jnp.asarray(o[:, :, :1], jnp.float32),
+                            jnp.asarray(lse2[:, :, :1], jnp.float32), G)
+    np.testing.assert_array_equal(np.asarray(out1), o[:, :, 0, :G].astype(np.float32))
+    np.testing.assert_allclose(np.asarray(lse1), lse2[:, :, 0, :G] * math.log(2), rtol=1e-6)
 
 
 def test_choose_splits_fills_one_wave():
     assert da.choose_splits(1, 8, 32768, 128, sms=132) == 16
     assert da.choose_splits(8, 8, 32768, 128, sms=132) == 2
     assert da.choose_splits(64, 8, 32768, 128, sms=132) == 1
-    assert da.choose_splits(1, 8, 256, 128, sms=132) == 2  # never more splits than blocks
+    assert da.choose_splits(1, 8, 384, 128, sms=132) == 3  # never more splits than blocks
+    assert da.choose_splits(1, 8, 256, 128, sms=132) == 1  # too short to pay for a merge
 
 
 # ---- shard_map wrapper (CPU, 8 emulated devices) ----------------------------------------
@@ -350,6 +362,10 @@ def test_write_layer_touches_only_the_new_entries():
     for b, s0 in enumerate([1, 5]):
         want[2, b, s0:s0 + T] = np.asarray(new)[b]
     np.testing.assert_array_equal(got, want)
+    one = np.asarray(jax.jit(kvc.write_layer)(stack[:, 1:], new[1:], jnp.int32(1), start[1:]))
+    want1 = np.asarray(stack)[:, 1:].copy()
+    want1[1, 0, 5:5 + T] = np.asarray(new)[1]  # a batch of one: the plain-update path
+    np.testing.assert_array_equal(one, want1)
     got0 = np.asarray(jax.jit(kvc.write_layer)(stack, new, jnp.int32(0), None))
     want0 = np.asarray(stack).copy()
     want0[0, :, :T] = np.asarray(new)

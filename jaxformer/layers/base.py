@@ -55,7 +55,7 @@ class Dense(nnx.Module):
         """einsum(eq, x, kernel), eq e.g. "btd,df->btf"; a quantized kernel runs its
         low-precision matmul (jaxformer.quant.ops.einsum) instead."""
         if self.quant is None:
-            return jnp.einsum(eq, x, self.kernel[...])
+            return jnp.einsum(*_one_contraction(eq, x, self.kernel[...], self.contract))
         from jaxformer.quant import ops, spec
         q = spec.parse(self.quant)
         rec = ops.recorder()
@@ -69,3 +69,22 @@ class Dense(nnx.Module):
 
     def add_bias(self, y):
         return y + self.bias[...] if hasattr(self, "bias") else y
+
+
+def _one_contraction(eq: str, x, kernel, contract: int):
+    """(eq, x, kernel) with the kernel's `contract` contraction dims merged into one, where x
+    ends with them in the same order (e.g. "btnh,nhd->btd" -> "btz,zd->btd").
+
+    Same product, but XLA lowers a two-dim contraction with one row (decode at batch 1) as a
+    broadcast multiply plus a reduction over a [N, H, D] temporary: 15.6 us against a 3 us
+    matrix-vector product for 1.3B's output projection on an H100 (profiled).
+    """
+    inputs, out = eq.replace(" ", "").split("->")
+    xs, ks = inputs.split(",")
+    c = ks[:contract]
+    if contract < 2 or not xs.endswith(c) or kernel.ndim != len(ks):
+        return eq, x, kernel
+    z = next(ch for ch in "zyxwvutsrq" if ch not in eq)
+    x = x.reshape(*x.shape[: x.ndim - contract], -1)
+    kernel = kernel.reshape(-1, *kernel.shape[contract:])
+    return f"{xs[:-contract]}{z},{z}{ks[contract:]}->{out}", x, kernel
