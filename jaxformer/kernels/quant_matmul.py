@@ -255,10 +255,11 @@ def int8_matmul(x, codes, scale, *, interpret: bool = False,
     if reason is not None:
         raise ValueError(f"int8_matmul: unsupported {reason}")
     (M, K), N = x.shape, codes.shape[0]
-    cfg = fit_config(N, K, config)
-    if cfg.block_n not in (64, 128) or cfg.block_k % 128:
+    cfg = config or QuantMatmulConfig()
+    if cfg.block_n not in (64, 128) or cfg.block_k % 128 or cfg.block_k <= 0:
         raise ValueError(f"int8_matmul: block_n must be 64 or 128 and block_k a multiple of "
                          f"128, got {cfg.block_n}, {cfg.block_k}")
+    cfg = fit_config(N, K, cfg)
     Mp, Np, Kp = _round_up(M, 8), _round_up(N, cfg.block_n), _round_up(K, cfg.block_k)
     if (Np, Kp) != (N, K):
         codes = jnp.pad(codes, ((0, Np - N), (0, Kp - K)))
