@@ -100,6 +100,8 @@ def test_unsupported_dtypes_raise():
         qm.int8_matmul(x, codes.astype(jnp.int16), scale)
     with pytest.raises(ValueError, match="block_n must be 64 or 128"):
         qm.int8_matmul(x, codes, scale, config=qm.QuantMatmulConfig(block_n=256))
+    with pytest.raises(ValueError, match="consumers 1 or 2"):
+        qm.int8_matmul(x, codes, scale, config=qm.QuantMatmulConfig(consumers=3))
 
 
 # ---- lowering for Hopper on any machine -----------------------------------------------------
@@ -108,12 +110,14 @@ def test_unsupported_dtypes_raise():
     (16, 1024, 2048, jnp.int8, 64),
     (64, 512, 512, jnp.int8, 128),
     (3, 512, 1024, FP8, 128),
+    (1, 512, 1024, jnp.int8, (128, 1)),  # one consumer warpgroup of 128 rows
 ])
 def test_kernel_lowers_for_hopper(M, N, K, dtype, block_n):
     """Lowers the real (non-interpreted) kernel for CUDA: Mosaic GPU checks the register
     layouts, the conversion and the wgmma operands here, which the interpreter skips."""
     sd = jax.ShapeDtypeStruct
-    cfg = qm.QuantMatmulConfig(block_n=block_n)
+    block_n, consumers = block_n if isinstance(block_n, tuple) else (block_n, 2)
+    cfg = qm.QuantMatmulConfig(block_n=block_n, consumers=consumers)
     f = jax.jit(functools.partial(qm.int8_matmul, config=cfg))
     text = f.trace(sd((M, K), jnp.bfloat16), sd((N, K), dtype), sd((N,), jnp.float32)).lower(
         lowering_platforms=("cuda",)).as_text()
@@ -132,10 +136,10 @@ def interpreted(monkeypatch):
 
 INTERP = [
     # M, N, K, dtype, block_n, splits
-    (1, 64, 256, jnp.int8, 64, None),
+    (1, 128, 256, jnp.int8, 128, None),  # two consumer warpgroups
     (3, 100, 300, jnp.int8, 64, None),   # N, K not block multiples: padded
     (9, 128, 640, jnp.int8, 64, 4),      # Mp = 16; 5 steps over 4 splits: 2, 2, 1, 0
-    (2, 128, 256, FP8, 128, 1),          # fp8 codes, one 128-channel block
+    (2, 128, 256, FP8, 64, 1),           # fp8 codes
 ]
 
 
@@ -209,6 +213,8 @@ GPU_CASES = [
     (16, 16384, 4096, jnp.int8, {}),
     (64, 1024, 4096, jnp.int8, {}),
     (8, 4096, 4096, jnp.int8, {"block_n": 64, "block_k": 128, "stages": 6}),
+    (1, 4096, 4096, jnp.int8, {"consumers": 1}),         # one warpgroup of 128 rows
+    (1, 4096, 4096, jnp.int8, {"block_k": 512, "splits": 8}),
     (5, 1000, 1000, jnp.int8, {}),                       # padded N and K
     (1, 11008, 4096, jnp.int8, {"splits": 3}),           # block_n 64, odd splits
     (2, 4096, 11008, jnp.int8, {}),                      # block_k 128, ragged splits

@@ -15,12 +15,14 @@ the big operand):
   small N still fills every SM; `choose_splits` balances waves against steps per CTA).
 - A producer warpgroup streams [block_n, block_k] code tiles and the matching [Mp, block_k]
   tiles of x through a ring of `stages` shared-memory slots with TMA.
-- The consumer warpgroup loads a code tile into registers (the 8-bit WGMMA_UPCAST_2X layout:
-  32-bit shared-memory loads), frees its slot at once, converts it to bf16 in registers
-  (prmt/and/sub, no shared-memory round trip), and issues wgmma with the weights as the
-  register A operand: acc[block_n, Mp] += w[block_n, block_k] @ x^T[block_k, Mp]. x^T is the
-  shared-memory B operand (wgmma's N = Mp >= 8, so M = 1 wastes 7/8 of tiny tensor-core
-  work, never bandwidth).
+- Each of `consumers` (2) compute warpgroups owns R = block_n / consumers rows of the tile:
+  it loads them into registers (the 8-bit WGMMA_UPCAST_2X layout: 32-bit shared-memory
+  loads), frees its part of the slot at once, converts to bf16 in registers (prmt/and/sub,
+  no shared-memory round trip), and issues wgmma with the weights as the register A operand:
+  acc[R, Mp] += w[R, block_k] @ x^T[block_k, Mp]. x^T is the shared-memory B operand, shared
+  by both (wgmma's N = Mp >= 8, so M = 1 wastes 7/8 of tiny tensor-core work, never
+  bandwidth). Two consumers because at ~12 B/cycle/SM the unpack-convert-wgmma-wait chain of
+  one warpgroup is close to the budget; the second overlaps it.
 - Each CTA writes its float32 partial y^T [block_n, Mp]; one small XLA fusion sums the P
   partials, applies the scale, casts and transposes.
 
@@ -30,7 +32,6 @@ from L2 by every CTA of a column (2 Mp / block_n of the code bytes).
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +45,8 @@ CODE_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
 
 @dataclasses.dataclass(frozen=True)
 class QuantMatmulConfig:
-    block_n: int = 128       # output channels per CTA (wgmma M: 64 or 128)
+    block_n: int = 128       # output channels per CTA: 64 or 128
+    consumers: int = 2       # compute warpgroups, block_n / consumers rows each (wgmma M)
     block_k: int = 256       # contraction per pipeline step, a multiple of 128
     stages: int = 4          # shared-memory ring depth (clipped to what fits)
     splits: int | None = None  # K ranges per column of CTAs; None: choose_splits
@@ -78,7 +80,8 @@ def _quant_pallas(xp, codes, *, cfg: QuantMatmulConfig, splits: int, interpret: 
     pl, plgpu = fa._plgpu()
     Mp, K = xp.shape
     N = codes.shape[0]
-    bn, bk, P = cfg.block_n, cfg.block_k, splits
+    bn, bk, P, C = cfg.block_n, cfg.block_k, splits, cfg.consumers
+    R = bn // C  # rows of each consumer warpgroup (wgmma M)
     k_steps = K // bk
     per = -(-k_steps // P)  # steps per split; the last splits may get fewer (or none)
     stages = fa.fit_stages(cfg.stages, bn * Mp * 4, bn * bk + Mp * bk * 2, per)
@@ -95,18 +98,20 @@ def _quant_pallas(xp, codes, *, cfg: QuantMatmulConfig, splits: int, interpret: 
         first = jnp.minimum(p * per, k_steps)
         n_steps = jnp.minimum(first + per, k_steps) - first
 
-        @pl.when(wg == 0)
+        @pl.when(wg < C)
         def _compute():
             if not interpret:
                 plgpu.set_max_registers(232, action="increase")
+            o_rows = o_smem.at[wg]
 
             def step(i, mma):
                 slot = lax.rem(i, jnp.int32(stages))
-                plgpu.barrier_wait(w_bar.at[slot])
+                plgpu.barrier_wait(w_bar.at[slot * C + wg])
+                w_tile = w_smem.at[slot, wg]
                 if interpret:
-                    w = w_smem.at[slot][...]
+                    w = w_tile[...]
                 else:
-                    w = plgpu.load(w_smem.at[slot], (), layout=plgpu.Layout.WGMMA_UPCAST_2X)
+                    w = plgpu.load(w_tile, (), layout=plgpu.Layout.WGMMA_UPCAST_2X)
                 # The codes are in registers now: give the slot back before converting.
                 plgpu.barrier_arrive(w_free.at[slot])
                 if not interpret:
@@ -119,10 +124,10 @@ def _quant_pallas(xp, codes, *, cfg: QuantMatmulConfig, splits: int, interpret: 
             if interpret:
                 # jax 0.10's interpreter runs no wgmma with a register A operand (see
                 # flash_attention): a jnp dot into the output tile, same pipeline otherwise.
-                o_smem[...] = jnp.zeros((bn, Mp), jnp.float32)
+                o_rows[...] = jnp.zeros((R, Mp), jnp.float32)
 
                 def mma(w, xs):
-                    o_smem[...] += jnp.dot(w, xs[...].T, preferred_element_type=jnp.float32)
+                    o_rows[...] += jnp.dot(w, xs[...].T, preferred_element_type=jnp.float32)
 
                 @pl.loop(0, n_steps)
                 def _(i):
@@ -131,43 +136,48 @@ def _quant_pallas(xp, codes, *, cfg: QuantMatmulConfig, splits: int, interpret: 
                 def body(acc_ref):
                     def mma(w, xs):
                         plgpu.wgmma(acc_ref, w, plgpu.transpose_ref(xs, (1, 0)))
-                        # Both the x slot and the A registers stay live until the wgmma is
-                        # done; the convert of the next tile cannot overlap it, but the TMA
-                        # ring keeps HBM busy meanwhile.
+                        # The x slot and the A registers stay live until the wgmma is done.
+                        # Waiting here keeps the register reuse safe; the other consumer
+                        # warpgroup and the TMA ring keep the SM busy meanwhile.
                         plgpu.wgmma_wait(0)
 
                     @pl.loop(0, n_steps)
                     def _(i):
                         step(i, mma)
                     return acc_ref[...]
-                o_smem[...] = pl.run_scoped(body, plgpu.ACC((bn, Mp), jnp.float32))
+                o_rows[...] = pl.run_scoped(body, plgpu.ACC((R, Mp), jnp.float32))
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem, o_ref.at[p, pl.ds(nb * bn, bn)])
+            plgpu.copy_smem_to_gmem(o_rows, o_ref.at[p, pl.ds(nb * bn + wg * R, R)])
             plgpu.wait_smem_to_gmem(0)
 
-        @pl.when(wg == 1)
+        @pl.when(wg == C)
         def _memory():
             if not interpret:
                 plgpu.set_max_registers(40, action="decrease")
 
-            def issue(i, slot):
+            def issue_w(i, slot):
                 cols = pl.ds((first + i) * bk, bk)
-                plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(nb * bn, bn), cols], w_smem.at[slot],
-                                        w_bar.at[slot])
+                for c in range(C):  # one copy and one barrier per consumer's rows
+                    plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(nb * bn + c * R, R), cols],
+                                            w_smem.at[slot, c], w_bar.at[slot * C + c])
+
+            def issue_x(i, slot):
+                cols = pl.ds((first + i) * bk, bk)
                 plgpu.copy_gmem_to_smem(x_ref.at[:, cols], x_smem.at[slot], x_bar.at[slot])
 
             for i in range(stages):
-                pl.when(i < n_steps)(functools.partial(issue, i, i))
+                @pl.when(i < n_steps)
+                def _():
+                    issue_w(i, i)
+                    issue_x(i, i)
 
             @pl.loop(stages, jnp.maximum(n_steps, stages))
             def _refill(i):
                 slot = lax.rem(i, jnp.int32(stages))
-                cols = pl.ds((first + i) * bk, bk)
                 plgpu.barrier_wait(w_free.at[slot])
-                plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(nb * bn, bn), cols], w_smem.at[slot],
-                                        w_bar.at[slot])
+                issue_w(i, slot)
                 plgpu.barrier_wait(x_free.at[slot])
-                plgpu.copy_gmem_to_smem(x_ref.at[:, cols], x_smem.at[slot], x_bar.at[slot])
+                issue_x(i, slot)
 
             # Observe the last releases, so no barrier phase is pending at exit.
             @pl.loop(jnp.maximum(n_steps - stages, 0), n_steps)
@@ -181,13 +191,13 @@ def _quant_pallas(xp, codes, *, cfg: QuantMatmulConfig, splits: int, interpret: 
     w_tiled = (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(128))
     x_tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     scratch = [
-        plgpu.SMEM((bn, Mp), jnp.float32),                              # partial y^T
-        plgpu.SMEM((stages, Mp, bk), xp.dtype, transforms=x_tiled),     # x ring
-        plgpu.SMEM((stages, bn, bk), codes.dtype, transforms=w_tiled),  # codes ring
-        plgpu.Barrier(num_barriers=stages),                             # x slot loaded
-        plgpu.Barrier(num_barriers=stages),                             # codes slot loaded
-        plgpu.Barrier(num_barriers=stages),                             # x slot free
-        plgpu.Barrier(num_barriers=stages),                             # codes slot free
+        plgpu.SMEM((C, R, Mp), jnp.float32),                               # partial y^T
+        plgpu.SMEM((stages, Mp, bk), xp.dtype, transforms=x_tiled),        # x ring
+        plgpu.SMEM((stages, C, R, bk), codes.dtype, transforms=w_tiled),   # codes ring
+        plgpu.Barrier(num_barriers=stages),                                # x slot loaded
+        plgpu.Barrier(num_barriers=stages * C),                            # codes rows loaded
+        plgpu.Barrier(num_arrivals=C, num_barriers=stages),                # x slot free
+        plgpu.Barrier(num_arrivals=C, num_barriers=stages),                # codes slot free
     ]
     kwargs = {"interpret": fa.interpret_params()} if interpret else {}
     return plgpu.kernel(
@@ -196,7 +206,7 @@ def _quant_pallas(xp, codes, *, cfg: QuantMatmulConfig, splits: int, interpret: 
         scratch_types=scratch,
         grid=(P, N // bn),
         grid_names=("split", "nblk"),
-        num_threads=2,
+        num_threads=C + 1,
         thread_name="wg",
         compiler_params=fa.compiler_params(cfg.semantics),
         **kwargs,
@@ -229,7 +239,9 @@ def fit_config(N: int, K: int, config: QuantMatmulConfig | None = None) -> Quant
         bn //= 2
     while bk > 128 and K % bk:
         bk //= 2
-    return dataclasses.replace(cfg, block_n=bn, block_k=bk)
+    # each consumer warpgroup needs 64 rows at least (one wgmma M)
+    return dataclasses.replace(cfg, block_n=bn, block_k=bk, consumers=min(cfg.consumers,
+                                                                          bn // 64))
 
 
 def needs_padding(N: int, K: int, config: QuantMatmulConfig | None = None) -> bool:
@@ -256,9 +268,11 @@ def int8_matmul(x, codes, scale, *, interpret: bool = False,
         raise ValueError(f"int8_matmul: unsupported {reason}")
     (M, K), N = x.shape, codes.shape[0]
     cfg = config or QuantMatmulConfig()
-    if cfg.block_n not in (64, 128) or cfg.block_k % 128 or cfg.block_k <= 0:
-        raise ValueError(f"int8_matmul: block_n must be 64 or 128 and block_k a multiple of "
-                         f"128, got {cfg.block_n}, {cfg.block_k}")
+    if cfg.block_n not in (64, 128) or cfg.block_k % 128 or cfg.block_k <= 0 \
+            or cfg.consumers not in (1, 2):
+        raise ValueError(f"int8_matmul: block_n must be 64 or 128, block_k a multiple of 128 "
+                         f"and consumers 1 or 2, got {cfg.block_n}, {cfg.block_k}, "
+                         f"{cfg.consumers}")
     cfg = fit_config(N, K, cfg)
     Mp, Np, Kp = _round_up(M, 8), _round_up(N, cfg.block_n), _round_up(K, cfg.block_k)
     if (Np, Kp) != (N, K):
