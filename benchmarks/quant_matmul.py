@@ -7,7 +7,18 @@ Each line is the time of one [M, K] x [K, N] product (K = 4096, N = 16384), aver
 eight distinct weights per call so nothing stays in L2, with the bytes or FLOP rate it
 implies. Decode-like rows (M = 1, 16, 64) compare bf16 with int8 codes in the float layout
 [K, N] and K-minor [N, K]; prefill-like rows (M = 2048) compare bf16 with FP8 GEMMs.
+
+The last section (Hopper only; elsewhere it prints why it is skipped) puts the Pallas
+weight-only kernel (jaxformer.kernels.quant_matmul) beside the XLA path jaxformer.quant.ops
+uses without it, at M = 1, 4, 16 on the decode shapes, with each shape's int8 copy rate
+(read + write) as the bandwidth to compare with:
+
+    python benchmarks/quant_matmul.py --kernel-only            # just that section
+    python benchmarks/quant_matmul.py --kernel-only --sweep    # + block/stage/split configs
 """
+import argparse
+import dataclasses
+import functools
 import time
 
 import jax
@@ -20,14 +31,15 @@ R = 8  # distinct weights per timed call
 K, N = 4096, 16384
 
 
-def bench(name, mm, x, weights, *rest, nbytes=None, flops=None):
-    """Time sum(mm(x, w) for w in weights) and print one line per product."""
+def bench(name, mm, x, weights, *rest, nbytes=None, flops=None, ref_rate=None):
+    """Time sum(mm(x, w) for w in weights) and print one line per product; with ref_rate
+    (bytes/s), also the share of it that nbytes / time reaches. Returns the time (s)."""
     f = jax.jit(lambda x, ws, *rest: sum(mm(x, w, *rest) for w in ws))
     try:
         f(x, weights, *rest).block_until_ready()
     except Exception as e:  # noqa: BLE001 - a formulation this backend cannot compile
         print(f"{name:<34} FAILED {type(e).__name__}: {str(e)[:150]}")
-        return
+        return None
     ts = []
     for _ in range(10):
         t = time.perf_counter()
@@ -35,8 +47,10 @@ def bench(name, mm, x, weights, *rest, nbytes=None, flops=None):
         ts.append(time.perf_counter() - t)
     t = float(np.median(ts)) / R
     rate = (f"  {nbytes / t / 1e9:7.0f} GB/s" if nbytes else "") + \
-        (f"  {flops / t / 1e12:6.0f} TFLOP/s" if flops else "")
+        (f"  {flops / t / 1e12:6.0f} TFLOP/s" if flops else "") + \
+        (f"  {100 * nbytes / t / ref_rate:4.0f}% of copy" if ref_rate and nbytes else "")
     print(f"{name:<34} {t * 1e6:9.1f} us/matmul{rate}", flush=True)
+    return t
 
 
 # the formulations: x [M, K]; w [K, N] (float layout) or [N, K] (K-minor); s [N] scales
@@ -83,7 +97,81 @@ def fp8_dequant_pattern(x, w):
     return jnp.einsum("mk,kn->mn", x.astype(F8).astype(BF16), w.astype(BF16))
 
 
+def copy_rate(weights):
+    """Bytes/s of an elementwise int8 copy (read + write) of the weights, the bound to beat."""
+    f = jax.jit(lambda ws: [w + jnp.int8(1) for w in ws])
+    jax.block_until_ready(f(weights))
+    ts = []
+    for _ in range(10):
+        t = time.perf_counter()
+        jax.block_until_ready(f(weights))
+        ts.append(time.perf_counter() - t)
+    return 2 * sum(w.size for w in weights) / float(np.median(ts))
+
+
+KERNEL_SHAPES = [(4096, 4096), (4096, 12288), (4096, 16384), (16384, 4096)]  # (K, N)
+
+
+def kernel_section(sweep: bool):
+    """The Pallas kernel against today's XLA path, per decode shape and M."""
+    from jaxformer.kernels import attention, quant_matmul as qm
+    dev = jax.devices()[0]
+    if not attention.is_hopper(dev):
+        kind = getattr(dev, "device_kind", "")
+        print(f"## Pallas int8 kernel: skipped, needs a Hopper GPU (this is {dev.platform}"
+              f"{'' if kind == dev.platform else ' ' + kind})")
+        return
+    key = jax.random.key(1)
+    for k_dim, n_dim in KERNEL_SHAPES:
+        wq = [jax.random.randint(jax.random.fold_in(key, i), (n_dim, k_dim), -127, 128,
+                                 jnp.int8) for i in range(R)]
+        s = jnp.full((n_dim,), 1 / 40, F32)
+        ref = copy_rate(wq)
+        nbytes = k_dim * n_dim
+        print(f"## int8 weight-only K={k_dim}, N={n_dim}: copy {ref / 1e9:.0f} GB/s")
+        for M in (1, 4, 16):
+            x = jax.random.normal(key, (M, k_dim), BF16)
+            xla = int8_kminor_reduce if M == 1 else int8_kminor_astype  # ops' XLA paths
+            bench(f"M={M:<2} XLA ({xla.__name__})", xla, x, wq, s, nbytes=nbytes,
+                  ref_rate=ref)
+            cfg = qm.fit_config(n_dim, k_dim)
+            P = qm.choose_splits(n_dim // cfg.block_n, k_dim // cfg.block_k)
+            bench(f"M={M:<2} Pallas {cfg.block_n}x{cfg.block_k} s{cfg.stages} P{P}",
+                  functools.partial(qm.int8_matmul, config=cfg), x, wq, s, nbytes=nbytes,
+                  ref_rate=ref)
+            if sweep and M == 1:
+                for cfg in sweep_configs(n_dim, k_dim):
+                    name = (f"  sweep {cfg.block_n}x{cfg.block_k} s{cfg.stages} "
+                            f"P{cfg.splits}")
+                    bench(name, functools.partial(qm.int8_matmul, config=cfg), x, wq, s,
+                          nbytes=nbytes, ref_rate=ref)
+        del wq
+
+
+def sweep_configs(n_dim, k_dim):
+    from jaxformer.kernels import quant_matmul as qm
+    for bn in (64, 128):
+        for bk in (128, 256, 512):
+            for stages in (4, 8):
+                base = qm.QuantMatmulConfig(block_n=bn, block_k=bk, stages=stages)
+                p0 = qm.choose_splits(n_dim // bn, k_dim // bk)
+                for p in sorted({p0, max(1, p0 // 2), min(k_dim // bk, 2 * p0)}):
+                    yield dataclasses.replace(base, splits=p)
+
+
 def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--kernel-only", action="store_true", help="only the Pallas section")
+    ap.add_argument("--sweep", action="store_true", help="also sweep kernel configs at M=1")
+    args = ap.parse_args()
+    if not args.kernel_only:
+        xla_sections()
+    else:
+        print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}")
+    kernel_section(args.sweep)
+
+
+def xla_sections():
     key = jax.random.key(0)
     wb = [jax.random.normal(jax.random.fold_in(key, i), (K, N), BF16) for i in range(R)]
     wq = [jnp.clip(jnp.round(w.astype(F32) * 40), -127, 127).astype(jnp.int8) for w in wb]

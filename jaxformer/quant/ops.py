@@ -33,6 +33,16 @@ The matmuls (GPU paths; CPU runs the same programs, upcast by XLA), M = rows of 
                              (decode) takes the weight-only path: an FP8 GEMM of a few rows
                              is slower than reading the FP8 weights into a bf16 product
 
+On a Hopper GPU, int8 and fp8 weight-only products of at most KERNEL_MAX_ROWS rows take the
+Mosaic GPU kernel jaxformer.kernels.quant_matmul instead (the codes read at near copy
+bandwidth rather than ~60% of it), when the codes need no padded copy (output channels a
+multiple of 64, contraction a multiple of 128) and the call runs on one device: a Pallas call
+is not partitioned by XLA, so under a tensor- or data-parallel mesh the XLA path stays
+(a shard_map wrapper at the layer, which knows the logical axes, is the way to lift that).
+The environment variable JAXFORMER_QUANT_KERNEL, read when a function is traced, overrides:
+"0" always XLA; "auto" (default) or "1" as above ("1" also logs once why a call cannot take
+the kernel); "interpret" the kernel in the Mosaic GPU interpreter on any device (tests).
+
 Plain jnp rather than google's qwix / aqt: the three paths are a few lines each over public
 jax APIs, run unchanged on jax 0.10 and 0.11, and keep the numerics testable against numpy;
 a library would add a dependency (and a wheel for the GPU machines) for the same XLA code.
@@ -40,14 +50,22 @@ a library would add a dependency (and a wheel for the GPU machines) for the same
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
+import os
 import threading
 
+import jax
 import jax.numpy as jnp
 
 from jaxformer.quant.spec import QuantSpec
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 SMALL_M = 64  # rows up to which FP8 models run weight-only (decode steps)
+KERNEL_MAX_ROWS = 16  # rows up to which int8 / fp8 weight-only products take the kernel
+KERNEL_ENV = "JAXFORMER_QUANT_KERNEL"
+log = logging.getLogger(__name__)
+_logged: set[str] = set()
 
 
 def stored_layout(spec: QuantSpec) -> bool:
@@ -187,6 +205,16 @@ def einsum(eq: str, x, q, scale, spec: QuantSpec, contract: int, act_scale=None)
         y = jnp.einsum(eq_stored, quantize_activation(x, act_scale), q,
                        preferred_element_type=f32)
         return (y * (act_scale * scale)).astype(x.dtype)
+    # the kernel takes x [rows, K] row-major: batch dims kept in order, contraction last
+    plain = xs == out[: len(out) - len(ks) + contract] + ks[:contract]
+    if rows <= KERNEL_MAX_ROWS and plain:
+        mode = kernel_mode()
+        reason = kernel_unsupported(x, q, scale, spec, contract, mode)
+        if reason is None:
+            return _kernel_einsum(x, q, scale, spec, contract, interpret=mode == "interpret")
+        if mode == "1" and reason not in _logged:
+            _logged.add(reason)
+            log.info(f"{KERNEL_ENV}=1: quantized matmul uses XLA: {reason}")
     if rows == 1:  # a matrix-vector product: a row reduction over the K-minor codes
         n_out = q.ndim - contract
         xv = x.reshape(x.shape[x.ndim - contract:]).astype(f32)  # [*contraction]
@@ -195,6 +223,68 @@ def einsum(eq: str, x, q, scale, spec: QuantSpec, contract: int, act_scale=None)
     # int8 and fp8 codes are exact in bfloat16 / float16 / float32
     y = jnp.einsum(eq_stored, x, q.astype(x.dtype), preferred_element_type=f32)
     return (y * scale).astype(x.dtype)
+
+
+# ---- the Mosaic GPU kernel for few rows ----------------------------------------------------
+def kernel_mode() -> str:
+    """JAXFORMER_QUANT_KERNEL: "0", "auto" (default), "1" or "interpret"."""
+    mode = os.environ.get(KERNEL_ENV, "auto").strip().lower() or "auto"
+    if mode not in ("0", "auto", "1", "interpret"):
+        raise ValueError(f"{KERNEL_ENV} must be 0, auto, 1 or interpret, got {mode!r}")
+    return mode
+
+
+def kernel_unsupported(x, q, scale, spec: QuantSpec, contract: int, mode: str) -> str | None:
+    """Why the weight-only product einsum is about to run cannot take the kernel (None: it
+    can). x [*batch, *contraction]; q [*out, *contraction] (stored layout)."""
+    if mode == "0":
+        return f"{KERNEL_ENV}=0"
+    if spec.mode not in ("int8", "fp8"):
+        return f"mode {spec.mode}"
+    from jaxformer.kernels import attention, quant_matmul
+    if mode != "interpret":
+        dev = attention._devices()[0]
+        if not attention.is_hopper(dev):
+            return (f"the kernel needs a Hopper GPU (sm_90); this is {dev.platform} "
+                    f"{getattr(dev, 'device_kind', '')}").rstrip()
+    from jaxformer import sharding
+    mesh, _ = sharding.current()
+    if mesh is not None:
+        manual = set(getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()) or ())
+        split = {a: n for a, n in dict(mesh.shape).items() if n > 1 and a not in manual}
+        if split:
+            return f"the call is partitioned over mesh axes {split} (no shard_map wrapper)"
+    N = K = 1
+    for n in q.shape[: q.ndim - contract]:
+        N *= n
+    for n in q.shape[q.ndim - contract:]:
+        K *= n
+    if quant_matmul.needs_padding(N, K):
+        return f"{N} output channels / contraction {K} would need a padded copy of the codes"
+    xm = jax.ShapeDtypeStruct((1, K), x.dtype)
+    return quant_matmul.check_supported(xm, jax.ShapeDtypeStruct((N, K), q.dtype),
+                                        jax.ShapeDtypeStruct((N,), jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def _int8_matmul_jit(x, w, s, interpret: bool):
+    """jit-wrapped so the equal calls of every layer trace to one jaxpr and the Mosaic GPU
+    kernel is built once, not once per layer (as kernels.attention does)."""
+    from jaxformer.kernels import quant_matmul
+    return quant_matmul.int8_matmul(x, w, s, interpret=interpret)
+
+
+def _kernel_einsum(x, q, scale, spec: QuantSpec, contract: int, interpret: bool):
+    """The weight-only product on flattened operands: [rows, K] x [N, K] -> [rows, N]."""
+    out_shape = q.shape[: q.ndim - contract]
+    batch = x.shape[: x.ndim - contract]
+    K = 1
+    for n in q.shape[q.ndim - contract:]:
+        K *= n
+    w = q.reshape(-1, K)                                                    # [N, K]
+    s = jnp.broadcast_to(scale.astype(jnp.float32), out_shape).reshape(-1)  # fp8-tensor: []
+    y = _int8_matmul_jit(x.reshape(-1, K), w, s, interpret=interpret)
+    return y.reshape(batch + out_shape)
 
 
 # ---- calibration: max |x| at each quantized linear's input ---------------------------------
