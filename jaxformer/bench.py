@@ -11,7 +11,11 @@ plus the first sample), per-token decode latency, output tokens/s and peak devic
 The card's ceilings are measured in the same run (a large device copy for bandwidth, a large
 bf16 matmul for FLOP/s), giving decode bandwidth utilisation (weights + KV bytes read per step
 / step time / measured bandwidth) and prefill FLOP utilisation. With --hf, the same shapes run
-through transformers (static KV cache, torch.compile'd decode) for a ratio on every row.
+through transformers (static KV cache, torch.compile'd decode) for a ratio on every row;
+transformers runs first, in a child process per preset, so the two never share GPU memory.
+--largest adds, per preset and prompt, the largest batch the memory plan fits (jaxformer) and
+transformers' best throughput at up to that batch (halved until it fits). Shapes the memory
+plan says cannot fit are skipped with the plan's numbers.
 With --quantize, every shape runs once per mode (none = the dtype alone; int8, int4,
 int4-g<N>, fp8, fp8-tensor: jaxformer.quant, FP8 calibrated on random ids), rows side by
 side: decode step time at batch 1 is the weight-only win, prefill (TTFT) at long prompts the
@@ -142,15 +146,115 @@ def run_hf(cfg, batch: int, prompt: int, new: int) -> dict | None:
         torch.cuda.synchronize()
         return time.perf_counter() - t
 
+    t0 = time.perf_counter()
     timed(new)
+    compile_s = time.perf_counter() - t0
     timed(new)  # compile both graph shapes, warm the cudagraphs
     t_first = float(np.median([timed(1) for _ in range(3)]))
     t_all = float(np.median([timed(new) for _ in range(3)]))
     out = dict(ttft_ms=t_first * 1e3, step_ms=(t_all - t_first) / (new - 1) * 1e3,
-               tok_s=batch * new / t_all)
+               tok_s=batch * new / t_all, compile_s=compile_s, batch=batch,
+               peak_GB=torch.cuda.max_memory_allocated() / 1e9)
     del model
     gc.collect()
     torch.cuda.empty_cache()
+    return out
+
+
+def _hf_worker(shapes: list, new: int) -> None:
+    """Child process: transformers at each (preset, batch, prompt, largest), one JSON line
+    each. With largest, a batch that runs out of memory is halved until one fits."""
+    import torch
+
+    import jaxformer as jf
+    # one compiled decode graph per batch shape: keep dynamo from falling back to eager
+    # after its default 8 recompilations
+    torch._dynamo.config.cache_size_limit = 64
+    torch._dynamo.config.accumulated_cache_size_limit = 512
+    for preset, batch, prompt, largest in shapes:
+        cfg = jf.ModelConfig.from_preset(preset)
+        while True:
+            torch.cuda.reset_peak_memory_stats()
+            try:
+                r = run_hf(cfg, batch, prompt, new)
+            except torch.cuda.OutOfMemoryError as e:
+                gc.collect()
+                torch.cuda.empty_cache()
+                r = {"oom": str(e)[:120], "batch": batch}
+                if largest and batch > 1:
+                    batch //= 2
+                    continue
+            except Exception as e:  # noqa: BLE001 - report and go on with the next shape
+                r = {"error": f"{type(e).__name__}: {str(e)[:200]}", "batch": batch}
+            break
+        if r is None:
+            r = {"error": "no CUDA build of torch and transformers", "batch": batch}
+        print("HFROW " + json.dumps(dict(key=[preset, prompt, largest], **r)), flush=True)
+        print(f"# transformers {preset} batch {r['batch']} prompt {prompt}: "
+              + (f"compile {r['compile_s']:.0f} s, step {r['step_ms']:.2f} ms, "
+                 f"{r['tok_s']:.0f} tokens/s" if "tok_s" in r else
+                 r.get("oom", r.get("error", ""))[:120]), file=sys.stderr, flush=True)
+
+
+def hf_rows(shapes: list, new: int, timeout: float | None = None) -> dict:
+    """Run _hf_worker in a fresh process (before this one's jax claims the GPU) and return
+    {(preset, prompt, batch or 'largest'): row}."""
+    import os
+    import subprocess
+    env = dict(os.environ, JAX_PLATFORMS="cpu")  # the child needs only configs from jax
+    code = ("import json, sys; from jaxformer import bench; "
+            f"bench._hf_worker(json.loads(sys.argv[1]), {int(new)})")
+    try:
+        stdout = subprocess.run([sys.executable, "-c", code, json.dumps(shapes)], env=env,
+                                stdout=subprocess.PIPE, text=True, timeout=timeout).stdout
+    except subprocess.TimeoutExpired as e:  # keep the rows that finished
+        stdout = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        print(f"# transformers stopped at --hf-timeout {timeout:.0f} s", flush=True)
+    rows = {}
+    for line in stdout.splitlines():
+        if line.startswith("HFROW "):
+            r = json.loads(line[6:])
+            preset, prompt, largest = r.pop("key")
+            rows[(preset, prompt, "largest" if largest else r["batch"])] = r
+    return rows
+
+
+def plan_shapes(presets, prompts, batches, new: int, dtype: str, largest: bool,
+                modes) -> list[dict]:
+    """The (preset, prompt, batch) rows to run, in order, each with `skip` (None, or why the
+    memory plan says it cannot fit) and `largest` (the row added by --largest: the largest
+    batch the plan fits for that prompt, for the widest of `modes`)."""
+    import jaxformer as jf
+    from jaxformer import memory
+    out = []
+    for preset in presets:
+        cfg = jf.ModelConfig.from_preset(preset)
+        for prompt in prompts:
+            # a prompt the context cannot hold with `new` tokens after it is shortened to
+            # fit (GPT-3's 2048 positions: prompt 2048 runs as 1920 + 128 new)
+            prompt = min(prompt, cfg.max_position_embeddings - new)
+            length = prompt + new
+            if prompt < 1 or any(s["preset"] == preset and s["prompt"] == prompt for s in out):
+                continue
+            for batch in batches:
+                skip = None
+                for mode in modes:
+                    p = memory.plan(cfg, None, dtype, batch=batch, max_length=length,
+                                    prompt_length=prompt, quantize=mode)
+                    if p.fits is False:
+                        skip = (f"plan {p.total / 1e9:.1f} GB > "
+                                f"{p.device_memory / 1e9:.1f} GB of device memory")
+                out.append(dict(preset=preset, prompt=prompt, batch=batch, largest=False,
+                                skip=skip))
+            if largest:
+                p = memory.plan(cfg, None, dtype, prompt_length=prompt, quantize=modes[0])
+                if p.device_memory:
+                    big = p.largest_batch(length)
+                    # the plan is within ~7% of measured peaks (docs/benchmarks.md)
+                    big = max(1, int(big * 0.9) // 8 * 8 or big)
+                    if big > max(batches):
+                        out.append(dict(preset=preset, prompt=prompt, batch=big,
+                                        largest=True, skip=None))
     return out
 
 
@@ -164,6 +268,10 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "pallas"])
     ap.add_argument("--hf", action="store_true", help="also run transformers (needs CUDA torch)")
+    ap.add_argument("--hf-timeout", type=float, default=None,
+                    help="seconds for all transformers rows (the rows done by then are kept)")
+    ap.add_argument("--largest", action="store_true",
+                    help="also the largest batch the memory plan fits, per preset and prompt")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny config")
     ap.add_argument("--json", help="write all rows to this file")
     ap.add_argument("--quantize", default="none",
@@ -176,35 +284,45 @@ def main(argv=None) -> int:
     modes = [None if m.strip() in ("", "none") else name(m.strip(), "--quantize")
              for m in args.quantize.split(",")]
 
+    presets = ["demo"] if args.tiny else args.presets
+    if args.hf:  # transformers runs in a child first: jax must not claim the GPU up front
+        import os
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    shapes = plan_shapes(presets, args.prompts, args.batches, args.new, args.dtype,
+                         args.largest, modes)
+    hf_all = {}
+    if args.hf:
+        hf_all = hf_rows([[s["preset"], s["batch"], s["prompt"], s["largest"]]
+                          for s in shapes if s["skip"] is None], args.new, args.hf_timeout)
     dev = jax.devices()[0]
     print(f"# device: {dev.device_kind} x{jax.device_count()}  jax {jax.__version__}")
     ceil = ceilings(args.tiny)
     print(f"# measured ceilings: copy {ceil['copy_GBps']:.0f} GB/s, "
           f"bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s")
     rows = []
-    presets = ["demo"] if args.tiny else args.presets
-    for preset in presets:
+    for shape in shapes:
+        preset, prompt, batch = shape["preset"], shape["prompt"], shape["batch"]
+        if shape["skip"]:
+            print(f"# {preset} batch {batch} prompt {prompt}: skipped, {shape['skip']}",
+                  flush=True)
+            continue
         cfg = jf.ModelConfig.from_preset(preset)
-        for prompt in args.prompts:
-            for batch in args.batches:
-                if prompt + args.new > cfg.max_position_embeddings:
-                    continue
-                hf = run_hf(cfg, batch, prompt, args.new) if args.hf else None
-                for mode in modes:
-                    try:
-                        r = run_jax(cfg, batch, prompt, args.new, args.dtype, args.attention,
-                                    quantize=mode)
-                    except Exception as e:  # out of memory at large batch: report, go on
-                        print(f"# {preset} b={batch} p={prompt} {mode or args.dtype}: jax "
-                              f"failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
-                        continue
-                    r.update(preset=preset, batch=batch, prompt=prompt, quant=mode or "none",
-                             mbu=r["step_bytes"] / (r["step_ms"] / 1e3)
-                             / (ceil["copy_GBps"] * 1e9),
-                             mfu=r["prefill_flops"] / (r["ttft_ms"] / 1e3)
-                             / (ceil["matmul_TFLOPs"] * 1e12), hf=hf)
-                    rows.append(r)
-                    _print_row(r)
+        hf = hf_all.get((preset, prompt, "largest" if shape["largest"] else batch))
+        for mode in modes:
+            try:
+                r = run_jax(cfg, batch, prompt, args.new, args.dtype, args.attention,
+                            quantize=mode)
+            except Exception as e:  # out of memory past the plan: report, go on
+                print(f"# {preset} b={batch} p={prompt} {mode or args.dtype}: jax "
+                      f"failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                continue
+            r.update(preset=preset, batch=batch, prompt=prompt, quant=mode or "none",
+                     largest=shape["largest"],
+                     mbu=r["step_bytes"] / (r["step_ms"] / 1e3) / (ceil["copy_GBps"] * 1e9),
+                     mfu=r["prefill_flops"] / (r["ttft_ms"] / 1e3)
+                     / (ceil["matmul_TFLOPs"] * 1e12), hf=hf)
+            rows.append(r)
+            _print_row(r)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=dev.device_kind, jax=jax.__version__, ceilings=ceil,
@@ -213,8 +331,8 @@ def main(argv=None) -> int:
 
 
 HEADER = (f"{'preset':<11}{'quant':>9}{'batch':>6}{'prompt':>7}{'TTFT ms':>9}{'step ms':>9}"
-          f"{'tok/s':>9}{'MBU':>6}{'MFU':>6}{'peak GB':>8}{'compile s':>10}{'HF step':>9}"
-          f"{'HF tok/s':>9}{'x HF':>6}")
+          f"{'tok/s':>9}{'MBU':>6}{'MFU':>6}{'peak GB':>8}{'compile s':>10}{'HF batch':>9}"
+          f"{'HF TTFT':>8}{'HF step':>8}{'HF tok/s':>9}{'x HF':>6}")
 _printed = False
 
 
@@ -224,11 +342,14 @@ def _print_row(r):
         print(HEADER)
         _printed = True
     hf = r["hf"] or {}
-    ratio = r["tok_s"] / hf["tok_s"] if hf else float("nan")
+    nan = float("nan")
+    ratio = r["tok_s"] / hf["tok_s"] if hf.get("tok_s") else nan
+    hf_batch = ("oom" if "oom" in hf else "-") if "tok_s" not in hf else str(hf["batch"])
     print(f"{r['preset']:<11}{r['quant']:>9}{r['batch']:>6}{r['prompt']:>7}{r['ttft_ms']:>9.1f}"
           f"{r['step_ms']:>9.2f}{r['tok_s']:>9.0f}{r['mbu']:>6.0%}{r['mfu']:>6.0%}"
-          f"{r['peak_GB']:>8.1f}{r['compile_s']:>10.1f}{hf.get('step_ms', float('nan')):>9.2f}"
-          f"{hf.get('tok_s', float('nan')):>9.0f}{ratio:>6.2f}", flush=True)
+          f"{r['peak_GB']:>8.1f}{r['compile_s']:>10.1f}{hf_batch:>9}"
+          f"{hf.get('ttft_ms', nan):>8.1f}{hf.get('step_ms', nan):>8.2f}"
+          f"{hf.get('tok_s', nan):>9.0f}{ratio:>6.2f}", flush=True)
 
 
 if __name__ == "__main__":
