@@ -226,6 +226,9 @@ def plan_shapes(presets, prompts, batches, new: int, dtype: str, largest: bool,
     batch the plan fits for that prompt, for the widest of `modes`)."""
     import jaxformer as jf
     from jaxformer import memory
+    # without preallocation (--hf) the allocator, and its bytes_limit, exist only once
+    # something is allocated: a scalar, not the 75% of the card preallocation would take
+    jax.block_until_ready(jnp.zeros(()))
     out = []
     for preset in presets:
         cfg = jf.ModelConfig.from_preset(preset)

@@ -5,6 +5,8 @@ Every parameter carries its logical axis names as metadata; sharding is decided 
 """
 from __future__ import annotations
 
+import math
+import os
 from typing import Sequence
 
 import jax
@@ -55,7 +57,8 @@ class Dense(nnx.Module):
         """einsum(eq, x, kernel), eq e.g. "btd,df->btf"; a quantized kernel runs its
         low-precision matmul (jaxformer.quant.ops.einsum) instead."""
         if self.quant is None:
-            return jnp.einsum(*_one_contraction(eq, x, self.kernel[...], self.contract))
+            eq, x, kernel = _one_contraction(eq, x, self.kernel[...], self.contract)
+            return _einsum_not_strength_reduced(eq, x, kernel)
         from jaxformer.quant import ops, spec
         q = spec.parse(self.quant)
         rec = ops.recorder()
@@ -88,3 +91,26 @@ def _one_contraction(eq: str, x, kernel, contract: int):
     x = x.reshape(*x.shape[: x.ndim - contract], -1)
     kernel = kernel.reshape(-1, *kernel.shape[contract:])
     return f"{xs[:-contract]}{z},{z}{ks[contract:]}->{out}", x, kernel
+
+
+# XLA:GPU rewrites a vector x matrix dot whose operands hold fewer than this many elements
+# into a broadcast multiply plus a column reduction (GpuAlgebraicSimplifier's
+# IsMatrixMultiplicationTooSmallForRewriting threshold; no flag turns it off in jax 0.11):
+# for 1.3B's [2048, 2048] output projection at batch 1 that is 16 us (the product written
+# out, then reduced) against ~3 us for the GEMM reading the weight once.
+XLA_GPU_DOT_REDUCE_BELOW = 10_000_000
+
+
+def _einsum_not_strength_reduced(eq: str, x, kernel):
+    """einsum(eq, x, kernel); a single-row x against a small kernel runs as two rows (the
+    second zero, dropped after), which XLA keeps as a GEMM (see XLA_GPU_DOT_REDUCE_BELOW)."""
+    inputs, out = eq.replace(" ", "").split("->")
+    xs, ks = inputs.split(",")
+    lead = os.path.commonprefix([xs, out])  # x's row dims, carried to the output
+    n = next((i for i, c in enumerate(lead) if c in ks), len(lead))
+    if n == 0 or math.prod(x.shape[:n]) != 1 or kernel.size >= XLA_GPU_DOT_REDUCE_BELOW:
+        return jnp.einsum(eq, x, kernel)
+    r = next(c for c in "ZYXWV" if c not in eq)
+    x2 = jnp.pad(x.reshape(x.shape[n:])[None], [(0, 1)] + [(0, 0)] * (x.ndim - n))
+    y2 = jnp.einsum(f"{r}{xs[n:]},{ks}->{r}{out[n:]}", x2, kernel)
+    return y2[0].reshape(x.shape[:n] + y2.shape[1:])
