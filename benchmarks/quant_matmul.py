@@ -77,6 +77,12 @@ def int8_reduce(x, q, s):
     return ((x.astype(F32)[:, :, None] * q.astype(F32)[None]).sum(1) * s).astype(BF16)
 
 
+def int8_kminor_packed(x, q, s):
+    """jaxformer.quant.ops' batch-1 path: the codes read as int32 words, unpacked in-fusion."""
+    from jaxformer.quant.ops import int8_matvec_packed
+    return (int8_matvec_packed(x[0].astype(F32), q)[None] * s).astype(BF16)
+
+
 def int8_kminor_reduce(x, q, s):
     return ((x.astype(F32)[:, None, :] * q.astype(F32)[None]).sum(2) * s).astype(BF16)
 
@@ -131,9 +137,12 @@ def kernel_section(sweep: bool):
         print(f"## int8 weight-only K={k_dim}, N={n_dim}: copy {ref / 1e9:.0f} GB/s")
         for M in (1, 4, 16):
             x = jax.random.normal(key, (M, k_dim), BF16)
-            xla = int8_kminor_reduce if M == 1 else int8_kminor_astype  # ops' XLA paths
+            xla = int8_kminor_packed if M == 1 else int8_kminor_astype  # ops' XLA paths
             bench(f"M={M:<2} XLA ({xla.__name__})", xla, x, wq, s, nbytes=nbytes,
                   ref_rate=ref)
+            if M == 1:
+                bench(f"M={M:<2} XLA (int8_kminor_reduce)", int8_kminor_reduce, x, wq, s,
+                      nbytes=nbytes, ref_rate=ref)
             cfg = qm.fit_config(n_dim, k_dim)
             P = qm.choose_splits(n_dim // cfg.block_n, k_dim // cfg.block_k)
             bench(f"M={M:<2} Pallas {cfg.block_n}x{cfg.block_k} s{cfg.stages} P{P}",
@@ -188,6 +197,9 @@ def xla_sections():
         if M <= 16:
             bench("int8 reduce", int8_reduce, x, wq, s, nbytes=K * N)
             bench("int8 K-minor reduce", int8_kminor_reduce, x, wq_kminor, s, nbytes=K * N)
+        if M == 1:
+            bench("int8 K-minor packed words", int8_kminor_packed, x, wq_kminor, s,
+                  nbytes=K * N)
     M = 2048
     x = jax.random.normal(key, (M, K), BF16)
     w8 = [w.astype(F8) for w in wb]

@@ -40,8 +40,12 @@ multiple of 64, contraction a multiple of 128) and the call runs on one device: 
 is not partitioned by XLA, so under a tensor- or data-parallel mesh the XLA path stays
 (a shard_map wrapper at the layer, which knows the logical axes, is the way to lift that).
 The environment variable JAXFORMER_QUANT_KERNEL, read when a function is traced, overrides:
-"0" always XLA; "auto" (default) or "1" as above ("1" also logs once why a call cannot take
+"0" (default) always XLA; "auto" or "1" as above ("1" also logs once why a call cannot take
 the kernel); "interpret" the kernel in the Mosaic GPU interpreter on any device (tests).
+The default is XLA because in the model the kernel was slower on an H100 (gpt3-6.7b int8
+batch-1 decode 4.37 ms/token with it against 3.49 without; docs/benchmarks.md): XLA's fused
+row reductions already read the codes at 2.2-2.6 TB/s at the model's shapes, and the
+kernel pays split-K partials, a separate merge and x re-reads.
 
 Plain jnp rather than google's qwix / aqt: the three paths are a few lines each over public
 jax APIs, run unchanged on jax 0.10 and 0.11, and keep the numerics testable against numpy;
@@ -218,17 +222,39 @@ def einsum(eq: str, x, q, scale, spec: QuantSpec, contract: int, act_scale=None)
     if rows == 1:  # a matrix-vector product: a row reduction over the K-minor codes
         n_out = q.ndim - contract
         xv = x.reshape(x.shape[x.ndim - contract:]).astype(f32)  # [*contraction]
-        y = jnp.sum(q.astype(f32) * xv, axis=tuple(range(n_out, q.ndim)))  # [*out]
+        if spec.mode == "int8" and xv.size % 4 == 0:
+            y = int8_matvec_packed(xv.reshape(-1), q.reshape(q.shape[:n_out] + (-1,)))
+        else:
+            y = jnp.sum(q.astype(f32) * xv, axis=tuple(range(n_out, q.ndim)))  # [*out]
         return (y * scale).reshape(x.shape[: x.ndim - contract] + y.shape).astype(x.dtype)
     # int8 and fp8 codes are exact in bfloat16 / float16 / float32
     y = jnp.einsum(eq_stored, x, q.astype(x.dtype), preferred_element_type=f32)
     return (y * scale).astype(x.dtype)
 
 
+def int8_matvec_packed(xv, q):
+    """sum_k xv[k] q[..., k] for xv [K] float32 and int8 codes q [*out, K] (K % 4 == 0).
+
+    The codes are read as int32 words of four (a free bitcast) and unpacked with shifts
+    inside XLA's row-reduction fusion, so each thread loads whole words: the int8 row
+    reduction otherwise reads a byte or two per load and stays well under bandwidth
+    (benchmarks/quant_matmul.py, docs/benchmarks.md).
+    """
+    k4 = q.shape[-1] // 4
+    words = jax.lax.bitcast_convert_type(q.reshape(q.shape[:-1] + (k4, 4)), jnp.int32)
+    xs = xv.reshape(k4, 4)
+    acc = None
+    for i in range(4):  # byte i of a little-endian word, sign-extended
+        b = jax.lax.shift_right_arithmetic(jax.lax.shift_left(words, 24 - 8 * i), 24)
+        term = b.astype(jnp.float32) * xs[:, i]
+        acc = term if acc is None else acc + term
+    return acc.sum(-1)
+
+
 # ---- the Mosaic GPU kernel for few rows ----------------------------------------------------
 def kernel_mode() -> str:
-    """JAXFORMER_QUANT_KERNEL: "0", "auto" (default), "1" or "interpret"."""
-    mode = os.environ.get(KERNEL_ENV, "auto").strip().lower() or "auto"
+    """JAXFORMER_QUANT_KERNEL: "0" (default), "auto", "1" or "interpret"."""
+    mode = os.environ.get(KERNEL_ENV, "0").strip().lower() or "0"
     if mode not in ("0", "auto", "1", "interpret"):
         raise ValueError(f"{KERNEL_ENV} must be 0, auto, 1 or interpret, got {mode!r}")
     return mode
