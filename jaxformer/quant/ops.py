@@ -222,33 +222,11 @@ def einsum(eq: str, x, q, scale, spec: QuantSpec, contract: int, act_scale=None)
     if rows == 1:  # a matrix-vector product: a row reduction over the K-minor codes
         n_out = q.ndim - contract
         xv = x.reshape(x.shape[x.ndim - contract:]).astype(f32)  # [*contraction]
-        if spec.mode == "int8" and xv.size % 4 == 0:
-            y = int8_matvec_packed(xv.reshape(-1), q.reshape(q.shape[:n_out] + (-1,)))
-        else:
-            y = jnp.sum(q.astype(f32) * xv, axis=tuple(range(n_out, q.ndim)))  # [*out]
+        y = jnp.sum(q.astype(f32) * xv, axis=tuple(range(n_out, q.ndim)))  # [*out]
         return (y * scale).reshape(x.shape[: x.ndim - contract] + y.shape).astype(x.dtype)
     # int8 and fp8 codes are exact in bfloat16 / float16 / float32
     y = jnp.einsum(eq_stored, x, q.astype(x.dtype), preferred_element_type=f32)
     return (y * scale).astype(x.dtype)
-
-
-def int8_matvec_packed(xv, q):
-    """sum_k xv[k] q[..., k] for xv [K] float32 and int8 codes q [*out, K] (K % 4 == 0).
-
-    The codes are read as int32 words of four (a free bitcast) and unpacked with shifts
-    inside XLA's row-reduction fusion, so each thread loads whole words: the int8 row
-    reduction otherwise reads a byte or two per load and stays well under bandwidth
-    (benchmarks/quant_matmul.py, docs/benchmarks.md).
-    """
-    k4 = q.shape[-1] // 4
-    words = jax.lax.bitcast_convert_type(q.reshape(q.shape[:-1] + (k4, 4)), jnp.int32)
-    xs = xv.reshape(k4, 4)
-    acc = None
-    for i in range(4):  # byte i of a little-endian word, sign-extended
-        b = jax.lax.shift_right_arithmetic(jax.lax.shift_left(words, 24 - 8 * i), 24)
-        term = b.astype(jnp.float32) * xs[:, i]
-        acc = term if acc is None else acc + term
-    return acc.sum(-1)
 
 
 # ---- the Mosaic GPU kernel for few rows ----------------------------------------------------
