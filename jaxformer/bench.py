@@ -273,6 +273,8 @@ def main(argv=None) -> int:
     ap.add_argument("--hf", action="store_true", help="also run transformers (needs CUDA torch)")
     ap.add_argument("--hf-timeout", type=float, default=None,
                     help="seconds for all transformers rows (the rows done by then are kept)")
+    ap.add_argument("--force", action="store_true",
+                    help="run shapes the memory plan says do not fit (failures are reported)")
     ap.add_argument("--largest", action="store_true",
                     help="also the largest batch the memory plan fits, per preset and prompt")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny config")
@@ -293,6 +295,9 @@ def main(argv=None) -> int:
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     shapes = plan_shapes(presets, args.prompts, args.batches, args.new, args.dtype,
                          args.largest, modes)
+    if args.force:
+        for shape in shapes:
+            shape["skip"] = None
     hf_all = {}
     if args.hf:
         hf_all = hf_rows([[s["preset"], s["batch"], s["prompt"], s["largest"]]
