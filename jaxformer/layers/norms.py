@@ -8,6 +8,12 @@ from jax import lax
 from jaxformer.layers.base import param
 
 
+# Rows up to which LayerNorm takes its statistics in one Welford pass. In a decode step the
+# norm is launch-bound and one kernel beats two; over a prefill's thousands of rows the
+# per-element division of the Welford merge costs more than the second pass.
+WELFORD_MAX_ROWS = 64
+
+
 class Norm(nnx.Module):
     """LayerNorm (scale, bias) or RMSNorm (scale) over the last axis D."""
 
@@ -19,9 +25,12 @@ class Norm(nnx.Module):
 
     def __call__(self, x):  # x [..., D]
         xf = x.astype(jnp.float32)
-        if self.kind == "layernorm":
-            mean, var = mean_and_variance(xf)
+        if self.kind == "layernorm" and xf.size <= WELFORD_MAX_ROWS * xf.shape[-1]:
+            mean, var = mean_and_variance(xf)  # a decode step: one kernel, not two
             xf = xf - mean
+        elif self.kind == "layernorm":  # prefill: two passes, no division per element
+            xf = xf - xf.mean(-1, keepdims=True)
+            var = jnp.mean(xf * xf, axis=-1, keepdims=True)
         else:
             var = jnp.mean(xf * xf, axis=-1, keepdims=True)
         y = xf * jnp.reciprocal(jnp.sqrt(var + self.eps)) * self.scale[...].astype(jnp.float32)

@@ -1,4 +1,5 @@
-"""Dense.einsum's rewrites of the product it is given: the same numbers, another HLO."""
+"""Layer-level rewrites for the GPU (Dense.einsum's products, LayerNorm's statistics): the same
+numbers as the plain formulas, another HLO."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,3 +35,21 @@ def test_single_row_against_a_small_kernel_becomes_two_rows():
     text = jax.jit(lambda a, b: base._einsum_not_strength_reduced("btd,df->btf", a, b)
                    ).lower(x, big).as_text()
     assert "tensor<2x16xf32>" not in text  # large kernels are left alone
+
+
+@pytest.mark.parametrize("rows", [1, 3, 64, 65, 300])
+def test_layernorm_one_pass_and_two_pass_equal_numpy(rows):
+    """Decode-sized inputs take the one-pass Welford statistics, larger ones two passes;
+    both must be LayerNorm, also with a mean far from zero."""
+    from flax import nnx
+
+    from jaxformer.layers.norms import Norm
+    norm = Norm(48, "layernorm", 1e-5, nnx.Rngs(0))
+    norm.scale[...] = jax.random.normal(jax.random.key(2), (48,))
+    norm.bias[...] = jax.random.normal(jax.random.key(3), (48,))
+    x = jax.random.normal(jax.random.key(4), (rows, 48)) * 3 + 50
+    got = np.asarray(jax.jit(lambda a: norm(a))(x), np.float64)
+    xd = np.asarray(x, np.float64)
+    ref = (xd - xd.mean(-1, keepdims=True)) / np.sqrt(xd.var(-1, keepdims=True) + 1e-5)
+    ref = ref * np.asarray(norm.scale[...]) + np.asarray(norm.bias[...])
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
