@@ -223,7 +223,7 @@ def plan_shapes(presets, prompts, batches, new: int, dtype: str, largest: bool,
                 modes) -> list[dict]:
     """The (preset, prompt, batch) rows to run, in order, each with `skip` (None, or why the
     memory plan says it cannot fit) and `largest` (the row added by --largest: the largest
-    batch the plan fits for that prompt, for the widest of `modes`)."""
+    batch the plan fits for that prompt, for the first of `modes`)."""
     import jaxformer as jf
     from jaxformer import memory
     # without preallocation (--hf) the allocator, and its bytes_limit, exist only once
@@ -250,15 +250,29 @@ def plan_shapes(presets, prompts, batches, new: int, dtype: str, largest: bool,
                 out.append(dict(preset=preset, prompt=prompt, batch=batch, largest=False,
                                 skip=skip))
             if largest:
-                p = memory.plan(cfg, None, dtype, prompt_length=prompt, quantize=modes[0])
-                if p.device_memory:
-                    big = p.largest_batch(length)
-                    # the plan is within ~7% of measured peaks (docs/benchmarks.md)
-                    big = max(1, int(big * 0.9) // 8 * 8 or big)
-                    if big > max(batches):
-                        out.append(dict(preset=preset, prompt=prompt, batch=big,
-                                        largest=True, skip=None))
+                big = _largest_fitting(cfg, dtype, prompt, length, modes[0])
+                if big > max(batches):
+                    out.append(dict(preset=preset, prompt=prompt, batch=big, largest=True,
+                                    skip=None))
     return out
+
+
+def _largest_fitting(cfg, dtype: str, prompt: int, length: int, mode) -> int:
+    """The largest batch (a multiple of 8) the memory plan fits, bisected; 0 if unknown."""
+    from jaxformer import memory
+
+    def fits(b):
+        return memory.plan(cfg, None, dtype, batch=b, max_length=length,
+                           prompt_length=prompt, quantize=mode).fits
+    if not fits(8):
+        return 0
+    lo, hi = 8, 16
+    while fits(hi) and hi < 1 << 20:
+        lo, hi = hi, hi * 2
+    while hi - lo > 8:  # fits(lo), not fits(hi)
+        mid = (lo + hi) // 16 * 8
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
 
 
 def main(argv=None) -> int:
