@@ -161,32 +161,15 @@ def _decode_pallas(qg, k, v, kv_lengths, last_pos, layer, *, scale: float, causa
             if not interpret:
                 plgpu.set_max_registers(40, action="decrease")
 
-            def issue(i, slot):
-                rows = pl.ds((first + i) * bk, bk)
-                plgpu.copy_gmem_to_smem(k_ref.at[lyr, b, rows, h], k_smem.at[slot],
-                                        k_bar.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[lyr, b, rows, h], v_smem.at[slot],
-                                        v_bar.at[slot])
+            def issue_k(i, slot):
+                plgpu.copy_gmem_to_smem(k_ref.at[lyr, b, pl.ds((first + i) * bk, bk), h],
+                                        k_smem.at[slot], k_bar.at[slot])
 
-            for i in range(stages):
-                pl.when(i < n_steps)(functools.partial(issue, i, i))
+            def issue_v(i, slot):
+                plgpu.copy_gmem_to_smem(v_ref.at[lyr, b, pl.ds((first + i) * bk, bk), h],
+                                        v_smem.at[slot], v_bar.at[slot])
 
-            @pl.loop(stages, jnp.maximum(n_steps, stages))
-            def _refill(i):
-                slot = lax.rem(i, jnp.int32(stages))
-                rows = pl.ds((first + i) * bk, bk)
-                plgpu.barrier_wait(k_free.at[slot])
-                plgpu.copy_gmem_to_smem(k_ref.at[lyr, b, rows, h], k_smem.at[slot],
-                                        k_bar.at[slot])
-                plgpu.barrier_wait(v_free.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[lyr, b, rows, h], v_smem.at[slot],
-                                        v_bar.at[slot])
-
-            @pl.loop(jnp.maximum(n_steps - stages, 0), n_steps)
-            def _tail(i):
-                slot = lax.rem(i, jnp.int32(stages))
-                plgpu.barrier_wait(k_free.at[slot])
-                plgpu.barrier_wait(v_free.at[slot])
+            fa.ring_producer(n_steps, stages, [(issue_k, k_free), (issue_v, v_free)])
 
     tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     scratch = [

@@ -97,6 +97,35 @@ def _round_up(x: int, m: int) -> int:
     return (x + m - 1) // m * m
 
 
+def ring_producer(n_steps, stages: int, streams) -> None:
+    """The TMA producer of a ring of `stages` shared-memory slots, for n_steps steps.
+
+    streams: [(issue(i, slot), free)], each issuing step i's copy into `slot` and `free` the
+    barriers its consumers arrive on when they release a slot. Primes the ring, then for
+    step i >= stages waits for slot i % stages to be released before each stream's copy,
+    and finally observes the last releases so no barrier phase is left pending at exit.
+    """
+    pl, plgpu = _plgpu()
+    for i in range(stages):
+        @pl.when(i < n_steps)
+        def _():
+            for issue, _free in streams:
+                issue(i, i)
+
+    @pl.loop(stages, jnp.maximum(n_steps, stages))
+    def _refill(i):
+        slot = lax.rem(i, jnp.int32(stages))
+        for issue, free in streams:
+            plgpu.barrier_wait(free.at[slot])
+            issue(i, slot)
+
+    @pl.loop(jnp.maximum(n_steps - stages, 0), n_steps)
+    def _tail(i):
+        slot = lax.rem(i, jnp.int32(stages))
+        for _issue, free in streams:
+            plgpu.barrier_wait(free.at[slot])
+
+
 # ---- matmul helpers: wgmma on the GPU, jnp in the CPU interpreter ------------------------
 # The Mosaic GPU interpreter of jax 0.10.2 cannot run wgmma with a transposed B operand, a
 # register A operand or a pre-initialised accumulator (run_state), so in interpret mode the
@@ -303,29 +332,15 @@ def _prefill_pallas(q, k, v, lim, steps, full, *, scale: float, cfg: PrefillConf
                 plgpu.set_max_registers(40, action="decrease")
             kvh = lax.div(n, jnp.int32(G))
 
-            def issue(i, slot):
-                rows = pl.ds(i * bk, bk)
-                plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kvh], k_smem.at[slot], k_bar.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kvh], v_smem.at[slot], v_bar.at[slot])
+            def issue_k(i, slot):
+                plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(i * bk, bk), kvh], k_smem.at[slot],
+                                        k_bar.at[slot])
 
-            for i in range(stages):
-                pl.when(i < cta_steps)(functools.partial(issue, i, i))
+            def issue_v(i, slot):
+                plgpu.copy_gmem_to_smem(v_ref.at[b, pl.ds(i * bk, bk), kvh], v_smem.at[slot],
+                                        v_bar.at[slot])
 
-            @pl.loop(stages, jnp.maximum(cta_steps, stages))
-            def _refill(i):
-                slot = lax.rem(i, jnp.int32(stages))
-                rows = pl.ds(i * bk, bk)
-                plgpu.barrier_wait(k_free.at[slot])
-                plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kvh], k_smem.at[slot], k_bar.at[slot])
-                plgpu.barrier_wait(v_free.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kvh], v_smem.at[slot], v_bar.at[slot])
-
-            # Observe the last releases too, so no barrier phase is left pending at exit.
-            @pl.loop(jnp.maximum(cta_steps - stages, 0), cta_steps)
-            def _tail(i):
-                slot = lax.rem(i, jnp.int32(stages))
-                plgpu.barrier_wait(k_free.at[slot])
-                plgpu.barrier_wait(v_free.at[slot])
+            ring_producer(cta_steps, stages, [(issue_k, k_free), (issue_v, v_free)])
 
     tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     scratch = [

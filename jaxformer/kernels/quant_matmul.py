@@ -165,26 +165,7 @@ def _quant_pallas(xp, codes, *, cfg: QuantMatmulConfig, splits: int, interpret: 
                 cols = pl.ds((first + i) * bk, bk)
                 plgpu.copy_gmem_to_smem(x_ref.at[:, cols], x_smem.at[slot], x_bar.at[slot])
 
-            for i in range(stages):
-                @pl.when(i < n_steps)
-                def _():
-                    issue_w(i, i)
-                    issue_x(i, i)
-
-            @pl.loop(stages, jnp.maximum(n_steps, stages))
-            def _refill(i):
-                slot = lax.rem(i, jnp.int32(stages))
-                plgpu.barrier_wait(w_free.at[slot])
-                issue_w(i, slot)
-                plgpu.barrier_wait(x_free.at[slot])
-                issue_x(i, slot)
-
-            # Observe the last releases, so no barrier phase is pending at exit.
-            @pl.loop(jnp.maximum(n_steps - stages, 0), n_steps)
-            def _tail(i):
-                slot = lax.rem(i, jnp.int32(stages))
-                plgpu.barrier_wait(w_free.at[slot])
-                plgpu.barrier_wait(x_free.at[slot])
+            fa.ring_producer(n_steps, stages, [(issue_w, w_free), (issue_x, x_free)])
 
     # 128-byte swizzled tiles: the layout both wgmma's B descriptor and the conflict-free
     # 8-bit register loads want (rows of 128 int8 codes, of 64 bf16 x values).
