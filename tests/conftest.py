@@ -1,14 +1,17 @@
 """Test setup: 8 emulated CPU devices (set before jax is imported), a compilation cache shared
-by the whole session (many tests compile the same programs for fresh model instances), and
-the `gpu` marker."""
+by the whole session (many tests compile the same programs for fresh model instances), the
+`gpu` marker, and the fixtures several test files share (`llama4`, `interpreted`)."""
+import inspect
 import os
 import tempfile
+import threading
 
 _flag = "--xla_force_host_platform_device_count=8"
 if _flag not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 
 import jax  # noqa: E402  (after XLA_FLAGS)
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_compilation_cache_dir",
@@ -39,3 +42,52 @@ def llama4(tmp_path_factory):
     hf.save_pretrained(d / "hf")
     convert(d / "hf", d / "ckpt")
     return hf, d / "ckpt"
+
+
+# ---- Pallas kernels in the Mosaic GPU interpreter (CPU): tests/test_kernels.py, tests/test_quant_kernel.py
+def _interpreter():
+    try:
+        from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    except ImportError as e:
+        pytest.skip(f"no Mosaic GPU interpreter in this jax: {e}")
+    return gpu_callbacks, InterpretGPUParams
+
+
+def _cache_thread_compiles(monkeypatch):
+    """Speed only: jax 0.10's interpreter AOT-compiles each simulated warpgroup's program on
+    every kernel call (~5 s each on 2 cores). Compile it once per program and share it."""
+    try:
+        from jax._src.pallas.mosaic.interpret import thread_map
+        params = list(inspect.signature(thread_map._run_jaxpr).parameters)
+    except (ImportError, AttributeError, ValueError):
+        return
+    if params != ["jaxpr", "consts", "args"]:
+        return
+    lock, cache = threading.Lock(), {}
+
+    def _run(jaxpr, consts, *args):
+        jax.core.eval_jaxpr(jaxpr, consts, *args)
+
+    def run_jaxpr(jaxpr, consts, *args):
+        key = (id(jaxpr), tuple((np.shape(a), np.asarray(a).dtype.str)
+                                for a in jax.tree.leaves((consts, args))))
+        with lock:
+            if key not in cache:
+                traced = jax.jit(_run, static_argnums=(0,)).trace(jaxpr, consts, *args)
+                cache[key] = (traced.lower().compile(), jaxpr)  # jaxpr kept alive: id stable
+        cache[key][0](consts, *args)
+
+    monkeypatch.setattr(thread_map, "_run_jaxpr", run_jaxpr)
+
+
+@pytest.fixture
+def interpreted(monkeypatch):
+    """Run kernels in the Mosaic GPU interpreter with its race detector; NaN-filled memory
+    (the interpreter's default) poisons every buffer the kernel fails to write."""
+    from jaxformer.kernels import flash_attention as fa
+    gpu_callbacks, params = _interpreter()
+    _cache_thread_compiles(monkeypatch)
+    monkeypatch.setattr(fa, "interpret_params",
+                        lambda: params(detect_races=True, uninitialized_memory="nan"))
+    yield lambda: gpu_callbacks.get_races().races_found

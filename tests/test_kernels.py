@@ -10,10 +10,8 @@ output memory poisoned first.
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 import math
-import threading
 
 import jax
 import jax.numpy as jnp
@@ -236,54 +234,7 @@ def test_sharded_wrapper_inside_pipe_shard_map():
                                atol=1e-6)
 
 
-# ---- the kernels in the Mosaic GPU interpreter (CPU) -------------------------------------
-def _interpreter():
-    try:
-        from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-    except ImportError as e:
-        pytest.skip(f"no Mosaic GPU interpreter in this jax: {e}")
-    return gpu_callbacks, InterpretGPUParams
-
-
-def _cache_thread_compiles(monkeypatch):
-    """Speed only: jax 0.10's interpreter AOT-compiles each simulated warpgroup's program on
-    every kernel call (~5 s each on 2 cores). Compile it once per program and share it."""
-    try:
-        from jax._src.pallas.mosaic.interpret import thread_map
-        params = list(inspect.signature(thread_map._run_jaxpr).parameters)
-    except (ImportError, AttributeError, ValueError):
-        return
-    if params != ["jaxpr", "consts", "args"]:
-        return
-    lock, cache = threading.Lock(), {}
-
-    def _run(jaxpr, consts, *args):
-        jax.core.eval_jaxpr(jaxpr, consts, *args)
-
-    def run_jaxpr(jaxpr, consts, *args):
-        key = (id(jaxpr), tuple((np.shape(a), np.asarray(a).dtype.str)
-                                for a in jax.tree.leaves((consts, args))))
-        with lock:
-            if key not in cache:
-                traced = jax.jit(_run, static_argnums=(0,)).trace(jaxpr, consts, *args)
-                cache[key] = (traced.lower().compile(), jaxpr)  # jaxpr kept alive: id stable
-        cache[key][0](consts, *args)
-
-    monkeypatch.setattr(thread_map, "_run_jaxpr", run_jaxpr)
-
-
-@pytest.fixture
-def interpreted(monkeypatch):
-    """Run kernels in the Mosaic GPU interpreter with its race detector; NaN-filled memory
-    (the interpreter's default) poisons every buffer the kernel fails to write."""
-    gpu_callbacks, params = _interpreter()
-    _cache_thread_compiles(monkeypatch)
-    monkeypatch.setattr(fa, "interpret_params",
-                        lambda: params(detect_races=True, uninitialized_memory="nan"))
-    yield lambda: gpu_callbacks.get_races().races_found
-
-
+# ---- the kernels in the Mosaic GPU interpreter (CPU): the `interpreted` fixture (conftest) --
 INTERP_PREFILL = [
     # B, T, S, N, K, H, dtype, causal, lengths, offset
     (1, 100, 100, 2, 1, 64, jnp.bfloat16, False, [77], 0),     # T, S not block multiples; GQA 2

@@ -21,11 +21,10 @@ import numpy as np
 import pytest
 
 from jaxformer.kernels import attention as attn
-from jaxformer.kernels import flash_attention as fa
 from jaxformer.kernels import quant_matmul as qm
 from jaxformer.quant import ops
 from jaxformer.quant.spec import parse
-from test_kernels import _cache_thread_compiles, _interpreter, poison
+from test_kernels import poison
 
 _seed = iter(range(20_000, 1_000_000))
 FP8 = jnp.float8_e4m3fn
@@ -124,14 +123,7 @@ def test_kernel_lowers_for_hopper(M, N, K, dtype, block_n):
     assert "mosaic_gpu" in text
 
 
-# ---- the kernel in the Mosaic GPU interpreter (CPU) -----------------------------------------
-@pytest.fixture
-def interpreted(monkeypatch):
-    gpu_callbacks, params = _interpreter()
-    _cache_thread_compiles(monkeypatch)
-    monkeypatch.setattr(fa, "interpret_params",
-                        lambda: params(detect_races=True, uninitialized_memory="nan"))
-    yield lambda: gpu_callbacks.get_races().races_found
+# ---- the kernel in the Mosaic GPU interpreter (CPU): the `interpreted` fixture (conftest) ---
 
 
 INTERP = [
