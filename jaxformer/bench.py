@@ -12,7 +12,8 @@ The card's ceilings are measured in the same run (a large device copy for bandwi
 bf16 matmul for FLOP/s), giving decode bandwidth utilisation (weights + KV bytes read per step
 / step time / measured bandwidth) and prefill FLOP utilisation. With --hf, the same shapes run
 through transformers (static KV cache, torch.compile'd decode) for a ratio on every row;
-transformers runs first, in a child process per preset, so the two never share GPU memory.
+transformers runs first, all of its rows in one child process, so the two never share GPU
+memory (and jax then runs without preallocating the card: XLA_PYTHON_CLIENT_PREALLOCATE).
 --largest adds, per preset and prompt, the largest batch the memory plan fits (jaxformer) and
 transformers' best throughput at up to that batch (halved until it fits). Shapes the memory
 plan says cannot fit are skipped with the plan's numbers.

@@ -44,7 +44,7 @@ def llama4(tmp_path_factory):
     return hf, d / "ckpt"
 
 
-# ---- Pallas kernels in the Mosaic GPU interpreter (CPU): tests/test_kernels.py, tests/test_quant_kernel.py
+# ---- Pallas kernels in the Mosaic GPU interpreter (CPU), for the kernel tests ---------------
 def _interpreter():
     try:
         from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks

@@ -67,8 +67,8 @@ def _decode_pallas(qg, k, v, kv_lengths, last_pos, layer, *, scale: float, causa
                    interpret: bool):
     """qg [B, K, R, H] query rows of each kv head (R = G rounded up to 8, or 64);
     k, v [L, B, S, K, H] a stacked cache (S % block_kv == 0); kv_lengths [B] int32;
-    last_pos [B] int32 the query positions; layer [1] int32 the cache layer to read; kv_len: the unpadded cache length; o_rows: rows written back (G
-    rounded up to 8).
+    last_pos [B] int32 the query positions; layer [1] int32 the cache layer to read;
+    kv_len: the unpadded cache length; o_rows: rows written back (G rounded up to 8).
     Returns o [B, K, P, o_rows, H] f32 (normalised partials) and lse2 [B, K, P, 64] f32
     (log2 units).
     """

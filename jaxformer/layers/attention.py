@@ -52,8 +52,9 @@ class Attention(nnx.Module):
         q = q.reshape(B, T, K * G, H)  # head n = k * G + g
         new_cache, kv_layer = None, None
         if cache is not None:
-            # The stacked cache rides in the layer loop's carry: write only the new entries. start None: a prefill from an empty cache, which attends within x
-            # (T keys, not S) and stores x's keys at slots [0, T).
+            # The stacked cache rides in the layer loop's carry: write only the new entries.
+            # start None: a prefill from an empty cache, which attends within x (T keys,
+            # not S) and stores x's keys at slots [0, T).
             new_cache = kv.store(kv.as_tuple(cache), k, v, layer, start)
             if start is not None and kv.mode_of(new_cache) is not None:
                 # a quantized cache is read as a dequantized copy of this layer's entries

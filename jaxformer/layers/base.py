@@ -78,9 +78,11 @@ def _one_contraction(eq: str, x, kernel, contract: int):
     """(eq, x, kernel) with the kernel's `contract` contraction dims merged into one, where x
     ends with them in the same order (e.g. "btnh,nhd->btd" -> "btz,zd->btd").
 
-    Same product, but XLA lowers a two-dim contraction with one row (decode at batch 1) as a
-    broadcast multiply plus a reduction over a [N, H, D] temporary: 15.6 us against a 3 us
-    matrix-vector product for 1.3B's output projection on an H100 (profiled).
+    Same product as a plain [rows, K] x [K, N] matmul. The slow batch-1 output projection
+    seen on an H100 (a broadcast multiply plus a reduction over an [N, H, D] temporary,
+    15.6 us) came from XLA's strength-reduction threshold, not from the two contraction dims:
+    merging alone did not change it, `_einsum_not_strength_reduced` did. The GPU numbers in
+    docs/benchmarks.md were measured with both.
     """
     inputs, out = eq.replace(" ", "").split("->")
     xs, ks = inputs.split(",")

@@ -33,9 +33,9 @@ The matmuls (GPU paths; CPU runs the same programs, upcast by XLA), M = rows of 
                              (decode) takes the weight-only path: an FP8 GEMM of a few rows
                              is slower than reading the FP8 weights into a bf16 product
 
-On a Hopper GPU, int8 and fp8 weight-only products of at most KERNEL_MAX_ROWS rows take the
-Mosaic GPU kernel jaxformer.kernels.quant_matmul instead (the codes read at near copy
-bandwidth rather than ~60% of it), when the codes need no padded copy (output channels a
+Opt-in (JAXFORMER_QUANT_KERNEL=auto): on a Hopper GPU, int8 and fp8 weight-only products of
+at most KERNEL_MAX_ROWS rows take the Mosaic GPU kernel jaxformer.kernels.quant_matmul
+instead, when the codes need no padded copy (output channels a
 multiple of 64, contraction a multiple of 128) and the call runs on one device: a Pallas call
 is not partitioned by XLA, so under a tensor- or data-parallel mesh the XLA path stays
 (a shard_map wrapper at the layer, which knows the logical axes, is the way to lift that).
@@ -56,6 +56,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import os
 import threading
 
@@ -202,9 +203,7 @@ def einsum(eq: str, x, q, scale, spec: QuantSpec, contract: int, act_scale=None)
     inputs, out = eq.replace(" ", "").split("->")
     xs, ks = inputs.split(",")
     eq_stored = f"{xs},{ks[contract:]}{ks[:contract]}->{out}"  # q is K-minor
-    rows = 1
-    for n in x.shape[: x.ndim - contract]:
-        rows *= n
+    rows = math.prod(x.shape[: x.ndim - contract])
     if spec.mode == "fp8" and act_scale is not None and rows > SMALL_M:
         y = jnp.einsum(eq_stored, quantize_activation(x, act_scale), q,
                        preferred_element_type=f32)
@@ -258,11 +257,7 @@ def kernel_unsupported(x, q, scale, spec: QuantSpec, contract: int, mode: str) -
         split = {a: n for a, n in dict(mesh.shape).items() if n > 1 and a not in manual}
         if split:
             return f"the call is partitioned over mesh axes {split} (no shard_map wrapper)"
-    N = K = 1
-    for n in q.shape[: q.ndim - contract]:
-        N *= n
-    for n in q.shape[q.ndim - contract:]:
-        K *= n
+    N, K = math.prod(q.shape[: q.ndim - contract]), math.prod(q.shape[q.ndim - contract:])
     if quant_matmul.needs_padding(N, K):
         return f"{N} output channels / contraction {K} would need a padded copy of the codes"
     xm = jax.ShapeDtypeStruct((1, K), x.dtype)
@@ -282,9 +277,7 @@ def _kernel_einsum(x, q, scale, spec: QuantSpec, contract: int, interpret: bool)
     """The weight-only product on flattened operands: [rows, K] x [N, K] -> [rows, N]."""
     out_shape = q.shape[: q.ndim - contract]
     batch = x.shape[: x.ndim - contract]
-    K = 1
-    for n in q.shape[q.ndim - contract:]:
-        K *= n
+    K = math.prod(q.shape[q.ndim - contract:])
     w = q.reshape(-1, K)                                                    # [N, K]
     s = jnp.broadcast_to(scale.astype(jnp.float32), out_shape).reshape(-1)  # fp8-tensor: []
     y = _int8_matmul_jit(x.reshape(-1, K), w, s, interpret=interpret)
