@@ -3,11 +3,13 @@ jax.profiler trace of generate()'s decode loop.
 
     python benchmarks/profile_decode.py gpt3-1.3b:1 gpt3-1.3b:64     # PRESET:BATCH ...
     python benchmarks/profile_decode.py gpt3-6.7b:1:int8 --sequence 40  # + launch order
+    python benchmarks/profile_decode.py gpt3-6.7b:1 --tensor 2    # tensor-parallel, GPU 0
 
 For each case (random weights, bf16, prompt 128, 64 new tokens) it prints the wall time per
 step, the summed kernel time per step, the kernel launches per step, and the kernels that
 take the most time (name, microseconds per step, launches per step). On a CPU there are no
-device kernels to list; the wall time is still printed.
+device kernels to list; the wall time is still printed. With --tensor N the model runs on
+a tensor=N mesh and the kernels listed are the first device's (collectives included).
 """
 from __future__ import annotations
 
@@ -28,9 +30,10 @@ from jaxformer.generate import _Run  # noqa: E402
 
 
 def profile(preset: str, batch: int, prompt: int = 128, new: int = 64, top: int = 25,
-            sequence: int = 0, quantize: str | None = None) -> None:
+            sequence: int = 0, quantize: str | None = None, tensor: int = 1) -> None:
     cfg = jf.ModelConfig.from_preset(preset)
-    model = jf.Model.random(cfg, dtype="bfloat16", seed=0, quantize=quantize)
+    mesh = jf.make_mesh(1, 1, tensor, devices=jax.devices()[:tensor])
+    model = jf.Model.random(cfg, mesh, dtype="bfloat16", seed=0, quantize=quantize)
     prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt)).tolist()
     run = _Run(model, prompts, new, None, 0, ignore_eos=True)
     jax.block_until_ready(run.decode(run.prefill(), new).out)  # compile
@@ -46,7 +49,8 @@ def profile(preset: str, batch: int, prompt: int = 128, new: int = 64, top: int 
     events = []  # (start ns, duration ns, name) of every kernel, for --sequence
     for path in glob.glob(os.path.join(trace, "**", "*.xplane.pb"), recursive=True):
         for plane in jax.profiler.ProfileData.from_file(path).planes:
-            if not plane.name.startswith("/device:GPU"):
+            if not plane.name.startswith("/device:GPU") or \
+                    (tensor > 1 and plane.name != "/device:GPU:0"):
                 continue
             for line in plane.lines:
                 if "Stream" not in line.name and "Kernels" not in line.name:
@@ -56,7 +60,7 @@ def profile(preset: str, batch: int, prompt: int = 128, new: int = 64, top: int 
                     count[ev.name] += 1
                     events.append((ev.start_ns, ev.duration_ns, ev.name))
     busy = sum(total.values())
-    print(f"## {preset} batch {batch}: wall {wall / steps * 1e3:.3f} ms/step, kernels "
+    print(f"## {preset} batch {batch}{f' tensor={tensor}' * (tensor > 1)}: wall {wall / steps * 1e3:.3f} ms/step, kernels "
           f"{busy / steps / 1e6:.3f} ms/step, {sum(count.values()) / steps:.0f} launches/step "
           f"(with the profiler attached)")
     for name, ns in total.most_common(top):
@@ -80,7 +84,9 @@ if __name__ == "__main__":
     ap.add_argument("cases", nargs="*", default=["gpt3-1.3b:1"], help="PRESET:BATCH[:QUANT]")
     ap.add_argument("--sequence", type=int, default=0,
                     help="also list this many consecutive kernels in launch order")
+    ap.add_argument("--tensor", type=int, default=1, help="tensor-parallel devices")
     args = ap.parse_args()
     for case in args.cases:
         name, b, *q = case.split(":")
-        profile(name, int(b), sequence=args.sequence, quantize=q[0] if q else None)
+        profile(name, int(b), sequence=args.sequence, quantize=q[0] if q else None,
+                tensor=args.tensor)

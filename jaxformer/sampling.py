@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxformer import sharding as shd
+
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
@@ -151,20 +153,46 @@ def filter_logits(logits, p: RowParams, feats: Features):
     return x
 
 
+def argmax(x):
+    """jnp.argmax(x, -1) as int32 (the first index of the maximum).
+
+    With the vocabulary sharded over `tensor`, XLA partitions argmax's (value, index) pair
+    reduction into two NCCL all-gathers, which on two H200s took about 0.4 ms each per
+    decode step. There it runs as a max and then a min over the indices that reach it: two
+    plain reductions, which XLA partitions into all-reduces (its fast collective kernels).
+    """
+    mesh, _ = shd.current()
+    if mesh is None or mesh.shape.get("tensor", 1) == 1:
+        return jnp.argmax(x, axis=-1).astype(jnp.int32)
+    top = x.max(-1, keepdims=True)
+    index = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    first = jnp.where(x == top, index, x.shape[-1]).min(-1)
+    return jnp.minimum(first, x.shape[-1] - 1)  # a NaN row: the last id, not out of range
+
+
 def sample(logits, p: RowParams, feats: Features, keys, seen=None, gen_counts=None):
     """logits [B, V] float32 (padded vocab at -inf) -> (tokens [B] int32, logprobs [B]).
 
     keys [B] are per-row PRNG keys. logprobs are of the chosen token under the model's
     unprocessed distribution (log_softmax of the raw logits).
     """
-    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
     x = logits
     if feats.penalties:
         x = apply_penalties(x, p, seen, gen_counts)
-    tokens = jnp.argmax(x, axis=-1).astype(jnp.int32)
+    tokens = argmax(x)
     if feats.sample:
         filtered = filter_logits(x, p, feats)
         drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
         tokens = jnp.where(p.greedy, tokens, drawn)
-    chosen = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
-    return tokens, chosen
+    return tokens, chosen_logprob(logits, tokens)
+
+
+def chosen_logprob(logits, tokens):
+    """log_softmax(logits)[b, tokens[b]], [B, V], [B] -> [B], the same arithmetic as
+    jax.nn.log_softmax. The chosen entry is picked by a masked sum (a reduction, an
+    all-reduce when V is sharded) rather than an index into the log-probabilities, which XLA
+    partitions by all-gathering all V of them."""
+    shifted = logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True))
+    lse = jnp.log(jnp.exp(shifted).sum(-1))
+    index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    return jnp.where(index == tokens[:, None], shifted, 0.0).sum(-1) - lse

@@ -5,6 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxformer as jf
+from jaxformer import sampling
+from jaxformer import sharding as shd
 from jaxformer.layers import base
 
 CASES = [  # eq, x shape, kernel shape, contract
@@ -37,6 +40,43 @@ def test_single_row_against_a_small_kernel_becomes_two_rows():
     assert "tensor<2x16xf32>" not in text  # large kernels are left alone
 
 
+def test_two_row_threshold_counts_one_devices_shard():
+    """On tensor=2, a kernel of 1.5x the threshold is a 0.75x dot per device: padded."""
+    x = jnp.ones((1, 1, 16))
+    big = jax.ShapeDtypeStruct((16, 3 * base.XLA_GPU_DOT_REDUCE_BELOW // 32), jnp.float32)
+    mesh = jf.make_mesh(1, 1, 2, devices=jax.devices()[:2])
+
+    def lowered(active_mesh):
+        def f(a, b):  # the model enters its mesh inside the traced function, as here
+            with shd.use(active_mesh, shd.load_rules("default")):
+                return base._einsum_not_strength_reduced("btd,df->btf", a, b)
+        return jax.jit(f).lower(x, big).as_text()
+
+    assert "tensor<2x16xf32>" not in lowered(None)
+    assert "tensor<2x16xf32>" in lowered(mesh)
+
+
+def test_sharded_argmax_is_first_maximum_without_all_gather():
+    """argmax over a vocabulary sharded on tensor: numpy's first-maximum answer (ties, -inf
+    rows), and XLA partitions it into all-reduces, not the all-gathers of a pair reduce."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(-3, 3, (5, 64)).astype(np.float32)  # many ties
+    x[3] = -np.inf
+    x[4, 40:] = 7.0
+    mesh = jf.make_mesh(1, 1, 2, devices=jax.devices()[:2])
+    logits = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+        None, "tensor")))
+
+    def f(a):
+        with shd.use(mesh, shd.load_rules("default")):
+            return sampling.argmax(a)
+
+    got = jax.jit(f)(logits)
+    np.testing.assert_array_equal(np.asarray(got), np.argmax(x, -1))
+    hlo = jax.jit(f).lower(logits).compile().as_text()
+    assert "all-reduce" in hlo and "all-gather" not in hlo
+
+
 @pytest.mark.parametrize("rows", [1, 3, 64, 65, 300])
 def test_layernorm_one_pass_and_two_pass_equal_numpy(rows):
     """Decode-sized inputs take the one-pass Welford statistics, larger ones two passes;
@@ -53,3 +93,27 @@ def test_layernorm_one_pass_and_two_pass_equal_numpy(rows):
     ref = (xd - xd.mean(-1, keepdims=True)) / np.sqrt(xd.var(-1, keepdims=True) + 1e-5)
     ref = ref * np.asarray(norm.scale[...]) + np.asarray(norm.bias[...])
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_vocab_parallel_lookup_and_chosen_logprob_equal_plain_formulas():
+    """The tensor-sharded embedding lookup is table[ids]; the chosen log-probability is
+    log_softmax's entry at the token (both written as reductions for the partitioner)."""
+    from jaxformer.layers.embeddings import lookup_rows
+    rng = np.random.default_rng(1)
+    table = rng.standard_normal((64, 8)).astype(np.float32)
+    ids = rng.integers(0, 64, (3, 5)).astype(np.int32)
+    mesh = jf.make_mesh(1, 1, 2, devices=jax.devices()[:2])
+    sharded = jax.device_put(table, jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec("tensor", None)))
+
+    def f(t, i):
+        with shd.use(mesh, shd.load_rules("default")):
+            return lookup_rows(t, i)
+
+    np.testing.assert_array_equal(np.asarray(jax.jit(f)(sharded, ids)), table[ids])
+    logits = rng.standard_normal((4, 64)).astype(np.float32)
+    logits[:, 60:] = -np.inf  # padded vocabulary
+    tokens = np.array([0, 17, 59, 33], np.int32)
+    want = np.asarray(jax.nn.log_softmax(logits, -1))[np.arange(4), tokens]
+    np.testing.assert_allclose(np.asarray(sampling.chosen_logprob(logits, tokens)), want,
+                               rtol=1e-6, atol=1e-6)

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxformer import sharding as shd
+
 INIT_STD = 0.02
 
 
@@ -105,12 +107,21 @@ XLA_GPU_DOT_REDUCE_BELOW = 10_000_000
 
 def _einsum_not_strength_reduced(eq: str, x, kernel):
     """einsum(eq, x, kernel); a single-row x against a small kernel runs as two rows (the
-    second zero, dropped after), which XLA keeps as a GEMM (see XLA_GPU_DOT_REDUCE_BELOW)."""
+    second zero, dropped after), which XLA keeps as a GEMM (see XLA_GPU_DOT_REDUCE_BELOW).
+
+    "Small" is judged on one device's shard: XLA partitions the dot before it simplifies
+    it, so on a tensor=T mesh a kernel of T * 10M elements is already a 10M-element dot per
+    device. Every linear kernel shards one dimension over `tensor` (a replicated one, e.g.
+    K/V at fewer kv heads than T, is merely padded when it need not be: one small pad).
+    """
     inputs, out = eq.replace(" ", "").split("->")
     xs, ks = inputs.split(",")
     lead = os.path.commonprefix([xs, out])  # x's row dims, carried to the output
     n = next((i for i, c in enumerate(lead) if c in ks), len(lead))
-    if n == 0 or math.prod(x.shape[:n]) != 1 or kernel.size >= XLA_GPU_DOT_REDUCE_BELOW:
+    mesh, _ = shd.current()
+    tensor = mesh.shape.get("tensor", 1) if mesh is not None else 1
+    if n == 0 or math.prod(x.shape[:n]) != 1 or \
+            kernel.size // tensor >= XLA_GPU_DOT_REDUCE_BELOW:
         return jnp.einsum(eq, x, kernel)
     r = next(c for c in "ZYXWV" if c not in eq)
     x2 = jnp.pad(x.reshape(x.shape[n:])[None], [(0, 1)] + [(0, 0)] * (x.ndim - n))
