@@ -11,6 +11,11 @@ LLAMA = dict(name="tiny-llama", vocab_size=100, hidden_size=32, num_layers=8, nu
              norm="rmsnorm", activation="silu", gated_mlp=True, qkv_bias=False,
              linear_bias=False, tie_embeddings=False, eos_token_id=99)
 
+# LLaMA-70B's head layout scaled down (8 kv heads shared by 16 query heads): tensor=8 leaves
+# one kv head per device, as the 70B preset does on 8 GPUs.
+LLAMA_GQA8 = dict(LLAMA, name="tiny-llama-gqa8", hidden_size=64, num_heads=16, num_kv_heads=8,
+                  ffn_size=128)
+
 # BERT (Hugging Face layout): post-LN, token types, pooler, MLM and binary heads.
 BERT = dict(name="tiny-bert", arch="encoder", vocab_size=100, hidden_size=32, num_layers=8,
             num_heads=4, ffn_size=64, max_position_embeddings=64, norm_position="post",

@@ -20,11 +20,12 @@ from jaxformer.models import abstract_params
 from jaxformer.sharding import check_divisible
 
 sys.path.insert(0, os.path.dirname(__file__))
-from pipeline_models import BERT, GPT, LLAMA, PROMPTS
+from pipeline_models import BERT, GPT, LLAMA, LLAMA_GQA8, PROMPTS
 
 # hashable, for the caches below
-GPT, LLAMA, BERT = (tuple(sorted(d.items())) for d in (GPT, LLAMA, BERT))
-FAMILIES = {"gpt": GPT, "llama": LLAMA}
+GPT, LLAMA, BERT, LLAMA_GQA8 = (tuple(sorted(d.items()))
+                                for d in (GPT, LLAMA, BERT, LLAMA_GQA8))
+FAMILIES = {"gpt": GPT, "llama": LLAMA, "llama-gqa8": LLAMA_GQA8}
 
 MESHES = [(1, 2, 1), (1, 4, 1), (1, 8, 1), (1, 2, 2), (2, 2, 2)]
 TOL = 1e-5
@@ -83,6 +84,16 @@ def valid_close(a, b):
 def test_decoder_matches_single_device(family, mesh):
     ref_logits, ref_tokens = reference(family)
     model = make(FAMILIES[family], mesh)
+    assert valid_close(model.logits(IDS, MASK), ref_logits) <= TOL
+    assert model.generate(PROMPTS, max_new_tokens=NEW).tokens == ref_tokens
+
+
+@pytest.mark.parametrize("mesh", [(1, 1, 8), (1, 2, 4)], ids=mesh_id)
+def test_eight_device_layouts_of_a_70b_head_layout(mesh):
+    """The 8-GPU layouts of the scale-out benchmarks (tensor=8; tensor=4 x pipe=2) on a
+    model with LLaMA-70B's grouped heads: single-device logits and greedy tokens."""
+    ref_logits, ref_tokens = reference("llama-gqa8")
+    model = make(LLAMA_GQA8, mesh)
     assert valid_close(model.logits(IDS, MASK), ref_logits) <= TOL
     assert model.generate(PROMPTS, max_new_tokens=NEW).tokens == ref_tokens
 
