@@ -46,3 +46,31 @@ def test_plan_shapes_skips_what_the_plan_rejects_and_finds_the_largest(monkeypat
             return memory.plan(cfg, None, "bfloat16", batch=b, max_length=s["prompt"] + 128,
                                prompt_length=s["prompt"]).fits
         assert s["batch"] % 8 == 0 and fits(s["batch"]) and not fits(s["batch"] + 8)
+
+
+def test_parallel_benchmark_isolated_layouts_print_consistent_rows():
+    """benchmarks/parallel.py --isolate: one child process per layout, a row per layout and
+    batch, tokens/s = batch / step time, "vs 1 device" = the tokens/s ratio, and the
+    tensor ratio line of the summary."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "parallel.py"),
+                           "--tiny", "--isolate", "--layouts", "1", "tensor=2", "--batch",
+                           "1", "4", "--no-largest"], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.strip("| ").split(" | ") for line in proc.stdout.splitlines()
+            if line.startswith("| tiny")]
+    assert [(r[1], r[3]) for r in rows] == [("1 device", "1"), ("1 device", "4"),
+                                            ("tensor=2", "1"), ("tensor=2", "4")]
+    tok_s = {(r[1], int(r[3])): float(r[4]) for r in rows}
+    for r in rows:
+        batch, ms = int(r[3]), float(r[5])
+        assert abs(ms - batch * 1e3 / float(r[4])) <= 0.0051  # ms/step printed to 0.01
+        assert 0 < float(r[7])  # bandwidth utilisation
+        ratio = tok_s[(r[1], batch)] / tok_s[("1 device", batch)]
+        assert r[9] == f"{ratio:.2f}x"
+    assert "tensor=2 / 1 device step time at batch 1" in proc.stdout
