@@ -98,6 +98,7 @@ import jax  # noqa: E402  (after XLA_FLAGS)
 import numpy as np  # noqa: E402
 
 import jaxformer as jf  # noqa: E402
+from jaxformer.bench import ceilings, decode_kv_bytes  # noqa: E402
 from jaxformer.config import ModelConfig  # noqa: E402
 from jaxformer.sharding import check_divisible, load_rules  # noqa: E402
 
@@ -128,7 +129,6 @@ def spec_bandwidth(kind: str) -> float | None:
 
 def copy_bandwidth() -> float:
     """Measured bytes/s (read + write) of an elementwise copy on one device."""
-    from jaxformer.bench import ceilings
     return ceilings(args.tiny)["copy_GBps"] * 1e9
 
 
@@ -145,7 +145,6 @@ def measure(cfg: ModelConfig, layout, batches, devices, copy_bw=None) -> dict:
     mesh = jf.make_mesh(*layout, devices=devices[:n])
     model = jf.Model.random(cfg, mesh, dtype=args.dtype, attention=args.attention)
     weights_per_device = memory.weights_bytes(cfg, mesh, args.dtype)
-    itemsize = np.dtype(args.dtype).itemsize
     rng = np.random.default_rng(0)
     out = {}
     for batch in batches:
@@ -161,10 +160,9 @@ def measure(cfg: ModelConfig, layout, batches, devices, copy_bw=None) -> dict:
         steps = args.new_tokens - 1  # the first token comes from the prefill
         step = decode / steps
         # bytes read per decode step, all devices together: every device its weight shard,
-        # and the K and V the step attends to (prompt + half the new tokens on average)
-        kv = (2 * cfg.num_layers * batch * (args.prompt_len + args.new_tokens / 2)
-              * cfg.kv_heads * cfg.dims_per_head * itemsize)
-        step_bytes = n * weights_per_device + kv
+        # and the K and V the step attends to
+        step_bytes = n * weights_per_device + decode_kv_bytes(
+            cfg, batch, args.prompt_len, args.new_tokens, args.dtype)
         out[batch] = dict(tok_s=batch * steps / decode, ms_step=1e3 * step,
                           ttft_ms=1e3 * min(r["prefill_s"] for r in runs),
                           bw_util=step_bytes / step / (n * copy_bw) if copy_bw else None)
@@ -195,8 +193,7 @@ def child_main(job: dict) -> None:
 
 def run_isolated(preset: str, layout, batches) -> dict:
     job = json.dumps(dict(preset=preset, layout=list(layout), batches=list(batches)))
-    argv = [sys.executable, os.path.abspath(__file__), "--child", job] + \
-        [a for a in sys.argv[1:]]
+    argv = [sys.executable, os.path.abspath(__file__), "--child", job] + sys.argv[1:]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(argv, stdout=subprocess.PIPE, text=True,

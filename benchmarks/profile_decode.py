@@ -60,7 +60,8 @@ def profile(preset: str, batch: int, prompt: int = 128, new: int = 64, top: int 
                     count[ev.name] += 1
                     events.append((ev.start_ns, ev.duration_ns, ev.name))
     busy = sum(total.values())
-    print(f"## {preset} batch {batch}{f' tensor={tensor}' * (tensor > 1)}: wall {wall / steps * 1e3:.3f} ms/step, kernels "
+    mesh_note = f" tensor={tensor}" if tensor > 1 else ""
+    print(f"## {preset} batch {batch}{mesh_note}: wall {wall / steps * 1e3:.3f} ms/step, kernels "
           f"{busy / steps / 1e6:.3f} ms/step, {sum(count.values()) / steps:.0f} launches/step "
           f"(with the profiler attached)")
     for name, ns in total.most_common(top):

@@ -66,6 +66,12 @@ def peak_bytes() -> int | None:
     return stats.get("peak_bytes_in_use")
 
 
+def decode_kv_bytes(cfg, batch: int, prompt: int, new: int, dtype) -> float:
+    """K and V bytes a decode step reads on average over `new` steps after `prompt`."""
+    return (2 * cfg.num_layers * batch * (prompt + new / 2) * cfg.kv_heads * cfg.dims_per_head
+            * jnp.dtype(dtype).itemsize)
+
+
 def run_jax(cfg, batch: int, prompt: int, new: int, dtype: str, attention="auto",
             seed=0, quantize=None) -> dict:
     import jaxformer as jf
@@ -99,10 +105,8 @@ def run_jax(cfg, batch: int, prompt: int, new: int, dtype: str, attention="auto"
         step.append((t2 - t1) / (new - 1))
     assert int((np.asarray(s.out[:batch]) >= 0).sum()) == batch * new
     ttft, step = float(np.median(ttft)), float(np.median(step))
-    L, K, H = cfg.num_layers, cfg.kv_heads, cfg.dims_per_head
-    itemsize = jnp.dtype(dtype).itemsize
-    avg_ctx = prompt + new / 2
-    kv_bytes = 2 * L * batch * avg_ctx * K * H * itemsize  # k and v actually needed per step
+    kv_bytes = decode_kv_bytes(cfg, batch, prompt, new, dtype)
+    L, H = cfg.num_layers, cfg.dims_per_head
     flops_prefill = 2 * batch * prompt * cfg.num_params() \
         + 2 * 2 * L * batch * prompt * prompt / 2 * cfg.num_heads * H
     out = dict(ttft_ms=ttft * 1e3, step_ms=step * 1e3,

@@ -161,8 +161,7 @@ def argmax(x):
     decode step. There it runs as a max and then a min over the indices that reach it: two
     plain reductions, which XLA partitions into all-reduces (its fast collective kernels).
     """
-    mesh, _ = shd.current()
-    if mesh is None or mesh.shape.get("tensor", 1) == 1:
+    if shd.active_axis_size("tensor") == 1:
         return jnp.argmax(x, axis=-1).astype(jnp.int32)
     top = x.max(-1, keepdims=True)
     index = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)

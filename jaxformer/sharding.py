@@ -118,6 +118,12 @@ def current() -> tuple[Mesh | None, Rules | None]:
     return getattr(_ctx, "state", None) or (None, None)
 
 
+def active_axis_size(axis: str) -> int:
+    """The size of mesh axis `axis` of the active mesh (1 without one, or without the axis)."""
+    mesh, _ = current()
+    return 1 if mesh is None else dict(mesh.shape).get(axis, 1)
+
+
 def shard(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """Constrain an activation's sharding by logical names; a no-op without an active mesh."""
     mesh, rules = current()

@@ -118,10 +118,8 @@ def _einsum_not_strength_reduced(eq: str, x, kernel):
     xs, ks = inputs.split(",")
     lead = os.path.commonprefix([xs, out])  # x's row dims, carried to the output
     n = next((i for i, c in enumerate(lead) if c in ks), len(lead))
-    mesh, _ = shd.current()
-    tensor = mesh.shape.get("tensor", 1) if mesh is not None else 1
     if n == 0 or math.prod(x.shape[:n]) != 1 or \
-            kernel.size // tensor >= XLA_GPU_DOT_REDUCE_BELOW:
+            kernel.size // shd.active_axis_size("tensor") >= XLA_GPU_DOT_REDUCE_BELOW:
         return jnp.einsum(eq, x, kernel)
     r = next(c for c in "ZYXWV" if c not in eq)
     x2 = jnp.pad(x.reshape(x.shape[n:])[None], [(0, 1)] + [(0, 0)] * (x.ndim - n))

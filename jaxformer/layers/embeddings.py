@@ -7,7 +7,7 @@ from flax import nnx
 from jaxformer.config import ModelConfig
 from jaxformer.layers.base import param
 from jaxformer.layers.norms import Norm
-from jaxformer.sharding import current, shard
+from jaxformer.sharding import active_axis_size, shard
 
 
 def lookup_rows(table, ids):
@@ -20,8 +20,7 @@ def lookup_rows(table, ids):
     keeps the rows it owns and the sum over blocks is an all-reduce of [B, T, D]
     (Megatron's vocabulary-parallel embedding, with no shard_map).
     """
-    mesh, _ = current()
-    tp = mesh.shape.get("tensor", 1) if mesh is not None else 1
+    tp = active_axis_size("tensor")
     V, D = table.shape
     if tp == 1 or V % tp:
         return jnp.take(table, ids, axis=0)
