@@ -4,12 +4,15 @@ jax.profiler trace of generate()'s decode loop.
     python benchmarks/profile_decode.py gpt3-1.3b:1 gpt3-1.3b:64     # PRESET:BATCH ...
     python benchmarks/profile_decode.py gpt3-6.7b:1:int8 --sequence 40  # + launch order
     python benchmarks/profile_decode.py gpt3-6.7b:1 --tensor 2    # tensor-parallel, GPU 0
+    python benchmarks/profile_decode.py gpt3-6.7b:1:fp8 --prefill 1920  # one prefill instead
 
 For each case (random weights, bf16, prompt 128, 64 new tokens) it prints the wall time per
 step, the summed kernel time per step, the kernel launches per step, and the kernels that
 take the most time (name, microseconds per step, launches per step). On a CPU there are no
 device kernels to list; the wall time is still printed. With --tensor N the model runs on
-a tensor=N mesh and the kernels listed are the first device's (collectives included).
+a tensor=N mesh and the kernels listed are the first device's (collectives included). With
+--prefill T the prompt is T tokens and the trace covers one prefill (time to first token)
+instead of the decode loop: "per step" then means that one prefill.
 """
 from __future__ import annotations
 
@@ -30,7 +33,9 @@ from jaxformer.generate import _Run  # noqa: E402
 
 
 def profile(preset: str, batch: int, prompt: int = 128, new: int = 64, top: int = 25,
-            sequence: int = 0, quantize: str | None = None, tensor: int = 1) -> None:
+            sequence: int = 0, quantize: str | None = None, tensor: int = 1,
+            prefill: int = 0) -> None:
+    prompt = prefill or prompt
     cfg = jf.ModelConfig.from_preset(preset)
     mesh = jf.make_mesh(1, 1, tensor, devices=jax.devices()[:tensor])
     model = jf.Model.random(cfg, mesh, dtype="bfloat16", seed=0, quantize=quantize)
@@ -42,9 +47,12 @@ def profile(preset: str, batch: int, prompt: int = 128, new: int = 64, top: int 
     trace = tempfile.mkdtemp()
     with jax.profiler.trace(trace):
         t = time.perf_counter()
-        jax.block_until_ready(run.decode(state, new).out)
+        if prefill:
+            jax.block_until_ready(run.prefill().last)
+        else:
+            jax.block_until_ready(run.decode(state, new).out)
         wall = time.perf_counter() - t
-    steps = new - 1
+    steps = 1 if prefill else new - 1
     total, count = collections.Counter(), collections.Counter()
     events = []  # (start ns, duration ns, name) of every kernel, for --sequence
     for path in glob.glob(os.path.join(trace, "**", "*.xplane.pb"), recursive=True):
@@ -60,7 +68,8 @@ def profile(preset: str, batch: int, prompt: int = 128, new: int = 64, top: int 
                     count[ev.name] += 1
                     events.append((ev.start_ns, ev.duration_ns, ev.name))
     busy = sum(total.values())
-    mesh_note = f" tensor={tensor}" if tensor > 1 else ""
+    mesh_note = (f" tensor={tensor}" if tensor > 1 else "") + \
+        (f" {quantize}" if quantize else "") + (f" prefill of {prompt}" if prefill else "")
     print(f"## {preset} batch {batch}{mesh_note}: wall {wall / steps * 1e3:.3f} ms/step, kernels "
           f"{busy / steps / 1e6:.3f} ms/step, {sum(count.values()) / steps:.0f} launches/step "
           f"(with the profiler attached)")
@@ -86,8 +95,10 @@ if __name__ == "__main__":
     ap.add_argument("--sequence", type=int, default=0,
                     help="also list this many consecutive kernels in launch order")
     ap.add_argument("--tensor", type=int, default=1, help="tensor-parallel devices")
+    ap.add_argument("--prefill", type=int, default=0,
+                    help="profile one prefill of this many prompt tokens instead of decode")
     args = ap.parse_args()
     for case in args.cases:
         name, b, *q = case.split(":")
         profile(name, int(b), sequence=args.sequence, quantize=q[0] if q else None,
-                tensor=args.tensor)
+                tensor=args.tensor, prefill=args.prefill)

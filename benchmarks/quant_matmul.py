@@ -15,6 +15,13 @@ uses without it, at M = 1, 4, 16 on the decode shapes, with each shape's int8 co
 
     python benchmarks/quant_matmul.py --kernel-only            # just that section
     python benchmarks/quant_matmul.py --kernel-only --sweep    # + block/stage/split configs
+
+--variants runs, instead, other XLA formulations at the model's shapes: the batch-1 int8 and
+int4 products of gpt3-6.7b's four matrices (codes as stored by jaxformer.quant), and its FP8
+prefill GEMMs of 1920 rows with the scale and a bias + GeLU consumer after them, the product
+written in float32 or in bf16:
+
+    python benchmarks/quant_matmul.py --variants
 """
 import argparse
 import dataclasses
@@ -121,7 +128,113 @@ def copy_rate(weights):
     return 2 * sum(w.size for w in weights) / float(np.median(ts))
 
 
-KERNEL_SHAPES = [(4096, 4096), (4096, 12288), (4096, 16384), (16384, 4096)]  # (K, N)
+KERNEL_SHAPES = [(4096, 4096), (4096, 12288), (4096, 16384), (16384, 4096)]  # (K, N), 6.7B
+
+
+# ---- --variants: batch-1 formulations at the model's shapes ----------------------------------
+def int8_two_stage(x, q, s, chunk=512):
+    """Row reduction split in two: [N, K/c, c] summed over c, then over K/c."""
+    n, k = q.shape
+    part = (q.reshape(n, k // chunk, chunk).astype(F32)
+            * x[0].astype(F32).reshape(k // chunk, chunk)).sum(-1)
+    return (part.sum(-1)[None] * s).astype(BF16)
+
+
+def int8_bf16_product(x, q, s):
+    """Products rounded to bf16, summed in float32: half the register width of the float32
+    product (not exact: a benchmark formulation)."""
+    return (jnp.sum(q.astype(BF16) * x[0], axis=-1, dtype=F32)[None] * s).astype(BF16)
+
+
+def int8_dot_one_row(x, q, s):
+    """A real M = 1 dot over the converted codes (above XLA's strength-reduction size)."""
+    return int8_kminor_astype(x, q, s)
+
+
+def int8_dot_two_rows(x, q, s):
+    """The bf16 path's two-row padding: a GEMM of 2 rows, the convert fused into it."""
+    x2 = jnp.concatenate([x, jnp.zeros_like(x)])
+    return int8_kminor_astype(x2, q, s)[:1]
+
+
+def int4_ops_path(x, q, s, group=128):
+    """jaxformer.quant.ops' int4 product: dequantize [K, N] then einsum."""
+    from jaxformer.quant import ops, spec
+    return ops.einsum("mk,kn->mn", x, q, s, spec.parse("int4"), 1)
+
+
+def int4_column_reduce(x, q, s, group=128):
+    """y[n] = sum_g s[g, n] * sum_(k in g) x[k] q[k, n]: a column reduction over the codes in
+    their float layout [K, N], the group scale applied once per group."""
+    k, n = q.shape
+    part = (x[0].astype(F32).reshape(k // group, group, 1)
+            * q.reshape(k // group, group, n).astype(F32)).sum(1)   # [K/g, N]
+    return ((part * s).sum(0)[None]).astype(BF16)
+
+
+def int4_kminor_reduce(x, q_t, s, group=128):
+    """The codes stored K-minor [N, K]: per group a row reduction of 128 codes, then the
+    group scales: y[n] = sum_g s[g, n] * sum_(k in g) x[k] q_t[n, k]."""
+    n, k = q_t.shape
+    part = (q_t.reshape(n, k // group, group).astype(F32)
+            * x[0].astype(F32).reshape(k // group, group)).sum(-1)   # [N, K/g]
+    return ((part * s.T).sum(-1)[None]).astype(BF16)
+
+
+def fp8_prefill(out_dtype):
+    """fp8 x fp8 K-minor GEMM, product in out_dtype, then * scale, + bias, GeLU (the MLP's
+    first matrix as jaxformer runs it)."""
+    def mm(x, w, s, b):
+        y = jnp.einsum("mk,nk->mn", x.astype(F8), w, preferred_element_type=out_dtype)
+        return jax.nn.gelu((y.astype(F32) * s).astype(BF16) + b)
+    return mm
+
+
+def variants_section(only_int4=False):
+    from jaxformer.quant import ops, spec
+    key = jax.random.key(2)
+    for k_dim, n_dim in KERNEL_SHAPES:
+        wq = [jax.random.randint(jax.random.fold_in(key, i), (n_dim, k_dim), -127, 128,
+                                 jnp.int8) for i in range(R)]
+        s = jnp.full((n_dim,), 1 / 40, F32)
+        ref = copy_rate(wq)
+        x = jax.random.normal(key, (1, k_dim), BF16)
+        print(f"## batch 1, int8 K={k_dim}, N={n_dim}: copy {ref / 1e9:.0f} GB/s")
+        int8_forms = (int8_kminor_reduce, int8_two_stage, int8_bf16_product, int8_dot_one_row,
+                      int8_dot_two_rows)
+        for f in () if only_int4 else int8_forms:
+            bench(f.__name__, f, x, wq, s, nbytes=k_dim * n_dim, ref_rate=ref)
+        del wq
+        i4 = spec.parse("int4")
+        w4 = [ops.quantize_kernel(jax.random.normal(jax.random.fold_in(key, i), (k_dim, n_dim),
+                                                    BF16), i4, 0, 1) for i in range(R)]
+        q4, s4 = [w[0] for w in w4], w4[0][1]
+        print(f"## batch 1, int4 (groups of 128) K={k_dim}, N={n_dim}")
+        for f in (int4_ops_path, int4_column_reduce):
+            bench(f.__name__, f, x, q4, s4, nbytes=k_dim * n_dim // 2, ref_rate=ref)
+        bench("int4_kminor_reduce", int4_kminor_reduce, x, [jnp.asarray(q.T) for q in q4], s4,
+              nbytes=k_dim * n_dim // 2, ref_rate=ref)
+        bench("bf16 einsum", bf16_mm, x,
+              [jax.random.normal(jax.random.fold_in(key, i), (k_dim, n_dim), BF16)
+               for i in range(R)], nbytes=2 * k_dim * n_dim)
+        del w4, q4
+    if only_int4:
+        return
+    M = 1920
+    x = jax.random.normal(key, (M, 4096), BF16)
+    for k_dim, n_dim in KERNEL_SHAPES:
+        x = jax.random.normal(key, (M, k_dim), BF16)
+        wb = [jax.random.normal(jax.random.fold_in(key, i), (k_dim, n_dim), BF16)
+              for i in range(R)]
+        w8 = [jnp.asarray(w.T).astype(F8) for w in wb]
+        s, b = jnp.full((n_dim,), 1 / 40, F32), jnp.zeros((n_dim,), BF16)
+        flops = 2 * M * k_dim * n_dim
+        print(f"## prefill M={M}, K={k_dim}, N={n_dim}, then scale + bias + GeLU")
+        bench("bf16 einsum + bias + gelu", lambda x, w, b: jax.nn.gelu(bf16_mm(x, w) + b),
+              x, wb, b, flops=flops)
+        bench("fp8, f32 product", fp8_prefill(F32), x, w8, s, b, flops=flops)
+        bench("fp8, bf16 product", fp8_prefill(BF16), x, w8, s, b, flops=flops)
+        del wb, w8
 
 
 def kernel_section(sweep: bool):
@@ -175,7 +288,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--kernel-only", action="store_true", help="only the Pallas section")
     ap.add_argument("--sweep", action="store_true", help="also sweep kernel configs at M=1")
+    ap.add_argument("--variants", action="store_true",
+                    help="only the model-shape XLA formulations (module docstring)")
     args = ap.parse_args()
+    if args.variants:
+        print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}")
+        return variants_section()
     if not args.kernel_only:
         xla_sections()
     else:

@@ -20,7 +20,9 @@ plan says cannot fit are skipped with the plan's numbers.
 With --quantize, every shape runs once per mode (none = the dtype alone; int8, int4,
 int4-g<N>, fp8, fp8-tensor: jaxformer.quant, FP8 calibrated on random ids), rows side by
 side: decode step time at batch 1 is the weight-only win, prefill (TTFT) at long prompts the
-FP8 one. MFU stays relative to the measured bf16 matmul ceiling.
+FP8 one. MFU stays relative to the measured bf16 matmul ceiling. --kv-cache none,int8 runs each
+of those once per KV-cache mode too (RunConfig.kv_cache); the memory plan is asked per mode,
+so a batch that fits only with an int8 cache runs for that mode and is skipped for the other.
 """
 from __future__ import annotations
 
@@ -66,20 +68,24 @@ def peak_bytes() -> int | None:
     return stats.get("peak_bytes_in_use")
 
 
-def decode_kv_bytes(cfg, batch: int, prompt: int, new: int, dtype) -> float:
-    """K and V bytes a decode step reads on average over `new` steps after `prompt`."""
-    return (2 * cfg.num_layers * batch * (prompt + new / 2) * cfg.kv_heads * cfg.dims_per_head
-            * jnp.dtype(dtype).itemsize)
+def decode_kv_bytes(cfg, batch: int, prompt: int, new: int, dtype, kv_cache=None) -> float:
+    """K and V bytes a decode step reads on average over `new` steps after `prompt`; a
+    quantized cache (kv_cache "int8" / "fp8") reads 1-byte codes plus a float32 scale per
+    token and kv head."""
+    per_token = cfg.kv_heads * cfg.dims_per_head * jnp.dtype(dtype).itemsize
+    if kv_cache is not None:
+        per_token = cfg.kv_heads * (cfg.dims_per_head + 4)
+    return 2 * cfg.num_layers * batch * (prompt + new / 2) * per_token
 
 
 def run_jax(cfg, batch: int, prompt: int, new: int, dtype: str, attention="auto",
-            seed=0, quantize=None) -> dict:
+            seed=0, quantize=None, kv_cache=None) -> dict:
     import jaxformer as jf
     from jaxformer import memory
     from jaxformer.generate import _Run
 
     model = jf.Model.random(cfg, dtype=dtype, seed=seed, attention=attention,
-                            quantize=quantize)
+                            quantize=quantize, kv_cache=kv_cache)
     # counted from the plan: jax reports int4 arrays at a byte per element
     weight_bytes = memory.weights_bytes(cfg, None, dtype, quantize=quantize)
     rng = np.random.default_rng(seed)
@@ -105,7 +111,7 @@ def run_jax(cfg, batch: int, prompt: int, new: int, dtype: str, attention="auto"
         step.append((t2 - t1) / (new - 1))
     assert int((np.asarray(s.out[:batch]) >= 0).sum()) == batch * new
     ttft, step = float(np.median(ttft)), float(np.median(step))
-    kv_bytes = decode_kv_bytes(cfg, batch, prompt, new, dtype)
+    kv_bytes = decode_kv_bytes(cfg, batch, prompt, new, dtype, kv_cache)
     L, H = cfg.num_layers, cfg.dims_per_head
     flops_prefill = 2 * batch * prompt * cfg.num_params() \
         + 2 * 2 * L * batch * prompt * prompt / 2 * cfg.num_heads * H
@@ -226,9 +232,12 @@ def hf_rows(shapes: list, new: int, timeout: float | None = None) -> dict:
 
 def plan_shapes(presets, prompts, batches, new: int, dtype: str, largest: bool,
                 modes) -> list[dict]:
-    """The (preset, prompt, batch) rows to run, in order, each with `skip` (None, or why the
-    memory plan says it cannot fit) and `largest` (the row added by --largest: the largest
-    batch the plan fits for that prompt, for the first of `modes`)."""
+    """The (preset, prompt, batch) rows to run, in order, each with `skip_modes` ({mode: why
+    the memory plan says it cannot fit}), `skip` (the first reason when no mode fits, else
+    None) and `largest` (the row added by --largest: the largest batch the plan fits for that
+    prompt, for the first of `modes`). A mode is a quantize value or a (quantize, kv_cache)
+    pair."""
+    modes = [m if isinstance(m, tuple) else (m, None) for m in modes]
     import jaxformer as jf
     from jaxformer import memory
     # without preallocation (--hf) the allocator, and its bytes_limit, exist only once
@@ -245,30 +254,32 @@ def plan_shapes(presets, prompts, batches, new: int, dtype: str, largest: bool,
             if prompt < 1 or any(s["preset"] == preset and s["prompt"] == prompt for s in out):
                 continue
             for batch in batches:
-                skip = None
+                skip_modes = {}
                 for mode in modes:
                     p = memory.plan(cfg, None, dtype, batch=batch, max_length=length,
-                                    prompt_length=prompt, quantize=mode)
+                                    prompt_length=prompt, quantize=mode[0], kv_cache=mode[1])
                     if p.fits is False:
-                        skip = (f"plan {p.total / 1e9:.1f} GB > "
-                                f"{p.device_memory / 1e9:.1f} GB of device memory")
+                        skip_modes[mode] = (f"plan {p.total / 1e9:.1f} GB > "
+                                            f"{p.device_memory / 1e9:.1f} GB of device memory")
+                skip = next(iter(skip_modes.values())) if len(skip_modes) == len(modes) else None
                 out.append(dict(preset=preset, prompt=prompt, batch=batch, largest=False,
-                                skip=skip))
+                                skip=skip, skip_modes=skip_modes))
             if largest:
                 big = _largest_fitting(cfg, dtype, prompt, length, modes[0])
                 if big > max(batches):
                     out.append(dict(preset=preset, prompt=prompt, batch=big, largest=True,
-                                    skip=None))
+                                    skip=None, skip_modes={}))
     return out
 
 
 def _largest_fitting(cfg, dtype: str, prompt: int, length: int, mode) -> int:
-    """The largest batch (a multiple of 8) the memory plan fits, bisected; 0 if unknown."""
+    """The largest batch (a multiple of 8) the memory plan fits for mode (quantize,
+    kv_cache), bisected; 0 if unknown."""
     from jaxformer import memory
 
     def fits(b):
         return memory.plan(cfg, None, dtype, batch=b, max_length=length,
-                           prompt_length=prompt, quantize=mode).fits
+                           prompt_length=prompt, quantize=mode[0], kv_cache=mode[1]).fits
     if not fits(8):
         return 0
     lo, hi = 8, 16
@@ -301,12 +312,20 @@ def main(argv=None) -> int:
     ap.add_argument("--quantize", default="none",
                     help="comma-separated modes per shape: none,int8,int4,int4-g<N>,fp8,"
                          "fp8-tensor (default: none)")
+    ap.add_argument("--kv-cache", default="none",
+                    help="comma-separated KV-cache modes per shape: none,int8,fp8 (default: "
+                         "none, the cache in --dtype)")
     args = ap.parse_args(argv)
     import jaxformer as jf
     from jaxformer.quant.spec import name
 
-    modes = [None if m.strip() in ("", "none") else name(m.strip(), "--quantize")
-             for m in args.quantize.split(",")]
+    kv_modes = [None if m.strip() in ("", "none") else m.strip()
+                for m in args.kv_cache.split(",")]
+    for kv in kv_modes:
+        if kv not in (None, "int8", "fp8"):
+            ap.error(f"--kv-cache: {kv!r} is not none, int8 or fp8")
+    modes = [(None if m.strip() in ("", "none") else name(m.strip(), "--quantize"), kv)
+             for m in args.quantize.split(",") for kv in kv_modes]
 
     presets = ["demo"] if args.tiny else args.presets
     if args.hf:  # transformers runs in a child first: jax must not claim the GPU up front
@@ -316,7 +335,7 @@ def main(argv=None) -> int:
                          args.largest, modes)
     if args.force:
         for shape in shapes:
-            shape["skip"] = None
+            shape["skip"], shape["skip_modes"] = None, {}
     hf_all = {}
     if args.hf:
         hf_all = hf_rows([[s["preset"], s["batch"], s["prompt"], s["largest"]]
@@ -335,15 +354,21 @@ def main(argv=None) -> int:
             continue
         cfg = jf.ModelConfig.from_preset(preset)
         hf = hf_all.get((preset, prompt, "largest" if shape["largest"] else batch))
-        for mode in modes:
+        for mode, kv in modes:
+            label = (mode or args.dtype) + (f" kv {kv}" if kv else "")
+            if (mode, kv) in shape["skip_modes"]:
+                print(f"# {preset} batch {batch} prompt {prompt} {label}: skipped, "
+                      f"{shape['skip_modes'][(mode, kv)]}", flush=True)
+                continue
             try:
                 r = run_jax(cfg, batch, prompt, args.new, args.dtype, args.attention,
-                            quantize=mode)
+                            quantize=mode, kv_cache=kv)
             except Exception as e:  # out of memory past the plan: report, go on
-                print(f"# {preset} b={batch} p={prompt} {mode or args.dtype}: jax "
+                print(f"# {preset} b={batch} p={prompt} {label}: jax "
                       f"failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
                 continue
             r.update(preset=preset, batch=batch, prompt=prompt, quant=mode or "none",
+                     kv=kv or "-",
                      largest=shape["largest"],
                      mbu=r["step_bytes"] / (r["step_ms"] / 1e3) / (ceil["copy_GBps"] * 1e9),
                      mfu=r["prefill_flops"] / (r["ttft_ms"] / 1e3)
@@ -357,7 +382,8 @@ def main(argv=None) -> int:
     return 0
 
 
-HEADER = (f"{'preset':<11}{'quant':>9}{'batch':>6}{'prompt':>7}{'TTFT ms':>9}{'step ms':>9}"
+HEADER = (f"{'preset':<11}{'quant':>9}{'kv':>5}{'batch':>6}{'prompt':>7}{'TTFT ms':>9}"
+          f"{'step ms':>9}"
           f"{'tok/s':>9}{'MBU':>6}{'MFU':>6}{'peak GB':>8}{'compile s':>10}{'HF batch':>9}"
           f"{'HF TTFT':>8}{'HF step':>8}{'HF tok/s':>9}{'x HF':>6}")
 _printed = False
@@ -372,7 +398,8 @@ def _print_row(r):
     nan = float("nan")
     ratio = r["tok_s"] / hf["tok_s"] if hf.get("tok_s") else nan
     hf_batch = ("oom" if "oom" in hf else "-") if "tok_s" not in hf else str(hf["batch"])
-    print(f"{r['preset']:<11}{r['quant']:>9}{r['batch']:>6}{r['prompt']:>7}{r['ttft_ms']:>9.1f}"
+    print(f"{r['preset']:<11}{r['quant']:>9}{r['kv']:>5}{r['batch']:>6}{r['prompt']:>7}"
+          f"{r['ttft_ms']:>9.1f}"
           f"{r['step_ms']:>9.2f}{r['tok_s']:>9.0f}{r['mbu']:>6.0%}{r['mfu']:>6.0%}"
           f"{r['peak_GB']:>8.1f}{r['compile_s']:>10.1f}{hf_batch:>9}"
           f"{hf.get('ttft_ms', nan):>8.1f}{hf.get('step_ms', nan):>8.2f}"

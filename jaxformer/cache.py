@@ -73,6 +73,19 @@ def cache_rows(batch: int, data: int) -> int:
     return -(-(1 << (batch - 1).bit_length()) // data) * data
 
 
+def prefill_rows(rows: int, tokens: int, budget: int, data: int = 1, pipe: int = 1) -> int:
+    """Rows one prefill pass computes: all `rows` when rows x tokens (the padded prompt)
+    is within `budget` (RunConfig.prefill_tokens), else the largest power of two dividing
+    `rows` whose tokens are (at least 1). Meshes with data or pipe > 1 prefill all rows at
+    once: their rows are split over devices or microbatches already."""
+    if rows * tokens <= budget or data > 1 or pipe > 1:
+        return rows
+    r = 1
+    while rows % (2 * r) == 0 and 2 * r * tokens <= budget:
+        r *= 2
+    return r
+
+
 def cache_slots(prompt_bucket: int, longest_prompt: int, max_new: int, limit: int) -> int:
     """Cache length generate() allocates: the padded prompt plus the new tokens, rounded up to
     a multiple of 128 and capped at the position limit, but never fewer slots than the

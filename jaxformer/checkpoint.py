@@ -28,6 +28,10 @@ CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 TOKENIZER_DIR = "tokenizer"
 QUANT_FILE = "quantization.json"
+# how quantized kernels are laid out (checkpoint_format.md): every mode K-minor. int4 was
+# stored in the float layout before this field existed, so an int4 record without it is
+# refused rather than read transposed.
+QUANT_LAYOUT = "k-minor"
 STAGING_DIR = "_staging"
 CHUNK_BYTES = 16 << 20  # storage chunks: a shard's restore reads little else, a save buffers little
 
@@ -155,7 +159,8 @@ class CheckpointWriter:
         shutil.rmtree(self.tmp / STAGING_DIR)
         self.config.save_json(self.tmp / CONFIG_FILE)
         if self.quantize is not None:
-            (self.tmp / QUANT_FILE).write_text(json.dumps({"quantize": self.quantize}) + "\n")
+            (self.tmp / QUANT_FILE).write_text(json.dumps(
+                {"quantize": self.quantize, "layout": QUANT_LAYOUT}) + "\n")
         if self._tokenizer is not None:
             self._tokenizer.save(self.tmp / TOKENIZER_DIR)
         if self.output.exists():
@@ -282,11 +287,21 @@ def read_quantization(path: str | os.PathLike) -> str | None:
     if not f.exists():
         return None
     try:
-        value = json.loads(f.read_text())["quantize"]
-        from jaxformer.quant.spec import name
-        return name(value)
-    except (ValueError, KeyError, TypeError) as e:
+        record = json.loads(f.read_text())
+        from jaxformer.quant.spec import name, parse
+        value = name(record["quantize"])
+        layout = record.get("layout")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{f}: not a valid quantization record: {e}") from None
+    if layout not in (None, QUANT_LAYOUT):
+        raise CheckpointError(f"{f}: unknown quantized layout {layout!r} (this jaxformer "
+                              f"reads {QUANT_LAYOUT!r})")
+    if layout is None and parse(value).mode == "int4":
+        raise CheckpointError(f"{f}: an int4 checkpoint from an earlier jaxformer, with its "
+                              f"codes in the float layout; quantize the float checkpoint "
+                              f"again (load(..., quantize={value!r}) and save, or the "
+                              f"converters' --quantize)")
+    return value
 
 
 def restore_params(path: str | os.PathLike, target: Mapping, *, partial: bool = False) -> dict:

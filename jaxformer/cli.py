@@ -88,6 +88,12 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--quantize", help=QUANTIZE_HELP + " (default: as the checkpoint stores "
                    "it)")
     i.add_argument("--kv-cache", choices=["int8", "fp8"], help="a quantized KV cache")
+    i.add_argument("--layer-loop", default="auto", choices=["auto", "scan", "unroll"],
+                   help="the layer layout decode runs (RunConfig.layer_loop; auto: unroll "
+                        "on a GPU host, where decode updates the cache in place)")
+    i.add_argument("--prefill-tokens", type=int, default=16384,
+                   help="most prompt tokens one prefill pass computes "
+                        "(RunConfig.prefill_tokens)")
     return ap
 
 
@@ -174,7 +180,8 @@ def cmd_info(args) -> int:
     dev = None if args.device_memory is None else args.device_memory * memory.GiB
     plan = memory.plan(config, sizes, args.dtype, batch=args.batch, max_length=args.max_length,
                        rules=args.rules, attention=args.attention, device_memory=dev,
-                       quantize=quantize, kv_cache=args.kv_cache)
+                       quantize=quantize, kv_cache=args.kv_cache,
+                       layer_loop=args.layer_loop, prefill_tokens=args.prefill_tokens)
     print(plan.explain())
     return 1 if plan.fits is False else 0
 

@@ -242,6 +242,10 @@ class RunConfig:
     layer_loop: str = "auto"
     quantize: str | None = None  # linear-layer weight (and FP8 activation) quantization
     kv_cache: str | None = None  # KV-cache quantization: None, "int8" or "fp8"
+    # most prompt tokens (rows x padded prompt length) one prefill pass computes: a larger
+    # batch prefills in chunks of rows (cache.prefill_rows), so its temporaries stay those
+    # of this many tokens and the KV cache, not the prefill, bounds the batch
+    prefill_tokens: int = 16384
 
     def __post_init__(self):
         for field in ("data", "pipe", "tensor"):
@@ -259,6 +263,10 @@ class RunConfig:
         if self.quantize is not None:
             from jaxformer.quant.spec import parse  # local: the quant package imports config
             parse(self.quantize, "RunConfig.quantize")
+        if isinstance(self.prefill_tokens, bool) or not isinstance(self.prefill_tokens, int) \
+                or self.prefill_tokens <= 0:
+            raise ValueError(f"RunConfig.prefill_tokens: must be a positive integer, "
+                             f"got {self.prefill_tokens!r}")
         if self.kv_cache not in (None, "int8", "fp8"):
             raise ValueError(f"RunConfig.kv_cache: must be None, 'int8' or 'fp8', "
                              f"got {self.kv_cache!r}")

@@ -122,6 +122,19 @@ class Model:
             model.calibrate(calibration)
         return model
 
+    def with_run(self, **changes) -> "Model":
+        """The same weights under a RunConfig with `changes` (attention, microbatches,
+        kv_cache, prefill_tokens: what does not change the weights or their layout), e.g.
+        `model.with_run(prefill_tokens=4096)`; compiled functions are not shared."""
+        fixed = {"data", "pipe", "tensor", "rules", "dtype", "quantize", "layer_loop"}
+        if fixed & set(changes):
+            raise ValueError(f"with_run cannot change {sorted(fixed & set(changes))}: they "
+                             f"change the weights or their layout; load the model again")
+        model = object.__new__(Model)
+        model.__dict__.update({k: v for k, v in self.__dict__.items() if k != "_compiled"})
+        model.run = dataclasses.replace(self.run, **changes)
+        return model
+
     # ---- helpers ------------------------------------------------------------------------
     def _batch_sharding(self, batch: int, ndim: int) -> NamedSharding:
         spec = shd.logical_to_spec(("batch",) + (None,) * (ndim - 1), self.rules)
@@ -368,7 +381,8 @@ def load(path: str | os.PathLike, mesh: Mesh | None = None, dtype: str = "float3
     plan = memory.check_fits(config, mesh, run.dtype,
                              rules if isinstance(rules, str) else rules_table,
                              max_batch=max_batch, max_length=max_length, attention=attention,
-                             quantize=run.quantize, kv_cache=run.kv_cache)
+                             quantize=run.quantize, kv_cache=run.kv_cache,
+                             layer_loop=run.layer_loop)
     if run.quantize is not None and stored is None:
         memory.check_quantize_at_load(plan, config, mesh, run.dtype, rules_table)
     if log.isEnabledFor(logging.INFO):

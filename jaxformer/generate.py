@@ -103,9 +103,15 @@ def make_prefill(model: Model, feats: Features, max_new: int, cache_len: int):
             empty = kvc.init_cache(cfg, B, cache_len, model.run.dtype,
                                    kv_cache=model.run.kv_cache)
             empty = jax.lax.with_sharding_constraint(empty, cache_sh)
-            x, cache = m.trunk(ids, positions, lengths, kvc.as_tuple(empty), None,
-                               backend=backend)
-            last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
+            R = kvc.prefill_rows(B, T, model.run.prefill_tokens, model.mesh.shape["data"],
+                             model.mesh.shape["pipe"])
+            if R == B:
+                x, cache = m.trunk(ids, positions, lengths, kvc.as_tuple(empty), None,
+                                   backend=backend)
+                last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)  # [B,1,D]
+            else:
+                cache, last = _prefill_in_chunks(m, ids, lengths, kvc.as_tuple(empty), R,
+                                                 backend)
             logits = m.head(last)[:, 0]
             seen = counts = None
             if feats.penalties:
@@ -123,6 +129,28 @@ def make_prefill(model: Model, feats: Features, max_new: int, cache_len: int):
             return _record(state, tok, lp, req)
 
     return jax.jit(prefill)
+
+
+def _prefill_in_chunks(m, ids, lengths, cache: tuple, R: int, backend):
+    """The trunk over ids [B, T] R rows at a time (a scan, so one chunk's temporaries are
+    live at once), each chunk's keys and values written into rows [i R, (i + 1) R) of the
+    B-row cache (batch axis 1 of every cache array). Returns (cache, last [B, 1, D]): the
+    hidden state at each row's last prompt token."""
+    B, T = ids.shape
+    n = B // R
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (R, T))
+
+    def chunk(cache, inputs):
+        ids_c, len_c, i = inputs
+        part = tuple(jnp.zeros((c.shape[0], R) + c.shape[2:], c.dtype) for c in cache)
+        x, part = m.trunk(ids_c, positions, len_c, part, None, backend=backend)
+        cache = tuple(jax.lax.dynamic_update_slice_in_dim(c, p, i * R, axis=1)
+                      for c, p in zip(cache, part))
+        return cache, jnp.take_along_axis(x, (len_c - 1)[:, None, None], axis=1)  # [R,1,D]
+
+    cache, last = jax.lax.scan(chunk, cache, (ids.reshape(n, R, T), lengths.reshape(n, R),
+                                              jnp.arange(n)))
+    return cache, last.reshape((B,) + last.shape[2:])
 
 
 def decode_step(model: Model, params, state: DecodeState, req: Request, feats: Features):

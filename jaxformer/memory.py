@@ -185,11 +185,13 @@ def kv_cache_bytes(config: ModelConfig, mesh=None, dtype="float32", batch: int =
 
 
 def activation_bytes(config: ModelConfig, mesh=None, dtype="float32", batch: int = 1,
-                     length: int = 1, rules="default", attention: str = "auto") -> int:
+                     length: int = 1, rules="default", attention: str = "auto",
+                     chunk_rows: int | None = None) -> int:
     """Estimated peak of prefill temporaries on one device (an estimate, not exact).
 
     With b = rows per device (batch / data-size of `batch`), r = rows per pipeline
-    microbatch (b / pipe), T = length (the padded prompt), e = itemsize, and per-device
+    microbatch (b / pipe) or per prefill pass (chunk_rows, cache.prefill_rows), T = length
+    (the padded prompt), e = itemsize, and per-device
     sizes n = N / t, k = K / t, f = F / t, v = Vp / t (t: the tensor size where the rules
     shard heads, kv heads, mlp and vocab):
 
@@ -206,7 +208,7 @@ def activation_bytes(config: ModelConfig, mesh=None, dtype="float32", batch: int
     div = lambda n, logical: -(-n // _axes_size(sizes, table.get(logical)))  # noqa: E731
     b = div(batch, "batch")
     pipe = sizes["pipe"]
-    r = -(-b // pipe)
+    r = -(-b // pipe) if chunk_rows is None else min(chunk_rows, b)
     T = length
     D, H, G = c.hidden_size, c.dims_per_head, c.q_per_kv
     n, k, f, v = div(c.num_heads, "heads"), div(c.kv_heads, "kv_heads"), div(c.mlp_size, "mlp"), \
@@ -237,12 +239,15 @@ def _flash(attention: str, dtype) -> bool:
 
 def decode_bytes(config: ModelConfig, mesh=None, dtype="float32", batch: int = 1,
                  length: int = 1, rules="default", quantize: str | None = None,
-                 kv_cache: str | None = None) -> int:
+                 kv_cache: str | None = None, layer_loop: str = "scan") -> int:
     """What a decode step holds on one device besides the cache itself:
 
-        kv_cache_bytes(batch, length)   a second copy of the cache: the layer scan reads the
-                                        carried cache and writes a new one (seen on an H100,
-                                        and in XLA's memory analysis on CPU)
+        kv_cache_bytes(batch, length)   a second copy of the cache, with layer_loop "scan"
+                                        or pipe > 1: the layer scan reads the carried cache
+                                        and writes a new one (seen on an H100, and in XLA's
+                                        memory analysis on CPU); the unrolled layout updates
+                                        it in place (llama-7b, 64 x 1024 tokens on an H100:
+                                        peak 58.1 GB = 13.5 weights + 38.7 cache + 5.9)
       + 2*b*S*k*H*e                     one layer's k and v slice being updated
       + one layer's weights             the slice of the stacked weights the scan copies
       + 2*b*v*4                         the step's logits and the sampler's copy (float32)
@@ -257,8 +262,10 @@ def decode_bytes(config: ModelConfig, mesh=None, dtype="float32", batch: int = 1
     e = _itemsize(dtype)
     layer = weights_bytes(config, sizes, dtype, table, "layers", quantize) \
         // div(c.num_layers, "layers")
-    return int(kv_cache_bytes(config, sizes, dtype, batch, length, table, kv_cache)
-               + 2 * b * length * k * c.dims_per_head * e + layer + 2 * b * v * 4)
+    in_place = layer_loop == "unroll" and sizes["pipe"] == 1
+    copy = 0 if in_place else kv_cache_bytes(config, sizes, dtype, batch, length, table,
+                                             kv_cache)
+    return int(copy + 2 * b * length * k * c.dims_per_head * e + layer + 2 * b * v * 4)
 
 
 def device_memory_limit(devices=None) -> tuple[int | None, str]:
@@ -301,6 +308,9 @@ class MemoryPlan:
     rows: int | None = None  # cache rows generate() allocates (all devices)
     slots: int | None = None  # cache length generate() allocates
     prefill_tokens: int | None = None  # padded prompt length the activations are for
+    prefill_budget: int = 16384  # RunConfig.prefill_tokens: most tokens in one prefill pass
+    prefill_chunk: int | None = None  # rows one prefill pass computes (cache.prefill_rows)
+    layer_loop: str = "scan"  # RunConfig.layer_loop, resolved: "unroll" updates the cache in place
     kv_cache: int = 0
     activations: int = 0  # prefill temporaries
     decode: int = 0  # decode working set besides the cache
@@ -366,16 +376,22 @@ class MemoryPlan:
                               CACHE_AXES, s, table)
             per = (f"1 B {self.kv_quant} + a float32 scale per token and head"
                    if self.kv_quant else f"{item} B")
+            chunked = "" if self.prefill_chunk == self.rows else \
+                f" (of {self.rows} rows; + the chunk's cache)"
+            in_place = self.layer_loop == "unroll" and self.sizes["pipe"] == 1
             lines += [
                 f"  KV cache      {fmt_bytes(self.kv_cache):>12}   k and v, each "
                 f"[{', '.join(map(str, shp))}] x {per} (batch {self.batch} -> "
                 f"{self.rows} rows, length {self.max_length} -> "
                 f"{'' if self.prompt_length else 'up to '}{self.slots} slots)",
                 f"  prefill       {fmt_bytes(self.activations):>12}   activations for "
-                f"{self.rows} x {self.prefill_tokens} tokens, {self.attention} attention "
+                f"{self.prefill_chunk} x {self.prefill_tokens} tokens"
+                f"{chunked}, "
+                f"{self.attention} attention "
                 f"(an estimate: memory.activation_bytes)",
-                f"  decode        {fmt_bytes(self.decode):>12}   working set: a second cache "
-                f"copy, one layer's k/v, logits (memory.decode_bytes)",
+                f"  decode        {fmt_bytes(self.decode):>12}   working set: "
+                f"{'' if in_place else 'a second cache copy, '}"
+                f"one layer's k/v, logits (memory.decode_bytes)",
             ]
         lines.append(f"  total         {fmt_bytes(self.total):>12}" + (
             "   weights + KV cache + max(prefill, decode)" if self.rows is not None else ""))
@@ -404,27 +420,38 @@ class MemoryPlan:
 
 
 def _workload(config, sizes, dtype, table, attention, batch, max_length, prompt_length,
-              quantize=None, kv_quant=None):
-    """(rows, slots, prefill tokens, kv, prefill activation and decode bytes) of a workload."""
-    rows = kvc.cache_rows(batch, _axes_size(sizes, table.get("cache_batch")))
+              quantize=None, kv_quant=None, budget=16384, layer_loop="scan"):
+    """(rows, slots, prefill tokens, rows per prefill pass, kv, prefill activation and
+    decode bytes) of a workload; budget: RunConfig.prefill_tokens."""
+    data = _axes_size(sizes, table.get("cache_batch"))
+    rows = kvc.cache_rows(batch, data)
     slots = cache_length(config, max_length, prompt_length)
     tokens = prompt_bucket(config, prompt_length or max(max_length - 1, 1))
-    return (rows, slots, tokens,
+    chunk = kvc.prefill_rows(rows, tokens, budget, data, sizes["pipe"])
+    # a chunked prefill also holds its chunk's own cache rows until they are written into
+    # the batch's (llama-7b, 64 x 1024 in chunks of 16 on an H100: 9.7 GB of the 63.3 peak)
+    chunk_cache = 0 if chunk == rows else kv_cache_bytes(config, sizes, dtype, chunk, slots,
+                                                         table, kv_quant)
+    return (rows, slots, tokens, chunk,
             kv_cache_bytes(config, sizes, dtype, rows, slots, table, kv_quant),
-            activation_bytes(config, sizes, dtype, rows, tokens, table, attention),
-            decode_bytes(config, sizes, dtype, rows, slots, table, quantize, kv_quant))
+            activation_bytes(config, sizes, dtype, rows, tokens, table, attention, chunk)
+            + chunk_cache,
+            decode_bytes(config, sizes, dtype, rows, slots, table, quantize, kv_quant,
+                         layer_loop))
 
 
 def _plan_total(p: MemoryPlan, batch: int, length: int) -> int:
     *_, kv, act, dec = _workload(p.config, p.sizes, p.dtype, _rules(p.rules), p.attention,
-                                 batch, length, None, p.quantize, p.kv_quant)
+                                 batch, length, None, p.quantize, p.kv_quant, p.prefill_budget,
+                                 p.layer_loop)
     return p.weights + kv + max(act, dec)
 
 
 def plan(config: ModelConfig, mesh=None, dtype="float32", *, batch: int | None = None,
          max_length: int | None = None, prompt_length: int | None = None, rules="default",
          attention: str = "auto", device_memory=None,
-         quantize: str | None = None, kv_cache: str | None = None) -> MemoryPlan:
+         quantize: str | None = None, kv_cache: str | None = None,
+         prefill_tokens: int = 16384, layer_loop: str = "auto") -> MemoryPlan:
     """The memory plan per device. `mesh`: a jax Mesh or {'data', 'pipe', 'tensor'} sizes.
 
     batch and max_length (prompt + new tokens) add the KV cache, the prefill activations and
@@ -434,9 +461,15 @@ def plan(config: ModelConfig, mesh=None, dtype="float32", *, batch: int | None =
     attention "auto" counts the xla backend's [T, T] scores except on Hopper GPUs, where
     auto picks the flash-style Pallas kernels. quantize (RunConfig.quantize) counts the
     linear layers' weights at their quantized size; kv_cache (RunConfig.kv_cache) the KV
-    cache at its quantized size.
+    cache at its quantized size; prefill_tokens (RunConfig.prefill_tokens) how many prompt
+    tokens one prefill pass computes (larger batches prefill in row chunks); layer_loop
+    (RunConfig.layer_loop, "auto": "unroll" where jax's default backend is a GPU, as load
+    resolves it) whether decode updates the cache in place.
     """
+    import jax
     import jax.numpy as jnp
+    if layer_loop == "auto":
+        layer_loop = "unroll" if jax.default_backend() == "gpu" else "scan"
     sizes = mesh_sizes(mesh)
     dtype = jnp.dtype(dtype).name
     table = _rules(rules)
@@ -448,17 +481,18 @@ def plan(config: ModelConfig, mesh=None, dtype="float32", *, batch: int | None =
     else:
         dev, src = device_memory_limit()
     p = MemoryPlan(config, sizes, dtype, rules, attention, weights, quantize, kv_cache,
-                   device_memory=dev, device_memory_source=src)
+                   prefill_budget=prefill_tokens, layer_loop=layer_loop, device_memory=dev,
+                   device_memory_source=src)
     if batch is None and max_length is None:
         return p
     batch = 1 if batch is None else int(batch)
     max_length = config.max_position_embeddings if max_length is None else int(max_length)
-    rows, slots, tokens, kv, act, dec = _workload(config, sizes, dtype, table, attention,
-                                                  batch, max_length, prompt_length, quantize,
-                                                  kv_cache)
+    rows, slots, tokens, chunk, kv, act, dec = _workload(
+        config, sizes, dtype, table, attention, batch, max_length, prompt_length, quantize,
+        kv_cache, prefill_tokens, layer_loop)
     return dataclasses.replace(p, batch=batch, max_length=max_length, rows=rows, slots=slots,
-                               prompt_length=prompt_length, prefill_tokens=tokens, kv_cache=kv,
-                               activations=act, decode=dec)
+                               prompt_length=prompt_length, prefill_tokens=tokens,
+                               prefill_chunk=chunk, kv_cache=kv, activations=act, decode=dec)
 
 
 class OutOfMemoryPlan(ValueError):
@@ -467,8 +501,8 @@ class OutOfMemoryPlan(ValueError):
 
 def check_fits(config: ModelConfig, mesh, dtype, rules="default", *, max_batch=None,
                max_length=None, attention="auto", devices=None,
-               quantize: str | None = None, kv_cache: str | None = None
-               ) -> MemoryPlan | None:
+               quantize: str | None = None, kv_cache: str | None = None,
+               layer_loop: str = "auto") -> MemoryPlan | None:
     """Refuse (OutOfMemoryPlan, a ValueError) a plan that cannot fit the mesh's devices.
 
     Always checks the weights when device memory is known; with max_batch or max_length also
@@ -481,7 +515,8 @@ def check_fits(config: ModelConfig, mesh, dtype, rules="default", *, max_batch=N
     if dev is None:  # nothing to check against (CPU, unless JAXFORMER_DEVICE_MEMORY is set)
         return None
     p = plan(config, sizes, dtype, batch=max_batch, max_length=max_length, rules=rules,
-             attention=attention, device_memory=dev, quantize=quantize, kv_cache=kv_cache)
+             attention=attention, device_memory=dev, quantize=quantize, kv_cache=kv_cache,
+             layer_loop=layer_loop)
     p = dataclasses.replace(p, device_memory_source=src)
     if p.fits is False:
         what = "the weights" if not p.weights_fit else \

@@ -130,6 +130,31 @@ def test_batched_rows_equal_running_alone_and_streaming(llama):
     assert len(chunks) - 1 == math.ceil((MAX_NEW - 1) / 3) + 1  # prefill token, then chunks
 
 
+@pytest.mark.parametrize("kv_cache", [None, "int8"])
+def test_prefill_in_row_chunks_equals_one_pass(llama, kv_cache):
+    """RunConfig.prefill_tokens below rows x padded prompt: prefill runs the rows in chunks
+    (cache.prefill_rows), writing each chunk's cache rows; greedy tokens, log-probs and
+    sampled tokens equal the one-pass prefill's, with a float and an int8 cache."""
+    from jaxformer.cache import prefill_rows
+    from jaxformer.generate import _Run
+    _, _, model = llama
+    whole = model.with_run(kv_cache=kv_cache)
+    tb = _Run(whole, PROMPTS, MAX_NEW, None, 0, False).ids.shape[1]
+    chunked = model.with_run(kv_cache=kv_cache, prefill_tokens=tb)
+    assert prefill_rows(4, tb, tb) == 1 and prefill_rows(4, tb, 2 * tb) == 2
+    for s in (jf.Sampling(temperature=0, logprobs=True),
+              jf.Sampling(temperature=0.8, top_p=0.9, repetition_penalty=1.3, logprobs=True)):
+        a = whole.generate(PROMPTS, max_new_tokens=MAX_NEW, sampling=s, seed=3)
+        b = chunked.generate(PROMPTS, max_new_tokens=MAX_NEW, sampling=s, seed=3)
+        assert a.tokens == b.tokens
+        np.testing.assert_allclose(np.concatenate(a.logprobs), np.concatenate(b.logprobs),
+                                   atol=1e-5)
+    with pytest.raises(ValueError, match=r"with_run cannot change \['dtype'\]"):
+        model.with_run(dtype="bfloat16")
+    with pytest.raises(ValueError, match="RunConfig.prefill_tokens: must be a positive"):
+        model.with_run(prefill_tokens=0)
+
+
 def test_seeds_reproduce_and_differ_and_temperature_zero_limit(llama):
     _, _, model = llama
     s = jf.Sampling(temperature=1.0, top_p=0.95, min_p=0.01)

@@ -117,3 +117,23 @@ def test_vocab_parallel_lookup_and_chosen_logprob_equal_plain_formulas():
     want = np.asarray(jax.nn.log_softmax(logits, -1))[np.arange(4), tokens]
     np.testing.assert_allclose(np.asarray(sampling.chosen_logprob(logits, tokens)), want,
                                rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_exact_gelu_matches_torch(dtype):
+    """The erf-form GELU (layers.mlp.gelu_erf) against torch's exact GELU, which computes
+    bfloat16 inputs in float32 and rounds once: within 1e-6 absolute (the far negative tail,
+    where 1 + erf cancels, in both) plus a few float32 ulps, and bfloat16 within one
+    bfloat16 rounding."""
+    torch = pytest.importorskip("torch")
+    from jaxformer.layers.mlp import activation
+    x = np.concatenate([np.linspace(-12, 12, 4001), np.random.default_rng(0).normal(0, 3, 4000)])
+    x = x.astype(np.float32)
+    tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    ref = torch.nn.functional.gelu(torch.tensor(x).to(tdt)).float().numpy()
+    ours = np.asarray(activation("gelu", jnp.asarray(x, dtype)).astype(jnp.float32))
+    if dtype == "float32":
+        np.testing.assert_allclose(ours, ref, rtol=4e-6, atol=1e-6)
+    else:
+        np.testing.assert_allclose(ours, ref, rtol=2 ** -7, atol=1e-6)  # one bf16 ulp
+        assert np.mean(ours != ref) < 0.1

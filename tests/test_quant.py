@@ -85,6 +85,13 @@ def np_fp8_activation(x, act_scale):
 
 
 MODES = ["int8", "int4-g16", "fp8", "fp8-tensor"]
+
+
+def float_scale(scale, spec, contract):
+    """int4 group scales are stored K-minor like their codes; numpy's are in the float
+    layout. Per-channel and per-tensor scales have no contraction dims to move."""
+    return np.asarray(ops.from_stored(scale, spec, 0, contract) if spec.mode == "int4"
+                      else scale)
 # (equation, kernel shape, contract, x shape): every Dense call site's layout
 SITES = {
     "qkv": ("btd,dkch->btkch", (64, 2, 3, 16), 1, (2, 5, 64)),
@@ -107,9 +114,9 @@ def test_codes_and_roundtrip_error(name, site):
     q, scale = ops.quantize_kernel(jnp.asarray(w), spec, 0, contract)
     assert q.dtype == spec.weight_dtype and scale.dtype == jnp.float32
     rq, rscale = np_quantize(w, name, contract)
-    np.testing.assert_array_equal(np.asarray(scale), rscale)
-    if ops.stored_layout(spec):  # int8 / fp8 codes are stored K-minor: [*out, *contraction]
-        assert q.shape == shape[contract:] + shape[:contract]
+    np.testing.assert_array_equal(float_scale(scale, spec, contract), rscale)
+    assert ops.stored_layout(spec)  # codes are stored K-minor: [*out, *contraction]
+    assert q.shape == shape[contract:] + shape[:contract]
     codes = np.asarray(ops.from_stored(q, spec, 0, contract)).astype(np.float64)
     assert np.abs(codes).max() <= QMAX[spec.mode]
     np.testing.assert_array_equal(codes, rq)
@@ -141,7 +148,7 @@ def test_quantized_einsum_matches_numpy(name, site, rows):
     x = rng.normal(0, 1.0, xshape).astype(F32)
     q, scale = ops.quantize_kernel(jnp.asarray(w), spec, 0, contract)
     deq = np_dequantize(np.asarray(ops.from_stored(q, spec, 0, contract)).astype(np.float64),
-                        np.asarray(scale), name, contract)
+                        float_scale(scale, spec, contract), name, contract)
     act = F32(np.abs(x).max() / 448 * 0.9) if spec.activations else None  # some saturate
     y = jax.jit(lambda x, q, s, a: ops.einsum(eq, x, q, s, spec, contract, a))(
         jnp.asarray(x), q, scale, act)
@@ -157,27 +164,28 @@ def test_quantized_einsum_matches_numpy(name, site, rows):
 
 def test_int4_groups_split_a_sharded_contraction():
     """wo [F, D] row-parallel: F = 128 over tensor=4 holds 32 rows per shard, i.e. two
-    int4 groups of 16 each; the scale [F/16, D] is sharded on the same axis. The sharded
-    quantized einsum equals numpy's."""
+    int4 groups of 16 each. Codes are stored K-minor [D, F] and the scale [D, F/16] is
+    sharded on the same axis. The sharded quantized einsum equals numpy's, for several rows
+    (dequantize + einsum) and for one (the group row reduction)."""
     spec = parse("int4-g16")
     F, D = 128, 48
     rng = np.random.default_rng(2)
     w = rng.normal(0, 0.05, (F, D)).astype(F32)
-    x = rng.normal(0, 1.0, (2, 3, F)).astype(F32)
     q, scale = ops.quantize_kernel(jnp.asarray(w), spec, 0, 1)
-    assert scale.shape == (F // 16, D)
-    assert ops.scale_axes(("mlp", "embed"), spec, 0, 1) == ("mlp", "embed")
+    assert q.shape == (D, F) and scale.shape == (D, F // 16)
+    assert ops.scale_axes(("mlp", "embed"), spec, 0, 1) == ("embed", "mlp")
     m = mesh(tensor=4)
-    row = NamedSharding(m, P("tensor", None))
+    row = NamedSharding(m, P(None, "tensor"))
     q_s, s_s = jax.device_put(q, row), jax.device_put(scale, row)
-    x_s = jax.device_put(jnp.asarray(x), NamedSharding(m, P(None, None, "tensor")))
     for shard in s_s.addressable_shards:  # each device holds whole groups of its own rows
-        assert shard.data.shape == (F // 16 // 4, D)
-    y = jax.jit(lambda x, q, s: ops.einsum("btf,fd->btd", x, q, s, spec, 1))(x_s, q_s, s_s)
-    want = np.einsum("btf,fd->btd", x.astype(np.float64),
-                     np_dequantize(np.asarray(q).astype(np.float64), np.asarray(scale),
-                                   "int4-g16", 1))
-    assert np.abs(np.asarray(y) - want).max() / np.abs(want).max() < 1e-5
+        assert shard.data.shape == (D, F // 16 // 4)
+    deq = np_dequantize(np.asarray(q).T.astype(np.float64), np.asarray(scale).T, "int4-g16", 1)
+    for rows in ((2, 3), (1, 1)):
+        x = rng.normal(0, 1.0, rows + (F,)).astype(F32)
+        x_s = jax.device_put(jnp.asarray(x), NamedSharding(m, P(None, None, "tensor")))
+        y = jax.jit(lambda x, q, s: ops.einsum("btf,fd->btd", x, q, s, spec, 1))(x_s, q_s, s_s)
+        want = np.einsum("btf,fd->btd", x.astype(np.float64), deq)
+        assert np.abs(np.asarray(y) - want).max() / np.abs(want).max() < 1e-5, rows
 
 
 # ---- all-MiniLM-L6-v2: sentence embeddings ------------------------------------------------
@@ -257,7 +265,8 @@ def test_hf_converter_quantize(minilm, tmp_path, name):
     ckpt, hf_dir, batch, _ = minilm
     out = tmp_path / f"minilm-{name}"
     assert conv.main(["--input", str(hf_dir), "--output", str(out), "--quantize", name]) == 0
-    assert json.loads((out / "quantization.json").read_text()) == {"quantize": name}
+    assert json.loads((out / "quantization.json").read_text()) == {"quantize": name,
+                                                                   "layout": "k-minor"}
     assert not list(tmp_path.glob(".*"))  # no staging left behind
     model = jf.load(out)
     assert model.run.quantize == name

@@ -83,7 +83,8 @@ def test_meshes_equal_one_device(tiny, name, layout):
         assert kspec[0] == ("pipe" if layout[1] > 1 else kspec[0])
         if "act_scale" in node:
             assert tuple(node["act_scale"][...].sharding.spec) == (kspec[0],)
-        if "tensor" in tuple(sspec)[1:2]:
+        padded = tuple(sspec) + (None,) * (ndim - len(tuple(sspec)))
+        if "tensor" in padded[ndim - contract:]:  # K-minor: the group axes come last
             sharded_groups.add("/".join(path_[1:]))
     if parse(name).mode == "int4":  # row-parallel matrices: group scales ride with their rows
         assert sharded_groups == {"attn/out", "mlp/wo"}
@@ -144,6 +145,28 @@ def test_load_errors(tiny):
         jf.load(models["int8"][0]).calibrate()
     with pytest.raises(ValueError, match="string prompts need a tokenizer"):
         jf.load(models["fp8"][0], calibration=["no tokenizer here"])
+
+
+def test_quantization_record_layout(tiny, tmp_path):
+    """A quantization.json without a layout: int8 loads (always K-minor), int4 (stored in the
+    float layout before the field existed) is refused with how to redo it; an unknown
+    layout is refused too."""
+    import json
+    import shutil
+    from jaxformer.checkpoint import CheckpointError
+    for name in ("int8", "int4-g32"):
+        old = tmp_path / name
+        shutil.copytree(tiny[1][name][0], old)
+        (old / "quantization.json").write_text(json.dumps({"quantize": name}))
+        if name == "int8":
+            assert np.abs(jf.load(old).logits(IDS) - tiny[1][name][1]).max() == 0.0
+        else:
+            with pytest.raises(CheckpointError, match="float layout; quantize the float"):
+                jf.load(old)
+        (old / "quantization.json").write_text(json.dumps({"quantize": name,
+                                                           "layout": "n-minor"}))
+        with pytest.raises(CheckpointError, match="unknown quantized layout 'n-minor'"):
+            jf.load(old)
 
 
 def test_int4_group_errors():

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax import lax
 
 from jaxformer.config import ModelConfig
 from jaxformer.layers.base import Dense
@@ -12,7 +14,7 @@ from jaxformer.sharding import shard
 
 def activation(name: str, x):
     if name == "gelu":
-        return jax.nn.gelu(x, approximate=False)
+        return gelu_erf(x)
     if name == "gelu_tanh":
         return jax.nn.gelu(x, approximate=True)
     if name == "relu":
@@ -22,6 +24,16 @@ def activation(name: str, x):
     if name == "silu":
         return jax.nn.silu(x)
     raise ValueError(f"unknown activation {name!r}")
+
+
+def gelu_erf(x):
+    """Exact GELU, x * (1 + erf(x / sqrt 2)) / 2, in float32 whatever x's dtype: the formula
+    torch and Megatron evaluate. jax.nn.gelu(approximate=False) goes through erfc, whose
+    two-branch float32 expansion (about 80 operations a value) made the GELU of gpt3-6.7b's
+    1920-token prefill 110-137 us a layer on an H100, against ~35 us to read and write it;
+    it also rounds sqrt(1/2) to x's dtype (0.707 in bfloat16)."""
+    xf = x.astype(jnp.float32)
+    return (0.5 * xf * (1.0 + lax.erf(xf * np.float32(np.sqrt(0.5))))).astype(x.dtype)
 
 
 class MLP(nnx.Module):

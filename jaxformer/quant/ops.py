@@ -5,18 +5,20 @@ A float kernel is laid out [*lead, *contraction, *out]: `lead` stacked dimension
 contracts (the input features: D for QKV and the first MLP matrix, N H for the attention
 output, F for the second MLP matrix), then its output dimensions.
 
-Stored int8 and fp8 kernels are K-minor, [*lead, *out, *contraction] (`stored_layout`): on
-an H100, cuBLASLt's FP8 GEMM needs the contraction dim minor in both operands (1234 TFLOP/s
-on 2048 x 4096 x 16384 against 365 with it major, where XLA transposes the weight on every
-call) and the INT8 matrix-vector product reads rows of codes (1641 GB/s of int8 against 1012
-in the float layout); see benchmarks/quant_matmul.py. int4 keeps the float layout.
-Scales (float32):
+Stored kernels are K-minor, [*lead, *out, *contraction] (`stored_layout`): on an H100,
+cuBLASLt's FP8 GEMM needs the contraction dim minor in both operands (1234 TFLOP/s on 2048 x
+4096 x 16384 against 365 with it major, where XLA transposes the weight on every call), the
+INT8 matrix-vector product reads rows of codes (1641 GB/s of int8 against 1012 in the float
+layout) and the INT4 one reduces each group of codes along a row (gpt3-6.7b's [16384, 4096]
+at batch 1: 45 us K-minor, 61 us as a column reduction of the float layout, 150 us
+dequantized into a bf16 einsum); see benchmarks/quant_matmul.py. Scales (float32):
 
     int8, fp8     [*lead, *out]                 one per output channel
     fp8-tensor    [*lead]                       one per matrix
-    int4          kernel shape with the last contraction dim divided by its group size:
-                  [*lead, ..., n / g, *out]; that axis keeps the contraction dim's logical
-                  name, so a group axis of a row-parallel matrix is sharded like its rows
+    int4          the stored kernel's shape with its last (contraction) dim divided by the
+                  group size: [*lead, *out, ..., n / g]; that axis keeps the contraction
+                  dim's logical name, so a group axis of a row-parallel matrix is sharded
+                  like its rows
 
 The matmuls (GPU paths; CPU runs the same programs, upcast by XLA), M = rows of x:
 
@@ -24,12 +26,15 @@ The matmuls (GPU paths; CPU runs the same programs, upcast by XLA), M = rows of 
     weight-only              reduction XLA fuses with the convert, so the codes travel in 8
                              bits (the batch-1 decode win); M > 1: einsum(x, q.astype(x.dtype))
                              * scale, the convert fused into XLA's GEMM fusion
-    int4                     dequantize the groups (convert, multiply by the group scale)
+    int4                     M == 1: per group a row reduction of x * codes, times the
+                             group scale, summed (the codes travel in 4 bits); M > 1:
+                             dequantize the groups (convert, multiply by the group scale)
                              and einsum
     fp8 (with activations)   M > SMALL_M: x is scaled by its static act_scale and cast to
-                             float8_e4m3fn; einsum(fp8, fp8, preferred_element_type=float32)
+                             float8_e4m3fn; einsum(fp8, fp8, preferred_element_type=x.dtype)
                              on K-minor operands is cuBLASLt's FP8 tensor-core GEMM on Hopper
-                             (the prefill win), then * act_scale * kernel scale. M <= SMALL_M
+                             (the prefill win; float32 accumulation, the product written in
+                             the run dtype), then * act_scale * kernel scale. M <= SMALL_M
                              (decode) takes the weight-only path: an FP8 GEMM of a few rows
                              is slower than reading the FP8 weights into a bf16 product
 
@@ -74,8 +79,8 @@ _logged: set[str] = set()
 
 
 def stored_layout(spec: QuantSpec) -> bool:
-    """Whether this mode stores kernels K-minor ([*lead, *out, *contraction])."""
-    return spec.mode in ("int8", "fp8")
+    """Whether this mode stores kernels K-minor ([*lead, *out, *contraction]): all do."""
+    return spec.mode in ("int8", "fp8", "int4")
 
 
 def to_stored(a, spec: QuantSpec, lead: int, contract: int):
@@ -133,7 +138,8 @@ def quantize_kernel(w, spec: QuantSpec, lead: int, contract: int):
         wg = w.reshape(w.shape[:gd] + (n // g, g) + w.shape[gd + 1:])
         scale = _nonzero(jnp.max(jnp.abs(wg), axis=gd + 1)) * _inv(spec)
         q = jnp.clip(jnp.round(wg / jnp.expand_dims(scale, gd + 1)), -spec.qmax, spec.qmax)
-        return q.astype(spec.weight_dtype).reshape(w.shape), scale
+        q = q.astype(spec.weight_dtype).reshape(w.shape)
+        return to_stored(q, spec, lead, contract), to_stored(scale, spec, lead, contract)
     axes = tuple(range(lead, w.ndim)) if spec.per_tensor else tuple(range(lead, lead + contract))
     scale = _nonzero(jnp.max(jnp.abs(w), axis=axes)) * _inv(spec)
     ws = w / jnp.expand_dims(scale, axes)
@@ -146,13 +152,14 @@ def quantize_kernel(w, spec: QuantSpec, lead: int, contract: int):
 
 def dequantize(q, scale, spec: QuantSpec, lead: int, contract: int, dtype=jnp.float32):
     """(q, scale) -> w [*lead, *contraction, *out] in `dtype` (computed in float32)."""
+    q = from_stored(q, spec, lead, contract)
     if spec.mode == "int4":
+        scale = from_stored(scale, spec, lead, contract)
         gd = lead + contract - 1
         n = q.shape[gd]
         g = spec.group(n)
         qg = q.reshape(q.shape[:gd] + (n // g, g) + q.shape[gd + 1:]).astype(jnp.float32)
         return (qg * jnp.expand_dims(scale, gd + 1)).reshape(q.shape).astype(dtype)
-    q = from_stored(q, spec, lead, contract)
     axes = tuple(range(lead, q.ndim)) if spec.per_tensor else tuple(range(lead, lead + contract))
     return (q.astype(jnp.float32) * jnp.expand_dims(scale, axes)).astype(dtype)
 
@@ -161,7 +168,7 @@ def scale_axes(kernel_axes, spec: QuantSpec, lead: int, contract: int) -> tuple:
     """Logical axes of the scale of a kernel with logical axes `kernel_axes`."""
     kernel_axes = tuple(kernel_axes)
     if spec.mode == "int4":
-        return kernel_axes
+        return stored_axes(kernel_axes, spec, lead, contract)
     if spec.per_tensor:
         return kernel_axes[:lead]
     return kernel_axes[:lead] + kernel_axes[lead + contract:]
@@ -197,17 +204,22 @@ def einsum(eq: str, x, q, scale, spec: QuantSpec, contract: int, act_scale=None)
     """
     check_equation(eq, contract)
     f32 = jnp.float32
-    if spec.mode == "int4":
-        w = dequantize(q, scale, spec, 0, contract, x.dtype)
-        return jnp.einsum(eq, x, w, preferred_element_type=f32).astype(x.dtype)
     inputs, out = eq.replace(" ", "").split("->")
     xs, ks = inputs.split(",")
     eq_stored = f"{xs},{ks[contract:]}{ks[:contract]}->{out}"  # q is K-minor
     rows = math.prod(x.shape[: x.ndim - contract])
+    if spec.mode == "int4":
+        if rows == 1:
+            return _int4_vector_product(x, q, scale, spec, contract)
+        w = _dequantize_stored(q, scale, spec, x.dtype)
+        return jnp.einsum(eq_stored, x, w, preferred_element_type=f32).astype(x.dtype)
     if spec.mode == "fp8" and act_scale is not None and rows > SMALL_M:
+        # cuBLASLt accumulates in float32 and writes the run dtype: an f32 product would be
+        # written and re-read by the scale multiply (6.7B prefill, 1920 tokens: ~0.7 GB a
+        # layer); in the run dtype the multiply fuses into the bias / activation consumer
         y = jnp.einsum(eq_stored, quantize_activation(x, act_scale), q,
-                       preferred_element_type=f32)
-        return (y * (act_scale * scale)).astype(x.dtype)
+                       preferred_element_type=x.dtype)
+        return (y.astype(f32) * (act_scale * scale)).astype(x.dtype)
     # the kernel takes x [rows, K] row-major: batch dims kept in order, contraction last
     plain = xs == out[: len(out) - len(ks) + contract] + ks[:contract]
     if rows <= KERNEL_MAX_ROWS and plain:
@@ -226,6 +238,35 @@ def einsum(eq: str, x, q, scale, spec: QuantSpec, contract: int, act_scale=None)
     # int8 and fp8 codes are exact in bfloat16 / float16 / float32
     y = jnp.einsum(eq_stored, x, q.astype(x.dtype), preferred_element_type=f32)
     return (y * scale).astype(x.dtype)
+
+
+def _dequantize_stored(q, scale, spec: QuantSpec, dtype):
+    """int4 codes and group scales, both K-minor -> the weights [*out, *contraction] in
+    `dtype`, still K-minor (no transpose before the einsum)."""
+    n = q.shape[-1]
+    g = spec.group(n)
+    qg = q.reshape(q.shape[:-1] + (n // g, g)).astype(jnp.float32)
+    return (qg * scale[..., None]).reshape(q.shape).astype(dtype)
+
+
+def _int4_vector_product(x, q, scale, spec: QuantSpec, contract: int):
+    """One row of x through K-minor int4 codes: x [*batch (size 1), *contraction], q [*out,
+    *contraction], scale [*out, *contraction with the last / g] -> [*batch, *out].
+
+    y[o] = sum over groups of scale[o, grp] * sum_(k in grp) x[k] q[o, k]: the inner sum is
+    a row reduction over g consecutive codes that XLA fuses with the int4 convert, so the
+    codes are read once in 4 bits; the group scales apply to the [*out, groups] partials.
+    """
+    f32 = jnp.float32
+    n_out = q.ndim - contract
+    n = q.shape[-1]
+    g = spec.group(n)
+    xv = x.reshape(x.shape[x.ndim - contract:]).astype(f32)            # [*contraction]
+    xg = xv.reshape(xv.shape[:-1] + (n // g, g))
+    qg = q.reshape(q.shape[:-1] + (n // g, g)).astype(f32)               # [*out, ..., n/g, g]
+    part = jnp.sum(qg * xg, axis=-1)                                    # [*out, ..., n/g]
+    y = jnp.sum(part * scale, axis=tuple(range(n_out, q.ndim)))         # [*out]
+    return y.reshape(x.shape[: x.ndim - contract] + y.shape).astype(x.dtype)
 
 
 # ---- the Mosaic GPU kernel for few rows ----------------------------------------------------
