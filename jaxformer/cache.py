@@ -36,6 +36,19 @@ class KVCache(NamedTuple):
         return self.k.shape[2]
 
 
+class PrefillRows(NamedTuple):
+    """A `start` for the trunk: a prefill (attending within its tokens, written from slot
+    0, as with start None) of cache rows [offset, offset + B) of a larger cache, so a batch
+    prefilled in chunks of rows writes each chunk straight into the batch's cache."""
+    offset: jax.Array  # int32 scalar
+
+
+def is_decode(start) -> bool:
+    """Whether a trunk `start` means decode (new keys at per-row slots, queries attend over
+    the cache) rather than a prefill (None or PrefillRows)."""
+    return start is not None and not isinstance(start, PrefillRows)
+
+
 def as_tuple(cache) -> tuple:
     """(k, v) or, quantized, (k, v, k_scale, v_scale): what the layers take."""
     t = tuple(cache)
@@ -150,7 +163,8 @@ def dequantized(cache: tuple, layer, dtype):
 def write_layer(cache: jax.Array, new: jax.Array, layer, start: jax.Array | None) -> jax.Array:
     """Write new [B, T, K, H] into layer `layer` of the stacked cache [L, B, S, K, H].
 
-    start [B]: row b's keys go to slots [start[b], start[b] + T); None: every row at slot 0.
+    start [B]: row b's keys go to slots [start[b], start[b] + T); None: every row at slot 0;
+    PrefillRows(offset): slot 0 of cache rows [offset, offset + B).
     Only the new entries are written: inside the layer loop the stacked cache is a loop
     carry, so XLA updates it in place instead of rebuilding a layer's [B, S, K, H] (or the
     whole stack) per step, which made decode copy the cache every token.
@@ -159,8 +173,9 @@ def write_layer(cache: jax.Array, new: jax.Array, layer, start: jax.Array | None
     zero = jnp.int32(0)
     rest = (zero,) * (cache.ndim - 3)
     layer = jnp.asarray(layer, jnp.int32)
-    if start is None:
-        return lax.dynamic_update_slice(cache, new, (layer, zero, zero) + rest)
+    if not is_decode(start):
+        row = zero if start is None else jnp.asarray(start.offset, jnp.int32)
+        return lax.dynamic_update_slice(cache, new, (layer, row, zero) + rest)
     if new.shape[1] == 1:
         # one row: a plain update (the vmapped one below becomes a scatter, which XLA lowers
         # as a read, a bounds select and a write: three kernels instead of one per layer)

@@ -133,24 +133,22 @@ def make_prefill(model: Model, feats: Features, max_new: int, cache_len: int):
 
 def _prefill_in_chunks(m, ids, lengths, cache: tuple, R: int, backend):
     """The trunk over ids [B, T] R rows at a time (a scan, so one chunk's temporaries are
-    live at once), each chunk's keys and values written into rows [i R, (i + 1) R) of the
-    B-row cache (batch axis 1 of every cache array). Returns (cache, last [B, 1, D]): the
-    hidden state at each row's last prompt token."""
+    live at once); each chunk writes its keys and values straight into rows [i R, (i + 1) R)
+    of the B-row cache (kvc.PrefillRows). Returns (cache, last [B, 1, D]): the hidden state
+    at each row's last prompt token."""
     B, T = ids.shape
     n = B // R
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (R, T))
 
     def chunk(cache, inputs):
         ids_c, len_c, i = inputs
-        part = tuple(jnp.zeros((c.shape[0], R) + c.shape[2:], c.dtype) for c in cache)
-        x, part = m.trunk(ids_c, positions, len_c, part, None, backend=backend)
-        cache = tuple(jax.lax.dynamic_update_slice_in_dim(c, p, i * R, axis=1)
-                      for c, p in zip(cache, part))
+        x, cache = m.trunk(ids_c, positions, len_c, cache, kvc.PrefillRows(i * R),
+                           backend=backend)
         return cache, jnp.take_along_axis(x, (len_c - 1)[:, None, None], axis=1)  # [R,1,D]
 
     cache, last = jax.lax.scan(chunk, cache, (ids.reshape(n, R, T), lengths.reshape(n, R),
-                                              jnp.arange(n)))
-    return cache, last.reshape((B,) + last.shape[2:])
+                                              jnp.arange(n, dtype=jnp.int32)))
+    return tuple(cache), last.reshape((B,) + last.shape[2:])
 
 
 def decode_step(model: Model, params, state: DecodeState, req: Request, feats: Features):

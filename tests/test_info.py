@@ -179,3 +179,29 @@ def test_quiet_by_default_and_progress_when_asked(tp_dp_model, capsys):
     with_bar = tp_dp_model.generate([[7, 8, 9]], max_new_tokens=64, progress=True)
     assert "generating" in capsys.readouterr().err
     assert with_bar.tokens == out.tokens
+
+
+def test_chunked_prefill_counts_one_chunk():
+    """A batch past RunConfig.prefill_tokens prefills in chunks of rows: the plan counts one
+    chunk (cache.prefill_rows), within the bounds of XLA's reserved temporaries that a whole
+    prefill meets, and less than the whole batch's; a pipe mesh prefills whole, its
+    estimate the unchunked formula."""
+    prompts, prompt_len, new = 16, 32, 8
+    model = jf.Model.random(DECODER, mesh()).with_run(prefill_tokens=64)
+    run = gen._Run(model, [[5] * prompt_len] * prompts, new, None, 0, False)
+    p = memory.plan(DECODER, model.mesh, batch=prompts, max_length=prompt_len + new,
+                    prompt_length=prompt_len, prefill_tokens=64)
+    assert (p.rows, p.prefill_chunk) == (16, 64 // run.ids.shape[1])
+    f = gen.make_prefill(model, run.feats, run.max_new, run.cache_len)
+    temp = f.lower(model.params, run.ids, run.lengths, run.req).compile() \
+        .memory_analysis().temp_size_in_bytes
+    assert 0.5 * temp <= p.activations <= 2.5 * temp, (p.activations, temp)
+    whole = memory.plan(DECODER, model.mesh, batch=prompts, max_length=prompt_len + new,
+                        prompt_length=prompt_len, prefill_tokens=1 << 20)
+    assert whole.prefill_chunk == 16 and whole.activations > 2 * p.activations
+    sizes = {"data": 1, "pipe": 2, "tensor": 1}
+    piped = memory.plan(DECODER, sizes, batch=prompts, max_length=prompt_len + new,
+                        prompt_length=prompt_len, prefill_tokens=64)
+    assert piped.prefill_chunk == 16
+    assert piped.activations == memory.activation_bytes(DECODER, sizes, "float32", 16,
+                                                        piped.prefill_tokens)

@@ -35,7 +35,7 @@ class Attention(nnx.Module):
         [L, B, S, ...], of which this is layer `layer` (an int32 scalar, required with a
         cache). The new keys are written at slot start[b] (start [B] int32) and the queries
         attend over the whole cache row; with start None they are written at slot 0 and the
-        queries attend within x.
+        queries attend within x (kv.PrefillRows(offset): the same, into rows from offset).
         Returns (out [B, T, D], new cache (same structure) or None).
         """
         cfg = self.cfg
@@ -56,11 +56,11 @@ class Attention(nnx.Module):
             # start None: a prefill from an empty cache, which attends within x (T keys,
             # not S) and stores x's keys at slots [0, T).
             new_cache = kv.store(kv.as_tuple(cache), k, v, layer, start)
-            if start is not None and kv.mode_of(new_cache) is not None:
+            if kv.is_decode(start) and kv.mode_of(new_cache) is not None:
                 # a quantized cache is read as a dequantized copy of this layer's entries
                 # (the Pallas decode kernel reads bf16 / fp16 caches only)
                 k, v = kv.dequantized(new_cache, layer, q.dtype)
-            elif start is not None:
+            elif kv.is_decode(start):
                 (k, v), kv_layer = new_cache, layer  # attention reads the layer in place
         o = attention(q, k, v, positions, kv_lengths, causal=cfg.causal, scale=cfg.scale,
                       backend=backend, layer=kv_layer)
