@@ -17,9 +17,9 @@ uses without it, at M = 1, 4, 16 on the decode shapes, with each shape's int8 co
     python benchmarks/quant_matmul.py --kernel-only --sweep    # + block/stage/split configs
 
 --variants runs, instead, other XLA formulations at the model's shapes: the batch-1 int8 and
-int4 products of gpt3-6.7b's four matrices (codes as stored by jaxformer.quant), and its FP8
-prefill GEMMs of 1920 rows with the scale and a bias + GeLU consumer after them, the product
-written in float32 or in bf16:
+int4 products of gpt3-6.7b's four matrices (codes as jaxformer.quant stores them, int4 also
+in the float layout it used before), and its FP8 prefill GEMMs of 1920 rows with the scale
+and a bias + GeLU consumer after them, the product written in float32 or in bf16:
 
     python benchmarks/quant_matmul.py --variants
 """
@@ -146,21 +146,24 @@ def int8_bf16_product(x, q, s):
     return (jnp.sum(q.astype(BF16) * x[0], axis=-1, dtype=F32)[None] * s).astype(BF16)
 
 
-def int8_dot_one_row(x, q, s):
-    """A real M = 1 dot over the converted codes (above XLA's strength-reduction size)."""
-    return int8_kminor_astype(x, q, s)
-
-
 def int8_dot_two_rows(x, q, s):
     """The bf16 path's two-row padding: a GEMM of 2 rows, the convert fused into it."""
     x2 = jnp.concatenate([x, jnp.zeros_like(x)])
     return int8_kminor_astype(x2, q, s)[:1]
 
 
-def int4_ops_path(x, q, s, group=128):
-    """jaxformer.quant.ops' int4 product: dequantize [K, N] then einsum."""
+def int4_ops_path(x, q, s):
+    """jaxformer.quant.ops' int4 product over its stored (K-minor) codes and scales."""
     from jaxformer.quant import ops, spec
     return ops.einsum("mk,kn->mn", x, q, s, spec.parse("int4"), 1)
+
+
+def int4_dequant_einsum(x, q, s, group=128):
+    """The float layout [K, N] dequantized into bf16 (group scales s [K/g, N]), then einsum:
+    ops' int4 path before the codes were stored K-minor."""
+    k, n = q.shape
+    w = (q.reshape(k // group, group, n).astype(F32) * s[:, None]).reshape(k, n)
+    return bf16_mm(x, w.astype(BF16))
 
 
 def int4_column_reduce(x, q, s, group=128):
@@ -172,13 +175,13 @@ def int4_column_reduce(x, q, s, group=128):
     return ((part * s).sum(0)[None]).astype(BF16)
 
 
-def int4_kminor_reduce(x, q_t, s, group=128):
-    """The codes stored K-minor [N, K]: per group a row reduction of 128 codes, then the
-    group scales: y[n] = sum_g s[g, n] * sum_(k in g) x[k] q_t[n, k]."""
+def int4_kminor_reduce(x, q_t, s_t, group=128):
+    """The codes K-minor [N, K] (scales [N, K/g]): per group a row reduction of 128 codes,
+    then the group scales: y[n] = sum_g s_t[n, g] * sum_(k in g) x[k] q_t[n, k]."""
     n, k = q_t.shape
     part = (q_t.reshape(n, k // group, group).astype(F32)
             * x[0].astype(F32).reshape(k // group, group)).sum(-1)   # [N, K/g]
-    return ((part * s.T).sum(-1)[None]).astype(BF16)
+    return ((part * s_t).sum(-1)[None]).astype(BF16)
 
 
 def fp8_prefill(out_dtype):
@@ -190,38 +193,42 @@ def fp8_prefill(out_dtype):
     return mm
 
 
-def variants_section(only_int4=False):
+def int8_codes(key, k_dim, n_dim):
+    """R distinct random K-minor int8 code matrices [N, K] and one scale vector [N]."""
+    wq = [jax.random.randint(jax.random.fold_in(key, i), (n_dim, k_dim), -127, 128, jnp.int8)
+          for i in range(R)]
+    return wq, jnp.full((n_dim,), 1 / 40, F32)
+
+
+def variants_section():
     from jaxformer.quant import ops, spec
     key = jax.random.key(2)
     for k_dim, n_dim in KERNEL_SHAPES:
-        wq = [jax.random.randint(jax.random.fold_in(key, i), (n_dim, k_dim), -127, 128,
-                                 jnp.int8) for i in range(R)]
-        s = jnp.full((n_dim,), 1 / 40, F32)
+        wq, s = int8_codes(key, k_dim, n_dim)
         ref = copy_rate(wq)
         x = jax.random.normal(key, (1, k_dim), BF16)
         print(f"## batch 1, int8 K={k_dim}, N={n_dim}: copy {ref / 1e9:.0f} GB/s")
-        int8_forms = (int8_kminor_reduce, int8_two_stage, int8_bf16_product, int8_dot_one_row,
-                      int8_dot_two_rows)
-        for f in () if only_int4 else int8_forms:
+        for f in (int8_kminor_reduce, int8_two_stage, int8_bf16_product, int8_kminor_astype,
+                  int8_dot_two_rows):
             bench(f.__name__, f, x, wq, s, nbytes=k_dim * n_dim, ref_rate=ref)
         del wq
         i4 = spec.parse("int4")
         w4 = [ops.quantize_kernel(jax.random.normal(jax.random.fold_in(key, i), (k_dim, n_dim),
                                                     BF16), i4, 0, 1) for i in range(R)]
-        q4, s4 = [w[0] for w in w4], w4[0][1]
+        q4, s4 = [w[0] for w in w4], w4[0][1]  # as stored: K-minor [N, K], scales [N, K/g]
+        q4_float = [ops.from_stored(q, i4, 0, 1) for q in q4]  # [K, N], scales [K/g, N]
+        s4_float = ops.from_stored(s4, i4, 0, 1)
         print(f"## batch 1, int4 (groups of 128) K={k_dim}, N={n_dim}")
-        for f in (int4_ops_path, int4_column_reduce):
+        for f in (int4_dequant_einsum, int4_column_reduce):
+            bench(f.__name__, f, x, q4_float, s4_float, nbytes=k_dim * n_dim // 2,
+                  ref_rate=ref)
+        for f in (int4_kminor_reduce, int4_ops_path):
             bench(f.__name__, f, x, q4, s4, nbytes=k_dim * n_dim // 2, ref_rate=ref)
-        bench("int4_kminor_reduce", int4_kminor_reduce, x, [jnp.asarray(q.T) for q in q4], s4,
-              nbytes=k_dim * n_dim // 2, ref_rate=ref)
         bench("bf16 einsum", bf16_mm, x,
               [jax.random.normal(jax.random.fold_in(key, i), (k_dim, n_dim), BF16)
                for i in range(R)], nbytes=2 * k_dim * n_dim)
-        del w4, q4
-    if only_int4:
-        return
+        del w4, q4, q4_float
     M = 1920
-    x = jax.random.normal(key, (M, 4096), BF16)
     for k_dim, n_dim in KERNEL_SHAPES:
         x = jax.random.normal(key, (M, k_dim), BF16)
         wb = [jax.random.normal(jax.random.fold_in(key, i), (k_dim, n_dim), BF16)
@@ -248,9 +255,7 @@ def kernel_section(sweep: bool):
         return
     key = jax.random.key(1)
     for k_dim, n_dim in KERNEL_SHAPES:
-        wq = [jax.random.randint(jax.random.fold_in(key, i), (n_dim, k_dim), -127, 128,
-                                 jnp.int8) for i in range(R)]
-        s = jnp.full((n_dim,), 1 / 40, F32)
+        wq, s = int8_codes(key, k_dim, n_dim)
         ref = copy_rate(wq)
         nbytes = k_dim * n_dim
         print(f"## int8 weight-only K={k_dim}, N={n_dim}: copy {ref / 1e9:.0f} GB/s")
@@ -293,7 +298,8 @@ def main():
     args = ap.parse_args()
     if args.variants:
         print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}")
-        return variants_section()
+        variants_section()
+        return
     if not args.kernel_only:
         xla_sections()
     else:

@@ -69,13 +69,11 @@ def peak_bytes() -> int | None:
 
 
 def decode_kv_bytes(cfg, batch: int, prompt: int, new: int, dtype, kv_cache=None) -> float:
-    """K and V bytes a decode step reads on average over `new` steps after `prompt`; a
-    quantized cache (kv_cache "int8" / "fp8") reads 1-byte codes plus a float32 scale per
-    token and kv head."""
-    per_token = cfg.kv_heads * cfg.dims_per_head * jnp.dtype(dtype).itemsize
-    if kv_cache is not None:
-        per_token = cfg.kv_heads * (cfg.dims_per_head + 4)
-    return 2 * cfg.num_layers * batch * (prompt + new / 2) * per_token
+    """K and V bytes a decode step reads on average over `new` steps after `prompt` (a
+    quantized cache: its codes and scales), on one device."""
+    from jaxformer import memory
+    per_slot = memory.kv_cache_bytes(cfg, None, dtype, batch, 1, kv_cache=kv_cache)
+    return (prompt + new / 2) * per_slot
 
 
 def run_jax(cfg, batch: int, prompt: int, new: int, dtype: str, attention="auto",
@@ -317,12 +315,13 @@ def main(argv=None) -> int:
                          "none, the cache in --dtype)")
     args = ap.parse_args(argv)
     import jaxformer as jf
+    from jaxformer.cache import KV_MODES
     from jaxformer.quant.spec import name
 
     kv_modes = [None if m.strip() in ("", "none") else m.strip()
                 for m in args.kv_cache.split(",")]
     for kv in kv_modes:
-        if kv not in (None, "int8", "fp8"):
+        if kv is not None and kv not in KV_MODES:
             ap.error(f"--kv-cache: {kv!r} is not none, int8 or fp8")
     modes = [(None if m.strip() in ("", "none") else name(m.strip(), "--quantize"), kv)
              for m in args.quantize.split(",") for kv in kv_modes]

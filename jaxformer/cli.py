@@ -18,6 +18,8 @@ import logging
 import sys
 import time
 
+from jaxformer.config import PREFILL_TOKENS
+
 
 def _add_mesh(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=int, default=1, help="data-parallel size")
@@ -91,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--layer-loop", default="auto", choices=["auto", "scan", "unroll"],
                    help="the layer layout decode runs (RunConfig.layer_loop; auto: unroll "
                         "on a GPU host, where decode updates the cache in place)")
-    i.add_argument("--prefill-tokens", type=int, default=16384,
+    i.add_argument("--prefill-tokens", type=int, default=PREFILL_TOKENS,
                    help="most prompt tokens one prefill pass computes "
                         "(RunConfig.prefill_tokens)")
     return ap

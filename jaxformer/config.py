@@ -219,6 +219,10 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / "models").glob("*.yaml"))
 
 
+# RunConfig.prefill_tokens' default, also the memory plan's and `jaxformer info`'s
+PREFILL_TOKENS = 16384
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """How a model runs: mesh sizes, sharding rules, dtype, attention backend, quantization.
@@ -245,7 +249,7 @@ class RunConfig:
     # most prompt tokens (rows x padded prompt length) one prefill pass computes: a larger
     # batch prefills in chunks of rows (cache.prefill_rows), so its temporaries stay those
     # of this many tokens and the KV cache, not the prefill, bounds the batch
-    prefill_tokens: int = 16384
+    prefill_tokens: int = PREFILL_TOKENS
 
     def __post_init__(self):
         for field in ("data", "pipe", "tensor"):

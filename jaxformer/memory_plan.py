@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from jaxformer import cache as kvc
-from jaxformer.config import ModelConfig
+from jaxformer.config import PREFILL_TOKENS, ModelConfig
 from jaxformer.memory import (CACHE_AXES, ENV_DEVICE_MEMORY, _axes_size, _count, _itemsize,
                               _rules, activation_bytes, cache_length, decode_bytes,
                               device_memory_limit, fmt_bytes, kv_cache_bytes, mesh_sizes,
@@ -35,7 +35,7 @@ class MemoryPlan:
     rows: int | None = None  # cache rows generate() allocates (all devices)
     slots: int | None = None  # cache length generate() allocates
     prefill_tokens: int | None = None  # padded prompt length the activations are for
-    prefill_budget: int = 16384  # RunConfig.prefill_tokens: most tokens in one prefill pass
+    prefill_budget: int = PREFILL_TOKENS  # RunConfig.prefill_tokens: tokens per prefill pass
     prefill_chunk: int | None = None  # rows one prefill pass computes (cache.prefill_rows)
     layer_loop: str = "scan"  # RunConfig.layer_loop, resolved: "unroll" updates the cache in place
     kv_cache: int = 0
@@ -146,7 +146,7 @@ class MemoryPlan:
 
 
 def _workload(config, sizes, dtype, table, attention, batch, max_length, prompt_length,
-              quantize=None, kv_quant=None, budget=16384, layer_loop="scan"):
+              quantize=None, kv_quant=None, budget=PREFILL_TOKENS, layer_loop="scan"):
     """(rows, slots, prefill tokens, rows per prefill pass, kv, prefill activation and
     decode bytes) of a workload; budget: RunConfig.prefill_tokens."""
     data = _axes_size(sizes, table.get("cache_batch"))
@@ -173,7 +173,7 @@ def plan(config: ModelConfig, mesh=None, dtype="float32", *, batch: int | None =
          max_length: int | None = None, prompt_length: int | None = None, rules="default",
          attention: str = "auto", device_memory=None,
          quantize: str | None = None, kv_cache: str | None = None,
-         prefill_tokens: int = 16384, layer_loop: str = "auto") -> MemoryPlan:
+         prefill_tokens: int = PREFILL_TOKENS, layer_loop: str = "auto") -> MemoryPlan:
     """The memory plan per device. `mesh`: a jax Mesh or {'data', 'pipe', 'tensor'} sizes.
 
     batch and max_length (prompt + new tokens) add the KV cache, the prefill activations and

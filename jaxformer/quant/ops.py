@@ -152,14 +152,9 @@ def quantize_kernel(w, spec: QuantSpec, lead: int, contract: int):
 
 def dequantize(q, scale, spec: QuantSpec, lead: int, contract: int, dtype=jnp.float32):
     """(q, scale) -> w [*lead, *contraction, *out] in `dtype` (computed in float32)."""
-    q = from_stored(q, spec, lead, contract)
     if spec.mode == "int4":
-        scale = from_stored(scale, spec, lead, contract)
-        gd = lead + contract - 1
-        n = q.shape[gd]
-        g = spec.group(n)
-        qg = q.reshape(q.shape[:gd] + (n // g, g) + q.shape[gd + 1:]).astype(jnp.float32)
-        return (qg * jnp.expand_dims(scale, gd + 1)).reshape(q.shape).astype(dtype)
+        return from_stored(_dequantize_stored(q, scale, spec, dtype), spec, lead, contract)
+    q = from_stored(q, spec, lead, contract)
     axes = tuple(range(lead, q.ndim)) if spec.per_tensor else tuple(range(lead, lead + contract))
     return (q.astype(jnp.float32) * jnp.expand_dims(scale, axes)).astype(dtype)
 
@@ -241,8 +236,9 @@ def einsum(eq: str, x, q, scale, spec: QuantSpec, contract: int, act_scale=None)
 
 
 def _dequantize_stored(q, scale, spec: QuantSpec, dtype):
-    """int4 codes and group scales, both K-minor -> the weights [*out, *contraction] in
-    `dtype`, still K-minor (no transpose before the einsum)."""
+    """int4 codes and group scales, both K-minor ([*lead, *out, *contraction]) -> the
+    weights in `dtype` (computed in float32), still K-minor (no transpose before an
+    einsum)."""
     n = q.shape[-1]
     g = spec.group(n)
     qg = q.reshape(q.shape[:-1] + (n // g, g)).astype(jnp.float32)
