@@ -22,6 +22,14 @@ in the float layout it used before), and its FP8 prefill GEMMs of 1920 rows with
 and a bias + GeLU consumer after them, the product written in float32 or in bf16:
 
     python benchmarks/quant_matmul.py --variants
+
+--batch1 times, by device time (the profiler's CUPTI kernel times, each product isolated by
+an optimization barrier), the batch-1 products of gpt3-6.7b's and gpt3-13b's four matrices:
+bf16 as the model runs them, the int8 row reduction, the two-row int8 GEMM, and what
+jaxformer.quant.ops.einsum picks (the wall-clock lines above include launch gaps and the
+sum of the eight products, which at these sizes hide the differences):
+
+    python benchmarks/quant_matmul.py --batch1
 """
 import argparse
 import dataclasses
@@ -129,6 +137,82 @@ def copy_rate(weights):
 
 
 KERNEL_SHAPES = [(4096, 4096), (4096, 12288), (4096, 16384), (16384, 4096)]  # (K, N), 6.7B
+SHAPES_13B = [(5120, 5120), (5120, 15360), (5120, 20480), (20480, 5120)]  # gpt3-13b
+
+
+# ---- --batch1: device time per product, each call isolated -------------------------------
+def device_times(f, *args, reps=5):
+    """{kernel name: (total ns, launches)} over `reps` calls of f, from the profiler's GPU
+    planes (CUPTI): kernel time alone, no launch or Python overhead."""
+    import collections
+    import glob
+    import os
+    import tempfile
+    jax.block_until_ready(f(*args))
+    trace = tempfile.mkdtemp()
+    with jax.profiler.trace(trace):
+        for _ in range(reps):
+            jax.block_until_ready(f(*args))
+    total, count = collections.Counter(), collections.Counter()
+    for path in glob.glob(os.path.join(trace, "**", "*.xplane.pb"), recursive=True):
+        for plane in jax.profiler.ProfileData.from_file(path).planes:
+            if not plane.name.startswith("/device:GPU"):
+                continue
+            for line in plane.lines:
+                if "Stream" in line.name or "Kernels" in line.name:
+                    for ev in line.events:
+                        total[ev.name] += ev.duration_ns
+                        count[ev.name] += 1
+    return {n: (total[n], count[n]) for n in total}
+
+
+def isolated(mm, x, weights, *rest):
+    """[mm(x, w) for w in weights] with an optimization barrier after each, so XLA cannot
+    fuse the products into one multi-output kernel (the model's products are separate)."""
+    outs = []
+    for w in weights:
+        y = mm(x, w, *rest)
+        outs.append(y)
+        x, y = lax.optimization_barrier((x, y))
+    return outs
+
+
+def batch1_line(name, mm, x, weights, *rest, nbytes, reps=5):
+    times = device_times(jax.jit(functools.partial(isolated, mm)), x, weights, *rest,
+                         reps=reps)
+    if not times:
+        print(f"{name:<30} no GPU kernel times (this backend: {jax.default_backend()})")
+        return
+    calls = reps * len(weights)
+    per = sum(t for t, _ in times.values()) / calls
+    top = sorted(times.items(), key=lambda kv: -kv[1][0])[:3]
+    kernels = ", ".join(f"{n[:28]} {t / c / 1e3:.1f}" for n, (t, c) in top)
+    print(f"{name:<30} {per / 1e3:7.1f} us {nbytes / per:6.0f} GB/s | {kernels}", flush=True)
+
+
+def batch1_section():
+    """Batch-1 products of gpt3-6.7b's and gpt3-13b's matrices: bf16 (as the model runs
+    them) and the int8 formulations quant.ops chooses between, by device time."""
+    from jaxformer.quant import ops, spec
+    int8 = spec.parse("int8")
+    key = jax.random.key(3)
+    print("device time per product (CUPTI, mean of 5 x 4 isolated calls); after | the "
+          "longest kernels, us each")
+    for k_dim, n_dim in KERNEL_SHAPES + SHAPES_13B:
+        wq, s = int8_codes(key, k_dim, n_dim)
+        wq, nbytes = wq[:4], k_dim * n_dim
+        x = jax.random.normal(key, (1, k_dim), BF16)
+        print(f"## K={k_dim}, N={n_dim}: {nbytes / 1e6:.1f} MB of int8 codes")
+        wb = [jax.random.normal(jax.random.fold_in(key, i), (k_dim, n_dim), BF16)
+              for i in range(2)]
+        batch1_line("bf16 (the model's einsum)", lambda x, w: bf16_mm(x, w), x, wb,
+                    nbytes=2 * nbytes)
+        del wb
+        batch1_line("int8 row reduction", int8_kminor_reduce, x, wq, s, nbytes=nbytes)
+        batch1_line("int8 two-row GEMM", int8_dot_two_rows, x, wq, s, nbytes=nbytes)
+        batch1_line("int8 quant.ops.einsum", lambda x, q, s: ops.einsum(
+            "mk,kn->mn", x, q, s, int8, 1), x, wq, s, nbytes=nbytes)
+        del wq
 
 
 # ---- --variants: batch-1 formulations at the model's shapes ----------------------------------
@@ -295,7 +379,13 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="also sweep kernel configs at M=1")
     ap.add_argument("--variants", action="store_true",
                     help="only the model-shape XLA formulations (module docstring)")
+    ap.add_argument("--batch1", action="store_true",
+                    help="only the batch-1 device times of 6.7B and 13B (module docstring)")
     args = ap.parse_args()
+    if args.batch1:
+        print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}")
+        batch1_section()
+        return
     if args.variants:
         print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}")
         variants_section()

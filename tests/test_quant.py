@@ -99,6 +99,8 @@ SITES = {
     "wi_gated": ("btd,dcf->btcf", (64, 2, 96), 1, (2, 5, 64)),
     "wi": ("btd,df->btf", (64, 96), 1, (2, 5, 64)),
     "wo": ("btf,fd->btd", (96, 64), 1, (2, 5, 96)),
+    # contraction >= ops.LONG_ROWS x outputs: batch 1 runs as a two-row GEMM
+    "wo_long": ("btf,fd->btd", (256, 48), 1, (2, 5, 256)),
 }
 
 
@@ -160,6 +162,19 @@ def test_quantized_einsum_matches_numpy(name, site, rows):
     # bfloat16 activations run the same path and return bfloat16
     yb = ops.einsum(eq, jnp.asarray(x, jnp.bfloat16), q, scale, spec, contract, act)
     assert yb.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("site, gemm", [("wo_long", True), ("wo", False), ("qkv", False)])
+def test_batch1_long_rows_take_a_two_row_gemm(site, gemm):
+    """At batch 1 int8 / fp8 weight-only products reduce each row of codes, except where
+    the contraction is at least LONG_ROWS x the outputs: those run as a two-row GEMM
+    (values: test_quantized_einsum_matches_numpy, whose sites include wo_long)."""
+    eq, shape, contract, _ = SITES[site]
+    q, scale = ops.quantize_kernel(jnp.ones(shape, F32), parse("int8"), 0, contract)
+    x = jnp.ones((1, 1) + shape[:contract], jnp.bfloat16)
+    jaxpr = str(jax.make_jaxpr(lambda x: ops.einsum(eq, x, q, scale, parse("int8"),
+                                                    contract))(x))
+    assert ("dot_general" in jaxpr) == gemm and ("reduce_sum" in jaxpr) == (not gemm)
 
 
 def test_int4_groups_split_a_sharded_contraction():

@@ -24,7 +24,10 @@ The matmuls (GPU paths; CPU runs the same programs, upcast by XLA), M = rows of 
 
     int8 / fp8 weights,      M == 1: sum(x * q, over the contraction) in float32, a row
     weight-only              reduction XLA fuses with the convert, so the codes travel in 8
-                             bits (the batch-1 decode win); M > 1: einsum(x, q.astype(x.dtype))
+                             bits (the batch-1 decode win); where the contraction is at least
+                             LONG_ROWS x the output channels (the MLP's second matrix) x as
+                             two rows through the GEMM below instead, which splits the long
+                             rows over more of the GPU; M > 1: einsum(x, q.astype(x.dtype))
                              * scale, the convert fused into XLA's GEMM fusion
     int4                     M == 1: per group a row reduction of x * codes, times the
                              group scale, summed (the codes travel in 4 bits); M > 1:
@@ -73,6 +76,7 @@ from jaxformer.quant.spec import QuantSpec
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 SMALL_M = 64  # rows up to which FP8 models run weight-only (decode steps)
 KERNEL_MAX_ROWS = 16  # rows up to which int8 / fp8 weight-only products take the kernel
+LONG_ROWS = 2  # contraction / output channels from which batch 1 runs as a two-row GEMM
 KERNEL_ENV = "JAXFORMER_QUANT_KERNEL"
 log = logging.getLogger(__name__)
 _logged: set[str] = set()
@@ -225,14 +229,36 @@ def einsum(eq: str, x, q, scale, spec: QuantSpec, contract: int, act_scale=None)
         if mode == "1" and reason not in _logged:
             _logged.add(reason)
             log.info(f"{KERNEL_ENV}=1: quantized matmul uses XLA: {reason}")
-    if rows == 1:  # a matrix-vector product: a row reduction over the K-minor codes
+    if rows == 1:  # a matrix-vector product over the K-minor codes
         n_out = q.ndim - contract
-        xv = x.reshape(x.shape[x.ndim - contract:]).astype(f32)  # [*contraction]
-        y = jnp.sum(q.astype(f32) * xv, axis=tuple(range(n_out, q.ndim)))  # [*out]
+        n_k = math.prod(q.shape[n_out:])
+        if n_k >= LONG_ROWS * math.prod(q.shape[:n_out]):
+            y = _two_row_product(x, q, contract)
+        else:  # a row reduction XLA fuses with the convert
+            xv = x.reshape(x.shape[x.ndim - contract:]).astype(f32)  # [*contraction]
+            y = jnp.sum(q.astype(f32) * xv, axis=tuple(range(n_out, q.ndim)))  # [*out]
         return (y * scale).reshape(x.shape[: x.ndim - contract] + y.shape).astype(x.dtype)
     # int8 and fp8 codes are exact in bfloat16 / float16 / float32
     y = jnp.einsum(eq_stored, x, q.astype(x.dtype), preferred_element_type=f32)
     return (y * scale).astype(x.dtype)
+
+
+def _two_row_product(x, q, contract: int):
+    """One row of x through K-minor codes as a two-row GEMM (the second row zero, dropped):
+    x [*batch (size 1), *contraction], q [*out, *contraction] -> float32 [*out], unscaled.
+
+    For long rows (LONG_ROWS) XLA's row reduction leaves the GPU under-filled, while a
+    GEMM fusion with the convert inside splits the contraction: gpt3-13b's [5120 x 20480]
+    MLP matrix at batch 1 on an H100 took 51.6 + 2.4 us as a two-stage row reduction and
+    41.5 us as this GEMM, gpt3-6.7b's [4096 x 16384] 30.5 and 26.9 us (a single row would
+    be strength-reduced back into the reduction; `benchmarks/quant_matmul.py --batch1`).
+    """
+    n_out = q.ndim - contract
+    out_shape, n_k = q.shape[:n_out], math.prod(q.shape[n_out:])
+    x2 = jnp.pad(x.reshape(1, n_k), ((0, 1), (0, 0)))                   # [2, K]
+    w = q.reshape(-1, n_k).astype(x.dtype)  # codes are exact in bf16, f16 and f32
+    y = jnp.einsum("mk,nk->mn", x2, w, preferred_element_type=jnp.float32)
+    return y[0].reshape(out_shape)
 
 
 def _dequantize_stored(q, scale, spec: QuantSpec, dtype):
