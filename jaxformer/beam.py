@@ -118,7 +118,7 @@ def make_beam_search(model: Model, nb: int, max_new: int, cache_len: int, length
             state = jax.lax.while_loop(cond, body, state)
             return state.fin_seqs[:, 0], state.fin_lens[:, 0], state.fin_scores[:, 0]
 
-    return jax.jit(run)
+    return model.jit(run)
 
 
 def beam_search(run, num_beams: int, length_penalty: float):

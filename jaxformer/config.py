@@ -251,6 +251,14 @@ class RunConfig:
     # of this many tokens and the KV cache, not the prefill, bounds the batch
     prefill_tokens: int = PREFILL_TOKENS
 
+    @staticmethod
+    def layer_loop_on(layer_loop: str, platform: str) -> str:
+        """The layer loop that runs: "auto" is "unroll" on GPUs (models/transformer.py),
+        else "scan" (compile time flat in depth); other values pass through."""
+        if layer_loop != "auto":
+            return layer_loop
+        return "unroll" if platform == "gpu" else "scan"
+
     def __post_init__(self):
         for field in ("data", "pipe", "tensor"):
             v = getattr(self, field)

@@ -128,7 +128,7 @@ def make_prefill(model: Model, feats: Features, max_new: int, cache_len: int):
             tok, lp = sample(logits, req.params, feats, _row_keys(req.key, 0, B), seen, counts)
             return _record(state, tok, lp, req)
 
-    return jax.jit(prefill)
+    return model.jit(prefill)
 
 
 def _prefill_in_chunks(m, ids, lengths, cache: tuple, R: int, backend):
@@ -178,7 +178,7 @@ def make_decode_loop(model: Model, feats: Features):
             body = lambda s: decode_step(model, params, s, req, feats)  # noqa: E731
             return jax.lax.while_loop(cond, body, state)
 
-    return jax.jit(loop, donate_argnums=(1,))
+    return model.jit(loop, donate_argnums=(1,))
 
 
 def kv_shardings(model: Model) -> kvc.KVCache:

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from jaxformer import cache as kvc
-from jaxformer.config import PREFILL_TOKENS, ModelConfig
+from jaxformer.config import PREFILL_TOKENS, ModelConfig, RunConfig
 from jaxformer.memory import (CACHE_AXES, ENV_DEVICE_MEMORY, _axes_size, _count, _itemsize,
                               _rules, activation_bytes, cache_length, decode_bytes,
                               device_memory_limit, fmt_bytes, kv_cache_bytes, mesh_sizes,
@@ -190,8 +190,7 @@ def plan(config: ModelConfig, mesh=None, dtype="float32", *, batch: int | None =
     """
     import jax
     import jax.numpy as jnp
-    if layer_loop == "auto":
-        layer_loop = "unroll" if jax.default_backend() == "gpu" else "scan"
+    layer_loop = RunConfig.layer_loop_on(layer_loop, jax.default_backend())
     sizes = mesh_sizes(mesh)
     dtype = jnp.dtype(dtype).name
     table = _rules(rules)

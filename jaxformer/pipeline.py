@@ -332,7 +332,7 @@ def make_decode_loop(model, feats):
             book = jax.tree.map(lambda a: a[S - 1], stacked)
             return book._replace(cache=kvc.KVCache(*cache))
 
-    return jax.jit(loop, donate_argnums=(1,))
+    return model.jit(loop, donate_argnums=(1,))
 
 
 def _module(model, pure: dict):

@@ -3,7 +3,7 @@ import dataclasses
 
 import pytest
 
-from jaxformer.config import CONFIG_DIR, ModelConfig, list_presets
+from jaxformer.config import CONFIG_DIR, ModelConfig, RunConfig, list_presets
 
 PRESETS = sorted(p.stem for p in (CONFIG_DIR / "models").glob("*.yaml"))
 REQUIRED = ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "megatron-gpt-345m", "gpt3-1.3b",
@@ -193,3 +193,12 @@ def test_from_hf_megatron_bert():
 def test_from_hf_refuses(hf, match):
     with pytest.raises(ValueError, match=match):
         ModelConfig.from_hf_config(hf)
+
+
+def test_layer_loop_resolves_by_platform():
+    """One rule for load (engine.resolve_layer_loop, by the mesh's devices) and the memory
+    plan (by jax's default backend): auto unrolls on GPUs only; explicit values stay."""
+    assert RunConfig.layer_loop_on("auto", "gpu") == "unroll"
+    assert RunConfig.layer_loop_on("auto", "cpu") == "scan"
+    assert RunConfig.layer_loop_on("scan", "gpu") == "scan"
+    assert RunConfig.layer_loop_on("unroll", "cpu") == "unroll"

@@ -115,6 +115,23 @@ def test_calibration_on_a_pipe_mesh(tiny):
                                amax1["mlp/wo"] / 448, rtol=1e-6)
 
 
+def test_recalibration_reaches_compiled_calls(tiny):
+    """Compiled entry points take the params as a flat tuple built once (engine.ParamsJit):
+    calibrating again after a call changes the next call's logits, to those of a model
+    calibrated on the same prompts before any call."""
+    _, models = tiny
+    ids = np.concatenate([IDS, IDS[::-1]])  # 96 rows: past ops.SMALL_M, act scales in use
+    model = jf.load(models["fp8"][0])
+    before = model.logits(ids)
+    prompts = [[7, 7, 7, 7], [99, 98, 97]]
+    model.calibrate(prompts)
+    fresh = jf.load(models["fp8"][0])
+    fresh.calibrate(prompts)
+    after = model.logits(ids)
+    assert np.abs(after - before).max() > 1e-3
+    np.testing.assert_array_equal(after, fresh.logits(ids))
+
+
 @pytest.mark.parametrize("name", MESH_MODES)
 def test_save_load_roundtrip(tiny, tmp_path, name):
     """Model.save of a quantized model, then load: the same arrays (dtypes included) and the

@@ -197,3 +197,4 @@ def set_act_scales(model, amax: dict) -> None:
         node["act_scale"] = jax.device_put(scale.astype(np.float32).reshape(old.shape),
                                            old.sharding)
     nnx.replace_by_pure_dict(model.params, pure)
+    model.params_changed()

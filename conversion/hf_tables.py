@@ -1,0 +1,258 @@
+"""The Hugging Face -> jaxformer conversion tables of conversion.hf: per family, `Row`s of
+source-key regex, target path, transform (each asserts the source shape and returns the
+target or its slot) and optional slot inside a fused target.
+
+Shape legend: D hidden, N heads, K kv heads, G = N // K, H head dim, F ffn, V vocab, Vp
+padded vocab, P positions, Tt token types. Torch `nn.Linear` weights are [out, in]; GPT-2's
+Conv1D weights are already [in, out]; jaxformer stores [in, out].
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from jaxformer.config import ModelConfig
+
+
+class ShapeError(ValueError):
+    pass
+
+
+# ---- transforms: each asserts the source shape, returns the target (slice) -------------------
+Transform = Callable[[np.ndarray, ModelConfig], np.ndarray]
+
+
+def _expect(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    if tuple(x.shape) != tuple(shape):
+        raise ShapeError(f"shape {tuple(x.shape)}, but config.json implies {tuple(shape)}")
+    return x
+
+
+def _pad_rows(x, c: ModelConfig):  # [V, ...] -> [Vp, ...], zero rows past the vocabulary
+    return np.pad(x, [(0, c.padded_vocab_size - c.vocab_size)] + [(0, 0)] * (x.ndim - 1))
+
+
+def vec(size: Callable[[ModelConfig], int]) -> Transform:
+    return lambda x, c: _expect(x, (size(c),))
+
+
+def table(rows: Callable[[ModelConfig], int]) -> Transform:  # [R, D]
+    return lambda x, c: _expect(x, (rows(c), c.hidden_size))
+
+
+def conv1d(n_in, n_out) -> Transform:  # GPT-2 Conv1D [in, out]: already jaxformer's layout
+    return lambda x, c: _expect(x, (n_in(c), n_out(c)))
+
+
+def linear(n_in, n_out) -> Transform:  # nn.Linear [out, in] -> [in, out]
+    return lambda x, c: _expect(x, (n_out(c), n_in(c))).T
+
+
+def token_embedding(x, c):  # [V, D] -> [Vp, D]
+    return _pad_rows(_expect(x, (c.vocab_size, c.hidden_size)), c)
+
+
+def lm_head(x, c):  # nn.Linear [V, D] -> [D, Vp]
+    return _pad_rows(_expect(x, (c.vocab_size, c.hidden_size)), c).T
+
+
+def vocab_bias(x, c):  # [V] -> [Vp]
+    return _pad_rows(_expect(x, (c.vocab_size,)), c)
+
+
+def gpt2_qkv_kernel(x, c):  # Conv1D [D, 3*N*H] (q | k | v, head-major) -> [D, N, 3, H]
+    D, N, H = c.hidden_size, c.num_heads, c.dims_per_head
+    return _expect(x, (D, 3 * N * H)).reshape(D, 3, N, H).transpose(0, 2, 1, 3)
+
+
+def gpt2_qkv_bias(x, c):  # [3*N*H] -> [N, 3, H]
+    N, H = c.num_heads, c.dims_per_head
+    return _expect(x, (3 * N * H,)).reshape(3, N, H).transpose(1, 0, 2)
+
+
+def out_conv1d(x, c):  # Conv1D [N*H, D] -> [N, H, D]
+    N, H, D = c.num_heads, c.dims_per_head, c.hidden_size
+    return _expect(x, (N * H, D)).reshape(N, H, D)
+
+
+def out_linear(x, c):  # nn.Linear [D, N*H] -> [N, H, D]
+    N, H, D = c.num_heads, c.dims_per_head, c.hidden_size
+    return _expect(x, (D, N * H)).T.reshape(N, H, D)
+
+
+def q_kernel(x, c):  # nn.Linear [N*H, D] -> [D, K, G, H] (query head n = k*G + g)
+    D, K, G, H = c.hidden_size, c.kv_heads, c.q_per_kv, c.dims_per_head
+    return _expect(x, (K * G * H, D)).T.reshape(D, K, G, H)
+
+
+def kv_kernel(x, c):  # nn.Linear [K*H, D] -> [D, K, H]
+    D, K, H = c.hidden_size, c.kv_heads, c.dims_per_head
+    return _expect(x, (K * H, D)).T.reshape(D, K, H)
+
+
+def q_bias(x, c):  # [N*H] -> [K, G, H]
+    K, G, H = c.kv_heads, c.q_per_kv, c.dims_per_head
+    return _expect(x, (K * G * H,)).reshape(K, G, H)
+
+
+def kv_bias(x, c):  # [K*H] -> [K, H]
+    return _expect(x, (c.kv_heads * c.dims_per_head,)).reshape(c.kv_heads, c.dims_per_head)
+
+
+_D = lambda c: c.hidden_size  # noqa: E731
+_F = lambda c: c.mlp_size  # noqa: E731
+_P = lambda c: c.max_position_embeddings  # noqa: E731
+_TT = lambda c: c.type_vocab_size  # noqa: E731
+_TWO = lambda c: 2  # noqa: E731
+
+# Slots inside one layer's target (the leading L index is added by the converter).
+Q = ("q", lambda c: np.s_[:, :, : c.q_per_kv])  # kernel [D, K, G+2, H]
+K_ = ("k", lambda c: np.s_[:, :, c.q_per_kv])
+V_ = ("v", lambda c: np.s_[:, :, c.q_per_kv + 1])
+QB = ("q", lambda c: np.s_[:, : c.q_per_kv])  # bias [K, G+2, H]
+KB = ("k", lambda c: np.s_[:, c.q_per_kv])
+VB = ("v", lambda c: np.s_[:, c.q_per_kv + 1])
+GATE = ("gate", lambda c: np.s_[:, 0])  # kernel [D, 2, F]
+UP = ("up", lambda c: np.s_[:, 1])
+GATE_B = ("gate", lambda c: np.s_[0])  # bias [2, F]
+UP_B = ("up", lambda c: np.s_[1])
+
+
+@dataclass(frozen=True)
+class Row:
+    """One table row: source keys matching `pattern` go to `target` via `transform`.
+
+    `pattern` is a full-match regex over the key (backbone prefix stripped); `{L}` stands for
+    the layer number. `slot` = (name, cfg -> index) writes a part of the target (fused QKV,
+    fused gate/up); a target is complete when every slot of every layer has been written.
+    """
+
+    pattern: str
+    target: str
+    transform: Transform
+    slot: tuple[str, Callable[[ModelConfig], tuple]] | None = None
+
+    @property
+    def regex(self) -> re.Pattern:
+        return re.compile(self.pattern.replace("{L}", r"(?P<layer>\d+)"))
+
+    @property
+    def slot_name(self) -> str:
+        return self.slot[0] if self.slot else ""
+
+
+def _norm_rows(src: str, target: str, bias=True, aliases=("weight", "bias")) -> list[Row]:
+    # old TF-converted BERT checkpoints call LayerNorm parameters gamma / beta
+    w, b = aliases
+    rows = [Row(rf"{src}\.(?:{w}|gamma)", f"{target}/scale", vec(_D))]
+    if bias:
+        rows.append(Row(rf"{src}\.(?:{b}|beta)", f"{target}/bias", vec(_D)))
+    return rows
+
+
+GPT2_ROWS = [
+    Row(r"wte\.weight", "embed/token/embedding", token_embedding),
+    Row(r"wpe\.weight", "embed/position/embedding", table(_P)),
+    *_norm_rows(r"h\.{L}\.ln_1", "layers/attn_norm"),
+    Row(r"h\.{L}\.attn\.c_attn\.weight", "layers/attn/qkv/kernel", gpt2_qkv_kernel),
+    Row(r"h\.{L}\.attn\.c_attn\.bias", "layers/attn/qkv/bias", gpt2_qkv_bias),
+    Row(r"h\.{L}\.attn\.c_proj\.weight", "layers/attn/out/kernel", out_conv1d),
+    Row(r"h\.{L}\.attn\.c_proj\.bias", "layers/attn/out/bias", vec(_D)),
+    *_norm_rows(r"h\.{L}\.ln_2", "layers/mlp_norm"),
+    Row(r"h\.{L}\.mlp\.c_fc\.weight", "layers/mlp/wi/kernel", conv1d(_D, _F)),
+    Row(r"h\.{L}\.mlp\.c_fc\.bias", "layers/mlp/wi/bias", vec(_F)),
+    Row(r"h\.{L}\.mlp\.c_proj\.weight", "layers/mlp/wo/kernel", conv1d(_F, _D)),
+    Row(r"h\.{L}\.mlp\.c_proj\.bias", "layers/mlp/wo/bias", vec(_D)),
+    *_norm_rows(r"ln_f", "final_norm"),
+    Row(r"lm_head\.weight", "lm_head/kernel", lm_head),
+]
+
+LLAMA_ROWS = [
+    Row(r"embed_tokens\.weight", "embed/token/embedding", token_embedding),
+    *_norm_rows(r"layers\.{L}\.input_layernorm", "layers/attn_norm", bias=False),
+    Row(r"layers\.{L}\.self_attn\.q_proj\.weight", "layers/attn/qkv/kernel", q_kernel, Q),
+    Row(r"layers\.{L}\.self_attn\.k_proj\.weight", "layers/attn/qkv/kernel", kv_kernel, K_),
+    Row(r"layers\.{L}\.self_attn\.v_proj\.weight", "layers/attn/qkv/kernel", kv_kernel, V_),
+    Row(r"layers\.{L}\.self_attn\.q_proj\.bias", "layers/attn/qkv/bias", q_bias, QB),
+    Row(r"layers\.{L}\.self_attn\.k_proj\.bias", "layers/attn/qkv/bias", kv_bias, KB),
+    Row(r"layers\.{L}\.self_attn\.v_proj\.bias", "layers/attn/qkv/bias", kv_bias, VB),
+    Row(r"layers\.{L}\.self_attn\.o_proj\.weight", "layers/attn/out/kernel", out_linear),
+    Row(r"layers\.{L}\.self_attn\.o_proj\.bias", "layers/attn/out/bias", vec(_D)),
+    *_norm_rows(r"layers\.{L}\.post_attention_layernorm", "layers/mlp_norm", bias=False),
+    Row(r"layers\.{L}\.mlp\.gate_proj\.weight", "layers/mlp/wi/kernel", linear(_D, _F), GATE),
+    Row(r"layers\.{L}\.mlp\.up_proj\.weight", "layers/mlp/wi/kernel", linear(_D, _F), UP),
+    Row(r"layers\.{L}\.mlp\.gate_proj\.bias", "layers/mlp/wi/bias", vec(_F), GATE_B),
+    Row(r"layers\.{L}\.mlp\.up_proj\.bias", "layers/mlp/wi/bias", vec(_F), UP_B),
+    Row(r"layers\.{L}\.mlp\.down_proj\.weight", "layers/mlp/wo/kernel", linear(_F, _D)),
+    Row(r"layers\.{L}\.mlp\.down_proj\.bias", "layers/mlp/wo/bias", vec(_D)),
+    *_norm_rows(r"norm", "final_norm", bias=False),
+    Row(r"lm_head\.weight", "lm_head/kernel", lm_head),
+]
+
+
+def _bert_rows(megatron: bool) -> list[Row]:
+    layer = r"encoder\.layer\.{L}\."
+    rows = [
+        Row(r"embeddings\.word_embeddings\.weight", "embed/token/embedding", token_embedding),
+        Row(r"embeddings\.position_embeddings\.weight", "embed/position/embedding", table(_P)),
+        Row(r"embeddings\.token_type_embeddings\.weight", "embed/token_type/embedding",
+            table(_TT)),
+        Row(layer + r"attention\.self\.query\.weight", "layers/attn/qkv/kernel", q_kernel, Q),
+        Row(layer + r"attention\.self\.key\.weight", "layers/attn/qkv/kernel", kv_kernel, K_),
+        Row(layer + r"attention\.self\.value\.weight", "layers/attn/qkv/kernel", kv_kernel, V_),
+        Row(layer + r"attention\.self\.query\.bias", "layers/attn/qkv/bias", q_bias, QB),
+        Row(layer + r"attention\.self\.key\.bias", "layers/attn/qkv/bias", kv_bias, KB),
+        Row(layer + r"attention\.self\.value\.bias", "layers/attn/qkv/bias", kv_bias, VB),
+        Row(layer + r"attention\.output\.dense\.weight", "layers/attn/out/kernel", out_linear),
+        Row(layer + r"attention\.output\.dense\.bias", "layers/attn/out/bias", vec(_D)),
+        Row(layer + r"intermediate\.dense\.weight", "layers/mlp/wi/kernel", linear(_D, _F)),
+        Row(layer + r"intermediate\.dense\.bias", "layers/mlp/wi/bias", vec(_F)),
+        Row(layer + r"output\.dense\.weight", "layers/mlp/wo/kernel", linear(_F, _D)),
+        Row(layer + r"output\.dense\.bias", "layers/mlp/wo/bias", vec(_D)),
+        Row(r"pooler\.dense\.weight", "pooler/kernel", linear(_D, _D)),
+        Row(r"pooler\.dense\.bias", "pooler/bias", vec(_D)),
+        Row(r"cls\.predictions\.transform\.dense\.weight", "mlm/dense/kernel", linear(_D, _D)),
+        Row(r"cls\.predictions\.transform\.dense\.bias", "mlm/dense/bias", vec(_D)),
+        *_norm_rows(r"cls\.predictions\.transform\.LayerNorm", "mlm/norm"),
+        Row(r"cls\.predictions\.bias", "mlm/bias", vocab_bias),
+        Row(r"cls\.seq_relationship\.weight", "binary_head/kernel", linear(_D, _TWO)),
+        Row(r"cls\.seq_relationship\.bias", "binary_head/bias", vec(_TWO)),
+    ]
+    if megatron:  # pre-LN: norm before each sublayer, a final norm, none on the embeddings
+        rows += [*_norm_rows(layer + r"attention\.ln", "layers/attn_norm"),
+                 *_norm_rows(layer + r"ln", "layers/mlp_norm"),
+                 *_norm_rows(r"encoder\.ln", "final_norm")]
+    else:  # post-LN: norm after each residual add, and on the embedding sum
+        rows += [*_norm_rows(r"embeddings\.LayerNorm", "embed/norm"),
+                 *_norm_rows(layer + r"attention\.output\.LayerNorm", "layers/attn_norm"),
+                 *_norm_rows(layer + r"output\.LayerNorm", "layers/mlp_norm")]
+    return rows
+
+
+@dataclass(frozen=True)
+class Family:
+    prefix: str  # backbone prefix that task models add (GPT2LMHeadModel: "transformer.")
+    rows: list[Row]
+    ignore: tuple[str, ...] = ()  # buffers, not parameters
+    tied_aliases: tuple[str, ...] = ()  # copies of the token table when embeddings are tied
+    zero_ok: tuple[str, ...] = ()  # targets the source may lack; they stay zero
+
+
+_LLAMA = Family("model.", LLAMA_ROWS, ignore=(r"(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq",),
+                tied_aliases=(r"lm_head\.weight",),
+                # LLaMA's attention_bias adds an o_proj bias without MLP biases (and mlp_bias
+                # the reverse); linear_bias covers both, the absent ones are zeros.
+                zero_ok=("layers/attn/out/bias", "layers/mlp/wi/bias", "layers/mlp/wo/bias"))
+_BERT_IGNORE = (r"embeddings\.position_ids", r"embeddings\.token_type_ids")
+_BERT_TIED = (r"cls\.predictions\.decoder\.weight", r"cls\.predictions\.decoder\.bias")
+FAMILIES = {
+    "gpt2": Family("transformer.", GPT2_ROWS,
+                   ignore=(r"h\.\d+\.attn\.(bias|masked_bias)",),
+                   tied_aliases=(r"lm_head\.weight",)),
+    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA,
+    "bert": Family("bert.", _bert_rows(False), _BERT_IGNORE, _BERT_TIED),
+    "megatron-bert": Family("bert.", _bert_rows(True), _BERT_IGNORE, _BERT_TIED),
+}
