@@ -241,6 +241,11 @@ def check_mesh(mesh, *, timeout_s: float | None = None) -> None:
         desc = "; ".join(f"process {p}: {fmt(v)}" for p, v in sorted(seen.items()))
         what = "sizes" if any(v["shape"] != seen[0]["shape"] for v in seen.values()) \
             else "device order"
+        try:  # every process gets here before any exits: a process that exits first makes
+            # the coordination service abort the others, maybe before they report the error
+            client.wait_at_barrier(f"{key}/failed", int(timeout_s * 1000))
+        except Exception:  # noqa: BLE001 - raise the error either way
+            pass
         raise DistributedError(f"jaxformer.distributed: processes disagree on the mesh "
                                f"{what} ({desc}); every process must pass the same sizes to "
                                f"make_mesh")
