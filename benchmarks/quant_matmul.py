@@ -25,9 +25,10 @@ and a bias + GeLU consumer after them, the product written in float32 or in bf16
 
 --batch1 times, by device time (the profiler's CUPTI kernel times, each product isolated by
 an optimization barrier), the batch-1 products of gpt3-6.7b's and gpt3-13b's four matrices:
-bf16 as the model runs them, the int8 row reduction, the two-row int8 GEMM, and what
-jaxformer.quant.ops.einsum picks (the wall-clock lines above include launch gaps and the
-sum of the eight products, which at these sizes hide the differences):
+bf16 as the model runs them, the int8 row reduction, the int8 GEMM of one row and of two
+(the second zero), and what jaxformer.quant.ops.einsum picks. The wall-clock lines above
+include launch gaps and the sum of the eight products, which at these sizes hide the
+differences:
 
     python benchmarks/quant_matmul.py --batch1
 """
@@ -209,6 +210,7 @@ def batch1_section():
                     nbytes=2 * nbytes)
         del wb
         batch1_line("int8 row reduction", int8_kminor_reduce, x, wq, s, nbytes=nbytes)
+        batch1_line("int8 one-row GEMM", int8_kminor_astype, x, wq, s, nbytes=nbytes)
         batch1_line("int8 two-row GEMM", int8_dot_two_rows, x, wq, s, nbytes=nbytes)
         batch1_line("int8 quant.ops.einsum", lambda x, q, s: ops.einsum(
             "mk,kn->mn", x, q, s, int8, 1), x, wq, s, nbytes=nbytes)

@@ -250,8 +250,9 @@ def _two_row_product(x, q, contract: int):
     For long rows (LONG_ROWS) XLA's row reduction leaves the GPU under-filled, while a
     GEMM fusion with the convert inside splits the contraction: gpt3-13b's [5120 x 20480]
     MLP matrix at batch 1 on an H100 took 51.6 + 2.4 us as a two-stage row reduction and
-    41.5 us as this GEMM, gpt3-6.7b's [4096 x 16384] 30.5 and 26.9 us (a single row would
-    be strength-reduced back into the reduction; `benchmarks/quant_matmul.py --batch1`).
+    41.6 us as this GEMM, gpt3-6.7b's [4096 x 16384] 30.5 and 27.1 us; XLA's GEMM of the
+    single row took 43.3 and 29.0 us (`benchmarks/quant_matmul.py --batch1`). The zero row
+    costs a 1.5 us pad where XLA does not fuse it into the producer of x.
     """
     n_out = q.ndim - contract
     out_shape, n_k = q.shape[:n_out], math.prod(q.shape[n_out:])
