@@ -17,7 +17,6 @@ instead of the decode loop: "per step" then means that one prefill.
 from __future__ import annotations
 
 import collections
-import glob
 import os
 import sys
 import tempfile
@@ -29,6 +28,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxformer as jf  # noqa: E402
+from jaxformer.bench import gpu_kernel_events  # noqa: E402
 from jaxformer.generate import _Run  # noqa: E402
 
 
@@ -54,19 +54,11 @@ def profile(preset: str, batch: int, prompt: int = 128, new: int = 64, top: int 
         wall = time.perf_counter() - t
     steps = 1 if prefill else new - 1
     total, count = collections.Counter(), collections.Counter()
-    events = []  # (start ns, duration ns, name) of every kernel, for --sequence
-    for path in glob.glob(os.path.join(trace, "**", "*.xplane.pb"), recursive=True):
-        for plane in jax.profiler.ProfileData.from_file(path).planes:
-            if not plane.name.startswith("/device:GPU") or \
-                    (tensor > 1 and plane.name != "/device:GPU:0"):
-                continue
-            for line in plane.lines:
-                if "Stream" not in line.name and "Kernels" not in line.name:
-                    continue
-                for ev in line.events:
-                    total[ev.name] += ev.duration_ns
-                    count[ev.name] += 1
-                    events.append((ev.start_ns, ev.duration_ns, ev.name))
+    # (start ns, duration ns, name) of every kernel, for --sequence
+    events = gpu_kernel_events(trace, "/device:GPU:0" if tensor > 1 else None)
+    for _, ns, name in events:
+        total[name] += ns
+        count[name] += 1
     busy = sum(total.values())
     mesh_note = (f" tensor={tensor}" if tensor > 1 else "") + \
         (f" {quantize}" if quantize else "") + (f" prefill of {prompt}" if prefill else "")

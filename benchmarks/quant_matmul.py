@@ -146,24 +146,17 @@ def device_times(f, *args, reps=5):
     """{kernel name: (total ns, launches)} over `reps` calls of f, from the profiler's GPU
     planes (CUPTI): kernel time alone, no launch or Python overhead."""
     import collections
-    import glob
-    import os
     import tempfile
+    from jaxformer.bench import gpu_kernel_events
     jax.block_until_ready(f(*args))
     trace = tempfile.mkdtemp()
     with jax.profiler.trace(trace):
         for _ in range(reps):
             jax.block_until_ready(f(*args))
     total, count = collections.Counter(), collections.Counter()
-    for path in glob.glob(os.path.join(trace, "**", "*.xplane.pb"), recursive=True):
-        for plane in jax.profiler.ProfileData.from_file(path).planes:
-            if not plane.name.startswith("/device:GPU"):
-                continue
-            for line in plane.lines:
-                if "Stream" in line.name or "Kernels" in line.name:
-                    for ev in line.events:
-                        total[ev.name] += ev.duration_ns
-                        count[ev.name] += 1
+    for _, ns, name in gpu_kernel_events(trace):
+        total[name] += ns
+        count[name] += 1
     return {n: (total[n], count[n]) for n in total}
 
 

@@ -68,6 +68,23 @@ def peak_bytes() -> int | None:
     return stats.get("peak_bytes_in_use")
 
 
+def gpu_kernel_events(trace_dir: str, plane: str | None = None) -> list[tuple[int, int, str]]:
+    """(start ns, duration ns, kernel name) of every GPU kernel in a jax.profiler trace
+    directory (CUPTI's device times); `plane` (e.g. "/device:GPU:0") keeps one device's.
+    Empty off GPUs."""
+    import glob
+    import os
+    events = []
+    for path in glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True):
+        for pl in jax.profiler.ProfileData.from_file(path).planes:
+            if not pl.name.startswith("/device:GPU") or (plane and pl.name != plane):
+                continue
+            for line in pl.lines:
+                if "Stream" in line.name or "Kernels" in line.name:
+                    events += [(ev.start_ns, ev.duration_ns, ev.name) for ev in line.events]
+    return events
+
+
 def decode_kv_bytes(cfg, batch: int, prompt: int, new: int, dtype, kv_cache=None) -> float:
     """K and V bytes a decode step reads on average over `new` steps after `prompt` (a
     quantized cache: its codes and scales), on one device."""

@@ -265,10 +265,15 @@ def decode_bytes(config: ModelConfig, mesh=None, dtype="float32", batch: int = 1
     e = _itemsize(dtype)
     layer = weights_bytes(config, sizes, dtype, table, "layers", quantize) \
         // div(c.num_layers, "layers")
-    in_place = layer_loop == "unroll" and sizes["pipe"] == 1
-    copy = 0 if in_place else kv_cache_bytes(config, sizes, dtype, batch, length, table,
-                                             kv_cache)
+    copy = 0 if decode_in_place(layer_loop, sizes) else \
+        kv_cache_bytes(config, sizes, dtype, batch, length, table, kv_cache)
     return int(copy + 2 * b * length * k * c.dims_per_head * e + layer + 2 * b * v * 4)
+
+
+def decode_in_place(layer_loop: str, sizes: Mapping[str, int]) -> bool:
+    """Whether decode updates the KV cache in place (the unrolled layer layout without a
+    pipeline) rather than holding a second copy (a layer scan or pipeline stages)."""
+    return layer_loop == "unroll" and sizes["pipe"] == 1
 
 
 def device_memory_limit(devices=None) -> tuple[int | None, str]:

@@ -12,11 +12,12 @@ from jaxformer import cache as kvc
 from jaxformer.config import PREFILL_TOKENS, ModelConfig, RunConfig
 from jaxformer.memory import (CACHE_AXES, ENV_DEVICE_MEMORY, _axes_size, _count, _itemsize,
                               _rules, activation_bytes, cache_length, decode_bytes,
-                              device_memory_limit, fmt_bytes, kv_cache_bytes, mesh_sizes,
-                              parse_bytes, prompt_bucket, shard_shape, weights_bytes)
+                              decode_in_place, device_memory_limit, fmt_bytes, kv_cache_bytes,
+                              mesh_sizes, parse_bytes, prompt_bucket, shard_shape,
+                              weights_bytes)
 
 
-# ---- the plan (re-exported by jaxformer.memory) -------------------------------------------------------------------------------
+# ---- the plan (re-exported by jaxformer.memory) --------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class MemoryPlan:
     """Bytes per device for one model on one mesh; see the module docstring."""
@@ -104,7 +105,6 @@ class MemoryPlan:
             per = (f"1 B {self.kv_quant} + a float32 scale per token and head"
                    if self.kv_quant else f"{item} B")
             chunked = "" if self.prefill_chunk == self.rows else f" (of {self.rows} rows)"
-            in_place = self.layer_loop == "unroll" and self.sizes["pipe"] == 1
             lines += [
                 f"  KV cache      {fmt_bytes(self.kv_cache):>12}   k and v, each "
                 f"[{', '.join(map(str, shp))}] x {per} (batch {self.batch} -> "
@@ -116,7 +116,7 @@ class MemoryPlan:
                 f"{self.attention} attention "
                 f"(an estimate: memory.activation_bytes)",
                 f"  decode        {fmt_bytes(self.decode):>12}   working set: "
-                f"{'' if in_place else 'a second cache copy, '}"
+                f"{'' if decode_in_place(self.layer_loop, s) else 'a second cache copy, '}"
                 f"one layer's k/v, logits (memory.decode_bytes)",
             ]
         lines.append(f"  total         {fmt_bytes(self.total):>12}" + (
