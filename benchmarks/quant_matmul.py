@@ -193,14 +193,13 @@ def batch1_section():
     print("device time per product (CUPTI, mean of 5 x 4 isolated calls); after | the "
           "longest kernels, us each")
     for k_dim, n_dim in KERNEL_SHAPES + SHAPES_13B:
-        wq, s = int8_codes(key, k_dim, n_dim)
-        wq, nbytes = wq[:4], k_dim * n_dim
+        wq, s = int8_codes(key, k_dim, n_dim, count=4)
+        nbytes = k_dim * n_dim
         x = jax.random.normal(key, (1, k_dim), BF16)
         print(f"## K={k_dim}, N={n_dim}: {nbytes / 1e6:.1f} MB of int8 codes")
         wb = [jax.random.normal(jax.random.fold_in(key, i), (k_dim, n_dim), BF16)
               for i in range(2)]
-        batch1_line("bf16 (the model's einsum)", lambda x, w: bf16_mm(x, w), x, wb,
-                    nbytes=2 * nbytes)
+        batch1_line("bf16 (the model's einsum)", bf16_mm, x, wb, nbytes=2 * nbytes)
         del wb
         batch1_line("int8 row reduction", int8_kminor_reduce, x, wq, s, nbytes=nbytes)
         batch1_line("int8 one-row GEMM", int8_kminor_astype, x, wq, s, nbytes=nbytes)
@@ -272,10 +271,10 @@ def fp8_prefill(out_dtype):
     return mm
 
 
-def int8_codes(key, k_dim, n_dim):
-    """R distinct random K-minor int8 code matrices [N, K] and one scale vector [N]."""
+def int8_codes(key, k_dim, n_dim, count=R):
+    """`count` distinct random K-minor int8 code matrices [N, K] and one scale vector [N]."""
     wq = [jax.random.randint(jax.random.fold_in(key, i), (n_dim, k_dim), -127, 128, jnp.int8)
-          for i in range(R)]
+          for i in range(count)]
     return wq, jnp.full((n_dim,), 1 / 40, F32)
 
 
