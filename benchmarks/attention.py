@@ -1,6 +1,7 @@
 """Attention benchmark: our Mosaic GPU kernels vs cuDNN vs plain XLA, one run, one card.
 
     python benchmarks/attention.py [--quick] [--variants] [--json out.json]
+    python benchmarks/attention.py --kv-cache int8 --batches 1,64 --ctxs 1024,4096
 
 Prints the device, the versions and one table:
   prefill  causal bf16, head_dim 128, 16 heads, batch x seq = 32k tokens, seq 1k..16k:
@@ -230,6 +231,53 @@ def run_decode(batches, ctxs, N, K, H, log, variants=False):
     return rows
 
 
+def run_decode_quantized(batches, ctxs, N, K, H, log, mode="int8"):
+    """Decode over an int8 / fp8 KV cache (codes + per-token, per-head scales, cache.py):
+    what generate() runs (XLA dots reading the codes, scales folded into the scores), the
+    dequantize-then-kernel path it replaced, and the bf16 cache with our kernel, in us."""
+    from jaxformer import cache as kvc
+    rows = []
+    scale = 1 / math.sqrt(H)
+
+    def codes(q, k, v, pos, kvl):
+        (kq, ks), (vq, vs) = kvc.quantize(k, mode), kvc.quantize(v, mode)
+        return q, kq, vq, ks, vs, pos, kvl
+
+    dots = jax.jit(lambda q, kq, vq, ks, vs, pos, kvl: attention(
+        q, kq, vq, pos, kvl, causal=True, scale=scale, k_scale=ks, v_scale=vs))
+    kernel = backend_fn("ours-decode", scale)
+    dequant = jax.jit(lambda q, kq, vq, ks, vs, pos, kvl: kernel(
+        q, kvc.dequantize(kq, ks, q.dtype), kvc.dequantize(vq, vs, q.dtype), pos, kvl))
+    for B in batches:
+        for S in ctxs:
+            R = rotations(B * S * K * H * 2)
+            sets = [decode_inputs(jax.random.key(300 + i), B, S, N, K, H) for i in range(R)]
+            qsets = [jax.jit(codes)(*a) for a in sets]
+            row = {"batch": B, "ctx": S, "mode": mode}
+            q, kq, vq, ks, vs, pos, kvl = qsets[0]
+            ref = attention_reference(q.astype(jnp.float32),
+                                      kvc.dequantize(kq, ks, jnp.float32),
+                                      kvc.dequantize(vq, vs, jnp.float32), pos, kvl,
+                                      causal=True, scale=scale)
+            for name, f, a in [("bf16_kernel", kernel, sets), ("dots", dots, qsets),
+                               ("dequant_kernel", dequant, qsets)]:
+                try:
+                    if name != "bf16_kernel":
+                        err = rel_err(f(*a[0]), ref)
+                        row[f"{name}_err"] = err
+                        if not err < 2e-2:
+                            raise AssertionError(f"{name} B={B} S={S}: rel err {err}")
+                    row[f"{name}_us"] = gpu_time_ms(f, a, iters=max(R, 40 // R * R)) * 1e3
+                except Exception as e:  # noqa: BLE001
+                    row[f"{name}_us"] = float("nan")
+                    row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:2000]}"
+                    log(f"quantized decode B={B} S={S} {name}: {traceback.format_exc()[-3000:]}")
+            log(json.dumps(row))
+            print("decode-kv " + _brief(row), flush=True)
+            rows.append(row)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer sizes")
@@ -240,6 +288,10 @@ def main(argv=None):
     ap.add_argument("--ctxs", default=None, help="decode contexts, comma separated")
     ap.add_argument("--batches", default="1,8,64", help="decode batch sizes")
     ap.add_argument("--tokens", type=int, default=32768, help="prefill tokens per batch")
+    ap.add_argument("--kv-cache", default=None, choices=["int8", "fp8"],
+                    help="instead: decode over a quantized KV cache (generate()'s path, the "
+                         "old dequantize-then-kernel path, the bf16 cache with our kernel)")
+    ap.add_argument("--kv-heads", type=int, default=8, help="decode kv heads (32 query heads)")
     args = ap.parse_args(argv)
 
     logf = open(args.log, "a") if args.log else None  # noqa: SIM115 - lives for the run
@@ -264,6 +316,23 @@ def main(argv=None):
     ctxs = [1024, 4096, 32768] if args.quick else [1024, 2048, 4096, 8192, 16384, 32768]
     seqs = ints(args.seqs) if args.seqs is not None else seqs
     ctxs = ints(args.ctxs) if args.ctxs is not None else ctxs
+    if args.kv_cache:
+        rows = run_decode_quantized(ints(args.batches), ctxs, 32, args.kv_heads, 128, log,
+                                    args.kv_cache)
+        print(f"\ndecode over a {args.kv_cache} KV cache: 32 q / {args.kv_heads} kv heads, "
+              f"head_dim 128 (us per call; GB/s of the cache bytes each reads)")
+        print(f"{'batch':>5} {'ctx':>6} {'bf16 kernel':>12} {args.kv_cache + ' dots':>12} "
+              f"{'dequant+kernel':>15} {'dots GB/s':>9} {'dots vs bf16':>12}")
+        for r in rows:
+            cache_bytes = r["batch"] * r["ctx"] * args.kv_heads * (128 + 4) * 2
+            dots = r["dots_us"]
+            print(f"{r['batch']:>5} {r['ctx']:>6} {r['bf16_kernel_us']:>12.1f} {dots:>12.1f} "
+                  f"{r['dequant_kernel_us']:>15.1f} {cache_bytes / dots / 1e3:>9.0f} "
+                  f"{r['bf16_kernel_us'] / dots:>11.2f}x")
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({"header": header, "copy_gbs": bw, "decode_kv": rows}, fh, indent=1)
+        return 0
     pre = run_prefill(seqs, args.tokens, 16, 128, log, variants=args.variants)
     dec = run_decode(ints(args.batches), ctxs, 32, 8, 128, log, variants=args.variants)
 

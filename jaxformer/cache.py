@@ -154,12 +154,6 @@ def store(cache: tuple, k, v, layer, start) -> tuple:
     return tuple(write_layer(c, n, layer, start) for c, n in zip(cache, new))
 
 
-def dequantized(cache: tuple, layer, dtype):
-    """(k, v) [B, S, K, H] in `dtype`: layer `layer` of a quantized stacked cache."""
-    k, v, ks, vs = (read_layer(c, layer) for c in as_tuple(cache))
-    return dequantize(k, ks, dtype), dequantize(v, vs, dtype)
-
-
 def write_layer(cache: jax.Array, new: jax.Array, layer, start: jax.Array | None) -> jax.Array:
     """Write new [B, T, K, H] into layer `layer` of the stacked cache [L, B, S, K, H].
 

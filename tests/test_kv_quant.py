@@ -42,6 +42,32 @@ def test_quantizer_matches_numpy(mode):
 
 
 @pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_attention_over_codes_equals_attention_over_the_dequantized_cache(mode):
+    """Attention reading a quantized stacked cache's codes, its scales folded into the
+    scores and probabilities, equals the reference over that layer dequantized to float32
+    (grouped heads, ragged lengths, causal); kernels that read float caches refuse it."""
+    from jaxformer.kernels.attention import attention
+    from jaxformer.kernels.reference import attention_reference
+    rng = np.random.default_rng(1)
+    L, B, S, N, K, H = 3, 2, 16, 4, 2, 8
+    k, v = (jnp.asarray(rng.standard_normal((L, B, S, K, H)), jnp.float32) for _ in "kv")
+    (kq, ks), (vq, vs) = kvc.quantize(k, mode), kvc.quantize(v, mode)
+    q = jnp.asarray(rng.standard_normal((B, 1, N, H)), jnp.float32)
+    lengths = jnp.asarray([9, 16], jnp.int32)
+    pos = (lengths - 1)[:, None]
+    with jax.default_matmul_precision("highest"):  # GPUs would otherwise round to TF32
+        want = attention_reference(q, kvc.dequantize(kq[1], ks[1], jnp.float32),
+                                   kvc.dequantize(vq[1], vs[1], jnp.float32), pos, lengths,
+                                   causal=True, scale=0.3)
+        got = attention(q, kq, vq, pos, lengths, causal=True, scale=0.3, layer=jnp.int32(1),
+                        k_scale=ks, v_scale=vs)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="quantized KV cache"):
+        attention(q, kq[1], vq[1], pos, lengths, causal=True, scale=0.3, backend="pallas",
+                  k_scale=ks[1], v_scale=vs[1])
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
 def test_decode_with_quantized_cache_tracks_the_float_pass(llama, mode):
     """Each generated token's log-probability from the quantized-cache decode equals the
     teacher-forced float32 forward over prompt + generated tokens to the quantization
@@ -116,3 +142,19 @@ def test_cli_generate_with_a_quantized_cache(capsys):
     assert cli.main(["generate", "--kv-cache", "int8", "--max-new-tokens", "4",
                      "--prompt", "hi", "--no-compile-cache"]) == 0
     assert "=== prompt 0" in capsys.readouterr().out
+
+
+def test_decode_loop_compiles_once_before_the_cache_exists(caplog):
+    """generate() compiles the decode loop ahead of prefill (so that XLA's autotuning
+    copies of the stacked cache never sit beside the real one) and the call then reuses
+    that executable: one compilation of the loop, which takes the int8 cache."""
+    import logging
+    model = jf.Model.random(jf.ModelConfig.from_preset("demo"), dtype="float32").with_run(
+        kv_cache="int8")
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        first = model.generate(PROMPTS, max_new_tokens=4).tokens
+        again = model.generate(PROMPTS, max_new_tokens=4).tokens
+    loops = [r for r in caplog.records
+             if r.getMessage().startswith("Compiling jit(<lambda>)") and "int8[" in r.getMessage()]
+    assert len(loops) == 1, [r.getMessage()[:120] for r in loops]
+    assert first == again

@@ -172,16 +172,28 @@ def _sharded(fn, q, k, v, q_positions, kv_lengths, layer=None):
 
 
 def attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: float,
-              backend: str = "auto", layer=None):
+              backend: str = "auto", layer=None, k_scale=None, v_scale=None):
     """Masked attention. q [B,T,N,H], k/v [B,S,K,H], q_positions [B,T], kv_lengths [B].
 
     With `layer` (an int32 scalar), k and v are a stacked cache [L, B, S, K, H] and the call
     attends over layer `layer`: the decode kernel reads it in place, other paths slice it.
+    With k_scale and v_scale ([B, S, K], or [L, B, S, K] with `layer`), k and v are the codes
+    of a quantized cache (cache.py); the kernels read float caches only, so the call runs as
+    XLA dots that read the codes once (reference.py; backend "auto" or "xla").
     Returns [B, T, N, H] in q's dtype. An explicit backend that cannot take the call raises
     ValueError naming what is unsupported; "auto" falls back to "xla" and logs why, once.
     """
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    if k_scale is not None:
+        if backend not in ("auto", "xla"):
+            raise ValueError(f"attention backend {backend!r} does not read a quantized KV "
+                             f"cache ({jnp.dtype(k.dtype).name} codes); use 'auto' or 'xla'")
+        if layer is not None:
+            from jaxformer.cache import read_layer
+            k, v, k_scale, v_scale = (read_layer(a, layer) for a in (k, v, k_scale, v_scale))
+        return attention_reference(q, k, v, q_positions, kv_lengths, causal=causal,
+                                   scale=scale, k_scale=k_scale, v_scale=v_scale)
 
     def one_layer(a, layer):  # what the support checks look at: one layer's shapes
         return a if layer is None else jax.ShapeDtypeStruct(a.shape[1:], a.dtype)

@@ -24,21 +24,39 @@ def attention_mask(q_positions, kv_lengths, kv_len: int, causal: bool):
 
 
 def attention_reference(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: float,
-                        return_lse: bool = False):
-    """Masked softmax attention in float32. Returns [B, T, N, H] (and lse [B, T, N])."""
+                        return_lse: bool = False, k_scale=None, v_scale=None):
+    """Masked softmax attention in float32. Returns [B, T, N, H] (and lse [B, T, N]).
+
+    With k_scale and v_scale ([B, S, K] float32), k and v are a quantized cache's codes
+    (int8 / float8, exact in q's dtype) and key s of head j is k[b, s, j] * k_scale[b, s, j].
+    A scale is constant over H, so it multiplies score column s (and, for v, probability
+    column s) instead of the codes: the codes are only converted, which XLA fuses into the
+    dot that reads them, and no float copy of the cache is ever written.
+    """
     B, T, N, H = q.shape
     K = k.shape[2]
     G = N // K
     qg = q.reshape(B, T, K, G, H)
+    if k_scale is not None:
+        k, v = k.astype(q.dtype), v.astype(q.dtype)
     scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
     scores = scores * jnp.float32(scale)
+    if k_scale is not None:
+        scores = scores * _per_key(k_scale)
     mask = attention_mask(q_positions, kv_lengths, k.shape[1], causal)  # [B, T, S]
     scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
     lse = jax.nn.logsumexp(scores, axis=-1)  # [B, K, G, T]
     probs = jnp.exp(scores - lse[..., None])
+    if v_scale is not None:
+        probs = probs * _per_key(v_scale)
     out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v,
                      preferred_element_type=jnp.float32)
     out = out.reshape(B, T, N, H).astype(q.dtype)
     if return_lse:
         return out, lse.transpose(0, 3, 1, 2).reshape(B, T, N)
     return out
+
+
+def _per_key(scale):
+    """[B, S, K] per-key scales -> [B, K, 1, 1, S], broadcasting over scores [B, K, G, T, S]."""
+    return scale.astype(jnp.float32).transpose(0, 2, 1)[:, :, None, None, :]

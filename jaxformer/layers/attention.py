@@ -50,20 +50,22 @@ class Attention(nnx.Module):
             q = apply_rope(q, positions, **rope)
             k = apply_rope(k, positions, **rope)
         q = q.reshape(B, T, K * G, H)  # head n = k * G + g
-        new_cache, kv_layer = None, None
+        new_cache, kv_layer, scales = None, None, {}
         if cache is not None:
             # The stacked cache rides in the layer loop's carry: write only the new entries.
             # start None: a prefill from an empty cache, which attends within x (T keys,
             # not S) and stores x's keys at slots [0, T).
             new_cache = kv.store(kv.as_tuple(cache), k, v, layer, start)
             if kv.is_decode(start) and kv.mode_of(new_cache) is not None:
-                # a quantized cache is read as a dequantized copy of this layer's entries
-                # (the Pallas decode kernel reads bf16 / fp16 caches only)
-                k, v = kv.dequantized(new_cache, layer, q.dtype)
+                # a quantized cache: XLA dots read the codes, the scales fold into the
+                # scores (the Pallas decode kernel reads bf16 / fp16 caches only)
+                k, v, k_scale, v_scale = new_cache
+                scales = dict(k_scale=k_scale, v_scale=v_scale)
+                backend, kv_layer = "xla", layer
             elif kv.is_decode(start):
                 (k, v), kv_layer = new_cache, layer  # attention reads the layer in place
         o = attention(q, k, v, positions, kv_lengths, causal=cfg.causal, scale=cfg.scale,
-                      backend=backend, layer=kv_layer)
+                      backend=backend, layer=kv_layer, **scales)
         o = shard(o, ("batch", "length", "act_heads", "head_dim"))
         out = self.out.add_bias(self.out.einsum("btnh,nhd->btd", o))
         return shard(out, ("batch", "length", "embed")), new_cache
