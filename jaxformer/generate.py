@@ -325,7 +325,8 @@ class _Run:
         compile in the default 75% of an 80 GB H100; compiled first, its scratch copies
         share the card with the weights alone.
         """
-        key = ("decode compiled", self.feats, self.ids.shape, self.max_new, self.cache_len)
+        key = ("decode compiled", self.feats, self.ids.shape, self.max_new, self.cache_len,
+               tuple(a.shape for a in jax.tree.leaves(self.req)))
         done = self.model.__dict__.setdefault("_compiled", {})
         if key in done:
             return
