@@ -119,7 +119,6 @@ def run_jax(cfg, batch: int, prompt: int, new: int, dtype: str, attention="auto"
     once()  # compile
     compile_s = time.perf_counter() - t0
     ttft, step = [], []
-    s = None
     for _ in range(3):
         s = None  # the last run's cache goes before the next prefill allocates one
         t0 = time.perf_counter()
