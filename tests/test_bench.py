@@ -74,3 +74,34 @@ def test_parallel_benchmark_isolated_layouts_print_consistent_rows():
         ratio = tok_s[(r[1], batch)] / tok_s[("1 device", batch)]
         assert r[9] == f"{ratio:.2f}x"
     assert "tensor=2 / 1 device step time at batch 1" in proc.stdout
+
+
+def test_allreduce_benchmark_chain_is_the_unsharded_mlp_chain():
+    """benchmarks/allreduce.py: its tensor-parallel chain (column- then row-parallel MLP, the
+    all-reduce + residual add, an RMS norm) on 2 devices equals the same layers computed
+    unsharded in numpy; off GPUs the script says it needs two and exits 2."""
+    import importlib.util
+    import os
+
+    import jax
+    import numpy as np
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(
+        "allreduce_bench", os.path.join(root, "benchmarks", "allreduce.py"))
+    ar = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ar)
+    mesh = jax.make_mesh((2,), ("t",), devices=jax.devices()[:2],
+                         axis_types=(jax.sharding.AxisType.Explicit,))
+    layers = 5  # cycles past the SETS weight sets
+    wi, wo, x = ar.inputs(mesh, rows=2, dim=64, hidden=256)
+    got = np.asarray(ar.make_chain(mesh, ar.xla_all_reduce_add, layers)(x, wi, wo),
+                     np.float32)
+    f32 = [np.asarray(a, np.float32) for a in (wi, wo, x)]
+    wi, wo, h = f32
+    for layer in range(layers):
+        a = h @ wi[layer % ar.SETS]
+        g = 0.5 * a * (1 + np.tanh(np.sqrt(2 / np.pi) * (a + 0.044715 * a ** 3)))
+        h = h + g @ wo[layer % ar.SETS]
+        h = h / np.sqrt(np.mean(h * h, axis=-1, keepdims=True))
+    np.testing.assert_allclose(got, h, atol=0.08)  # bf16 activations between the products
+    assert ar.main([]) == 2
