@@ -232,9 +232,10 @@ def run_decode(batches, ctxs, N, K, H, log, variants=False):
 
 
 def run_decode_quantized(batches, ctxs, N, K, H, log, mode="int8"):
-    """Decode over an int8 / fp8 KV cache (codes + per-token, per-head scales, cache.py):
-    what generate() runs (XLA dots reading the codes, scales folded into the scores), the
-    dequantize-then-kernel path it replaced, and the bf16 cache with our kernel, in us."""
+    """Decode over an int8 / fp8 KV cache (codes + per-token, per-head scales, cache.py): our
+    decode kernel reading the codes (tiles dequantized in shared memory), XLA dots reading
+    them (scales folded into the scores), the dequantize-then-kernel path both replaced, and
+    the bf16 cache with our kernel, in us."""
     from jaxformer import cache as kvc
     rows = []
     scale = 1 / math.sqrt(H)
@@ -243,8 +244,9 @@ def run_decode_quantized(batches, ctxs, N, K, H, log, mode="int8"):
         (kq, ks), (vq, vs) = kvc.quantize(k, mode), kvc.quantize(v, mode)
         return q, kq, vq, ks, vs, pos, kvl
 
-    dots = jax.jit(lambda q, kq, vq, ks, vs, pos, kvl: attention(
-        q, kq, vq, pos, kvl, causal=True, scale=scale, k_scale=ks, v_scale=vs))
+    dots, quant_kernel = (jax.jit(lambda q, kq, vq, ks, vs, pos, kvl, b=b: attention(
+        q, kq, vq, pos, kvl, causal=True, scale=scale, k_scale=ks, v_scale=vs, backend=b))
+        for b in ("xla", "pallas"))
     kernel = backend_fn("ours-decode", scale)
     dequant = jax.jit(lambda q, kq, vq, ks, vs, pos, kvl: kernel(
         q, kvc.dequantize(kq, ks, q.dtype), kvc.dequantize(vq, vs, q.dtype), pos, kvl))
@@ -260,6 +262,7 @@ def run_decode_quantized(batches, ctxs, N, K, H, log, mode="int8"):
                                       kvc.dequantize(vq, vs, jnp.float32), pos, kvl,
                                       causal=True, scale=scale)
             for name, f, a in [("bf16_kernel", kernel, sets), ("dots", dots, qsets),
+                               ("quant_kernel", quant_kernel, qsets),
                                ("dequant_kernel", dequant, qsets)]:
                 try:
                     if name != "bf16_kernel":
@@ -289,8 +292,9 @@ def main(argv=None):
     ap.add_argument("--batches", default="1,8,64", help="decode batch sizes")
     ap.add_argument("--tokens", type=int, default=32768, help="prefill tokens per batch")
     ap.add_argument("--kv-cache", default=None, choices=["int8", "fp8"],
-                    help="instead: decode over a quantized KV cache (generate()'s path, the "
-                         "old dequantize-then-kernel path, the bf16 cache with our kernel)")
+                    help="instead: decode over a quantized KV cache (our kernel and XLA's "
+                         "dots reading the codes, the old dequantize-then-kernel path, the "
+                         "bf16 cache with our kernel)")
     ap.add_argument("--kv-heads", type=int, default=8, help="decode kv heads (32 query heads)")
     args = ap.parse_args(argv)
 
@@ -321,14 +325,16 @@ def main(argv=None):
                                     args.kv_cache)
         print(f"\ndecode over a {args.kv_cache} KV cache: 32 q / {args.kv_heads} kv heads, "
               f"head_dim 128 (us per call; GB/s of the cache bytes each reads)")
-        print(f"{'batch':>5} {'ctx':>6} {'bf16 kernel':>12} {args.kv_cache + ' dots':>12} "
-              f"{'dequant+kernel':>15} {'dots GB/s':>9} {'dots vs bf16':>12}")
+        print(f"{'batch':>5} {'ctx':>6} {'bf16 kernel':>12} {args.kv_cache + ' kernel':>12} "
+              f"{args.kv_cache + ' dots':>12} {'dequant+kernel':>15} {'kernel GB/s':>11} "
+              f"{'dots GB/s':>9} {'kernel vs bf16':>14} {'kernel vs dots':>14}")
         for r in rows:
             cache_bytes = r["batch"] * r["ctx"] * args.kv_heads * (128 + 4) * 2
-            dots = r["dots_us"]
-            print(f"{r['batch']:>5} {r['ctx']:>6} {r['bf16_kernel_us']:>12.1f} {dots:>12.1f} "
-                  f"{r['dequant_kernel_us']:>15.1f} {cache_bytes / dots / 1e3:>9.0f} "
-                  f"{r['bf16_kernel_us'] / dots:>11.2f}x")
+            dots, kern = r["dots_us"], r["quant_kernel_us"]
+            print(f"{r['batch']:>5} {r['ctx']:>6} {r['bf16_kernel_us']:>12.1f} {kern:>12.1f} "
+                  f"{dots:>12.1f} {r['dequant_kernel_us']:>15.1f} "
+                  f"{cache_bytes / kern / 1e3:>11.0f} {cache_bytes / dots / 1e3:>9.0f} "
+                  f"{r['bf16_kernel_us'] / kern:>13.2f}x {dots / kern:>13.2f}x")
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump({"header": header, "copy_gbs": bw, "decode_kv": rows}, fh, indent=1)

@@ -366,6 +366,57 @@ def _hopper():
     return bool(devs) and attn.is_hopper(devs[0])
 
 
+def quantized_problem(B, S, N, K, H, mode, lengths, layers=1, layer=0):
+    """q, the quantized stacked cache (codes [L, B, S, K, H] and scales [L, B, S, K], other
+    layers NaN-scaled so a read of them shows), pos, kvl, and the float32 reference: the
+    attention over the dequantized layer."""
+    from jaxformer import cache as kvc
+    q, k, v, _, kvl = problem(B, 1, S, N, K, H, jnp.bfloat16, lengths)
+    (kc, ks), (vc, vs) = kvc.quantize(k, mode), kvc.quantize(v, mode)
+    pos = (kvl - 1)[:, None]
+    ref = f32_reference(q, kvc.dequantize(kc, ks, jnp.float32),
+                        kvc.dequantize(vc, vs, jnp.float32), pos, kvl, True, H ** -0.5)
+
+    def stack(a, fill):
+        return jnp.full((layers,) + a.shape, fill, a.dtype).at[layer].set(a)
+    return (q, stack(kc, 0), stack(vc, 0), stack(ks, jnp.nan), stack(vs, jnp.nan), pos, kvl,
+            ref)
+
+
+INTERP_QUANT_DECODE = [
+    # B, S, N, K, H, mode, lengths, splits, block_kv
+    (1, 256, 4, 1, 128, "int8", [201], 2, 64),   # G = 4, ragged tail block, 2 splits
+    (2, 128, 2, 2, 128, "fp8", [1, 128], 1, 64),  # MHA, a length-1 sequence
+]
+
+
+@pytest.mark.parametrize("case", INTERP_QUANT_DECODE)
+def test_decode_kernel_interpreted_reads_a_quantized_cache(case, interpreted):
+    """Codes and per-key scales streamed, dequantized in shared memory; layer 1 of a stack
+    whose other layers have NaN scales; against attention over the dequantized cache."""
+    B, S, N, K, H, mode, lengths, splits, bk = case
+    q, kc, vc, ks, vs, pos, kvl, ref = quantized_problem(B, S, N, K, H, mode, lengths,
+                                                         layers=2, layer=1)
+    out = jax.jit(functools.partial(
+        da.decode_attention, causal=True, scale=H ** -0.5, splits=splits,
+        config=da.DecodeConfig(block_kv=bk, stages=2), interpret=True))(
+            q, kc, vc, pos, kvl, layer=jnp.int32(1), k_scale=ks, v_scale=vs)
+    assert rel_err(out, ref) < 1e-2
+    assert not interpreted(), "the interpreter's race detector found a race"
+
+
+def test_decode_kernel_refuses_what_it_cannot_read_from_a_quantized_cache():
+    q, kc, vc, ks, vs, pos, kvl, _ = quantized_problem(1, 128, 2, 1, 128, "int8", [5])
+    with pytest.raises(ValueError, match="k_scale and v_scale go together"):
+        da.decode_attention(q, kc[0], vc[0], pos, kvl, causal=True, scale=1.0, k_scale=ks[0])
+    with pytest.raises(ValueError, match="head_dim 128 or 256"):
+        da.decode_attention(q[..., :64], kc[0, ..., :64], vc[0, ..., :64], pos, kvl,
+                            causal=True, scale=1.0, k_scale=ks[0], v_scale=vs[0])
+    with pytest.raises(ValueError, match="without head_dim"):
+        da.decode_attention(q, kc[0], vc[0], pos, kvl, causal=True, scale=1.0,
+                            k_scale=ks[0, :, :64], v_scale=vs[0, :, :64])
+
+
 gpu = pytest.mark.gpu
 needs_hopper = pytest.mark.skipif(not _hopper(), reason="needs a Hopper GPU")
 
@@ -434,6 +485,23 @@ def test_decode_kernel_gpu(case):
     ref, ref_lse = f32_reference(q, k, v, pos, kvl, True, H ** -0.5, return_lse=True)
     assert rel_err(out, ref) < 1.5e-2
     np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), atol=2e-2)
+
+
+@gpu
+@needs_hopper
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+@pytest.mark.parametrize("case", [(4, 4096, 32, 8, 128), (2, 1000, 16, 16, 128),
+                                  (1, 16384, 64, 8, 128)])
+def test_decode_kernel_gpu_quantized_cache(case, mode):
+    """GQA and MHA, a ragged length, a long single sequence (split), layer 2 of a stack whose
+    other layers have NaN scales, against attention over the dequantized cache."""
+    B, S, N, K, H = case
+    q, kc, vc, ks, vs, pos, kvl, ref = quantized_problem(B, S, N, K, H, mode, None,
+                                                         layers=3, layer=2)
+    poison((B, K, 64, 64, H))
+    out = jax.jit(functools.partial(da.decode_attention, causal=True, scale=H ** -0.5))(
+        q, kc, vc, pos, kvl, layer=jnp.int32(2), k_scale=ks, v_scale=vs)
+    assert rel_err(out, ref) < 1.5e-2
 
 
 @gpu

@@ -45,7 +45,8 @@ def test_quantizer_matches_numpy(mode):
 def test_attention_over_codes_equals_attention_over_the_dequantized_cache(mode):
     """Attention reading a quantized stacked cache's codes, its scales folded into the
     scores and probabilities, equals the reference over that layer dequantized to float32
-    (grouped heads, ragged lengths, causal); kernels that read float caches refuse it."""
+    (grouped heads, ragged lengths, causal); cuDNN refuses a quantized cache, and the Pallas
+    decode kernel what it cannot take."""
     from jaxformer.kernels.attention import attention
     from jaxformer.kernels.reference import attention_reference
     rng = np.random.default_rng(1)
@@ -62,7 +63,11 @@ def test_attention_over_codes_equals_attention_over_the_dequantized_cache(mode):
         got = attention(q, kq, vq, pos, lengths, causal=True, scale=0.3, layer=jnp.int32(1),
                         k_scale=ks, v_scale=vs)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="quantized KV cache"):
+    with pytest.raises(ValueError, match="'cudnn' does not read a quantized KV cache"):
+        attention(q, kq[1], vq[1], pos, lengths, causal=True, scale=0.3, backend="cudnn",
+                  k_scale=ks[1], v_scale=vs[1])
+    # the decode kernel: not on CPUs, and not head_dim 8 on a GPU
+    with pytest.raises(ValueError, match="'pallas' does not support this call"):
         attention(q, kq[1], vq[1], pos, lengths, causal=True, scale=0.3, backend="pallas",
                   k_scale=ks[1], v_scale=vs[1])
 

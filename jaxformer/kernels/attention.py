@@ -28,6 +28,11 @@ from jaxformer.kernels.reference import attention_mask, attention_reference
 
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "xla", "cudnn", "pallas")
+# "auto" reads a quantized cache with the decode kernel when at least this many query heads
+# share each kv head (GQA: 1.5-1.8x faster than the dots from batch 8 on an H100); below,
+# with XLA's dots (reference.py), which turn a one-head product into a reduction that reads
+# the codes at 2.2 TB/s, twice the kernel's rate at batch 64 (docs/benchmarks.md).
+QUANT_KERNEL_MIN_GROUP = 2
 _logged: set[str] = set()
 
 
@@ -58,15 +63,18 @@ def is_hopper(device) -> bool:
     return str(getattr(device, "compute_capability", "")) == "9.0"
 
 
-def pallas_unsupported(q, k, v) -> str | None:
-    """Why the Pallas kernels cannot take this call (None: they can)."""
+def pallas_unsupported(q, k, v, quantized: bool = False) -> str | None:
+    """Why the Pallas kernels cannot take this call (None: they can). quantized: k and v
+    are a quantized cache's codes (only the decode kernel reads those)."""
     from jaxformer.kernels import decode_attention, flash_attention
     dev = _devices()[0]
     if not is_hopper(dev):
         return (f"the Pallas Mosaic GPU kernels need a Hopper GPU (sm_90); this is "
                 f"{dev.platform} {getattr(dev, 'device_kind', '')}".rstrip())
     if q.shape[1] == 1:
-        return decode_attention.check_supported(q, k, v)
+        return decode_attention.check_supported(q, k, v, quantized)
+    if quantized:
+        return f"only the decode kernel (T == 1) reads a quantized KV cache, T = {q.shape[1]}"
     return flash_attention.check_supported(q, k, v)
 
 
@@ -89,11 +97,13 @@ def cudnn_unsupported(q, k, v) -> str | None:
 # jit-wrapped so that identical calls (every layer of an unrolled model) trace to one jaxpr,
 # which jax lowers once: the Mosaic GPU kernel is built once, not once per layer.
 @functools.partial(jax.jit, static_argnames=("causal", "scale"))
-def _pallas(q, k, v, q_positions, kv_lengths, layer=None, *, causal, scale):
+def _pallas(q, k, v, q_positions, kv_lengths, layer=None, k_scale=None, v_scale=None, *,
+            causal, scale):
     from jaxformer.kernels import decode_attention, flash_attention
     if q.shape[1] == 1:
         return decode_attention.decode_attention(q, k, v, q_positions, kv_lengths,
-                                                 causal=causal, scale=scale, layer=layer)
+                                                 causal=causal, scale=scale, layer=layer,
+                                                 k_scale=k_scale, v_scale=v_scale)
     return flash_attention.flash_attention(q, k, v, q_positions, kv_lengths, causal=causal,
                                            scale=scale)
 
@@ -122,14 +132,16 @@ def _cudnn(q, k, v, q_positions, kv_lengths, *, causal, scale):
 
 
 # ---- shard_map over the active mesh -----------------------------------------------------
-def _sharded(fn, q, k, v, q_positions, kv_lengths, layer=None):
+def _sharded(fn, q, k, v, q_positions, kv_lengths, layer=None, scales=()):
     """Run fn per shard: batch on `data`, heads on `tensor` (where the sizes divide).
 
-    k, v [B, S, K, H], or [L, B, S, K, H] with `layer` (int32 scalar) naming the layer."""
+    k, v [B, S, K, H], or [L, B, S, K, H] with `layer` (int32 scalar) naming the layer;
+    scales: () or a quantized cache's (k_scale, v_scale), k's shape without H, sharded
+    with it. fn(q, k, v, q_positions, kv_lengths, layer, *scales)."""
     from jaxformer import sharding
     mesh, _ = sharding.current()
     if mesh is None:
-        return fn(q, k, v, q_positions, kv_lengths, layer)
+        return fn(q, k, v, q_positions, kv_lengths, layer, *scales)
     stacked = layer is not None
     lead = (None,) if stacked else ()
     kv_axis = 3 if stacked else 2
@@ -149,14 +161,14 @@ def _sharded(fn, q, k, v, q_positions, kv_lengths, layer=None):
         else:
             h_ax = None
     if b_ax is None and h_ax is None:
-        return fn(q, k, v, q_positions, kv_lengths, layer)
+        return fn(q, k, v, q_positions, kv_lengths, layer, *scales)
 
-    def body(q, k, v, q_positions, kv_lengths, layer):
+    def body(q, k, v, q_positions, kv_lengths, layer, *scales):
         if pick_kv:
             kvh = (jax.lax.axis_index("tensor") * (N // tp)) // G
-            k = jax.lax.dynamic_slice_in_dim(k, kvh, 1, axis=kv_axis)
-            v = jax.lax.dynamic_slice_in_dim(v, kvh, 1, axis=kv_axis)
-        return fn(q, k, v, q_positions, kv_lengths, layer)
+            k, v, *scales = (jax.lax.dynamic_slice_in_dim(a, kvh, 1, axis=kv_axis)
+                             for a in (k, v, *scales))
+        return fn(q, k, v, q_positions, kv_lengths, layer, *scales)
 
     abstract = jax.sharding.get_abstract_mesh()
     manual = set(getattr(abstract, "manual_axes", ()) or ())
@@ -164,11 +176,13 @@ def _sharded(fn, q, k, v, q_positions, kv_lengths, layer=None):
     use_mesh = abstract if manual else mesh
     qspec = P(b_ax, None, h_ax, None)
     kvspec = P(*lead, b_ax, None, kv_ax, None)
+    scale_specs = (P(*lead, b_ax, None, kv_ax),) * len(scales)
     return jax.shard_map(
         body, mesh=use_mesh,
-        in_specs=(qspec, kvspec, kvspec, P(b_ax, None), P(b_ax), P() if stacked else None),
+        in_specs=(qspec, kvspec, kvspec, P(b_ax, None), P(b_ax), P() if stacked else None,
+                  *scale_specs),
         out_specs=qspec, axis_names=names, check_vma=False,
-    )(q, k, v, q_positions, kv_lengths, layer)
+    )(q, k, v, q_positions, kv_lengths, layer, *scales)
 
 
 def attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: float,
@@ -178,25 +192,41 @@ def attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: float,
     With `layer` (an int32 scalar), k and v are a stacked cache [L, B, S, K, H] and the call
     attends over layer `layer`: the decode kernel reads it in place, other paths slice it.
     With k_scale and v_scale ([B, S, K], or [L, B, S, K] with `layer`), k and v are the codes
-    of a quantized cache (cache.py); the kernels read float caches only, so the call runs as
-    XLA dots that read the codes once (reference.py; backend "auto" or "xla").
+    of a quantized cache (cache.py). Decode (T == 1) runs the Pallas decode kernel, which
+    dequantizes the code tiles it streams in shared memory; "auto" takes it where
+    supported and QUANT_KERNEL_MIN_GROUP query heads share a kv head, else (and with "xla")
+    XLA dots that read the codes once (reference.py). cudnn reads float caches only.
     Returns [B, T, N, H] in q's dtype. An explicit backend that cannot take the call raises
     ValueError naming what is unsupported; "auto" falls back to "xla" and logs why, once.
     """
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+
+    def one_layer(a, layer):  # what the support checks look at: one layer's shapes
+        return a if layer is None else jax.ShapeDtypeStruct(a.shape[1:], a.dtype)
+
     if k_scale is not None:
-        if backend not in ("auto", "xla"):
-            raise ValueError(f"attention backend {backend!r} does not read a quantized KV "
-                             f"cache ({jnp.dtype(k.dtype).name} codes); use 'auto' or 'xla'")
+        if backend == "cudnn":
+            raise ValueError(f"attention backend 'cudnn' does not read a quantized KV cache "
+                             f"({jnp.dtype(k.dtype).name} codes); use 'auto', 'pallas' or "
+                             f"'xla'")
+        if backend in ("auto", "pallas"):
+            reason = pallas_unsupported(q, one_layer(k, layer), one_layer(v, layer), True)
+            if backend == "pallas" and reason is not None:
+                raise ValueError(f"attention backend 'pallas' does not support this call: "
+                                 f"{reason}")
+            group = q.shape[2] // k.shape[-2]
+            if backend == "pallas" or (reason is None and group >= QUANT_KERNEL_MIN_GROUP):
+                def fn(q, k, v, q_positions, kv_lengths, layer, k_scale, v_scale):
+                    return _pallas(q, k, v, q_positions, kv_lengths, layer, k_scale, v_scale,
+                                   causal=causal, scale=scale)
+                return _sharded(fn, q, k, v, q_positions, kv_lengths, layer,
+                                (k_scale, v_scale))
         if layer is not None:
             from jaxformer.cache import read_layer
             k, v, k_scale, v_scale = (read_layer(a, layer) for a in (k, v, k_scale, v_scale))
         return attention_reference(q, k, v, q_positions, kv_lengths, causal=causal,
                                    scale=scale, k_scale=k_scale, v_scale=v_scale)
-
-    def one_layer(a, layer):  # what the support checks look at: one layer's shapes
-        return a if layer is None else jax.ShapeDtypeStruct(a.shape[1:], a.dtype)
 
     if backend == "auto":
         reason = pallas_unsupported(q, one_layer(k, layer), one_layer(v, layer))

@@ -13,6 +13,12 @@ XLA combine step merges the P partials. The split is over each sequence's own va
 
 Two warpgroups: one issues TMA copies of K/V blocks into a ring of shared-memory slots, the
 other runs wgmma + a float32 online softmax.
+
+A quantized cache (int8 / float8_e4m3fn codes, one float32 scale per key and kv head) streams
+its codes and scales instead, half the bytes of a bf16 cache. The compute warpgroup turns
+each [block_kv, H] code tile into a float tile in shared memory (codes x scale, rounded to
+q's dtype: what cache.dequantize gives) and runs the same wgmmas on it, so no float copy of
+the cache is ever written to HBM.
 """
 from __future__ import annotations
 
@@ -64,11 +70,13 @@ def choose_splits(B: int, K: int, S: int, block_kv: int, ctas_per_sm: int = 1,
 
 def _decode_pallas(qg, k, v, kv_lengths, last_pos, layer, *, scale: float, causal: bool,
                    kv_len: int, o_rows: int, cfg: DecodeConfig, splits: int,
-                   interpret: bool):
+                   interpret: bool, scales=None):
     """qg [B, K, R, H] query rows of each kv head (R = G rounded up to 8, or 64);
     k, v [L, B, S, K, H] a stacked cache (S % block_kv == 0); kv_lengths [B] int32;
     last_pos [B] int32 the query positions; layer [1] int32 the cache layer to read;
-    kv_len: the unpadded cache length; o_rows: rows written back (G rounded up to 8).
+    kv_len: the unpadded cache length; o_rows: rows written back (G rounded up to 8);
+    scales: None, or for a quantized cache (k, v int8 / float8 codes) the k and v scales of
+    the layer read, [2, B, K, S] float32.
     Returns o [B, K, P, o_rows, H] f32 (normalised partials) and lse2 [B, K, P, 64] f32
     (log2 units).
     """
@@ -78,13 +86,36 @@ def _decode_pallas(qg, k, v, kv_lengths, last_pos, layer, *, scale: float, causa
     S = k.shape[2]
     bk = cfg.block_kv
     isz = jnp.dtype(qg.dtype).itemsize
-    stages = fa.fit_stages(cfg.stages, M * H * (isz + 4) + 4 * M, 2 * bk * H * isz, S // bk)
+    quant = scales is not None
+    if quant:  # per stage: K and V codes and their scales; fixed: the two bf16 tiles
+        csz = jnp.dtype(k.dtype).itemsize
+        stages = fa.fit_stages(cfg.stages, M * H * (isz + 4) + 4 * M + 2 * bk * H * isz,
+                               2 * bk * (H * csz + 4), S // bk)
+    else:
+        stages = fa.fit_stages(cfg.stages, M * H * (isz + 4) + 4 * M, 2 * bk * H * isz,
+                               S // bk)
     P = splits
     dtype = qg.dtype
     qk_scale = float(scale) * fa.LOG2E
 
-    def kernel(q_ref, k_ref, v_ref, len_ref, pos_ref, layer_ref, o_ref, lse_ref,
-               q_smem, o_smem, lse_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free):
+    def dequantized(codes_smem, scale_smem, tile_smem):
+        """tile_smem [bk, H] (q's dtype) = codes [bk, H] * scale [bk] (one per key): the
+        kernel's wgmmas then read a float tile, as for a float cache."""
+        if interpret:
+            tile_smem[...] = (codes_smem[...].astype(jnp.float32)
+                              * scale_smem[...][:, None]).astype(tile_smem.dtype)
+            return
+        codes = plgpu.load(codes_smem, (), layout=plgpu.Layout.WGMMA_UPCAST_2X)
+        codes = plgpu.layout_cast(codes, plgpu.Layout.WGMMA)
+        if jnp.dtype(codes.dtype) == jnp.dtype(jnp.float8_e4m3fn):
+            codes = codes.astype(jnp.float16)  # one hardware convert per pair, exact
+        rows = plgpu.load(scale_smem, (), layout=plgpu.Layout.WGMMA.reduce(1))
+        tile = codes.astype(jnp.float32) * lax.broadcast_in_dim(rows, (bk, H), [0])
+        tile_smem[...] = tile.astype(tile_smem.dtype)
+
+    def kernel(q_ref, k_ref, v_ref, len_ref, pos_ref, layer_ref, sc_ref, o_ref, lse_ref,
+               q_smem, o_smem, lse_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free,
+               ks_smem=None, vs_smem=None, kt_smem=None, vt_smem=None):
         p = lax.axis_index("split")
         h = lax.axis_index("kvh")
         b = lax.axis_index("batch")
@@ -122,8 +153,16 @@ def _decode_pallas(qg, k, v, kv_lengths, last_pos, layer, *, scale: float, causa
             def step(i, carry, masked):
                 acc, m_i, l_i = carry
                 slot = lax.rem(i, jnp.int32(stages))
-                s = fa._qk(q_smem, k_smem.at[slot], (M, bk), interpret)
-                plgpu.barrier_arrive(k_free.at[slot])
+                if quant:
+                    # The wgmmas of the last step are complete (their results were read),
+                    # so the tile can be overwritten; the codes' slot is free once read.
+                    dequantized(k_smem.at[slot], ks_smem.at[slot], kt_smem)
+                    plgpu.barrier_arrive(k_free.at[slot])
+                    plgpu.commit_smem()
+                    s = fa._qk(q_smem, kt_smem, (M, bk), interpret)
+                else:
+                    s = fa._qk(q_smem, k_smem.at[slot], (M, bk), interpret)
+                    plgpu.barrier_arrive(k_free.at[slot])
                 s = s * qk_scale
                 if masked:
                     kv_ids = fa._col_iota((M, bk), interpret) + (first + i) * bk
@@ -139,9 +178,16 @@ def _decode_pallas(qg, k, v, kv_lengths, last_pos, layer, *, scale: float, causa
                     @pl.when(i + 1 < n_steps)
                     def _():
                         plgpu.barrier_wait(k_bar.at[lax.rem(i + 1, jnp.int32(stages))])
-                acc = fa._pv(acc, pr.astype(dtype), v_smem.at[slot], interpret,
-                             after_issue=wait_next_k)
-                plgpu.barrier_arrive(v_free.at[slot])
+                if quant:
+                    dequantized(v_smem.at[slot], vs_smem.at[slot], vt_smem)
+                    plgpu.barrier_arrive(v_free.at[slot])
+                    plgpu.commit_smem()
+                    acc = fa._pv(acc, pr.astype(dtype), vt_smem, interpret,
+                                 after_issue=wait_next_k)
+                else:
+                    acc = fa._pv(acc, pr.astype(dtype), v_smem.at[slot], interpret,
+                                 after_issue=wait_next_k)
+                    plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_new, l_i
 
             carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False),
@@ -162,34 +208,56 @@ def _decode_pallas(qg, k, v, kv_lengths, last_pos, layer, *, scale: float, causa
                 plgpu.set_max_registers(40, action="decrease")
 
             def issue_k(i, slot):
-                plgpu.copy_gmem_to_smem(k_ref.at[lyr, b, pl.ds((first + i) * bk, bk), h],
-                                        k_smem.at[slot], k_bar.at[slot])
+                keys = pl.ds((first + i) * bk, bk)
+                plgpu.copy_gmem_to_smem(k_ref.at[lyr, b, keys, h], k_smem.at[slot],
+                                        k_bar.at[slot])
+                if quant:  # the slot's barrier expects two arrivals: codes and scales
+                    plgpu.copy_gmem_to_smem(sc_ref.at[0, b, h, keys], ks_smem.at[slot],
+                                            k_bar.at[slot])
 
             def issue_v(i, slot):
-                plgpu.copy_gmem_to_smem(v_ref.at[lyr, b, pl.ds((first + i) * bk, bk), h],
-                                        v_smem.at[slot], v_bar.at[slot])
+                keys = pl.ds((first + i) * bk, bk)
+                plgpu.copy_gmem_to_smem(v_ref.at[lyr, b, keys, h], v_smem.at[slot],
+                                        v_bar.at[slot])
+                if quant:
+                    plgpu.copy_gmem_to_smem(sc_ref.at[1, b, h, keys], vs_smem.at[slot],
+                                            v_bar.at[slot])
 
             fa.ring_producer(n_steps, stages, [(issue_k, k_free), (issue_v, v_free)])
 
     tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    # 8-bit codes: 128-byte rows of 128 codes, the layout WGMMA_UPCAST_2X loads from
+    codes_tiled = (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(128))
+    ring_dtype, ring_tiled = (k.dtype, codes_tiled) if quant else (dtype, tiled)
+    arrivals = 2 if quant else 1
     scratch = [
         plgpu.SMEM((M, H), dtype, transforms=tiled),           # q rows
         plgpu.SMEM((M, H), jnp.float32),                       # normalised partial out
         plgpu.SMEM((M,), jnp.float32),                         # partial lse
-        plgpu.SMEM((stages, bk, H), dtype, transforms=tiled),  # K ring
-        plgpu.SMEM((stages, bk, H), dtype, transforms=tiled),  # V ring
+        plgpu.SMEM((stages, bk, H), ring_dtype, transforms=ring_tiled),  # K ring
+        plgpu.SMEM((stages, bk, H), ring_dtype, transforms=ring_tiled),  # V ring
         plgpu.Barrier(num_barriers=1),
-        plgpu.Barrier(num_barriers=stages),
-        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_arrivals=arrivals, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=arrivals, num_barriers=stages),
         plgpu.Barrier(num_barriers=stages),
         plgpu.Barrier(num_barriers=stages),
     ]
+    if quant:
+        scratch += [
+            plgpu.SMEM((stages, bk), jnp.float32),             # K scales ring
+            plgpu.SMEM((stages, bk), jnp.float32),             # V scales ring
+            plgpu.SMEM((bk, H), dtype, transforms=tiled),      # K tile, dequantized
+            plgpu.SMEM((bk, H), dtype, transforms=tiled),      # V tile, dequantized
+        ]
+    else:  # a placeholder operand for the scales, never read
+        scales = jnp.zeros((2, 1, 1, 1), jnp.float32)
     kwargs = {"interpret": fa.interpret_params()} if interpret else {}
 
-    def entry(q_ref, k_ref, v_ref, len_ref, pos_ref, layer_ref, o_ref, lse_ref, q_smem, o_smem,
-              lse_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free):
-        kernel(q_ref, k_ref, v_ref, len_ref, pos_ref, layer_ref, o_ref, lse_ref, q_smem, o_smem,
-               lse_smem, k_smem, v_smem, q_bar.at[0], k_bar, v_bar, k_free, v_free)
+    def entry(q_ref, k_ref, v_ref, len_ref, pos_ref, layer_ref, sc_ref, o_ref, lse_ref, q_smem,
+              o_smem, lse_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free, *quant_smem):
+        kernel(q_ref, k_ref, v_ref, len_ref, pos_ref, layer_ref, sc_ref, o_ref, lse_ref, q_smem,
+               o_smem, lse_smem, k_smem, v_smem, q_bar.at[0], k_bar, v_bar, k_free, v_free,
+               *quant_smem)
 
     return plgpu.kernel(
         entry,
@@ -202,7 +270,7 @@ def _decode_pallas(qg, k, v, kv_lengths, last_pos, layer, *, scale: float, causa
         thread_name="wg",
         compiler_params=fa.compiler_params(cfg.semantics),
         **kwargs,
-    )(qg, k, v, kv_lengths, last_pos, layer)
+    )(qg, k, v, kv_lengths, last_pos, layer, scales)
 
 
 def _o_rows(G: int) -> int:
@@ -242,7 +310,22 @@ def combine(o, lse2, G: int):
     return out, lse
 
 
-def check_supported(q, k, v):
+CODE_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
+
+
+def check_supported(q, k, v, quantized: bool = False):
+    """None if the kernel takes these operands, else the reason. quantized: k and v are the
+    int8 / float8_e4m3fn codes of a quantized cache (their scales are checked by the
+    caller's shapes)."""
+    if quantized:
+        if jnp.dtype(k.dtype) not in CODE_DTYPES or k.dtype != v.dtype:
+            return (f"quantized cache codes must be int8 or float8_e4m3fn, got "
+                    f"{jnp.dtype(k.dtype).name}, {jnp.dtype(v.dtype).name}")
+        if q.shape[-1] % 128 or q.shape[-1] > 256:
+            return f"a quantized cache needs head_dim 128 or 256, got {q.shape[-1]}"
+        # the float checks below, with the codes' dequantized dtype
+        k = jax.ShapeDtypeStruct(k.shape, q.dtype)
+        v = jax.ShapeDtypeStruct(v.shape, q.dtype)
     reason = fa.check_supported(q, k, v)
     if reason is not None:
         return reason
@@ -257,7 +340,7 @@ def check_supported(q, k, v):
 def decode_attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: float,
                      return_lse: bool = False, splits: int | None = None,
                      config: DecodeConfig | None = None, interpret: bool = False,
-                     layer=None):
+                     layer=None, k_scale=None, v_scale=None):
     """Single-token attention against the cache with the Mosaic GPU flash-decoding kernel.
 
     q            [B, 1, N, H] bf16 or f16
@@ -266,12 +349,25 @@ def decode_attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: f
     q_positions  [B, 1] int32 (decode: kv_lengths - 1)
     kv_lengths   [B] int32 valid cache entries per sequence
     layer        None or an int32 scalar
+    k_scale, v_scale  None, or for a quantized cache (k, v int8 / float8_e4m3fn codes) one
+                 float32 scale per key and kv head, [B, S, K] ([L, B, S, K] with `layer`):
+                 key s of head j is k[b, s, j] * k_scale[b, s, j]. Each CTA dequantizes
+                 the code tiles it streams in shared memory (codes x scale, rounded to q's
+                 dtype) and runs the float kernel's wgmmas on them.
     Returns out [B, 1, N, H] in q.dtype (and lse [B, 1, N] f32 if return_lse).
     """
+    quant = k_scale is not None
+    if quant != (v_scale is not None):
+        raise ValueError("decode_attention: k_scale and v_scale go together")
     if layer is None:
         k, v, layer = k[None], v[None], 0
+        if quant:
+            k_scale, v_scale = k_scale[None], v_scale[None]
     one = jax.ShapeDtypeStruct(k.shape[1:], k.dtype)  # the support check sees one layer
-    reason = check_supported(q, one, jax.ShapeDtypeStruct(v.shape[1:], v.dtype))
+    reason = check_supported(q, one, jax.ShapeDtypeStruct(v.shape[1:], v.dtype), quant)
+    if reason is None and quant and not (k_scale.shape == v_scale.shape == k.shape[:-1]):
+        reason = (f"scales {k_scale.shape}, {v_scale.shape} must be the codes' shape "
+                  f"{k.shape} without head_dim")
     if reason is not None:
         raise ValueError(f"decode_attention: unsupported {reason}")
     cfg = config or DecodeConfig()
@@ -282,12 +378,19 @@ def decode_attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: f
     while bk > 64 and S % bk:
         bk //= 2
     layer = jnp.reshape(jnp.asarray(layer, jnp.int32), (1,))
+    scales = None
+    if quant:  # the layer's scales as [2, B, K, S]: each CTA's keys are contiguous (one TMA)
+        scales = jnp.stack([lax.dynamic_index_in_dim(a, layer[0], 0, keepdims=False)
+                            for a in (k_scale, v_scale)]).astype(jnp.float32)
+        scales = scales.transpose(0, 1, 3, 2)
     if S % bk:  # rare: a cache length that is not a multiple of 64 -> pad one layer (a copy)
         S_pad = -(-S // bk) * bk
         pad = ((0, 0), (0, 0), (0, S_pad - S), (0, 0), (0, 0))
         k = jnp.pad(lax.dynamic_index_in_dim(k, layer[0], 0), pad)
         v = jnp.pad(lax.dynamic_index_in_dim(v, layer[0], 0), pad)
         layer = jnp.zeros((1,), jnp.int32)
+        if quant:
+            scales = jnp.pad(scales, ((0, 0), (0, 0), (0, 0), (0, S_pad - S)))
     cfg = dataclasses.replace(cfg, block_kv=bk)
     P = splits or choose_splits(B, K, k.shape[2], bk, cfg.ctas_per_sm)
     R = _o_rows(G) if cfg.q_rows_only else ROWS
@@ -297,7 +400,7 @@ def decode_attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: f
     o, lse2 = _decode_pallas(qg, k, v, kv_lengths.astype(jnp.int32),
                              q_positions.reshape(B).astype(jnp.int32), layer, scale=scale,
                              causal=causal, kv_len=S, o_rows=_o_rows(G), cfg=cfg, splits=P,
-                             interpret=interpret)
+                             interpret=interpret, scales=scales)
     out, lse = combine(o, lse2, G)
     out = out.reshape(B, 1, N, H).astype(q.dtype)
     if return_lse:
@@ -306,7 +409,8 @@ def decode_attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: f
 
 
 def decode_attention_reference(q, k, v, q_positions, kv_lengths, *, causal: bool,
-                               scale: float, return_lse: bool = False):
+                               scale: float, return_lse: bool = False, k_scale=None,
+                               v_scale=None):
     """The pure-jnp twin of decode_attention (same signature, same outputs)."""
     return attention_reference(q, k, v, q_positions, kv_lengths, causal=causal, scale=scale,
-                               return_lse=return_lse)
+                               return_lse=return_lse, k_scale=k_scale, v_scale=v_scale)
