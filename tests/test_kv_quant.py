@@ -163,3 +163,41 @@ def test_decode_loop_compiles_once_before_the_cache_exists(caplog):
              if r.getMessage().startswith("Compiling jit(<lambda>)") and "int8[" in r.getMessage()]
     assert len(loops) == 1, [r.getMessage()[:120] for r in loops]
     assert first == again
+
+
+def _hopper():
+    from jaxformer.kernels.attention import is_hopper
+    return is_hopper(jax.devices()[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="needs a Hopper GPU")
+def test_gqa_decode_reads_the_int8_cache_with_the_decode_kernel(monkeypatch):
+    """On Hopper a GQA model (2 query heads per kv head, head_dim 128) decodes its int8
+    cache with the Pallas kernel (seen at trace time), and its greedy tokens and
+    log-probabilities match the same model decoding through XLA's dots."""
+    import dataclasses
+
+    from jaxformer.kernels import decode_attention as da
+    seen = []
+    real = da.decode_attention
+
+    def spy(*args, **kw):
+        seen.append((jnp.dtype(args[1].dtype).name, kw.get("k_scale") is not None))
+        return real(*args, **kw)
+    monkeypatch.setattr(da, "decode_attention", spy)
+    cfg = dataclasses.replace(jf.ModelConfig.from_preset("llama-7b"), num_layers=2,
+                              hidden_size=512, num_heads=4, num_kv_heads=2, ffn_size=1024,
+                              vocab_size=1024)
+    sampling = jf.Sampling(temperature=0, logprobs=True)
+    runs = {}
+    for attention in ("auto", "xla"):
+        model = jf.Model.random(cfg, dtype="bfloat16", seed=0, kv_cache="int8",
+                                attention=attention)
+        runs[attention] = model.generate(PROMPTS, max_new_tokens=NEW, sampling=sampling)
+    assert ("int8", True) in seen, seen
+    kernel, dots = runs["auto"], runs["xla"]
+    for a, b, la, lb in zip(kernel.tokens, dots.tokens, kernel.logprobs, dots.logprobs):
+        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+        assert n >= 3, (a, b)  # near-ties may part the two later
+        np.testing.assert_allclose(np.asarray(la[:n]), np.asarray(lb[:n]), atol=0.05)

@@ -15,10 +15,11 @@ Two warpgroups: one issues TMA copies of K/V blocks into a ring of shared-memory
 other runs wgmma + a float32 online softmax.
 
 A quantized cache (int8 / float8_e4m3fn codes, one float32 scale per key and kv head) streams
-its codes and scales instead, half the bytes of a bf16 cache. The compute warpgroup turns
-each [block_kv, H] code tile into a float tile in shared memory (codes x scale, rounded to
-q's dtype: what cache.dequantize gives) and runs the same wgmmas on it, so no float copy of
-the cache is ever written to HBM.
+its codes and scales instead, half the bytes of a bf16 cache. The compute warpgroup converts
+each [block_kv, H] code tile to a float tile in shared memory (exact: the codes are bf16 /
+f16 values) and runs the same wgmmas on it; a scale is constant over H, so the key scales
+multiply the score columns and the value scales the probability columns, as in
+reference.py. No float copy of the cache is ever written to HBM.
 """
 from __future__ import annotations
 
@@ -98,20 +99,26 @@ def _decode_pallas(qg, k, v, kv_lengths, last_pos, layer, *, scale: float, causa
     dtype = qg.dtype
     qk_scale = float(scale) * fa.LOG2E
 
-    def dequantized(codes_smem, scale_smem, tile_smem):
-        """tile_smem [bk, H] (q's dtype) = codes [bk, H] * scale [bk] (one per key): the
-        kernel's wgmmas then read a float tile, as for a float cache."""
+    def float_tile(codes_smem, tile_smem):
+        """tile_smem [bk, H] (q's dtype) = the codes [bk, H], converted (exactly: int8 and
+        e4m3 values are bf16 / f16 values); the kernel's wgmmas then read a float tile."""
         if interpret:
-            tile_smem[...] = (codes_smem[...].astype(jnp.float32)
-                              * scale_smem[...][:, None]).astype(tile_smem.dtype)
+            tile_smem[...] = codes_smem[...].astype(tile_smem.dtype)
             return
         codes = plgpu.load(codes_smem, (), layout=plgpu.Layout.WGMMA_UPCAST_2X)
         codes = plgpu.layout_cast(codes, plgpu.Layout.WGMMA)
         if jnp.dtype(codes.dtype) == jnp.dtype(jnp.float8_e4m3fn):
-            codes = codes.astype(jnp.float16)  # one hardware convert per pair, exact
-        rows = plgpu.load(scale_smem, (), layout=plgpu.Layout.WGMMA.reduce(1))
-        tile = codes.astype(jnp.float32) * lax.broadcast_in_dim(rows, (bk, H), [0])
-        tile_smem[...] = tile.astype(tile_smem.dtype)
+            codes = codes.astype(jnp.float16)  # one hardware convert per pair
+        tile_smem[...] = codes.astype(tile_smem.dtype)
+
+    def per_key(scale_smem):
+        """[M, bk] float32: the slot's per-key scales [bk] broadcast over the query rows
+        (a scale is constant over H, so it scales score / probability column j)."""
+        if interpret:
+            cols = scale_smem[...]
+        else:
+            cols = plgpu.load(scale_smem, (), layout=plgpu.Layout.WGMMA.reduce(0))
+        return lax.broadcast_in_dim(cols, (M, bk), [1])
 
     def kernel(q_ref, k_ref, v_ref, len_ref, pos_ref, layer_ref, sc_ref, o_ref, lse_ref,
                q_smem, o_smem, lse_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free,
@@ -155,15 +162,16 @@ def _decode_pallas(qg, k, v, kv_lengths, last_pos, layer, *, scale: float, causa
                 slot = lax.rem(i, jnp.int32(stages))
                 if quant:
                     # The wgmmas of the last step are complete (their results were read),
-                    # so the tile can be overwritten; the codes' slot is free once read.
-                    dequantized(k_smem.at[slot], ks_smem.at[slot], kt_smem)
+                    # so the tile can be overwritten; the slot is free once read.
+                    float_tile(k_smem.at[slot], kt_smem)
+                    k_cols = per_key(ks_smem.at[slot])
                     plgpu.barrier_arrive(k_free.at[slot])
                     plgpu.commit_smem()
-                    s = fa._qk(q_smem, kt_smem, (M, bk), interpret)
+                    s = fa._qk(q_smem, kt_smem, (M, bk), interpret) * (k_cols * qk_scale)
                 else:
                     s = fa._qk(q_smem, k_smem.at[slot], (M, bk), interpret)
                     plgpu.barrier_arrive(k_free.at[slot])
-                s = s * qk_scale
+                    s = s * qk_scale
                 if masked:
                     kv_ids = fa._col_iota((M, bk), interpret) + (first + i) * bk
                     s = jnp.where(kv_ids < length, s, fa._MASK)
@@ -178,12 +186,12 @@ def _decode_pallas(qg, k, v, kv_lengths, last_pos, layer, *, scale: float, causa
                     @pl.when(i + 1 < n_steps)
                     def _():
                         plgpu.barrier_wait(k_bar.at[lax.rem(i + 1, jnp.int32(stages))])
-                if quant:
-                    dequantized(v_smem.at[slot], vs_smem.at[slot], vt_smem)
+                if quant:  # value scales weight the probabilities (l_i sums them unweighted)
+                    float_tile(v_smem.at[slot], vt_smem)
+                    pv = (pr * per_key(vs_smem.at[slot])).astype(dtype)
                     plgpu.barrier_arrive(v_free.at[slot])
                     plgpu.commit_smem()
-                    acc = fa._pv(acc, pr.astype(dtype), vt_smem, interpret,
-                                 after_issue=wait_next_k)
+                    acc = fa._pv(acc, pv, vt_smem, interpret, after_issue=wait_next_k)
                 else:
                     acc = fa._pv(acc, pr.astype(dtype), v_smem.at[slot], interpret,
                                  after_issue=wait_next_k)
@@ -246,8 +254,8 @@ def _decode_pallas(qg, k, v, kv_lengths, last_pos, layer, *, scale: float, causa
         scratch += [
             plgpu.SMEM((stages, bk), jnp.float32),             # K scales ring
             plgpu.SMEM((stages, bk), jnp.float32),             # V scales ring
-            plgpu.SMEM((bk, H), dtype, transforms=tiled),      # K tile, dequantized
-            plgpu.SMEM((bk, H), dtype, transforms=tiled),      # V tile, dequantized
+            plgpu.SMEM((bk, H), dtype, transforms=tiled),      # K tile, converted
+            plgpu.SMEM((bk, H), dtype, transforms=tiled),      # V tile, converted
         ]
     else:  # a placeholder operand for the scales, never read
         scales = jnp.zeros((2, 1, 1, 1), jnp.float32)
@@ -351,9 +359,9 @@ def decode_attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: f
     layer        None or an int32 scalar
     k_scale, v_scale  None, or for a quantized cache (k, v int8 / float8_e4m3fn codes) one
                  float32 scale per key and kv head, [B, S, K] ([L, B, S, K] with `layer`):
-                 key s of head j is k[b, s, j] * k_scale[b, s, j]. Each CTA dequantizes
-                 the code tiles it streams in shared memory (codes x scale, rounded to q's
-                 dtype) and runs the float kernel's wgmmas on them.
+                 key s of head j is k[b, s, j] * k_scale[b, s, j]. Each CTA converts
+                 the code tiles it streams to float tiles in shared memory and folds the
+                 scales into the score and probability columns.
     Returns out [B, 1, N, H] in q.dtype (and lse [B, 1, N] f32 if return_lse).
     """
     quant = k_scale is not None
