@@ -302,6 +302,38 @@ def test_sharded_wrapper_passes_the_layer_and_the_stack():
     assert seen == [(L, B // 2, S, K // 2, H)]  # the stack, batch on data, kv heads on tensor
 
 
+@pytest.mark.parametrize("mesh_sizes,local_kv", [((2, 1, 2), 1), ((1, 1, 4), 1)])
+def test_sharded_wrapper_shards_a_quantized_caches_scales_with_its_codes(mesh_sizes,
+                                                                           local_kv):
+    """The scales [L, B, S, K] travel with the codes: batch on data, kv heads on tensor, or
+    (tensor 4 > K 2) each shard's own kv head picked out of both; per shard the reference
+    over codes and scales equals the unsharded one."""
+    from jaxformer import cache as kvc
+    from jaxformer import sharding
+    B, N, K, H, S, L = 4, 8, 2, 8, 10, 3
+    q, k, v, _, kvl = problem(B, 1, S, N, K, H, jnp.float32)
+    pos = (kvl - 1)[:, None]
+    stack = [_stacked(a, 2, L, jnp.float32) for a in (k, v)]
+    (kc, ksc), (vc, vsc) = (kvc.quantize(a, "int8") for a in stack)
+    seen = []
+
+    def fn(q, k, v, pos, kvl, layer, k_scale, v_scale):
+        seen.append((k.shape, k_scale.shape, v_scale.shape))
+        return attention_reference(q, k[layer], v[layer], pos, kvl, causal=True, scale=0.3,
+                                   k_scale=k_scale[layer], v_scale=v_scale[layer])
+
+    with sharding.use(_mesh(*mesh_sizes), {}):
+        out = jax.jit(lambda q, k, v, p, n, l, a, b: attn._sharded(fn, q, k, v, p, n, l,
+                                                                   (a, b)))(
+            q, kc, vc, pos, kvl, jnp.int32(2), ksc, vsc)
+    ref = attention_reference(q, kc[2], vc[2], pos, kvl, causal=True, scale=0.3,
+                              k_scale=ksc[2], v_scale=vsc[2])
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-6)
+    b_local = B // mesh_sizes[0]
+    assert seen == [((L, b_local, S, local_kv, H), (L, b_local, S, local_kv),
+                     (L, b_local, S, local_kv))]
+
+
 def test_write_layer_touches_only_the_new_entries():
     from jaxformer import cache as kvc
     L, B, S, K, H, T = 3, 2, 8, 2, 4, 2
