@@ -29,9 +29,9 @@ from jaxformer.kernels.reference import attention_mask, attention_reference
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "xla", "cudnn", "pallas")
 # "auto" reads a quantized cache with the decode kernel when at least this many query heads
-# share each kv head (GQA: 1.5-1.8x faster than the dots from batch 8 on an H100); below,
+# share each kv head (GQA: 1.6-2.35x faster than the dots from batch 8 on an H100); below,
 # with XLA's dots (reference.py), which turn a one-head product into a reduction that reads
-# the codes at 2.2 TB/s, twice the kernel's rate at batch 64 (docs/benchmarks.md).
+# the codes at 2.2 TB/s, 1.4-1.6x the kernel's rate at batch 64 (docs/benchmarks.md).
 QUANT_KERNEL_MIN_GROUP = 2
 _logged: set[str] = set()
 
@@ -193,7 +193,8 @@ def attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: float,
     attends over layer `layer`: the decode kernel reads it in place, other paths slice it.
     With k_scale and v_scale ([B, S, K], or [L, B, S, K] with `layer`), k and v are the codes
     of a quantized cache (cache.py). Decode (T == 1) runs the Pallas decode kernel, which
-    dequantizes the code tiles it streams in shared memory; "auto" takes it where
+    converts the code tiles it streams in shared memory and folds the scales into the
+    score and probability columns; "auto" takes it where
     supported and QUANT_KERNEL_MIN_GROUP query heads share a kv head, else (and with "xla")
     XLA dots that read the codes once (reference.py). cudnn reads float caches only.
     Returns [B, T, N, H] in q's dtype. An explicit backend that cannot take the call raises

@@ -57,9 +57,9 @@ class Attention(nnx.Module):
             # not S) and stores x's keys at slots [0, T).
             new_cache = kv.store(kv.as_tuple(cache), k, v, layer, start)
             if kv.is_decode(start) and kv.mode_of(new_cache) is not None:
-                # a quantized cache: the Pallas decode kernel dequantizes the code tiles
-                # it streams, or XLA dots read the codes with the scales folded into the
-                # scores; "auto" picks (kernels/attention.py), unless "xla" was asked for
+                # a quantized cache: the Pallas decode kernel or XLA dots read the codes,
+                # the scales folded into the scores and probabilities; "auto" picks
+                # (kernels/attention.py), unless "xla" was asked for
                 k, v, k_scale, v_scale = new_cache
                 scales = dict(k_scale=k_scale, v_scale=v_scale)
                 backend = "xla" if backend == "xla" else "auto"
