@@ -233,9 +233,9 @@ def run_decode(batches, ctxs, N, K, H, log, variants=False):
 
 def run_decode_quantized(batches, ctxs, N, K, H, log, mode="int8"):
     """Decode over an int8 / fp8 KV cache (codes + per-token, per-head scales, cache.py): our
-    decode kernel reading the codes (tiles dequantized in shared memory), XLA dots reading
-    them (scales folded into the scores), the dequantize-then-kernel path both replaced, and
-    the bf16 cache with our kernel, in us."""
+    decode kernel reading the codes (tiles converted in shared memory), XLA dots reading
+    them (both fold the scales into the scores and probabilities), the dequantize-then-kernel
+    path both replaced, and the bf16 cache with our kernel, in us."""
     from jaxformer import cache as kvc
     rows = []
     scale = 1 / math.sqrt(H)
