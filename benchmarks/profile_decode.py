@@ -12,7 +12,11 @@ take the most time (name, microseconds per step, launches per step). On a CPU th
 device kernels to list; the wall time is still printed. With --tensor N the model runs on
 a tensor=N mesh and the kernels listed are the first device's (collectives included). With
 --prefill T the prompt is T tokens and the trace covers one prefill (time to first token)
-instead of the decode loop: "per step" then means that one prefill.
+instead of the decode loop: "per step" then means that one prefill. On a GPU it also prints
+the call's timeline: how long after the call the first kernel starts (host dispatch: jit's
+argument handling and the launch), the device span with its idle time, and the time after
+the last kernel. The profiler slows the host side, so the dispatch time printed is an upper
+bound; generate.py's TTFT is the unprofiled wall clock.
 """
 from __future__ import annotations
 
@@ -28,8 +32,11 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxformer as jf  # noqa: E402
-from jaxformer.bench import gpu_kernel_events  # noqa: E402
+from jaxformer.bench import gpu_kernel_events, host_event, timeline  # noqa: E402
 from jaxformer.generate import _Run  # noqa: E402
+
+
+CALL = "profile_decode.call"  # the host annotation around the traced call
 
 
 def profile(preset: str, batch: int, prompt: int = 128, new: int = 64, top: int = 25,
@@ -42,10 +49,11 @@ def profile(preset: str, batch: int, prompt: int = 128, new: int = 64, top: int 
     prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt)).tolist()
     run = _Run(model, prompts, new, None, 0, ignore_eos=True)
     jax.block_until_ready(run.decode(run.prefill(), new).out)  # compile
-    state = run.prefill()
-    jax.block_until_ready(state.last)
+    for _ in range(3 if prefill else 1):  # warm calls: jit's fast path, the allocator
+        state = run.prefill()
+        jax.block_until_ready(state.last)
     trace = tempfile.mkdtemp()
-    with jax.profiler.trace(trace):
+    with jax.profiler.trace(trace), jax.profiler.TraceAnnotation(CALL):
         t = time.perf_counter()
         if prefill:
             jax.block_until_ready(run.prefill().last)
@@ -65,6 +73,12 @@ def profile(preset: str, batch: int, prompt: int = 128, new: int = 64, top: int 
     print(f"## {preset} batch {batch}{mesh_note}: wall {wall / steps * 1e3:.3f} ms/step, kernels "
           f"{busy / steps / 1e6:.3f} ms/step, {sum(count.values()) / steps:.0f} launches/step "
           f"(with the profiler attached)")
+    tl = timeline(events, host_event(trace, CALL))
+    if "before" in tl:
+        # a prefill's time to first token is host dispatch + device span + the sync after
+        print(f"  timeline: first kernel {tl['before']:.3f} ms after the call, device span "
+              f"{tl['span']:.3f} ms ({tl['idle']:.3f} idle), {tl['after']:.3f} ms after the "
+              f"last kernel")
     for name, ns in total.most_common(top):
         print(f"  {ns / steps / 1e3:9.1f} us/step  x{count[name] / steps:6.1f}  {name[:100]}")
     if sequence:

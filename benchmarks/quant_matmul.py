@@ -26,7 +26,8 @@ and a bias + GeLU consumer after them, the product written in float32 or in bf16
 --batch1 times, by device time (the profiler's CUPTI kernel times, each product isolated by
 an optimization barrier), the batch-1 products of gpt3-6.7b's and gpt3-13b's four matrices:
 bf16 as the model runs them, the int8 row reduction, the int8 GEMM of one row and of two
-(the second zero), and what jaxformer.quant.ops.einsum picks. The wall-clock lines above
+(the second zero), what jaxformer.quant.ops.einsum picks and, on Hopper, the Pallas kernel
+(with the kernels that pad x and merge its split partials). The wall-clock lines above
 include launch gaps and the sum of the eight products, which at these sizes hide the
 differences:
 
@@ -187,8 +188,10 @@ def batch1_line(name, mm, x, weights, *rest, nbytes, reps=5):
 def batch1_section():
     """Batch-1 products of gpt3-6.7b's and gpt3-13b's matrices: bf16 (as the model runs
     them) and the int8 formulations quant.ops chooses between, by device time."""
+    from jaxformer.kernels import attention, quant_matmul as qm
     from jaxformer.quant import ops, spec
     int8 = spec.parse("int8")
+    hopper = attention.is_hopper(jax.devices()[0])
     key = jax.random.key(3)
     print("device time per product (CUPTI, mean of 5 x 4 isolated calls); after | the "
           "longest kernels, us each")
@@ -206,6 +209,8 @@ def batch1_section():
         batch1_line("int8 two-row GEMM", int8_dot_two_rows, x, wq, s, nbytes=nbytes)
         batch1_line("int8 quant.ops.einsum", lambda x, q, s: ops.einsum(
             "mk,kn->mn", x, q, s, int8, 1), x, wq, s, nbytes=nbytes)
+        if hopper:  # the opt-in Pallas kernel with its pad and merge kernels
+            batch1_line("int8 Pallas kernel", qm.int8_matmul, x, wq, s, nbytes=nbytes)
         del wq
 
 

@@ -85,6 +85,42 @@ def gpu_kernel_events(trace_dir: str, plane: str | None = None) -> list[tuple[in
     return events
 
 
+def host_event(trace_dir: str, name: str) -> tuple[int, int] | None:
+    """(start ns, duration ns) of the first host event called `name` (a
+    jax.profiler.TraceAnnotation) in a trace directory, in the GPU kernels' time base."""
+    import glob
+    import os
+    for path in glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True):
+        for pl in jax.profiler.ProfileData.from_file(path).planes:
+            if pl.name.startswith("/device:"):
+                continue
+            for line in pl.lines:
+                for ev in line.events:
+                    if ev.name == name:
+                        return ev.start_ns, ev.duration_ns
+    return None
+
+
+def timeline(events: list[tuple[int, int, str]], call: tuple[int, int] | None) -> dict:
+    """Where a traced call's wall time went, from its kernels (gpu_kernel_events) and the
+    host annotation around it (host_event), all in ms: `before` the first kernel starts
+    (host dispatch), the device `span` from first start to last end, the `kernels`' summed
+    time, the `idle` time inside the span and what is left `after` the last kernel."""
+    if not events:
+        return {}
+    events = sorted(events)
+    first, last = events[0][0], max(s + d for s, d, _ in events)
+    idle, end = 0, first
+    for s, d, _ in events:
+        idle += max(0, s - end)
+        end = max(end, s + d)
+    out = dict(span=(last - first) / 1e6, kernels=sum(d for _, d, _ in events) / 1e6,
+               idle=idle / 1e6)
+    if call is not None:
+        out.update(before=(first - call[0]) / 1e6, after=(call[0] + call[1] - last) / 1e6)
+    return out
+
+
 def decode_kv_bytes(cfg, batch: int, prompt: int, new: int, dtype, kv_cache=None) -> float:
     """K and V bytes a decode step reads on average over `new` steps after `prompt` (a
     quantized cache: its codes and scales), on one device."""

@@ -105,3 +105,26 @@ def test_allreduce_benchmark_chain_is_the_unsharded_mlp_chain():
         h = h / np.sqrt(np.mean(h * h, axis=-1, keepdims=True))
     np.testing.assert_allclose(got, h, atol=0.08)  # bf16 activations between the products
     assert ar.main([]) == 2
+
+
+def test_timeline_splits_a_call_into_dispatch_span_idle_and_tail(tmp_path):
+    """bench.timeline on kernels whose overlap and gaps are worked out by hand, and
+    bench.host_event finding a TraceAnnotation in a real (CPU) trace."""
+    import time
+
+    import jax
+
+    from jaxformer import bench
+    # ns: a [100, 150), b [200, 230), c [220, 260) overlaps b; idle 150..200; call [0, 400)
+    events = [(200, 30, "b"), (100, 50, "a"), (220, 40, "c")]
+    tl = bench.timeline(events, (0, 400))
+    assert tl == {"span": 160e-6, "kernels": 120e-6, "idle": 50e-6, "before": 100e-6,
+                  "after": 140e-6}
+    assert "before" not in bench.timeline(events, None)
+    assert bench.timeline([], (0, 1)) == {}
+
+    with jax.profiler.trace(str(tmp_path)), jax.profiler.TraceAnnotation("tl-test-call"):
+        time.sleep(0.02)
+    start, duration = bench.host_event(str(tmp_path), "tl-test-call")
+    assert duration >= 20e6
+    assert bench.host_event(str(tmp_path), "no-such-event") is None
