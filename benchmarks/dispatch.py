@@ -1,11 +1,13 @@
-"""Host time of a prefill call: compiled entry points take the weights as a flat tuple built
-once per model (jaxformer.engine.ParamsJit) instead of the nnx.State that jit would flatten
-in Python on every call. Prints, per weight mode, how long the call takes to return (the
-device waits for that) and the time to first token, both ways, in one process:
+"""Host time of a prefill call, three ways: jit handed the nnx.State (flattened in Python on
+every call), the weights as a flat tuple built once per model, and that tuple with the small
+replicated arrays packed into one buffer per dtype (jaxformer.params_jit; what prefill
+uses). Prints, per weight mode, how many arrays the call hands jit, how long the call takes
+to return (the device waits for that) and the time to first token, in one process:
 
     python benchmarks/dispatch.py --preset gpt3-6.7b --prompt 1920 --quantize none,int8,fp8
 
-Median of --calls calls, --gap seconds apart (so each call starts on an idle device).
+Median of --calls calls of each, interleaved, --gap seconds apart (so each call starts on
+an idle device).
 """
 import argparse
 import os
@@ -21,18 +23,22 @@ import jaxformer as jf  # noqa: E402
 from jaxformer.generate import _Run, make_prefill  # noqa: E402
 
 
-def timed(f, params, args, calls: int, gap: float):
-    """(median ms until the call returns, median ms until the first token is on the host)"""
-    jax.block_until_ready(f(params, *args).last)
-    ret, total = [], []
+def timed(fs, params, args, calls: int, gap: float) -> list[tuple[float, float]]:
+    """Per function: (median ms until the call returns, median ms until the first token is
+    on the host); the functions' calls interleaved, so drift in clocks hits all alike."""
+    for f in fs:
+        jax.block_until_ready(f(params, *args).last)
+    ret, total = [[] for _ in fs], [[] for _ in fs]
     for _ in range(calls):
-        time.sleep(gap)
-        t = time.perf_counter()
-        state = f(params, *args)
-        ret.append(time.perf_counter() - t)
-        jax.block_until_ready(state.last)
-        total.append(time.perf_counter() - t)
-    return np.median(ret) * 1e3, np.median(total) * 1e3
+        for k, f in enumerate(fs):
+            time.sleep(gap)
+            t = time.perf_counter()
+            state = f(params, *args)
+            ret[k].append(time.perf_counter() - t)
+            jax.block_until_ready(state.last)
+            total[k].append(time.perf_counter() - t)
+            del state
+    return [(np.median(r) * 1e3, np.median(t) * 1e3) for r, t in zip(ret, total)]
 
 
 def handed_the_state(flat):
@@ -51,21 +57,24 @@ def main(argv=None) -> int:
     cfg = jf.ModelConfig.from_preset(args.preset)
     print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}, {args.preset}, one prompt "
           f"of {args.prompt} tokens")
-    print("| weights | arrays | call returns after (ms), State -> tuple | TTFT (ms), State -> "
-          "tuple |\n|---|---|---|---|")
+    print("| weights | arrays handed to jit: tuple, packed | call returns after (ms): State, "
+          "tuple, packed | TTFT (ms): State, tuple, packed |\n|---|---|---|---|")
     for mode in args.quantize.split(","):
         q = None if mode == "none" else mode
         model = jf.Model.random(cfg, dtype="bfloat16", seed=0, quantize=q)
         prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, args.prompt))
         run = _Run(model, prompt.tolist(), 8, None, 0, ignore_eos=True)
-        flat = run.compiled("prefill", make_prefill, run.feats, run.max_new, run.cache_len)
-        state_jit = handed_the_state(flat)
+        ways = [make_prefill(model, run.feats, run.max_new, run.cache_len, pack_small=p)
+                for p in (False, True)]
+        ways.insert(0, handed_the_state(ways[0]))
         call = (run.ids, run.lengths, run.req)
-        r0, t0 = timed(state_jit, model.params, call, args.calls, args.gap)
-        r1, t1 = timed(flat, model.params, call, args.calls, args.gap)
-        print(f"| {mode if q else 'bf16'} | {len(model.param_leaves())} | {r0:.2f} -> {r1:.2f} "
-              f"| {t0:.1f} -> {t1:.1f} |", flush=True)
-        del model, run, flat, state_jit
+        res = timed(ways, model.params, call, args.calls, args.gap)
+        plan = ways[2].plan
+        packed = len(plan.big) + len(plan.groups)
+        print(f"| {mode if q else 'bf16'} | {len(model.param_leaves())}, {packed} | "
+              + ", ".join(f"{r:.2f}" for r, _ in res) + " | "
+              + ", ".join(f"{t:.1f}" for _, t in res) + " |", flush=True)
+        del model, run, ways
     return 0
 
 

@@ -26,6 +26,7 @@ from jaxformer import checkpoint as ckpt
 from jaxformer import sharding as shd
 from jaxformer.config import ModelConfig, RunConfig
 from jaxformer.models import abstract_model, build, is_unrolled, param_axes, unstack_layers
+from jaxformer.params_jit import PackPlan, ParamsJit, pack
 
 log = logging.getLogger(__name__)
 
@@ -188,13 +189,22 @@ class Model:
             self._params_cache["leaves"] = tuple(jax.tree.leaves(self.params))
         return self._params_cache["leaves"]
 
+    def packed_params(self, plan: PackPlan) -> tuple:
+        """param_leaves split by a ParamsJit packing plan: (big arrays, packed buffers),
+        built once per plan (params_changed() drops them)."""
+        key = ("packed", plan)
+        if key not in self._params_cache:
+            self._params_cache[key] = pack(self.param_leaves(), plan)
+        return self._params_cache[key]
+
     def params_changed(self) -> None:
         """Call after changing self.params in place (calibration does)."""
         self._params_cache.clear()
 
-    def jit(self, fn, **jit_kwargs) -> "ParamsJit":
-        """jax.jit for a compiled entry point fn(params, *args) of this model."""
-        return ParamsJit(self, fn, **jit_kwargs)
+    def jit(self, fn, *, pack_small: bool = False, **jit_kwargs) -> ParamsJit:
+        """jax.jit for a compiled entry point fn(params, *args) of this model; pack_small
+        for entry points called once per request (params_jit's docstring)."""
+        return ParamsJit(self, fn, pack_small=pack_small, **jit_kwargs)
 
     def _fn(self, name: str):
         """Compiled entry points, built once per model."""
@@ -314,38 +324,10 @@ def _run_config(mesh: Mesh, dtype, rules, attention, quantize=None, layer_loop="
 
 
 # ---- compiled entry points --------------------------------------------------------------
-class ParamsJit:
-    """jax.jit(fn) for fn(params, *args), called with the model's params (an nnx.State) but
-    handing jit a flat tuple of their arrays, rebuilt into the State inside the trace.
-
-    jit flattens its arguments on every call, and an nnx.State flattens in Python: 4.8 ms
-    per call for gpt3-6.7b's 644 fp8 arrays on a 2-core host against 0.64 ms as a tuple,
-    time the device waits for before a prefill starts (H100 host: 6.4 -> 4.5 ms a call,
-    time to first token of a 1920-token prompt 32.3 -> 30.6 ms; benchmarks/dispatch.py).
-    """
-
-    def __init__(self, model: Model, fn, **jit_kwargs):
-        self.model = model
-        treedef = jax.tree.structure(model.params)
-        self._jitted = jax.jit(lambda leaves, *args: fn(jax.tree.unflatten(treedef, leaves),
-                                                        *args), **jit_kwargs)
-
-    def _leaves(self, params) -> tuple:
-        if params is self.model.params:
-            return self.model.param_leaves()
-        return tuple(jax.tree.leaves(params))
-
-    def __call__(self, params, *args):
-        return self._jitted(self._leaves(params), *args)
-
-    def lower(self, params, *args):
-        return self._jitted.lower(self._leaves(params), *args)
-
-
 def _logits_fn(model: Model):
     backend = model.run.attention
 
-    @model.jit
+    @functools.partial(model.jit, pack_small=True)
     def fn(params, ids, lengths, types=None):
         with model.traced():
             m = model.module(params)
@@ -363,7 +345,7 @@ def _logits_fn(model: Model):
 def _encode_fn(model: Model):
     backend = model.run.attention
 
-    @model.jit
+    @functools.partial(model.jit, pack_small=True)
     def fn(params, ids, lengths, types):
         with model.traced():
             hidden, pooled = model.module(params)(ids, lengths, types, backend=backend)

@@ -90,7 +90,8 @@ def _record(state: DecodeState, tok, logprob, req: Request) -> DecodeState:
                           recent=recent, seen=seen, counts=counts)
 
 
-def make_prefill(model: Model, feats: Features, max_new: int, cache_len: int):
+def make_prefill(model: Model, feats: Features, max_new: int, cache_len: int, *,
+                 pack_small: bool = True):
     cfg, backend = model.config, model.run.attention
     cache_sh = kv_shardings(model)
 
@@ -128,7 +129,7 @@ def make_prefill(model: Model, feats: Features, max_new: int, cache_len: int):
             tok, lp = sample(logits, req.params, feats, _row_keys(req.key, 0, B), seen, counts)
             return _record(state, tok, lp, req)
 
-    return model.jit(prefill)
+    return model.jit(prefill, pack_small=pack_small)
 
 
 def _prefill_in_chunks(m, ids, lengths, cache: tuple, R: int, backend):

@@ -1,0 +1,140 @@
+"""How compiled entry points receive the weights: a flat tuple of arrays, with the small
+replicated ones optionally packed into one buffer per dtype.
+
+jit flattens its arguments on every call, and an nnx.State flattens in Python: 4.8 ms per
+call for gpt3-6.7b's 644 fp8 arrays on a 2-core host against 0.64 ms as a tuple, time the
+device waits for before a prefill starts (H100 host: 6.4 -> 4.5 ms a call, time to first
+token of a 1920-token prompt 32.3 -> 30.6 ms; benchmarks/dispatch.py). So ParamsJit hands
+jit the tuple (Model.param_leaves, built once) and rebuilds the State inside the trace.
+
+Even as a tuple, each array costs host time per call before the first kernel starts: on an
+H100 host jit took 0.93 ms to reach PJRT's Execute for gpt3-6.7b's 388 bf16 arrays and 1.71
+ms for its 644 fp8 ones (docs/benchmarks.md, session 9). Most of them are tiny: biases, norm
+weights, quantization scales. With pack_small, every floating array of at most
+SMALL_PARAM_ELEMENTS elements that is replicated on its devices travels in one buffer per
+dtype (built once, like the tuple) and is sliced back out inside the trace, where XLA reads
+the slices in place. Entry points called once per request (prefill, logits, encode) pack;
+the decode loops do not: they run many steps per call, and a slice that feeds a library
+call (a cuBLAS epilogue) could cost a copy every step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+SMALL_PARAM_ELEMENTS = 1 << 16  # arrays up to this size travel packed (pack_small)
+
+
+@dataclasses.dataclass(frozen=True)
+class PackPlan:
+    """Which leaves travel packed. big: indices handed to jit as they are; groups: per
+    dtype, (dtype name, ((leaf index, shape, offset in the buffer), ...))."""
+    n: int
+    big: tuple[int, ...]
+    groups: tuple[tuple[str, tuple[tuple[int, tuple[int, ...], int], ...]], ...]
+
+
+def _packable(a) -> bool:
+    sharding = getattr(a, "sharding", None)
+    return (sharding is not None and sharding.is_fully_replicated
+            and jnp.issubdtype(a.dtype, jnp.floating) and a.size <= SMALL_PARAM_ELEMENTS)
+
+
+def pack_plan(leaves) -> PackPlan:
+    """The plan for these leaves: small replicated floating arrays grouped by dtype (a
+    dtype with a single such array keeps it unpacked)."""
+    by_dtype: dict[str, list[int]] = {}
+    big = []
+    for i, a in enumerate(leaves):
+        if _packable(a):
+            by_dtype.setdefault(jnp.dtype(a.dtype).name, []).append(i)
+        else:
+            big.append(i)
+    groups = []
+    for name, idx in by_dtype.items():
+        if len(idx) < 2:
+            big += idx
+            continue
+        entries, offset = [], 0
+        for i in idx:
+            entries.append((i, tuple(leaves[i].shape), offset))
+            offset += leaves[i].size
+        groups.append((name, tuple(entries)))
+    return PackPlan(len(leaves), tuple(sorted(big)), tuple(groups))
+
+
+def pack(leaves, plan: PackPlan) -> tuple[tuple, tuple]:
+    """(big leaves, packed buffers [one 1-D array per dtype group]) for ParamsJit."""
+    if len(leaves) != plan.n:
+        raise ValueError(f"params have {len(leaves)} arrays, the packing plan {plan.n}")
+    big = tuple(leaves[i] for i in plan.big)
+    if not plan.groups:
+        return big, ()
+    small, shardings = [], []
+    for name, entries in plan.groups:
+        arrays = [leaves[i] for i, _, _ in entries]
+        for a, (i, shape, _) in zip(arrays, entries):
+            if tuple(a.shape) != shape or jnp.dtype(a.dtype).name != name:
+                raise ValueError(f"param {i}: {a.dtype}{list(a.shape)}, the packing plan "
+                                 f"has {name}{list(shape)}")
+        small.append(arrays)
+        s = arrays[0].sharding  # replicated: the same devices, any rank
+        shardings.append(NamedSharding(s.mesh, P()) if isinstance(s, NamedSharding) else s)
+    packed = jax.jit(lambda groups: tuple(jnp.concatenate([a.reshape(-1) for a in g])
+                                          for g in groups),
+                     out_shardings=tuple(shardings))(small)
+    return big, packed
+
+
+def unpack(big, packed, plan: PackPlan) -> list:
+    """The leaves in order again (inside the trace): packed ones as static slices."""
+    leaves = [None] * plan.n
+    for i, a in zip(plan.big, big):
+        leaves[i] = a
+    for buf, (_, entries) in zip(packed, plan.groups):
+        for i, shape, offset in entries:
+            size = math.prod(shape)
+            leaves[i] = lax.slice(buf, (offset,), (offset + size,)).reshape(shape)
+    return leaves
+
+
+class ParamsJit:
+    """jax.jit(fn) for fn(params, *args) of a Model, called with the model's params (an
+    nnx.State) but handing jit a flat tuple of their arrays (module docstring), with the
+    small ones packed when pack_small; rebuilt into the State inside the trace.
+    donate_argnums count fn's arguments, params being 0."""
+
+    def __init__(self, model, fn, *, pack_small: bool = False, **jit_kwargs):
+        self.model = model
+        treedef = jax.tree.structure(model.params)
+        self.plan = pack_plan(model.param_leaves()) if pack_small else None
+        plan = self.plan
+        if plan is None:
+            self._jitted = jax.jit(lambda leaves, *args: fn(
+                jax.tree.unflatten(treedef, leaves), *args), **jit_kwargs)
+            return
+        donate = jit_kwargs.pop("donate_argnums", ())
+        donate = (donate,) if isinstance(donate, int) else tuple(donate)
+        if 0 in donate:
+            raise ValueError("ParamsJit: params cannot be donated")
+        self._jitted = jax.jit(lambda big, packed, *args: fn(
+            jax.tree.unflatten(treedef, unpack(big, packed, plan)), *args),
+            donate_argnums=tuple(d + 1 for d in donate), **jit_kwargs)
+
+    def _params_args(self, params) -> tuple:
+        if params is self.model.params:
+            return self.model.packed_params(self.plan) if self.plan else \
+                (self.model.param_leaves(),)
+        leaves = tuple(jax.tree.leaves(params))
+        return pack(leaves, self.plan) if self.plan else (leaves,)
+
+    def __call__(self, params, *args):
+        return self._jitted(*self._params_args(params), *args)
+
+    def lower(self, params, *args):
+        return self._jitted.lower(*self._params_args(params), *args)
