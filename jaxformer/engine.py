@@ -203,8 +203,11 @@ class Model:
 
     def jit(self, fn, *, pack_small: bool = False, **jit_kwargs) -> ParamsJit:
         """jax.jit for a compiled entry point fn(params, *args) of this model; pack_small
-        for entry points called once per request (params_jit's docstring)."""
-        return ParamsJit(self, fn, pack_small=pack_small, **jit_kwargs)
+        for entry points called once per request (params_jit's docstring). Only the
+        unrolled layer layout packs: the stacked one has a few arrays in all, and its scan
+        would copy the unpacked slices into temporaries."""
+        return ParamsJit(self, fn, pack_small=pack_small and self.stages is not None,
+                         **jit_kwargs)
 
     def _fn(self, name: str):
         """Compiled entry points, built once per model."""

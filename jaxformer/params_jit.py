@@ -15,7 +15,9 @@ SMALL_PARAM_ELEMENTS elements that is replicated on its devices travels in one b
 dtype (built once, like the tuple) and is sliced back out inside the trace, where XLA reads
 the slices in place. Entry points called once per request (prefill, logits, encode) pack;
 the decode loops do not: they run many steps per call, and a slice that feeds a library
-call (a cuBLAS epilogue) could cost a copy every step.
+call (a cuBLAS epilogue) could cost a copy every step. Only the unrolled layer layout (the
+GPU default) packs (Model.jit): the stacked layout hands jit a few arrays in all, and its
+layer scan would copy the unpacked slices into temporaries.
 """
 from __future__ import annotations
 

@@ -43,12 +43,15 @@ def test_pack_then_unpack_gives_back_every_array():
 
 @pytest.mark.parametrize("tensor", [1, 2])
 def test_packed_entry_point_computes_what_the_unpacked_one_does(tensor):
-    """The logits entry point with its small arrays packed against the same program handed
-    every array on its own; under tensor=2 the sharded biases and norms stay unpacked."""
+    """The logits entry point of the unrolled layout with its small arrays packed against
+    the same program handed every array on its own; under tensor=2 the sharded arrays stay
+    unpacked."""
     from jaxformer import engine
     cfg = jf.ModelConfig.from_preset("demo")
     mesh = jf.make_mesh(1, 1, tensor, devices=jax.devices()[:tensor])
-    model = jf.Model.random(cfg, mesh, dtype="float32", seed=3)
+    model = jf.Model.random(cfg, mesh, dtype="float32", seed=3, layer_loop="unroll")
+    stacked = jf.Model.random(cfg, mesh, dtype="float32", seed=3, layer_loop="scan")
+    assert engine._logits_fn(stacked).plan is None  # a few stacked arrays: nothing to pack
     ids, lengths, _, _ = model._padded(
         np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 9)), None)
     packed = engine._logits_fn(model)
@@ -72,3 +75,23 @@ def test_packed_entry_point_computes_what_the_unpacked_one_does(tensor):
     other = jax.tree.map(lambda a: a * 2, model.params)
     np.testing.assert_array_equal(np.asarray(packed(other, ids, lengths)),
                                   np.asarray(unpacked(other, ids, lengths)))
+
+
+def test_packed_buffers_follow_recalibration():
+    """FP8 activation scales travel packed: calibrating again after a call reaches the next
+    call, whose logits are those of a model calibrated on the same prompts before any call."""
+    cfg = jf.ModelConfig.from_preset("demo")
+    kw = dict(dtype="float32", seed=3, quantize="fp8", layer_loop="unroll",
+              calibration=[[1, 2, 3, 4]])
+    model = jf.Model.random(cfg, **kw)
+    ids = np.random.default_rng(2).integers(0, cfg.vocab_size, (96, 8))  # past ops.SMALL_M
+    before = model.logits(ids)
+    packed = {name for name, _ in model._fn("logits").plan.groups}
+    assert "float32" in packed
+    prompts = [[7, 7, 7, 7], [99, 98, 97]]
+    model.calibrate(prompts)
+    after = model.logits(ids)
+    fresh = jf.Model.random(cfg, **kw)
+    fresh.calibrate(prompts)
+    assert np.abs(after - before).max() > 1e-3
+    np.testing.assert_array_equal(after, fresh.logits(ids))
