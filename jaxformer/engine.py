@@ -26,7 +26,7 @@ from jaxformer import checkpoint as ckpt
 from jaxformer import sharding as shd
 from jaxformer.config import ModelConfig, RunConfig
 from jaxformer.models import abstract_model, build, is_unrolled, param_axes, unstack_layers
-from jaxformer.params_jit import PackPlan, ParamsJit, pack
+from jaxformer.params_jit import PackPlan, ParamsJit, pack, pack_plan
 
 log = logging.getLogger(__name__)
 
@@ -189,13 +189,18 @@ class Model:
             self._params_cache["leaves"] = tuple(jax.tree.leaves(self.params))
         return self._params_cache["leaves"]
 
-    def packed_params(self, plan: PackPlan) -> tuple:
-        """param_leaves split by a ParamsJit packing plan: (big arrays, packed buffers),
-        built once per plan (params_changed() drops them)."""
-        key = ("packed", plan)
-        if key not in self._params_cache:
-            self._params_cache[key] = pack(self.param_leaves(), plan)
-        return self._params_cache[key]
+    def pack_plan(self) -> PackPlan:
+        """Which of param_leaves travel packed (params_jit.pack_plan), built once."""
+        if "plan" not in self._params_cache:
+            self._params_cache["plan"] = pack_plan(self.param_leaves())
+        return self._params_cache["plan"]
+
+    def packed_params(self) -> tuple:
+        """param_leaves split by pack_plan: (big arrays, packed buffers), built once and
+        shared by every packing entry point (params_changed() drops them)."""
+        if "packed" not in self._params_cache:
+            self._params_cache["packed"] = pack(self.param_leaves(), self.pack_plan())
+        return self._params_cache["packed"]
 
     def params_changed(self) -> None:
         """Call after changing self.params in place (calibration does)."""

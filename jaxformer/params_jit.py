@@ -114,7 +114,7 @@ class ParamsJit:
     def __init__(self, model, fn, *, pack_small: bool = False, **jit_kwargs):
         self.model = model
         treedef = jax.tree.structure(model.params)
-        self.plan = pack_plan(model.param_leaves()) if pack_small else None
+        self.plan = model.pack_plan() if pack_small else None
         plan = self.plan
         if plan is None:
             self._jitted = jax.jit(lambda leaves, *args: fn(
@@ -130,8 +130,17 @@ class ParamsJit:
 
     def _params_args(self, params) -> tuple:
         if params is self.model.params:
-            return self.model.packed_params(self.plan) if self.plan else \
-                (self.model.param_leaves(),)
+            if not self.plan:
+                return (self.model.param_leaves(),)
+            # the model's buffers, shared by every entry point, follow its plan: after
+            # params_changed() it is rebuilt, and must still be the one traced here
+            plan = self.model.pack_plan()
+            if plan is not self.plan:
+                if plan != self.plan:
+                    raise ValueError("ParamsJit: the model's params no longer match the "
+                                     "packing plan this entry point was traced with")
+                self.plan = plan  # equal: later calls compare by identity
+            return self.model.packed_params()
         leaves = tuple(jax.tree.leaves(params))
         return pack(leaves, self.plan) if self.plan else (leaves,)
 
