@@ -20,7 +20,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxformer as jf  # noqa: E402
-from jaxformer.generate import _Run, make_prefill  # noqa: E402
+from jaxformer.generate import GenerateRun  # noqa: E402
+from jaxformer.runtime import make_prefill  # noqa: E402
 
 
 def timed(fs, params, args, calls: int, gap: float) -> list[tuple[float, float]]:
@@ -63,11 +64,13 @@ def main(argv=None) -> int:
         q = None if mode == "none" else mode
         model = jf.Model.random(cfg, dtype="bfloat16", seed=0, quantize=q)
         prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, args.prompt))
-        run = _Run(model, prompt.tolist(), 8, None, 0, ignore_eos=True)
-        ways = [make_prefill(model, run.feats, run.max_new, run.cache_len, pack_small=p)
+        run = GenerateRun(model, prompt.tolist(), 8, None, 0, ignore_eos=True)
+        _, args = run.prefill_call()
+        c = run.engine.config
+        ways = [make_prefill(model, c.features, c.window, run.cache_len, pack_small=p)
                 for p in (False, True)]
         ways.insert(0, handed_the_state(ways[0]))
-        call = (run.ids, run.lengths, run.req)
+        call = args[1:]
         res = timed(ways, model.params, call, args.calls, args.gap)
         plan = ways[2].plan
         packed = len(plan.big) + len(plan.groups)

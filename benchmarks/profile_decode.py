@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 
 import jaxformer as jf  # noqa: E402
 from jaxformer.bench import gpu_kernel_events, host_event, timeline  # noqa: E402
-from jaxformer.generate import _Run  # noqa: E402
+from jaxformer.generate import GenerateRun  # noqa: E402
 
 
 CALL = "profile_decode.call"  # the host annotation around the traced call
@@ -47,7 +47,7 @@ def profile(preset: str, batch: int, prompt: int = 128, new: int = 64, top: int 
     mesh = jf.make_mesh(1, 1, tensor, devices=jax.devices()[:tensor])
     model = jf.Model.random(cfg, mesh, dtype="bfloat16", seed=0, quantize=quantize)
     prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt)).tolist()
-    run = _Run(model, prompts, new, None, 0, ignore_eos=True)
+    run = GenerateRun(model, prompts, new, None, 0, ignore_eos=True)
     jax.block_until_ready(run.decode(run.prefill(), new).out)  # compile
     for _ in range(3 if prefill else 1):  # warm calls: jit's fast path, the allocator
         state = run.prefill()

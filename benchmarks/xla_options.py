@@ -24,7 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxformer as jf  # noqa: E402
-from jaxformer.generate import _Run, make_decode_loop  # noqa: E402
+from jaxformer.generate import GenerateRun  # noqa: E402
 
 OPTIONS = {
     "defaults": {},
@@ -58,8 +58,8 @@ def main(argv=None) -> int:
     model = jf.Model.random(cfg, mesh, dtype="bfloat16", seed=0, quantize=args.quantize)
     prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 128)).tolist()
     new = args.new
-    run = _Run(model, prompts, new, None, 0, ignore_eos=True)
-    loop = run.compiled("decode", make_decode_loop, run.feats)
+    run = GenerateRun(model, prompts, new, None, 0, ignore_eos=True)
+    loop = run.engine.decode_loop()
     leaves = model.param_leaves()
     dev = jax.devices()[0]
     print(f"# {args.preset} tensor={args.tensor} {args.quantize or 'bf16'} batch 1 on "
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     for name in names:
         try:
             state = run.prefill()
-            exe = loop.lower(model.params, state, run.req, jnp.int32(new)).compile(
+            exe = loop.lower(model.params, state, jnp.int32(new)).compile(
                 OPTIONS[name])
         except Exception as e:  # noqa: BLE001 - an option this jaxlib lacks, or rejects
             print(f"| {name} | not compiled: {type(e).__name__}: {str(e)[:120]} | |")
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
             state = run.prefill()
             jax.block_until_ready(state.last)
             t = time.perf_counter()
-            out = exe(leaves, state, run.req, jnp.int32(new))
+            out = exe(leaves, state, jnp.int32(new))
             jax.block_until_ready(out.out)
             times.append(time.perf_counter() - t)
         toks = np.asarray(out.out)[0, :6].tolist()

@@ -1,15 +1,13 @@
 """jaxformer: huge transformers served sharded over data x pipe x tensor meshes, in JAX."""
 from jaxformer.config import ModelConfig, RunConfig, list_presets
 from jaxformer.engine import Model, demo_model, enable_compilation_cache, load
+from jaxformer.generate import GenerateOutput, generate
+from jaxformer.runtime import Engine, EngineConfig
+from jaxformer.sampling import Sampling
 from jaxformer.sharding import make_mesh
 
-__all__ = ["Model", "ModelConfig", "RunConfig", "demo_model", "enable_compilation_cache",
-           "list_presets", "load", "make_mesh"]
-
-try:  # generation arrives with its own module
-    from jaxformer.generate import GenerateOutput, Sampling, generate  # noqa: F401
-    __all__ += ["GenerateOutput", "Sampling", "generate"]
-except ImportError:  # pragma: no cover
-    pass
+__all__ = ["Engine", "EngineConfig", "GenerateOutput", "Model", "ModelConfig", "RunConfig",
+           "Sampling", "demo_model", "enable_compilation_cache", "generate", "list_presets",
+           "load", "make_mesh"]
 
 __version__ = "0.1.0"

@@ -16,8 +16,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+import numpy as np
+
 from jaxformer import cache as kvc
-from jaxformer.engine import Model
+from jaxformer.engine import Model, to_global, to_host
+from jaxformer.runtime import forward_step, kv_shardings
 
 NEG = -1.0e9
 
@@ -73,7 +76,7 @@ def _advance(state: BeamState, logprobs, stop_ids, max_new, length_penalty, nb):
     worst = jnp.where(fin_flag, fin_scores.min(1, keepdims=True), NEG)
     open_ = state.open_ & (best[:, None] > worst).any(1)
     state = state._replace(
-        cache=kvc.KVCache(*(None if c is None else c[:, src] for c in state.cache)),
+        cache=state.cache.map(lambda c: c[:, src]),
         last=seqs[:, :, i].reshape(-1), step=i + 1, seqs=seqs, scores=scores,
         fin_seqs=fin_seqs, fin_scores=fin_scores, fin_lens=fin_lens, fin_flag=fin_flag,
         open_=open_, all_hit=hits.all())
@@ -82,6 +85,7 @@ def _advance(state: BeamState, logprobs, stop_ids, max_new, length_penalty, nb):
 
 def make_beam_search(model: Model, nb: int, max_new: int, cache_len: int, length_penalty: float):
     cfg, backend = model.config, model.run.attention
+    cache_sh = kv_shardings(model)
 
     def run(params, ids, lengths, stop_ids):
         with model.traced():
@@ -90,13 +94,14 @@ def make_beam_search(model: Model, nb: int, max_new: int, cache_len: int, length
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
             empty = kvc.init_cache(cfg, B, cache_len, model.run.dtype,
                                    kv_cache=model.run.kv_cache)
-            x, cache = m.trunk(ids, positions, lengths, kvc.as_tuple(empty), None,
+            empty = jax.lax.with_sharding_constraint(empty, cache_sh)
+            x, cache = m.trunk(ids, positions, lengths, empty, kvc.Write.prefill(),
                                backend=backend)
             last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)
             logprobs = jax.nn.log_softmax(m.head(last)[:, 0], -1)
             rep = lambda a: jnp.repeat(a, nb, axis=1)  # noqa: E731  [L, B, ...] -> [L, B*nb, ...]
             state = BeamState(
-                cache=kvc.KVCache(*(rep(c) for c in cache)),
+                cache=cache.map(rep),
                 last=jnp.zeros((B * nb,), jnp.int32), lengths=jnp.repeat(lengths, nb),
                 step=jnp.int32(0), seqs=jnp.full((B, nb, max_new), -1, jnp.int32),
                 scores=jnp.tile(jnp.asarray([0.0] + [NEG] * (nb - 1), jnp.float32), (B, 1)),
@@ -108,10 +113,9 @@ def make_beam_search(model: Model, nb: int, max_new: int, cache_len: int, length
                              length_penalty, nb)
 
             def body(s: BeamState):
-                x, c = m.trunk(s.last[:, None], s.lengths[:, None], s.lengths + 1,
-                               kvc.as_tuple(s.cache), s.lengths, backend=backend)
-                lp = jax.nn.log_softmax(m.head(x)[:, 0], -1)
-                s = s._replace(cache=kvc.KVCache(*c), lengths=s.lengths + 1)
+                logits, c = forward_step(model, m, s.last, s.lengths, s.cache)
+                lp = jax.nn.log_softmax(logits, -1)
+                s = s._replace(cache=c, lengths=s.lengths + 1)
                 return _advance(s, lp, stop_ids, max_new, length_penalty, nb)
 
             cond = lambda s: (s.step < max_new) & s.open_.any() & ~s.all_hit  # noqa: E731
@@ -122,16 +126,22 @@ def make_beam_search(model: Model, nb: int, max_new: int, cache_len: int, length
 
 
 def beam_search(run, num_beams: int, length_penalty: float):
-    """Host side for generate(): returns (tokens per prompt, scores)."""
-    from jaxformer.engine import to_host
-
+    """Host side for generate() (its _Run): returns (tokens per prompt, scores)."""
     model: Model = run.model
     key = ("beam", num_beams, run.max_new, run.cache_len, float(length_penalty))
-    cache = model.__dict__.setdefault("_compiled", {})
-    if key not in cache:
-        cache[key] = make_beam_search(model, num_beams, run.max_new, run.cache_len,
-                                      float(length_penalty))
-    seqs, lens, scores = cache[key](model.params, run.ids, run.lengths, run.req.stop_ids)
+    fn = model.compiled.get(key, lambda: make_beam_search(
+        model, num_beams, run.max_new, run.cache_len, float(length_penalty)))
+    B = run.batch
+    Tb = kvc.bucket(max(len(p) for p in run.prompt_ids), model.config.max_position_embeddings)
+    ids = np.zeros((B, Tb), np.int32)
+    lengths = np.ones((B,), np.int32)
+    for b, p in enumerate(run.prompt_ids):
+        ids[b, : len(p)] = p
+        lengths[b] = len(p)
+    stop_ids, _ = run.engine_stop_arrays()
+    s1, s2 = model._batch_sharding(B, 1), model._batch_sharding(B, 2)
+    seqs, lens, scores = fn(model.params, to_global(ids, s2), to_global(lengths, s1),
+                            to_global(stop_ids, s2))
     seqs, lens, scores = to_host(seqs), to_host(lens), to_host(scores)
     return ([seqs[b, : lens[b]].tolist() for b in range(run.rows)],
             scores[: run.rows].tolist())

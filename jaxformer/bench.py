@@ -132,8 +132,10 @@ def decode_kv_bytes(cfg, batch: int, prompt: int, new: int, dtype, kv_cache=None
 def run_jax(cfg, batch: int, prompt: int, new: int, dtype: str, attention="auto",
             seed=0, quantize=None, kv_cache=None) -> dict:
     import jaxformer as jf
+    from jaxformer import cache as kvc
     from jaxformer import memory
-    from jaxformer.generate import _Run
+    from jaxformer.runtime import Engine, EngineConfig
+    from jaxformer.sampling import GREEDY, row_params
 
     model = jf.Model.random(cfg, dtype=dtype, seed=seed, attention=attention,
                             quantize=quantize, kv_cache=kv_cache)
@@ -141,13 +143,19 @@ def run_jax(cfg, batch: int, prompt: int, new: int, dtype: str, attention="auto"
     weight_bytes = memory.weights_bytes(cfg, None, dtype, quantize=quantize)
     rng = np.random.default_rng(seed)
     prompts = rng.integers(0, cfg.vocab_size, (batch, prompt)).tolist()
-    run = _Run(model, prompts, new, None, seed, ignore_eos=True)
+    rows = kvc.cache_rows(batch, 1)
+    slots = kvc.cache_slots(kvc.bucket(prompt, cfg.max_position_embeddings), prompt, new,
+                            cfg.max_position_embeddings)
+    engine = Engine(model, EngineConfig(slots=rows, max_length=slots, window=new,
+                                        features=row_params([GREEDY], 1)[1], stop_ids=1,
+                                        stop_strings=1))
 
     def once():
-        s = run.prefill()
+        s = engine.prefill(prompts, [GREEDY] * batch, [new] * batch, [seed] * batch,
+                           rows=rows, cache_len=slots, ignore_eos=True)
         jax.block_until_ready(s.last)
         t1 = time.perf_counter()
-        s = run.decode(s, new)
+        s = engine.step(s, until=new)
         jax.block_until_ready(s.out)
         return t1, time.perf_counter(), s
 
@@ -173,7 +181,7 @@ def run_jax(cfg, batch: int, prompt: int, new: int, dtype: str, attention="auto"
                prefill_flops=flops_prefill, compile_s=compile_s, peak_GB=(peak_bytes() or 0) / 1e9)
     for leaf in jax.tree.leaves(model.params):  # free now: compiled closures keep models alive
         leaf.delete()
-    del model, run, s
+    del model, engine, s
     gc.collect()
     return out
 

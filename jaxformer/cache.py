@@ -12,7 +12,7 @@ the head dim / 127 or / 448), written with their entries. Half the bytes of a bf
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -25,34 +25,117 @@ SCALE_AXES = CACHE_AXES[:-1]
 KV_MODES = {"int8": (jnp.int8, 127.0), "fp8": (jnp.float8_e4m3fn, 448.0)}
 
 
-class KVCache(NamedTuple):
-    k: jax.Array  # [L, B, S, K, H]
-    v: jax.Array  # [L, B, S, K, H]
-    k_scale: jax.Array | None = None  # [L, B, S, K] float32 (quantized caches)
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """The stacked KV cache of every layer, a pytree whose metadata (the quantization) is
+    static: code that holds a cache never guesses its kind from a dtype.
+
+    k, v [L, B, S, K, H] in the run dtype, or int8 / float8_e4m3fn codes when `quant` is
+    "int8" / "fp8", with k_scale, v_scale [L, B, S, K] float32 beside them.
+    """
+    k: jax.Array
+    v: jax.Array
+    k_scale: jax.Array | None = None
     v_scale: jax.Array | None = None
+    quant: str | None = None  # static: None, "int8" or "fp8" (KV_MODES)
+
+    # ---- description ---------------------------------------------------------------
+    @staticmethod
+    def abstract(cfg: ModelConfig, batch: int, max_length: int, dtype,
+                 quant: str | None = None) -> "KVCache":
+        """Shapes and dtypes of a cache of `batch` rows x `max_length` slots; nothing is
+        allocated. The memory plan sums these."""
+        shape = cache_shape(cfg, batch, max_length)
+        if quant is None:
+            s = jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
+            return KVCache(s, s)
+        check_quant(quant)
+        q = jax.ShapeDtypeStruct(shape, jnp.dtype(KV_MODES[quant][0]))
+        sc = jax.ShapeDtypeStruct(shape[:-1], jnp.float32)
+        return KVCache(q, q, sc, sc, quant)
+
+    @staticmethod
+    def axes(quant: str | None = None) -> "KVCache":
+        """The logical axes of each field (a KVCache of tuples)."""
+        if quant is None:
+            return KVCache(CACHE_AXES, CACHE_AXES)
+        return KVCache(CACHE_AXES, CACHE_AXES, SCALE_AXES, SCALE_AXES, quant)
 
     @property
     def max_length(self) -> int:
         return self.k.shape[2]
 
+    @property
+    def rows(self) -> int:
+        return self.k.shape[1]
 
-class PrefillRows(NamedTuple):
-    """A `start` for the trunk: a prefill (attending within its tokens, written from slot
-    0, as with start None) of cache rows [offset, offset + B) of a larger cache, so a batch
-    prefilled in chunks of rows writes each chunk straight into the batch's cache."""
-    offset: jax.Array  # int32 scalar
+    def scales(self) -> dict:
+        """{k_scale, v_scale} for attention over a quantized cache, else {}."""
+        return {} if self.quant is None else dict(k_scale=self.k_scale, v_scale=self.v_scale)
+
+    def map(self, fn) -> "KVCache":
+        """fn applied to every array (codes and scales alike), the metadata kept."""
+        return jax.tree.map(fn, self)
+
+    # ---- the operations layers need ------------------------------------------------
+    def write(self, layer, k, v, at: "Write") -> "KVCache":
+        """Write k, v [B, T, K, H] (quantized first for a quantized cache) into layer
+        `layer` (an int32 scalar) at the slots `at` names; only the new entries move."""
+        if self.quant is None:
+            new = dict(k=k, v=v)
+        else:
+            (kq, ks), (vq, vs) = quantize(k, self.quant), quantize(v, self.quant)
+            new = dict(k=kq, v=vq, k_scale=ks, v_scale=vs)
+        return dataclasses.replace(self, **{
+            f: write_layer(getattr(self, f), x, layer, at) for f, x in new.items()})
+
+    def read(self, layer) -> "KVCache":
+        """Layer `layer` of every field: k, v [B, S, K, H] (scales [B, S, K])."""
+        return self.map(lambda a: read_layer(a, layer))
+
+    def put_rows(self, src: "KVCache", slots) -> "KVCache":
+        """Rows of `src` (b rows of S' <= S slots) written into rows `slots` [b] int32 of
+        this cache, slots [0, S') of each (the rest of a row keeps what it held, which its
+        length masks). The request-insert of the Engine."""
+        S = src.max_length
+        slots = jnp.asarray(slots, jnp.int32)
+        put = lambda dst, new: dst.at[:, slots, :S].set(new.astype(dst.dtype))  # noqa: E731
+        return jax.tree.map(put, self, src)
 
 
-def is_decode(start) -> bool:
-    """Whether a trunk `start` means decode (new keys at per-row slots, queries attend over
-    the cache) rather than a prefill (None or PrefillRows)."""
-    return start is not None and not isinstance(start, PrefillRows)
+jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v", "k_scale", "v_scale"],
+                                 meta_fields=["quant"])
 
 
-def as_tuple(cache) -> tuple:
-    """(k, v) or, quantized, (k, v, k_scale, v_scale): what the layers take."""
-    t = tuple(cache)
-    return t[:2] if len(t) == 2 or t[2] is None else t
+@dataclasses.dataclass(frozen=True)
+class Write:
+    """Where a forward pass writes its keys and values, and what its queries attend over.
+
+    Prefill (`Write.prefill()`): T new keys per row at slots [0, T) of rows
+    [row, row + B) of the cache (row 0 unless a batch is prefilled in chunks of rows), the
+    queries attending within the T tokens. Decode (`Write.decode(start)`): row b's keys at
+    slots [start[b], start[b] + T), the queries attending over the whole cache row.
+    """
+    start: jax.Array | None = None  # [B] int32 (decode)
+    row: jax.Array | None = None  # [] int32 first cache row (prefill)
+    decode: bool = False  # static
+
+    @staticmethod
+    def prefill(row=None) -> "Write":
+        return Write(row=None if row is None else jnp.asarray(row, jnp.int32))
+
+    @staticmethod
+    def at(start) -> "Write":
+        """Decode: new keys at per-row slots start [B], queries over the cache."""
+        return Write(start=jnp.asarray(start, jnp.int32), decode=True)
+
+
+jax.tree_util.register_dataclass(Write, data_fields=["start", "row"], meta_fields=["decode"])
+
+
+def check_quant(quant: str | None) -> None:
+    if quant is not None and quant not in KV_MODES:
+        raise ValueError(f"kv_cache: must be None, 'int8' or 'fp8', got {quant!r}")
 
 
 def quantize(x, mode: str):
@@ -71,12 +154,13 @@ def dequantize(q, scale, dtype):
     return (q.astype(jnp.float32) * scale[..., None]).astype(dtype)
 
 
-def mode_of(cache) -> str | None:
-    """The quantization of a cache tuple, from its code dtype (None: a float cache)."""
-    t = as_tuple(cache)
-    if len(t) == 2:
-        return None
-    return "int8" if t[0].dtype == jnp.int8 else "fp8"
+MIN_BUCKET = 16
+
+
+def bucket(n: int, limit: int | None = None) -> int:
+    """Round a length up to a power of two (>= MIN_BUCKET) so compiles stay few."""
+    b = max(MIN_BUCKET, 1 << max(0, int(n) - 1).bit_length())
+    return min(b, limit) if limit is not None and limit >= n else b
 
 
 def cache_rows(batch: int, data: int) -> int:
@@ -111,54 +195,23 @@ def cache_shape(cfg: ModelConfig, batch: int, max_length: int) -> tuple[int, ...
     return (cfg.num_layers, batch, max_length, cfg.kv_heads, cfg.dims_per_head)
 
 
-def abstract_cache(cfg: ModelConfig, batch: int, max_length: int, dtype,
-                   kv_cache: str | None = None) -> KVCache:
-    shape = cache_shape(cfg, batch, max_length)
-    if kv_cache is None:
-        s = jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
-        return KVCache(s, s)
-    q = jax.ShapeDtypeStruct(shape, jnp.dtype(KV_MODES[kv_cache][0]))
-    sc = jax.ShapeDtypeStruct(shape[:-1], jnp.float32)
-    return KVCache(q, q, sc, sc)
-
-
-def cache_axes(kv_cache: str | None = None) -> KVCache:
-    if kv_cache is None:
-        return KVCache(CACHE_AXES, CACHE_AXES)
-    return KVCache(CACHE_AXES, CACHE_AXES, SCALE_AXES, SCALE_AXES)
-
-
 def init_cache(cfg: ModelConfig, batch: int, max_length: int, dtype, shardings=None,
                kv_cache: str | None = None) -> KVCache:
     """Zeros (codes and scales when quantized), created directly in `shardings` (a KVCache
     of shardings) when given."""
-    abstract = abstract_cache(cfg, batch, max_length, dtype, kv_cache)
+    abstract = KVCache.abstract(cfg, batch, max_length, dtype, kv_cache)
 
     def make():
-        return KVCache(*(None if a is None else jnp.zeros(a.shape, a.dtype) for a in abstract))
+        return abstract.map(lambda a: jnp.zeros(a.shape, a.dtype))
     if shardings is None:
         return make()
     return jax.jit(make, out_shardings=shardings)()
 
 
-def store(cache: tuple, k, v, layer, start) -> tuple:
-    """Write this step's k, v [B, T, K, H] (quantizing them for a quantized cache) into
-    layer `layer` of the stacked cache (k, v[, k_scale, v_scale]); start as in
-    `write_layer` (None: slot 0)."""
-    mode = mode_of(cache)
-    if mode is None:
-        new = (k, v)
-    else:
-        (kq, ks), (vq, vs) = quantize(k, mode), quantize(v, mode)
-        new = (kq, vq, ks, vs)
-    return tuple(write_layer(c, n, layer, start) for c, n in zip(cache, new))
+def write_layer(cache: jax.Array, new: jax.Array, layer, at: Write) -> jax.Array:
+    """Write new [B, T, K, H] (scales [B, T, K]) into layer `layer` of the stacked cache
+    [L, B, S, K, H] at the slots `at` names (Write).
 
-
-def write_layer(cache: jax.Array, new: jax.Array, layer, start: jax.Array | None) -> jax.Array:
-    """Write new [B, T, K, H] into layer `layer` of the stacked cache [L, B, S, K, H].
-
-    start [B]: row b's keys go to slots [start[b], start[b] + T); None: every row at slot 0;
-    PrefillRows(offset): slot 0 of cache rows [offset, offset + B).
     Only the new entries are written: inside the layer loop the stacked cache is a loop
     carry, so XLA updates it in place instead of rebuilding a layer's [B, S, K, H] (or the
     whole stack) per step, which made decode copy the cache every token.
@@ -167,17 +220,16 @@ def write_layer(cache: jax.Array, new: jax.Array, layer, start: jax.Array | None
     zero = jnp.int32(0)
     rest = (zero,) * (cache.ndim - 3)
     layer = jnp.asarray(layer, jnp.int32)
-    if not is_decode(start):
-        row = zero if start is None else jnp.asarray(start.offset, jnp.int32)
+    if not at.decode:
+        row = zero if at.row is None else at.row
         return lax.dynamic_update_slice(cache, new, (layer, row, zero) + rest)
     if new.shape[1] == 1:
         # one row: a plain update (the vmapped one below becomes a scatter, which XLA lowers
         # as a read, a bounds select and a write: three kernels instead of one per layer)
-        return lax.dynamic_update_slice(cache, new, (layer, zero, start[0].astype(jnp.int32))
-                                        + rest)
+        return lax.dynamic_update_slice(cache, new, (layer, zero, at.start[0]) + rest)
     return jax.vmap(
         lambda c, x, s: lax.dynamic_update_slice(c, x, (layer, s) + rest),
-        in_axes=(1, 1, 0), out_axes=1)(cache, new, start.astype(jnp.int32))
+        in_axes=(1, 1, 0), out_axes=1)(cache, new, at.start)
 
 
 def read_layer(cache: jax.Array, layer) -> jax.Array:

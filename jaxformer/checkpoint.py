@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from jaxformer.config import ModelConfig
+from jaxformer.models.stack import LayerStack
 
 log = logging.getLogger(__name__)
 
@@ -236,23 +237,9 @@ def save_params(directory: Path, tree: Mapping) -> None:
 
 
 def stacked_leaves(params: Mapping):
-    """Yield (path, host numpy array) of a params tree in the checkpoint's stacked layout,
-    one array at a time, from either layer layout (models/transformer.py): the unrolled
-    layout's positions `layers/{j}` of [S, ...] (layer s * Ls + j at [s]) are stacked back
-    into [L, ...]."""
-    from jaxformer.models import LAYERS, is_unrolled
-    unrolled = is_unrolled(params)
-    layers = params.get(LAYERS)
-    rest = {k: v for k, v in params.items() if not (unrolled and k == LAYERS)}
-    for path, leaf in _flatten(rest).items():
-        yield path, np.asarray(jax.device_get(leaf))
-    if not unrolled:
-        return
-    positions = [_flatten(layers[j]) for j in range(len(layers))]
-    for sub in positions[0]:
-        # [Ls, S, ...] -> [S, Ls, ...] -> [L, ...]
-        parts = np.stack([np.asarray(jax.device_get(p[sub])) for p in positions]).swapaxes(0, 1)
-        yield (LAYERS,) + sub, parts.reshape((-1,) + parts.shape[2:])
+    """Yield (path, host numpy array) of a params tree of either layer layout in the
+    checkpoint's stacked layout, one array at a time (models/stack.py)."""
+    return LayerStack.checkpoint_leaves(params, _flatten)
 
 
 def save(output, params, config: ModelConfig, tokenizer=None, *, overwrite=False,

@@ -239,7 +239,6 @@ class RunConfig:
     rules: str = "default"  # a table in configs/sharding/ (name) or a YAML path
     dtype: str = "float32"  # compute and weight dtype on the device
     attention: str = "auto"  # "auto" | "xla" | "pallas" | "cudnn"
-    microbatches: int | None = None  # pipeline microbatches; None means pipe
     # "scan": stacked layer weights and lax.scan; "unroll": one array per layer position and
     # a Python loop (no per-layer weight copies on GPUs); "auto": unroll on GPUs, else scan.
     # See models/transformer.py.

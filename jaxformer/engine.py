@@ -23,21 +23,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxformer import checkpoint as ckpt
+from jaxformer.cache import bucket
 from jaxformer import sharding as shd
 from jaxformer.config import ModelConfig, RunConfig
-from jaxformer.models import abstract_model, build, is_unrolled, param_axes, unstack_layers
+from jaxformer.models import LayerStack, abstract_model, build, param_axes
 from jaxformer.params_jit import PackPlan, ParamsJit, pack, pack_plan
 
 log = logging.getLogger(__name__)
-
-MIN_BUCKET = 16
-
-
-def bucket(n: int, limit: int | None = None) -> int:
-    """Round a length up to a power of two (>= MIN_BUCKET) so compiles stay few."""
-    b = max(MIN_BUCKET, 1 << max(0, int(n) - 1).bit_length())
-    return min(b, limit) if limit is not None and limit >= n else b
-
 
 def to_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
     """A host array present on every process -> a global jax.Array in `sharding`."""
@@ -63,6 +55,29 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh, rules, quantize: str | None = 
     return shd.tree_shardings(mesh, param_axes(cfg, quantize, stages), rules)
 
 
+class Compiled:
+    """A model's compiled functions, keyed by a tuple that names the function and every
+    static value that changes its program (sampling features, shapes, cache length); built
+    on first use, never evicted (steady-state serving reuses a fixed set)."""
+
+    def __init__(self):
+        self._fns: dict[tuple, object] = {}
+
+    def get(self, key: tuple, factory):
+        if key not in self._fns:
+            self._fns[key] = factory()
+        return self._fns[key]
+
+    def put(self, key: tuple, value) -> None:
+        self._fns[key] = value
+
+    def __contains__(self, key: tuple) -> bool:
+        return key in self._fns
+
+    def __len__(self) -> int:
+        return len(self._fns)
+
+
 class Model:
     """A model whose weights live on `mesh`. Create with `load()` or `Model.random()`."""
 
@@ -76,10 +91,11 @@ class Model:
         if run.layer_loop == "auto":
             run = dataclasses.replace(run, layer_loop=resolve_layer_loop(mesh, "auto"))
             self.run = run
-        # the layer layout (models/transformer.py): None stacked, else unrolled for S stages
-        self.stages = run.pipe if run.layer_loop == "unroll" else None
-        if self.stages is not None and not is_unrolled(params):
-            params = unstack_layers(params, self.stages, param_shardings(
+        # the layer layout (models/stack.py): stacked, or unrolled for `pipe` stages
+        self.stack = LayerStack(config, run.pipe if run.layer_loop == "unroll" else None)
+        self.stages = self.stack.stages
+        if self.stack.unrolled:
+            params = self.stack.from_checkpoint(params, param_shardings(
                 config, mesh, rules, run.quantize, self.stages))
         graphdef, abstract_state = abstract_model(config, self.stages, run.quantize)
         self.graphdef = graphdef
@@ -89,6 +105,7 @@ class Model:
         # params as a flat tuple, built on first use (param_leaves); shared with with_run's
         # copies, which share the params
         self._params_cache: dict = {}
+        self.compiled = Compiled()
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -127,7 +144,7 @@ class Model:
         return model
 
     def with_run(self, **changes) -> "Model":
-        """The same weights under a RunConfig with `changes` (attention, microbatches,
+        """The same weights under a RunConfig with `changes` (attention,
         kv_cache, prefill_tokens: what does not change the weights or their layout), e.g.
         `model.with_run(prefill_tokens=4096)`; compiled functions are not shared."""
         fixed = {"data", "pipe", "tensor", "rules", "dtype", "quantize", "layer_loop"}
@@ -135,8 +152,9 @@ class Model:
             raise ValueError(f"with_run cannot change {sorted(fixed & set(changes))}: they "
                              f"change the weights or their layout; load the model again")
         model = object.__new__(Model)
-        model.__dict__.update({k: v for k, v in self.__dict__.items() if k != "_compiled"})
+        model.__dict__.update(self.__dict__)
         model.run = dataclasses.replace(self.run, **changes)
+        model.compiled = Compiled()
         return model
 
     # ---- helpers ------------------------------------------------------------------------
@@ -211,15 +229,12 @@ class Model:
         for entry points called once per request (params_jit's docstring). Only the
         unrolled layer layout packs: the stacked one has a few arrays in all, and its scan
         would copy the unpacked slices into temporaries."""
-        return ParamsJit(self, fn, pack_small=pack_small and self.stages is not None,
+        return ParamsJit(self, fn, pack_small=pack_small and self.stack.unrolled,
                          **jit_kwargs)
 
     def _fn(self, name: str):
         """Compiled entry points, built once per model."""
-        cache = self.__dict__.setdefault("_compiled", {})
-        if name not in cache:
-            cache[name] = _ENTRY_POINTS[name](self)
-        return cache[name]
+        return self.compiled.get((name,), lambda: _ENTRY_POINTS[name](self))
 
     # ---- public API ---------------------------------------------------------------------
     def logits(self, ids, attention_mask=None, token_type_ids=None) -> np.ndarray:
@@ -364,11 +379,6 @@ def _encode_fn(model: Model):
 
 
 _ENTRY_POINTS = {"logits": _logits_fn, "encode": _encode_fn}
-
-
-def register_entry_point(name: str, factory) -> None:
-    """Other modules (generate, pipeline) add compiled functions built once per model."""
-    _ENTRY_POINTS[name] = factory
 
 
 # ---- loading ----------------------------------------------------------------------------

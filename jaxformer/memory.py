@@ -45,11 +45,12 @@ import numpy as np
 
 from jaxformer import cache as kvc
 from jaxformer.config import ModelConfig
+from jaxformer.models.stack import LayerStack
 
 GiB = 1 << 30
 ENV_DEVICE_MEMORY = "JAXFORMER_DEVICE_MEMORY"
 MESH_AXES = ("data", "pipe", "tensor")
-CACHE_AXES = ("layers", "cache_batch", "cache_length", "kv_heads", "head_dim")  # cache.py
+CACHE_AXES = kvc.CACHE_AXES
 
 
 # ---- small helpers ---------------------------------------------------------------------------
@@ -143,9 +144,8 @@ def _pairs(shapes, axes, prefix=()):
 
 
 def prompt_bucket(config: ModelConfig, prompt_length: int) -> int:
-    """The padded prompt length generate() prefills (engine.bucket: a power of two >= 16)."""
-    from jaxformer.engine import bucket
-    return bucket(prompt_length, config.max_position_embeddings)
+    """The padded prompt length generate() prefills (cache.bucket: a power of two >= 16)."""
+    return kvc.bucket(prompt_length, config.max_position_embeddings)
 
 
 def cache_length(config: ModelConfig, max_length: int, prompt_length: int | None = None) -> int:
@@ -178,13 +178,16 @@ def kv_cache_bytes(config: ModelConfig, mesh=None, dtype="float32", batch: int =
     (RunConfig.kv_cache) holds 1-byte codes plus 2 * prod([L, batch, length, K]) * 4 bytes of
     scales."""
     sizes, table = mesh_sizes(mesh), _rules(rules)
-    shape = (config.num_layers, batch, length, config.kv_heads, config.dims_per_head)
-    n = int(np.prod(shard_shape(shape, CACHE_AXES, sizes, table), dtype=np.int64))
-    if kv_cache is None:
-        return 2 * n * _itemsize(dtype)
-    scales = int(np.prod(shard_shape(shape[:-1], kvc.SCALE_AXES, sizes, table),
-                         dtype=np.int64))
-    return 2 * n + 2 * scales * 4
+    abstract = kvc.KVCache.abstract(config, batch, length, dtype, kv_cache)
+    axes = kvc.KVCache.axes(kv_cache)
+    total = 0
+    for f in ("k", "v", "k_scale", "v_scale"):
+        a = getattr(abstract, f)
+        if a is not None:
+            n = int(np.prod(shard_shape(a.shape, getattr(axes, f), sizes, table),
+                            dtype=np.int64))
+            total += n * a.dtype.itemsize
+    return total
 
 
 def activation_bytes(config: ModelConfig, mesh=None, dtype="float32", batch: int = 1,
@@ -271,9 +274,10 @@ def decode_bytes(config: ModelConfig, mesh=None, dtype="float32", batch: int = 1
 
 
 def decode_in_place(layer_loop: str, sizes: Mapping[str, int]) -> bool:
-    """Whether decode updates the KV cache in place (the unrolled layer layout without a
-    pipeline) rather than holding a second copy (a layer scan or pipeline stages)."""
-    return layer_loop == "unroll" and sizes["pipe"] == 1
+    """Whether decode updates the KV cache in place rather than holding a second copy: the
+    layer stack's answer (models/stack.py) for this layer loop and pipe size."""
+    stages = sizes["pipe"] if layer_loop == "unroll" else None
+    return LayerStack(None, stages).decode_in_place
 
 
 def device_memory_limit(devices=None) -> tuple[int | None, str]:

@@ -135,11 +135,10 @@ def test_prefill_in_row_chunks_equals_one_pass(llama, kv_cache):
     """RunConfig.prefill_tokens below rows x padded prompt: prefill runs the rows in chunks
     (cache.prefill_rows), writing each chunk's cache rows; greedy tokens, log-probs and
     sampled tokens equal the one-pass prefill's, with a float and an int8 cache."""
-    from jaxformer.cache import prefill_rows
-    from jaxformer.generate import _Run
+    from jaxformer.cache import bucket, prefill_rows
     _, _, model = llama
     whole = model.with_run(kv_cache=kv_cache)
-    tb = _Run(whole, PROMPTS, MAX_NEW, None, 0, False).ids.shape[1]
+    tb = bucket(max(map(len, PROMPTS)))  # the padded prompt length prefill computes
     chunked = model.with_run(kv_cache=kv_cache, prefill_tokens=tb)
     assert prefill_rows(4, tb, tb) == 1 and prefill_rows(4, tb, 2 * tb) == 2
     for s in (jf.Sampling(temperature=0, logprobs=True),

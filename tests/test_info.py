@@ -74,24 +74,23 @@ def test_weight_bytes_equal_arrays_in_the_model_shardings(cfg, sizes, dtype, rul
 @pytest.mark.parametrize("prompts,prompt_len,new", [(1, 48, 16), (3, 184, 16), (20, 29, 171)])
 def test_kv_cache_and_activations_of_a_real_prefill(tp_dp_model, prompts, prompt_len, new):
     model = tp_dp_model
-    run = gen._Run(model, [[5] * prompt_len] * prompts, new, None, 0, False)
+    run = gen.GenerateRun(model, [[5] * prompt_len] * prompts, new, None, 0, False)
     state = run.prefill()
+    f, args = run.prefill_call()
     p = memory.plan(DECODER, model.mesh, "float32", batch=prompts, max_length=prompt_len + new,
                     prompt_length=prompt_len)
     assert (p.rows, p.slots) == state.cache.k.shape[1:3]
     assert p.kv_cache == per_device_bytes(state.cache)
-    assert p.prefill_tokens == run.ids.shape[1]
+    assert p.prefill_tokens == args[1].shape[1]
     # the worst case over prompt / new splits never allocates less
     assert memory.plan(DECODER, model.mesh, batch=prompts,
                        max_length=prompt_len + new).kv_cache >= p.kv_cache
     # activations are an estimate: compare with what XLA reserves for the prefill's temporaries
-    f = gen.make_prefill(model, run.feats, run.max_new, run.cache_len)
-    temp = f.lower(model.params, run.ids, run.lengths, run.req).compile() \
-        .memory_analysis().temp_size_in_bytes
+    temp = f.lower(*args).compile().memory_analysis().temp_size_in_bytes
     assert 0.5 * temp <= p.activations <= 2.5 * temp, (p.activations, temp)
     # the decode working set: what the compiled decode loop reserves besides its arguments
-    loop = gen.make_decode_loop(model, run.feats)
-    temp = loop.lower(model.params, state, run.req, np.int32(new)).compile() \
+    loop = run.engine.decode_loop()
+    temp = loop.lower(model.params, state, np.int32(new)).compile() \
         .memory_analysis().temp_size_in_bytes
     assert 0.6 * temp <= p.decode <= 1.6 * temp, (p.decode, temp)
     assert p.total == p.weights + p.kv_cache + max(p.activations, p.decode)
@@ -188,13 +187,12 @@ def test_chunked_prefill_counts_one_chunk():
     estimate the unchunked formula."""
     prompts, prompt_len, new = 16, 32, 8
     model = jf.Model.random(DECODER, mesh()).with_run(prefill_tokens=64)
-    run = gen._Run(model, [[5] * prompt_len] * prompts, new, None, 0, False)
+    run = gen.GenerateRun(model, [[5] * prompt_len] * prompts, new, None, 0, False)
+    f, args = run.prefill_call()
     p = memory.plan(DECODER, model.mesh, batch=prompts, max_length=prompt_len + new,
                     prompt_length=prompt_len, prefill_tokens=64)
-    assert (p.rows, p.prefill_chunk) == (16, 64 // run.ids.shape[1])
-    f = gen.make_prefill(model, run.feats, run.max_new, run.cache_len)
-    temp = f.lower(model.params, run.ids, run.lengths, run.req).compile() \
-        .memory_analysis().temp_size_in_bytes
+    assert (p.rows, p.prefill_chunk) == (16, 64 // args[1].shape[1])
+    temp = f.lower(*args).compile().memory_analysis().temp_size_in_bytes
     assert 0.5 * temp <= p.activations <= 2.5 * temp, (p.activations, temp)
     whole = memory.plan(DECODER, model.mesh, batch=prompts, max_length=prompt_len + new,
                         prompt_length=prompt_len, prefill_tokens=1 << 20)

@@ -340,19 +340,44 @@ def test_write_layer_touches_only_the_new_entries():
     stack = rand((L, B, S, K, H))
     new = rand((B, T, K, H))
     start = jnp.asarray([1, 5], jnp.int32)
-    got = np.asarray(jax.jit(kvc.write_layer)(stack, new, jnp.int32(2), start))
+    got = np.asarray(jax.jit(kvc.write_layer)(stack, new, jnp.int32(2), kvc.Write.at(start)))
     want = np.asarray(stack).copy()
     for b, s0 in enumerate([1, 5]):
         want[2, b, s0:s0 + T] = np.asarray(new)[b]
     np.testing.assert_array_equal(got, want)
-    one = np.asarray(jax.jit(kvc.write_layer)(stack[:, 1:], new[1:], jnp.int32(1), start[1:]))
+    one = np.asarray(jax.jit(kvc.write_layer)(stack[:, 1:], new[1:], jnp.int32(1),
+                                              kvc.Write.at(start[1:])))
     want1 = np.asarray(stack)[:, 1:].copy()
     want1[1, 0, 5:5 + T] = np.asarray(new)[1]  # a batch of one: the plain-update path
     np.testing.assert_array_equal(one, want1)
-    got0 = np.asarray(jax.jit(kvc.write_layer)(stack, new, jnp.int32(0), None))
+    got0 = np.asarray(jax.jit(kvc.write_layer)(stack, new, jnp.int32(0), kvc.Write.prefill()))
     want0 = np.asarray(stack).copy()
     want0[0, :, :T] = np.asarray(new)
     np.testing.assert_array_equal(got0, want0)
+    # a prefill of one chunk of rows: rows [1, 2) of the cache
+    got1 = np.asarray(jax.jit(kvc.write_layer)(stack, new[:1], jnp.int32(1),
+                                               kvc.Write.prefill(1)))
+    want1 = np.asarray(stack).copy()
+    want1[1, 1, :T] = np.asarray(new)[0]
+    np.testing.assert_array_equal(got1, want1)
+
+
+def test_cache_put_rows_copies_rows_into_slots():
+    """KVCache.put_rows (the Engine's insert): b rows of a shorter cache land in the named
+    rows, slots [0, S'), codes and scales alike; every other entry is untouched."""
+    from jaxformer import cache as kvc
+    L, B, S, K, H, Sp = 2, 4, 8, 2, 4, 4
+    dst = kvc.KVCache(rand((L, B, S, K, H)), rand((L, B, S, K, H)), rand((L, B, S, K)),
+                      rand((L, B, S, K)), "int8")
+    src = kvc.KVCache(rand((L, 2, Sp, K, H)), rand((L, 2, Sp, K, H)), rand((L, 2, Sp, K)),
+                      rand((L, 2, Sp, K)), "int8")
+    got = jax.jit(lambda d, s: d.put_rows(s, jnp.asarray([3, 0])))(dst, src)
+    assert got.quant == "int8"
+    for f in ("k", "v", "k_scale", "v_scale"):
+        want = np.asarray(getattr(dst, f)).copy()
+        want[:, 3, :Sp] = np.asarray(getattr(src, f))[:, 0]
+        want[:, 0, :Sp] = np.asarray(getattr(src, f))[:, 1]
+        np.testing.assert_array_equal(np.asarray(getattr(got, f)), want)
 
 
 INTERP_DECODE = [

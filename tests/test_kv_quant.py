@@ -133,7 +133,8 @@ def test_cache_bytes_halve_and_the_fitting_batch_doubles():
     # the plan counts what init_cache allocates
     small = jf.ModelConfig.from_preset("demo")
     c = kvc.init_cache(small, 2, 128, jnp.bfloat16, kv_cache="int8")
-    assert sum(a.nbytes for a in c) == memory.kv_cache_bytes(small, None, "bfloat16", 2, 128,
+    assert sum(a.nbytes for a in jax.tree.leaves(c)) == memory.kv_cache_bytes(
+        small, None, "bfloat16", 2, 128,
                                                              kv_cache="int8")
 
 

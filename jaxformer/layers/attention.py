@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from flax import nnx
 
-from jaxformer import cache as kv
 from jaxformer.config import ModelConfig
 from jaxformer.kernels.attention import attention
 from jaxformer.layers.base import Dense
@@ -26,17 +25,16 @@ class Attention(nnx.Module):
         self.out = Dense(rngs, (N, H, D), ("heads", "head_dim", "embed"),
                          (D,) if cfg.linear_bias else None, ("embed",), contract=2)
 
-    def __call__(self, x, positions, kv_lengths, cache=None, start=None, layer=None, *,
+    def __call__(self, x, positions, kv_lengths, cache=None, at=None, layer=None, *,
                  backend="auto"):
         """One attention sublayer.
 
         x [B, T, D]; positions [B, T] int32; kv_lengths [B] int32 valid keys after this step.
-        cache: None (attend within x) or the stacked cache (k, v[, k_scale, v_scale]), each
-        [L, B, S, ...], of which this is layer `layer` (an int32 scalar, required with a
-        cache). The new keys are written at slot start[b] (start [B] int32) and the queries
-        attend over the whole cache row; with start None they are written at slot 0 and the
-        queries attend within x (kv.PrefillRows(offset): the same, into rows from offset).
-        Returns (out [B, T, D], new cache (same structure) or None).
+        cache: None (attend within x) or the stacked cache.KVCache of every layer, of which
+        this is layer `layer` (an int32 scalar, required with a cache); `at` (cache.Write)
+        says where the new keys go and whether the queries attend over the cache row
+        (decode) or within x (prefill).
+        Returns (out [B, T, D], the new cache or None).
         """
         cfg = self.cfg
         B, T, _ = x.shape
@@ -50,24 +48,19 @@ class Attention(nnx.Module):
             q = apply_rope(q, positions, **rope)
             k = apply_rope(k, positions, **rope)
         q = q.reshape(B, T, K * G, H)  # head n = k * G + g
-        new_cache, kv_layer, scales = None, None, {}
+        kv_layer, scales = None, {}
         if cache is not None:
             # The stacked cache rides in the layer loop's carry: write only the new entries.
-            # start None: a prefill from an empty cache, which attends within x (T keys,
-            # not S) and stores x's keys at slots [0, T).
-            new_cache = kv.store(kv.as_tuple(cache), k, v, layer, start)
-            if kv.is_decode(start) and kv.mode_of(new_cache) is not None:
-                # a quantized cache: the Pallas decode kernel or XLA dots read the codes,
-                # the scales folded into the scores and probabilities; "auto" picks
-                # (kernels/attention.py), unless "xla" was asked for
-                k, v, k_scale, v_scale = new_cache
-                scales = dict(k_scale=k_scale, v_scale=v_scale)
-                backend = "xla" if backend == "xla" else "auto"
-                kv_layer = layer
-            elif kv.is_decode(start):
-                (k, v), kv_layer = new_cache, layer  # attention reads the layer in place
+            cache = cache.write(layer, k, v, at)
+            if at.decode:
+                # attention reads layer `layer` of the stacked cache in place; a quantized
+                # cache's codes go to the Pallas decode kernel or XLA dots with the scales
+                # folded into scores and probabilities ("auto" picks, kernels/attention.py)
+                k, v, kv_layer, scales = cache.k, cache.v, layer, cache.scales()
+                if cache.quant is not None and backend != "xla":
+                    backend = "auto"
         o = attention(q, k, v, positions, kv_lengths, causal=cfg.causal, scale=cfg.scale,
                       backend=backend, layer=kv_layer, **scales)
         o = shard(o, ("batch", "length", "act_heads", "head_dim"))
         out = self.out.add_bias(self.out.einsum("btnh,nhd->btd", o))
-        return shard(out, ("batch", "length", "embed")), new_cache
+        return shard(out, ("batch", "length", "embed")), cache

@@ -18,10 +18,10 @@ class Block(nnx.Module):
         self.mlp_norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps, rngs)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, positions, kv_lengths, cache=None, start=None, layer=None, *,
+    def __call__(self, x, positions, kv_lengths, cache=None, at=None, layer=None, *,
                  backend="auto"):
         """x [B, T, D] -> (x [B, T, D], new cache or None). Arguments as Attention's."""
-        attn = lambda h: self.attn(h, positions, kv_lengths, cache, start, layer,  # noqa: E731
+        attn = lambda h: self.attn(h, positions, kv_lengths, cache, at, layer,  # noqa: E731
                                    backend=backend)
         if self.cfg.norm_position == "post":
             a, new_cache = attn(x)

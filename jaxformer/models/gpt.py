@@ -26,8 +26,8 @@ class DecoderLM(Transformer):
             logits = shard(logits, ("batch", "length", "act_vocab"))
         return mask_padded_vocab(logits, self.cfg.vocab_size)
 
-    def __call__(self, ids, positions, kv_lengths, cache=None, start=None, *, backend="auto"):
-        x, new_cache = self.trunk(ids, positions, kv_lengths, cache, start, backend=backend)
+    def __call__(self, ids, positions, kv_lengths, cache=None, at=None, *, backend="auto"):
+        x, new_cache = self.trunk(ids, positions, kv_lengths, cache, at, backend=backend)
         return self.head(x), new_cache
 
 

@@ -187,10 +187,7 @@ def set_act_scales(model, amax: dict) -> None:
     """act_scale = amax / 448 (1 where a layer saw only zeros), in each scale's sharding."""
     pure = nnx.to_pure_dict(model.params)
     for path, dense in iter_denses(model.module(model.params)):
-        a = np.asarray(amax[dense.qname], np.float32)
-        if len(path) > 1 and path[1].isdigit():  # unrolled position j: layers s * Ls + j
-            Ls = len(pure[path[0]])
-            a = a.reshape(-1, Ls)[:, int(path[1])]
+        a = model.stack.per_layer_values(np.asarray(amax[dense.qname], np.float32), path)
         node = _get(pure, path)
         old = node["act_scale"]
         scale = np.where(a > 0, a, ops.FP8_MAX) / ops.FP8_MAX

@@ -47,6 +47,13 @@ def _param(value, axes) -> nnx.Param:
     return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
+def _layer_name(path: tuple) -> str:
+    """A Dense's name without its layer: `layers/attn/qkv` (stacked) and
+    `layers/<j>/attn/qkv` (unrolled position j, models/stack.py) are both "attn/qkv"."""
+    parts = [str(p) for p in path[1:]]
+    return "/".join(parts[1:] if parts and parts[0].isdigit() else parts)
+
+
 def quantize_module(module, quantize):
     """Quantize the covered Dense kernels of `module` in place (real or abstract values);
     returns the module. `quantize`: a RunConfig.quantize value or QuantSpec."""
@@ -61,9 +68,8 @@ def quantize_module(module, quantize):
         if spec.activations:  # placeholder 1.0 until calibrate() measures the inputs
             dense.act_scale = _param(jnp.ones(kernel.shape[:lead], jnp.float32), axes[:lead])
         dense.quant = spec.name
-        # the layer-independent name ("attn/qkv"): the unrolled layout's position index
-        # (layers/<j>/attn/qkv, models/transformer.py) is not part of it
-        dense.qname = "/".join(path[2:] if len(path) > 1 and path[1].isdigit() else path[1:])
+        # the layer-independent name ("attn/qkv"), without the layout's position index
+        dense.qname = _layer_name(path)
     return module
 
 

@@ -1,0 +1,92 @@
+"""The decode batch's state and per-row bookkeeping, shared by every decode schedule
+(runtime.py's loop and pipeline.py's circular one).
+
+A decode batch is B slots. Each live slot holds one request: its rows of the KV cache, the
+token to feed next, how many tokens it has generated, its stop state and its sampling
+settings (`Request`, per row, so requests with different settings share one compiled step).
+A slot that is free or finished is `done`: it still runs through the step (shapes are
+fixed) but records nothing and does not advance.
+
+`out` / `logprobs` are a window of W tokens per row that a call of the decode loop fills
+from column `step`; generate() sizes it to the whole generation, the Engine to its tokens
+per step call.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxformer.cache import KVCache
+from jaxformer.sampling import RowParams
+
+STOP_WINDOW = 8  # longest stop sequence (in tokens) matched on the device
+
+
+class Request(NamedTuple):
+    """Per-row constants of the requests in a batch (device arrays, B rows)."""
+    params: RowParams  # sampling settings, [B] each
+    stop_ids: jax.Array  # [B, Ms] int32, -1 padded
+    stop_seqs: jax.Array  # [B, Mq, STOP_WINDOW] int32, right-aligned, -1 padded
+    max_new: jax.Array  # [B] int32 tokens a row may generate in all
+    key: jax.Array  # [B, 2] uint32 PRNG key data per row
+
+
+class DecodeState(NamedTuple):
+    cache: KVCache
+    last: jax.Array  # [B] int32 token to feed next
+    lengths: jax.Array  # [B] int32 tokens in the cache
+    done: jax.Array  # [B] bool
+    generated: jax.Array  # [B] int32 tokens generated so far per row
+    step: jax.Array  # [] int32 next column of the window
+    out: jax.Array  # [B, W] int32 tokens of this window (-1: none)
+    logprobs: jax.Array  # [B, W] float32
+    recent: jax.Array  # [B, STOP_WINDOW] int32 last tokens, for stop sequences
+    seen: jax.Array | None  # [B, Vp] bool, prompt or generated (penalties only)
+    counts: jax.Array | None  # [B, Vp] int32 generated (penalties only)
+    req: Request
+
+
+def row_keys(key, generated):
+    """Per-row PRNG keys for the next token: key [B, 2] uint32 data, generated [B] -> [B]
+    keys. A row's draws depend on its own key and position only, never on its slot or on
+    what else shares the batch."""
+    return jax.vmap(lambda k, g: jax.random.fold_in(jax.random.wrap_key_data(k), g))(
+        key, generated)
+
+
+def stopped(tok, recent, req: Request):
+    """[B] bool: tok hit a stop id, or the recent tokens end with a stop sequence."""
+    hit = (tok[:, None] == req.stop_ids).any(-1)
+    seqs = req.stop_seqs  # [B, Mq, W]
+    match = ((seqs == recent[:, None, :]) | (seqs < 0)).all(-1) & (seqs >= 0).any(-1)
+    return hit | match.any(-1)
+
+
+def record(state: DecodeState, tok, logprob, req: Request) -> DecodeState:
+    """Store this step's token [B] for the rows still running and update their stop state.
+    `req` is the state's own, or (pipeline) the rows of one microbatch."""
+    live = ~state.done
+    tok = jnp.where(live, tok, 0)
+    out = state.out.at[:, state.step].set(jnp.where(live, tok, -1))
+    logprobs = state.logprobs.at[:, state.step].set(jnp.where(live, logprob, 0.0))
+    recent = jnp.concatenate([state.recent[:, 1:], tok[:, None]], axis=1)
+    generated = state.generated + live.astype(jnp.int32)
+    done = state.done | (live & (stopped(tok, recent, req) | (generated >= req.max_new)))
+    seen, counts = state.seen, state.counts
+    if counts is not None:
+        rows = jnp.arange(tok.shape[0])
+        counts = counts.at[rows, tok].add(live.astype(jnp.int32))
+        seen = seen.at[rows, tok].max(live)
+    return state._replace(last=jnp.where(live, tok, state.last), done=done,
+                          generated=generated, step=state.step + 1, out=out,
+                          logprobs=logprobs, recent=recent, seen=seen, counts=counts)
+
+
+def new_window(state: DecodeState, width: int | None = None) -> DecodeState:
+    """The state with an empty token window (of `width` columns, default the current)."""
+    B = state.last.shape[0]
+    W = state.out.shape[1] if width is None else width
+    return state._replace(step=jnp.int32(0), out=jnp.full((B, W), -1, jnp.int32),
+                          logprobs=jnp.zeros((B, W), jnp.float32))
