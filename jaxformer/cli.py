@@ -244,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
         print(msg if msg.startswith("jaxformer") else f"jaxformer {args.command}: error: {msg}",
               file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: stop quietly, with the shell's status for it
+        print(file=sys.stderr)
+        return 130
     except (ValueError, OSError) as e:  # incl. CheckpointError, FileNotFoundError
         # one line, except the memory plan an out-of-memory refusal explains itself with
         print(f"jaxformer {args.command}: error: {e}", file=sys.stderr)
