@@ -52,7 +52,7 @@ def _parser() -> Parser:
     g.add_argument("--stream", action="store_true", help="print text as it is made")
     c = sub.add_parser("chat", help="an interactive chat in the terminal",
                        description="Chat with a model through its tokenizer's chat template, "
-                       "replies streamed as they are made. Reads one message per line from "
+                       "replies streamed as they are made.\nReads one message per line from "
                        "stdin; /exit or end of input (Ctrl-D) quits.")
     add_model(c)
     add_sampling(c, max_new_tokens=256)
@@ -72,8 +72,8 @@ def _parser() -> Parser:
 def _info_parser(sub) -> None:
     i = sub.add_parser("info", help="the memory plan per device (reads config.json only)",
                        description="Weights, KV cache and prefill activations per device, "
-                       "against device memory, and the largest batch x length that fits. "
-                       "Nothing is loaded: only the checkpoint's config.json is read.")
+                       "against device memory,\nand the largest batch x length that fits. "
+                       "Nothing is loaded: only the checkpoint's\nconfig.json is read.")
     src = i.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="jaxformer checkpoint dir")
     src.add_argument("--preset", help="a model preset (jaxformer presets lists them)")

@@ -117,6 +117,7 @@ def bad_inputs(p):
         (gen + ["--checkpoint", str(p / "prompts.txt")], "is a file"),
         (gen + ["--checkpoint", str(p / "hf-model")], "python -m conversion.hf"),
         (gen + ["--checkpoint", str(p / "bad-json")], "not valid JSON"),
+        (gen + ["--checkpoint", str(p)], "no config.json"),
         (gen + ["--model", "no-such-model"], "no-such-model"),
         (gen + ["--model", "x", "--checkpoint", str(p / "ckpt")], "not allowed with"),
         (gen + ["--prompts-file", missing], "--prompts-file"),
