@@ -140,6 +140,15 @@ def render(template: jinja2.Template, messages, tokenizer) -> str:
         raise ValueError(f"chat template failed: {e}") from None
 
 
+def encode(tokenizer, text: str) -> list[int]:
+    """The rendered conversation as ids. A leading bos token string becomes the bos id: a
+    sentencepiece tokenizer would otherwise spell `<s>` out as text."""
+    bos = tokenizer.id_to_token(tokenizer.bos_id) if tokenizer.bos_id is not None else None
+    if bos and text.startswith(bos):
+        return [tokenizer.bos_id, *tokenizer.encode(text[len(bos):])]
+    return tokenizer.encode(text)
+
+
 # ---- the chat loop ----------------------------------------------------------------------------
 def chat(model, sampling, args, checkpoint: Path | None, stdin=None, out=None) -> int:
     """Read user lines from stdin until EOF or /exit; stream each reply to out."""
@@ -171,10 +180,10 @@ def chat(model, sampling, args, checkpoint: Path | None, stdin=None, out=None) -
         if not line.strip():
             continue
         history.append({"role": "user", "content": line.rstrip("\r\n")})
-        ids = tok.encode(render(template, system + history, tok))
+        ids = encode(tok, render(template, system + history, tok))
         while len(ids) + args.max_new_tokens > limit and len(history) > 1:
             history = history[2:]  # forget the oldest exchange to fit the context
-            ids = tok.encode(render(template, system + history, tok))
+            ids = encode(tok, render(template, system + history, tok))
         if len(ids) + args.max_new_tokens > limit:
             print(f"jaxformer chat: error: the message is {len(ids)} tokens with the "
                   f"template; with --max-new-tokens {args.max_new_tokens} that exceeds the "

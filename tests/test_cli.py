@@ -399,3 +399,21 @@ def test_converters_share_one_line_errors(tmp_path, monkeypatch, capsys):
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
         "optional-dependencies"]
     assert any(d.startswith("torch") for d in extras["megatron"])
+
+
+def test_chat_template_renders_as_transformers_does():
+    """bos_token / eos_token / add_generation_prompt reach the template, a leading bos string
+    becomes the bos id, and raise_exception is a one-line ValueError."""
+    from jaxformer.cli_chat import compile_template, encode, render
+    from jaxformer.tokenizer import ByteTokenizer
+    tok = ByteTokenizer()
+    t = compile_template("{{ bos_token }}{% for m in messages %}{{ m['content'] }}{{ eos_token }}"
+                         "{% endfor %}{% if add_generation_prompt %}>{% endif %}")
+    text = render(t, [{"role": "user", "content": "hi"}], tok)
+    assert text == "<bos>hi<eos>>"
+    assert encode(tok, text) == [257] + list(b"hi<eos>>")
+    bad = compile_template("{{ raise_exception('roles must alternate') }}")
+    with pytest.raises(ValueError, match="roles must alternate"):
+        render(bad, [], tok)
+    with pytest.raises(ValueError, match="does not parse"):
+        compile_template("{% for %}")
