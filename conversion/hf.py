@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from conversion import error_line
 from conversion.hf_tables import FAMILIES, ShapeError
 from jaxformer.checkpoint import CheckpointWriter
 from jaxformer.config import DTYPES, ModelConfig
@@ -215,6 +216,9 @@ def convert(input_dir, output_dir, *, dtype: str | None = None, overwrite: bool 
         cfg = from_hf_config(hf).replace(name=src_dir.resolve().name)
     except ValueError as e:
         raise ConversionError(f"{src_dir / 'config.json'}: {e}") from None
+    except KeyError as e:  # a field the family's config must have
+        raise ConversionError(f"{src_dir / 'config.json'}: a {model_type} config needs "
+                              f"{e.args[0]!r}, which it lacks") from None
     dtype = dtype or hf.get("torch_dtype") or hf.get("dtype") or "float32"
     if dtype not in DTYPES:
         dtype = "float32"
@@ -313,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         convert(args.input, args.output, dtype=args.dtype, overwrite=args.overwrite,
                 quantize=args.quantize)
     except (ValueError, FileExistsError) as e:  # ConversionError, CheckpointError, quantize
-        print(f"error: {e}", file=sys.stderr)
+        print(error_line(ap.prog, e), file=sys.stderr)
         return 1
     return 0
 

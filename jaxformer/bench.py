@@ -26,9 +26,9 @@ so a batch that fits only with an int8 cache runs for that mode and is skipped f
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import json
+import os
 import sys
 import time
 
@@ -351,31 +351,64 @@ def _largest_fitting(cfg, dtype: str, prompt: int, length: int, mode) -> int:
     return lo
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--presets", nargs="+", default=["gpt3-1.3b", "gpt3-6.7b", "gpt3-13b"])
-    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64, 256])
-    ap.add_argument("--prompts", nargs="+", type=int, default=[128, 2048])
-    ap.add_argument("--new", type=int, default=128)
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "pallas"])
+TINY = dict(batches=[1, 2], prompts=[16], new=8)  # --tiny: a smoke run of about a minute
+FULL = dict(batches=[1, 8, 64, 256], prompts=[128, 2048], new=128)
+
+
+def parser():
+    from jaxformer.cli_args import (ATTENTION, Parser, positive_float, positive_int)
+    ap = Parser(prog="jaxformer bench", description=__doc__)
+    ap.add_argument("--presets", nargs="+", default=["gpt3-1.3b", "gpt3-6.7b", "gpt3-13b"],
+                    help="model presets (random weights); --tiny: demo")
+    ap.add_argument("--batches", nargs="+", type=positive_int,
+                    help=f"batch sizes (default: {' '.join(map(str, FULL['batches']))}; "
+                         f"--tiny: {' '.join(map(str, TINY['batches']))})")
+    ap.add_argument("--prompts", nargs="+", type=positive_int,
+                    help=f"prompt lengths (default: {' '.join(map(str, FULL['prompts']))}; "
+                         f"--tiny: {' '.join(map(str, TINY['prompts']))})")
+    ap.add_argument("--new", type=positive_int,
+                    help=f"new tokens per row (default: {FULL['new']}; --tiny: {TINY['new']})")
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                    help="weights and activations")
+    ap.add_argument("--attention", default="auto", choices=ATTENTION, help="attention kernels")
     ap.add_argument("--hf", action="store_true", help="also run transformers (needs CUDA torch)")
-    ap.add_argument("--hf-timeout", type=float, default=None,
+    ap.add_argument("--hf-timeout", type=positive_float, default=None,
                     help="seconds for all transformers rows (the rows done by then are kept)")
     ap.add_argument("--force", action="store_true",
                     help="run shapes the memory plan says do not fit (failures are reported)")
     ap.add_argument("--largest", action="store_true",
                     help="also the largest batch the memory plan fits, per preset and prompt")
-    ap.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny config")
+    ap.add_argument("--tiny", action="store_true",
+                    help="CPU smoke run: the demo preset at small shapes, about a minute")
     ap.add_argument("--json", help="write all rows to this file")
     ap.add_argument("--quantize", default="none",
                     help="comma-separated modes per shape: none,int8,int4,int4-g<N>,fp8,"
-                         "fp8-tensor (default: none)")
+                         "fp8-tensor")
     ap.add_argument("--kv-cache", default="none",
-                    help="comma-separated KV-cache modes per shape: none,int8,fp8 (default: "
-                         "none, the cache in --dtype)")
+                    help="comma-separated KV-cache modes per shape: none,int8,fp8 (none: the "
+                         "cache in --dtype)")
+    return ap
+
+
+def main(argv=None) -> int:
+    """`jaxformer bench`; bad input prints one line and returns 2."""
+    from jaxformer.cli_args import UsageError
+    try:
+        return _main(argv)
+    except UsageError as e:
+        print(e, file=sys.stderr)
+        return 2
+    except SystemExit as e:  # --help
+        return e.code if isinstance(e.code, int) else 0
+
+
+def _main(argv) -> int:
+    from jaxformer.cli_args import UsageError
+    ap = parser()
     args = ap.parse_args(argv)
+    for key, value in (TINY if args.tiny else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     import jaxformer as jf
     from jaxformer.cache import KV_MODES
     from jaxformer.quant.spec import name
@@ -385,12 +418,18 @@ def main(argv=None) -> int:
     for kv in kv_modes:
         if kv is not None and kv not in KV_MODES:
             ap.error(f"--kv-cache: {kv!r} is not none, int8 or fp8")
-    modes = [(None if m.strip() in ("", "none") else name(m.strip(), "--quantize"), kv)
-             for m in args.quantize.split(",") for kv in kv_modes]
+    try:
+        modes = [(None if m.strip() in ("", "none") else name(m.strip(), "--quantize"), kv)
+                 for m in args.quantize.split(",") for kv in kv_modes]
+        for preset in ["demo"] if args.tiny else args.presets:
+            jf.ModelConfig.from_preset(preset)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(f"{ap.prog}: error: {e}") from None
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        ap.error(f"--json {args.json}: its directory does not exist")
 
     presets = ["demo"] if args.tiny else args.presets
     if args.hf:  # transformers runs in a child first: jax must not claim the GPU up front
-        import os
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     shapes = plan_shapes(presets, args.prompts, args.batches, args.new, args.dtype,
                          args.largest, modes)

@@ -264,8 +264,10 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
         raise CheckpointError(f"{path} is not a jaxformer checkpoint: no {CONFIG_FILE}")
     try:
         return ModelConfig.load_json(path / CONFIG_FILE)
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path / CONFIG_FILE}: {e}") from None
+    except (ValueError, TypeError) as e:  # name the file once (load_json's JSON error does)
+        msg = str(e)
+        raise CheckpointError(msg if str(path / CONFIG_FILE) in msg
+                              else f"{path / CONFIG_FILE}: {msg}") from None
 
 
 def read_quantization(path: str | os.PathLike) -> str | None:

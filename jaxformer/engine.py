@@ -470,7 +470,7 @@ def _needs_calibration(quantize, calibration, *, stored: bool) -> bool:
 def _beams(sampling) -> bool:
     from jaxformer.sampling import Sampling
     items = [sampling] if isinstance(sampling, Sampling) else list(sampling or [])
-    return any(s.num_beams > 1 for s in items)
+    return any(s is not None and s.num_beams > 1 for s in items)  # None: a greedy row
 
 
 def _generate_with_bar(model, prompts, max_new_tokens, sampling, seed, progress, **kwargs):
@@ -495,11 +495,13 @@ def _pure_abstract(cfg: ModelConfig, quantize: str | None = None) -> dict:
 
 
 def demo_model(mesh: Mesh | None = None, dtype: str = "float32", seed: int = 0,
-               quantize: str | None = None, kv_cache: str | None = None) -> Model:
+               quantize: str | None = None, kv_cache: str | None = None,
+               attention: str = "auto") -> Model:
     """The built-in default: the `demo` preset with seeded random (UNTRAINED) weights and the
     byte tokenizer. It exercises the whole stack without any download; its text is noise.
     quantize, kv_cache: as in Model.random (int4 needs a group dividing ffn_size 344, e.g.
-    int4-g8)."""
+    int4-g8), attention (RunConfig.attention)."""
     from jaxformer.tokenizer import ByteTokenizer
     return Model.random(ModelConfig.from_preset("demo"), mesh, dtype=dtype, seed=seed,
-                        tokenizer=ByteTokenizer(), quantize=quantize, kv_cache=kv_cache)
+                        tokenizer=ByteTokenizer(), quantize=quantize, kv_cache=kv_cache,
+                        attention=attention)

@@ -66,10 +66,10 @@ def _samplings(sampling, n: int) -> list[Sampling]:
         return [GREEDY] * n
     if isinstance(sampling, Sampling):
         return [sampling] * n
-    s = list(sampling)
+    s = [GREEDY if x is None else x for x in sampling]  # None in a list: a greedy row
     if len(s) != n or not all(isinstance(x, Sampling) for x in s):
-        raise ValueError(f"sampling must be None, a Sampling, or one Sampling per prompt "
-                         f"({n}); got {sampling!r}")
+        raise ValueError(f"sampling must be None, a Sampling, or one Sampling (or None for "
+                         f"greedy) per prompt ({n}); got {sampling!r}")
     return s
 
 

@@ -61,16 +61,27 @@ class MemoryPlan:
 
     def largest_batch(self, length: int) -> int:
         """The largest number of prompts (as generate() pads them) whose cache of `length`
-        fits beside the weights; 0 if not even one does (or device memory is unknown)."""
+        fits beside the weights; 0 if not even one does (or device memory is unknown).
+
+        The plan's total grows with the batch, so doubling finds a batch that does not fit
+        and bisection the largest one that does (every batch is a candidate, not only
+        powers of two)."""
         if self.device_memory is None:
             return 0
-        best, n = 0, 1
-        while n <= 1 << 24:
-            if _plan_total(self, n, length) > self.device_memory:
-                break
-            best = n
-            n = 16 if n == 1 else n * 2
-        return best
+
+        def fits(n):
+            return _plan_total(self, n, length) <= self.device_memory
+        if not fits(1):
+            return 0
+        lo, hi = 1, 2  # fits(lo); hi: not yet known
+        while hi <= 1 << 24 and fits(hi):
+            lo, hi = hi, hi * 2
+        if hi > 1 << 24:
+            return lo
+        while hi - lo > 1:  # fits(lo), not fits(hi)
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        return lo
 
     def fit_table(self, lengths=None) -> list[tuple[int, int]]:
         """[(length, largest batch)] for powers of two up to the position limit."""
@@ -208,12 +219,32 @@ def plan(config: ModelConfig, mesh=None, dtype="float32", *, batch: int | None =
         return p
     batch = 1 if batch is None else int(batch)
     max_length = config.max_position_embeddings if max_length is None else int(max_length)
+    _check_workload(config, batch, max_length, prompt_length, prefill_tokens)
     rows, slots, tokens, chunk, kv, act, dec = _workload(
         config, sizes, dtype, table, attention, batch, max_length, prompt_length, quantize,
         kv_cache, prefill_tokens, layer_loop)
     return dataclasses.replace(p, batch=batch, max_length=max_length, rows=rows, slots=slots,
                                prompt_length=prompt_length, prefill_tokens=tokens,
                                prefill_chunk=chunk, kv_cache=kv, activations=act, decode=dec)
+
+
+def _check_workload(config: ModelConfig, batch: int, max_length: int, prompt_length,
+                    prefill_tokens: int) -> None:
+    """One ValueError naming the first workload value that cannot describe a generate()."""
+    limit = config.max_position_embeddings
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}")
+    if max_length < 2:
+        raise ValueError(f"max_length (prompt + new tokens) must be at least 2, got "
+                         f"{max_length}")
+    if max_length > limit:
+        raise ValueError(f"max_length {max_length} exceeds the context of "
+                         f"{config.name or 'the model'}: max_position_embeddings = {limit}")
+    if prompt_length is not None and not 1 <= prompt_length < max_length:
+        raise ValueError(f"prompt_length must be in [1, max_length = {max_length}), got "
+                         f"{prompt_length}")
+    if prefill_tokens < 1:
+        raise ValueError(f"prefill_tokens must be at least 1, got {prefill_tokens}")
 
 
 class OutOfMemoryPlan(ValueError):

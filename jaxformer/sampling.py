@@ -20,7 +20,7 @@ from jaxformer import sharding as shd
 @dataclasses.dataclass(frozen=True)
 class Sampling:
     """How to choose each next token. `Sampling()` samples at temperature 1; greedy is
-    `temperature=0` (or `sampling=None` in generate()).
+    `temperature=0` (or `sampling=None` in generate(), or None for a row of a list).
 
     repetition_penalty follows Hugging Face/CTRL (over prompt and generated tokens: positive
     logits divided by it, negative ones multiplied); presence_penalty and frequency_penalty
@@ -101,7 +101,7 @@ class Features(NamedTuple):
 
 def row_params(samplings: Sequence[Sampling], batch: int) -> tuple[RowParams, Features]:
     """Host arrays for `batch` rows (rows past len(samplings) are padding, set greedy)."""
-    s = list(samplings) + [GREEDY] * (batch - len(samplings))
+    s = [GREEDY if x is None else x for x in samplings] + [GREEDY] * (batch - len(samplings))
     arr = lambda f, dt: np.asarray([f(x) for x in s], dt)  # noqa: E731
     rp = RowParams(
         greedy=arr(lambda x: x.greedy, bool),

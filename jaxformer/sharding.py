@@ -29,15 +29,20 @@ Rules = Mapping[str, Any]
 
 def make_mesh(data: int = 1, pipe: int = 1, tensor: int = 1,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh with axes (data, pipe, tensor) over `devices` (default: all devices of all hosts).
+    """A mesh with axes (data, pipe, tensor) over `devices`.
 
-    Passing a subset of devices lets several models run side by side on disjoint groups.
+    devices None: all devices of all hosts; on one host, sizes that multiply to fewer than
+    jax.device_count() take the first devices in order (CUDA_VISIBLE_DEVICES already narrows
+    what jax sees). Passing a subset of devices lets several models run side by side on
+    disjoint groups.
     """
     for name, size in (("data", data), ("pipe", pipe), ("tensor", tensor)):
-        if not isinstance(size, int) or size <= 0:
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
             raise ValueError(f"make_mesh: {name} must be a positive integer, got {size!r}")
     n = data * pipe * tensor
     devs = list(jax.devices() if devices is None else devices)
+    if devices is None and n < len(devs) and jax.process_count() == 1:
+        devs, devices = devs[:n], devs[:n]
     if len(devs) != n:
         raise ValueError(f"make_mesh: data={data} x pipe={pipe} x tensor={tensor} = {n} "
                          f"devices, but {len(devs)} {'are' if devices is None else 'were'} "
@@ -159,6 +164,10 @@ def check_divisible(cfg: ModelConfig, mesh: Mesh, rules: Rules, batch: int | Non
     }
     if batch is not None:
         dims["batch"] = (batch, "batch size")
+    bad = {a: n for a, n in dict(mesh.shape).items() if not isinstance(n, int) or n < 1}
+    if bad:  # a size of 0 would divide by zero below
+        raise ValueError("mesh sizes must be positive integers, got "
+                         + ", ".join(f"{a}={n!r}" for a, n in bad.items()))
     problems = []
     for logical, (size, what) in dims.items():
         n = mesh_size(mesh, rules.get(logical))

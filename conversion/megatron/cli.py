@@ -6,6 +6,8 @@ import json
 import logging
 import sys
 
+from conversion import error_line
+
 
 # flag -> ModelConfig field, for what a checkpoint's args may lack or get wrong
 OVERRIDES = {
@@ -72,8 +74,13 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+TORCH_MISSING = ("reading Megatron torch checkpoints needs PyTorch, which is not installed: "
+                 "pip install 'jaxformer[megatron]' (or any torch build)")
+
+
 def main(argv=None) -> int:
-    ns = parser().parse_args(argv)
+    ap = parser()
+    ns = ap.parse_args(argv)
     logging.basicConfig(level=logging.ERROR if ns.quiet else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if not ns.quiet:  # our own progress notes; not every library's INFO chatter
@@ -92,7 +99,8 @@ def main(argv=None) -> int:
     for item in ns.set:
         key, sep, raw = item.partition("=")
         if not sep:
-            print(f"error: --set expects FIELD=VALUE, got {item!r}", file=sys.stderr)
+            print(error_line(ap.prog, f"--set expects FIELD=VALUE, got {item!r}"),
+                  file=sys.stderr)
             return 2
         try:
             overrides[key] = json.loads(raw)
@@ -109,6 +117,11 @@ def main(argv=None) -> int:
                 overrides=overrides, layernorm_1p=ns.layernorm_1p, name=ns.name,
                 progress=not ns.no_progress, echo=echo, quantize=ns.quantize)
     except (ValueError, FileExistsError, FileNotFoundError) as e:  # incl. MegatronConversionError
-        print(f"error: {e}", file=sys.stderr)
+        print(error_line(ap.prog, e), file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as e:
+        if e.name != "torch":
+            raise
+        print(error_line(ap.prog, TORCH_MISSING), file=sys.stderr)
         return 1
     return 0
