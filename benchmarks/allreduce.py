@@ -120,7 +120,7 @@ def local_value(a):
 def measure(mesh, args, tag: str) -> None:
     import numpy as np
 
-    from jaxformer.bench import gpu_kernel_events
+    from harness import gpu_kernel_events
     wi, wo, x = inputs(mesh, args.rows, args.dim, args.hidden)
     print(f"\n{tag}: {args.layers} layers, x [{args.rows}, {args.dim}] bf16, MLP {args.dim} -> "
           f"{args.hidden} -> {args.dim} split over 2 devices\n")

@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 
 import jaxformer as jf  # noqa: E402
 from jaxformer.generate import GenerateRun  # noqa: E402
-from jaxformer.runtime import make_prefill  # noqa: E402
+from jaxformer.engine import make_prefill  # noqa: E402
 
 
 def timed(fs, params, args, calls: int, gap: float) -> list[tuple[float, float]]:

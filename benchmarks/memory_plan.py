@@ -26,7 +26,7 @@ def child(preset: str, batch: int, prompt: int, new: int, attention: str,
     import jaxformer as jf
     from jaxformer import memory
     from jaxformer import sharding as shd
-    from jaxformer.engine import Model, default_mesh, param_shardings
+    from jaxformer.model import Model, default_mesh, param_shardings
     from jaxformer.models import abstract_model
 
     if not jax.devices()[0].memory_stats():

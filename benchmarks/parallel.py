@@ -98,7 +98,7 @@ import jax  # noqa: E402  (after XLA_FLAGS)
 import numpy as np  # noqa: E402
 
 import jaxformer as jf  # noqa: E402
-from jaxformer.bench import ceilings, decode_kv_bytes  # noqa: E402
+from harness import ceilings, decode_kv_bytes  # noqa: E402
 from jaxformer.config import ModelConfig  # noqa: E402
 from jaxformer.sharding import check_divisible, load_rules  # noqa: E402
 
@@ -215,7 +215,7 @@ def estimate_bytes(cfg: ModelConfig, layout, batch: int) -> float:
     _, p, t = layout
     nbytes = np.dtype(args.dtype).itemsize
     embed = cfg.padded_vocab_size * cfg.hidden_size * (1 if cfg.tie_embeddings else 2)
-    layers = cfg.num_params() - embed
+    layers = jf.num_params(cfg) - embed
     weights = (layers / (p * t) + embed / t) * nbytes
     cache = (2 * cfg.num_layers * batch * (args.prompt_len + args.new_tokens + 128)
              * cfg.kv_heads * cfg.dims_per_head * nbytes) / (p * t)

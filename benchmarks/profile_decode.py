@@ -32,7 +32,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxformer as jf  # noqa: E402
-from jaxformer.bench import gpu_kernel_events, host_event, timeline  # noqa: E402
+from harness import gpu_kernel_events, host_event, timeline  # noqa: E402
 from jaxformer.generate import GenerateRun  # noqa: E402
 
 

@@ -148,7 +148,7 @@ def device_times(f, *args, reps=5):
     planes (CUPTI): kernel time alone, no launch or Python overhead."""
     import collections
     import tempfile
-    from jaxformer.bench import gpu_kernel_events
+    from harness import gpu_kernel_events
     jax.block_until_ready(f(*args))
     trace = tempfile.mkdtemp()
     with jax.profiler.trace(trace):

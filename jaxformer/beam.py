@@ -11,16 +11,18 @@ The cache rows of each prompt's beams are reordered by parent beam every step.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
-
 import numpy as np
 
 from jaxformer import cache as kvc
-from jaxformer.engine import Model, to_global, to_host
-from jaxformer.runtime import forward_step, kv_shardings
+from jaxformer.engine import forward_step, kv_shardings
+from jaxformer.sharding import to_global, to_host
+
+if TYPE_CHECKING:  # the Model (model.py) calls generate(), which calls beam search
+    from jaxformer.model import Model
 
 NEG = -1.0e9
 
@@ -83,7 +85,8 @@ def _advance(state: BeamState, logprobs, stop_ids, max_new, length_penalty, nb):
     return state
 
 
-def make_beam_search(model: Model, nb: int, max_new: int, cache_len: int, length_penalty: float):
+def make_beam_search(model: Model, nb: int, max_new: int, cache_len: int,
+                     length_penalty: float):
     cfg, backend = model.config, model.run.attention
     cache_sh = kv_shardings(model)
 

@@ -21,7 +21,10 @@ import jax
 import numpy as np
 
 from jaxformer.config import ModelConfig
+from jaxformer.models import abstract_params
 from jaxformer.models.stack import LayerStack
+from jaxformer.quant.module import SCALE_LEAVES
+from jaxformer.quant.spec import name, parse
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +86,6 @@ class CheckpointWriter:
 
     def __init__(self, output: str | os.PathLike, config: ModelConfig, *, overwrite=False,
                  dtype: str | None = None, quantize: str | None = None):
-        from jaxformer.quant.spec import name
         self.output = Path(output)
         self.config = config
         self.overwrite = overwrite
@@ -101,7 +103,6 @@ class CheckpointWriter:
         return self
 
     def _expected(self) -> dict:
-        from jaxformer.models import abstract_params
         return _flatten(_to_plain(abstract_params(self.config, self.quantize)))
 
     def _check(self, path, shape, dtype=None):
@@ -172,7 +173,6 @@ class CheckpointWriter:
 
 def _fixed_dtype(path, dtype) -> bool:
     """Quantized kernels and their float32 scales keep their dtype whatever the writer's."""
-    from jaxformer.quant.params import SCALE_LEAVES
     return path[-1] in SCALE_LEAVES or np.dtype(dtype) != np.float32
 
 
@@ -277,7 +277,6 @@ def read_quantization(path: str | os.PathLike) -> str | None:
         return None
     try:
         record = json.loads(f.read_text())
-        from jaxformer.quant.spec import name, parse
         value = name(record["quantize"])
         layout = record.get("layout")
     except (ValueError, KeyError, TypeError, AttributeError) as e:

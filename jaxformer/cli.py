@@ -4,7 +4,7 @@
                        [--devices 0,1,...] --prompt "Hello" [--stream] ...
     jaxformer chat [--model NAME | --checkpoint DIR] [--system TEXT] [--chat-template FILE]
     jaxformer presets
-    jaxformer bench [--presets gpt3-1.3b ...] [--batches 1 64] [--hf] ...   (jaxformer/bench.py)
+    jaxformer bench [--presets gpt3-1.3b ...] [--batches 1 64] [--hf] ...   (benchmarks/harness.py)
     jaxformer info (--checkpoint DIR | --preset NAME) [--tensor T --pipe P --data D]
                    [--batch B --max-length L] [--dtype bfloat16] [--device-memory GiB]
                    [--quantize ...]
@@ -16,10 +16,12 @@ Bad input exits with status 2 and a one-line message.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 from jaxformer import __version__
 from jaxformer.cli_args import (ATTENTION, DTYPE_HELP, DTYPES, QUANTIZE_HELP, Parser,
@@ -218,12 +220,26 @@ def cmd_info(args) -> int:
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info}
 
 
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _bench(argv: list[str]) -> int:
+    """`jaxformer bench`: the harness lives outside the package, in a source checkout's
+    benchmarks/ (with `pip install -e .`, the one jaxformer runs from)."""
+    if not (BENCHMARKS / "harness.py").exists():
+        print(f"jaxformer bench: error: needs the benchmarks/ folder of a source checkout "
+              f"(not found at {BENCHMARKS}); install jaxformer with `pip install -e .` from "
+              f"the repository", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(BENCHMARKS))
+    return importlib.import_module("harness").main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command; bad input prints one line `jaxformer ...: error: ...` and returns 2."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:  # its own argument parser (jaxformer/bench.py)
-        from jaxformer import bench
-        return bench.main(argv[1:])
+    if argv[:1] == ["bench"]:  # its own argument parser (benchmarks/harness.py)
+        return _bench(argv[1:])
     try:
         args = _parser().parse_args(argv)
     except UsageError as e:

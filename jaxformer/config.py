@@ -18,6 +18,8 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
+from jaxformer.quant import spec as quant_spec
+
 ARCHS = ("decoder", "encoder")
 POSITION_EMBEDDINGS = ("learned", "rope", "none")
 NORMS = ("layernorm", "rmsnorm")
@@ -161,13 +163,6 @@ class ModelConfig:
     def causal(self) -> bool:
         return self.arch == "decoder"
 
-    def num_params(self) -> int:
-        """Parameter count (padded vocabulary included), from the abstract tree."""
-        from jaxformer.models import abstract_params  # local: models import this module
-        import numpy as np
-        import jax
-        return int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract_params(self))))
-
     # ---- (de)serialisation ----------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -245,10 +240,19 @@ class RunConfig:
     layer_loop: str = "auto"
     quantize: str | None = None  # linear-layer weight (and FP8 activation) quantization
     kv_cache: str | None = None  # KV-cache quantization: None, "int8" or "fp8"
+    # few-row int8 / fp8 products on the Mosaic GPU kernel: "off", "auto", "log", "interpret"
+    # (jaxformer.quant.ops; off by default: XLA's products were faster in the model)
+    quant_kernel: str = "off"
     # most prompt tokens (rows x padded prompt length) one prefill pass computes: a larger
     # batch prefills in chunks of rows (cache.prefill_rows), so its temporaries stay those
     # of this many tokens and the KV cache, not the prefill, bounds the batch
     prefill_tokens: int = PREFILL_TOKENS
+
+    @property
+    def quant_spec(self):
+        """`quantize` parsed once (a QuantSpec carrying quant_kernel), None when float."""
+        spec = quant_spec.parse(self.quantize)
+        return None if spec is None else spec.with_kernel(self.quant_kernel)
 
     @staticmethod
     def layer_loop_on(layer_loop: str, platform: str) -> str:
@@ -272,8 +276,10 @@ class RunConfig:
             raise ValueError(f"RunConfig.attention: must be auto, xla, pallas or cudnn, "
                              f"got {self.attention!r}")
         if self.quantize is not None:
-            from jaxformer.quant.spec import parse  # local: the quant package imports config
-            parse(self.quantize, "RunConfig.quantize")
+            quant_spec.parse(self.quantize, "RunConfig.quantize")
+        if self.quant_kernel not in quant_spec.KERNEL_MODES:
+            raise ValueError(f"RunConfig.quant_kernel: must be one of "
+                             f"{quant_spec.KERNEL_MODES}, got {self.quant_kernel!r}")
         if isinstance(self.prefill_tokens, bool) or not isinstance(self.prefill_tokens, int) \
                 or self.prefill_tokens <= 0:
             raise ValueError(f"RunConfig.prefill_tokens: must be a positive integer, "

@@ -1,5 +1,5 @@
 """The decode batch's state and per-row bookkeeping, shared by every decode schedule
-(runtime.py's loop and pipeline.py's circular one).
+(engine.py's loop and pipeline.py's circular one).
 
 A decode batch is B slots. Each live slot holds one request: its rows of the KV cache, the
 token to feed next, how many tokens it has generated, its stop state and its sampling

@@ -1,507 +1,385 @@
-"""The public Model: weights sharded on a mesh, plus the compiled entry points.
+"""The Engine: one model on one mesh, driven a step at a time (JetStream's engine shape).
 
-    mesh = jf.make_mesh(data=1, pipe=1, tensor=4)
-    model = jf.load("ckpt/gpt2", mesh=mesh, dtype="bfloat16")
-    logits = model.logits(ids)                       # float32 numpy [B, T, V]
-    out = model.generate(["Hello"], max_new_tokens=16)
+    engine = Engine(model, slots=8, max_length=1024)
+    state = engine.init_state()                          # 8 free slots
+    pre = engine.prefill([[1, 2, 3]], [Sampling()], max_new=[16], seeds=[0])  # a request
+    state = engine.insert(state, pre, slots=[5])         # into slot 5
+    state = engine.step(state, 4)                        # <= 4 tokens per live slot
+    tokens = engine.tokens(state)                        # host [8, 4], -1 where none
+    state = engine.free(state, [5])
 
-Inputs are right-padded: an attention_mask row is ones then zeros.
+`prefill` turns prompts into a decode state of their own rows (KV cache, first token,
+stop state, sampling rows); `insert` copies its rows into slots of the fixed-size decode
+batch; `step` runs the one decode loop (on the device, cache donated) for every live slot,
+sampling each row with its own settings; `free` releases slots. generate(), streaming, beam
+search and the pipelined decode are clients of these functions: one decode path.
+
+Compiled functions live in the model's table (Model.compiled), keyed by everything that
+changes the program: the sampling features, the batch and window shapes, the cache length.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
-import logging
-import os
-import time
-from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
-from jaxformer import checkpoint as ckpt
-from jaxformer.cache import bucket
+from jaxformer import cache as kvc
+from jaxformer import pipeline
 from jaxformer import sharding as shd
-from jaxformer.config import ModelConfig, RunConfig
-from jaxformer.models import LayerStack, abstract_model, build, param_axes
-from jaxformer.params_jit import PackPlan, ParamsJit, pack, pack_plan
+from jaxformer.decode_state import (STOP_WINDOW, DecodeState, Request, new_window, record,
+                                    row_keys)
+from jaxformer.sampling import GREEDY, Features, RowParams, Sampling, row_params, sample
+from jaxformer.sharding import to_global, to_host
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:  # the Model (model.py) drives an Engine; the Engine only reads it
+    from jaxformer.model import Model
 
-def to_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    """A host array present on every process -> a global jax.Array in `sharding`."""
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-
-
-def to_host(x: jax.Array) -> np.ndarray:
-    if jax.process_count() > 1 and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
+ALL_FEATURES = Features(sample=True, sort=True, min_p=True, penalties=True)
 
 
-def default_mesh() -> Mesh:
-    return shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+# ---- the compiled pieces -------------------------------------------------------------------
+def kv_shardings(model: Model) -> kvc.KVCache:
+    """The cache's shardings (codes and scales for a quantized cache)."""
+    axes = kvc.KVCache.axes(model.run.kv_cache)
+    return jax.tree.map(lambda a: NamedSharding(model.mesh, shd.logical_to_spec(a, model.rules)),
+                        axes, is_leaf=lambda a: isinstance(a, tuple))
 
 
-def param_shardings(cfg: ModelConfig, mesh: Mesh, rules, quantize: str | None = None,
-                    stages: int | None = None) -> dict:
-    """Shardings of the params tree (quantized as `quantize` says, in the layer layout
-    `stages` names: models.param_axes)."""
-    return shd.tree_shardings(mesh, param_axes(cfg, quantize, stages), rules)
+def make_prefill(model: Model, feats: Features, window: int, cache_len: int, *,
+                 pack_small: bool = True):
+    """jit(prefill(params, ids [B, Tb], lengths [B], req) -> DecodeState of the B rows,
+    after their first generated token, with a cache of cache_len slots); pack_small as in
+    Model.jit."""
+    cfg, backend = model.config, model.run.attention
+    cache_sh = kv_shardings(model)
 
-
-class Compiled:
-    """A model's compiled functions, keyed by a tuple that names the function and every
-    static value that changes its program (sampling features, shapes, cache length); built
-    on first use, never evicted (steady-state serving reuses a fixed set)."""
-
-    def __init__(self):
-        self._fns: dict[tuple, object] = {}
-
-    def get(self, key: tuple, factory):
-        if key not in self._fns:
-            self._fns[key] = factory()
-        return self._fns[key]
-
-    def put(self, key: tuple, value) -> None:
-        self._fns[key] = value
-
-    def __contains__(self, key: tuple) -> bool:
-        return key in self._fns
-
-    def __len__(self) -> int:
-        return len(self._fns)
-
-
-class Model:
-    """A model whose weights live on `mesh`. Create with `load()` or `Model.random()`."""
-
-    def __init__(self, config: ModelConfig, params: dict, mesh: Mesh, run: RunConfig,
-                 rules: dict, tokenizer=None):
-        self.config = config
-        self.mesh = mesh
-        self.run = run
-        self.rules = rules
-        self.tokenizer = tokenizer
-        if run.layer_loop == "auto":
-            run = dataclasses.replace(run, layer_loop=resolve_layer_loop(mesh, "auto"))
-            self.run = run
-        # the layer layout (models/stack.py): stacked, or unrolled for `pipe` stages
-        self.stack = LayerStack(config, run.pipe if run.layer_loop == "unroll" else None)
-        self.stages = self.stack.stages
-        if self.stack.unrolled:
-            params = self.stack.from_checkpoint(params, param_shardings(
-                config, mesh, rules, run.quantize, self.stages))
-        graphdef, abstract_state = abstract_model(config, self.stages, run.quantize)
-        self.graphdef = graphdef
-        state = jax.tree.map(lambda x: x, abstract_state)  # a copy to fill in
-        nnx.replace_by_pure_dict(state, params)
-        self.params = state
-        # params as a flat tuple, built on first use (param_leaves); shared with with_run's
-        # copies, which share the params
-        self._params_cache: dict = {}
-        self.compiled = Compiled()
-
-    # ---- construction -------------------------------------------------------------------
-    @classmethod
-    def random(cls, config: ModelConfig, mesh: Mesh | None = None, *, dtype="float32",
-               seed: int = 0, rules="default", attention="auto", tokenizer=None,
-               quantize: str | None = None, calibration=None,
-               layer_loop: str = "auto", kv_cache: str | None = None) -> "Model":
-        """Seeded random (untrained) weights, initialised directly in their shardings.
-
-        quantize (RunConfig.quantize): the float weights (in `dtype`) are then quantized on
-        the devices, one stacked weight at a time; "fp8" also calibrates activation scales
-        on `calibration` prompts (see `calibrate`). layer_loop, kv_cache: as `load`'s.
-        """
-        mesh = mesh or default_mesh()
-        run, rules = _run_config(mesh, dtype, rules, attention, quantize, layer_loop,
-                                 kv_cache)
-        shd.check_divisible(config, mesh, rules)
-        from jaxformer.quant import params as qp
-        qp.check_mesh(config, run.quantize, mesh, rules)
-        from jaxformer import memory  # [memory] refuse weights that cannot fit the devices
-        memory.check_fits(config, mesh, run.dtype, rules if run.rules == "<custom>" else
-                          run.rules, attention=attention)
-        shardings = param_shardings(config, mesh, rules)
-
-        @functools.partial(jax.jit, out_shardings=shardings)
-        def init():
-            _, state = nnx.split(build(config, seed))
-            return jax.tree.map(lambda a: a.astype(run.dtype), nnx.to_pure_dict(state))
-
-        params = init()
-        if run.quantize is not None:
-            params = qp.quantize_params(params, config, run.quantize, mesh, rules)
-        model = cls(config, params, mesh, run, rules, tokenizer)
-        if _needs_calibration(run.quantize, calibration, stored=False):
-            model.calibrate(calibration)
-        return model
-
-    def with_run(self, **changes) -> "Model":
-        """The same weights under a RunConfig with `changes` (attention,
-        kv_cache, prefill_tokens: what does not change the weights or their layout), e.g.
-        `model.with_run(prefill_tokens=4096)`; compiled functions are not shared."""
-        fixed = {"data", "pipe", "tensor", "rules", "dtype", "quantize", "layer_loop"}
-        if fixed & set(changes):
-            raise ValueError(f"with_run cannot change {sorted(fixed & set(changes))}: they "
-                             f"change the weights or their layout; load the model again")
-        model = object.__new__(Model)
-        model.__dict__.update(self.__dict__)
-        model.run = dataclasses.replace(self.run, **changes)
-        model.compiled = Compiled()
-        return model
-
-    # ---- helpers ------------------------------------------------------------------------
-    def _batch_sharding(self, batch: int, ndim: int) -> NamedSharding:
-        spec = shd.logical_to_spec(("batch",) + (None,) * (ndim - 1), self.rules)
-        if batch % shd.mesh_size(self.mesh, spec[0]):
-            spec = P()  # a batch the data axis does not divide is replicated
-        return NamedSharding(self.mesh, spec)
-
-    def check_ids(self, ids: np.ndarray, what: str = "token ids") -> np.ndarray:
-        ids = np.asarray(ids)
-        if ids.ndim != 2:
-            raise ValueError(f"{what} must be a 2-D [batch, length] array, got shape {ids.shape}")
-        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
-            bad = int(ids.max() if ids.max() >= self.config.vocab_size else ids.min())
-            raise ValueError(f"{what}: id {bad} is outside the vocabulary "
-                             f"[0, {self.config.vocab_size})")
-        if ids.shape[1] > self.config.max_position_embeddings:
-            raise ValueError(f"{what}: length {ids.shape[1]} exceeds the model's maximum of "
-                             f"{self.config.max_position_embeddings} positions")
-        return ids.astype(np.int32)
-
-    def _lengths(self, ids: np.ndarray, attention_mask) -> np.ndarray:
-        B, T = ids.shape
-        if attention_mask is None:
-            return np.full((B,), T, np.int32)
-        m = np.asarray(attention_mask).astype(bool)
-        if m.shape != ids.shape:
-            raise ValueError(f"attention_mask shape {m.shape} != ids shape {ids.shape}")
-        lengths = m.sum(1).astype(np.int32)
-        if not (m == (np.arange(T)[None] < lengths[:, None])).all():
-            raise ValueError("attention_mask must be right-padded (ones, then zeros) in each row")
-        return lengths
-
-    def _padded(self, ids, attention_mask, token_type_ids=None):
-        """Pad to a length bucket; returns device arrays (ids, lengths, types) and T."""
-        ids = self.check_ids(ids)
-        lengths = self._lengths(ids, attention_mask)
-        B, T = ids.shape
-        Tb = bucket(T, self.config.max_position_embeddings)
-        pad = lambda a: np.pad(a, ((0, 0), (0, Tb - T)))  # noqa: E731
-        s2, s1 = self._batch_sharding(B, 2), self._batch_sharding(B, 1)
-        types = None if token_type_ids is None else to_global(pad(np.asarray(token_type_ids,
-                                                                            np.int32)), s2)
-        return to_global(pad(ids), s2), to_global(lengths, s1), types, T
-
-    def param_leaves(self) -> tuple:
-        """self.params as a flat tuple of arrays, built once (params_changed() drops it)."""
-        if "leaves" not in self._params_cache:
-            self._params_cache["leaves"] = tuple(jax.tree.leaves(self.params))
-        return self._params_cache["leaves"]
-
-    def pack_plan(self) -> PackPlan:
-        """Which of param_leaves travel packed (params_jit.pack_plan), built once."""
-        if "plan" not in self._params_cache:
-            self._params_cache["plan"] = pack_plan(self.param_leaves())
-        return self._params_cache["plan"]
-
-    def packed_params(self) -> tuple:
-        """param_leaves split by pack_plan: (big arrays, packed buffers), built once and
-        shared by every packing entry point (params_changed() drops them)."""
-        if "packed" not in self._params_cache:
-            self._params_cache["packed"] = pack(self.param_leaves(), self.pack_plan())
-        return self._params_cache["packed"]
-
-    def params_changed(self) -> None:
-        """Call after changing self.params in place (calibration does)."""
-        self._params_cache.clear()
-
-    def jit(self, fn, *, pack_small: bool = False, **jit_kwargs) -> ParamsJit:
-        """jax.jit for a compiled entry point fn(params, *args) of this model; pack_small
-        for entry points called once per request (params_jit's docstring). Only the
-        unrolled layer layout packs: the stacked one has a few arrays in all, and its scan
-        would copy the unpacked slices into temporaries."""
-        return ParamsJit(self, fn, pack_small=pack_small and self.stack.unrolled,
-                         **jit_kwargs)
-
-    def _fn(self, name: str):
-        """Compiled entry points, built once per model."""
-        return self.compiled.get((name,), lambda: _ENTRY_POINTS[name](self))
-
-    # ---- public API ---------------------------------------------------------------------
-    def logits(self, ids, attention_mask=None, token_type_ids=None) -> np.ndarray:
-        """Full-sequence forward. ids [B, T] -> float32 numpy logits [B, T, vocab_size].
-
-        Decoders: causal LM logits. Encoders: masked-LM logits (token_type_ids [B, T] are
-        used when given). Positions past a row's attention_mask length are padding and hold
-        unspecified values.
-        """
-        if token_type_ids is not None and self.config.arch != "encoder":
-            raise ValueError("token_type_ids are for encoder models")
-        ids_d, lengths, types, T = self._padded(ids, attention_mask, token_type_ids)
-        out = self._fn("logits")(self.params, ids_d, lengths, types)
-        return to_host(out)[:, :T, : self.config.vocab_size]
-
-    def encode(self, ids, attention_mask=None, token_type_ids=None):
-        """Encoder forward. ids [B, T] -> (hidden [B, T, D], pooled [B, D] or None), float32."""
-        if self.config.arch != "encoder":
-            raise ValueError(f"encode() needs an encoder model; {self.config.name or 'this'} "
-                             f"is a {self.config.arch}")
-        ids_d, lengths, types, T = self._padded(ids, attention_mask, token_type_ids)
-        hidden, pooled = self._fn("encode")(self.params, ids_d, lengths, types)
-        return to_host(hidden)[:, :T], None if pooled is None else to_host(pooled)
-
-    def generate(self, prompts, max_new_tokens: int = 32, sampling=None, seed: int = 0,
-                 *, progress: bool | None = None, **kwargs):
-        """Generate from prompts (strings or lists of token ids); see jaxformer.generate.
-
-        progress: a tqdm bar over new tokens for long generations (None: when the
-        `jaxformer` logger is enabled for INFO; see jaxformer.progress).
-        """
-        from jaxformer.generate import generate
-        from jaxformer import progress as pg
-        if pg.enabled(progress) and max_new_tokens >= pg.MIN_GENERATE_TOKENS \
-                and not kwargs.get("stream") and not _beams(sampling):
-            return _generate_with_bar(self, prompts, max_new_tokens, sampling, seed, progress,
-                                      **kwargs)
-        return generate(self, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
-                        seed=seed, **kwargs)
-
-    def save(self, path, *, overwrite=False) -> None:
-        """Write a checkpoint (docs/checkpoint_format.md): always the stacked layout, one
-        array on the host at a time; a quantized model writes its quantized weights and
-        scales, which `load` restores directly."""
-        ckpt.save(path, nnx.to_pure_dict(self.params), self.config, self.tokenizer,
-                  overwrite=overwrite, quantize=self.run.quantize)
-
-    def calibrate(self, prompts=None) -> dict:
-        """Measure the static FP8 activation scales (quantize="fp8" / "fp8-tensor") on
-        `prompts` (strings, or token-id lists; None: jaxformer.quant.calibrate's default
-        prompts, or seeded random ids for a model without a tokenizer) and store them.
-
-        Returns {linear layer name: max |input| per layer [L]} (float32 numpy).
-        """
-        from jaxformer.quant import calibrate
-        return calibrate.calibrate(self, prompts)
-
-    def traced(self):
-        """Context for tracing model code: the mesh and rules that shard() applies."""
-        return shd.use(self.mesh, self.rules)
-
-    def module(self, params):
-        return nnx.merge(self.graphdef, params)
-
-
-def resolve_layer_loop(mesh: Mesh, layer_loop: str) -> str:
-    """RunConfig.layer_loop_on for the platform of the mesh's devices."""
-    return RunConfig.layer_loop_on(layer_loop, list(mesh.devices.flat)[0].platform)
-
-
-def enable_compilation_cache(path: str | os.PathLike | None = None) -> str:
-    """Turn on JAX's persistent compilation cache, so a restarted process loads its compiled
-    prefill and decode programs instead of compiling them again.
-
-    path: default $JAXFORMER_CACHE_DIR, else a directory already configured in JAX (left
-    as it is), else ~/.cache/jaxformer/jax. Returns the directory. Every program that took
-    at least a second to compile is stored.
-    """
-    configured = jax.config.jax_compilation_cache_dir
-    if path is None and not os.environ.get("JAXFORMER_CACHE_DIR") and configured:
-        return configured
-    path = Path(path or os.environ.get("JAXFORMER_CACHE_DIR")
-                or Path.home() / ".cache" / "jaxformer" / "jax").expanduser()
-    path.mkdir(parents=True, exist_ok=True)
-    if configured and configured != str(path):
-        try:  # JAX opens its cache once per process: let it open the new directory
-            from jax.experimental.compilation_cache import compilation_cache
-            compilation_cache.reset_cache()
-        except (ImportError, AttributeError):  # pragma: no cover - older layouts
-            pass
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    return str(path)
-
-
-def _run_config(mesh: Mesh, dtype, rules, attention, quantize=None, layer_loop="auto",
-                kv_cache=None) -> tuple[RunConfig, dict]:
-    if jax.process_count() > 1:  # [distributed] all processes must build the same mesh
-        from jaxformer.distributed import check_mesh
-        check_mesh(mesh)
-    dtype = jnp.dtype(dtype).name
-    layer_loop = resolve_layer_loop(mesh, layer_loop)  # so the RunConfig says what runs
-    from jaxformer.quant.spec import name
-    run = RunConfig(data=mesh.shape["data"], pipe=mesh.shape["pipe"],
-                    tensor=mesh.shape["tensor"], dtype=dtype, attention=attention,
-                    rules=rules if isinstance(rules, str) else "<custom>",
-                    quantize=name(quantize), layer_loop=layer_loop, kv_cache=kv_cache)
-    return run, shd.load_rules(rules)
-
-
-# ---- compiled entry points --------------------------------------------------------------
-def _logits_fn(model: Model):
-    backend = model.run.attention
-
-    @functools.partial(model.jit, pack_small=True)
-    def fn(params, ids, lengths, types=None):
+    def prefill(params, ids, lengths, req: Request):
         with model.traced():
             m = model.module(params)
             B, T = ids.shape
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-            if model.config.arch == "encoder":
-                hidden, _ = m(ids, lengths, types, backend=backend)
-                return m.mlm_logits(hidden)
-            logits, _ = m(ids, positions, lengths, backend=backend)
-            return logits
+            empty = kvc.init_cache(cfg, B, cache_len, model.run.dtype,
+                                   kv_cache=model.run.kv_cache)
+            cache = jax.lax.with_sharding_constraint(empty, cache_sh)
+            R = kvc.prefill_rows(B, T, model.run.prefill_tokens, model.mesh.shape["data"],
+                                 model.mesh.shape["pipe"])
+            if R == B:
+                x, cache = m.trunk(ids, positions, lengths, cache, kvc.Write.prefill(),
+                                   backend=backend)
+                last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)  # [B,1,D]
+            else:
+                cache, last = _prefill_in_chunks(m, ids, lengths, cache, R, backend)
+            logits = m.head(last)[:, 0]
+            seen = counts = None
+            if feats.penalties:
+                V = logits.shape[-1]
+                valid = positions < lengths[:, None]
+                seen = jnp.zeros((B, V), bool).at[jnp.arange(B)[:, None], ids].max(valid)
+                counts = jnp.zeros((B, V), jnp.int32)
+            zeros = jnp.zeros((B,), jnp.int32)
+            state = new_window(DecodeState(
+                cache=cache, last=zeros, lengths=lengths, done=jnp.zeros((B,), bool),
+                generated=zeros, step=jnp.int32(0), out=None, logprobs=None,
+                recent=jnp.full((B, STOP_WINDOW), -1, jnp.int32), seen=seen, counts=counts,
+                req=req), window)
+            tok, lp = sample(logits, req.params, feats, row_keys(req.key, zeros), seen, counts)
+            return record(state, tok, lp, req)
 
-    return fn
+    return model.jit(prefill, pack_small=pack_small)
 
 
-def _encode_fn(model: Model):
-    backend = model.run.attention
+def _prefill_in_chunks(m, ids, lengths, cache: kvc.KVCache, R: int, backend):
+    """The trunk over ids [B, T] R rows at a time (a scan, so one chunk's temporaries are
+    live at once); each chunk writes its keys and values straight into rows [i R, (i + 1) R)
+    of the B-row cache. Returns (cache, last [B, 1, D]): the hidden state at each row's last
+    prompt token."""
+    B, T = ids.shape
+    n = B // R
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (R, T))
 
-    @functools.partial(model.jit, pack_small=True)
-    def fn(params, ids, lengths, types):
+    def chunk(cache, inputs):
+        ids_c, len_c, i = inputs
+        x, cache = m.trunk(ids_c, positions, len_c, cache, kvc.Write.prefill(i * R),
+                           backend=backend)
+        return cache, jnp.take_along_axis(x, (len_c - 1)[:, None, None], axis=1)  # [R,1,D]
+
+    cache, last = jax.lax.scan(chunk, cache, (ids.reshape(n, R, T), lengths.reshape(n, R),
+                                              jnp.arange(n, dtype=jnp.int32)))
+    return cache, last.reshape((B,) + last.shape[2:])
+
+
+def forward_step(model: Model, m, last, lengths, cache: kvc.KVCache):
+    """The one-token forward every decode client shares: feed last [B] at slot lengths [B]
+    -> (float32 logits [B, Vp], new cache). Traced, inside model.traced()."""
+    x, cache = m.trunk(last[:, None], lengths[:, None], lengths + 1, cache,
+                       kvc.Write.at(lengths), backend=model.run.attention)
+    return m.head(x)[:, 0], cache
+
+
+def decode_step(model: Model, params, state: DecodeState, feats: Features) -> DecodeState:
+    """One token for every row: feed `last` at slot `lengths`, sample, record (traced)."""
+    logits, cache = forward_step(model, model.module(params), state.last, state.lengths,
+                                 state.cache)
+    req = state.req
+    tok, lp = sample(logits, req.params, feats, row_keys(req.key, state.generated),
+                     state.seen, state.counts)
+    state = state._replace(cache=cache,
+                           lengths=state.lengths + (~state.done).astype(jnp.int32))
+    return record(state, tok, lp, req)
+
+
+def make_decode_loop(model: Model, feats: Features):
+    """jit(loop(params, state, until)): decode until every row is done or the window's
+    column `until` is reached; the state (its cache) is donated."""
+    if model.mesh.shape["pipe"] > 1:  # microbatches in flight across steps
+        return pipeline.make_decode_loop(model, feats)
+
+    def loop(params, state: DecodeState, until):
         with model.traced():
-            hidden, pooled = model.module(params)(ids, lengths, types, backend=backend)
-            f32 = lambda a: None if a is None else a.astype(jnp.float32)  # noqa: E731
-            return f32(hidden), f32(pooled)
+            cond = lambda s: (s.step < until) & ~s.done.all()  # noqa: E731
+            body = lambda s: decode_step(model, params, s, feats)  # noqa: E731
+            return jax.lax.while_loop(cond, body, state)
 
-    return fn
-
-
-_ENTRY_POINTS = {"logits": _logits_fn, "encode": _encode_fn}
+    return model.jit(loop, donate_argnums=(1,))
 
 
-# ---- loading ----------------------------------------------------------------------------
-def load(path: str | os.PathLike, mesh: Mesh | None = None, dtype: str = "float32", *,
-         rules="default", attention: str = "auto", tokenizer: bool = True,
-         max_batch: int | None = None, max_length: int | None = None,
-         quantize: str | None = None, calibration=None, layer_loop: str = "auto",
-         kv_cache: str | None = None) -> Model:
-    """Load a jaxformer checkpoint straight into the shardings `mesh` and `rules` imply.
+def _insert(state: DecodeState, src: DecodeState, slots):
+    """src's rows into rows `slots` [b] of state (cache rows: their first S' slots)."""
+    put = lambda dst, new: dst.at[slots].set(new.astype(dst.dtype))  # noqa: E731
+    cache = state.cache.put_rows(src.cache, slots)
+    rows = {f: put(getattr(state, f), getattr(src, f)) for f in
+            ("last", "lengths", "done", "generated", "recent", "seen", "counts")
+            if getattr(state, f) is not None}
+    req = jax.tree.map(put, state.req, src.req)
+    # the window keeps the other slots' tokens; the inserted rows' first token is read from
+    # the prefill's own window
+    return state._replace(cache=cache, out=state.out.at[slots].set(-1),
+                          logprobs=state.logprobs.at[slots].set(0.0), req=req, **rows)
 
-    No host materialises the whole model: each array is restored shard by shard.
-    Before anything is read, the memory plan (jaxformer.memory, `jaxformer info`) is checked
-    against device memory: a ValueError explains a plan that cannot fit, for the weights
-    alone and, when max_batch or max_length (prompt + new tokens) are given, for the KV
-    cache and prefill of that workload too.
-    layer_loop: "scan" (stacked layer weights, lax.scan), "unroll" (one array per layer
-    position; the fast decode on GPUs) or "auto" (unroll on GPUs); see RunConfig.
-    kv_cache: None, "int8" or "fp8" (RunConfig.kv_cache): the KV cache generate() allocates
-    holds int8 / fp8 codes with a scale per token and kv head, about half the bytes.
 
-    quantize (RunConfig.quantize: "int8", "int4", "int4-g<N>", "fp8", "fp8-tensor"): a float
-    checkpoint is quantized on the devices as it is read, one stacked weight at a time;
-    "fp8" then calibrates its activation scales on `calibration` prompts (Model.calibrate).
-    A quantized checkpoint (Model.save of a quantized model) loads as it is stored with
-    quantize None or its own value; any other value is a ValueError.
+def _free(state: DecodeState, slots):
+    return state._replace(done=state.done.at[slots].set(True))
+
+
+def _free_all(state: DecodeState):
+    return state._replace(done=jnp.ones_like(state.done))
+
+
+# ---- host-side request arrays -------------------------------------------------------------
+def stop_arrays(model: Model, samplings: Sequence[Sampling], batch: int, ignore_eos=False,
+                widths: tuple[int, int] | None = None):
+    """(stop_ids [B, Ms], stop_seqs [B, Mq, W]) host arrays: each row's stop ids (plus the
+    model's eos unless ignore_eos) and its stop strings' token sequences of at most
+    STOP_WINDOW tokens (longer ones are cut on the host). widths: fixed (Ms, Mq)."""
+    eos = model.config.eos_token_id
+    if eos is None and model.tokenizer is not None:
+        eos = model.tokenizer.eos_id
+    ids, seqs = [], []
+    for s in list(samplings) + [GREEDY] * (batch - len(samplings)):
+        ids.append(list(s.stop_token_ids) + ([eos] if eos is not None and not ignore_eos
+                                             else []))
+        row_seqs = []
+        for text in s.stop_strings:
+            if model.tokenizer is None:
+                raise ValueError("stop_strings need a tokenizer; this model has none")
+            toks = model.tokenizer.encode(text)
+            if 0 < len(toks) <= STOP_WINDOW:
+                row_seqs.append(toks)
+        seqs.append(row_seqs)
+    ms = max(1, max(len(r) for r in ids)) if widths is None else widths[0]
+    mq = max(1, max(len(r) for r in seqs)) if widths is None else widths[1]
+    if max(len(r) for r in ids) > ms or max(len(r) for r in seqs) > mq:
+        raise ValueError(f"a request has more than {ms} stop token ids or {mq} stop strings")
+    stop_ids = np.full((batch, ms), -1, np.int32)
+    for b, r in enumerate(ids):
+        stop_ids[b, : len(r)] = r
+    stop_seqs = np.full((batch, mq, STOP_WINDOW), -1, np.int32)
+    for b, r in enumerate(seqs):
+        for j, toks in enumerate(r):
+            stop_seqs[b, j, STOP_WINDOW - len(toks):] = toks
+    return stop_ids, stop_seqs
+
+
+def row_key_data(seeds: Sequence[int], batch: int) -> np.ndarray:
+    """[B, 2] uint32 key data: row b's key is jax.random.key(seeds[b]) (padding rows 0)."""
+    seeds = list(seeds) + [0] * (batch - len(seeds))
+    return np.stack([np.asarray(jax.random.key_data(jax.random.key(int(s)))) for s in seeds])
+
+
+def generate_key_data(seed: int, batch: int) -> np.ndarray:
+    """generate()'s [B, 2] row keys: row b draws from fold_in(key(seed), b)."""
+    base = jax.random.key(int(seed))
+    return np.stack([np.asarray(jax.random.key_data(jax.random.fold_in(base, b)))
+                     for b in range(batch)])
+
+
+# ---- the Engine ----------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """The compiled shapes of an Engine: every field changes its programs.
+
+    slots: rows of the decode batch; max_length: cache slots per row (prompt + generated);
+    window: token columns one step call can fill; features: which sampling processing is
+    compiled in (default all, so any request fits); stop_ids / stop_strings: the most stop
+    token ids (eos included) and stop strings a request may have.
     """
-    from jaxformer.quant import params as qp
-    from jaxformer.quant.spec import name
-    path = Path(path)
-    config = ckpt.read_config(path)
-    stored, wanted = ckpt.read_quantization(path), name(quantize)
-    if stored is not None and wanted not in (None, stored):
-        raise ValueError(f"load(quantize={quantize!r}): {path} holds {stored!r}-quantized "
-                         f"weights, which cannot be re-quantized; load it with quantize=None "
-                         f"or {stored!r}, or quantize its float checkpoint instead")
-    mesh = mesh or default_mesh()
-    run, rules_table = _run_config(mesh, dtype, rules, attention, stored or wanted, layer_loop,
-                                   kv_cache)
-    shd.check_divisible(config, mesh, rules_table)
-    qp.check_mesh(config, run.quantize, mesh, rules_table)
-    from jaxformer import memory, progress  # [memory] refuse a plan that cannot fit
-    plan = memory.check_fits(config, mesh, run.dtype,
-                             rules if isinstance(rules, str) else rules_table,
-                             max_batch=max_batch, max_length=max_length, attention=attention,
-                             quantize=run.quantize, kv_cache=run.kv_cache,
-                             layer_loop=run.layer_loop)
-    if run.quantize is not None and stored is None:
-        memory.check_quantize_at_load(plan, config, mesh, run.dtype, rules_table)
-    if log.isEnabledFor(logging.INFO):
-        log.info("loading %s: %s of %s%s weights per device on mesh %s", path,
-                 memory.fmt_bytes(memory.weights_bytes(config, mesh, run.dtype, rules_table,
-                                                       quantize=run.quantize)),
-                 run.dtype, f" / {run.quantize}" if run.quantize else "", dict(mesh.shape))
-    t0 = time.perf_counter()
-    with progress.spinner(f"loading {path.name}"):
-        if run.quantize is not None and stored is None:
-            params = qp.restore_quantized(path, config, run.quantize, mesh, rules_table,
-                                          run.dtype)
-        else:
-            shardings = param_shardings(config, mesh, rules_table, run.quantize)
-            dtypes = qp.target_dtypes(config, run.quantize, run.dtype)
-            abstract = jax.tree.map(lambda s, d, sh: jax.ShapeDtypeStruct(s.shape, d, sharding=sh),
-                                    _pure_abstract(config, run.quantize), dtypes, shardings)
-            params = ckpt.restore_params(path, abstract)
-    log.info("restored %s in %.1fs", path, time.perf_counter() - t0)
-    tok = None
-    if tokenizer and (path / ckpt.TOKENIZER_DIR).is_dir():
-        from jaxformer.tokenizer import load_tokenizer
-        tok = load_tokenizer(path / ckpt.TOKENIZER_DIR)
-    model = Model(config, params, mesh, run, rules_table, tok)
-    if _needs_calibration(run.quantize, calibration, stored=stored is not None):
-        model.calibrate(calibration)
-    return model
+    slots: int
+    max_length: int
+    window: int = 16
+    features: Features = ALL_FEATURES
+    stop_ids: int = 8
+    stop_strings: int = 4
+
+    def __post_init__(self):
+        for f in ("slots", "max_length", "window", "stop_ids", "stop_strings"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"EngineConfig.{f}: must be a positive integer, got {v!r}")
 
 
-def _needs_calibration(quantize, calibration, *, stored: bool) -> bool:
-    """FP8 models fresh from float weights calibrate (on `calibration` or the defaults); a
-    stored FP8 checkpoint keeps its scales unless new prompts are given."""
-    from jaxformer.quant.spec import parse
-    spec = parse(quantize)
-    if spec is None or not spec.activations:
-        if calibration is not None:
-            raise ValueError(f"calibration prompts set FP8 activation scales; they do not "
-                             f"apply to quantize={quantize!r}")
-        return False
-    return not stored or calibration is not None
+class Engine:
+    """prefill / insert / step / free for one model on its mesh (module docstring)."""
 
+    def __init__(self, model: Model, config: EngineConfig):
+        if model.config.arch != "decoder":
+            raise ValueError("Engine needs a decoder model; use encode() for encoders")
+        limit = model.config.max_position_embeddings
+        if config.max_length > limit:
+            raise ValueError(f"EngineConfig.max_length: {config.max_length} exceeds the "
+                             f"model's maximum of {limit} positions")
+        data = shd.mesh_size(model.mesh, model.rules.get("cache_batch"))
+        if config.slots % data:
+            raise ValueError(f"EngineConfig.slots: {config.slots} is not a multiple of the "
+                             f"data-parallel size {data}")
+        self.model, self.config = model, config
 
-def _beams(sampling) -> bool:
-    from jaxformer.sampling import Sampling
-    items = [sampling] if isinstance(sampling, Sampling) else list(sampling or [])
-    return any(s is not None and s.num_beams > 1 for s in items)  # None: a greedy row
+    # ---- host helpers -------------------------------------------------------------------
+    def request(self, samplings: Sequence[Sampling], max_new: Sequence[int], key_data,
+                batch: int, ignore_eos: bool = False, widths=None) -> Request:
+        """Device Request rows for `batch` rows (rows past the samplings are padding)."""
+        m = self.model
+        rp, _ = row_params(samplings, batch)
+        widths = widths or (self.config.stop_ids, self.config.stop_strings)
+        stop_ids, stop_seqs = stop_arrays(m, samplings, batch, ignore_eos, widths)
+        mx = np.zeros((batch,), np.int32)
+        mx[: len(max_new)] = max_new
+        s1, s2, s3 = (m._batch_sharding(batch, k) for k in (1, 2, 3))
+        return Request(params=RowParams(*(to_global(a, s1) for a in rp)),
+                       stop_ids=to_global(stop_ids, s2), stop_seqs=to_global(stop_seqs, s3),
+                       max_new=to_global(mx, s1), key=to_global(np.asarray(key_data), s2))
 
+    def _compiled(self, name, factory, *key):
+        return self.model.compiled.get((name,) + key, lambda: factory(self.model, *key))
 
-def _generate_with_bar(model, prompts, max_new_tokens, sampling, seed, progress, **kwargs):
-    """generate() through its streaming path, a tqdm bar advancing per chunk of steps."""
-    from jaxformer import progress as pg
-    from jaxformer.generate import GenerateOutput, generate
-    kwargs.setdefault("chunk", max(8, max_new_tokens // 32))
-    bar = pg.bar(max_new_tokens, "generating", "tok", progress)
-    try:
-        for item in generate(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
-                             seed=seed, stream=True, **kwargs):
-            if isinstance(item, GenerateOutput):
-                return item
-            bar.update(max((len(t) for t in item), default=0))
-    finally:
-        bar.close()
+    # ---- the API --------------------------------------------------------------------------
+    def init_state(self) -> DecodeState:
+        """A decode batch of free slots."""
+        c = self.config
+        one = self.prefill([[0]], [GREEDY], max_new=[1], seeds=[0], rows=c.slots,
+                           cache_len=c.max_length)
+        return self._call("free_all", _free_all, one)
 
+    def prefill(self, prompts: Sequence[Sequence[int]], samplings: Sequence[Sampling],
+                max_new: Sequence[int], seeds: Sequence[int] | None = None, **kwargs
+                ) -> DecodeState:
+        """Prompts (token-id lists) -> a DecodeState of their rows after the first token.
 
-def _pure_abstract(cfg: ModelConfig, quantize: str | None = None) -> dict:
-    from jaxformer.models import abstract_params
-    return abstract_params(cfg, quantize)
+        max_new: tokens each may generate in all. seeds (one per prompt) or key_data
+        [rows, 2]: the rows' PRNG keys. rows: the batch it is padded to (default: a power
+        of two); cache_len: its cache slots (default: the prompt bucket, the least that
+        insert() needs); ignore_eos; widths: (stop ids, stop strings) per row.
+        """
+        fn, args = self.prefill_call(prompts, samplings, max_new, seeds, **kwargs)
+        self.compile_decode(fn, args)
+        return fn(*args)
 
+    def prefill_call(self, prompts, samplings, max_new, seeds=None, *, key_data=None,
+                     rows: int | None = None, cache_len: int | None = None,
+                     ignore_eos: bool = False, widths=None):
+        """(the compiled prefill, its arguments) that prefill() calls: for lowering it,
+        measuring it or timing it."""
+        m, c = self.model, self.config
+        limit = m.config.max_position_embeddings
+        longest = max(len(p) for p in prompts)
+        Tb = kvc.bucket(longest, limit)
+        B = rows or kvc.cache_rows(len(prompts), shd.mesh_size(m.mesh,
+                                                                m.rules.get("cache_batch")))
+        S = cache_len or min(Tb, c.max_length)
+        if longest > S:
+            raise ValueError(f"a prompt of {longest} tokens does not fit the engine's "
+                             f"{S} cache slots")
+        ids = np.zeros((B, Tb), np.int32)
+        lengths = np.ones((B,), np.int32)
+        for b, p in enumerate(prompts):
+            ids[b, : len(p)] = p
+            lengths[b] = len(p)
+        if key_data is None:
+            key_data = row_key_data(seeds if seeds is not None else [0] * len(prompts), B)
+        req = self.request(samplings, max_new, key_data, B, ignore_eos, widths)
+        s1, s2 = m._batch_sharding(B, 1), m._batch_sharding(B, 2)
+        args = (m.params, to_global(ids, s2), to_global(lengths, s1), req)
+        return self._compiled("prefill", make_prefill, c.features, c.window, S), args
 
-def demo_model(mesh: Mesh | None = None, dtype: str = "float32", seed: int = 0,
-               quantize: str | None = None, kv_cache: str | None = None,
-               attention: str = "auto") -> Model:
-    """The built-in default: the `demo` preset with seeded random (UNTRAINED) weights and the
-    byte tokenizer. It exercises the whole stack without any download; its text is noise.
-    quantize, kv_cache: as in Model.random (int4 needs a group dividing ffn_size 344, e.g.
-    int4-g8), attention (RunConfig.attention)."""
-    from jaxformer.tokenizer import ByteTokenizer
-    return Model.random(ModelConfig.from_preset("demo"), mesh, dtype=dtype, seed=seed,
-                        tokenizer=ByteTokenizer(), quantize=quantize, kv_cache=kv_cache,
-                        attention=attention)
+    def decode_loop(self):
+        """The compiled decode loop, loop(params, state, until) (make_decode_loop)."""
+        return self._compiled("decode", make_decode_loop, self.config.features)
+
+    def compile_decode(self, prefill, args) -> None:
+        """Compile prefill and the decode loop for these shapes before the first prefill
+        allocates its KV cache; the calls that follow reuse both executables.
+
+        XLA's autotuner times candidate kernels on scratch copies of their operands while
+        it compiles, and over a quantized cache the decode loop's attention fusions take the
+        whole stacked cache as an operand: compiled after prefill, beside the resident
+        cache, a large cache may not leave the autotuner room (docs/performance.md).
+        """
+        key = ("decode compiled", self.config.features,
+               tuple((a.shape, a.dtype) for a in jax.tree.leaves(args[1:])))
+        if key in self.model.compiled:
+            return
+        lowered = prefill.lower(*args)
+        compiled = lowered.compile()
+        state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                             lowered.out_info, compiled.output_shardings)
+        self.decode_loop().lower(self.model.params, state, jax.ShapeDtypeStruct((), jnp.int32)).compile()
+        self.model.compiled.put(key, True)
+
+    def insert(self, state: DecodeState, prefilled: DecodeState, slots) -> DecodeState:
+        """prefilled's rows (all of them) into decode slots `slots` (one per row). Their
+        first tokens stay in prefilled's own window (tokens(prefilled))."""
+        slots = np.asarray(slots, np.int32)
+        n = prefilled.last.shape[0]
+        if slots.shape != (n,) or slots.min() < 0 or slots.max() >= self.config.slots:
+            raise ValueError(f"insert: need {n} slots in [0, {self.config.slots}), got "
+                             f"{slots.tolist()}")
+        return self._call("insert", _insert, state, prefilled, jnp.asarray(slots))
+
+    def step(self, state: DecodeState, steps: int = 1, *, until: int | None = None
+             ) -> DecodeState:
+        """Up to `steps` tokens for every live slot, in a new window (`until`: continue the
+        current window up to that column instead). Read them with tokens()."""
+        loop = self.decode_loop()
+        if until is None:
+            if steps > state.out.shape[1]:
+                raise ValueError(f"step: {steps} steps exceed the window of "
+                                 f"{state.out.shape[1]} tokens")
+            state = self._call("new_window", new_window, state)
+            until = steps
+        return loop(self.model.params, state, jnp.int32(until))
+
+    def free(self, state: DecodeState, slots) -> DecodeState:
+        """Mark slots free (done): they record nothing until a request is inserted."""
+        return self._call("free", _free, state, jnp.asarray(np.asarray(slots, np.int32)))
+
+    def tokens(self, state: DecodeState) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens [B, W] int32, -1 where none; logprobs [B, W]) of the window, on host."""
+        return to_host(state.out), to_host(state.logprobs)
+
+    def _call(self, name, fn, *args):
+        """fn(state, ...) compiled once per model, the state donated."""
+        return self.model.compiled.get((name,), lambda: jax.jit(fn, donate_argnums=(0,)))(
+            *args)

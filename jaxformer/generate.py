@@ -1,4 +1,4 @@
-"""Text generation: generate() over the Engine (runtime.py).
+"""Text generation: generate() over the Engine (engine.py).
 
 Prompts are right-padded into a [B, Tb] batch (Tb a power-of-two bucket, so compiles stay
 few); row b's keys fill cache slots [0, len_b) and each decode step writes slot len_b of its
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import jax
 import numpy as np
@@ -21,9 +21,12 @@ from jaxformer import beam
 from jaxformer import cache as kvc
 from jaxformer import sharding as shd
 from jaxformer.decode_state import DecodeState
-from jaxformer.engine import Model, to_host
-from jaxformer.runtime import Engine, EngineConfig, generate_key_data, stop_arrays
+from jaxformer.engine import Engine, EngineConfig, generate_key_data, stop_arrays
 from jaxformer.sampling import GREEDY, Sampling, row_params
+from jaxformer.sharding import to_host
+
+if TYPE_CHECKING:  # Model.generate (model.py) calls generate()
+    from jaxformer.model import Model
 
 
 @dataclasses.dataclass

@@ -45,7 +45,11 @@ import numpy as np
 
 from jaxformer import cache as kvc
 from jaxformer.config import ModelConfig
+from jaxformer.kernels.attention import is_hopper
+from jaxformer.models import abstract_params, param_axes
 from jaxformer.models.stack import LayerStack
+from jaxformer.quant.params import leaf_dtype, weight_bits
+from jaxformer.sharding import load_rules, logical_to_spec
 
 GiB = 1 << 30
 ENV_DEVICE_MEMORY = "JAXFORMER_DEVICE_MEMORY"
@@ -75,7 +79,6 @@ def _axes_size(sizes: Mapping[str, int], entry) -> int:
 
 def shard_shape(shape, axes, sizes: Mapping[str, int], rules) -> tuple[int, ...]:
     """The per-device shape of an array with logical `axes` (ceil division, as jax pads)."""
-    from jaxformer.sharding import logical_to_spec
     spec = logical_to_spec(tuple(axes), rules)
     spec = tuple(spec) + (None,) * (len(shape) - len(spec))
     return tuple(-(-int(d) // _axes_size(sizes, e)) for d, e in zip(shape, spec))
@@ -87,7 +90,6 @@ def _itemsize(dtype) -> int:
 
 
 def _rules(rules):
-    from jaxformer.sharding import load_rules
     return load_rules(rules) if not isinstance(rules, dict) else rules
 
 
@@ -122,8 +124,6 @@ def weights_bytes(config: ModelConfig, mesh=None, dtype="float32", rules="defaul
     """Bytes of parameters on one device: sum over leaves of prod(shard shape) * itemsize
     (only the leaves under `subtree`, e.g. "layers", when given). quantize: the linear
     layers as RunConfig.quantize stores them (jaxformer.quant.params.leaf_dtype)."""
-    from jaxformer.models import abstract_params, param_axes
-    from jaxformer.quant.params import leaf_dtype, weight_bits
     sizes, table = mesh_sizes(mesh), _rules(rules)
     shapes, axes = abstract_params(config, quantize), param_axes(config, quantize)
     prefix = ()
@@ -237,7 +237,6 @@ def _flash(attention: str, dtype) -> bool:
         return False
     try:
         import jax
-        from jaxformer.kernels.attention import is_hopper
         return is_hopper(jax.local_devices()[0])
     except Exception:  # no backend or no kernels module: count the scores
         return False

@@ -15,6 +15,9 @@ from jaxformer.memory import (CACHE_AXES, ENV_DEVICE_MEMORY, _axes_size, _count,
                               decode_in_place, device_memory_limit, fmt_bytes, kv_cache_bytes,
                               mesh_sizes, parse_bytes, prompt_bucket, shard_shape,
                               weights_bytes)
+from jaxformer.models import abstract_params, num_params, param_axes
+from jaxformer.quant.params import covered
+from jaxformer.quant.spec import name
 
 
 # ---- the plan (re-exported by jaxformer.memory) --------------------------------------------
@@ -100,7 +103,7 @@ class MemoryPlan:
         whole = weights_bytes(c, None, self.dtype, _rules(self.rules), quantize=self.quantize)
         quant = f", {self.quantize} linear layers" if self.quantize else ""
         lines = [
-            f"model {c.name or '(unnamed)'}: {c.arch}, {_count(c.num_params())} parameters, "
+            f"model {c.name or '(unnamed)'}: {c.arch}, {_count(num_params(c))} parameters, "
             f"L={c.num_layers} D={c.hidden_size} N={c.num_heads} K={c.kv_heads} "
             f"H={c.dims_per_head} F={c.mlp_size} V={c.padded_vocab_size}",
             f"mesh data={s['data']} x pipe={s['pipe']} x tensor={s['tensor']} "
@@ -205,7 +208,6 @@ def plan(config: ModelConfig, mesh=None, dtype="float32", *, batch: int | None =
     sizes = mesh_sizes(mesh)
     dtype = jnp.dtype(dtype).name
     table = _rules(rules)
-    from jaxformer.quant.spec import name
     quantize = name(quantize)
     weights = weights_bytes(config, sizes, dtype, table, quantize=quantize)
     if device_memory is not None:
@@ -281,8 +283,6 @@ def quantize_transient_bytes(config: ModelConfig, mesh=None, dtype="float32",
                              rules="default") -> int:
     """Quantizing a float checkpoint while loading holds one float stacked kernel (all layers
     of one linear) beside the quantized model: the largest such kernel per device."""
-    from jaxformer.models import abstract_params, param_axes
-    from jaxformer.quant.params import covered
     sizes, table = mesh_sizes(mesh), _rules(rules)
     shapes, axes = abstract_params(config), param_axes(config)
     out = 0

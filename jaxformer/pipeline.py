@@ -53,7 +53,7 @@ class _Packet(NamedTuple):
 
 
 def make_decode_loop(model, feats):
-    """The pipelined twin of runtime.make_decode_loop: jit(loop(params, state, until)).
+    """The pipelined twin of engine.make_decode_loop: jit(loop(params, state, until)).
 
     Same DecodeState in and out (cache donated) and exactly the tokens of the unpipelined
     loop: rows use the same per-row keys (by their own key and generated count), the same
@@ -185,7 +185,7 @@ def make_decode_loop(model, feats):
 
 def _module(model, pure: dict):
     """The model module over a (stage-local) plain parameter dict."""
-    graphdef, abstract = abstract_model(model.config, model.stages, model.run.quantize)
+    graphdef, abstract = abstract_model(model.config, model.stages, model.run.quant_spec)
     state = jax.tree.map(lambda x: x, abstract)
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state)

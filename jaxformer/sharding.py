@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import yaml
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -179,3 +180,15 @@ def check_divisible(cfg: ModelConfig, mesh: Mesh, rules: Rules, batch: int | Non
         shape = ", ".join(f"{k}={v}" for k, v in mesh.shape.items())
         raise ValueError(f"mesh ({shape}) does not divide the model {cfg.name or ''}: "
                          + "; ".join(problems))
+
+
+def to_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A host array present on every process -> a global jax.Array in `sharding`."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    if jax.process_count() > 1 and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))

@@ -37,7 +37,7 @@ def seeded_weights(cfg, seed=0):
 
 
 def float_checkpoint(cfg, path):
-    from jaxformer.engine import _run_config, default_mesh
+    from jaxformer.model import _run_config, default_mesh
     m = default_mesh()
     jf.Model(cfg, seeded_weights(cfg), m, *_run_config(m, "float32", "default", "auto")).save(path)
     return path

@@ -1,4 +1,4 @@
-"""`jaxformer bench` (jaxformer/bench.py, also benchmarks/generate.py): its CPU smoke run
+"""`jaxformer bench` (benchmarks/harness.py, also benchmarks/generate.py): its CPU smoke run
 prints a row per shape and mode whose numbers are consistent with each other."""
 import json
 
@@ -29,7 +29,8 @@ def test_plan_shapes_skips_what_the_plan_rejects_and_finds_the_largest(monkeypat
     largest multiple of 8 that fits (the next multiple does not); a prompt past the context
     is clipped to leave room for the new tokens."""
     import jaxformer as jf
-    from jaxformer import bench, memory
+    import harness as bench
+    from jaxformer import memory
     monkeypatch.setenv("JAXFORMER_DEVICE_MEMORY", "64GB")
     shapes = bench.plan_shapes(["gpt3-1.3b"], [128, 4096], [1, 4096], 128, "bfloat16", True,
                                [None])
@@ -114,7 +115,7 @@ def test_timeline_splits_a_call_into_dispatch_span_idle_and_tail(tmp_path):
 
     import jax
 
-    from jaxformer import bench
+    import harness as bench
     # ns: a [100, 150), b [200, 230), c [220, 260) overlaps b; idle 150..200; call [0, 400)
     events = [(200, 30, "b"), (100, 50, "a"), (220, 40, "c")]
     tl = bench.timeline(events, (0, 400))

@@ -17,7 +17,8 @@ import jax
 import pytest
 
 import jaxformer as jf
-from jaxformer import bench, cli, memory
+import harness as bench
+from jaxformer import cli, memory
 from jaxformer.cli_args import HelpFormatter, sampling_from
 from jaxformer.cli_chat import TextStream, find_template
 from jaxformer.config import ModelConfig

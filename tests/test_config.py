@@ -31,7 +31,7 @@ def test_preset_loads_by_name(name, tmp_path):
     ("llama-7b", 6.74e9), ("llama-13b", 13.02e9), ("llama-70b", 68.98e9),
     ("bert-base", 110e6), ("bert-large", 340e6)])
 def test_num_params(name, expected):
-    n = ModelConfig.from_preset(name).num_params()
+    n = num_params(ModelConfig.from_preset(name))
     assert abs(n - expected) / expected < 0.02, (name, n)
 
 
@@ -108,7 +108,7 @@ def _check_hf(hf_cfg, model_cls, **replace):
     hf_model = model_cls(hf_cfg)
     pad = cfg.padded_vocab_size - cfg.vocab_size
     per_row = cfg.hidden_size * (1 if cfg.tie_embeddings else 2) + (1 if cfg.mlm_head else 0)
-    assert cfg.num_params() == _hf_num_params(hf_model) + pad * per_row
+    assert num_params(cfg) == _hf_num_params(hf_model) + pad * per_row
     return cfg
 
 

@@ -1,4 +1,4 @@
-"""The Engine (runtime.py): requests prefilled and inserted into slots at different times
+"""The Engine (engine.py): requests prefilled and inserted into slots at different times
 decode exactly as transformers does each prompt alone; seeded sampling does not depend on
 the slot or on the other requests; freed slots record nothing; bad calls are refused."""
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import jaxformer as jf
-from jaxformer.runtime import Engine, EngineConfig
+from jaxformer.engine import Engine, EngineConfig
 
 GREEDY = jf.Sampling(temperature=0, logprobs=True)
 

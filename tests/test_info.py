@@ -62,7 +62,7 @@ def test_weight_bytes_equal_a_real_model(tp_dp_model):
 def test_weight_bytes_equal_arrays_in_the_model_shardings(cfg, sizes, dtype, rules):
     """The same placement as Model.random / load (engine.param_shardings), without the init."""
     from jaxformer import sharding as shd
-    from jaxformer.engine import param_shardings
+    from jaxformer.model import param_shardings
     from jaxformer.models import abstract_params
     m = mesh(*sizes)
     shardings = param_shardings(cfg, m, shd.load_rules(rules))

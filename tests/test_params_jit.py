@@ -46,7 +46,7 @@ def test_packed_entry_point_computes_what_the_unpacked_one_does(tensor):
     """The logits entry point of the unrolled layout with its small arrays packed against
     the same program handed every array on its own; under tensor=2 the sharded arrays stay
     unpacked."""
-    from jaxformer import engine
+    from jaxformer import model
     cfg = jf.ModelConfig.from_preset("demo")
     mesh = jf.make_mesh(1, 1, tensor, devices=jax.devices()[:tensor])
     model = jf.Model.random(cfg, mesh, dtype="float32", seed=3, layer_loop="unroll")

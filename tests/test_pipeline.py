@@ -15,7 +15,7 @@ import pytest
 import jaxformer as jf
 from jaxformer import pipeline
 from jaxformer.config import ModelConfig
-from jaxformer.engine import _run_config, param_shardings
+from jaxformer.model import _run_config, param_shardings
 from jaxformer.models import abstract_params
 from jaxformer.sharding import check_divisible
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxformer as jf
 from jaxformer.kernels import attention as attn
 from jaxformer.kernels import quant_matmul as qm
 from jaxformer.quant import ops
@@ -166,11 +167,10 @@ def uses_kernel(eq, x, q, scale, spec, contract) -> bool:
 
 @pytest.mark.parametrize("site, name, rows", [("out", "int8", (1, 1)),
                                               ("qkv", "fp8-tensor", (1, 3))])
-def test_einsum_takes_the_kernel_when_asked(site, name, rows, interpreted, monkeypatch):
+def test_einsum_takes_the_kernel_when_asked(site, name, rows, interpreted):
     eq, x, q, scale, spec, contract = _einsum_case(site, name, rows)
-    monkeypatch.setenv(ops.KERNEL_ENV, "0")
     want = ops.einsum(eq, x, q, scale, spec, contract)
-    monkeypatch.setenv(ops.KERNEL_ENV, "interpret")
+    spec = spec.with_kernel("interpret")  # RunConfig.quant_kernel
     assert uses_kernel(eq, x, q, scale, spec, contract)
     got = ops.einsum(eq, x, q, scale, spec, contract)
     assert got.shape == want.shape and got.dtype == jnp.bfloat16
@@ -178,16 +178,21 @@ def test_einsum_takes_the_kernel_when_asked(site, name, rows, interpreted, monke
                                rtol=2.0 ** -7, atol=1e-2 * float(np.abs(want).max()))
 
 
-def test_einsum_default_on_cpu_is_xla(monkeypatch):
-    """Default behaviour off Hopper is the XLA path; a bad switch value is refused."""
-    if attn.is_hopper(jax.devices()[0]):
-        pytest.skip("CPU behaviour")
+def test_einsum_default_is_xla_and_the_switch_is_a_run_config_field():
+    """The default (quant_kernel "off") is the XLA path, "auto" off Hopper too; the switch
+    is RunConfig.quant_kernel, validated, and reaches the model's layers (compiled programs
+    are keyed by it), never an environment variable."""
     eq, x, q, scale, spec, contract = _einsum_case("out", "int8", (1, 1))
-    monkeypatch.delenv(ops.KERNEL_ENV, raising=False)
-    assert not uses_kernel(eq, x, q, scale, spec, contract)
-    monkeypatch.setenv(ops.KERNEL_ENV, "yes")
-    with pytest.raises(ValueError, match=ops.KERNEL_ENV):
-        ops.einsum(eq, x, q, scale, spec, contract)
+    assert spec.kernel == "off" and not uses_kernel(eq, x, q, scale, spec, contract)
+    if not attn.is_hopper(jax.devices()[0]):
+        assert not uses_kernel(eq, x, q, scale, spec.with_kernel("auto"), contract)
+    with pytest.raises(ValueError, match="RunConfig.quant_kernel"):
+        jf.RunConfig(quant_kernel="yes")
+    run = jf.RunConfig(quantize="int8", quant_kernel="interpret")
+    assert run.quant_spec == parse("int8").with_kernel("interpret")
+    from jaxformer.models import abstract_model
+    graphdef, _ = abstract_model(jf.ModelConfig.from_preset("demo"), None, run.quant_spec)
+    assert "kernel='interpret'" in repr(graphdef)
 
 
 # ---- the compiled kernel (Hopper GPU) -------------------------------------------------------
@@ -229,11 +234,10 @@ def test_kernel_gpu(case):
 
 @gpu
 @needs_hopper
-def test_einsum_takes_the_kernel_on_hopper(monkeypatch):
+def test_einsum_takes_the_kernel_on_hopper():
     eq, x, q, scale, spec, contract = _einsum_case("out", "int8", (1, 1))
-    monkeypatch.setenv(ops.KERNEL_ENV, "0")
     want = ops.einsum(eq, x, q, scale, spec, contract)
-    monkeypatch.setenv(ops.KERNEL_ENV, "auto")
+    spec = spec.with_kernel("auto")
     assert uses_kernel(eq, x, q, scale, spec, contract)
     got = jax.jit(lambda x, q, s: ops.einsum(eq, x, q, s, spec, contract))(x, q, scale)
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),

@@ -178,7 +178,7 @@ def convert(input, output, *, tokenizer=None, vocab_file=None, merges_file=None,
     seconds = time.time() - t0
     nbytes = sum(f.stat().st_size for f in output.rglob("*") if f.is_file())
     summary = dict(output=str(output), source=src.describe(), dtype=out_name,
-                   num_params=cfg.num_params(), bytes=nbytes, seconds=round(seconds, 2),
+                   num_params=num_params(cfg), bytes=nbytes, seconds=round(seconds, 2),
                    peak_rss_mb_streaming=round(rss_stream, 1),
                    peak_rss_mb=round(peak_rss_mb(), 1),
                    tokenizer=None if tok is None else type(tok).__name__,

@@ -24,6 +24,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from jaxformer import sharding
+from jaxformer.cache import read_layer
+from jaxformer.kernels import decode_attention, flash_attention
 from jaxformer.kernels.reference import attention_mask, attention_reference
 
 log = logging.getLogger(__name__)
@@ -44,7 +47,6 @@ def _log_once(msg: str) -> None:
 
 # ---- where can the kernels run? ---------------------------------------------------------
 def _devices():
-    from jaxformer import sharding
     mesh, _ = sharding.current()
     if mesh is not None:
         try:
@@ -66,7 +68,6 @@ def is_hopper(device) -> bool:
 def pallas_unsupported(q, k, v, quantized: bool = False) -> str | None:
     """Why the Pallas kernels cannot take this call (None: they can). quantized: k and v
     are a quantized cache's codes (only the decode kernel reads those)."""
-    from jaxformer.kernels import decode_attention, flash_attention
     dev = _devices()[0]
     if not is_hopper(dev):
         return (f"the Pallas Mosaic GPU kernels need a Hopper GPU (sm_90); this is "
@@ -99,7 +100,6 @@ def cudnn_unsupported(q, k, v) -> str | None:
 @functools.partial(jax.jit, static_argnames=("causal", "scale"))
 def _pallas(q, k, v, q_positions, kv_lengths, layer=None, k_scale=None, v_scale=None, *,
             causal, scale):
-    from jaxformer.kernels import decode_attention, flash_attention
     if q.shape[1] == 1:
         return decode_attention.decode_attention(q, k, v, q_positions, kv_lengths,
                                                  causal=causal, scale=scale, layer=layer,
@@ -138,7 +138,6 @@ def _sharded(fn, q, k, v, q_positions, kv_lengths, layer=None, scales=()):
     k, v [B, S, K, H], or [L, B, S, K, H] with `layer` (int32 scalar) naming the layer;
     scales: () or a quantized cache's (k_scale, v_scale), k's shape without H, sharded
     with it. fn(q, k, v, q_positions, kv_lengths, layer, *scales)."""
-    from jaxformer import sharding
     mesh, _ = sharding.current()
     if mesh is None:
         return fn(q, k, v, q_positions, kv_lengths, layer, *scales)
@@ -224,7 +223,6 @@ def attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: float,
                 return _sharded(fn, q, k, v, q_positions, kv_lengths, layer,
                                 (k_scale, v_scale))
         if layer is not None:
-            from jaxformer.cache import read_layer
             k, v, k_scale, v_scale = (read_layer(a, layer) for a in (k, v, k_scale, v_scale))
         return attention_reference(q, k, v, q_positions, kv_lengths, causal=causal,
                                    scale=scale, k_scale=k_scale, v_scale=v_scale)
@@ -235,7 +233,6 @@ def attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: float,
             _log_once(f"attention backend 'auto' uses xla: {reason}")
         backend = "xla" if reason is not None else "pallas"
     if layer is not None and not (backend == "pallas" and q.shape[1] == 1):
-        from jaxformer.cache import read_layer  # only the decode kernel reads it in place
         k, v, layer = read_layer(k, layer), read_layer(v, layer), None
     if backend == "xla":
         return attention_reference(q, k, v, q_positions, kv_lengths, causal=causal, scale=scale)

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxformer.kernels import flash_attention as fa
+from jaxformer.kernels.decode_attention import num_sms
 
 MAX_M = 64  # rows of x; wgmma's N is Mp <= 256, but past 64 a GEMM is compute-light anyway
 CODE_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
@@ -58,7 +59,6 @@ def choose_splits(n_blocks: int, k_steps: int, ctas_per_sm: int = 1,
                   sms: int | None = None) -> int:
     """P minimising waves(P) * steps-per-CTA(P), the time of the busiest SM (ties: fewer
     splits, so fewer partials). E.g. 132 SMs, 32 column blocks of 16 steps: P = 4."""
-    from jaxformer.kernels.decode_attention import num_sms
     slots = (sms or num_sms()) * ctas_per_sm
     best, best_cost = 1, None
     for p in range(1, k_steps + 1):

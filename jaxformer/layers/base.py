@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer import sharding as shd
+from jaxformer.quant import ops, spec
 
 INIT_STD = 0.02
 
@@ -61,8 +62,7 @@ class Dense(nnx.Module):
         if self.quant is None:
             eq, x, kernel = _one_contraction(eq, x, self.kernel[...], self.contract)
             return _einsum_not_strength_reduced(eq, x, kernel)
-        from jaxformer.quant import ops, spec
-        q = spec.parse(self.quant)
+        q = self.quant
         rec = ops.recorder()
         act_scale = None
         if rec is not None:  # calibration: record the input, keep it unquantized

@@ -29,7 +29,7 @@ from jax import lax
 
 from jaxformer import sharding as shd
 from jaxformer.quant import ops
-from jaxformer.quant.params import _get, iter_denses
+from jaxformer.quant.module import at_path, iter_denses
 from jaxformer.quant.spec import parse
 
 MAX_TOKENS = 256
@@ -188,7 +188,7 @@ def set_act_scales(model, amax: dict) -> None:
     pure = nnx.to_pure_dict(model.params)
     for path, dense in iter_denses(model.module(model.params)):
         a = model.stack.per_layer_values(np.asarray(amax[dense.qname], np.float32), path)
-        node = _get(pure, path)
+        node = at_path(pure, path)
         old = node["act_scale"]
         scale = np.where(a > 0, a, ops.FP8_MAX) / ops.FP8_MAX
         node["act_scale"] = jax.device_put(scale.astype(np.float32).reshape(old.shape),

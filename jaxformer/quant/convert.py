@@ -14,6 +14,8 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from jaxformer.model import load
+from jaxformer.sharding import make_mesh
 
 
 def quantize_checkpoint(src, dst, quantize: str, *, dtype: str = "float32",
@@ -25,8 +27,6 @@ def quantize_checkpoint(src, dst, quantize: str, *, dtype: str = "float32",
     """
     import jax
 
-    from jaxformer.engine import load
-    from jaxformer.sharding import make_mesh
     mesh = make_mesh(1, 1, 1, devices=jax.devices("cpu")[:1])
     model = load(src, mesh=mesh, dtype=dtype, quantize=quantize, calibration=calibration)
     model.save(dst, overwrite=overwrite)

@@ -41,15 +41,15 @@ The matmuls (GPU paths; CPU runs the same programs, upcast by XLA), M = rows of 
                              (decode) takes the weight-only path: an FP8 GEMM of a few rows
                              is slower than reading the FP8 weights into a bf16 product
 
-Opt-in (JAXFORMER_QUANT_KERNEL=auto): on a Hopper GPU, int8 and fp8 weight-only products of
+Opt-in (RunConfig.quant_kernel="auto"): on a Hopper GPU, int8 and fp8 weight-only products of
 at most KERNEL_MAX_ROWS rows take the Mosaic GPU kernel jaxformer.kernels.quant_matmul
 instead, when the codes need no padded copy (output channels a
 multiple of 64, contraction a multiple of 128) and the call runs on one device: a Pallas call
 is not partitioned by XLA, so under a tensor- or data-parallel mesh the XLA path stays
 (a shard_map wrapper at the layer, which knows the logical axes, is the way to lift that).
-The environment variable JAXFORMER_QUANT_KERNEL, read when a function is traced, overrides:
-"0" (default) always XLA; "auto" or "1" as above ("1" also logs once why a call cannot take
-the kernel); "interpret" the kernel in the Mosaic GPU interpreter on any device (tests).
+The layer's QuantSpec carries the switch (QuantSpec.kernel): "off" (default) always XLA;
+"auto" or "log" as above ("log" also logs once why a call cannot take the kernel);
+"interpret" the kernel in the Mosaic GPU interpreter on any device (tests).
 The default is XLA because in the model the kernel was slower on an H100 (gpt3-6.7b int8
 batch-1 decode 4.37 ms/token with it against 3.49 without; docs/benchmarks.md): XLA's fused
 row reductions already read the codes at 2.2-2.6 TB/s at the model's shapes, and the
@@ -65,19 +65,19 @@ import contextlib
 import functools
 import logging
 import math
-import os
 import threading
 
 import jax
 import jax.numpy as jnp
 
 from jaxformer.quant.spec import QuantSpec
+from jaxformer import sharding
+from jaxformer.kernels import attention, quant_matmul
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 SMALL_M = 64  # rows up to which FP8 models run weight-only (decode steps)
 KERNEL_MAX_ROWS = 16  # rows up to which int8 / fp8 weight-only products take the kernel
 LONG_ROWS = 2  # contraction / output channels from which batch 1 runs as a two-row GEMM
-KERNEL_ENV = "JAXFORMER_QUANT_KERNEL"
 log = logging.getLogger(__name__)
 _logged: set[str] = set()
 
@@ -222,13 +222,13 @@ def einsum(eq: str, x, q, scale, spec: QuantSpec, contract: int, act_scale=None)
     # the kernel takes x [rows, K] row-major: batch dims kept in order, contraction last
     plain = xs == out[: len(out) - len(ks) + contract] + ks[:contract]
     if rows <= KERNEL_MAX_ROWS and plain:
-        mode = kernel_mode()
+        mode = spec.kernel
         reason = kernel_unsupported(x, q, scale, spec, contract, mode)
         if reason is None:
             return _kernel_einsum(x, q, scale, spec, contract, interpret=mode == "interpret")
-        if mode == "1" and reason not in _logged:
+        if mode == "log" and reason not in _logged:
             _logged.add(reason)
-            log.info(f"{KERNEL_ENV}=1: quantized matmul uses XLA: {reason}")
+            log.info(f"RunConfig.quant_kernel='log': quantized matmul uses XLA: {reason}")
     if rows == 1:  # a matrix-vector product over the K-minor codes
         n_out = q.ndim - contract
         n_k = math.prod(q.shape[n_out:])
@@ -293,28 +293,18 @@ def _int4_vector_product(x, q, scale, spec: QuantSpec, contract: int):
 
 
 # ---- the Mosaic GPU kernel for few rows ----------------------------------------------------
-def kernel_mode() -> str:
-    """JAXFORMER_QUANT_KERNEL: "0" (default), "auto", "1" or "interpret"."""
-    mode = os.environ.get(KERNEL_ENV, "0").strip().lower() or "0"
-    if mode not in ("0", "auto", "1", "interpret"):
-        raise ValueError(f"{KERNEL_ENV} must be 0, auto, 1 or interpret, got {mode!r}")
-    return mode
-
-
 def kernel_unsupported(x, q, scale, spec: QuantSpec, contract: int, mode: str) -> str | None:
     """Why the weight-only product einsum is about to run cannot take the kernel (None: it
     can). x [*batch, *contraction]; q [*out, *contraction] (stored layout)."""
-    if mode == "0":
-        return f"{KERNEL_ENV}=0"
+    if mode == "off":
+        return "RunConfig.quant_kernel='off'"
     if spec.mode not in ("int8", "fp8"):
         return f"mode {spec.mode}"
-    from jaxformer.kernels import attention, quant_matmul
     if mode != "interpret":
         dev = attention._devices()[0]
         if not attention.is_hopper(dev):
             return (f"the kernel needs a Hopper GPU (sm_90); this is {dev.platform} "
                     f"{getattr(dev, 'device_kind', '')}").rstrip()
-    from jaxformer import sharding
     mesh, _ = sharding.current()
     if mesh is not None:
         manual = set(getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()) or ())
@@ -333,7 +323,6 @@ def kernel_unsupported(x, q, scale, spec: QuantSpec, contract: int, mode: str) -
 def _int8_matmul_jit(x, w, s, interpret: bool):
     """jit-wrapped so the equal calls of every layer trace to one jaxpr and the Mosaic GPU
     kernel is built once, not once per layer (as kernels.attention does)."""
-    from jaxformer.kernels import quant_matmul
     return quant_matmul.int8_matmul(x, w, s, interpret=interpret)
 
 

@@ -26,57 +26,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxformer import checkpoint as ckpt
+from jaxformer import sharding as shd
+from jaxformer.models import abstract_params, build, param_axes
 from jaxformer.quant import ops
+from jaxformer.quant.module import SCALE_LEAVES, at_path, iter_denses
 from jaxformer.quant.spec import QuantSpec, parse
 
 log = logging.getLogger(__name__)
 
-SCALE_LEAVES = ("kernel_scale", "act_scale")
-
-
-def iter_denses(module):
-    """(path, Dense) for every linear layer that quantization covers (those under `layers`)."""
-    from jaxformer.layers.base import Dense
-    it = nnx.iter_modules(module) if hasattr(nnx, "iter_modules") else module.iter_modules()
-    for path, m in it:
-        if isinstance(m, Dense) and path and path[0] == "layers":
-            yield tuple(str(p) for p in path), m
-
-
-def _param(value, axes) -> nnx.Param:
-    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
-
-
-def _layer_name(path: tuple) -> str:
-    """A Dense's name without its layer: `layers/attn/qkv` (stacked) and
-    `layers/<j>/attn/qkv` (unrolled position j, models/stack.py) are both "attn/qkv"."""
-    parts = [str(p) for p in path[1:]]
-    return "/".join(parts[1:] if parts and parts[0].isdigit() else parts)
-
-
-def quantize_module(module, quantize):
-    """Quantize the covered Dense kernels of `module` in place (real or abstract values);
-    returns the module. `quantize`: a RunConfig.quantize value or QuantSpec."""
-    spec = parse(quantize)
-    for path, dense in list(iter_denses(module)):
-        kernel = dense.kernel[...]
-        axes = tuple(dense.kernel.get_metadata()["out_sharding"])
-        lead = kernel.ndim - dense.kernel_ndim
-        q, scale = ops.quantize_kernel(kernel, spec, lead, dense.contract)
-        dense.kernel = _param(q, ops.stored_axes(axes, spec, lead, dense.contract))
-        dense.kernel_scale = _param(scale, ops.scale_axes(axes, spec, lead, dense.contract))
-        if spec.activations:  # placeholder 1.0 until calibrate() measures the inputs
-            dense.act_scale = _param(jnp.ones(kernel.shape[:lead], jnp.float32), axes[:lead])
-        dense.quant = spec.name
-        # the layer-independent name ("attn/qkv"), without the layout's position index
-        dense.qname = _layer_name(path)
-    return module
-
-
 @functools.lru_cache(maxsize=64)
 def covered(cfg) -> dict:
     """{path of a quantized Dense: (contract, lead)} for the model `cfg` describes."""
-    from jaxformer.models import build
     model = nnx.eval_shape(lambda: build(cfg))
     return {path: (d.contract, len(d.kernel.shape) - d.kernel_ndim)
             for path, d in iter_denses(model)}
@@ -94,7 +55,6 @@ def leaf_dtype(path, abstract_dtype, dtype):
 
 def target_dtypes(cfg, quantize, dtype) -> dict:
     """Nested dict of the dtypes `load` and `Model.random` create the parameters in."""
-    from jaxformer.models import abstract_params
     return jax.tree_util.tree_map_with_path(
         lambda p, s: leaf_dtype(tuple(k.key for k in p), s.dtype, dtype),
         abstract_params(cfg, quantize))
@@ -106,14 +66,6 @@ def weight_bits(dtype) -> int:
     return 4 if dtype == jnp.int4 else 8 * dtype.itemsize
 
 
-def _get(tree, path):
-    """tree[path[0]][path[1]]...; module paths name the unrolled layout's positions "0",
-    "1", ... (iter_denses), which its params tree keys as ints."""
-    for k in path:
-        tree = tree[int(k)] if isinstance(k, str) and k.isdigit() and int(k) in tree else tree[k]
-    return tree
-
-
 def _copy(tree):
     return {k: _copy(v) if isinstance(v, dict) else v for k, v in tree.items()}
 
@@ -121,15 +73,13 @@ def _copy(tree):
 def check_mesh(cfg, quantize, mesh, rules) -> None:
     """Explain, in one error, every scale dimension the mesh does not divide (int4 groups of
     a sharded contraction dimension must fall whole on each shard)."""
-    from jaxformer import sharding as shd
-    from jaxformer.models import abstract_params, param_axes
     spec = parse(quantize)
     if spec is None:
         return
     shapes, axes = abstract_params(cfg, spec.name), param_axes(cfg, spec.name)
     problems = []
     for path in covered(cfg):
-        s, a = _get(shapes, path)["kernel_scale"], _get(axes, path)["kernel_scale"]
+        s, a = at_path(shapes, path)["kernel_scale"], at_path(axes, path)["kernel_scale"]
         for size, logical in zip(s.shape, a):
             n = shd.mesh_size(mesh, rules.get(logical)) if logical else 1
             if size % n:
@@ -146,15 +96,14 @@ def quantize_params(params: dict, cfg, quantize, mesh, rules, *, delete: bool = 
     devices, one stacked weight at a time; returns the quantized dict. With `delete`, each
     float kernel is freed as soon as its quantized form exists, so the peak is the float
     model plus one quantized kernel, never two full copies."""
-    from jaxformer.models import param_axes
     spec = parse(quantize)
     axes = param_axes(cfg, spec.name)
     out = _copy(params)
     for path, (contract, lead) in covered(cfg).items():
-        node = _get(out, path)
+        node = at_path(out, path)
         w = node["kernel"]
         node.update(quantize_kernel_on_device(w, spec, lead, contract, mesh, rules,
-                                              _get(axes, path)))
+                                              at_path(axes, path)))
         if delete and isinstance(w, jax.Array):
             w.delete()
     return out
@@ -162,7 +111,6 @@ def quantize_params(params: dict, cfg, quantize, mesh, rules, *, delete: bool = 
 
 def quantize_kernel_on_device(w, spec: QuantSpec, lead, contract, mesh, rules, axes) -> dict:
     """{kernel, kernel_scale[, act_scale]} of one float kernel `w`, in their shardings."""
-    from jaxformer import sharding as shd
     sh = {k: shd.named_sharding(mesh, axes[k], rules) for k in ("kernel", "kernel_scale")}
     fn = jax.jit(functools.partial(ops.quantize_kernel, spec=spec, lead=lead,
                                    contract=contract),
@@ -180,9 +128,6 @@ def restore_quantized(path, cfg, quantize, mesh, rules, dtype) -> dict:
     """Restore a float checkpoint and quantize it on the devices, reading one stacked kernel
     at a time (orbax partial restore): the device peak is the quantized model plus one float
     kernel (all layers of one weight) in the run dtype."""
-    from jaxformer import checkpoint as ckpt
-    from jaxformer import sharding as shd
-    from jaxformer.models import abstract_params, param_axes
     spec = parse(quantize)
     shardings = shd.tree_shardings(mesh, param_axes(cfg), rules)
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sh),
@@ -190,15 +135,15 @@ def restore_quantized(path, cfg, quantize, mesh, rules, dtype) -> dict:
     kernels = covered(cfg)
     rest = _copy(target)
     for p in kernels:
-        del _get(rest, p)["kernel"]
+        del at_path(rest, p)["kernel"]
     params = _regrow(ckpt.restore_params(path, _prune(rest), partial=True), kernels)
     qaxes = param_axes(cfg, spec.name)
     for p, (contract, lead) in kernels.items():
-        one = ckpt.restore_params(path, _nest(p + ("kernel",), _get(target, p)["kernel"]),
+        one = ckpt.restore_params(path, _nest(p + ("kernel",), at_path(target, p)["kernel"]),
                                   partial=True)
-        w = _get(one, p)["kernel"]
-        _get(params, p).update(quantize_kernel_on_device(w, spec, lead, contract, mesh, rules,
-                                                         _get(qaxes, p)))
+        w = at_path(one, p)["kernel"]
+        at_path(params, p).update(quantize_kernel_on_device(w, spec, lead, contract, mesh, rules,
+                                                         at_path(qaxes, p)))
         w.delete()
         log.info("quantized %s to %s", "/".join(p), spec.name)
     return params

@@ -21,6 +21,10 @@ import functools
 import re
 
 MODES = ("int8", "int4", "fp8")
+# RunConfig.quant_kernel: whether few-row weight-only int8 / fp8 products take the Mosaic GPU
+# kernel (jaxformer.quant.ops): "off" (XLA), "auto" (where supported), "log" ("auto", logging
+# once why a call cannot), "interpret" (the kernel in the Mosaic GPU interpreter, any device)
+KERNEL_MODES = ("off", "auto", "log", "interpret")
 DEFAULT_GROUP = 128
 NAMES = ("int8", "int4", "int4-g<N>", "fp8", "fp8-tensor")
 
@@ -32,6 +36,13 @@ class QuantSpec:
     mode: str  # "int8" | "int4" | "fp8"
     group_size: int | None = None  # int4: rows of the contraction dimension per scale
     per_tensor: bool = False  # fp8-tensor: one weight scale per matrix
+    kernel: str = "off"  # RunConfig.quant_kernel (KERNEL_MODES); not part of the name
+
+    def with_kernel(self, kernel: str) -> "QuantSpec":
+        if kernel not in KERNEL_MODES:
+            raise ValueError(f"RunConfig.quant_kernel: must be one of {KERNEL_MODES}, got "
+                             f"{kernel!r}")
+        return dataclasses.replace(self, kernel=kernel)
 
     @property
     def name(self) -> str:

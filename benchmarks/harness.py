@@ -36,6 +36,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import jaxformer as jf
+from jaxformer import cache as kvc
+from jaxformer import memory
+from jaxformer.cache import KV_MODES
+from jaxformer.cli_args import ATTENTION, Parser, UsageError, positive_float, positive_int
+from jaxformer.engine import Engine, EngineConfig
+from jaxformer.models import num_params
+from jaxformer.quant.spec import name
+from jaxformer.sampling import GREEDY, row_params
+
 
 def _median_time(fn, reps=5):
     fn()
@@ -124,18 +134,12 @@ def timeline(events: list[tuple[int, int, str]], call: tuple[int, int] | None) -
 def decode_kv_bytes(cfg, batch: int, prompt: int, new: int, dtype, kv_cache=None) -> float:
     """K and V bytes a decode step reads on average over `new` steps after `prompt` (a
     quantized cache: its codes and scales), on one device."""
-    from jaxformer import memory
     per_slot = memory.kv_cache_bytes(cfg, None, dtype, batch, 1, kv_cache=kv_cache)
     return (prompt + new / 2) * per_slot
 
 
 def run_jax(cfg, batch: int, prompt: int, new: int, dtype: str, attention="auto",
             seed=0, quantize=None, kv_cache=None) -> dict:
-    import jaxformer as jf
-    from jaxformer import cache as kvc
-    from jaxformer import memory
-    from jaxformer.runtime import Engine, EngineConfig
-    from jaxformer.sampling import GREEDY, row_params
 
     model = jf.Model.random(cfg, dtype=dtype, seed=seed, attention=attention,
                             quantize=quantize, kv_cache=kv_cache)
@@ -173,7 +177,7 @@ def run_jax(cfg, batch: int, prompt: int, new: int, dtype: str, attention="auto"
     ttft, step = float(np.median(ttft)), float(np.median(step))
     kv_bytes = decode_kv_bytes(cfg, batch, prompt, new, dtype, kv_cache)
     L, H = cfg.num_layers, cfg.dims_per_head
-    flops_prefill = 2 * batch * prompt * cfg.num_params() \
+    flops_prefill = 2 * batch * prompt * num_params(cfg) \
         + 2 * 2 * L * batch * prompt * prompt / 2 * cfg.num_heads * H
     out = dict(ttft_ms=ttft * 1e3, step_ms=step * 1e3,
                tok_s=batch * new / (ttft + step * (new - 1)),
@@ -237,7 +241,6 @@ def _hf_worker(shapes: list, new: int) -> None:
     each. With largest, a batch that runs out of memory is halved until one fits."""
     import torch
 
-    import jaxformer as jf
     # one compiled decode graph per batch shape: keep dynamo from falling back to eager
     # after its default 8 recompilations
     torch._dynamo.config.cache_size_limit = 64
@@ -273,8 +276,8 @@ def hf_rows(shapes: list, new: int, timeout: float | None = None) -> dict:
     import os
     import subprocess
     env = dict(os.environ, JAX_PLATFORMS="cpu")  # the child needs only configs from jax
-    code = ("import json, sys; from jaxformer import bench; "
-            f"bench._hf_worker(json.loads(sys.argv[1]), {int(new)})")
+    code = (f"import json, sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
+            f"import harness; harness._hf_worker(json.loads(sys.argv[1]), {int(new)})")
     try:
         stdout = subprocess.run([sys.executable, "-c", code, json.dumps(shapes)], env=env,
                                 stdout=subprocess.PIPE, text=True, timeout=timeout).stdout
@@ -298,8 +301,6 @@ def plan_shapes(presets, prompts, batches, new: int, dtype: str, largest: bool,
     prompt, for the first of `modes`). A mode is a quantize value or a (quantize, kv_cache)
     pair."""
     modes = [m if isinstance(m, tuple) else (m, None) for m in modes]
-    import jaxformer as jf
-    from jaxformer import memory
     # without preallocation (--hf) the allocator, and its bytes_limit, exist only once
     # something is allocated: a scalar, not the 75% of the card preallocation would take
     jax.block_until_ready(jnp.zeros(()))
@@ -335,7 +336,6 @@ def plan_shapes(presets, prompts, batches, new: int, dtype: str, largest: bool,
 def _largest_fitting(cfg, dtype: str, prompt: int, length: int, mode) -> int:
     """The largest batch (a multiple of 8) the memory plan fits for mode (quantize,
     kv_cache), bisected; 0 if unknown."""
-    from jaxformer import memory
 
     def fits(b):
         return memory.plan(cfg, None, dtype, batch=b, max_length=length,
@@ -356,7 +356,6 @@ FULL = dict(batches=[1, 8, 64, 256], prompts=[128, 2048], new=128)
 
 
 def parser():
-    from jaxformer.cli_args import (ATTENTION, Parser, positive_float, positive_int)
     ap = Parser(prog="jaxformer bench", description=__doc__)
     ap.add_argument("--presets", nargs="+", default=["gpt3-1.3b", "gpt3-6.7b", "gpt3-13b"],
                     help="model presets (random weights); --tiny: demo")
@@ -392,7 +391,6 @@ def parser():
 
 def main(argv=None) -> int:
     """`jaxformer bench`; bad input prints one line and returns 2."""
-    from jaxformer.cli_args import UsageError
     try:
         return _main(argv)
     except UsageError as e:
@@ -403,15 +401,11 @@ def main(argv=None) -> int:
 
 
 def _main(argv) -> int:
-    from jaxformer.cli_args import UsageError
     ap = parser()
     args = ap.parse_args(argv)
     for key, value in (TINY if args.tiny else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    import jaxformer as jf
-    from jaxformer.cache import KV_MODES
-    from jaxformer.quant.spec import name
 
     kv_modes = [None if m.strip() in ("", "none") else m.strip()
                 for m in args.kv_cache.split(",")]
