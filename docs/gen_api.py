@@ -24,6 +24,9 @@ SECTIONS = [
      ["jaxformer.make_mesh", "jaxformer.load", "jaxformer.demo_model", "jaxformer.list_presets"]),
     ("Model", "Returned by `load`, `demo_model` and `Model.random`.", ["jaxformer.Model"]),
     ("Generation", "", ["jaxformer.generate", "jaxformer.Sampling", "jaxformer.GenerateOutput"]),
+    ("Engine", "One model on its mesh driven a step at a time (what generate() and a "
+     "scheduler run on); [architecture](architecture.md) shows a request's way through it.",
+     ["jaxformer.Engine", "jaxformer.EngineConfig", "jaxformer.num_params"]),
     ("Configuration", "", ["jaxformer.ModelConfig", "jaxformer.RunConfig"]),
     ("Memory plan", "What `jaxformer info` prints and what `load(max_batch=, max_length=)` "
      "checks.",

@@ -129,7 +129,7 @@ def make_beam_search(model: Model, nb: int, max_new: int, cache_len: int,
 
 
 def beam_search(run, num_beams: int, length_penalty: float):
-    """Host side for generate() (its _Run): returns (tokens per prompt, scores)."""
+    """Host side for generate() (its GenerateRun): returns (tokens per prompt, scores)."""
     model: Model = run.model
     key = ("beam", num_beams, run.max_new, run.cache_len, float(length_penalty))
     fn = model.compiled.get(key, lambda: make_beam_search(

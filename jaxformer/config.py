@@ -236,7 +236,7 @@ class RunConfig:
     attention: str = "auto"  # "auto" | "xla" | "pallas" | "cudnn"
     # "scan": stacked layer weights and lax.scan; "unroll": one array per layer position and
     # a Python loop (no per-layer weight copies on GPUs); "auto": unroll on GPUs, else scan.
-    # See models/transformer.py.
+    # See models/stack.py.
     layer_loop: str = "auto"
     quantize: str | None = None  # linear-layer weight (and FP8 activation) quantization
     kv_cache: str | None = None  # KV-cache quantization: None, "int8" or "fp8"
@@ -256,7 +256,7 @@ class RunConfig:
 
     @staticmethod
     def layer_loop_on(layer_loop: str, platform: str) -> str:
-        """The layer loop that runs: "auto" is "unroll" on GPUs (models/transformer.py),
+        """The layer loop that runs: "auto" is "unroll" on GPUs (models/stack.py),
         else "scan" (compile time flat in depth); other values pass through."""
         if layer_loop != "auto":
             return layer_loop

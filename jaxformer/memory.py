@@ -158,7 +158,7 @@ def cache_length(config: ModelConfig, max_length: int, prompt_length: int | None
         raise ValueError(f"max_length must be >= 1, got {max_length}")
     limit = config.max_position_embeddings
 
-    def alloc(p):  # generate._Run's rule for prompts of p and max_length - p new tokens
+    def alloc(p):  # generate.GenerateRun's rule for prompts of p and max_length - p new tokens
         return kvc.cache_slots(prompt_bucket(config, p), p, max(max_length - p, 1), limit)
 
     if prompt_length is not None:

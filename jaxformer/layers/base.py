@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer import sharding as shd
-from jaxformer.quant import ops, spec
+from jaxformer.quant import ops
 
 INIT_STD = 0.02
 
@@ -60,8 +60,7 @@ class Dense(nnx.Module):
         """einsum(eq, x, kernel), eq e.g. "btd,df->btf"; a quantized kernel runs its
         low-precision matmul (jaxformer.quant.ops.einsum) instead."""
         if self.quant is None:
-            eq, x, kernel = _one_contraction(eq, x, self.kernel[...], self.contract)
-            return _einsum_not_strength_reduced(eq, x, kernel)
+            return _einsum_not_strength_reduced(eq, x, self.kernel[...])
         q = self.quant
         rec = ops.recorder()
         act_scale = None
@@ -74,27 +73,6 @@ class Dense(nnx.Module):
 
     def add_bias(self, y):
         return y + self.bias[...] if hasattr(self, "bias") else y
-
-
-def _one_contraction(eq: str, x, kernel, contract: int):
-    """(eq, x, kernel) with the kernel's `contract` contraction dims merged into one, where x
-    ends with them in the same order (e.g. "btnh,nhd->btd" -> "btz,zd->btd").
-
-    Same product as a plain [rows, K] x [K, N] matmul. The slow batch-1 output projection
-    seen on an H100 (a broadcast multiply plus a reduction over an [N, H, D] temporary,
-    15.6 us) came from XLA's strength-reduction threshold, not from the two contraction dims:
-    merging alone did not change it, `_einsum_not_strength_reduced` did. The GPU numbers in
-    docs/benchmarks.md were measured with both.
-    """
-    inputs, out = eq.replace(" ", "").split("->")
-    xs, ks = inputs.split(",")
-    c = ks[:contract]
-    if contract < 2 or not xs.endswith(c) or kernel.ndim != len(ks):
-        return eq, x, kernel
-    z = next(ch for ch in "zyxwvutsrq" if ch not in eq)
-    x = x.reshape(*x.shape[: x.ndim - contract], -1)
-    kernel = kernel.reshape(-1, *kernel.shape[contract:])
-    return f"{xs[:-contract]}{z},{z}{ks[contract:]}->{out}", x, kernel
 
 
 # XLA:GPU rewrites a vector x matrix dot whose operands hold fewer than this many elements

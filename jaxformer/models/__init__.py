@@ -17,7 +17,7 @@ from jaxformer.quant.spec import QuantSpec, parse
 
 def build(cfg: ModelConfig, seed: int = 0, stages: int | None = None):
     """A model with random weights (float32, host/default device); `stages`: the layer
-    layout (models/transformer.py: None stacked, S unrolled for S pipeline stages)."""
+    layout (models/stack.py: None stacked, S unrolled for S pipeline stages)."""
     cls = DecoderLM if cfg.arch == "decoder" else Encoder
     return cls(cfg, nnx.Rngs(params=seed), stages)
 
@@ -42,7 +42,7 @@ def _spec(quantize) -> QuantSpec | None:
 def abstract_model(cfg: ModelConfig, stages: int | None = None, quantize: str | None = None):
     """(graphdef, abstract nnx.State) of the model `cfg` describes, with its linear layers
     quantized as `quantize` says (jaxformer.quant); nothing is allocated. stages: None for
-    the stacked layer layout, S for the unrolled one (models/transformer.py)."""
+    the stacked layer layout, S for the unrolled one (models/stack.py)."""
     return _abstract(cfg, stages, _spec(quantize))
 
 

@@ -5,7 +5,7 @@ A float kernel is laid out [*lead, *contraction, *out]: `lead` stacked dimension
 contracts (the input features: D for QKV and the first MLP matrix, N H for the attention
 output, F for the second MLP matrix), then its output dimensions.
 
-Stored kernels are K-minor, [*lead, *out, *contraction] (`stored_layout`): on an H100,
+Stored kernels are K-minor, [*lead, *out, *contraction]: on an H100,
 cuBLASLt's FP8 GEMM needs the contraction dim minor in both operands (1234 TFLOP/s on 2048 x
 4096 x 16384 against 365 with it major, where XLA transposes the weight on every call), the
 INT8 matrix-vector product reads rows of codes (1641 GB/s of int8 against 1012 in the float
@@ -82,20 +82,13 @@ log = logging.getLogger(__name__)
 _logged: set[str] = set()
 
 
-def stored_layout(spec: QuantSpec) -> bool:
-    """Whether this mode stores kernels K-minor ([*lead, *out, *contraction]): all do."""
-    return spec.mode in ("int8", "fp8", "int4")
-
-
 def to_stored(a, spec: QuantSpec, lead: int, contract: int):
     """[*lead, *contraction, *out] -> the stored layout (module docstring)."""
-    return a if not stored_layout(spec) else jnp.transpose(a, _perm(a.ndim, lead, contract))
+    return jnp.transpose(a, _perm(a.ndim, lead, contract))
 
 
 def from_stored(q, spec: QuantSpec, lead: int, contract: int):
     """The stored layout -> [*lead, *contraction, *out]."""
-    if not stored_layout(spec):
-        return q
     perm = _perm(q.ndim, lead, contract)
     inv = [perm.index(i) for i in range(q.ndim)]
     return jnp.transpose(q, inv)
@@ -103,9 +96,7 @@ def from_stored(q, spec: QuantSpec, lead: int, contract: int):
 
 def stored_axes(axes, spec: QuantSpec, lead: int, contract: int) -> tuple:
     """A kernel's logical axis names in its stored layout."""
-    axes = tuple(axes)
-    return axes if not stored_layout(spec) else tuple(axes[i] for i in
-                                                      _perm(len(axes), lead, contract))
+    return tuple(tuple(axes)[i] for i in _perm(len(axes), lead, contract))
 
 
 def _perm(ndim: int, lead: int, contract: int) -> list[int]:
