@@ -4,6 +4,7 @@ import dataclasses
 import pytest
 
 from jaxformer.config import CONFIG_DIR, ModelConfig, RunConfig, list_presets
+from jaxformer.models import num_params
 
 PRESETS = sorted(p.stem for p in (CONFIG_DIR / "models").glob("*.yaml"))
 REQUIRED = ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "megatron-gpt-345m", "gpt3-1.3b",

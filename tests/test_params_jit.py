@@ -46,15 +46,15 @@ def test_packed_entry_point_computes_what_the_unpacked_one_does(tensor):
     """The logits entry point of the unrolled layout with its small arrays packed against
     the same program handed every array on its own; under tensor=2 the sharded arrays stay
     unpacked."""
-    from jaxformer import model
+    from jaxformer import model as model_mod
     cfg = jf.ModelConfig.from_preset("demo")
     mesh = jf.make_mesh(1, 1, tensor, devices=jax.devices()[:tensor])
     model = jf.Model.random(cfg, mesh, dtype="float32", seed=3, layer_loop="unroll")
     stacked = jf.Model.random(cfg, mesh, dtype="float32", seed=3, layer_loop="scan")
-    assert engine._logits_fn(stacked).plan is None  # a few stacked arrays: nothing to pack
+    assert model_mod._logits_fn(stacked).plan is None  # a few stacked arrays: nothing to pack
     ids, lengths, _, _ = model._padded(
         np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 9)), None)
-    packed = engine._logits_fn(model)
+    packed = model_mod._logits_fn(model)
     leaves = model.param_leaves()
     assert packed.plan is not None and [g[0] for g in packed.plan.groups] == ["float32"]
     n_small = len(packed.plan.groups[0][1])
@@ -62,12 +62,12 @@ def test_packed_entry_point_computes_what_the_unpacked_one_does(tensor):
     sharded = [i for i, a in enumerate(leaves) if not a.sharding.is_fully_replicated]
     assert (len(sharded) > 0) == (tensor > 1)
     assert set(sharded) <= set(packed.plan.big)
-    orig = engine.Model.jit
+    orig = model_mod.Model.jit
     try:  # the same entry point, every array handed to jit on its own
-        engine.Model.jit = lambda self, fn, pack_small=False, **kw: orig(self, fn, **kw)
-        unpacked = engine._logits_fn(model)
+        model_mod.Model.jit = lambda self, fn, pack_small=False, **kw: orig(self, fn, **kw)
+        unpacked = model_mod._logits_fn(model)
     finally:
-        engine.Model.jit = orig
+        model_mod.Model.jit = orig
     assert unpacked.plan is None
     want = np.asarray(unpacked(model.params, ids, lengths))
     np.testing.assert_array_equal(np.asarray(packed(model.params, ids, lengths)), want)
