@@ -148,7 +148,11 @@ def make_decode_loop(model: Model, feats: Features):
 
 
 def _insert(state: DecodeState, src: DecodeState, slots):
-    """src's rows into rows `slots` [b] of state (cache rows: their first S' slots)."""
+    """src's first b rows into rows `slots` [b] of state (cache rows: their first S'
+    slots); src's other rows (a prefill's padding) are dropped."""
+    b = slots.shape[0]
+    rows = jax.tree.map(lambda a: a[:b] if a.ndim else a, src._replace(cache=None))
+    src = rows._replace(cache=src.cache.map(lambda c: c[:, :b]))
     put = lambda dst, new: dst.at[slots].set(new.astype(dst.dtype))  # noqa: E731
     cache = state.cache.put_rows(src.cache, slots)
     rows = {f: put(getattr(state, f), getattr(src, f)) for f in
@@ -349,13 +353,15 @@ class Engine:
         self.model.compiled.put(key, True)
 
     def insert(self, state: DecodeState, prefilled: DecodeState, slots) -> DecodeState:
-        """prefilled's rows (all of them) into decode slots `slots` (one per row). Their
-        first tokens stay in prefilled's own window (tokens(prefilled))."""
+        """prefilled's first len(slots) rows into decode slots `slots` (one per row; the
+        rest, a prefill's padding rows, are dropped). Their first tokens stay in
+        prefilled's own window (tokens(prefilled))."""
         slots = np.asarray(slots, np.int32)
         n = prefilled.last.shape[0]
-        if slots.shape != (n,) or slots.min() < 0 or slots.max() >= self.config.slots:
-            raise ValueError(f"insert: need {n} slots in [0, {self.config.slots}), got "
-                             f"{slots.tolist()}")
+        if slots.ndim != 1 or not 0 < len(slots) <= n or slots.min() < 0 \
+                or slots.max() >= self.config.slots or len(set(slots.tolist())) < len(slots):
+            raise ValueError(f"insert: need 1 to {n} distinct slots in "
+                             f"[0, {self.config.slots}), got {slots.tolist()}")
         return self._call("insert", _insert, state, prefilled, jnp.asarray(slots))
 
     def step(self, state: DecodeState, steps: int = 1, *, until: int | None = None

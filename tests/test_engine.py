@@ -89,7 +89,7 @@ def test_free_slot_records_nothing_and_bad_calls_are_refused(model):
     toks, _ = eng.tokens(d.state)
     assert (toks == -1).all()
     pre = eng.prefill([[1, 2]], [GREEDY], [4])
-    with pytest.raises(ValueError, match=r"insert: need 1 slots in \[0, 2\)"):
+    with pytest.raises(ValueError, match=r"insert: need 1 to 1 distinct slots in \[0, 2\)"):
         eng.insert(d.state, pre, [2])
     with pytest.raises(ValueError, match="step: 5 steps exceed the window of 4"):
         eng.step(d.state, 5)

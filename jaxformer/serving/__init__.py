@@ -1,0 +1,1 @@
+"""Serving: continuous batching over the Engine (scheduler.py) and its page bookkeeping."""
