@@ -59,8 +59,8 @@ _BLOCK_NAMES = {
     "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
-# Buffers that carry no weights (llama.cpp recomputes them).
-_IGNORED = ("rope_freqs.weight",)
+# Tensors that change the numerics in ways jaxformer does not implement: refused by name.
+_REFUSED = {"rope_freqs.weight": "per-frequency rope factors (Llama 3.1-style rope scaling)"}
 
 
 class GGUFSource:
@@ -144,6 +144,11 @@ def hf_config(src: GGUFSource) -> dict:
         d["rope_scaling"] = {"rope_type": scaling, "factor": a("rope.scaling.factor"),
                              "original_max_position_embeddings":
                                  a("rope.scaling.original_context_length")}
+    for name, what in _REFUSED.items():
+        if name in src.tensors:
+            raise ConversionError(f"{src.path}: tensor {name!r} holds {what}, which jaxformer "
+                                  f"does not implement; refusing a model that would compute "
+                                  f"something else")
     if int(a("expert_count", 0) or 0) > 0:
         raise ConversionError(f"{src.path}: {arch}.expert_count = {a('expert_count')}: "
                               f"mixture-of-experts models are not supported")
@@ -169,12 +174,10 @@ def unpermute_rope_rows(x: np.ndarray, heads: int) -> np.ndarray:
     return x.reshape(heads, half, 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
 
 
-def hf_key(name: str) -> str | None:
-    """GGUF tensor name -> Hugging Face key without the `model.` prefix (None: ignored)."""
+def hf_key(name: str) -> str:
+    """GGUF tensor name -> Hugging Face key without the `model.` prefix ("": unknown)."""
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
-    if name in _IGNORED:
-        return None
     parts = name.split(".", 2)
     if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _BLOCK_NAMES:
         return f"layers.{parts[1]}.{_BLOCK_NAMES[parts[2]]}"
@@ -230,8 +233,6 @@ def convert(input_file, output_dir, *, dtype: str = "float32", overwrite: bool =
         for name in _progress(list(src.tensors), desc=f"converting {src.path.name}",
                               unit="tensor", disable=quiet):
             key = hf_key(name)
-            if key is None:
-                continue
             match = next(((r, m) for r, rx in rows if key and (m := rx.fullmatch(key))), None)
             if match is None:
                 raise ConversionError(f"{src.path}: unknown tensor {name!r} for a "

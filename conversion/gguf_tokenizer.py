@@ -3,13 +3,16 @@
 A GGUF carries no tokenizer.json: llama.cpp keeps the vocabulary (`tokenizer.ggml.tokens`),
 the BPE merges, each token's type (normal, control, user-defined, ...), the special ids, the
 name of the pre-tokenizer its merges were learned with (`tokenizer.ggml.pre`) and the chat
-template. This module turns those into a byte-level BPE `tokenizers.Tokenizer` with the
-pre-tokenizer llama.cpp runs for that name (llama-vocab.cpp), wrapped in jaxformer's
-HFJsonTokenizer so the checkpoint saves it as tokenizer.json + tokenizer_config.json.
+template. This module turns those into a `tokenizers.Tokenizer`: a byte-level BPE with the
+pre-tokenizer llama.cpp runs for that name (llama-vocab.cpp), or a SentencePiece-style BPE
+(byte fallback, U+2581 spaces; merges from the scores when the file has none), wrapped in
+jaxformer's HFJsonTokenizer so the checkpoint saves it as tokenizer.json +
+tokenizer_config.json.
 """
 from __future__ import annotations
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normalizers,
+                        pre_tokenizers)
 
 from jaxformer.tokenizer import HFJsonTokenizer
 
@@ -58,24 +61,10 @@ def tokenizer_from_gguf(src) -> HFJsonTokenizer | None:
     if tokens is None:
         return None
     kind = src.field("tokenizer.ggml.model")
-    if kind != "gpt2":
+    if kind not in BUILDERS:
         raise ValueError(f"{src.path}: tokenizer.ggml.model = {kind!r} is not supported; "
-                         f"supported: ['gpt2'] (byte-level BPE)")
-    pre = src.field("tokenizer.ggml.pre", "gpt-2")
-    if pre not in PRE_TOKENIZERS:
-        raise ValueError(f"{src.path}: tokenizer.ggml.pre = {pre!r} is not supported; "
-                         f"supported: {sorted(PRE_TOKENIZERS)}")
-    merges = src.field("tokenizer.ggml.merges")
-    if merges is None:
-        raise ValueError(f"{src.path}: tokenizer.ggml.merges is missing (a 'gpt2' "
-                         f"vocabulary needs its merges)")
-    vocab: dict[str, int] = {}
-    for i, t in enumerate(tokens):
-        vocab.setdefault(t, i)  # a repeated placeholder keeps its first id
-    pairs = [tuple(m.split(" ", 1)) for m in merges]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
-    tok.pre_tokenizer = PRE_TOKENIZERS[pre]()
-    tok.decoder = decoders.ByteLevel()
+                         f"supported: {sorted(BUILDERS)}")
+    tok = BUILDERS[kind](src, tokens)
     types = src.field("tokenizer.ggml.token_type") or []
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True)
                             for t, ty in zip(tokens, types) if ty == CONTROL])
@@ -91,3 +80,72 @@ def tokenizer_from_gguf(src) -> HFJsonTokenizer | None:
     out.set_special_tokens(**special)
     out.chat_template = src.field("tokenizer.chat_template")
     return out
+
+
+def _vocab(tokens) -> dict[str, int]:
+    vocab: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)  # a repeated placeholder keeps its first id
+    return vocab
+
+
+def byte_level_bpe(src, tokens) -> Tokenizer:
+    """`gpt2`: byte-level BPE from the file's merges and its pre-tokenizer."""
+    pre = src.field("tokenizer.ggml.pre", "gpt-2")
+    if pre not in PRE_TOKENIZERS:
+        raise ValueError(f"{src.path}: tokenizer.ggml.pre = {pre!r} is not supported; "
+                         f"supported: {sorted(PRE_TOKENIZERS)}")
+    merges = src.field("tokenizer.ggml.merges")
+    if merges is None:
+        raise ValueError(f"{src.path}: tokenizer.ggml.merges is missing (a 'gpt2' "
+                         f"vocabulary needs its merges)")
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    tok = Tokenizer(models.BPE(vocab=_vocab(tokens), merges=pairs, fuse_unk=False,
+                               byte_fallback=False))
+    tok.pre_tokenizer = PRE_TOKENIZERS[pre]()
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def merges_from_scores(tokens, scores) -> list[tuple[str, str]]:
+    """SentencePiece BPE merges: every split of a token into two vocabulary pieces, ranked
+    by the merged token's score (llama.cpp's SPM tokenizer merges the best-scoring pair
+    first), ties by piece lengths then ids."""
+    vocab = _vocab(tokens)
+    found = []
+    for token, score in zip(tokens, scores):
+        for k in range(1, len(token)):
+            left, right = token[:k], token[k:]
+            if left in vocab and right in vocab:
+                found.append((-score, len(left), len(right), vocab[left], vocab[right],
+                              left, right))
+    return [(f[-2], f[-1]) for f in sorted(found, key=lambda f: f[:5])]
+
+
+def sentencepiece_bpe(src, tokens) -> Tokenizer:
+    """`llama`: a SentencePiece BPE vocabulary (LLaMA 1/2, Mistral): U+2581 for spaces,
+    bytes <0xNN> for characters outside the vocabulary, and, as llama.cpp does, a space
+    before the text and after every special token (`tokenizer.ggml.add_space_prefix`,
+    default true). That space is a normaliser step, not Metaspace's prepend, because
+    Metaspace skips text that already starts with a space, which sentencepiece does not."""
+    merges = src.field("tokenizer.ggml.merges")
+    if merges is not None:
+        pairs = [tuple(m.split(" ", 1)) for m in merges]
+    else:
+        scores = src.field("tokenizer.ggml.scores")
+        if scores is None:
+            raise ValueError(f"{src.path}: tokenizer.ggml.scores is missing (a 'llama' "
+                             f"vocabulary without merges needs its scores)")
+        pairs = merges_from_scores(tokens, scores)
+    tok = Tokenizer(models.BPE(vocab=_vocab(tokens), merges=pairs, fuse_unk=True,
+                               byte_fallback=True))
+    prefix = bool(src.field("tokenizer.ggml.add_space_prefix", True))
+    space = [normalizers.Replace(" ", "\u2581")]
+    tok.normalizer = normalizers.Sequence(([normalizers.Prepend("\u2581")] if prefix else [])
+                                          + space)
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    return tok
+
+
+BUILDERS = {"gpt2": byte_level_bpe, "llama": sentencepiece_bpe}

@@ -332,11 +332,14 @@ class HFJsonTokenizer(_HFTokenizer):
         "pad": ("<pad>", "[PAD]", "<|pad|>"),
     }
 
-    def __init__(self, json_file: str | Path, *, _text: str | None = None) -> None:
+    def __init__(self, json_file: str | Path | None = None, *, text: str | None = None) -> None:
+        """From a tokenizer.json file, or its `text` (exactly one of the two)."""
         from tokenizers import Tokenizer as _Tok
 
         super().__init__()
-        text = Path(json_file).read_text("utf-8") if _text is None else _text
+        if (json_file is None) == (text is None):
+            raise ValueError("HFJsonTokenizer: give json_file or text, not both or neither")
+        text = Path(json_file).read_text("utf-8") if text is None else text
         self._files = {"tokenizer.json": text.encode("utf-8")}
         self._tok = _Tok.from_str(text)
         # a tokenizer.json may carry the padding/truncation of its training pipeline; text in,
@@ -349,7 +352,7 @@ class HFJsonTokenizer(_HFTokenizer):
     @classmethod
     def from_tokenizer(cls, tok) -> "HFJsonTokenizer":
         """Wrap a `tokenizers.Tokenizer` built in memory (e.g. from a GGUF's vocabulary)."""
-        return cls(None, _text=tok.to_str())
+        return cls(text=tok.to_str())
 
 
 def _chat_template(directory: Path, config: dict) -> str | None:

@@ -93,8 +93,32 @@ def encode(x: np.ndarray, qtype, rng) -> np.ndarray:
     return gguf.quants.quantize(x.astype(np.float32), qtype)
 
 
+def tiny_spm(vocab_size: int = 400):
+    """A SentencePiece BPE model trained on TEXT as LLaMA's was (byte fallback, no
+    normalisation; <unk>, <s>, </s> = 0, 1, 2):
+    (processor, tokens, scores, GGUF token types)."""
+    import io
+
+    import sentencepiece as spm
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(TEXT.split(". ") * 20), model_writer=buf, model_type="bpe",
+        vocab_size=vocab_size, byte_fallback=True, character_coverage=1.0, unk_id=0,
+        bos_id=1, eos_id=2, minloglevel=2,
+        # as LLaMA's: text is not normalised (llama.cpp and transformers do not either)
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True)
+    sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
+    n = sp.get_piece_size()
+    kinds = [(sp.is_unknown, 2), (sp.is_control, 3), (sp.is_byte, 6)]  # else 1 (normal)
+    types = [next((t for f, t in kinds if f(i)), 1) for i in range(n)]
+    return (sp, [sp.id_to_piece(i) for i in range(n)], [sp.get_score(i) for i in range(n)],
+            types)
+
+
 def write_gguf(path, hf_model, types=lambda name, x: Q.F32, *, arch="llama", pre="gpt-2",
-               tokens=None, merges=None, chat_template=CHATML, seed=0, extra=None):
+               tokens=None, merges=None, chat_template=CHATML, seed=0, extra=None,
+               tokenizer_model="gpt2", scores=None, token_types=None, extra_tensors=None):
     """Write hf_model (a tiny LlamaForCausalLM / Qwen2ForCausalLM) as llama.cpp would."""
     c = hf_model.config
     N, K = c.num_attention_heads, c.num_key_value_heads
@@ -117,11 +141,14 @@ def write_gguf(path, hf_model, types=lambda name, x: Q.F32, *, arch="llama", pre
     if tokens is None:
         tokens, merges = tiny_bpe(c.vocab_size)
     assert len(tokens) == c.vocab_size, (len(tokens), c.vocab_size)
-    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_model(tokenizer_model)
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
-    w.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
-    w.add_token_merges(merges)
+    w.add_token_types(token_types or [3 if t in SPECIALS else 1 for t in tokens])
+    if merges is not None:
+        w.add_token_merges(merges)
+    if scores is not None:
+        w.add_token_scores(scores)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_add_bos_token(False)
@@ -142,6 +169,8 @@ def write_gguf(path, hf_model, types=lambda name, x: Q.F32, *, arch="llama", pre
         qtype = Q.F32 if x.ndim == 1 else types(gname, x)
         data = encode(x, qtype, rng)
         w.add_tensor(gname, data, raw_dtype=None if qtype in (Q.F32, Q.F16) else qtype)
+    for name, x in (extra_tensors or {}).items():
+        w.add_tensor(name, x)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -26,7 +26,8 @@ gguf = pytest.importorskip("gguf")
 import jaxformer as jf  # noqa: E402
 from conversion import gguf as conv  # noqa: E402
 from conversion.hf import ConversionError  # noqa: E402
-from gguf_fixtures import Q, gguf_name, tiny_bpe, tiny_llama, write_gguf  # noqa: E402
+from gguf_fixtures import (Q, gguf_name, tiny_bpe, tiny_llama, tiny_spm,  # noqa: E402
+                           write_gguf)
 from jaxformer import hub  # noqa: E402
 from jaxformer.chat_template import ChatTemplateError, render  # noqa: E402
 from jaxformer.checkpoint import read_quantization  # noqa: E402
@@ -136,6 +137,26 @@ def test_pre_tokenizers_match_transformers(tmp_path, pre):
     assert ours.encode(text) == ref.encode(text, add_special_tokens=False)
 
 
+def test_sentencepiece_vocabulary(tmp_path):
+    """`tokenizer.ggml.model = llama` (LLaMA 2 / Mistral files: scores, no merges) encodes
+    as sentencepiece itself (transformers' GGUF tokenizer differs on text that starts with a
+    space: its Metaspace adds no prefix there, sentencepiece and llama.cpp do)."""
+    sp, tokens, scores, types = tiny_spm()
+    path = write_gguf(tmp_path / "s.gguf", tiny_llama(len(tokens), D=32, F=32, L=1),
+                      tokenizer_model="llama", pre="default", tokens=tokens, scores=scores,
+                      token_types=types, chat_template=None)
+    ours = conv.tokenizer_from_gguf(conv.GGUFSource(path))
+    texts = ["The quick brown fox", "It's 2024:  we'll see\n\n12345 numbers!",
+             "Héllo wörld — naïve café, 日本", " leading and trailing  "]
+    for t in texts:
+        assert ours.encode(t) == sp.encode(t), t
+        assert ours.decode(ours.encode(t)) == sp.decode(sp.encode(t)), t
+    # llama.cpp puts the space prefix before the text after each special token too
+    assert ours.encode("<s>the lazy</s> dog") == [1, *sp.encode("the lazy"), 2,
+                                                  *sp.encode(" dog")]
+    assert (ours.bos_id, ours.eos_id) == (1, 2)
+
+
 def test_chat_template_environment():
     """transformers' template environment: raise_exception, loop controls, trimmed blocks,
     bos/eos tokens defined, tojson keeping non-ASCII text; kwargs reach the template."""
@@ -174,6 +195,9 @@ def test_errors_name_the_field(tiny, tmp_path):
         "tokenizer.ggml.pre = 'no-such'": dict(pre="no-such"),
         "'blk.0.ffn_up.weight' has type Q2_K": dict(
             types=lambda n, x: Q.Q2_K if n == "blk.0.ffn_up.weight" else Q.F32),
+        "'rope_freqs.weight' holds per-frequency rope factors": dict(
+            extra_tensors={"rope_freqs.weight": np.ones(32, np.float32)}),
+        "tokenizer.ggml.model = 'bert'": dict(tokenizer_model="bert"),
     }
     for i, (message, kw) in enumerate(cases.items()):
         path = write_gguf(tmp_path / f"bad{i}.gguf", small, tokens=tokens, merges=merges, **kw)
