@@ -93,6 +93,18 @@ def test_f32_equals_the_model_it_was_written_from(tiny):
     assert m.generate([prompt.tolist()], max_new_tokens=6, ignore_eos=True).tokens[0] == ref
 
 
+def test_qwen2_f32_equals_the_model_it_was_written_from(tmp_path):
+    """qwen2 files keep Hugging Face's row order (NeoX-style rope, nothing to unpermute)
+    and carry q / k / v biases."""
+    model = tiny_llama(VOCAB, D=64, F=128, qwen2=True, seed=1)
+    path = write_gguf(tmp_path / "q.gguf", model, arch="qwen2", pre="qwen2")
+    conv.convert(path, tmp_path / "ckpt")
+    cfg = jf.ModelConfig.load_json(tmp_path / "ckpt" / "config.json")
+    assert cfg.qkv_bias and not cfg.linear_bias
+    ids = np.random.RandomState(1).randint(0, VOCAB, (2, 9))
+    assert_close(jf.load(tmp_path / "ckpt").logits(ids), hf_logits(model, ids))
+
+
 def test_every_type_equals_transformers_gguf_load(tiny):
     _, _, mixed, _, ckpt, ids = tiny
     types = {t.tensor_type for t in gguf.GGUFReader(mixed).tensors}
