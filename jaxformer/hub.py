@@ -38,7 +38,7 @@ from pathlib import Path
 import huggingface_hub
 from huggingface_hub import errors as hf_errors
 
-from jaxformer.checkpoint import CONFIG_FILE, PARAMS_DIR
+from jaxformer.checkpoint import CONFIG_FILE, PARAMS_DIR, CheckpointError
 
 CACHE_ENV = "JAXFORMER_CACHE"
 GGUF_CONVERTER, HF_CONVERTER = "conversion.gguf", "conversion.hf"
@@ -246,8 +246,8 @@ def from_hub(repo_id: str, revision: str | None = None, cache_dir=None) -> Path:
 def resolve(name_or_path: str | os.PathLike, cache_dir=None) -> Path:
     """A jaxformer checkpoint directory for any way of naming a model (module docstring).
 
-    Raises ValueError saying what was looked for when nothing matches, DownloadError when a
-    model is known but cannot be fetched.
+    Raises CheckpointError (a ValueError) saying what was looked for when nothing matches,
+    DownloadError when a model is named but cannot be fetched.
     """
     s = os.fspath(name_or_path)
     path = Path(s).expanduser()
@@ -260,11 +260,12 @@ def resolve(name_or_path: str | os.PathLike, cache_dir=None) -> Path:
             return convert_gguf_once(path, cache_dir)
         raise ValueError(f"{path} is a file; expected a checkpoint directory, a .gguf file, "
                          f"a known model ({', '.join(KNOWN_MODELS)}) or a Hugging Face id")
-    if s in KNOWN_MODELS:
-        return fetch_known(s, cache_dir)
-    m = HF_ID.fullmatch(s)
-    if m and (s.startswith("hf:") or not s.startswith((".", "/", "~"))):
-        return from_hub(m["repo"], m["rev"], cache_dir)
-    raise ValueError(f"model {s!r}: no such checkpoint directory or .gguf file, not a known "
-                     f"model ({', '.join(KNOWN_MODELS)}) and not a Hugging Face id "
-                     f"(org/name or hf:org/name)")
+    if isinstance(name_or_path, str):  # a Path object is always a path
+        if s in KNOWN_MODELS:
+            return fetch_known(s, cache_dir)
+        m = HF_ID.fullmatch(s)
+        if m and (s.startswith("hf:") or not s.startswith((".", "/", "~"))):
+            return from_hub(m["repo"], m["rev"], cache_dir)
+    raise CheckpointError(f"checkpoint directory {s} does not exist, and {s!r} is neither a "
+                          f".gguf file, a known model ({', '.join(KNOWN_MODELS)}) nor a "
+                          f"Hugging Face id (org/name or hf:org/name)")

@@ -17,6 +17,7 @@ import jaxformer as jf  # noqa: E402
 from conversion import hf as conv_hf  # noqa: E402
 from gguf_fixtures import CHATML, SPECIALS, tiny_bpe, tiny_llama, write_gguf  # noqa: E402
 from jaxformer import hub  # noqa: E402
+from jaxformer.checkpoint import CheckpointError  # noqa: E402
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 VOCAB = 320
@@ -125,8 +126,9 @@ def test_files_and_directories_convert_once(hub_cache, offline, tmp_path, monkey
 
 
 def test_bad_names(offline, tmp_path):
-    with pytest.raises(ValueError, match="smollm2-135m-instruct"):
-        hub.resolve("no-such-model")
+    for name in ("no-such-model", tmp_path / "nope", str(tmp_path / "nope")):
+        with pytest.raises(CheckpointError, match="does not exist.*smollm2-135m-instruct"):
+            hub.resolve(name)
     (tmp_path / "prompts.txt").write_text("hi")
     with pytest.raises(ValueError, match="is a file"):
         hub.resolve(tmp_path / "prompts.txt")
