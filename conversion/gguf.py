@@ -158,8 +158,10 @@ def hf_config(src: GGUFSource) -> dict:
         if v is not None:
             d[f"{key}_token_id"] = int(v)
     # ModelConfig.bos_token_id means "string prompts start with bos" (generate): only where
-    # the file says llama.cpp adds it (SmolLM2 does not; transformers' GGUF tokenizer agrees)
-    if not src.field("tokenizer.ggml.add_bos_token", False):
+    # llama.cpp adds it: the file's flag (SmolLM2: false), else true for a SentencePiece
+    # vocabulary and false for a byte-level one (as transformers' GGUF tokenizer decides)
+    spm = src.field("tokenizer.ggml.model") == "llama"
+    if not src.field("tokenizer.ggml.add_bos_token", spm):
         d.pop("bos_token_id", None)
     return d
 
