@@ -22,6 +22,10 @@ OUT = ROOT / "docs" / "api.md"
 SECTIONS = [
     ("Meshes and loading", "Everything starts from a mesh and a checkpoint (or a preset).",
      ["jaxformer.make_mesh", "jaxformer.load", "jaxformer.demo_model", "jaxformer.list_presets"]),
+    ("Models by name", "What `load` accepts besides a checkpoint directory "
+     "([conversion.md](conversion.md#models-by-name)).",
+     ["jaxformer.hub.resolve", "jaxformer.hub.fetch_smollm2", "jaxformer.hub.cache_root",
+      "jaxformer.hub.DownloadError"]),
     ("Model", "Returned by `load`, `demo_model` and `Model.random`.", ["jaxformer.Model"]),
     ("Generation", "", ["jaxformer.generate", "jaxformer.Sampling", "jaxformer.GenerateOutput"]),
     ("Engine", "One model on its mesh driven a step at a time (what generate() and a "
@@ -50,7 +54,8 @@ SECTIONS = [
      ["jaxformer.quant.spec.QuantSpec", "jaxformer.quant.calibrate.calibrate",
       "jaxformer.quant.convert.quantize_checkpoint", "jaxformer.checkpoint.read_quantization"]),
     ("Conversion", "See [conversion.md](conversion.md).",
-     ["conversion.hf.convert", "conversion.hf.ConversionError", "conversion.megatron.convert",
+     ["conversion.hf.convert", "conversion.hf.ConversionError", "conversion.gguf.convert",
+      "conversion.megatron.convert",
       "conversion.megatron.MegatronConversionError"]),
     ("Progress and logging", "", ["jaxformer.progress"]),
 ]

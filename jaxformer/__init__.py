@@ -1,4 +1,5 @@
 """jaxformer: huge transformers served sharded over data x pipe x tensor meshes, in JAX."""
+from jaxformer import hub
 from jaxformer.config import ModelConfig, RunConfig, list_presets
 from jaxformer.model import Model, demo_model, enable_compilation_cache, load
 from jaxformer.models import num_params
@@ -8,7 +9,7 @@ from jaxformer.sampling import Sampling
 from jaxformer.sharding import make_mesh
 
 __all__ = ["Engine", "EngineConfig", "GenerateOutput", "Model", "ModelConfig", "RunConfig",
-           "Sampling", "demo_model", "enable_compilation_cache", "generate", "list_presets",
-           "load", "make_mesh", "num_params"]
+           "Sampling", "demo_model", "enable_compilation_cache", "generate", "hub",
+           "list_presets", "load", "make_mesh", "num_params"]
 
 __version__ = "0.1.0"

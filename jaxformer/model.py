@@ -23,6 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxformer import checkpoint as ckpt
+from jaxformer import hub
 from jaxformer import memory
 from jaxformer import progress as pg
 from jaxformer import sharding as shd
@@ -381,7 +382,10 @@ def load(path: str | os.PathLike, mesh: Mesh | None = None, dtype: str = "float3
          kv_cache: str | None = None, quant_kernel: str = "off") -> Model:
     """Load a jaxformer checkpoint straight into the shardings `mesh` and `rules` imply.
 
-    No host materialises the whole model: each array is restored shard by shard.
+    path: a jaxformer checkpoint directory, or any name jaxformer.hub.resolve knows: a known
+    model ("smollm2-135m-instruct"), a Hugging Face id ("hf:org/name" or "org/name"), a
+    .gguf file or a Hugging Face model directory, each converted once into the jaxformer
+    cache. No host materialises the whole model: each array is restored shard by shard.
     Before anything is read, the memory plan (jaxformer.memory, `jaxformer info`) is checked
     against device memory: a ValueError explains a plan that cannot fit, for the weights
     alone and, when max_batch or max_length (prompt + new tokens) are given, for the KV
@@ -399,7 +403,7 @@ def load(path: str | os.PathLike, mesh: Mesh | None = None, dtype: str = "float3
     A quantized checkpoint (Model.save of a quantized model) loads as it is stored with
     quantize None or its own value; any other value is a ValueError.
     """
-    path = Path(path)
+    path = hub.resolve(path)
     config = ckpt.read_config(path)
     stored, wanted = ckpt.read_quantization(path), name(quantize)
     if stored is not None and wanted not in (None, stored):

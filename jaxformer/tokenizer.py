@@ -15,9 +15,12 @@ from typing import Sequence
 
 import numpy as np
 
+from jaxformer import chat_template as chat
+
 BYTE_MARKER = "byte_tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_MAP_FILE = "special_tokens_map.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers >= 4.43 saves it
 _SPECIAL_KEYS = ("bos", "eos", "pad")
 # Detection order of load_tokenizer: the explicit marker first, then tokenizer.json because it
 # holds the whole pipeline (normalizer, added tokens) where a sibling tokenizer.model may not.
@@ -31,6 +34,8 @@ class Tokenizer(abc.ABC):
 
     def __init__(self) -> None:
         self._special: dict[str, int | None] = {k: None for k in _SPECIAL_KEYS}
+        # the model's Jinja chat template (tokenizer_config.json's "chat_template"), if any
+        self.chat_template: str | None = None
 
     # -- what each kind implements
     @property
@@ -115,12 +120,34 @@ class Tokenizer(abc.ABC):
         ids = [i for i in ids if i < self.vocab_size and not (skip_special_tokens and i in self.special_ids)]
         return self._decode(ids, skip_special_tokens)
 
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True,
+                            tokenize: bool = True, **kwargs) -> list[int] | str:
+        """Chat messages [{"role", "content"}] -> prompt ids (or text with tokenize=False).
+
+        Renders the model's chat template as transformers' `apply_chat_template` does
+        (jaxformer.chat_template: sandboxed Jinja, bos_token / eos_token / pad_token defined,
+        kwargs passed to the template) and encodes the text without adding special tokens,
+        since the template writes them itself. add_generation_prompt: end with the header of
+        the assistant's turn, so the model answers.
+        """
+        if not self.chat_template:
+            raise ValueError(f"{self.name} tokenizer has no chat_template (a checkpoint gets "
+                             f"one from its tokenizer_config.json or GGUF)")
+        special = {f"{k}_token": self.id_to_token(i) for k, i in self._special.items()
+                   if i is not None}
+        text = chat.render(self.chat_template, messages,
+                           add_generation_prompt=add_generation_prompt, special_tokens=special,
+                           **kwargs)
+        return self.encode(text) if tokenize else text
+
     def save(self, directory: str | Path) -> Path:
         """Write the tokenizer files plus a tokenizer_config.json into directory."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         self._save_files(d)
         config = {f"{k}_token": self.id_to_token(i) for k, i in self._special.items() if i is not None}
+        if self.chat_template:
+            config["chat_template"] = self.chat_template
         config.update(self._extra_config())
         (d / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", "utf-8")
         return d
@@ -305,19 +332,39 @@ class HFJsonTokenizer(_HFTokenizer):
         "pad": ("<pad>", "[PAD]", "<|pad|>"),
     }
 
-    def __init__(self, json_file: str | Path) -> None:
+    def __init__(self, json_file: str | Path | None = None, *, text: str | None = None) -> None:
+        """From a tokenizer.json file, or its `text` (exactly one of the two)."""
         from tokenizers import Tokenizer as _Tok
 
         super().__init__()
-        data = Path(json_file).read_bytes()
-        self._files = {"tokenizer.json": data}
-        self._tok = _Tok.from_str(data.decode("utf-8"))
+        if (json_file is None) == (text is None):
+            raise ValueError("HFJsonTokenizer: give json_file or text, not both or neither")
+        text = Path(json_file).read_text("utf-8") if text is None else text
+        self._files = {"tokenizer.json": text.encode("utf-8")}
+        self._tok = _Tok.from_str(text)
         # a tokenizer.json may carry the padding/truncation of its training pipeline; text in,
         # text out must not pad or cut (the model's limits are checked where ids are used)
         self._tok.no_padding()
         self._tok.no_truncation()
         for key, candidates in self._GUESS.items():
             self._special[key] = next((i for t in candidates if (i := self._tok.token_to_id(t)) is not None), None)
+
+    @classmethod
+    def from_tokenizer(cls, tok) -> "HFJsonTokenizer":
+        """Wrap a `tokenizers.Tokenizer` built in memory (e.g. from a GGUF's vocabulary)."""
+        return cls(text=tok.to_str())
+
+
+def _chat_template(directory: Path, config: dict) -> str | None:
+    """chat_template.jinja, else tokenizer_config.json's chat_template (a string, or a list
+    of named templates of which "default" is the one apply_chat_template uses)."""
+    if (directory / CHAT_TEMPLATE_FILE).is_file():
+        return (directory / CHAT_TEMPLATE_FILE).read_text("utf-8")
+    value = config.get("chat_template")
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        value = named.get("default")
+    return value if isinstance(value, str) else None
 
 
 def _read_special_tokens(directory: Path) -> tuple[dict[str, str], dict]:
@@ -383,6 +430,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     else:
         tok = GPT2BPETokenizer(directory / "vocab.json", directory / "merges.txt")
     tok.set_special_tokens(**tokens)
+    tok.chat_template = _chat_template(directory, config)
     return tok
 
 

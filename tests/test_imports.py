@@ -19,7 +19,7 @@ FLOORS = {
     # config and sharding
     "jaxformer.config": 0, "jaxformer.hf_config": 0, "jaxformer.sharding": 0,
     "jaxformer.quant": 0, "jaxformer.quant.spec": 0, "jaxformer.progress": 0,
-    "jaxformer.tokenizer": 0, "jaxformer.distributed": 0,
+    "jaxformer.tokenizer": 0, "jaxformer.distributed": 0, "jaxformer.chat_template": 0,
     # layers, kernels, the cache, sampling, quantized layer math
     "jaxformer.layers": 1, "jaxformer.kernels": 1, "jaxformer.cache": 1,
     "jaxformer.sampling": 1, "jaxformer.quant.ops": 1, "jaxformer.quant.module": 1,
@@ -27,12 +27,12 @@ FLOORS = {
     "jaxformer.models": 2,
     # the runtime
     "jaxformer.params_jit": 3.0, "jaxformer.decode_state": 3.0, "jaxformer.checkpoint": 3.0,
-    "jaxformer.memory": 3.0, "jaxformer.memory_plan": 3.0, "jaxformer.quant.params": 3.0,
+    "jaxformer.memory": 3.0, "jaxformer.hub": 3.0, "jaxformer.memory_plan": 3.0, "jaxformer.quant.params": 3.0,
     "jaxformer.quant.calibrate": 3.0, "jaxformer.pipeline": 3.1, "jaxformer.engine": 3.2,
     "jaxformer.beam": 3.3, "jaxformer.serving": 3.3, "jaxformer.generate": 3.4, "jaxformer.model": 3.5,
     "jaxformer.__init__": 3.6,
     # command line and tools
-    "jaxformer.cli": 4, "jaxformer.cli_args": 4, "jaxformer.cli_chat": 4, "jaxformer.hub": 4,
+    "jaxformer.cli": 4, "jaxformer.cli_args": 4, "jaxformer.cli_chat": 4,
     "jaxformer.quant.convert": 4, "conversion": 4,
 }
 CLI_FLOOR = 4

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxformer.checkpoint import CheckpointWriter
+from jaxformer.models import num_params
 
 from conversion.megatron import layout
 from conversion.megatron.args import plan as make_plan
