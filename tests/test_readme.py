@@ -47,16 +47,31 @@ def test_the_jaxformer_command_is_installed_by_pip():
         assert pkg in extras, f"the test extra lacks {pkg}"
 
 
-def test_first_command_runs(capsys):
-    """`jaxformer generate ...` exactly as the README writes it (in this process)."""
+def test_first_command_runs(capsys, monkeypatch, smollm2, smollm2_ref):
+    """`jaxformer generate ...` exactly as the README writes it (in this process), on the
+    cached SmolLM2 copy: its greedy reply is transformers' greedy reply from the same GGUF."""
+    import torch
+
     from jaxformer import cli
+    from jaxformer.tokenizer import load_tokenizer
+    ckpt, _, cache = smollm2
+    monkeypatch.setenv("JAXFORMER_CACHE", str(cache))
     run = shell_commands(README)[0].partition(" && ")[2]
     argv = shlex.split(run)[1:]
     assert cli.main(argv) == 0
-    out = capsys.readouterr()
-    n = int(argv[argv.index("--max-new-tokens") + 1]) if "--max-new-tokens" in argv else 32
-    assert "=== prompt 0" in out.out and f"# {n} tokens in" in out.out
-    assert "demo model" in out.err  # says plainly that the default model is untrained
+    out = capsys.readouterr().out
+    prompt = argv[argv.index("--prompt") + 1]
+    n = int(argv[argv.index("--max-new-tokens") + 1])
+    tok = load_tokenizer(ckpt / "tokenizer")
+    ids = tok.encode(prompt)
+    with torch.no_grad():
+        ref = smollm2_ref.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
+    reply = ref[0, len(ids):].tolist()
+    if tok.eos_id in reply:
+        reply = reply[: reply.index(tok.eos_id)]
+    text = tok.decode(reply)
+    assert "Paris" in text  # a trained model, not noise
+    assert f"=== prompt 0: {prompt!r}\n{text}" in out, (out, text)
 
 
 def _links(path: Path):
