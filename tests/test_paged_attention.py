@@ -29,20 +29,27 @@ def rand(shape, dtype=jnp.float32, std=1.0):
     return jnp.asarray(x.astype(jnp.dtype(dtype)))
 
 
-def paged_problem(lengths, N, K, H, ps, M, dtype=jnp.float32, layers=1, layer=0, spare=3):
+def paged_problem(lengths, N, K, H, ps, M, dtype=jnp.float32, layers=1, layer=0, spare=3,
+                  nan_pad=False):
     """Contiguous q, k, v [B, S=M*ps, K, H] and the same tokens in a pool [L, P, ps, K, H]
     (pages shuffled over rows, every slot the rows don't own, tokens past each row's
     length and the other layers filled with garbage 30x the data's scale).
+    nan_pad: page 0 is owned by no row and all NaN, and the page tables' padding points
+    at it, so a kernel that loads a page past a row's last one outputs NaN (the paged
+    reference then does too: compare with the contiguous one).
     Returns q, k, v, pos (decode: length - 1), kvl, k_pool, v_pool, pages."""
     B = len(lengths)
     S = M * ps
     q, k, v = rand((B, 1, N, H), dtype), rand((B, S, K, H), dtype), rand((B, S, K, H), dtype)
     kvl = jnp.asarray(lengths, jnp.int32)
     used = [-(-n // ps) for n in lengths]
-    P = sum(used) + spare
-    perm = np.random.default_rng(next(_seed)).permutation(P)
+    P = sum(used) + spare + int(nan_pad)
+    perm = np.random.default_rng(next(_seed)).permutation(P - int(nan_pad)) + int(nan_pad)
     pages = np.zeros((B, M), np.int32)  # padding: page 0 (a real page of someone)
     pools = [np.array(rand((layers, P, ps, K, H), jnp.float32, std=30.0)) for _ in "kv"]
+    if nan_pad:
+        for pool in pools:
+            pool[:, 0] = np.nan
     at = 0
     for b, n in enumerate(used):
         pages[b, :n] = perm[at:at + n]
@@ -180,16 +187,15 @@ INTERP = [
 def test_paged_decode_kernel_interpreted(case, interpreted):
     lengths, N, K, H, ps, bk, splits, dtype, mode = case
     M = -(-max(lengths) // ps) + 1
-    q, _, _, pos, kvl, kp, vp, pages = paged_problem(lengths, N, K, H, ps, M, dtype,
-                                                     layers=2, layer=1)
+    q, k, v, pos, kvl, kp, vp, pages = paged_problem(lengths, N, K, H, ps, M, dtype,
+                                                     layers=2, layer=1, nan_pad=True)
     kw = {}
-    if mode is not None:
+    if mode is not None:  # the contiguous tokens' own codes: the same per-token scales
         (kp, ks), (vp, vs) = kvc.quantize(kp, mode), kvc.quantize(vp, mode)
         kw = {"k_scale": ks, "v_scale": vs}
+        k, v = (kvc.dequantize(*kvc.quantize(a, mode), jnp.float32) for a in (k, v))
     f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
-    ref = pa.paged_attention_reference(f32(q), kp if mode else f32(kp),
-                                       vp if mode else f32(vp), pages, pos, kvl,
-                                       scale=H ** -0.5, layer=jnp.int32(1), **kw)
+    ref = attention_reference(f32(q), f32(k), f32(v), pos, kvl, causal=True, scale=H ** -0.5)
     out = jax.jit(functools.partial(
         pa.paged_decode_attention, scale=H ** -0.5, splits=splits, interpret=True,
         config=pa.PagedDecodeConfig(block_kv=bk, stages=2)))(
