@@ -204,3 +204,114 @@ def test_paged_decode_kernel_interpreted(case, interpreted):
     assert np.all(np.isfinite(out))
     assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-2
     assert not interpreted(), "the interpreter's race detector found a race"
+
+
+# ---- the compiled kernel (Hopper GPU) ----------------------------------------------------
+def _hopper():
+    devs = jax.devices()
+    return bool(devs) and attn.is_hopper(devs[0])
+
+
+gpu = pytest.mark.gpu
+needs_hopper = pytest.mark.skipif(not _hopper(), reason="needs a Hopper GPU")
+
+
+def big_paged_problem(B, S, N, K, H, ps, dtype, lengths, layers=2, layer=1, seed=0):
+    """Serving-size problem built on the device: contiguous q, k, v [B, S, K, H] and pools
+    [layers, 1 + B*S/ps, ps, K, H] holding the rows' pages shuffled; page 0 and every other
+    layer are NaN and the page tables' padding points at page 0, so any load of a page past
+    a row's last one (or of another layer) shows as NaN."""
+    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(kq, (B, 1, N, H), dtype)
+    k = jax.random.normal(kk, (B, S, K, H), dtype)
+    v = jax.random.normal(kv, (B, S, K, H), dtype)
+    M = S // ps
+    perm = jnp.asarray(np.random.default_rng(seed).permutation(B * M) + 1, jnp.int32)
+    used = -(-np.asarray(lengths) // ps)
+    pages = jnp.where(jnp.arange(M)[None, :] < jnp.asarray(used)[:, None],
+                      perm.reshape(B, M), 0).astype(jnp.int32)
+
+    def pool(x):
+        one = jnp.full((1 + B * M, ps, K, H), jnp.nan, dtype).at[perm].set(
+            x.reshape(B * M, ps, K, H))
+        return jnp.full((layers,) + one.shape, jnp.nan, dtype).at[layer].set(one)
+    kvl = jnp.asarray(lengths, jnp.int32)
+    return q, k, v, (kvl - 1)[:, None], kvl, pool(k), pool(v), pages
+
+
+def _lengths(B, S, seed=0):
+    lens = np.random.default_rng(seed).integers(1, S + 1, size=B)
+    lens[0], lens[-1] = S, 1
+    return lens
+
+
+def _rel(out, ref):
+    out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    assert np.all(np.isfinite(out)), "non-finite output (a page past a row's end was read?)"
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+@functools.partial(jax.jit, static_argnames=("scale",))
+def _f32_ref(q, k, v, pos, kvl, scale):
+    f = lambda a: a.astype(jnp.float32)  # noqa: E731
+    return attention_reference(f(q), f(k), f(v), pos, kvl, causal=True, scale=scale)
+
+
+GPU_CASES = [
+    # B, S, N, K, H, ps, dtype, block_kv, splits
+    (64, 4096, 32, 8, 128, 64, jnp.bfloat16, 128, None),   # the serving shape, default
+    (64, 4096, 32, 8, 128, 16, jnp.bfloat16, 128, None),
+    (64, 4096, 32, 8, 128, 32, jnp.bfloat16, 128, None),
+    (64, 4096, 32, 8, 128, 128, jnp.bfloat16, 128, None),
+    (64, 4096, 32, 8, 128, 64, jnp.bfloat16, 64, None),    # one page a step
+    (64, 4096, 32, 8, 128, 64, jnp.bfloat16, 256, None),   # four pages a step
+    (2, 4096, 32, 8, 128, 64, jnp.bfloat16, 128, None),    # few rows: split (flash-decoding)
+    (3, 2048, 64, 8, 64, 32, jnp.float16, 128, 5),         # G = 8, head_dim 64, odd splits
+    (8, 1024, 16, 16, 128, 64, jnp.bfloat16, 128, None),   # MHA
+]
+
+
+@gpu
+@needs_hopper
+@pytest.mark.parametrize("case", GPU_CASES)
+def test_paged_decode_kernel_gpu(case):
+    B, S, N, K, H, ps, dtype, bk, splits = case
+    q, k, v, pos, kvl, kp, vp, pages = big_paged_problem(B, S, N, K, H, ps, dtype,
+                                                         _lengths(B, S))
+    out, lse = jax.jit(functools.partial(
+        pa.paged_decode_attention, scale=H ** -0.5, splits=splits, return_lse=True,
+        config=pa.PagedDecodeConfig(block_kv=bk)))(q, kp, vp, pages, pos, kvl,
+                                                   layer=jnp.int32(1))
+    ref = _f32_ref(q, k, v, pos, kvl, H ** -0.5)
+    assert _rel(out, ref) < 1.5e-2
+    _, ref_lse = attention_reference(q.astype(jnp.float32), k.astype(jnp.float32),
+                                     v.astype(jnp.float32), pos, kvl, causal=True,
+                                     scale=H ** -0.5, return_lse=True)
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), atol=2e-2)
+
+
+@gpu
+@needs_hopper
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+@pytest.mark.parametrize("B,S,ps", [(64, 4096, 64), (2, 4096, 32)])
+def test_paged_decode_kernel_gpu_quantized_pool(B, S, ps, mode):
+    N, K, H = 32, 8, 128
+    q, k, v, pos, kvl, kp, vp, pages = big_paged_problem(B, S, N, K, H, ps, jnp.bfloat16,
+                                                         _lengths(B, S, 1))
+    (kc, ks), (vc, vs) = kvc.quantize(kp, mode), kvc.quantize(vp, mode)
+    deq = [kvc.dequantize(*kvc.quantize(a, mode), jnp.float32) for a in (k, v)]
+    out = jax.jit(functools.partial(pa.paged_decode_attention, scale=H ** -0.5))(
+        q, kc, vc, pages, pos, kvl, layer=jnp.int32(1), k_scale=ks, v_scale=vs)
+    assert _rel(out, _f32_ref(q, *deq, pos, kvl, H ** -0.5)) < 1.5e-2
+
+
+@gpu
+@needs_hopper
+@pytest.mark.parametrize("backend", ["pallas", "auto"])
+def test_paged_dispatch_gpu(backend):
+    B, S, N, K, H, ps = 16, 2048, 32, 8, 128, 64
+    q, k, v, pos, kvl, kp, vp, pages = big_paged_problem(B, S, N, K, H, ps, jnp.bfloat16,
+                                                         _lengths(B, S, 2))
+    out = jax.jit(functools.partial(attn.paged_attention, scale=H ** -0.5, backend=backend))(
+        q, kp, vp, pages, pos, kvl, layer=jnp.int32(1))
+    assert _rel(out, _f32_ref(q, k, v, pos, kvl, H ** -0.5)) < 1.5e-2
