@@ -142,27 +142,51 @@ def _mesh(data, pipe, tensor):
                      devices=jax.devices()[:data * pipe * tensor])
 
 
-@pytest.mark.parametrize("mesh_sizes", [(2, 1, 2), (1, 1, 4)])
-def test_dispatch_sharded_each_data_shard_owns_its_pages(mesh_sizes):
+@pytest.mark.parametrize("mesh_sizes,mode", [((2, 1, 2), None), ((1, 1, 4), None),
+                                             ((2, 1, 2), "int8")])
+def test_dispatch_sharded_each_data_shard_owns_its_pages(mesh_sizes, mode):
     """Pool pages split over `data` (each shard's page ids local to it), kv heads over
-    `tensor` (or, tensor 4 > K 2, each shard picks its kv head): equals the reference run
-    per data shard on its own half of the pool."""
+    `tensor` (or, tensor 4 > K 2, each shard picks its kv head), scales with their codes:
+    equals the reference run per data shard on its own half of the pool."""
     from jaxformer import sharding
     dp = mesh_sizes[0]
     N, K, H, ps, M = 8, 2, 8, 8, 3
-    shards = [paged_problem(lens, N, K, H, ps, M, spare=2) for lens in ([5, 17], [24, 1])[:dp]]
-    P = max(s[5].shape[1] for s in shards)
-    pad = lambda a: jnp.pad(a, ((0, 0), (0, P - a.shape[1])) + ((0, 0),) * 3)  # noqa: E731
+    shards = [list(paged_problem(lens, N, K, H, ps, M, spare=2))
+              for lens in ([5, 17], [24, 1])[:dp]]
+    for s in shards:  # codes and scales, or no scales
+        s[5:7] = [kvc.quantize(a, mode) if mode else (a, None) for a in s[5:7]]
+    P = max(s[5][0].shape[1] for s in shards)
+
+    def pool(i, j):  # the shards' pools (or scales) side by side on the page axis
+        parts = [s[i][j] for s in shards]
+        if parts[0] is None:
+            return None
+        return jnp.concatenate([jnp.pad(a, ((0, 0), (0, P - a.shape[1]))
+                                        + ((0, 0),) * (a.ndim - 2)) for a in parts], axis=1)
     q, pos, kvl, pages = (jnp.concatenate([s[i] for s in shards]) for i in (0, 3, 4, 7))
-    kp = jnp.concatenate([pad(s[5]) for s in shards], axis=1)
-    vp = jnp.concatenate([pad(s[6]) for s in shards], axis=1)
-    run = jax.jit(lambda *a: attn.paged_attention(*a, scale=0.3, backend="auto",
-                                                  layer=jnp.int32(0)))
+    run = jax.jit(lambda q, kp, vp, pages, pos, kvl, ks, vs: attn.paged_attention(
+        q, kp, vp, pages, pos, kvl, scale=0.3, backend="auto", layer=jnp.int32(0),
+        k_scale=ks, v_scale=vs))
     with sharding.use(_mesh(*mesh_sizes), {}):
-        out = run(q, kp, vp, pages, pos, kvl)
+        out = run(q, pool(5, 0), pool(6, 0), pages, pos, kvl, pool(5, 1), pool(6, 1))
     want = jnp.concatenate([pa.paged_attention_reference(
-        s[0], s[5], s[6], s[7], s[3], s[4], scale=0.3, layer=jnp.int32(0)) for s in shards])
+        s[0], s[5][0], s[6][0], s[7], s[3], s[4], scale=0.3, layer=jnp.int32(0),
+        k_scale=s[5][1], v_scale=s[6][1]) for s in shards])
     np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(jax.devices()[0].platform == "gpu", reason="CPU behaviour")
+def test_dispatch_on_cpu_runs_the_reference_and_refuses_explicit_kernels():
+    q, _, _, pos, kvl, kp, vp, pages = paged_problem([3, 12], 4, 2, 8, 8, 2)
+    ref = pa.paged_attention_reference(q, kp[0], vp[0], pages, pos, kvl, scale=0.5)
+    for backend in ("auto", "xla"):  # one-layer pools (no `layer`) too
+        out = attn.paged_attention(q, kp[0], vp[0], pages, pos, kvl, scale=0.5,
+                                   backend=backend)
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+    with pytest.raises(ValueError, match="Hopper"):
+        attn.paged_attention(q, kp[0], vp[0], pages, pos, kvl, scale=0.5, backend="pallas")
+    with pytest.raises(ValueError, match="auto, xla or pallas"):
+        attn.paged_attention(q, kp[0], vp[0], pages, pos, kvl, scale=0.5, backend="cudnn")
 
 
 def test_dispatch_refuses_a_pool_that_does_not_split_over_data():

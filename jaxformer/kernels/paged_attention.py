@@ -364,6 +364,8 @@ def paged_decode_attention(q, k_pool, v_pool, pages, q_positions, kv_lengths, *,
     pages = pages.astype(jnp.int32)
     M = pages.shape[1]
     pps = max(1, cfg.block_kv // ps)
+    if quant and (ps * 4) % 128:  # a page's scales would land off TMA's 128-byte alignment
+        pps = 1
     # keys the query sees: causal (position + 1) and valid (kv_length), within the table
     length = jnp.minimum(kv_lengths.astype(jnp.int32), q_positions[:, 0].astype(jnp.int32) + 1)
     length = jnp.clip(length, 0, M * ps)
