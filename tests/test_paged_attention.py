@@ -236,6 +236,25 @@ def test_paged_decode_kernel_interpreted(case, interpreted):
     assert not interpreted(), "the interpreter's race detector found a race"
 
 
+def test_paged_prefill_chunk_interpreted(interpreted):
+    """T > 1: a 40-token chunk at positions 50..89 (already in the pool) over its row's
+    shuffled pages, gathered and run through the flash prefill kernel (interpreted)."""
+    N, K, H, ps, M, T = 2, 1, 64, 16, 6, 40
+    _, k, v, _, kvl, kp, vp, pages = paged_problem([90], N, K, H, ps, M, jnp.bfloat16)
+    q = rand((1, T, N, H), jnp.bfloat16)
+    pos = jnp.arange(50, 50 + T, dtype=jnp.int32)[None]
+    out = jax.jit(functools.partial(
+        pa.paged_prefill_attention, scale=H ** -0.5, interpret=True,
+        config=pa.fa.PrefillConfig(block_q=64, block_kv=64, stages=2)))(
+            q, kp[0], vp[0], pages, pos, kvl)
+    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+    ref = attention_reference(f32(q), f32(k), f32(v), pos, kvl, causal=True, scale=H ** -0.5)
+    out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    assert np.all(np.isfinite(out))
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-2
+    assert not interpreted(), "the interpreter's race detector found a race"
+
+
 # ---- the compiled kernel (Hopper GPU) ----------------------------------------------------
 def _hopper():
     devs = jax.devices()
@@ -246,11 +265,12 @@ gpu = pytest.mark.gpu
 needs_hopper = pytest.mark.skipif(not _hopper(), reason="needs a Hopper GPU")
 
 
-def big_paged_problem(B, S, N, K, H, ps, dtype, lengths, layers=2, layer=1, seed=0):
+def big_paged_problem(B, S, N, K, H, ps, dtype, lengths, layers=2, layer=1, seed=0,
+                      pad=jnp.nan):
     """Serving-size problem built on the device: contiguous q, k, v [B, S, K, H] and pools
     [layers, 1 + B*S/ps, ps, K, H] holding the rows' pages shuffled; page 0 and every other
     layer are NaN and the page tables' padding points at page 0, so any load of a page past
-    a row's last one (or of another layer) shows as NaN."""
+    a row's last one (or of another layer) shows as NaN (pad: that fill value instead)."""
     kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
     q = jax.random.normal(kq, (B, 1, N, H), dtype)
     k = jax.random.normal(kk, (B, S, K, H), dtype)
@@ -262,9 +282,9 @@ def big_paged_problem(B, S, N, K, H, ps, dtype, lengths, layers=2, layer=1, seed
                       perm.reshape(B, M), 0).astype(jnp.int32)
 
     def pool(x):
-        one = jnp.full((1 + B * M, ps, K, H), jnp.nan, dtype).at[perm].set(
+        one = jnp.full((1 + B * M, ps, K, H), pad, dtype).at[perm].set(
             x.reshape(B * M, ps, K, H))
-        return jnp.full((layers,) + one.shape, jnp.nan, dtype).at[layer].set(one)
+        return jnp.full((layers,) + one.shape, pad, dtype).at[layer].set(one)
     kvl = jnp.asarray(lengths, jnp.int32)
     return q, k, v, (kvl - 1)[:, None], kvl, pool(k), pool(v), pages
 
@@ -343,5 +363,24 @@ def test_paged_dispatch_gpu(backend):
     q, k, v, pos, kvl, kp, vp, pages = big_paged_problem(B, S, N, K, H, ps, jnp.bfloat16,
                                                          _lengths(B, S, 2))
     out = jax.jit(functools.partial(attn.paged_attention, scale=H ** -0.5, backend=backend))(
+        q, kp, vp, pages, pos, kvl, layer=jnp.int32(1))
+    assert _rel(out, _f32_ref(q, k, v, pos, kvl, H ** -0.5)) < 1.5e-2
+
+
+@gpu
+@needs_hopper
+@pytest.mark.parametrize("T,offset", [(256, 0), (300, 1000)])
+def test_paged_prefill_dispatch_gpu(T, offset):
+    """Prefill chunks (already in the pool) through the dispatch: gathered pages and the
+    flash kernel. Padding pages are finite here: the flash kernel reads (and masks) the
+    keys of a block past the last visible one, as it does in a contiguous cache."""
+    B, N, K, H, ps = 4, 32, 8, 128, 64
+    S = 2048
+    lengths = np.full(B, offset + T)
+    _, k, v, _, kvl, kp, vp, pages = big_paged_problem(B, S, N, K, H, ps, jnp.bfloat16,
+                                                        lengths, pad=0.0)
+    q = jax.random.normal(jax.random.key(7), (B, T, N, H), jnp.bfloat16)
+    pos = jnp.broadcast_to(jnp.arange(offset, offset + T, dtype=jnp.int32), (B, T))
+    out = jax.jit(functools.partial(attn.paged_attention, scale=H ** -0.5, backend="pallas"))(
         q, kp, vp, pages, pos, kvl, layer=jnp.int32(1))
     assert _rel(out, _f32_ref(q, k, v, pos, kvl, H ** -0.5)) < 1.5e-2

@@ -254,6 +254,9 @@ def attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: float,
 @functools.partial(jax.jit, static_argnames=("scale",))
 def _paged_pallas(q, k_pool, v_pool, pages, q_positions, kv_lengths, layer, k_scale=None,
                   v_scale=None, *, scale):
+    if q.shape[1] > 1:
+        return paged.paged_prefill_attention(q, k_pool, v_pool, pages, q_positions,
+                                             kv_lengths, scale=scale, layer=layer)
     return paged.paged_decode_attention(q, k_pool, v_pool, pages, q_positions, kv_lengths,
                                         scale=scale, layer=layer, k_scale=k_scale,
                                         v_scale=v_scale)
@@ -317,10 +320,11 @@ def paged_attention(q, k_pool, v_pool, pages, q_positions, kv_lengths, *, scale:
     Layout (kernels/paged_attention.py): pools [L, P, ps, K, H] read at `layer` (int32
     scalar; None: one layer's [P, ps, K, H]), quantized codes with k_scale, v_scale (the
     pools' shape without H), pages [B, M] int32, q_positions [B, T], kv_lengths [B].
-    backend "auto" / "pallas": the paged decode kernel for T == 1 on Hopper ("pallas"
-    raises ValueError where it cannot run; "auto" falls back to the reference and logs why
-    once); "xla" and every other case (T > 1: prefill chunks; CPU): the reference, which
-    gathers the rows' pages. "cudnn" is refused. Sharded over the active mesh as
+    backend "auto" / "pallas" on Hopper: the paged decode kernel for T == 1; for T > 1
+    (prefill chunks, float pools) the rows' pages gathered into a contiguous cache and the
+    flash prefill kernel ("pallas" raises ValueError where neither can run; "auto" falls
+    back to the reference and logs why once); "xla" and every other case (CPU, quantized
+    prefill chunks): the reference, which gathers the rows' pages. "cudnn" is refused. Sharded over the active mesh as
     _sharded_paged says (data shards own their pages). Returns [B, T, N, H] in q's dtype.
     """
     if backend not in ("auto", "xla", "pallas"):
@@ -341,8 +345,10 @@ def paged_attention(q, k_pool, v_pool, pages, q_positions, kv_lengths, *, scale:
         if not is_hopper(dev):
             reason = (f"the paged kernel needs a Hopper GPU (sm_90); this is {dev.platform} "
                       f"{getattr(dev, 'device_kind', '')}".rstrip())
-        elif q.shape[1] != 1:
-            reason = f"the paged kernel is decode only (T == 1), T = {q.shape[1]}"
+        elif q.shape[1] != 1:  # prefill chunk: the gathered pages through the flash kernel
+            one = jax.ShapeDtypeStruct((q.shape[0],) + k_pool.shape[2:], k_pool.dtype)
+            reason = ("only the decode kernel (T == 1) reads a quantized pool" if quant else
+                      flash_attention.check_supported(q, one, one))
         else:
             reason = paged.check_supported(q, k_pool, v_pool, quant)
         if backend == "pallas" and reason is not None:

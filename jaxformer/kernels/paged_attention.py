@@ -14,6 +14,9 @@ j < kv_length (causal always). Query head n reads kv head n // G.
 `paged_attention_reference` gathers each row's pages into a contiguous [B, M*ps, K, H] cache
 and runs reference.attention_reference: the CPU path and what the kernel is tested against.
 
+`paged_prefill_attention` (T > 1) gathers the rows' pages and runs flash_attention.py's
+prefill kernel on them (a paged prefill kernel that reads the pages itself is future work).
+
 `paged_decode_attention` (T == 1) is decode_attention.py's flash-decoding kernel reading the
 pool through the page table: one CTA per (row, kv head, split); all G query heads of the kv
 head are the rows of one wgmma, so each page is read once; each pipeline step streams
@@ -387,3 +390,21 @@ def paged_decode_attention(q, k_pool, v_pool, pages, q_positions, kv_lengths, *,
     if return_lse:
         return out, lse.reshape(B, 1, N)
     return out
+
+
+def paged_prefill_attention(q, k_pool, v_pool, pages, q_positions, kv_lengths, *,
+                            scale: float, layer=None, return_lse: bool = False,
+                            config: fa.PrefillConfig | None = None, interpret: bool = False):
+    """A prefill chunk (T > 1, its own tokens already written to the pool) against its rows'
+    pages: the pages are gathered into a contiguous [B, M*ps, K, H] cache (one XLA copy of
+    the rows' pages, small next to the chunk's matmuls) and flash_attention.py's kernel runs
+    on it, causal. Float pools only (the prefill kernel reads no codes). Not yet a kernel
+    that reads the pages itself.
+    """
+    check_paged(q, k_pool, v_pool, pages, q_positions, kv_lengths, layered=layer is not None)
+    k_pool, v_pool, _, _, layer = _with_layer(k_pool, v_pool, None, None, layer)
+    pages = pages.astype(jnp.int32)
+    k, v = gather_pages(k_pool, pages, layer), gather_pages(v_pool, pages, layer)
+    return fa.flash_attention(q, k, v, q_positions.astype(jnp.int32),
+                              kv_lengths.astype(jnp.int32), causal=True, scale=scale,
+                              return_lse=return_lse, config=config, interpret=interpret)
