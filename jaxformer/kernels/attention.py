@@ -325,7 +325,8 @@ def paged_attention(q, k_pool, v_pool, pages, q_positions, kv_lengths, *, scale:
     flash prefill kernel ("pallas" raises ValueError where neither can run; "auto" falls
     back to the reference and logs why once); "xla" and every other case (CPU, quantized
     prefill chunks): the reference, which gathers the rows' pages. "cudnn" is refused.
-    Sharded over the active mesh as _sharded_paged says (data shards own their pages). Returns [B, T, N, H] in q's dtype.
+    Sharded over the active mesh as _sharded_paged says (data shards own their pages).
+    Returns [B, T, N, H] in q's dtype.
     """
     if backend not in ("auto", "xla", "pallas"):
         raise ValueError(f"paged attention backend must be auto, xla or pallas, got "
