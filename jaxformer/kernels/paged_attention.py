@@ -140,12 +140,13 @@ def check_supported(q, k_pool, v_pool, quantized: bool = False):
 
 
 # ---- the kernel --------------------------------------------------------------------------
-def _paged_decode_pallas(qg, k, v, pages, lengths, layer, *, scale: float, o_rows: int,
+def _paged_decode_pallas(qg, k, v, pages, kv_lengths, last_pos, layer, *, scale: float,
+                         o_rows: int,
                          cfg: PagedDecodeConfig, pps: int, splits: int, interpret: bool,
                          scales=None):
     """qg [B, K, R, H] query rows of each kv head (R = G rounded up to 8); k, v the pools
-    [L, P, ps, K, H]; pages [B, M] int32; lengths [B] int32 keys visible to each row's query
-    (<= M * ps); layer [1] int32; pps pages per pipeline step; scales None or, for code
+    [L, P, ps, K, H]; pages [B, M] int32; kv_lengths [B] int32; last_pos [B] int32 the query
+    positions; layer [1] int32; pps pages per pipeline step; scales None or, for code
     pools, the layer's scales gathered per row [2, B, M, K, ps] float32 (a page's scales of
     one kv head contiguous: one TMA copy).
     Returns o [B, K, splits, o_rows, H] f32 (normalised partials), lse2 [B, K, splits, 64]
@@ -187,15 +188,18 @@ def _paged_decode_pallas(qg, k, v, pages, lengths, layer, *, scale: float, o_row
             cols = plgpu.load(scale_smem, (), layout=plgpu.Layout.WGMMA.reduce(0))
         return lax.broadcast_in_dim(cols, (M, bk), [1])
 
-    def kernel(q_ref, k_ref, v_ref, pages_ref, len_ref, layer_ref, sc_ref, o_ref, lse_ref,
-               q_smem, o_smem, lse_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free,
-               ks_smem=None, vs_smem=None, kt_smem=None, vt_smem=None):
+    def kernel(q_ref, k_ref, v_ref, pages_ref, len_ref, pos_ref, layer_ref, sc_ref, o_ref,
+               lse_ref, q_smem, o_smem, lse_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free,
+               v_free, ks_smem=None, vs_smem=None, kt_smem=None, vt_smem=None):
         p = lax.axis_index("split")
         h = lax.axis_index("kvh")
         b = lax.axis_index("batch")
         wg = lax.axis_index("wg")
         lyr = layer_ref[0]
-        length = len_ref[b]
+        # keys the query sees: valid (kv_length) and causal (position + 1), within the
+        # table (computed here, not in XLA: a separate tiny kernel costs microseconds)
+        length = jnp.minimum(len_ref[b], pos_ref[b] + 1)
+        length = jnp.maximum(jnp.minimum(length, jnp.int32(pages.shape[1] * ps)), 0)
         n_pages = lax.div(length + (ps - 1), jnp.int32(ps))
         n_blocks = lax.div(n_pages + (pps - 1), jnp.int32(pps))
         per = lax.div(n_blocks + (P - 1), jnp.int32(P))
@@ -322,10 +326,10 @@ def _paged_decode_pallas(qg, k, v, pages, lengths, layer, *, scale: float, o_row
         scales = jnp.zeros((2, 1, 1, 1, 1), jnp.float32)
     kwargs = {"interpret": fa.interpret_params()} if interpret else {}
 
-    def entry(q_ref, k_ref, v_ref, pages_ref, len_ref, layer_ref, sc_ref, o_ref, lse_ref,
-              q_smem, o_smem, lse_smem, k_smem, v_smem, q_bar, *rest):
-        kernel(q_ref, k_ref, v_ref, pages_ref, len_ref, layer_ref, sc_ref, o_ref, lse_ref,
-               q_smem, o_smem, lse_smem, k_smem, v_smem, q_bar.at[0], *rest)
+    def entry(q_ref, k_ref, v_ref, pages_ref, len_ref, pos_ref, layer_ref, sc_ref, o_ref,
+              lse_ref, q_smem, o_smem, lse_smem, k_smem, v_smem, q_bar, *rest):
+        kernel(q_ref, k_ref, v_ref, pages_ref, len_ref, pos_ref, layer_ref, sc_ref, o_ref,
+               lse_ref, q_smem, o_smem, lse_smem, k_smem, v_smem, q_bar.at[0], *rest)
 
     return plgpu.kernel(
         entry,
@@ -338,7 +342,7 @@ def _paged_decode_pallas(qg, k, v, pages, lengths, layer, *, scale: float, o_row
         thread_name="wg",
         compiler_params=fa.compiler_params(cfg.semantics),
         **kwargs,
-    )(qg, k, v, pages, lengths, layer, scales)
+    )(qg, k, v, pages, kv_lengths, last_pos, layer, scales)
 
 
 def paged_decode_attention(q, k_pool, v_pool, pages, q_positions, kv_lengths, *,
@@ -369,9 +373,6 @@ def paged_decode_attention(q, k_pool, v_pool, pages, q_positions, kv_lengths, *,
     pps = max(1, cfg.block_kv // ps)
     if quant and (ps * 4) % 128:  # a page's scales would land off TMA's 128-byte alignment
         pps = 1
-    # keys the query sees: causal (position + 1) and valid (kv_length), within the table
-    length = jnp.minimum(kv_lengths.astype(jnp.int32), q_positions[:, 0].astype(jnp.int32) + 1)
-    length = jnp.clip(length, 0, M * ps)
     scales = None
     if quant:  # the rows' scales as [2, B, M, K, ps]: a page's scales of one head contiguous
         scales = jnp.stack([gather_pages(a, pages, layer).reshape(B, M, ps, K)
@@ -382,8 +383,9 @@ def paged_decode_attention(q, k_pool, v_pool, pages, q_positions, kv_lengths, *,
     qg = q.reshape(B, K, G, H)
     if R != G:
         qg = jnp.pad(qg, ((0, 0), (0, 0), (0, R - G), (0, 0)))
-    o, lse2 = _paged_decode_pallas(qg, k_pool, v_pool, pages, length, layer, scale=scale,
-                                   o_rows=R, cfg=cfg, pps=pps, splits=P,
+    o, lse2 = _paged_decode_pallas(qg, k_pool, v_pool, pages, kv_lengths.astype(jnp.int32),
+                                   q_positions.reshape(B).astype(jnp.int32), layer,
+                                   scale=scale, o_rows=R, cfg=cfg, pps=pps, splits=P,
                                    interpret=interpret, scales=scales)
     out, lse = da.combine(o, lse2, G)
     out = out.reshape(B, 1, N, H).astype(q.dtype)
