@@ -209,7 +209,7 @@ def test_dispatch_refuses_a_pool_that_does_not_split_over_data():
 INTERP = [
     # lengths, N, K, H, ps, block_kv, splits, dtype, mode
     ([1, 70, 48], 4, 2, 64, 16, 32, 2, jnp.bfloat16, None),   # 2 pages a step, 2 splits
-    ([33, 16], 2, 1, 128, 16, 16, 1, jnp.bfloat16, "int8"),   # one page a step, int8 codes
+    ([33, 100], 2, 1, 128, 32, 64, 1, jnp.bfloat16, "int8"),  # int8 codes, 2 pages a step
 ]
 
 
