@@ -2,6 +2,7 @@
 
     python benchmarks/attention.py [--quick] [--variants] [--json out.json]
     python benchmarks/attention.py --kv-cache int8 --batches 1,64 --ctxs 1024,4096
+    python benchmarks/attention.py --paged [--page-sizes 16,32,64,128] [--kv-cache int8]
 
 Prints the device, the versions and one table:
   prefill  causal bf16, head_dim 128, 16 heads, batch x seq = 32k tokens, seq 1k..16k:
@@ -9,6 +10,10 @@ Prints the device, the versions and one table:
   decode   one token per sequence, 32 query / 8 kv heads, head_dim 128, batch 1/8/64,
            context 1k..32k: GB/s of K/V read (B S K H 2 bytes x 2), next to the card's
            measured copy bandwidth (a large device copy in the same run, read + write bytes).
+  --paged  the paged decode kernel (kernels/paged_attention.py, pages of each row shuffled
+           over the pool) against the contiguous decode kernel at the same shapes and tokens:
+           us per call per page size and the ratio contiguous time / paged time (target:
+           >= 0.9); with --kv-cache, both read int8 / fp8 codes.
 Before timing, every kernel is checked against the reference at the benchmark shapes.
 Times are GPU kernel time from CUPTI (sum of the kernels of one call, launch gaps excluded),
 median of 3 windows; inputs rotate over enough copies that one call's K/V is not in L2.
@@ -33,6 +38,7 @@ import numpy as np  # noqa: E402
 
 from jaxformer.kernels import decode_attention as da  # noqa: E402
 from jaxformer.kernels import flash_attention as fa  # noqa: E402
+from jaxformer.kernels import paged_attention as pa  # noqa: E402
 from jaxformer.kernels.attention import attention  # noqa: E402
 from jaxformer.kernels.reference import attention_reference  # noqa: E402
 
@@ -281,6 +287,109 @@ def run_decode_quantized(batches, ctxs, N, K, H, log, mode="int8"):
     return rows
 
 
+def to_pages(x, ps, perm):
+    """x [B, S, ...] -> a one-layer pool [1, 1 + B*S/ps, ps, ...] holding row b's page j at
+    perm[b * S/ps + j] (page 0 unused, as a page table's padding)."""
+    B, S = x.shape[:2]
+    M = S // ps
+    pool = jnp.zeros((1 + B * M, ps) + x.shape[2:], x.dtype)
+    return pool.at[perm].set(x.reshape((B * M, ps) + x.shape[2:]))[None]
+
+
+def run_decode_paged(batches, ctxs, N, K, H, log, page_sizes, mode=None, variants=False):
+    """Paged decode (pages shuffled over the pool) vs the contiguous decode kernel over the
+    same tokens, us per call; mode int8 / fp8: both read codes and per-token scales."""
+    from jaxformer import cache as kvc
+    rows = []
+    scale = 1 / math.sqrt(H)
+    quant = mode is not None
+    contig = backend_fn("ours-decode", scale)
+    impls = [(f"ps{ps}", ps, pa.PagedDecodeConfig()) for ps in page_sizes]
+    if variants:
+        impls += [("ps64-bk64", 64, pa.PagedDecodeConfig(block_kv=64, stages=4)),
+                  ("ps64-bk256", 64, pa.PagedDecodeConfig(block_kv=256, stages=2)),
+                  ("ps64-s4", 64, pa.PagedDecodeConfig(stages=4)),
+                  ("ps64-occ2", 64, pa.PagedDecodeConfig(ctas_per_sm=2))]
+
+    def codes(q, k, v, pos, kvl):
+        (kq, ks), (vq, vs) = kvc.quantize(k, mode), kvc.quantize(v, mode)
+        return q, kq, vq, pos, kvl, ks, vs
+
+    def paged_fn(cfg):
+        f = functools.partial(pa.paged_decode_attention, scale=scale, config=cfg)
+        if quant:
+            return jax.jit(lambda q, kp, vp, pages, pos, kvl, ks, vs: f(
+                q, kp, vp, pages, pos, kvl, layer=jnp.int32(0), k_scale=ks, v_scale=vs))
+        return jax.jit(lambda q, kp, vp, pages, pos, kvl: f(q, kp, vp, pages, pos, kvl,
+                                                             layer=jnp.int32(0)))
+
+    contig_q = jax.jit(lambda q, k, v, pos, kvl, ks, vs: contig(q, k, v, pos, kvl, k_scale=ks,
+                                                               v_scale=vs))
+    for B in batches:
+        for S in ctxs:
+            per_key = K * (H + 4) * 2 if quant else K * H * 2 * 2
+            R = rotations(B * S * per_key)
+            sets = [decode_inputs(jax.random.key(400 + i), B, S, N, K, H) for i in range(R)]
+            if quant:
+                sets = [jax.jit(codes)(*a) for a in sets]
+            q, k, v, pos, kvl = sets[0][:5]
+            up = (lambda a, s: kvc.dequantize(a, s, jnp.float32)) if quant else \
+                (lambda a, s: a.astype(jnp.float32))
+            ref = attention_reference(q.astype(jnp.float32), up(k, sets[0][5] if quant else 0),
+                                      up(v, sets[0][6] if quant else 0), pos, kvl,
+                                      causal=True, scale=scale)
+            row = {"batch": B, "ctx": S, "mode": mode or "bf16", "rot": R}
+            runs = [("contig", contig_q if quant else contig, None, None)] + \
+                [(name, paged_fn(cfg), ps, cfg) for name, ps, cfg in impls]
+            for name, f, ps, _cfg in runs:
+                try:
+                    if ps is None:
+                        args = sets
+                    else:
+                        if S % ps:
+                            raise ValueError(f"context {S} is not a multiple of page size {ps}")
+                        M = S // ps
+                        perm = jnp.asarray(np.random.default_rng(B * S + ps).permutation(
+                            B * M) + 1, jnp.int32)
+                        pages = perm.reshape(B, M)
+                        args = []
+                        for a in sets:
+                            pools = [to_pages(x, ps, perm) for x in
+                                     (a[1], a[2]) + (a[5:7] if quant else ())]
+                            args.append((a[0], pools[0], pools[1], pages, a[3], a[4],
+                                         *pools[2:]))
+                    err = rel_err(f(*args[0]), ref)
+                    row[f"{name}_err"] = err
+                    if not err < 2e-2:
+                        raise AssertionError(f"{name} B={B} S={S}: rel err {err}")
+                    row[f"{name}_us"] = gpu_time_ms(f, args, iters=max(R, 40 // R * R)) * 1e3
+                    del args
+                except Exception as e:  # noqa: BLE001
+                    row[f"{name}_us"] = float("nan")
+                    row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:2000]}"
+                    log(f"paged decode B={B} S={S} {name}: {traceback.format_exc()[-3000:]}")
+            log(json.dumps(row))
+            print("decode-paged " + _brief(row), flush=True)
+            rows.append(row)
+    return rows, [name for name, _, _ in impls], per_key
+
+
+def print_paged(rows, names, per_key, bw, K, mode):
+    print(f"\npaged decode ({mode or 'bf16'} pool, pages shuffled): 32 q / {K} kv heads, "
+          f"head_dim 128; us per call; GB/s of K/V read (copy = {bw:.0f}); "
+          f"x = contiguous time / paged time (target >= 0.90)")
+    print(f"{'batch':>5} {'ctx':>6} {'contig us':>10} {'GB/s':>6}"
+          + "".join(f" {n + ' us':>13} {'x':>5}" for n in names))
+    for r in rows:
+        c = r["contig_us"]
+        gbs = r["batch"] * r["ctx"] * per_key / c / 1e3
+        cells = ""
+        for n in names:
+            t = r.get(f"{n}_us", float("nan"))
+            cells += f" {t:>13.1f} {c / t:>5.2f}"
+        print(f"{r['batch']:>5} {r['ctx']:>6} {c:>10.1f} {gbs:>6.0f}" + cells)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer sizes")
@@ -296,6 +405,10 @@ def main(argv=None):
                          "dots reading the codes, the old dequantize-then-kernel path, the "
                          "bf16 cache with our kernel)")
     ap.add_argument("--kv-heads", type=int, default=8, help="decode kv heads (32 query heads)")
+    ap.add_argument("--paged", action="store_true",
+                    help="instead: the paged decode kernel vs the contiguous one (with "
+                         "--kv-cache: over int8 / fp8 codes)")
+    ap.add_argument("--page-sizes", default="16,32,64,128", help="--paged page sizes")
     args = ap.parse_args(argv)
 
     logf = open(args.log, "a") if args.log else None  # noqa: SIM115 - lives for the run
@@ -320,6 +433,16 @@ def main(argv=None):
     ctxs = [1024, 4096, 32768] if args.quick else [1024, 2048, 4096, 8192, 16384, 32768]
     seqs = ints(args.seqs) if args.seqs is not None else seqs
     ctxs = ints(args.ctxs) if args.ctxs is not None else ctxs
+    if args.paged:
+        rows, names, per_key = run_decode_paged(ints(args.batches), ctxs, 32, args.kv_heads,
+                                                128, log, ints(args.page_sizes),
+                                                args.kv_cache, args.variants)
+        print_paged(rows, names, per_key, bw, args.kv_heads, args.kv_cache)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({"header": header, "copy_gbs": bw, "decode_paged": rows}, fh,
+                          indent=1)
+        return 0
     if args.kv_cache:
         rows = run_decode_quantized(ints(args.batches), ctxs, 32, args.kv_heads, 128, log,
                                     args.kv_cache)

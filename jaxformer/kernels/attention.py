@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxformer import sharding
 from jaxformer.cache import read_layer
-from jaxformer.kernels import decode_attention, flash_attention
+from jaxformer.kernels import decode_attention, flash_attention, paged_attention as paged
 from jaxformer.kernels.reference import attention_mask, attention_reference
 
 log = logging.getLogger(__name__)
@@ -248,3 +248,124 @@ def attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: float,
         def fn(q, k, v, q_positions, kv_lengths, layer):
             return _cudnn(q, k, v, q_positions, kv_lengths, causal=causal, scale=scale)
     return _sharded(fn, q, k, v, q_positions, kv_lengths, layer)
+
+
+# ---- paged KV pools (kernels/paged_attention.py) ------------------------------------------
+@functools.partial(jax.jit, static_argnames=("scale",))
+def _paged_pallas(q, k_pool, v_pool, pages, q_positions, kv_lengths, layer, k_scale=None,
+                  v_scale=None, *, scale):
+    if q.shape[1] > 1:
+        return paged.paged_prefill_attention(q, k_pool, v_pool, pages, q_positions,
+                                             kv_lengths, scale=scale, layer=layer)
+    return paged.paged_decode_attention(q, k_pool, v_pool, pages, q_positions, kv_lengths,
+                                        scale=scale, layer=layer, k_scale=k_scale,
+                                        v_scale=v_scale)
+
+
+def _sharded_paged(fn, q, k_pool, v_pool, pages, q_positions, kv_lengths, layer, scales=()):
+    """Run fn per shard of the active mesh: rows on `data` with the pool's pages, kv heads
+    on `tensor` (or, tensor > K, each shard slices the one kv head its query heads read).
+
+    Data parallelism: each data shard owns its own P / data pages, and the page ids in its
+    rows' page tables are local to that shard (0 .. P / data - 1). The pool [L, P, ps, K, H]
+    is sharded P on `data`, K on `tensor`; pages [B, M] and the rows on `data`."""
+    mesh, _ = sharding.current()
+    if mesh is None:
+        return fn(q, k_pool, v_pool, pages, q_positions, kv_lengths, layer, *scales)
+    shape = dict(mesh.shape)
+    dp, tp = shape.get("data", 1), shape.get("tensor", 1)
+    B, _, N, _ = q.shape
+    Pn, K = k_pool.shape[1], k_pool.shape[3]
+    G = N // K
+    if dp > 1 and (B % dp or Pn % dp):
+        raise ValueError(f"paged attention over data = {dp} shards needs batch rows {B} and "
+                         f"pool pages {Pn} divisible by {dp} (each shard owns its pages)")
+    b_ax = "data" if dp > 1 else None
+    h_ax = "tensor" if tp > 1 and N % tp == 0 else None
+    kv_ax, pick_kv = None, False
+    if h_ax is not None:
+        if K % tp == 0:
+            kv_ax = h_ax
+        elif G % (N // tp) == 0:
+            pick_kv = True
+        else:
+            h_ax = None
+    if b_ax is None and h_ax is None:
+        return fn(q, k_pool, v_pool, pages, q_positions, kv_lengths, layer, *scales)
+
+    def body(q, k_pool, v_pool, pages, q_positions, kv_lengths, layer, *scales):
+        if pick_kv:
+            kvh = (jax.lax.axis_index("tensor") * (N // tp)) // G
+            k_pool, v_pool, *scales = (jax.lax.dynamic_slice_in_dim(a, kvh, 1, axis=3)
+                                       for a in (k_pool, v_pool, *scales))
+        return fn(q, k_pool, v_pool, pages, q_positions, kv_lengths, layer, *scales)
+
+    abstract = jax.sharding.get_abstract_mesh()
+    manual = set(getattr(abstract, "manual_axes", ()) or ())
+    names = {a for a in ("data", "tensor") if a in shape} - manual
+    qspec = P(b_ax, None, h_ax, None)
+    pool = P(None, b_ax, None, kv_ax, None)
+    return jax.shard_map(
+        body, mesh=abstract if manual else mesh,
+        in_specs=(qspec, pool, pool, P(b_ax, None), P(b_ax, None), P(b_ax), P(),
+                  *((P(None, b_ax, None, kv_ax),) * len(scales))),
+        out_specs=qspec, axis_names=names, check_vma=False,
+    )(q, k_pool, v_pool, pages, q_positions, kv_lengths, layer, *scales)
+
+
+def paged_attention(q, k_pool, v_pool, pages, q_positions, kv_lengths, *, scale: float,
+                    backend: str = "auto", layer=None, k_scale=None, v_scale=None):
+    """Causal attention of q [B, T, N, H] over each row's pages of a KV pool.
+
+    Layout (kernels/paged_attention.py): pools [L, P, ps, K, H] read at `layer` (int32
+    scalar; None: one layer's [P, ps, K, H]), quantized codes with k_scale, v_scale (the
+    pools' shape without H), pages [B, M] int32, q_positions [B, T], kv_lengths [B].
+    backend "auto" / "pallas" on Hopper: the paged decode kernel for T == 1; for T > 1
+    (prefill chunks, float pools) the rows' pages gathered into a contiguous cache and the
+    flash prefill kernel ("pallas" raises ValueError where neither can run; "auto" falls
+    back to the reference and logs why once); "xla" and every other case (CPU, quantized
+    prefill chunks): the reference, which gathers the rows' pages. "cudnn" is refused.
+    Sharded over the active mesh as _sharded_paged says (data shards own their pages).
+    Returns [B, T, N, H] in q's dtype.
+    """
+    if backend not in ("auto", "xla", "pallas"):
+        raise ValueError(f"paged attention backend must be auto, xla or pallas, got "
+                         f"{backend!r}")
+    layered = layer is not None
+    paged.check_paged(q, k_pool, v_pool, pages, q_positions, kv_lengths, k_scale, v_scale,
+                      layered=layered)
+    if not layered:
+        k_pool, v_pool = k_pool[None], v_pool[None]
+        if k_scale is not None:
+            k_scale, v_scale = k_scale[None], v_scale[None]
+    layer = jnp.asarray(0 if layer is None else layer, jnp.int32)
+    quant = k_scale is not None
+    reason = None
+    if backend != "xla":
+        dev = _devices()[0]
+        if not is_hopper(dev):
+            reason = (f"the paged kernel needs a Hopper GPU (sm_90); this is {dev.platform} "
+                      f"{getattr(dev, 'device_kind', '')}".rstrip())
+        elif q.shape[1] != 1:  # prefill chunk: the gathered pages through the flash kernel
+            one = jax.ShapeDtypeStruct((q.shape[0],) + k_pool.shape[2:], k_pool.dtype)
+            reason = ("only the decode kernel (T == 1) reads a quantized pool" if quant else
+                      flash_attention.check_supported(q, one, one))
+        else:
+            reason = paged.check_supported(q, k_pool, v_pool, quant)
+        if backend == "pallas" and reason is not None:
+            raise ValueError(f"paged attention backend 'pallas' does not support this call: "
+                             f"{reason}")
+        if reason is not None:
+            _log_once(f"paged attention backend 'auto' uses xla: {reason}")
+    scales = (k_scale, v_scale) if quant else ()
+    if backend != "xla" and reason is None:
+        def fn(q, kp, vp, pages, pos, kvl, layer, *sc):
+            return _paged_pallas(q, kp, vp, pages, pos, kvl, layer, *sc, scale=scale)
+    else:
+        def fn(q, kp, vp, pages, pos, kvl, layer, *sc):
+            ks, vs = sc if sc else (None, None)
+            return paged.paged_attention_reference(q, kp, vp, pages, pos, kvl, scale=scale,
+                                                   layer=layer, k_scale=ks, v_scale=vs)
+    return _sharded_paged(fn, q, k_pool, v_pool, pages.astype(jnp.int32),
+                          q_positions.astype(jnp.int32), kv_lengths.astype(jnp.int32), layer,
+                          scales)

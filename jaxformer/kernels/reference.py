@@ -4,7 +4,8 @@ Shapes: q [B, T, N, H], k and v [B, S, K, H] with K dividing N (query head n rea
 n // (N // K)); q_positions [B, T] int32 absolute positions of the queries; kv_lengths [B]
 int32 number of valid keys per sequence (keys s >= kv_lengths[b] are padding).
 A key s is visible to query t of sequence b iff s < kv_lengths[b] and, when causal,
-s <= q_positions[b, t]. Scores and softmax are float32; the output has q's dtype.
+s <= q_positions[b, t]; with a sliding window W, also s > q_positions[b, t] - W (the query
+and its W - 1 predecessors). Scores and softmax are float32; the output has q's dtype.
 """
 from __future__ import annotations
 
@@ -14,18 +15,25 @@ import jax.numpy as jnp
 MASK_VALUE = -1e30  # finite, so a fully masked row (a padding query) gives no NaN
 
 
-def attention_mask(q_positions, kv_lengths, kv_len: int, causal: bool):
+def attention_mask(q_positions, kv_lengths, kv_len: int, causal: bool,
+                   sliding_window: int | None = None):
     """[B, T, S] bool: which keys each query sees."""
     s = jnp.arange(kv_len, dtype=jnp.int32)
     mask = s[None, None, :] < kv_lengths[:, None, None]
     if causal:
         mask = mask & (s[None, None, :] <= q_positions[:, :, None])
+    if sliding_window is not None:
+        mask = mask & (s[None, None, :] > q_positions[:, :, None] - sliding_window)
     return mask
 
 
 def attention_reference(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: float,
-                        return_lse: bool = False, k_scale=None, v_scale=None):
+                        return_lse: bool = False, k_scale=None, v_scale=None,
+                        softcap: float | None = None, sliding_window: int | None = None):
     """Masked softmax attention in float32. Returns [B, T, N, H] (and lse [B, T, N]).
+
+    softcap: scores (after `scale`) become softcap * tanh(scores / softcap) (Gemma 2).
+    sliding_window: see the module docstring.
 
     With k_scale and v_scale ([B, S, K] float32), k and v are a quantized cache's codes
     (int8 / float8, exact in q's dtype) and key s of head j is k[b, s, j] * k_scale[b, s, j].
@@ -43,7 +51,10 @@ def attention_reference(q, k, v, q_positions, kv_lengths, *, causal: bool, scale
     scores = scores * jnp.float32(scale)
     if k_scale is not None:
         scores = scores * _per_key(k_scale)
-    mask = attention_mask(q_positions, kv_lengths, k.shape[1], causal)  # [B, T, S]
+    if softcap is not None:
+        scores = jnp.float32(softcap) * jnp.tanh(scores / jnp.float32(softcap))
+    mask = attention_mask(q_positions, kv_lengths, k.shape[1], causal,
+                          sliding_window)  # [B, T, S]
     scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
     lse = jax.nn.logsumexp(scores, axis=-1)  # [B, K, G, T]
     probs = jnp.exp(scores - lse[..., None])
