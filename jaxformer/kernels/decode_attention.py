@@ -193,8 +193,9 @@ def _decode_pallas(qg, k, v, kv_lengths, last_pos, layer, *, scale: float, causa
                     s = s * qk_scale
                 if masked or mods.alibi:
                     kv_ids = fa._col_iota((M, bk), interpret) + (first + i) * bk
-                s = fa.score_mods(s, kv_ids if mods.alibi else None, pos_ref[b], slope_rows,
-                                  mods)
+                if mods.softcap is not None or mods.alibi:
+                    s = fa.score_mods(s, kv_ids if mods.alibi else None, pos_ref[b],
+                                      slope_rows, mods)
                 if masked:
                     s = jnp.where(kv_ids < length, s, fa._MASK)
                     if mods.window:
