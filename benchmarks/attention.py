@@ -318,7 +318,7 @@ def _timed(name, f, sets, iters, check, row, log):
 def run_windowed(seqs, tokens, batches, ctxs, window, softcap, log):
     """Prefill (16 heads, head_dim 128, 32k tokens) and decode (32 q / 8 kv heads): our
     kernels with the window (and cap), without (the full causal baseline), and XLA with."""
-    mods = {"sliding_window": window, "softcap": softcap}
+    mods = {"window": window, "softcap": softcap}
     scale = 1 / math.sqrt(128)
     pre, dec = [], []
     for T in seqs:

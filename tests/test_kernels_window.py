@@ -43,12 +43,12 @@ def numpy_attention(q, k, v, pos, kvl, *, causal, scale, window=None, softcap=No
             for n in range(N):
                 kh = n // (N // K)
                 x = np.array([q[b, t, n] @ k[b, s, kh] for s in keys]) * scale
-                if softcap is not None:
-                    x = softcap * np.tanh(x / softcap)
                 if slopes is not None:
                     x = x + slopes[n] * (np.array(keys) - p)
                 if bloom_bias is not None:
                     x = x + bloom_bias[n, keys]
+                if softcap is not None:
+                    x = softcap * np.tanh(x / softcap)
                 w = np.exp(x - x.max())
                 out[b, t, n] = (w / w.sum()) @ v[b, keys, kh]
     return out
@@ -69,7 +69,7 @@ def test_reference_equals_the_definition(window, softcap, alibi, causal):
     q = q * 2  # scores beyond the cap, so the cap matters
     slopes = jnp.asarray(SLOPES) if alibi else None
     out = attention_reference(q, k, v, pos, kvl, causal=causal, scale=0.4,
-                              sliding_window=window, softcap=softcap, alibi_slopes=slopes)
+                              window=window, softcap=softcap, alibi_slopes=slopes)
     want = numpy_attention(q, k, v, np.asarray(pos), np.asarray(kvl), causal=causal,
                            scale=0.4, window=window, softcap=softcap,
                            slopes=SLOPES if alibi else None)
@@ -99,26 +99,31 @@ def test_xla_backend_and_sharded_wrapper_take_the_modifiers():
     B, T, N, K, H = 4, 6, 4, 2, 8
     q, k, v, pos, kvl = problem(B, T, T, N, K, H, jnp.float32)
     slopes = jnp.asarray(SLOPES)
-    kw = {"causal": True, "scale": 0.3, "sliding_window": 3, "softcap": 1.0}
-    out = attn.attention(q, k, v, pos, kvl, backend="xla", alibi_slopes=slopes, **kw)
+    kw = {"causal": True, "scale": 0.3, "softcap": 1.0}
     want = numpy_attention(q, k, v, np.asarray(pos), np.asarray(kvl), causal=True, scale=0.3,
                            window=3, softcap=1.0, slopes=SLOPES)
     rows = sees_some(pos, kvl, T, True, 3)
-    np.testing.assert_allclose(np.asarray(out)[rows], want[rows], atol=2e-5)
+    for w in (3, jnp.int32(3)):  # a Python int, and a traced scalar (a per-layer window)
+        out = jax.jit(lambda q, k, v, pos, kvl, w: attn.attention(
+            q, k, v, pos, kvl, backend="xla", alibi_slopes=slopes, window=w, **kw),
+            static_argnums=(5,) if isinstance(w, int) else ())(q, k, v, pos, kvl, w)
+        np.testing.assert_allclose(np.asarray(out)[rows], want[rows], atol=2e-5)
 
     seen = []
 
-    def fn(q, k, v, pos, kvl, layer=None, alibi_slopes=None):
-        seen.append(alibi_slopes.shape)
-        return attention_reference(q, k, v, pos, kvl, alibi_slopes=alibi_slopes, **kw)
+    def fn(q, k, v, pos, kvl, layer=None, alibi_slopes=None, window=None):
+        seen.append((alibi_slopes.shape, window.shape))
+        return attention_reference(q, k, v, pos, kvl, alibi_slopes=alibi_slopes,
+                                   window=window, **kw)
     with sharding.use(_mesh(2, 1, 2), {}):
-        got = jax.jit(lambda *a: attn._sharded(fn, *a, slopes=slopes))(q, k, v, pos, kvl)
+        got = jax.jit(lambda q, k, v, pos, kvl, w: attn._sharded(
+            fn, q, k, v, pos, kvl, slopes=slopes, window=w))(q, k, v, pos, kvl, jnp.int32(3))
     np.testing.assert_allclose(np.asarray(got)[rows], want[rows], atol=2e-5)
-    assert seen == [(N // 2,)]
+    assert seen == [((N // 2,), ())]
 
 
 @pytest.mark.parametrize("kw,match", [
-    ({"sliding_window": 0}, "sliding_window"), ({"sliding_window": 2.5}, "sliding_window"),
+    ({"window": 0}, "window"), ({"window": 2.5}, "window"),
     ({"softcap": -1.0}, "softcap"), ({"alibi_slopes": jnp.ones(3)}, "alibi_slopes")])
 def test_bad_modifiers_raise_naming_the_field(kw, match):
     q, k, v, pos, kvl = problem(1, 4, 4, 2, 2, 64, jnp.bfloat16)
@@ -132,9 +137,9 @@ def test_bad_modifiers_raise_naming_the_field(kw, match):
 
 def test_cudnn_refuses_the_modifiers():
     q, k, v, pos, kvl = problem(1, 4, 4, 2, 2, 64, jnp.bfloat16)
-    with pytest.raises(ValueError, match="cudnn.*sliding_window"):
+    with pytest.raises(ValueError, match="cudnn.*window"):
         attn.attention(q, k, v, pos, kvl, causal=True, scale=0.1, backend="cudnn",
-                       sliding_window=2)
+                       window=2)
 
 
 # ---- kv block ranges (CPU) ---------------------------------------------------------------
@@ -186,10 +191,11 @@ def nan_before(k, v, keys):
 
 INTERP_PREFILL = [
     # B, T, S, N, K, H, dtype, lengths, offset, window, softcap, alibi, nan_keys
+    # (a window given as a numpy int32 is a traced operand, as a model's per-layer one is)
     # W < T, a chunk at 200..327: the CTA streams blocks 2..5, of which warpgroup 0 (rows
     # 200..263) skips 5 and warpgroup 1 (264..327) skips 2 in lockstep; keys < 128 NaN
     (1, 128, 330, 2, 1, 64, jnp.bfloat16, [330], 200, 40, 5.0, False, 128),
-    (1, 100, 100, 2, 1, 64, jnp.float16, [90], 0, 100, None, False, 0),     # W == T, GQA 2
+    (1, 100, 100, 2, 1, 64, jnp.float16, [90], 0, np.int32(100), None, False, 0),  # W == T
     (1, 128, 128, 2, 1, 64, jnp.bfloat16, [128], 0, 1000, 2.0, True, 0),    # W > S, ALiBi
 ]
 
@@ -200,12 +206,16 @@ def test_prefill_kernel_interpreted_with_window(case, interpreted):
     q, k, v, pos, kvl = problem(B, T, S, N, K, H, dtype, lengths, offset)
     q = q * 2
     slopes = jnp.asarray(SLOPES[:N]) if alibi else None
-    mods = {"sliding_window": window, "softcap": cap}
+    mods = {"window": window, "softcap": cap}
     kn, vn = nan_before(k, v, [nan_keys])
     cfg = fa.PrefillConfig(block_q=64, block_kv=64, stages=2)
-    out, lse = jax.jit(functools.partial(
-        fa.flash_attention, causal=True, scale=H ** -0.5, return_lse=True, config=cfg,
-        interpret=True, **mods))(q, kn, vn, pos, kvl, alibi_slopes=slopes)
+    def run(q, k, v, pos, kvl, slopes, w):
+        return fa.flash_attention(q, k, v, pos, kvl, causal=True, scale=H ** -0.5,
+                                  return_lse=True, config=cfg, interpret=True, window=w,
+                                  softcap=cap, alibi_slopes=slopes)
+    static = isinstance(window, int)
+    out, lse = jax.jit(run, static_argnums=(6,) if static else ())(
+        q, kn, vn, pos, kvl, slopes, window if static else jnp.int32(window))
     up = lambda x: x.astype(jnp.float32)  # noqa: E731
     ref, ref_lse = attention_reference(up(q), up(k), up(v), pos, kvl, causal=True,
                                        scale=H ** -0.5, return_lse=True, alibi_slopes=slopes,
@@ -218,7 +228,7 @@ def test_prefill_kernel_interpreted_with_window(case, interpreted):
 
 INTERP_DECODE = [
     # B, S, N, K, H, lengths, splits, window, softcap, alibi, mode
-    (2, 256, 4, 1, 64, [201, 100], 2, 70, 4.0, False, None),   # W < length, G = 4, 2 splits
+    (2, 256, 4, 1, 64, [201, 100], 2, np.int32(70), 4.0, False, None),  # W < length, G = 4
     (2, 128, 2, 2, 64, [1, 128], 1, 128, None, True, None),     # W == length; MHA; ALiBi
     (1, 256, 4, 1, 128, [256], 2, 50, 3.0, False, "int8"),      # quantized cache
 ]
@@ -231,8 +241,8 @@ def test_decode_kernel_interpreted_with_window(case, interpreted):
     q = q * 2
     pos = (kvl - 1)[:, None]
     slopes = jnp.asarray(SLOPES[:N]) if alibi else None
-    mods = {"sliding_window": window, "softcap": cap}
-    nan_keys = [max(n - window, 0) // 64 * 64 for n in lengths]  # blocks before the window
+    mods = {"window": window, "softcap": cap}
+    nan_keys = [max(n - int(window), 0) // 64 * 64 for n in lengths]  # blocks before the window
     quant = {}
     kf, vf = k, v
     if mode is not None:
@@ -243,10 +253,14 @@ def test_decode_kernel_interpreted_with_window(case, interpreted):
         quant = dict(zip(("k_scale", "v_scale"), nan_before(ks, vs, nan_keys)))
     else:
         k, v = nan_before(k, v, nan_keys)
-    out, lse = jax.jit(functools.partial(
-        da.decode_attention, causal=True, scale=H ** -0.5, return_lse=True, splits=splits,
-        config=da.DecodeConfig(block_kv=64, stages=2), interpret=True, **mods))(
-            q, k, v, pos, kvl, alibi_slopes=slopes, **quant)
+    def run(q, k, v, pos, kvl, slopes, quant, w):
+        return da.decode_attention(q, k, v, pos, kvl, causal=True, scale=H ** -0.5,
+                                   return_lse=True, splits=splits, interpret=True,
+                                   config=da.DecodeConfig(block_kv=64, stages=2), window=w,
+                                   softcap=cap, alibi_slopes=slopes, **quant)
+    static = isinstance(window, int)  # else a traced operand, as a model's per-layer one
+    out, lse = jax.jit(run, static_argnums=(7,) if static else ())(
+        q, k, v, pos, kvl, slopes, quant, window if static else jnp.int32(window))
     up = lambda x: x.astype(jnp.float32)  # noqa: E731
     ref, ref_lse = attention_reference(up(q), up(kf), up(vf), pos, kvl, causal=True,
                                        scale=H ** -0.5, return_lse=True, alibi_slopes=slopes,
@@ -276,7 +290,7 @@ def _mods(window, cap, alibi, N):
     slopes = None
     if alibi:  # BLOOM's slopes for N heads (a power of two)
         slopes = jnp.asarray(2.0 ** (-8.0 * np.arange(1, N + 1) / N), jnp.float32)
-    return {"sliding_window": window, "softcap": cap}, slopes
+    return {"window": window, "softcap": cap}, slopes
 
 
 @gpu
@@ -350,7 +364,7 @@ def test_dispatch_gpu_pallas_with_window_equals_xla(T):
     kvl = jnp.full((B,), S, jnp.int32)
     if T == 1:
         pos = (kvl - 1)[:, None]
-    kw = {"causal": True, "scale": H ** -0.5, "sliding_window": 512, "softcap": 50.0}
+    kw = {"causal": True, "scale": H ** -0.5, "window": 512, "softcap": 50.0}
     want = jax.jit(functools.partial(attn.attention, backend="xla", **kw))(q, k, v, pos, kvl)
     for backend in ("pallas", "auto"):
         got = jax.jit(functools.partial(attn.attention, backend=backend, **kw))(

@@ -22,6 +22,7 @@ import logging
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jaxformer.kernels.flash_attention import check_mods
@@ -97,12 +98,14 @@ def cudnn_unsupported(q, k, v) -> str | None:
 # ---- implementations (per shard) -------------------------------------------------------
 # jit-wrapped so that identical calls (every layer of an unrolled model) trace to one jaxpr,
 # which jax lowers once: the Mosaic GPU kernel is built once, not once per layer.
-@functools.partial(jax.jit, static_argnames=("causal", "scale", "sliding_window", "softcap"))
+@functools.partial(jax.jit, static_argnames=("causal", "scale", "static_window", "softcap"))
 def _pallas(q, k, v, q_positions, kv_lengths, layer=None, k_scale=None, v_scale=None,
-            alibi_slopes=None, *, causal, scale, sliding_window=None, softcap=None):
+            alibi_slopes=None, window=None, *, causal, scale, static_window=None,
+            softcap=None):
+    """window: a traced int32 scalar (per layer), or static_window: a Python int."""
     from jaxformer.kernels import decode_attention, flash_attention
-    mods = {"sliding_window": sliding_window, "softcap": softcap,
-            "alibi_slopes": alibi_slopes}
+    mods = {"window": static_window if static_window is not None else window,
+            "softcap": softcap, "alibi_slopes": alibi_slopes}
     if q.shape[1] == 1:
         return decode_attention.decode_attention(q, k, v, q_positions, kv_lengths,
                                                  causal=causal, scale=scale, layer=layer,
@@ -135,16 +138,19 @@ def _cudnn(q, k, v, q_positions, kv_lengths, *, causal, scale):
 
 
 # ---- shard_map over the active mesh -----------------------------------------------------
-def _sharded(fn, q, k, v, q_positions, kv_lengths, layer=None, scales=(), slopes=None):
+def _sharded(fn, q, k, v, q_positions, kv_lengths, layer=None, scales=(), slopes=None,
+             window=None):
     """Run fn per shard: batch on `data`, heads on `tensor` (where the sizes divide).
 
     k, v [B, S, K, H], or [L, B, S, K, H] with `layer` (int32 scalar) naming the layer;
     scales: () or a quantized cache's (k_scale, v_scale), k's shape without H, sharded
-    with it; slopes: None or ALiBi slopes [N], sharded with the query heads.
-    fn(q, k, v, q_positions, kv_lengths, layer, *scales), and alibi_slopes= with slopes."""
+    with it; slopes: None or ALiBi slopes [N], sharded with the query heads; window: None
+    or a traced int32 scalar, replicated. fn(q, k, v, q_positions, kv_lengths, layer,
+    *scales), with alibi_slopes= and window= where given."""
     from jaxformer import sharding
     mesh, _ = sharding.current()
-    kw = {} if slopes is None else {"alibi_slopes": slopes}
+    kw = {name: a for name, a in (("alibi_slopes", slopes), ("window", window))
+          if a is not None}
     if mesh is None:
         return fn(q, k, v, q_positions, kv_lengths, layer, *scales, **kw)
     stacked = layer is not None
@@ -170,9 +176,7 @@ def _sharded(fn, q, k, v, q_positions, kv_lengths, layer=None, scales=(), slopes
     n_scales = len(scales)
 
     def body(q, k, v, q_positions, kv_lengths, layer, *rest):
-        scales, kw = rest[:n_scales], {}
-        if slopes is not None:
-            kw["alibi_slopes"] = rest[n_scales]
+        scales, kw = rest[:n_scales], dict(zip(kw_names, rest[n_scales:]))
         if pick_kv:
             kvh = (jax.lax.axis_index("tensor") * (N // tp)) // G
             k, v, *scales = (jax.lax.dynamic_slice_in_dim(a, kvh, 1, axis=kv_axis)
@@ -186,19 +190,19 @@ def _sharded(fn, q, k, v, q_positions, kv_lengths, layer=None, scales=(), slopes
     qspec = P(b_ax, None, h_ax, None)
     kvspec = P(*lead, b_ax, None, kv_ax, None)
     scale_specs = (P(*lead, b_ax, None, kv_ax),) * len(scales)
-    extra = (slopes,) if slopes is not None else ()
+    kw_names, extra = tuple(kw), tuple(kw.values())
+    extra_specs = tuple(P(h_ax) if name == "alibi_slopes" else P() for name in kw_names)
     return jax.shard_map(
         body, mesh=use_mesh,
         in_specs=(qspec, kvspec, kvspec, P(b_ax, None), P(b_ax), P() if stacked else None,
-                  *scale_specs, *((P(h_ax),) * len(extra))),
+                  *scale_specs, *extra_specs),
         out_specs=qspec, axis_names=names, check_vma=False,
     )(q, k, v, q_positions, kv_lengths, layer, *scales, *extra)
 
 
 def attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: float,
               backend: str = "auto", layer=None, k_scale=None, v_scale=None,
-              sliding_window: int | None = None, softcap: float | None = None,
-              alibi_slopes=None):
+              window=None, softcap: float | None = None, alibi_slopes=None):
     """Masked attention. q [B,T,N,H], k/v [B,S,K,H], q_positions [B,T], kv_lengths [B].
 
     With `layer` (an int32 scalar), k and v are a stacked cache [L, B, S, K, H] and the call
@@ -209,8 +213,9 @@ def attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: float,
     score and probability columns; "auto" takes it where
     supported and QUANT_KERNEL_MIN_GROUP query heads share a kv head, else (and with "xla")
     XLA dots that read the codes once (reference.py). cudnn reads float caches only.
-    sliding_window W: a query at position p sees keys p - W < s only (the kernels never load
-    the kv blocks wholly before the window); softcap C: scores -> C tanh(scores / C) after
+    window W (a Python int, or an int32 scalar that may differ per layer): a query at
+    position p sees keys p - W < s only (the kernels never load the kv blocks wholly before
+    the window); softcap C: scores -> C tanh(scores / C) after
     scaling, before the mask; alibi_slopes [N] f32: scores += slopes[n] * (s - p). xla and
     pallas take all three; cudnn none.
     Returns [B, T, N, H] in q's dtype. An explicit backend that cannot take the call raises
@@ -218,12 +223,16 @@ def attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: float,
     """
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
-    bad = check_mods(sliding_window, softcap, alibi_slopes, q.shape[2])
+    bad = check_mods(window, softcap, alibi_slopes, q.shape[2])
     if bad is not None:
         raise ValueError(f"attention: {bad}")
-    mods = {"sliding_window": sliding_window, "softcap": softcap}
-    if backend == "cudnn" and (sliding_window, softcap, alibi_slopes) != (None,) * 3:
-        raise ValueError("attention backend 'cudnn' does not take sliding_window, softcap "
+    mods = {"window": window, "softcap": softcap}
+    # the kernels take a Python int window as a constant, a traced one as an operand
+    static_w = int(window) if isinstance(window, (int, np.integer)) else None
+    kmods = {"static_window": static_w, "softcap": softcap}
+    dyn_w = None if static_w is not None else window
+    if backend == "cudnn" and (window, softcap, alibi_slopes) != (None,) * 3:
+        raise ValueError("attention backend 'cudnn' does not take window, softcap "
                          "or alibi_slopes; use 'auto', 'pallas' or 'xla'")
 
     def one_layer(a, layer):  # what the support checks look at: one layer's shapes
@@ -242,11 +251,11 @@ def attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: float,
             group = q.shape[2] // k.shape[-2]
             if backend == "pallas" or (reason is None and group >= QUANT_KERNEL_MIN_GROUP):
                 def fn(q, k, v, q_positions, kv_lengths, layer, k_scale, v_scale,
-                       alibi_slopes=None):
+                       alibi_slopes=None, window=None):
                     return _pallas(q, k, v, q_positions, kv_lengths, layer, k_scale, v_scale,
-                                   alibi_slopes, causal=causal, scale=scale, **mods)
+                                   alibi_slopes, window, causal=causal, scale=scale, **kmods)
                 return _sharded(fn, q, k, v, q_positions, kv_lengths, layer,
-                                (k_scale, v_scale), alibi_slopes)
+                                (k_scale, v_scale), alibi_slopes, dyn_w)
         if layer is not None:
             from jaxformer.cache import read_layer
             k, v, k_scale, v_scale = (read_layer(a, layer) for a in (k, v, k_scale, v_scale))
@@ -271,10 +280,11 @@ def attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: float,
         raise ValueError(f"attention backend {backend!r} does not support this call: {reason}")
 
     if backend == "pallas":
-        def fn(q, k, v, q_positions, kv_lengths, layer, alibi_slopes=None):
-            return _pallas(q, k, v, q_positions, kv_lengths, layer,
-                           alibi_slopes=alibi_slopes, causal=causal, scale=scale, **mods)
+        def fn(q, k, v, q_positions, kv_lengths, layer, alibi_slopes=None, window=None):
+            return _pallas(q, k, v, q_positions, kv_lengths, layer, alibi_slopes=alibi_slopes,
+                           window=window, causal=causal, scale=scale, **kmods)
     else:
         def fn(q, k, v, q_positions, kv_lengths, layer):
             return _cudnn(q, k, v, q_positions, kv_lengths, causal=causal, scale=scale)
-    return _sharded(fn, q, k, v, q_positions, kv_lengths, layer, slopes=alibi_slopes)
+    return _sharded(fn, q, k, v, q_positions, kv_lengths, layer, slopes=alibi_slopes,
+                    window=dyn_w)

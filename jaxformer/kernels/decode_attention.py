@@ -30,6 +30,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxformer.kernels import flash_attention as fa
@@ -73,14 +74,15 @@ def choose_splits(B: int, K: int, S: int, block_kv: int, ctas_per_sm: int = 1,
 
 def _decode_pallas(qg, k, v, kv_lengths, last_pos, layer, *, scale: float, causal: bool,
                    kv_len: int, o_rows: int, cfg: DecodeConfig, splits: int,
-                   interpret: bool, scales=None, window: int | None = None,
+                   interpret: bool, scales=None, lo=None,
                    mods: fa.ScoreMods = fa.ScoreMods(), slopes=None):
     """qg [B, K, R, H] query rows of each kv head (R = G rounded up to 8, or 64);
     k, v [L, B, S, K, H] a stacked cache (S % block_kv == 0); kv_lengths [B] int32;
     last_pos [B] int32 the query positions; layer [1] int32 the cache layer to read;
     kv_len: the unpadded cache length; o_rows: rows written back (G rounded up to 8);
     scales: None, or for a quantized cache (k, v int8 / float8 codes) the k and v scales of
-    the layer read, [2, B, K, S] float32. window: the sliding window W (mods.window);
+    the layer read, [2, B, K, S] float32. lo: with mods.window, [B] int32 each sequence's
+    first visible key (position - W + 1, at least 0);
     slopes: with mods.alibi, [K, 64] f32 each kv head's query rows' ALiBi slopes (log2
     units, zero-padded).
     Returns o [B, K, P, o_rows, H] f32 (normalised partials) and lse2 [B, K, P, 64] f32
@@ -125,7 +127,7 @@ def _decode_pallas(qg, k, v, kv_lengths, last_pos, layer, *, scale: float, causa
             cols = plgpu.load(scale_smem, (), layout=plgpu.Layout.WGMMA.reduce(0))
         return lax.broadcast_in_dim(cols, (M, bk), [1])
 
-    def kernel(q_ref, k_ref, v_ref, len_ref, pos_ref, layer_ref, sc_ref, sl_ref, o_ref,
+    def kernel(q_ref, k_ref, v_ref, len_ref, pos_ref, lo_ref, layer_ref, sc_ref, sl_ref, o_ref,
                lse_ref, q_smem, o_smem, lse_smem, sl_smem, k_smem, v_smem, q_bar, k_bar, v_bar,
                k_free, v_free, ks_smem=None, vs_smem=None, kt_smem=None, vt_smem=None):
         p = lax.axis_index("split")
@@ -141,7 +143,7 @@ def _decode_pallas(qg, k, v, kv_lengths, last_pos, layer, *, scale: float, causa
         end_block = lax.div(length + (bk - 1), jnp.int32(bk))
         # With a window, keys before lo = position - W + 1 are invisible: the blocks wholly
         # before it are never loaded (the splits share [lo // bk, end_block) only).
-        lo = jnp.maximum(pos_ref[b] - (window - 1), 0) if mods.window else jnp.int32(0)
+        lo = lo_ref[b] if mods.window else jnp.int32(0)
         start_block = jnp.minimum(lax.div(lo, jnp.int32(bk)), end_block)
         n_blocks = end_block - start_block
         per = lax.div(n_blocks + (P - 1), jnp.int32(P))
@@ -288,13 +290,16 @@ def _decode_pallas(qg, k, v, kv_lengths, last_pos, layer, *, scale: float, causa
         scales = jnp.zeros((2, 1, 1, 1), jnp.float32)
     kwargs = {"interpret": fa.interpret_params()} if interpret else {}
 
-    if not mods.alibi:  # a placeholder operand for the slopes, never read
+    if not mods.alibi:  # placeholder operands, never read
         slopes = jnp.zeros((1, M), jnp.float32)
+    if not mods.window:
+        lo = jnp.zeros((1,), jnp.int32)
 
-    def entry(q_ref, k_ref, v_ref, len_ref, pos_ref, layer_ref, sc_ref, sl_ref, o_ref, lse_ref,
-              q_smem, o_smem, lse_smem, sl_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free,
-              v_free, *quant_smem):
-        kernel(q_ref, k_ref, v_ref, len_ref, pos_ref, layer_ref, sc_ref, sl_ref, o_ref, lse_ref,
+    def entry(q_ref, k_ref, v_ref, len_ref, pos_ref, lo_ref, layer_ref, sc_ref, sl_ref, o_ref,
+              lse_ref, q_smem, o_smem, lse_smem, sl_smem, k_smem, v_smem, q_bar, k_bar, v_bar,
+              k_free, v_free, *quant_smem):
+        kernel(q_ref, k_ref, v_ref, len_ref, pos_ref, lo_ref, layer_ref, sc_ref, sl_ref, o_ref,
+               lse_ref,
                q_smem, o_smem, lse_smem, sl_smem, k_smem, v_smem, q_bar.at[0], k_bar, v_bar,
                k_free, v_free, *quant_smem)
 
@@ -309,7 +314,7 @@ def _decode_pallas(qg, k, v, kv_lengths, last_pos, layer, *, scale: float, causa
         thread_name="wg",
         compiler_params=fa.compiler_params(cfg.semantics),
         **kwargs,
-    )(qg, k, v, kv_lengths, last_pos, layer, scales, slopes)
+    )(qg, k, v, kv_lengths, last_pos, lo, layer, scales, slopes)
 
 
 def _o_rows(G: int) -> int:
@@ -379,7 +384,7 @@ def check_supported(q, k, v, quantized: bool = False):
 def decode_attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: float,
                      return_lse: bool = False, splits: int | None = None,
                      config: DecodeConfig | None = None, interpret: bool = False,
-                     layer=None, k_scale=None, v_scale=None, sliding_window: int | None = None,
+                     layer=None, k_scale=None, v_scale=None, window: int | None = None,
                      softcap: float | None = None, alibi_slopes=None):
     """Single-token attention against the cache with the Mosaic GPU flash-decoding kernel.
 
@@ -394,7 +399,7 @@ def decode_attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: f
                  key s of head j is k[b, s, j] * k_scale[b, s, j]. Each CTA converts
                  the code tiles it streams to float tiles in shared memory and folds the
                  scales into the score and probability columns.
-    sliding_window, softcap, alibi_slopes  as in flash_attention: the query at position p
+    window, softcap, alibi_slopes  as in flash_attention: the query at position p
                  sees keys p - W < s only, and the blocks wholly before p - W + 1 are never
                  loaded; scores are soft-capped / ALiBi-biased before the mask.
     Returns out [B, 1, N, H] in q.dtype (and lse [B, 1, N] f32 if return_lse).
@@ -408,7 +413,7 @@ def decode_attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: f
             k_scale, v_scale = k_scale[None], v_scale[None]
     one = jax.ShapeDtypeStruct(k.shape[1:], k.dtype)  # the support check sees one layer
     reason = check_supported(q, one, jax.ShapeDtypeStruct(v.shape[1:], v.dtype), quant)
-    reason = reason or fa.check_mods(sliding_window, softcap, alibi_slopes, q.shape[2])
+    reason = reason or fa.check_mods(window, softcap, alibi_slopes, q.shape[2])
     if reason is None and quant and not (k_scale.shape == v_scale.shape == k.shape[:-1]):
         reason = (f"scales {k_scale.shape}, {v_scale.shape} must be the codes' shape "
                   f"{k.shape} without head_dim")
@@ -437,21 +442,24 @@ def decode_attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: f
             scales = jnp.pad(scales, ((0, 0), (0, 0), (0, 0), (0, S_pad - S)))
     cfg = dataclasses.replace(cfg, block_kv=bk)
     # a window bounds the keys any split reads: split those blocks, not the cache's
-    span = k.shape[2] if sliding_window is None else min(k.shape[2], sliding_window + bk)
+    static_w = isinstance(window, (int, np.integer))  # a traced window: the whole cache
+    span = min(k.shape[2], int(window) + bk) if static_w else k.shape[2]
     P = splits or choose_splits(B, K, span, bk, cfg.ctas_per_sm)
     R = _o_rows(G) if cfg.q_rows_only else ROWS
     qg = q.reshape(B, K, G, H)
     if R != G:  # for G a multiple of 8 (and q_rows_only) this is a free reshape
         qg = jnp.pad(qg, ((0, 0), (0, 0), (0, R - G), (0, 0)))
-    mods = fa.mods_of(sliding_window, softcap, alibi_slopes)
+    mods = fa.mods_of(window, softcap, alibi_slopes)
+    pos = q_positions.reshape(B).astype(jnp.int32)
+    lo = None if window is None else jnp.maximum(pos - (jnp.asarray(window, jnp.int32) - 1), 0)
     slopes = None
     if mods.alibi:  # [K, 64]: kv head h's query rows' slopes, zero-padded like the rows
         slopes = alibi_slopes.astype(jnp.float32).reshape(K, G) * fa.LOG2E
         slopes = jnp.pad(slopes, ((0, 0), (0, ROWS - G)))
     o, lse2 = _decode_pallas(qg, k, v, kv_lengths.astype(jnp.int32),
-                             q_positions.reshape(B).astype(jnp.int32), layer, scale=scale,
+                             pos, layer, scale=scale,
                              causal=causal, kv_len=S, o_rows=_o_rows(G), cfg=cfg, splits=P,
-                             interpret=interpret, scales=scales, window=sliding_window,
+                             interpret=interpret, scales=scales, lo=lo,
                              mods=mods, slopes=slopes)
     out, lse = combine(o, lse2, G)
     out = out.reshape(B, 1, N, H).astype(q.dtype)
@@ -462,10 +470,10 @@ def decode_attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: f
 
 def decode_attention_reference(q, k, v, q_positions, kv_lengths, *, causal: bool,
                                scale: float, return_lse: bool = False, k_scale=None,
-                               v_scale=None, sliding_window: int | None = None,
+                               v_scale=None, window: int | None = None,
                                softcap: float | None = None, alibi_slopes=None):
     """The pure-jnp twin of decode_attention (same signature, same outputs)."""
     return attention_reference(q, k, v, q_positions, kv_lengths, causal=causal, scale=scale,
                                return_lse=return_lse, k_scale=k_scale, v_scale=v_scale,
-                               sliding_window=sliding_window, softcap=softcap,
+                               window=window, softcap=softcap,
                                alibi_slopes=alibi_slopes)

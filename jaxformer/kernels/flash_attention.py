@@ -32,6 +32,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxformer.kernels.reference import attention_reference
@@ -81,13 +82,13 @@ def visible_limit(q_positions, kv_lengths, kv_len: int, causal: bool):
 
 
 def visible_range(q_positions, kv_lengths, kv_len: int, causal: bool,
-                  sliding_window: int | None):
+                  window: int | None):
     """(lo, lim) [B, T] int32: query t sees keys lo <= s <= lim (lim -1: none, and then
     lo is 0). lo is 0 without a window, else max(position - W + 1, 0)."""
     lim = visible_limit(q_positions, kv_lengths, kv_len, causal)
-    if sliding_window is None:
+    if window is None:
         return jnp.zeros_like(lim), lim
-    lo = jnp.maximum(q_positions.astype(jnp.int32) - (sliding_window - 1), 0)
+    lo = jnp.maximum(q_positions.astype(jnp.int32) - (window - 1), 0)
     sees = lo <= lim
     return jnp.where(sees, lo, 0), jnp.where(sees, lim, -1)
 
@@ -290,10 +291,9 @@ class ScoreMods:
 
 
 def score_mods(s, kv_ids, pos_rows, slope, mods: ScoreMods):
-    """Soft-cap, then ALiBi, on raw scores s [R, bk] in log2 units (before the mask).
+    """ALiBi, then soft-capping (reference.py's order), on scores s [R, bk] in log2 units.
     kv_ids [R, bk] int32 key indices; pos_rows [R] int32 query positions, or one scalar;
     slope: scalar or [R] rows, in log2 units (slope * log2 e)."""
-    s = soft_cap_log2(s, mods.softcap)
     if mods.alibi:
         R, bk = s.shape
         if jnp.ndim(pos_rows):
@@ -302,7 +302,7 @@ def score_mods(s, kv_ids, pos_rows, slope, mods: ScoreMods):
         if jnp.ndim(slope):
             slope = lax.broadcast_in_dim(slope, (R, bk), [0])
         s = s + rel.astype(jnp.float32) * slope
-    return s
+    return soft_cap_log2(s, mods.softcap)
 
 
 def _prefill_pallas(q, k, v, lim, aux, ranges, slopes, *, scale: float, cfg: PrefillConfig,
@@ -518,13 +518,17 @@ def check_supported(q, k, v):
     return None
 
 
-def check_mods(sliding_window, softcap, alibi_slopes, num_heads: int):
+def check_mods(window, softcap, alibi_slopes, num_heads: int):
     """None if the score modifiers are well formed, else the reason (names the field)."""
-    if sliding_window is not None and (isinstance(sliding_window, bool)
-                                       or not isinstance(sliding_window, int)
-                                       or sliding_window < 1):
-        return f"sliding_window must be a positive int or None, got {sliding_window!r}"
-    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
+    if window is not None:
+        if isinstance(window, (int, np.integer)) and not isinstance(window, bool):
+            if window < 1:
+                return f"window must be a positive int, got {window}"
+        elif not (hasattr(window, "dtype") and jnp.ndim(window) == 0
+                  and jnp.issubdtype(window.dtype, jnp.integer)):
+            return f"window must be a positive int or an int32 scalar, got {window!r}"
+    if softcap is not None and not (isinstance(softcap, (int, float, np.number))
+                                    and not isinstance(softcap, bool) and softcap > 0):
         return f"softcap must be a positive float or None, got {softcap!r}"
     if alibi_slopes is not None and tuple(alibi_slopes.shape) != (num_heads,):
         return (f"alibi_slopes must have shape [N] = ({num_heads},), got "
@@ -532,15 +536,15 @@ def check_mods(sliding_window, softcap, alibi_slopes, num_heads: int):
     return None
 
 
-def mods_of(sliding_window, softcap, alibi_slopes) -> ScoreMods:
-    return ScoreMods(window=sliding_window is not None,
+def mods_of(window, softcap, alibi_slopes) -> ScoreMods:
+    return ScoreMods(window=window is not None,
                      softcap=None if softcap is None else float(softcap),
                      alibi=alibi_slopes is not None)
 
 
 def flash_attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: float,
                     return_lse: bool = False, config: PrefillConfig | None = None,
-                    interpret: bool = False, sliding_window: int | None = None,
+                    interpret: bool = False, window: int | None = None,
                     softcap: float | None = None, alibi_slopes=None):
     """Masked attention with the Mosaic GPU prefill kernel.
 
@@ -548,20 +552,20 @@ def flash_attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: fl
     k, v         [B, S, K, H] same dtype, K divides N
     q_positions  [B, T] int32 absolute query positions
     kv_lengths   [B] int32 valid keys per sequence
-    sliding_window  None or W: query at position p sees keys p - W < s (<= p when causal);
+    window  None or W: query at position p sees keys p - W < s (<= p when causal);
                  kv blocks before the lowest window start of a CTA are never loaded
     softcap      None or C: scores -> C tanh(scores / C) after scaling, before the mask
     alibi_slopes None or [N] f32: scores += slopes[n] * (s - p)
     Returns out [B, T, N, H] in q.dtype and, if return_lse, lse [B, T, N] f32 (natural log).
     """
-    reason = check_supported(q, k, v) or check_mods(sliding_window, softcap, alibi_slopes,
+    reason = check_supported(q, k, v) or check_mods(window, softcap, alibi_slopes,
                                                     q.shape[2])
     if reason is not None:
         raise ValueError(f"flash_attention: unsupported {reason}")
     cfg = config or PrefillConfig()
-    mods = mods_of(sliding_window, softcap, alibi_slopes)
+    mods = mods_of(window, softcap, alibi_slopes)
     T, S = q.shape[1], k.shape[1]
-    lo, lim = visible_range(q_positions, kv_lengths, S, causal, sliding_window)
+    lo, lim = visible_range(q_positions, kv_lengths, S, causal, window)
     aux = [lo] if mods.window else []
     if mods.alibi:
         aux.append(q_positions.astype(jnp.int32))
@@ -589,9 +593,9 @@ def flash_attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: fl
 
 
 def flash_attention_reference(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: float,
-                              return_lse: bool = False, sliding_window: int | None = None,
+                              return_lse: bool = False, window: int | None = None,
                               softcap: float | None = None, alibi_slopes=None):
     """The pure-jnp twin of flash_attention (same signature, same outputs)."""
     return attention_reference(q, k, v, q_positions, kv_lengths, causal=causal, scale=scale,
-                               return_lse=return_lse, sliding_window=sliding_window,
+                               return_lse=return_lse, window=window,
                                softcap=softcap, alibi_slopes=alibi_slopes)

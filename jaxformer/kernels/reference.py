@@ -8,9 +8,10 @@ s <= q_positions[b, t], and, with a sliding window W, s > q_positions[b, t] - W 
 and the W - 1 keys before it, Mistral's / Gemma's local attention). Scores and softmax are
 float32; the output has q's dtype.
 
-Score of query t (position p) and key s, in order: q.k * scale; with softcap C,
-C * tanh(score / C) (Gemma 2); with alibi_slopes [N], + slopes[n] * (s - p) (BLOOM adds
-slopes[n] * s: the same up to a per-row constant, which softmax ignores); then the mask.
+Score of query t (position p) and key s, in order: q.k * scale; with alibi_slopes [N],
++ slopes[n] * (s - p) (BLOOM adds slopes[n] * s: the same up to a per-row constant, which
+softmax ignores); with softcap C, C * tanh(score / C) (Gemma 2); then the mask. window: a
+Python int or an int32 scalar (per layer, traced).
 """
 from __future__ import annotations
 
@@ -21,14 +22,14 @@ MASK_VALUE = -1e30  # finite, so a fully masked row (a padding query) gives no N
 
 
 def attention_mask(q_positions, kv_lengths, kv_len: int, causal: bool,
-                   sliding_window: int | None = None):
+                   window: int | None = None):
     """[B, T, S] bool: which keys each query sees."""
     s = jnp.arange(kv_len, dtype=jnp.int32)
     mask = s[None, None, :] < kv_lengths[:, None, None]
     if causal:
         mask = mask & (s[None, None, :] <= q_positions[:, :, None])
-    if sliding_window is not None:
-        mask = mask & (s[None, None, :] > q_positions[:, :, None] - sliding_window)
+    if window is not None:
+        mask = mask & (s[None, None, :] > q_positions[:, :, None] - window)
     return mask
 
 
@@ -41,7 +42,7 @@ def soft_cap(scores, softcap: float | None):
 
 def attention_reference(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: float,
                         return_lse: bool = False, k_scale=None, v_scale=None,
-                        sliding_window: int | None = None, softcap: float | None = None,
+                        window: int | None = None, softcap: float | None = None,
                         alibi_slopes=None):
     """Masked softmax attention in float32. Returns [B, T, N, H] (and lse [B, T, N]).
 
@@ -61,13 +62,13 @@ def attention_reference(q, k, v, q_positions, kv_lengths, *, causal: bool, scale
     scores = scores * jnp.float32(scale)
     if k_scale is not None:
         scores = scores * _per_key(k_scale)
-    scores = soft_cap(scores, softcap)
     if alibi_slopes is not None:  # slopes [N] -> [1, K, G, 1, 1] times (s - p) [B, 1, 1, T, S]
         rel = jnp.arange(k.shape[1], dtype=jnp.int32)[None, None, :] - q_positions[:, :, None]
         slopes = alibi_slopes.astype(jnp.float32).reshape(1, K, G, 1, 1)
         scores = scores + slopes * rel[:, None, None].astype(jnp.float32)
+    scores = soft_cap(scores, softcap)
     mask = attention_mask(q_positions, kv_lengths, k.shape[1], causal,
-                          sliding_window)  # [B, T, S]
+                          window)  # [B, T, S]
     scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
     lse = jax.nn.logsumexp(scores, axis=-1)  # [B, K, G, T]
     probs = jnp.exp(scores - lse[..., None])
