@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_kernels import _hopper, _mesh, f32_reference, poison, problem, rand, rel_err
+from test_kernels import _hopper, _mesh, poison, problem, rel_err
 
 from jaxformer.kernels import attention as attn
 from jaxformer.kernels import decode_attention as da
@@ -364,11 +364,16 @@ def test_dispatch_gpu_pallas_with_window_equals_xla(T):
     kvl = jnp.full((B,), S, jnp.int32)
     if T == 1:
         pos = (kvl - 1)[:, None]
-    kw = {"causal": True, "scale": H ** -0.5, "window": 512, "softcap": 50.0}
-    want = jax.jit(functools.partial(attn.attention, backend="xla", **kw))(q, k, v, pos, kvl)
+    kw = {"causal": True, "scale": H ** -0.5, "softcap": 50.0}
+    want = jax.jit(functools.partial(attn.attention, backend="xla", window=512, **kw))(
+        q, k, v, pos, kvl)
     for backend in ("pallas", "auto"):
-        got = jax.jit(functools.partial(attn.attention, backend=backend, **kw))(
+        got = jax.jit(functools.partial(attn.attention, backend=backend, window=512, **kw))(
             q, k, v, pos, kvl)
+        assert rel_err(got, want) < 1.5e-2, backend
+        # a traced window (a model's per-layer one): an operand of the same kernels
+        got = jax.jit(lambda q, k, v, pos, kvl, w, b=backend: attn.attention(
+            q, k, v, pos, kvl, backend=b, window=w, **kw))(q, k, v, pos, kvl, jnp.int32(512))
         assert rel_err(got, want) < 1.5e-2, backend
 
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from jaxformer.kernels.flash_attention import check_mods
+from jaxformer.kernels.masking import check_mods
 from jaxformer.kernels.reference import attention_mask, attention_reference
 
 log = logging.getLogger(__name__)

@@ -155,7 +155,7 @@ def _decode_pallas(qg, k, v, kv_lengths, last_pos, layer, *, scale: float, causa
         n_full = jnp.where(last * bk > length, n_steps - 1, n_steps)
         n_full = jnp.maximum(n_full, 0)
         if mods.window:
-            n_head = jnp.where((first * bk < lo) & (n_steps > 0), 1, 0).astype(jnp.int32)
+            n_head = jnp.where(first * bk < lo, jnp.minimum(n_steps, 1), 0)
             n_full = jnp.maximum(n_full, n_head)
         else:
             n_head = jnp.int32(0)
