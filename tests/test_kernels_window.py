@@ -135,11 +135,12 @@ def test_bad_modifiers_raise_naming_the_field(kw, match):
         fa.flash_attention(q, k, v, pos, kvl, causal=True, scale=0.1, **kw)
 
 
-def test_cudnn_refuses_the_modifiers():
+@pytest.mark.parametrize("kw", [{"window": 2}, {"softcap": 3.0},
+                                {"alibi_slopes": jnp.asarray(SLOPES[:2])}])
+def test_cudnn_refuses_the_modifiers(kw):
     q, k, v, pos, kvl = problem(1, 4, 4, 2, 2, 64, jnp.bfloat16)
-    with pytest.raises(ValueError, match="cudnn.*window"):
-        attn.attention(q, k, v, pos, kvl, causal=True, scale=0.1, backend="cudnn",
-                       window=2)
+    with pytest.raises(ValueError, match=f"cudnn.*{next(iter(kw))}"):
+        attn.attention(q, k, v, pos, kvl, causal=True, scale=0.1, backend="cudnn", **kw)
 
 
 # ---- kv block ranges (CPU) ---------------------------------------------------------------

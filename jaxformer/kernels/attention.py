@@ -231,7 +231,7 @@ def attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: float,
     static_w = int(window) if isinstance(window, (int, np.integer)) else None
     kmods = {"static_window": static_w, "softcap": softcap}
     dyn_w = None if static_w is not None else window
-    if backend == "cudnn" and (window, softcap, alibi_slopes) != (None,) * 3:
+    if backend == "cudnn" and any(x is not None for x in (window, softcap, alibi_slopes)):
         raise ValueError("attention backend 'cudnn' does not take window, softcap "
                          "or alibi_slopes; use 'auto', 'pallas' or 'xla'")
 
