@@ -3,6 +3,7 @@
     python benchmarks/attention.py [--quick] [--variants] [--json out.json]
     python benchmarks/attention.py --kv-cache int8 --batches 1,64 --ctxs 1024,4096
     python benchmarks/attention.py --paged [--page-sizes 16,32,64,128] [--kv-cache int8]
+    python benchmarks/attention.py --window 4096 [--softcap 50] [--seqs ...] [--ctxs ...]
 
 Prints the device, the versions and one table:
   prefill  causal bf16, head_dim 128, 16 heads, batch x seq = 32k tokens, seq 1k..16k:
@@ -15,6 +16,10 @@ Prints the device, the versions and one table:
            us per call per page size and the ratio contiguous time / paged time (target:
            >= 0.9); with --kv-cache, both read int8 / fp8 codes.
 Before timing, every kernel is checked against the reference at the benchmark shapes.
+--window W (and --softcap C): instead, our kernels with the sliding window (and cap) against
+the same kernels without either (full causal) and XLA with both, in ms / us, with the share
+of kv blocks the prefill CTAs stream (blocks before a window are never loaded, so at
+seq >> W the windowed prefill should approach W / (seq / 2) of the full one's time).
 Times are GPU kernel time from CUPTI (sum of the kernels of one call, launch gaps excluded),
 median of 3 windows; inputs rotate over enough copies that one call's K/V is not in L2.
 """
@@ -102,14 +107,14 @@ def rel_err(out, ref):
     return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
-def check_prefill_rows(out, q, k, v, pos, kvl, scale, rows):
+def check_prefill_rows(out, q, k, v, pos, kvl, scale, rows, **mods):
     """Relative error of out[:, rows] against the float32 reference on those rows."""
     errs = []
     for r0 in rows:
         sl = slice(r0, r0 + 128)
         ref = attention_reference(q[:, sl].astype(jnp.float32), k.astype(jnp.float32),
                                   v.astype(jnp.float32), pos[:, sl], kvl, causal=True,
-                                  scale=scale)
+                                  scale=scale, **mods)
         errs.append(rel_err(out[:, sl], ref))
     return max(errs)
 
@@ -140,7 +145,8 @@ def backend_fn(backend, scale, causal=True, **kw):
         return jax.jit(functools.partial(fa.flash_attention, causal=causal, scale=scale, **kw))
     if backend == "ours-decode":
         return jax.jit(functools.partial(da.decode_attention, causal=causal, scale=scale, **kw))
-    return jax.jit(functools.partial(attention, causal=causal, scale=scale, backend=backend))
+    return jax.jit(functools.partial(attention, causal=causal, scale=scale, backend=backend,
+                                     **kw))
 
 
 def run_prefill(seqs, tokens, N, H, log, variants=False):
@@ -389,6 +395,107 @@ def print_paged(rows, names, per_key, bw, K, mode):
             cells += f" {t:>13.1f} {c / t:>5.2f}"
         print(f"{r['batch']:>5} {r['ctx']:>6} {c:>10.1f} {gbs:>6.0f}" + cells)
 
+def streamed_blocks(pos, kvl, S, window, cfg=fa.PrefillConfig()):
+    """kv blocks the prefill CTAs stream (sum over CTAs of the union of their two tiles'
+    ranges), from the same ranges the kernel reads."""
+    T = pos.shape[1]
+    T_pad = -(-T // (2 * cfg.block_q)) * 2 * cfg.block_q
+    lo, lim = fa.visible_range(pos, kvl, S, True, window)
+    lo, lim = (jnp.pad(a, ((0, 0), (0, T_pad - T)), constant_values=c)
+               for a, c in ((lo, 0), (lim, -1)))
+    r = fa.cta_ranges(fa.tile_ranges(lo, lim, cfg.block_q, cfg.block_kv))
+    r = r.reshape(r.shape[0], -1, 2, 4)
+    return int(jnp.sum(jnp.maximum(r[..., 3].max(-1) - r[..., 0].min(-1), 0)))
+
+
+def _timed(name, f, sets, iters, check, row, log):
+    """row[name + '_ms'] = GPU ms of f over sets, after check(f) (a rel err) passes."""
+    try:
+        if check is not None:
+            err = check(f)
+            row[f"{name}_err"] = err
+            if not err < 2e-2:
+                raise AssertionError(f"{name}: rel err {err}")
+        row[f"{name}_ms"] = gpu_time_ms(f, sets, iters=iters)
+    except Exception as e:  # noqa: BLE001
+        row[f"{name}_ms"] = float("nan")
+        row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:2000]}"
+        log(f"{name}: {traceback.format_exc()[-3000:]}")
+
+
+def run_windowed(seqs, tokens, batches, ctxs, window, softcap, log):
+    """Prefill (16 heads, head_dim 128, 32k tokens) and decode (32 q / 8 kv heads): our
+    kernels with the window (and cap), without (the full causal baseline), and XLA with."""
+    mods = {"window": window, "softcap": softcap}
+    scale = 1 / math.sqrt(128)
+    pre, dec = [], []
+    for T in seqs:
+        B = max(1, tokens // T)
+        sets = [prefill_inputs(jax.random.key(500 + i), B, T, 16, 8, 128) for i in range(2)]
+        q, k, v, pos, kvl = sets[0]
+        rows = sorted({0, (T // 2) // 128 * 128, T - 128})
+
+        def check(f, mods=mods):
+            return check_prefill_rows(f(q, k, v, pos, kvl), q, k, v, pos, kvl, scale, rows,
+                                      **mods)
+        row = {"seq": T, "batch": B,
+               "blocks": streamed_blocks(pos, kvl, T, window) / streamed_blocks(
+                   pos, kvl, T, None)}
+        iters = max(4, min(50, int(2e13 // (2 * B * 16 * T * min(T, window) * 128)) + 4))
+        _timed("window", backend_fn("ours-prefill", scale, **mods), sets, iters, check, row, log)
+        _timed("full", backend_fn("ours-prefill", scale), sets, iters,
+               functools.partial(check, mods={}), row, log)
+        _timed("xla", backend_fn("xla", scale, **mods), sets, iters, None, row, log)
+        log(json.dumps(row))
+        print("prefill-window " + _brief(row), flush=True)
+        pre.append(row)
+    for B in batches:
+        for S in ctxs:
+            R = rotations(B * S * 8 * 128 * 2 * 2)
+            sets = [decode_inputs(jax.random.key(600 + i), B, S, 32, 8, 128) for i in range(R)]
+            q, k, v, pos, kvl = sets[0]
+            up = [a.astype(jnp.float32) for a in (q, k, v)]
+            ref = attention_reference(*up, pos, kvl, causal=True, scale=scale, **mods)
+            ref_full = attention_reference(*up, pos, kvl, causal=True, scale=scale)
+            row = {"batch": B, "ctx": S}
+            iters = max(R, 40 // R * R)
+            for name, f, want in [("window", backend_fn("ours-decode", scale, **mods), ref),
+                                  ("full", backend_fn("ours-decode", scale), ref_full),
+                                  ("xla", backend_fn("xla", scale, **mods), None)]:
+                check = None if want is None else (
+                    lambda f, want=want: rel_err(f(q, k, v, pos, kvl), want))
+                _timed(name, f, sets, iters, check, row, log)
+            log(json.dumps(row))
+            print("decode-window " + _brief(row), flush=True)
+            dec.append(row)
+    return pre, dec
+
+
+def print_windowed(pre, dec, window, softcap):
+    def f(x, fmt):
+        return f"{'n/a':>{len(fmt.format(0.0))}}" if x != x else fmt.format(x)
+    cap = f", softcap {softcap:g}" if softcap else ""
+    print(f"\nprefill, sliding window {window}{cap}: 16 heads (8 kv), head_dim 128, bf16, "
+          f"32k tokens per batch (ms per call)")
+    print(f"{'seq':>6} {'batch':>5} {'window':>8} {'full':>8} {'xla':>8} {'full/window':>11} "
+          f"{'xla/window':>10} {'blocks':>7}")
+    for r in pre:
+        w, fu, x = r["window_ms"], r["full_ms"], r["xla_ms"]
+        print(f"{r['seq']:>6} {r['batch']:>5} {f(w, '{:8.3f}')} {f(fu, '{:8.3f}')} "
+              f"{f(x, '{:8.3f}')} {f(fu / w, '{:10.2f}x')} {f(x / w, '{:9.2f}x')} "
+              f"{r['blocks']:>6.0%}")
+    print(f"\ndecode, sliding window {window}{cap}: 32 q / 8 kv heads, head_dim 128, bf16 "
+          f"(us per call)")
+    print(f"{'batch':>5} {'ctx':>6} {'window':>8} {'full':>8} {'xla':>8} {'full/window':>11} "
+          f"{'xla/window':>10}")
+    for r in dec:
+        w, fu, x = (r[f"{n}_ms"] * 1e3 for n in ("window", "full", "xla"))
+        print(f"{r['batch']:>5} {r['ctx']:>6} {f(w, '{:8.1f}')} {f(fu, '{:8.1f}')} "
+              f"{f(x, '{:8.1f}')} {f(fu / w, '{:10.2f}x')} {f(x / w, '{:9.2f}x')}")
+    errs = [(k, r[k]) for r in pre + dec for k in r if k.endswith("_error")]
+    if errs:
+        print(f"\n{len(errs)} failures; first: {errs[0][0]}: {errs[0][1][:800]}")
+
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
@@ -409,7 +516,13 @@ def main(argv=None):
                     help="instead: the paged decode kernel vs the contiguous one (with "
                          "--kv-cache: over int8 / fp8 codes)")
     ap.add_argument("--page-sizes", default="16,32,64,128", help="--paged page sizes")
+    ap.add_argument("--window", type=int, default=None,
+                    help="instead: our kernels with this sliding window vs without vs XLA")
+    ap.add_argument("--softcap", type=float, default=None,
+                    help="with --window: attention-logit soft-capping C")
     args = ap.parse_args(argv)
+    if args.softcap is not None and args.window is None:
+        ap.error("--softcap goes with --window")
 
     logf = open(args.log, "a") if args.log else None  # noqa: SIM115 - lives for the run
 
@@ -442,6 +555,17 @@ def main(argv=None):
             with open(args.json, "w") as fh:
                 json.dump({"header": header, "copy_gbs": bw, "decode_paged": rows}, fh,
                           indent=1)
+        return 0
+    if args.window is not None:
+        pre, dec = run_windowed(
+            ints(args.seqs) if args.seqs else [4096, 8192, 16384, 32768], args.tokens,
+            ints(args.batches), ints(args.ctxs) if args.ctxs else [4096, 16384, 32768],
+            args.window, args.softcap, log)
+        print_windowed(pre, dec, args.window, args.softcap)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({"header": header, "window": args.window, "softcap": args.softcap,
+                           "prefill": pre, "decode": dec}, fh, indent=1)
         return 0
     if args.kv_cache:
         rows = run_decode_quantized(ints(args.batches), ctxs, 32, args.kv_heads, 128, log,

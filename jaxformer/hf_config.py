@@ -141,13 +141,13 @@ def _llama(d: Mapping[str, Any], mt: str) -> ModelConfig:
                f"pretraining_tp={d.get('pretraining_tp')}")
     max_pos = d["max_position_embeddings"]
     if mt == "qwen2":
-        _refuse_if(bool(d.get("use_sliding_window")), mt, "use_sliding_window=True")
+        _refuse_if(bool(d.get("use_window")), mt, "use_window=True")
         qkv_bias, linear_bias = True, False  # Qwen2: q/k/v biases only
     else:
-        if mt == "mistral" and d.get("sliding_window"):
+        if mt == "mistral" and d.get("window"):
             # Within the window, sliding-window attention is full causal attention; longer
             # sequences are refused by the max_position_embeddings check.
-            max_pos = min(max_pos, int(d["sliding_window"]))
+            max_pos = min(max_pos, int(d["window"]))
         attention_bias = bool(d.get("attention_bias", False))
         qkv_bias = attention_bias
         # LLaMA's attention_bias also gives o_proj a bias; mlp_bias gives the MLP biases.

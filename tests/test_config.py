@@ -156,7 +156,7 @@ def test_from_hf_llama_biases_and_tying():
     assert qwen.qkv_bias and not qwen.linear_bias and qwen.kv_heads == 2
     mistral = ModelConfig.from_hf_config(transformers.MistralConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=100, sliding_window=256))
+        num_key_value_heads=2, vocab_size=100, window=256))
     assert mistral.max_position_embeddings == 256  # full attention within the window
 
 

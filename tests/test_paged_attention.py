@@ -22,7 +22,7 @@ from jaxformer.kernels import paged_attention as pa
 from jaxformer.kernels.reference import attention_reference as _contiguous
 
 # jitted: one compile per shape instead of one per jnp op (CPU time is scarce)
-_STATIC = ("causal", "scale", "return_lse", "softcap", "sliding_window")
+_STATIC = ("causal", "scale", "return_lse", "softcap", "window")
 attention_reference = jax.jit(_contiguous, static_argnames=_STATIC)
 paged_reference = jax.jit(pa.paged_attention_reference, static_argnames=_STATIC[1:])
 quantize = jax.jit(kvc.quantize, static_argnames="mode")
@@ -96,7 +96,7 @@ def test_reference_prefill_chunk_softcap_and_window():
     q1, k, v, _, kvl, kp, vp, pages = paged_problem(lengths, N, K, H, ps, M)
     q = rand((2, T, N, H))
     pos = jnp.broadcast_to(jnp.arange(20, 20 + T, dtype=jnp.int32), (2, T))
-    for kw in ({}, {"softcap": 2.0, "sliding_window": 5}):
+    for kw in ({}, {"softcap": 2.0, "window": 5}):
         out = paged_reference(q, kp[0], vp[0], pages, pos, kvl, scale=0.4, **kw)
         ref = attention_reference(q, k, v, pos, kvl, causal=True, scale=0.4, **kw)
         np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
@@ -105,7 +105,7 @@ def test_reference_prefill_chunk_softcap_and_window():
                                        / 2.0), axis=-1)
     want = jnp.einsum("ns,sh->nh", sm, v[0, 23:28, 0])
     got = paged_reference(q, kp[0], vp[0], pages, pos, kvl, scale=0.4,
-                                       softcap=2.0, sliding_window=5)
+                                       softcap=2.0, window=5)
     np.testing.assert_allclose(np.asarray(got[0, -1]), np.asarray(want), rtol=1e-5,
                                atol=1e-5)
 

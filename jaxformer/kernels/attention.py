@@ -22,11 +22,13 @@ import logging
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jaxformer import sharding
 from jaxformer.cache import read_layer
 from jaxformer.kernels import decode_attention, flash_attention, paged_attention as paged
+from jaxformer.kernels.masking import check_mods
 from jaxformer.kernels.reference import attention_mask, attention_reference
 
 log = logging.getLogger(__name__)
@@ -97,15 +99,19 @@ def cudnn_unsupported(q, k, v) -> str | None:
 # ---- implementations (per shard) -------------------------------------------------------
 # jit-wrapped so that identical calls (every layer of an unrolled model) trace to one jaxpr,
 # which jax lowers once: the Mosaic GPU kernel is built once, not once per layer.
-@functools.partial(jax.jit, static_argnames=("causal", "scale"))
-def _pallas(q, k, v, q_positions, kv_lengths, layer=None, k_scale=None, v_scale=None, *,
-            causal, scale):
+@functools.partial(jax.jit, static_argnames=("causal", "scale", "static_window", "softcap"))
+def _pallas(q, k, v, q_positions, kv_lengths, layer=None, k_scale=None, v_scale=None,
+            alibi_slopes=None, window=None, *, causal, scale, static_window=None,
+            softcap=None):
+    """window: a traced int32 scalar (per layer), or static_window: a Python int."""
+    mods = {"window": static_window if static_window is not None else window,
+            "softcap": softcap, "alibi_slopes": alibi_slopes}
     if q.shape[1] == 1:
         return decode_attention.decode_attention(q, k, v, q_positions, kv_lengths,
                                                  causal=causal, scale=scale, layer=layer,
-                                                 k_scale=k_scale, v_scale=v_scale)
+                                                 k_scale=k_scale, v_scale=v_scale, **mods)
     return flash_attention.flash_attention(q, k, v, q_positions, kv_lengths, causal=causal,
-                                           scale=scale)
+                                           scale=scale, **mods)
 
 
 def _cudnn(q, k, v, q_positions, kv_lengths, *, causal, scale):
@@ -132,15 +138,20 @@ def _cudnn(q, k, v, q_positions, kv_lengths, *, causal, scale):
 
 
 # ---- shard_map over the active mesh -----------------------------------------------------
-def _sharded(fn, q, k, v, q_positions, kv_lengths, layer=None, scales=()):
+def _sharded(fn, q, k, v, q_positions, kv_lengths, layer=None, scales=(), slopes=None,
+             window=None):
     """Run fn per shard: batch on `data`, heads on `tensor` (where the sizes divide).
 
     k, v [B, S, K, H], or [L, B, S, K, H] with `layer` (int32 scalar) naming the layer;
     scales: () or a quantized cache's (k_scale, v_scale), k's shape without H, sharded
-    with it. fn(q, k, v, q_positions, kv_lengths, layer, *scales)."""
+    with it; slopes: None or ALiBi slopes [N], sharded with the query heads; window: None
+    or a traced int32 scalar, replicated. fn(q, k, v, q_positions, kv_lengths, layer,
+    *scales), with alibi_slopes= and window= where given."""
     mesh, _ = sharding.current()
+    kw = {name: a for name, a in (("alibi_slopes", slopes), ("window", window))
+          if a is not None}
     if mesh is None:
-        return fn(q, k, v, q_positions, kv_lengths, layer, *scales)
+        return fn(q, k, v, q_positions, kv_lengths, layer, *scales, **kw)
     stacked = layer is not None
     lead = (None,) if stacked else ()
     kv_axis = 3 if stacked else 2
@@ -160,14 +171,16 @@ def _sharded(fn, q, k, v, q_positions, kv_lengths, layer=None, scales=()):
         else:
             h_ax = None
     if b_ax is None and h_ax is None:
-        return fn(q, k, v, q_positions, kv_lengths, layer, *scales)
+        return fn(q, k, v, q_positions, kv_lengths, layer, *scales, **kw)
+    n_scales = len(scales)
 
-    def body(q, k, v, q_positions, kv_lengths, layer, *scales):
+    def body(q, k, v, q_positions, kv_lengths, layer, *rest):
+        scales, kw = rest[:n_scales], dict(zip(kw_names, rest[n_scales:]))
         if pick_kv:
             kvh = (jax.lax.axis_index("tensor") * (N // tp)) // G
             k, v, *scales = (jax.lax.dynamic_slice_in_dim(a, kvh, 1, axis=kv_axis)
                              for a in (k, v, *scales))
-        return fn(q, k, v, q_positions, kv_lengths, layer, *scales)
+        return fn(q, k, v, q_positions, kv_lengths, layer, *scales, **kw)
 
     abstract = jax.sharding.get_abstract_mesh()
     manual = set(getattr(abstract, "manual_axes", ()) or ())
@@ -176,16 +189,19 @@ def _sharded(fn, q, k, v, q_positions, kv_lengths, layer=None, scales=()):
     qspec = P(b_ax, None, h_ax, None)
     kvspec = P(*lead, b_ax, None, kv_ax, None)
     scale_specs = (P(*lead, b_ax, None, kv_ax),) * len(scales)
+    kw_names, extra = tuple(kw), tuple(kw.values())
+    extra_specs = tuple(P(h_ax) if name == "alibi_slopes" else P() for name in kw_names)
     return jax.shard_map(
         body, mesh=use_mesh,
         in_specs=(qspec, kvspec, kvspec, P(b_ax, None), P(b_ax), P() if stacked else None,
-                  *scale_specs),
+                  *scale_specs, *extra_specs),
         out_specs=qspec, axis_names=names, check_vma=False,
-    )(q, k, v, q_positions, kv_lengths, layer, *scales)
+    )(q, k, v, q_positions, kv_lengths, layer, *scales, *extra)
 
 
 def attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: float,
-              backend: str = "auto", layer=None, k_scale=None, v_scale=None):
+              backend: str = "auto", layer=None, k_scale=None, v_scale=None,
+              window=None, softcap: float | None = None, alibi_slopes=None):
     """Masked attention. q [B,T,N,H], k/v [B,S,K,H], q_positions [B,T], kv_lengths [B].
 
     With `layer` (an int32 scalar), k and v are a stacked cache [L, B, S, K, H] and the call
@@ -196,11 +212,27 @@ def attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: float,
     score and probability columns; "auto" takes it where
     supported and QUANT_KERNEL_MIN_GROUP query heads share a kv head, else (and with "xla")
     XLA dots that read the codes once (reference.py). cudnn reads float caches only.
+    window W (a Python int, or an int32 scalar that may differ per layer): a query at
+    position p sees keys p - W < s only (the kernels never load the kv blocks wholly before
+    the window); softcap C: scores -> C tanh(scores / C) after
+    scaling, before the mask; alibi_slopes [N] f32: scores += slopes[n] * (s - p). xla and
+    pallas take all three; cudnn none.
     Returns [B, T, N, H] in q's dtype. An explicit backend that cannot take the call raises
     ValueError naming what is unsupported; "auto" falls back to "xla" and logs why, once.
     """
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    bad = check_mods(window, softcap, alibi_slopes, q.shape[2])
+    if bad is not None:
+        raise ValueError(f"attention: {bad}")
+    mods = {"window": window, "softcap": softcap}
+    # the kernels take a Python int window as a constant, a traced one as an operand
+    static_w = int(window) if isinstance(window, (int, np.integer)) else None
+    kmods = {"static_window": static_w, "softcap": softcap}
+    dyn_w = None if static_w is not None else window
+    if backend == "cudnn" and any(x is not None for x in (window, softcap, alibi_slopes)):
+        raise ValueError("attention backend 'cudnn' does not take window, softcap "
+                         "or alibi_slopes; use 'auto', 'pallas' or 'xla'")
 
     def one_layer(a, layer):  # what the support checks look at: one layer's shapes
         return a if layer is None else jax.ShapeDtypeStruct(a.shape[1:], a.dtype)
@@ -217,15 +249,17 @@ def attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: float,
                                  f"{reason}")
             group = q.shape[2] // k.shape[-2]
             if backend == "pallas" or (reason is None and group >= QUANT_KERNEL_MIN_GROUP):
-                def fn(q, k, v, q_positions, kv_lengths, layer, k_scale, v_scale):
+                def fn(q, k, v, q_positions, kv_lengths, layer, k_scale, v_scale,
+                       alibi_slopes=None, window=None):
                     return _pallas(q, k, v, q_positions, kv_lengths, layer, k_scale, v_scale,
-                                   causal=causal, scale=scale)
+                                   alibi_slopes, window, causal=causal, scale=scale, **kmods)
                 return _sharded(fn, q, k, v, q_positions, kv_lengths, layer,
-                                (k_scale, v_scale))
+                                (k_scale, v_scale), alibi_slopes, dyn_w)
         if layer is not None:
             k, v, k_scale, v_scale = (read_layer(a, layer) for a in (k, v, k_scale, v_scale))
         return attention_reference(q, k, v, q_positions, kv_lengths, causal=causal,
-                                   scale=scale, k_scale=k_scale, v_scale=v_scale)
+                                   scale=scale, k_scale=k_scale, v_scale=v_scale,
+                                   alibi_slopes=alibi_slopes, **mods)
 
     if backend == "auto":
         reason = pallas_unsupported(q, one_layer(k, layer), one_layer(v, layer))
@@ -235,19 +269,22 @@ def attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: float,
     if layer is not None and not (backend == "pallas" and q.shape[1] == 1):
         k, v, layer = read_layer(k, layer), read_layer(v, layer), None
     if backend == "xla":
-        return attention_reference(q, k, v, q_positions, kv_lengths, causal=causal, scale=scale)
+        return attention_reference(q, k, v, q_positions, kv_lengths, causal=causal, scale=scale,
+                                   alibi_slopes=alibi_slopes, **mods)
     check = pallas_unsupported if backend == "pallas" else cudnn_unsupported
     reason = check(q, one_layer(k, layer), one_layer(v, layer))
     if reason is not None:
         raise ValueError(f"attention backend {backend!r} does not support this call: {reason}")
 
     if backend == "pallas":
-        def fn(q, k, v, q_positions, kv_lengths, layer):
-            return _pallas(q, k, v, q_positions, kv_lengths, layer, causal=causal, scale=scale)
+        def fn(q, k, v, q_positions, kv_lengths, layer, alibi_slopes=None, window=None):
+            return _pallas(q, k, v, q_positions, kv_lengths, layer, alibi_slopes=alibi_slopes,
+                           window=window, causal=causal, scale=scale, **kmods)
     else:
         def fn(q, k, v, q_positions, kv_lengths, layer):
             return _cudnn(q, k, v, q_positions, kv_lengths, causal=causal, scale=scale)
-    return _sharded(fn, q, k, v, q_positions, kv_lengths, layer)
+    return _sharded(fn, q, k, v, q_positions, kv_lengths, layer, slopes=alibi_slopes,
+                    window=dyn_w)
 
 
 # ---- paged KV pools (kernels/paged_attention.py) ------------------------------------------

@@ -9,7 +9,9 @@ once, for all G query heads of the kv head together (the G rows, zero-padded to 
 of one wgmma, are the M dimension of QK^T and PV), and writes a normalised partial output and
 its log-sum-exp. Splitting the sequence over P CTAs lets a batch of 1 fill the GPU; a small
 XLA combine step merges the P partials. The split is over each sequence's own valid length
-(kv_lengths is ragged), so padding in the cache is never read.
+(kv_lengths is ragged), so padding in the cache is never read; with a sliding window W, the
+split is over the blocks from the window's start (position - W + 1), so the blocks before it
+are never read either. Soft-capping and ALiBi change the scores in registers.
 
 Two warpgroups: one issues TMA copies of K/V blocks into a ring of shared-memory slots, the
 other runs wgmma + a float32 online softmax.
@@ -28,6 +30,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxformer.kernels import flash_attention as fa
@@ -71,13 +74,17 @@ def choose_splits(B: int, K: int, S: int, block_kv: int, ctas_per_sm: int = 1,
 
 def _decode_pallas(qg, k, v, kv_lengths, last_pos, layer, *, scale: float, causal: bool,
                    kv_len: int, o_rows: int, cfg: DecodeConfig, splits: int,
-                   interpret: bool, scales=None):
+                   interpret: bool, scales=None, lo=None,
+                   mods: fa.ScoreMods = fa.ScoreMods(), slopes=None):
     """qg [B, K, R, H] query rows of each kv head (R = G rounded up to 8, or 64);
     k, v [L, B, S, K, H] a stacked cache (S % block_kv == 0); kv_lengths [B] int32;
     last_pos [B] int32 the query positions; layer [1] int32 the cache layer to read;
     kv_len: the unpadded cache length; o_rows: rows written back (G rounded up to 8);
     scales: None, or for a quantized cache (k, v int8 / float8 codes) the k and v scales of
-    the layer read, [2, B, K, S] float32.
+    the layer read, [2, B, K, S] float32. lo: with mods.window, [B] int32 each sequence's
+    first visible key (position - W + 1, at least 0);
+    slopes: with mods.alibi, [K, 64] f32 each kv head's query rows' ALiBi slopes (log2
+    units, zero-padded).
     Returns o [B, K, P, o_rows, H] f32 (normalised partials) and lse2 [B, K, P, 64] f32
     (log2 units).
     """
@@ -93,7 +100,7 @@ def _decode_pallas(qg, k, v, kv_lengths, last_pos, layer, *, scale: float, causa
         stages = fa.fit_stages(cfg.stages, M * H * (isz + 4) + 4 * M + 2 * bk * H * isz,
                                2 * bk * (H * csz + 4), S // bk)
     else:
-        stages = fa.fit_stages(cfg.stages, M * H * (isz + 4) + 4 * M, 2 * bk * H * isz,
+        stages = fa.fit_stages(cfg.stages, M * H * (isz + 4) + 8 * M, 2 * bk * H * isz,
                                S // bk)
     P = splits
     dtype = qg.dtype
@@ -120,9 +127,9 @@ def _decode_pallas(qg, k, v, kv_lengths, last_pos, layer, *, scale: float, causa
             cols = plgpu.load(scale_smem, (), layout=plgpu.Layout.WGMMA.reduce(0))
         return lax.broadcast_in_dim(cols, (M, bk), [1])
 
-    def kernel(q_ref, k_ref, v_ref, len_ref, pos_ref, layer_ref, sc_ref, o_ref, lse_ref,
-               q_smem, o_smem, lse_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free,
-               ks_smem=None, vs_smem=None, kt_smem=None, vt_smem=None):
+    def kernel(q_ref, k_ref, v_ref, len_ref, pos_ref, lo_ref, layer_ref, sc_ref, sl_ref, o_ref,
+               lse_ref, q_smem, o_smem, lse_smem, sl_smem, k_smem, v_smem, q_bar, k_bar, v_bar,
+               k_free, v_free, ks_smem=None, vs_smem=None, kt_smem=None, vt_smem=None):
         p = lax.axis_index("split")
         h = lax.axis_index("kvh")
         b = lax.axis_index("batch")
@@ -133,14 +140,25 @@ def _decode_pallas(qg, k, v, kv_lengths, last_pos, layer, *, scale: float, causa
         if causal:
             length = jnp.minimum(length, pos_ref[b] + 1)
         length = jnp.maximum(length, 0)
-        n_blocks = lax.div(length + (bk - 1), jnp.int32(bk))
+        end_block = lax.div(length + (bk - 1), jnp.int32(bk))
+        # With a window, keys before lo = position - W + 1 are invisible: the blocks wholly
+        # before it are never loaded (the splits share [lo // bk, end_block) only).
+        lo = lo_ref[b] if mods.window else jnp.int32(0)
+        start_block = jnp.minimum(lax.div(lo, jnp.int32(bk)), end_block)
+        n_blocks = end_block - start_block
         per = lax.div(n_blocks + (P - 1), jnp.int32(P))
-        first = jnp.minimum(p * per, n_blocks)
-        last = jnp.minimum(first + per, n_blocks)
+        first = start_block + jnp.minimum(p * per, n_blocks)
+        last = jnp.minimum(first + per, end_block)
         n_steps = last - first
-        # Only the sequence's final block can hold keys past its length.
+        # Only the sequence's final block can hold keys past its length, and only the window's
+        # first block keys before lo: steps [0, n_head) and [n_full, n_steps) are masked.
         n_full = jnp.where(last * bk > length, n_steps - 1, n_steps)
         n_full = jnp.maximum(n_full, 0)
+        if mods.window:
+            n_head = jnp.where(first * bk < lo, jnp.minimum(n_steps, 1), 0)
+            n_full = jnp.maximum(n_full, n_head)
+        else:
+            n_head = jnp.int32(0)
 
         @pl.when(wg == 0)
         def _compute():
@@ -148,7 +166,10 @@ def _decode_pallas(qg, k, v, kv_lengths, last_pos, layer, *, scale: float, causa
                 plgpu.set_max_registers(232, action="increase")
             dst = q_smem if R == M else q_smem.at[pl.ds(0, R)]
             plgpu.copy_gmem_to_smem(q_ref.at[b, h], dst, q_bar)
+            if mods.alibi:  # q_bar expects two arrivals then
+                plgpu.copy_gmem_to_smem(sl_ref.at[h], sl_smem, q_bar)
             plgpu.barrier_wait(q_bar)
+            slope_rows = fa._load_rows(sl_smem, interpret) if mods.alibi else None
             m_i = fa._row_layout(jnp.full((M,), -jnp.inf, jnp.float32), interpret)
             l_i = fa._row_layout(jnp.full((M,), 0.0, jnp.float32), interpret)
             acc = fa._tile_layout(jnp.full((M, H), 0.0, jnp.float32), interpret)
@@ -172,9 +193,15 @@ def _decode_pallas(qg, k, v, kv_lengths, last_pos, layer, *, scale: float, causa
                     s = fa._qk(q_smem, k_smem.at[slot], (M, bk), interpret)
                     plgpu.barrier_arrive(k_free.at[slot])
                     s = s * qk_scale
-                if masked:
+                if masked or mods.alibi:
                     kv_ids = fa._col_iota((M, bk), interpret) + (first + i) * bk
+                if mods.softcap is not None or mods.alibi:
+                    s = fa.score_mods(s, kv_ids if mods.alibi else None, pos_ref[b],
+                                      slope_rows, mods)
+                if masked:
                     s = jnp.where(kv_ids < length, s, fa._MASK)
+                    if mods.window:
+                        s = jnp.where(kv_ids >= lo, s, fa._MASK)
                 m_new = jnp.maximum(m_i, s.max(axis=1))
                 alpha = jnp.exp2(m_i - m_new)
                 pr = jnp.exp2(s - lax.broadcast_in_dim(m_new, (M, bk), [0]))
@@ -198,8 +225,9 @@ def _decode_pallas(qg, k, v, kv_lengths, last_pos, layer, *, scale: float, causa
                     plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_new, l_i
 
-            carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False),
+            carry = lax.fori_loop(0, n_head, functools.partial(step, masked=True),
                                   (acc, m_i, l_i))
+            carry = lax.fori_loop(n_head, n_full, functools.partial(step, masked=False), carry)
             acc, m_i, l_i = lax.fori_loop(n_full, n_steps, functools.partial(step, masked=True),
                                           carry)
             l_safe = jnp.where(l_i == 0.0, 1.0, l_i)
@@ -242,9 +270,10 @@ def _decode_pallas(qg, k, v, kv_lengths, last_pos, layer, *, scale: float, causa
         plgpu.SMEM((M, H), dtype, transforms=tiled),           # q rows
         plgpu.SMEM((M, H), jnp.float32),                       # normalised partial out
         plgpu.SMEM((M,), jnp.float32),                         # partial lse
+        plgpu.SMEM((M,), jnp.float32) if mods.alibi else None,  # ALiBi slope rows
         plgpu.SMEM((stages, bk, H), ring_dtype, transforms=ring_tiled),  # K ring
         plgpu.SMEM((stages, bk, H), ring_dtype, transforms=ring_tiled),  # V ring
-        plgpu.Barrier(num_barriers=1),
+        plgpu.Barrier(num_arrivals=2 if mods.alibi else 1, num_barriers=1),
         plgpu.Barrier(num_arrivals=arrivals, num_barriers=stages),
         plgpu.Barrier(num_arrivals=arrivals, num_barriers=stages),
         plgpu.Barrier(num_barriers=stages),
@@ -261,11 +290,18 @@ def _decode_pallas(qg, k, v, kv_lengths, last_pos, layer, *, scale: float, causa
         scales = jnp.zeros((2, 1, 1, 1), jnp.float32)
     kwargs = {"interpret": fa.interpret_params()} if interpret else {}
 
-    def entry(q_ref, k_ref, v_ref, len_ref, pos_ref, layer_ref, sc_ref, o_ref, lse_ref, q_smem,
-              o_smem, lse_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free, *quant_smem):
-        kernel(q_ref, k_ref, v_ref, len_ref, pos_ref, layer_ref, sc_ref, o_ref, lse_ref, q_smem,
-               o_smem, lse_smem, k_smem, v_smem, q_bar.at[0], k_bar, v_bar, k_free, v_free,
-               *quant_smem)
+    if not mods.alibi:  # placeholder operands, never read
+        slopes = jnp.zeros((1, M), jnp.float32)
+    if not mods.window:
+        lo = jnp.zeros((1,), jnp.int32)
+
+    def entry(q_ref, k_ref, v_ref, len_ref, pos_ref, lo_ref, layer_ref, sc_ref, sl_ref, o_ref,
+              lse_ref, q_smem, o_smem, lse_smem, sl_smem, k_smem, v_smem, q_bar, k_bar, v_bar,
+              k_free, v_free, *quant_smem):
+        kernel(q_ref, k_ref, v_ref, len_ref, pos_ref, lo_ref, layer_ref, sc_ref, sl_ref, o_ref,
+               lse_ref,
+               q_smem, o_smem, lse_smem, sl_smem, k_smem, v_smem, q_bar.at[0], k_bar, v_bar,
+               k_free, v_free, *quant_smem)
 
     return plgpu.kernel(
         entry,
@@ -278,7 +314,7 @@ def _decode_pallas(qg, k, v, kv_lengths, last_pos, layer, *, scale: float, causa
         thread_name="wg",
         compiler_params=fa.compiler_params(cfg.semantics),
         **kwargs,
-    )(qg, k, v, kv_lengths, last_pos, layer, scales)
+    )(qg, k, v, kv_lengths, last_pos, lo, layer, scales, slopes)
 
 
 def _o_rows(G: int) -> int:
@@ -348,7 +384,8 @@ def check_supported(q, k, v, quantized: bool = False):
 def decode_attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: float,
                      return_lse: bool = False, splits: int | None = None,
                      config: DecodeConfig | None = None, interpret: bool = False,
-                     layer=None, k_scale=None, v_scale=None):
+                     layer=None, k_scale=None, v_scale=None, window: int | None = None,
+                     softcap: float | None = None, alibi_slopes=None):
     """Single-token attention against the cache with the Mosaic GPU flash-decoding kernel.
 
     q            [B, 1, N, H] bf16 or f16
@@ -362,6 +399,9 @@ def decode_attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: f
                  key s of head j is k[b, s, j] * k_scale[b, s, j]. Each CTA converts
                  the code tiles it streams to float tiles in shared memory and folds the
                  scales into the score and probability columns.
+    window, softcap, alibi_slopes  as in flash_attention: the query at position p
+                 sees keys p - W < s only, and the blocks wholly before p - W + 1 are never
+                 loaded; scores are soft-capped / ALiBi-biased before the mask.
     Returns out [B, 1, N, H] in q.dtype (and lse [B, 1, N] f32 if return_lse).
     """
     quant = k_scale is not None
@@ -373,6 +413,7 @@ def decode_attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: f
             k_scale, v_scale = k_scale[None], v_scale[None]
     one = jax.ShapeDtypeStruct(k.shape[1:], k.dtype)  # the support check sees one layer
     reason = check_supported(q, one, jax.ShapeDtypeStruct(v.shape[1:], v.dtype), quant)
+    reason = reason or fa.check_mods(window, softcap, alibi_slopes, q.shape[2])
     if reason is None and quant and not (k_scale.shape == v_scale.shape == k.shape[:-1]):
         reason = (f"scales {k_scale.shape}, {v_scale.shape} must be the codes' shape "
                   f"{k.shape} without head_dim")
@@ -400,15 +441,26 @@ def decode_attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: f
         if quant:
             scales = jnp.pad(scales, ((0, 0), (0, 0), (0, 0), (0, S_pad - S)))
     cfg = dataclasses.replace(cfg, block_kv=bk)
-    P = splits or choose_splits(B, K, k.shape[2], bk, cfg.ctas_per_sm)
+    # a window bounds the keys any split reads: split those blocks, not the cache's
+    static_w = isinstance(window, (int, np.integer))  # a traced window: the whole cache
+    span = min(k.shape[2], int(window) + bk) if static_w else k.shape[2]
+    P = splits or choose_splits(B, K, span, bk, cfg.ctas_per_sm)
     R = _o_rows(G) if cfg.q_rows_only else ROWS
     qg = q.reshape(B, K, G, H)
     if R != G:  # for G a multiple of 8 (and q_rows_only) this is a free reshape
         qg = jnp.pad(qg, ((0, 0), (0, 0), (0, R - G), (0, 0)))
+    mods = fa.mods_of(window, softcap, alibi_slopes)
+    pos = q_positions.reshape(B).astype(jnp.int32)
+    lo = None if window is None else jnp.maximum(pos - (jnp.asarray(window, jnp.int32) - 1), 0)
+    slopes = None
+    if mods.alibi:  # [K, 64]: kv head h's query rows' slopes, zero-padded like the rows
+        slopes = alibi_slopes.astype(jnp.float32).reshape(K, G) * fa.LOG2E
+        slopes = jnp.pad(slopes, ((0, 0), (0, ROWS - G)))
     o, lse2 = _decode_pallas(qg, k, v, kv_lengths.astype(jnp.int32),
-                             q_positions.reshape(B).astype(jnp.int32), layer, scale=scale,
+                             pos, layer, scale=scale,
                              causal=causal, kv_len=S, o_rows=_o_rows(G), cfg=cfg, splits=P,
-                             interpret=interpret, scales=scales)
+                             interpret=interpret, scales=scales, lo=lo,
+                             mods=mods, slopes=slopes)
     out, lse = combine(o, lse2, G)
     out = out.reshape(B, 1, N, H).astype(q.dtype)
     if return_lse:
@@ -418,7 +470,10 @@ def decode_attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: f
 
 def decode_attention_reference(q, k, v, q_positions, kv_lengths, *, causal: bool,
                                scale: float, return_lse: bool = False, k_scale=None,
-                               v_scale=None):
+                               v_scale=None, window: int | None = None,
+                               softcap: float | None = None, alibi_slopes=None):
     """The pure-jnp twin of decode_attention (same signature, same outputs)."""
     return attention_reference(q, k, v, q_positions, kv_lengths, causal=causal, scale=scale,
-                               return_lse=return_lse, k_scale=k_scale, v_scale=v_scale)
+                               return_lse=return_lse, k_scale=k_scale, v_scale=v_scale,
+                               window=window, softcap=softcap,
+                               alibi_slopes=alibi_slopes)

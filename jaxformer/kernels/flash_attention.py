@@ -2,7 +2,9 @@
 
 Legend: B batch, T query length, S key length, N query heads, K kv heads (K | N, G = N // K),
 H head dim. Query head n reads kv head n // G. Key s is visible to query t of sequence b iff
-s < kv_lengths[b] and (not causal or s <= q_positions[b, t]) -- the contract of reference.py.
+s < kv_lengths[b] and (not causal or s <= q_positions[b, t]) and, with a sliding window W,
+s > q_positions[b, t] - W; scores are soft-capped (C tanh(x / C)) before the mask when asked
+-- the contract of reference.py.
 
 Structure (FlashAttention-3 style): one CTA per (head, 128 query rows, batch). Three
 warpgroups: two compute warpgroups own 64 query rows each, the third only issues TMA copies
@@ -11,10 +13,13 @@ matrix instructions (wgmma; P stays in registers), the softmax is float32 in reg
 schedule barrier makes the two compute warpgroups alternate between matmul and softmax.
 
 The mask is data, not shape: outside the kernel, every query row gets `lim` = the last key
-it may see (min(kv_len - 1, position) when causal, kv_len - 1 otherwise; -1 = sees none),
-and every 64-row tile gets `steps` (kv blocks to visit) and `full` (leading blocks that need
-no mask). So padding, causality and arbitrary positions cost nothing on unmasked blocks,
-and blocks past the last visible key are never loaded.
+it may see (min(kv_len - 1, position) when causal, kv_len - 1 otherwise; -1 = sees none)
+and `lo` = the first (position - W + 1 with a window, else 0), and every 64-row tile gets
+the kv block range [first, steps) it visits, of which [mid, full) needs no mask. So padding,
+causality, windows and arbitrary positions cost nothing on unmasked blocks, and blocks past
+the last visible key or before the lowest row's window start are never loaded: a CTA's
+producer streams the union of its two tiles' ranges, and a warpgroup releases the blocks
+outside its own range unread, in lockstep with the other.
 
 Rows that see no key at all (kv_len 0, or a position < 0) output 0 and lse -inf; the
 reference gives the mean of V there. Such rows are padding by definition.
@@ -29,9 +34,21 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxformer.kernels.masking import (  # noqa: F401  (re-exported: the kernels' API)
+    LOG2E,
+    ScoreMods,
+    check_mods,
+    cta_ranges,
+    mods_of,
+    score_mods,
+    soft_cap_log2,
+    tile_bounds,
+    tile_ranges,
+    visible_limit,
+    visible_range,
+)
 from jaxformer.kernels.reference import attention_reference
 
-LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 _MASK = -1e30  # finite: a row whose whole block is masked gives 0 weight, never NaN
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -64,24 +81,6 @@ def compiler_params(semantics: str):
     sem = {"lane": plgpu.LoweringSemantics.Lane,
            "warpgroup": plgpu.LoweringSemantics.Warpgroup}[semantics]
     return plgpu.CompilerParams(approx_math=True, lowering_semantics=sem)
-
-
-# ---- masks as data ---------------------------------------------------------------------
-def visible_limit(q_positions, kv_lengths, kv_len: int, causal: bool):
-    """[B, T] int32: the last key index each query may see (-1: none)."""
-    last = jnp.minimum(kv_lengths.astype(jnp.int32), kv_len)[:, None] - 1
-    lim = jnp.minimum(q_positions.astype(jnp.int32), last) if causal else \
-        jnp.broadcast_to(last, q_positions.shape)
-    return jnp.maximum(lim, -1)
-
-
-def tile_bounds(lim, block_q: int, block_kv: int):
-    """Per query tile: (steps, full) int32 [B, T // block_q] from lim [B, T]."""
-    B, T = lim.shape
-    tiles = lim.reshape(B, T // block_q, block_q)
-    steps = (tiles.max(-1) + block_kv) // block_kv     # cdiv(max + 1, block_kv)
-    full = (tiles.min(-1) + 1) // block_kv
-    return steps.astype(jnp.int32), jnp.minimum(full, steps).astype(jnp.int32)
 
 
 SMEM_BYTES = 227 * 1024  # per-block dynamic shared memory on Hopper
@@ -193,8 +192,9 @@ def _load_rows(smem, interpret):
     return plgpu.load(smem, (), layout=plgpu.Layout.WGMMA.reduce(1))
 
 
-def softmax_step(s, carry, lim_rows, kv_start, masked: bool, interpret: bool):
+def softmax_step(s, carry, lim_rows, kv_start, masked: bool, interpret: bool, lo_rows=None):
     """One online-softmax update. s: [bq, bk] f32 scores already in log2 units.
+    Masked: keys kv_start + j outside [lo_rows, lim_rows] (per row; lo None: 0) get _MASK.
 
     Returns (p, alpha, m_new, l_new); acc must be scaled by alpha before adding p @ V.
     """
@@ -203,6 +203,8 @@ def softmax_step(s, carry, lim_rows, kv_start, masked: bool, interpret: bool):
     if masked:
         kv_ids = _col_iota((bq, bk), interpret) + kv_start
         s = jnp.where(kv_ids <= lax.broadcast_in_dim(lim_rows, (bq, bk), [0]), s, _MASK)
+        if lo_rows is not None:
+            s = jnp.where(kv_ids >= lax.broadcast_in_dim(lo_rows, (bq, bk), [0]), s, _MASK)
     m_new = jnp.maximum(m_i, s.max(axis=1))
     alpha = jnp.exp2(m_i - m_new)
     p = jnp.exp2(s - lax.broadcast_in_dim(m_new, (bq, bk), [0]))
@@ -211,25 +213,28 @@ def softmax_step(s, carry, lim_rows, kv_start, masked: bool, interpret: bool):
 
 
 # ---- the kernel ------------------------------------------------------------------------
-def _prefill_pallas(q, k, v, lim, steps, full, *, scale: float, cfg: PrefillConfig,
-                    return_lse: bool, interpret: bool):
+def _prefill_pallas(q, k, v, lim, aux, ranges, slopes, *, scale: float, cfg: PrefillConfig,
+                    mods: ScoreMods, return_lse: bool, interpret: bool):
     """q [B, T, N, H] (T % (2 block_q) == 0); k, v [B, S, K, H] (S % block_kv == 0);
-    lim [B, T] int32; steps, full [B, T // block_q] int32.
+    lim [B, T] int32; aux [B, mods.aux_rows, T] int32 (lo, then positions); ranges
+    [B, T // block_q, 4] int32 (cta_ranges(tile_ranges(...))); slopes [N] f32 (log2 units).
     Returns out [B, T, N, H] in q.dtype and, if return_lse, lse2 [B, N, T] f32 (log2 units).
     """
     pl, plgpu = _plgpu()
     B, T, N, H = q.shape
     _, S, K, _ = k.shape
     G = N // K
+    A = mods.aux_rows
     bq, bk = cfg.block_q, cfg.block_kv
     isz = jnp.dtype(q.dtype).itemsize
-    stages = fit_stages(cfg.stages, 2 * bq * H * isz + 2 * bq * 8, 2 * bk * H * isz, S // bk)
+    stages = fit_stages(cfg.stages, 2 * bq * H * isz + 2 * bq * (8 + 4 * A), 2 * bk * H * isz,
+                        S // bk)
     n_ctas_q = T // (2 * bq)
     dtype = q.dtype
     qk_scale = float(scale) * LOG2E
 
-    def kernel(q_ref, k_ref, v_ref, lim_ref, steps_ref, full_ref, out_ref, lse_ref,
-               q_smem2, lim_smem2, lse_smem2, k_smem, v_smem,
+    def kernel(q_ref, k_ref, v_ref, lim_ref, aux_ref, rng_ref, slope_ref, out_ref, lse_ref,
+               q_smem2, lim_smem2, lo_smem2, pos_smem2, lse_smem2, k_smem, v_smem,
                q_bar, lim_bar, k_bar, v_bar, k_free, v_free, sched):
         b = lax.axis_index("batch")
         n = lax.axis_index("heads")
@@ -238,7 +243,12 @@ def _prefill_pallas(q, k, v, lim, steps, full, *, scale: float, cfg: PrefillConf
             ci = (n_ctas_q - 1) - ci
         wg = lax.axis_index("wg")
         t0 = 2 * ci
-        cta_steps = jnp.maximum(steps_ref[b, t0], steps_ref[b, t0 + 1])
+        # The CTA streams kv blocks [cta_first, cta_steps): the union of its tiles' ranges.
+        cta_first = jnp.minimum(rng_ref[b, t0, 0], rng_ref[b, t0 + 1, 0])
+        cta_steps = jnp.maximum(rng_ref[b, t0, 3], rng_ref[b, t0 + 1, 3])
+
+        def slot_of(i):
+            return lax.rem(i - cta_first, jnp.int32(stages))
 
         def sched_sync():
             plgpu.barrier_arrive(sched)
@@ -250,33 +260,59 @@ def _prefill_pallas(q, k, v, lim, steps, full, *, scale: float, cfg: PrefillConf
                 plgpu.set_max_registers(232, action="increase")
             tile = t0 + wg
             q0 = tile * bq
-            n_steps = steps_ref[b, tile]
-            n_full = full_ref[b, tile]
+            first, mid, n_full, n_steps = (rng_ref[b, tile, j] for j in range(4))
             q_smem = q_smem2.at[wg]
             lim_smem = lim_smem2.at[wg]
             plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q0, bq), n], q_smem, q_bar.at[wg])
             plgpu.copy_gmem_to_smem(lim_ref.at[b, pl.ds(q0, bq)], lim_smem, lim_bar.at[wg])
+            # lo rides on lim's barrier, positions on q's: each then expects two arrivals
+            aux_smem = [a.at[wg] for a in (lo_smem2, pos_smem2) if a is not None]
+            aux_bar = ([lim_bar] if mods.window else []) + ([q_bar] if mods.alibi else [])
+            for j in range(A):
+                plgpu.copy_gmem_to_smem(aux_ref.at[b, j, pl.ds(q0, bq)], aux_smem[j],
+                                        aux_bar[j].at[wg])
             plgpu.barrier_wait(q_bar.at[wg])
             plgpu.barrier_wait(lim_bar.at[wg])
             lim_rows = _load_rows(lim_smem, interpret)
+            lo_rows = _load_rows(aux_smem[0], interpret) if mods.window else None
+            pos_rows = _load_rows(aux_smem[-1], interpret) if mods.alibi else None
+            slope = slope_ref[n] if mods.alibi else None
 
             m_i = _row_layout(jnp.full((bq,), -jnp.inf, jnp.float32), interpret)
             l_i = _row_layout(jnp.full((bq,), 0.0, jnp.float32), interpret)
             acc = _tile_layout(jnp.full((bq, H), 0.0, jnp.float32), interpret)
 
-            @pl.when(n_steps > 0)
+            def skip(i):
+                """Release block i unread (outside this tile's range), in lockstep with the
+                other warpgroup. Waiting before releasing keeps every barrier phase observed
+                exactly once."""
+                slot = slot_of(i)
+                plgpu.barrier_wait(k_bar.at[slot])
+                plgpu.barrier_wait(v_bar.at[slot])
+                plgpu.barrier_arrive(k_free.at[slot])
+                plgpu.barrier_arrive(v_free.at[slot])
+                sched_sync()
+                sched_sync()
+
+            pl.loop(cta_first, first)(skip)
+
+            @pl.when(n_steps > first)
             def _():
-                plgpu.barrier_wait(k_bar.at[0])
+                plgpu.barrier_wait(k_bar.at[slot_of(first)])
 
             pl.when(wg == 1)(sched_sync)
 
             def step(i, carry, masked):
                 acc, m_i, l_i = carry
-                slot = lax.rem(i, jnp.int32(stages))
+                slot = slot_of(i)
                 s = _qk(q_smem, k_smem.at[slot], (bq, bk), interpret, after_issue=sched_sync)
                 plgpu.barrier_arrive(k_free.at[slot])
-                p, alpha, m_i, l_i = softmax_step(s * qk_scale, (m_i, l_i), lim_rows, i * bk,
-                                                  masked, interpret)
+                s = s * qk_scale
+                if mods.softcap is not None or mods.alibi:
+                    kv_ids = _col_iota((bq, bk), interpret) + i * bk if mods.alibi else None
+                    s = score_mods(s, kv_ids, pos_rows, slope, mods)
+                p, alpha, m_i, l_i = softmax_step(s, (m_i, l_i), lim_rows, i * bk, masked,
+                                                  interpret, lo_rows)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                 p16 = p.astype(dtype)
                 if not interpret:
@@ -290,27 +326,18 @@ def _prefill_pallas(q, k, v, lim, steps, full, *, scale: float, cfg: PrefillConf
 
                     @pl.when(nxt < n_steps)
                     def _():
-                        plgpu.barrier_wait(k_bar.at[lax.rem(nxt, jnp.int32(stages))])
+                        plgpu.barrier_wait(k_bar.at[slot_of(nxt)])
                 acc = _pv(acc, p16, v_smem.at[slot], interpret, after_issue=wait_next_k)
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_i, l_i
 
+            # [first, mid) and [full, steps) hold keys some row may not see; [mid, full) none.
             carry = (acc, m_i, l_i)
-            carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
+            carry = lax.fori_loop(first, mid, functools.partial(step, masked=True), carry)
+            carry = lax.fori_loop(mid, n_full, functools.partial(step, masked=False), carry)
             acc, m_i, l_i = lax.fori_loop(n_full, n_steps, functools.partial(step, masked=True),
                                           carry)
-
-            # Release the slots the other warpgroup still needs, in lockstep with it.
-            # Waiting before releasing keeps every barrier phase observed exactly once.
-            @pl.loop(n_steps, cta_steps)
-            def _drain(i):
-                slot = lax.rem(i, jnp.int32(stages))
-                plgpu.barrier_wait(k_bar.at[slot])
-                plgpu.barrier_wait(v_bar.at[slot])
-                plgpu.barrier_arrive(k_free.at[slot])
-                plgpu.barrier_arrive(v_free.at[slot])
-                sched_sync()
-                sched_sync()
+            pl.loop(n_steps, cta_steps)(skip)
 
             pl.when(wg == 0)(sched_sync)
 
@@ -332,25 +359,28 @@ def _prefill_pallas(q, k, v, lim, steps, full, *, scale: float, cfg: PrefillConf
                 plgpu.set_max_registers(40, action="decrease")
             kvh = lax.div(n, jnp.int32(G))
 
-            def issue_k(i, slot):
-                plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(i * bk, bk), kvh], k_smem.at[slot],
-                                        k_bar.at[slot])
+            def issue_k(j, slot):
+                keys = pl.ds((cta_first + j) * bk, bk)
+                plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kvh], k_smem.at[slot], k_bar.at[slot])
 
-            def issue_v(i, slot):
-                plgpu.copy_gmem_to_smem(v_ref.at[b, pl.ds(i * bk, bk), kvh], v_smem.at[slot],
-                                        v_bar.at[slot])
+            def issue_v(j, slot):
+                keys = pl.ds((cta_first + j) * bk, bk)
+                plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kvh], v_smem.at[slot], v_bar.at[slot])
 
-            ring_producer(cta_steps, stages, [(issue_k, k_free), (issue_v, v_free)])
+            ring_producer(cta_steps - cta_first, stages,
+                          [(issue_k, k_free), (issue_v, v_free)])
 
     tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     scratch = [
         plgpu.SMEM((2, bq, H), dtype, transforms=tiled),            # q, then out
         plgpu.SMEM((2, bq), jnp.int32),                             # lim rows
+        plgpu.SMEM((2, bq), jnp.int32) if mods.window else None,    # window start rows
+        plgpu.SMEM((2, bq), jnp.int32) if mods.alibi else None,     # position rows
         plgpu.SMEM((2, bq), jnp.float32) if return_lse else None,   # lse rows
         plgpu.SMEM((stages, bk, H), dtype, transforms=tiled),       # K ring
         plgpu.SMEM((stages, bk, H), dtype, transforms=tiled),       # V ring
-        plgpu.Barrier(num_barriers=2),                              # q loaded
-        plgpu.Barrier(num_barriers=2),                              # lim loaded
+        plgpu.Barrier(num_arrivals=1 + mods.alibi, num_barriers=2),   # q (positions) loaded
+        plgpu.Barrier(num_arrivals=1 + mods.window, num_barriers=2),  # lim (lo) loaded
         plgpu.Barrier(num_barriers=stages),                         # K slot loaded
         plgpu.Barrier(num_barriers=stages),                         # V slot loaded
         plgpu.Barrier(num_arrivals=2, num_barriers=stages),         # K slot free
@@ -372,7 +402,7 @@ def _prefill_pallas(q, k, v, lim, steps, full, *, scale: float, cfg: PrefillConf
         thread_name="wg",
         compiler_params=compiler_params(cfg.semantics),
         **kwargs,
-    )(q, k, v, lim, steps, full)
+    )(q, k, v, lim, aux, ranges, slopes)
     return out, lse
 
 
@@ -398,32 +428,48 @@ def check_supported(q, k, v):
 
 def flash_attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: float,
                     return_lse: bool = False, config: PrefillConfig | None = None,
-                    interpret: bool = False):
+                    interpret: bool = False, window: int | None = None,
+                    softcap: float | None = None, alibi_slopes=None):
     """Masked attention with the Mosaic GPU prefill kernel.
 
     q            [B, T, N, H] bf16 or f16
     k, v         [B, S, K, H] same dtype, K divides N
     q_positions  [B, T] int32 absolute query positions
     kv_lengths   [B] int32 valid keys per sequence
+    window  None or W: query at position p sees keys p - W < s (<= p when causal);
+                 kv blocks before the lowest window start of a CTA are never loaded
+    softcap      None or C: scores -> C tanh(scores / C) after scaling, before the mask
+    alibi_slopes None or [N] f32: scores += slopes[n] * (s - p)
     Returns out [B, T, N, H] in q.dtype and, if return_lse, lse [B, T, N] f32 (natural log).
     """
-    reason = check_supported(q, k, v)
+    reason = check_supported(q, k, v) or check_mods(window, softcap, alibi_slopes,
+                                                    q.shape[2])
     if reason is not None:
         raise ValueError(f"flash_attention: unsupported {reason}")
     cfg = config or PrefillConfig()
+    mods = mods_of(window, softcap, alibi_slopes)
     T, S = q.shape[1], k.shape[1]
-    lim = visible_limit(q_positions, kv_lengths, S, causal)
+    lo, lim = visible_range(q_positions, kv_lengths, S, causal, window)
+    aux = [lo] if mods.window else []
+    if mods.alibi:
+        aux.append(q_positions.astype(jnp.int32))
     T_pad = _round_up(T, 2 * cfg.block_q)
     S_pad = _round_up(S, cfg.block_kv)
     if T_pad != T:
         q = jnp.pad(q, ((0, 0), (0, T_pad - T), (0, 0), (0, 0)))
         lim = jnp.pad(lim, ((0, 0), (0, T_pad - T)), constant_values=-1)
+        lo = jnp.pad(lo, ((0, 0), (0, T_pad - T)))
+        aux = [jnp.pad(a, ((0, 0), (0, T_pad - T))) for a in aux]
     if S_pad != S:
         k = jnp.pad(k, ((0, 0), (0, S_pad - S), (0, 0), (0, 0)))
         v = jnp.pad(v, ((0, 0), (0, S_pad - S), (0, 0), (0, 0)))
-    steps, full = tile_bounds(lim, cfg.block_q, cfg.block_kv)
-    out, lse2 = _prefill_pallas(q, k, v, lim, steps, full, scale=scale, cfg=cfg,
-                                return_lse=return_lse, interpret=interpret)
+    ranges = cta_ranges(tile_ranges(lo, lim, cfg.block_q, cfg.block_kv))
+    # placeholders for operands a kernel without those modifiers never reads
+    aux = jnp.stack(aux, 1) if aux else jnp.zeros((1, 1, 1), jnp.int32)
+    slopes = (alibi_slopes.astype(jnp.float32) * LOG2E if mods.alibi
+              else jnp.zeros((1,), jnp.float32))
+    out, lse2 = _prefill_pallas(q, k, v, lim, aux, ranges, slopes, scale=scale, cfg=cfg,
+                                mods=mods, return_lse=return_lse, interpret=interpret)
     out = out[:, :T]
     if return_lse:
         return out, (lse2[:, :, :T] * LN2).transpose(0, 2, 1)
@@ -431,7 +477,9 @@ def flash_attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: fl
 
 
 def flash_attention_reference(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: float,
-                              return_lse: bool = False):
+                              return_lse: bool = False, window: int | None = None,
+                              softcap: float | None = None, alibi_slopes=None):
     """The pure-jnp twin of flash_attention (same signature, same outputs)."""
     return attention_reference(q, k, v, q_positions, kv_lengths, causal=causal, scale=scale,
-                               return_lse=return_lse)
+                               return_lse=return_lse, window=window,
+                               softcap=softcap, alibi_slopes=alibi_slopes)

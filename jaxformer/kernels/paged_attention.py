@@ -103,7 +103,7 @@ def gather_pages(pool, pages, layer):
 
 def paged_attention_reference(q, k_pool, v_pool, pages, q_positions, kv_lengths, *,
                               scale: float, layer=None, k_scale=None, v_scale=None,
-                              softcap: float | None = None, sliding_window: int | None = None,
+                              softcap: float | None = None, window: int | None = None,
                               return_lse: bool = False):
     """Causal attention of q [B, T, N, H] over each row's pages (layout: module docstring).
 
@@ -124,7 +124,7 @@ def paged_attention_reference(q, k_pool, v_pool, pages, q_positions, kv_lengths,
     return attention_reference(q, k, v, q_positions.astype(jnp.int32),
                                kv_lengths.astype(jnp.int32), causal=True, scale=scale,
                                return_lse=return_lse, k_scale=k_scale, v_scale=v_scale,
-                               softcap=softcap, sliding_window=sliding_window)
+                               softcap=softcap, window=window)
 
 
 def check_supported(q, k_pool, v_pool, quantized: bool = False):

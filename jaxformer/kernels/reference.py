@@ -4,8 +4,14 @@ Shapes: q [B, T, N, H], k and v [B, S, K, H] with K dividing N (query head n rea
 n // (N // K)); q_positions [B, T] int32 absolute positions of the queries; kv_lengths [B]
 int32 number of valid keys per sequence (keys s >= kv_lengths[b] are padding).
 A key s is visible to query t of sequence b iff s < kv_lengths[b] and, when causal,
-s <= q_positions[b, t]; with a sliding window W, also s > q_positions[b, t] - W (the query
-and its W - 1 predecessors). Scores and softmax are float32; the output has q's dtype.
+s <= q_positions[b, t], and, with a sliding window W, s > q_positions[b, t] - W (the query
+and the W - 1 keys before it, Mistral's / Gemma's local attention). Scores and softmax are
+float32; the output has q's dtype.
+
+Score of query t (position p) and key s, in order: q.k * scale; with alibi_slopes [N],
++ slopes[n] * (s - p) (BLOOM adds slopes[n] * s: the same up to a per-row constant, which
+softmax ignores); with softcap C, C * tanh(score / C) (Gemma 2); then the mask. window: a
+Python int or an int32 scalar (per layer, traced).
 """
 from __future__ import annotations
 
@@ -16,24 +22,29 @@ MASK_VALUE = -1e30  # finite, so a fully masked row (a padding query) gives no N
 
 
 def attention_mask(q_positions, kv_lengths, kv_len: int, causal: bool,
-                   sliding_window: int | None = None):
+                   window: int | None = None):
     """[B, T, S] bool: which keys each query sees."""
     s = jnp.arange(kv_len, dtype=jnp.int32)
     mask = s[None, None, :] < kv_lengths[:, None, None]
     if causal:
         mask = mask & (s[None, None, :] <= q_positions[:, :, None])
-    if sliding_window is not None:
-        mask = mask & (s[None, None, :] > q_positions[:, :, None] - sliding_window)
+    if window is not None:
+        mask = mask & (s[None, None, :] > q_positions[:, :, None] - window)
     return mask
+
+
+def soft_cap(scores, softcap: float | None):
+    """softcap * tanh(scores / softcap) (identity for None): Gemma 2's logit soft-capping."""
+    if softcap is None:
+        return scores
+    return jnp.float32(softcap) * jnp.tanh(scores / jnp.float32(softcap))
 
 
 def attention_reference(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: float,
                         return_lse: bool = False, k_scale=None, v_scale=None,
-                        softcap: float | None = None, sliding_window: int | None = None):
+                        window: int | None = None, softcap: float | None = None,
+                        alibi_slopes=None):
     """Masked softmax attention in float32. Returns [B, T, N, H] (and lse [B, T, N]).
-
-    softcap: scores (after `scale`) become softcap * tanh(scores / softcap) (Gemma 2).
-    sliding_window: see the module docstring.
 
     With k_scale and v_scale ([B, S, K] float32), k and v are a quantized cache's codes
     (int8 / float8, exact in q's dtype) and key s of head j is k[b, s, j] * k_scale[b, s, j].
@@ -51,10 +62,13 @@ def attention_reference(q, k, v, q_positions, kv_lengths, *, causal: bool, scale
     scores = scores * jnp.float32(scale)
     if k_scale is not None:
         scores = scores * _per_key(k_scale)
-    if softcap is not None:
-        scores = jnp.float32(softcap) * jnp.tanh(scores / jnp.float32(softcap))
+    if alibi_slopes is not None:  # slopes [N] -> [1, K, G, 1, 1] times (s - p) [B, 1, 1, T, S]
+        rel = jnp.arange(k.shape[1], dtype=jnp.int32)[None, None, :] - q_positions[:, :, None]
+        slopes = alibi_slopes.astype(jnp.float32).reshape(1, K, G, 1, 1)
+        scores = scores + slopes * rel[:, None, None].astype(jnp.float32)
+    scores = soft_cap(scores, softcap)
     mask = attention_mask(q_positions, kv_lengths, k.shape[1], causal,
-                          sliding_window)  # [B, T, S]
+                          window)  # [B, T, S]
     scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
     lse = jax.nn.logsumexp(scores, axis=-1)  # [B, K, G, T]
     probs = jnp.exp(scores - lse[..., None])
