@@ -22,6 +22,7 @@ from jaxformer.config import ModelConfig
 
 CACHE_AXES = ("layers", "cache_batch", "cache_length", "kv_heads", "head_dim")
 SCALE_AXES = CACHE_AXES[:-1]
+PAGE_AXES = ("layers", "cache_pages", "page_slots", "kv_heads", "head_dim")
 KV_MODES = {"int8": (jnp.int8, 127.0), "fp8": (jnp.float8_e4m3fn, 448.0)}
 
 
@@ -108,16 +109,83 @@ jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v", "k_scale", "v_s
 
 
 @dataclasses.dataclass(frozen=True)
+class PagedKVCache:
+    """A pool of pages shared by every sequence: k, v [L, P, ps, K, H] (P pages of ps
+    tokens; codes when `quant`, with k_scale, v_scale [L, P, ps, K]). A sequence's token at
+    position p lives at page pages[b, p // ps], slot p % ps of its page-table row (Write);
+    page 0 is the null page that padding and free rows write to (serving/pages.py never
+    hands it out). Layers see the same write / scales operations as KVCache's."""
+    k: jax.Array
+    v: jax.Array
+    k_scale: jax.Array | None = None
+    v_scale: jax.Array | None = None
+    quant: str | None = None
+
+    @staticmethod
+    def abstract(cfg: ModelConfig, num_pages: int, page_size: int, dtype,
+                 quant: str | None = None) -> "PagedKVCache":
+        shape = (cfg.num_layers, num_pages, page_size, cfg.kv_heads, cfg.dims_per_head)
+        if quant is None:
+            s = jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
+            return PagedKVCache(s, s)
+        check_quant(quant)
+        q = jax.ShapeDtypeStruct(shape, jnp.dtype(KV_MODES[quant][0]))
+        sc = jax.ShapeDtypeStruct(shape[:-1], jnp.float32)
+        return PagedKVCache(q, q, sc, sc, quant)
+
+    @staticmethod
+    def axes(quant: str | None = None) -> "PagedKVCache":
+        if quant is None:
+            return PagedKVCache(PAGE_AXES, PAGE_AXES)
+        return PagedKVCache(PAGE_AXES, PAGE_AXES, PAGE_AXES[:-1], PAGE_AXES[:-1], quant)
+
+    @property
+    def page_size(self) -> int:
+        return self.k.shape[2]
+
+    def scales(self) -> dict:
+        return {} if self.quant is None else dict(k_scale=self.k_scale, v_scale=self.v_scale)
+
+    def map(self, fn) -> "PagedKVCache":
+        return jax.tree.map(fn, self)
+
+    def write(self, layer, k, v, at: "Write") -> "PagedKVCache":
+        """k, v [B, T, K, H] of positions at.start[b] + t into the rows' pages (at.pages);
+        positions past a row's page table go to the null page."""
+        if self.quant is None:
+            new = dict(k=k, v=v)
+        else:
+            (kq, ks), (vq, vs) = quantize(k, self.quant), quantize(v, self.quant)
+            new = dict(k=kq, v=vq, k_scale=ks, v_scale=vs)
+        B, T = k.shape[:2]
+        ps, M = self.page_size, at.pages.shape[1]
+        pos = at.start[:, None] + jnp.arange(T, dtype=jnp.int32)[None]  # [B, T]
+        col = pos // ps
+        page = jnp.where(col < M, jnp.take_along_axis(at.pages, jnp.minimum(col, M - 1), 1),
+                         0)
+        layer = jnp.asarray(layer, jnp.int32)
+        return dataclasses.replace(self, **{
+            f: getattr(self, f).at[layer, page, pos % ps].set(x.astype(getattr(self, f).dtype))
+            for f, x in new.items()})
+
+
+jax.tree_util.register_dataclass(PagedKVCache, data_fields=["k", "v", "k_scale", "v_scale"],
+                                 meta_fields=["quant"])
+
+
+@dataclasses.dataclass(frozen=True)
 class Write:
     """Where a forward pass writes its keys and values, and what its queries attend over.
 
     Prefill (`Write.prefill()`): T new keys per row at slots [0, T) of rows
     [row, row + B) of the cache (row 0 unless a batch is prefilled in chunks of rows), the
-    queries attending within the T tokens. Decode (`Write.decode(start)`): row b's keys at
-    slots [start[b], start[b] + T), the queries attending over the whole cache row.
+    queries attending within the T tokens. Decode (`Write.at(start)`): row b's keys at
+    slots [start[b], start[b] + T), the queries attending over the whole cache row; with
+    `pages` [B, M] (a PagedKVCache), positions map to the rows' pages.
     """
     start: jax.Array | None = None  # [B] int32 (decode)
     row: jax.Array | None = None  # [] int32 first cache row (prefill)
+    pages: jax.Array | None = None  # [B, M] int32 page tables (paged caches)
     decode: bool = False  # static
 
     @staticmethod
@@ -125,12 +193,15 @@ class Write:
         return Write(row=None if row is None else jnp.asarray(row, jnp.int32))
 
     @staticmethod
-    def at(start) -> "Write":
-        """Decode: new keys at per-row slots start [B], queries over the cache."""
-        return Write(start=jnp.asarray(start, jnp.int32), decode=True)
+    def at(start, pages=None) -> "Write":
+        """Decode: new keys at per-row positions start [B] (through page tables pages
+        [B, M] for a paged cache), queries over the cache."""
+        return Write(start=jnp.asarray(start, jnp.int32), decode=True,
+                     pages=None if pages is None else jnp.asarray(pages, jnp.int32))
 
 
-jax.tree_util.register_dataclass(Write, data_fields=["start", "row"], meta_fields=["decode"])
+jax.tree_util.register_dataclass(Write, data_fields=["start", "row", "pages"],
+                                 meta_fields=["decode"])
 
 
 def check_quant(quant: str | None) -> None:

@@ -46,6 +46,7 @@ class DecodeState(NamedTuple):
     seen: jax.Array | None  # [B, Vp] bool, prompt or generated (penalties only)
     counts: jax.Array | None  # [B, Vp] int32 generated (penalties only)
     req: Request
+    pages: jax.Array | None = None  # [B, M] int32 page tables (a paged cache), 0-padded
 
 
 def row_keys(key, generated):

@@ -112,18 +112,22 @@ def _prefill_in_chunks(m, ids, lengths, cache: kvc.KVCache, R: int, backend):
     return cache, last.reshape((B,) + last.shape[2:])
 
 
-def forward_step(model: Model, m, last, lengths, cache: kvc.KVCache):
+def forward_step(model: Model, m, last, lengths, cache, pages=None, done=None):
     """The one-token forward every decode client shares: feed last [B] at slot lengths [B]
-    -> (float32 logits [B, Vp], new cache). Traced, inside model.traced()."""
+    -> (float32 logits [B, Vp], new cache). With a paged cache, pages [B, M] are the rows'
+    page tables; rows that are done write to the null page, never into pages a prompt
+    being prefilled or a prefix-cache entry holds. Traced, inside model.traced()."""
+    if pages is not None and done is not None:
+        pages = jnp.where(done[:, None], 0, pages)
     x, cache = m.trunk(last[:, None], lengths[:, None], lengths + 1, cache,
-                       kvc.Write.at(lengths), backend=model.run.attention)
+                       kvc.Write.at(lengths, pages), backend=model.run.attention)
     return m.head(x)[:, 0], cache
 
 
 def decode_step(model: Model, params, state: DecodeState, feats: Features) -> DecodeState:
     """One token for every row: feed `last` at slot `lengths`, sample, record (traced)."""
     logits, cache = forward_step(model, model.module(params), state.last, state.lengths,
-                                 state.cache)
+                                 state.cache, state.pages, state.done)
     req = state.req
     tok, lp = sample(logits, req.params, feats, row_keys(req.key, state.generated),
                      state.seen, state.counts)
@@ -175,7 +179,7 @@ def _free_all(state: DecodeState):
 
 # ---- host-side request arrays -------------------------------------------------------------
 def stop_arrays(model: Model, samplings: Sequence[Sampling], batch: int, ignore_eos=False,
-                widths: tuple[int, int] | None = None):
+                widths: tuple[int, int] | None = None, eos_rows=None):
     """(stop_ids [B, Ms], stop_seqs [B, Mq, W]) host arrays: each row's stop ids (plus the
     model's eos unless ignore_eos) and its stop strings' token sequences of at most
     STOP_WINDOW tokens (longer ones are cut on the host). widths: fixed (Ms, Mq)."""
@@ -183,8 +187,10 @@ def stop_arrays(model: Model, samplings: Sequence[Sampling], batch: int, ignore_
     if eos is None and model.tokenizer is not None:
         eos = model.tokenizer.eos_id
     ids, seqs = [], []
-    for s in list(samplings) + [GREEDY] * (batch - len(samplings)):
-        ids.append(list(s.stop_token_ids) + ([eos] if eos is not None and not ignore_eos
+    skip = list(eos_rows) if eos_rows is not None else [ignore_eos] * len(samplings)
+    for i, s in enumerate(list(samplings) + [GREEDY] * (batch - len(samplings))):
+        no_eos = skip[i] if i < len(skip) else True
+        ids.append(list(s.stop_token_ids) + ([eos] if eos is not None and not no_eos
                                              else []))
         row_seqs = []
         for text in s.stop_strings:
@@ -237,12 +243,21 @@ class EngineConfig:
     features: Features = ALL_FEATURES
     stop_ids: int = 8
     stop_strings: int = 4
+    page_size: int | None = None  # a paged KV cache (PagedEngine): tokens per page
+    num_pages: int | None = None  # ... and pages in its pool (page 0 the null page)
 
     def __post_init__(self):
         for f in ("slots", "max_length", "window", "stop_ids", "stop_strings"):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"EngineConfig.{f}: must be a positive integer, got {v!r}")
+        for f in ("page_size", "num_pages"):
+            v = getattr(self, f)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 1):
+                raise ValueError(f"EngineConfig.{f}: must be None or an integer > 1, "
+                                 f"got {v!r}")
+        if (self.page_size is None) != (self.num_pages is None):
+            raise ValueError("EngineConfig.page_size and num_pages go together")
 
 
 class Engine:
@@ -263,12 +278,13 @@ class Engine:
 
     # ---- host helpers -------------------------------------------------------------------
     def request(self, samplings: Sequence[Sampling], max_new: Sequence[int], key_data,
-                batch: int, ignore_eos: bool = False, widths=None) -> Request:
-        """Device Request rows for `batch` rows (rows past the samplings are padding)."""
+                batch: int, ignore_eos: bool = False, widths=None, eos_rows=None) -> Request:
+        """Device Request rows for `batch` rows (rows past the samplings are padding);
+        eos_rows: ignore_eos per row instead of one value."""
         m = self.model
         rp, _ = row_params(samplings, batch)
         widths = widths or (self.config.stop_ids, self.config.stop_strings)
-        stop_ids, stop_seqs = stop_arrays(m, samplings, batch, ignore_eos, widths)
+        stop_ids, stop_seqs = stop_arrays(m, samplings, batch, ignore_eos, widths, eos_rows)
         mx = np.zeros((batch,), np.int32)
         mx[: len(max_new)] = max_new
         s1, s2, s3 = (m._batch_sharding(batch, k) for k in (1, 2, 3))

@@ -23,7 +23,8 @@ from jaxformer.config import CONFIG_DIR, ModelConfig
 MESH_AXES = ("data", "pipe", "tensor")
 LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "qkv", "head_dim", "mlp",
                 "vocab", "layers", "cache_batch", "cache_length", "position", "type",
-                "glu", "classes", "act_heads", "act_kv_heads", "act_mlp", "act_vocab")
+                "glu", "classes", "act_heads", "act_kv_heads", "act_mlp", "act_vocab",
+                "cache_pages", "page_slots")
 
 Rules = Mapping[str, Any]
 

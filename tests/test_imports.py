@@ -30,6 +30,7 @@ FLOORS = {
     "jaxformer.memory": 3.0, "jaxformer.hub": 3.0, "jaxformer.memory_plan": 3.0,
     "jaxformer.quant.params": 3.0,
     "jaxformer.quant.calibrate": 3.0, "jaxformer.pipeline": 3.1, "jaxformer.engine": 3.2,
+    "jaxformer.paged_engine": 3.21,
     # the scheduler drives the Engine and generate() uses it; its page bookkeeping (pages.py)
     # imports nothing of jaxformer
     "jaxformer.serving": 3.25,

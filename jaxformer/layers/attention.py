@@ -9,7 +9,7 @@ from __future__ import annotations
 from flax import nnx
 
 from jaxformer.config import ModelConfig
-from jaxformer.kernels.attention import attention
+from jaxformer.kernels.attention import attention, paged_attention
 from jaxformer.layers.base import Dense
 from jaxformer.layers.rope import apply_rope
 from jaxformer.sharding import shard
@@ -52,6 +52,11 @@ class Attention(nnx.Module):
         if cache is not None:
             # The stacked cache rides in the layer loop's carry: write only the new entries.
             cache = cache.write(layer, k, v, at)
+            if at.pages is not None:  # a paged pool: attention reads each row's pages
+                o = paged_attention(q, cache.k, cache.v, at.pages, positions, kv_lengths,
+                                    scale=cfg.scale, layer=layer, **cache.scales(),
+                                    backend=backend if backend == "xla" else "auto")
+                return self._out(o), cache
             if at.decode:
                 # attention reads layer `layer` of the stacked cache in place; a quantized
                 # cache's codes go to the Pallas decode kernel or XLA dots with the scales
@@ -61,6 +66,10 @@ class Attention(nnx.Module):
                     backend = "auto"
         o = attention(q, k, v, positions, kv_lengths, causal=cfg.causal, scale=cfg.scale,
                       backend=backend, layer=kv_layer, **scales)
+        return self._out(o), cache
+
+    def _out(self, o):
+        """The row-parallel output projection of o [B, T, N, H] -> [B, T, D]."""
         o = shard(o, ("batch", "length", "act_heads", "head_dim"))
         out = self.out.add_bias(self.out.einsum("btnh,nhd->btd", o))
-        return shard(out, ("batch", "length", "embed")), cache
+        return shard(out, ("batch", "length", "embed"))

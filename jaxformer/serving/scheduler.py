@@ -140,9 +140,7 @@ class Scheduler:
 
     def __init__(self, model, config: SchedulerConfig = SchedulerConfig()):
         self.model, self.config = model, config
-        self.engine = Engine(model, EngineConfig(
-            slots=config.slots, max_length=config.max_length, window=config.steps_per_tick,
-            stop_ids=config.stop_ids, stop_strings=config.stop_strings))
+        self.engine = self._make_engine()
         self._inbox: queue.Queue = queue.Queue()
         self._ids = itertools.count()
         self._waiting: collections.deque[Handle] = collections.deque()
@@ -152,6 +150,12 @@ class Scheduler:
         self._stop = threading.Event()
         self._idle = threading.Event()
         self._idle.set()
+
+    def _make_engine(self) -> Engine:
+        c = self.config
+        return Engine(self.model, EngineConfig(
+            slots=c.slots, max_length=c.max_length, window=c.steps_per_tick,
+            stop_ids=c.stop_ids, stop_strings=c.stop_strings))
 
     # ---- callers (any thread) -------------------------------------------------------------
     def submit(self, prompt: Sequence[int] | str, sampling: Sampling | None = None,

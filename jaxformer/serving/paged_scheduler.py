@@ -1,0 +1,250 @@
+"""Continuous batching over a paged KV cache, with chunked prefill and prefix caching.
+
+    sched = PagedScheduler(model, SchedulerConfig(slots=64, max_length=4096),
+                           PagedConfig(page_size=16, num_pages=8192))
+
+The same callers' side as Scheduler (submit / stream / result / abort from any thread). Each
+tick the loop:
+1. takes new requests and aborts;
+2. builds one prefill call under a token budget: the next chunk of every prompt being
+   prefilled, then new requests admitted into free slots while the pool has the pages their
+   prompt needs (a prompt's cached prefix, found by its hashed full blocks, is shared and not
+   computed again), so a long prompt never stalls the running requests for more than one
+   chunk;
+3. gives every decoding request the pages its next tokens need, preempting the most recently
+   admitted requests (their pages released, themselves back at the head of the queue, later
+   recomputed from prompt + tokens so far, mostly from the prefix cache) when the pool runs
+   short;
+4. runs the decode loop and hands each request its tokens; finished, aborted and failed
+   requests release their pages at once (full blocks stay cached until evicted).
+A request whose prompt the whole pool could never hold fails alone with the reason.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from jaxformer.engine import EngineConfig
+from jaxformer.paged_engine import Chunk, PagedEngine
+from jaxformer.serving.pages import BlockTable, PagePool
+from jaxformer.serving.scheduler import (FAILED, RUNNING, WAITING, Handle, Scheduler,
+                                         SchedulerConfig, log)
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedConfig:
+    """page_size: tokens per page; num_pages: pages in the pool (page 0 is the null page);
+    prefill_tokens: prompt tokens one tick prefills at most (the chunked-prefill budget);
+    chunk: tokens of one prompt per prefill call at most; prefix_caching: share full blocks."""
+    page_size: int = 16
+    num_pages: int = 1024
+    prefill_tokens: int = 512
+    chunk: int = 256
+    prefix_caching: bool = True
+
+    def __post_init__(self):
+        for f in ("page_size", "num_pages", "prefill_tokens", "chunk"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 1:
+                raise ValueError(f"PagedConfig.{f}: must be an integer > 1, got {v!r}")
+
+
+class PagedScheduler(Scheduler):
+    """Scheduler over a PagedEngine (module docstring)."""
+
+    def __init__(self, model, config: SchedulerConfig = SchedulerConfig(),
+                 paged: PagedConfig = PagedConfig()):
+        self.paged = paged
+        super().__init__(model, config)
+        self.pool = PagePool(paged.num_pages, paged.page_size, paged.prefix_caching)
+        self._tables: dict[int, BlockTable] = {}
+        self._next: dict[int, int] = {}  # request id -> first prompt position not prefilled
+        self._prefilling: list[int] = []  # slots whose prompt is being prefilled, in order
+        self._live: list[int] = []  # decoding slots, in admission order
+        self._dirty: dict[int, list[int]] = {}  # slot -> page table to send before a step
+        self.preemptions = 0
+
+    def _make_engine(self) -> PagedEngine:
+        c, p = self.config, self.paged
+        return PagedEngine(self.model, EngineConfig(
+            slots=c.slots, max_length=c.max_length, window=c.steps_per_tick,
+            stop_ids=c.stop_ids, stop_strings=c.stop_strings, page_size=p.page_size,
+            num_pages=p.num_pages), chunk=p.chunk)
+
+    @staticmethod
+    def _seq(h: Handle) -> list[int]:
+        """What a request's cache must hold before its next token: the prompt, and for a
+        preempted request the tokens it generated before."""
+        return h.prompt + h.tokens
+
+    # ---- prefill ------------------------------------------------------------------------
+    def _admit(self) -> None:
+        if self._state is None:
+            self._state = self.engine.init_state()
+        budget = self.paged.prefill_tokens
+        chunks = []
+        for slot in self._prefilling:
+            if budget <= 0:
+                break
+            budget -= self._chunk(slot, budget, chunks)
+        free = [i for i, h in enumerate(self._slots) if h is None]
+        while budget > 0 and free and self._waiting:
+            h = self._waiting[0]
+            if not self._place(h, free[0]):
+                break
+            self._waiting.popleft()
+            budget -= self._chunk(free.pop(0), budget, chunks)
+        if not chunks:
+            return
+        try:
+            if self._dirty:  # page tables before the call: a chunk reads its earlier pages
+                self._state = self.engine.set_pages(self._state, self._dirty)
+                self._dirty = {}
+            self._state, toks, lps = self.engine.prefill_chunks(self._state, chunks)
+            done = np.asarray(self._state.done)
+        except Exception as e:  # noqa: BLE001 - the failure belongs to these requests
+            log.warning("prefill of %d chunks failed: %s", len(chunks), e)
+            self._state = None
+            self._fail_running(f"prefill failed: {e}")
+            return
+        for r, ch in enumerate(chunks):
+            h = self._slots[ch.slot]
+            self._next[h.id] = ch.start + len(ch.ids)
+            self._computed(ch.slot, h, self._next[h.id])
+            if ch.last:
+                self._prefilling.remove(ch.slot)
+                self._live.append(ch.slot)
+                h._emit([int(toks[r])], [float(lps[r])])
+                if done[ch.slot]:
+                    self._finish(ch.slot)
+
+    def _place(self, h: Handle, slot: int) -> bool:
+        """Give a waiting request a slot and the pages for its whole sequence plus one token
+        (its cached prefix shared); False while the pool cannot (it stays waiting)."""
+        seq, ps = self._seq(h), self.paged.page_size
+        if -(-(len(seq) + 1) // ps) > self.paged.num_pages - 1:
+            self._waiting.popleft()
+            h._end(FAILED, f"{len(seq)} tokens need more pages than the pool's "
+                           f"{self.paged.num_pages - 1} of {ps} tokens")
+            return False
+        table = BlockTable(ps)
+        start = table.match_prefix(self.pool, seq)
+        need = table.needed_pages(len(seq) + 1)
+        if not self.pool.can_allocate(need):
+            table.release(self.pool)
+            return False
+        table.append(self.pool.allocate(need))
+        self._tables[h.id], self._next[h.id] = table, start
+        self._slots[slot] = h
+        self._prefilling.append(slot)
+        h.status = RUNNING
+        return True
+
+    def _chunk(self, slot: int, budget: int, chunks: list) -> int:
+        """Add the next chunk of the slot's prompt (at most budget tokens); returns its size."""
+        h = self._slots[slot]
+        seq, start = self._seq(h), self._next[h.id]
+        n = min(len(seq) - start, budget, self.paged.chunk)
+        chunks.append(Chunk(slot, seq[start:start + n], start, self._tables[h.id].pages,
+                            start + n == len(seq), h.sampling, h.max_new, h.seed,
+                            h.ignore_eos, generated=len(h.tokens)))
+        return n
+
+    def _computed(self, slot: int, h: Handle, n: int) -> None:
+        """The first n tokens of the request's sequence have K/V in its pages: publish its
+        full blocks (a block already cached elsewhere switches the table to that page)."""
+        table = self._tables[h.id]
+        before = list(table.pages)
+        table.mark_computed(self._seq(h)[:n], self.pool)
+        if table.pages != before:
+            self._dirty[slot] = list(table.pages)
+
+    # ---- decode -------------------------------------------------------------------------
+    def _decode(self) -> None:
+        if not self._live:
+            return
+        if not self._grow():
+            return
+        try:
+            if self._dirty:
+                self._state = self.engine.set_pages(self._state, self._dirty)
+                self._dirty = {}
+            self._state = self.engine.step(self._state, self.config.steps_per_tick)
+            toks, lps = self.engine.tokens(self._state)
+            done = np.asarray(self._state.done)
+        except Exception as e:  # noqa: BLE001
+            log.warning("decode step failed: %s", e)
+            self._state = None
+            self._fail_running(f"decode failed: {e}")
+            return
+        for slot in list(self._live):
+            h = self._slots[slot]
+            got = toks[slot] >= 0
+            h._emit(toks[slot][got].tolist(), lps[slot][got].tolist())
+            self._computed(slot, h, len(self._seq(h)) - 1)  # the last token is fed next
+            if done[slot]:
+                self._finish(slot)
+
+    def _grow(self) -> bool:
+        """Pages for the next steps of every live request, preempting the most recently
+        admitted ones while the pool is short. False when nothing is left to decode."""
+        steps, ps = self.config.steps_per_tick, self.paged.page_size
+        for slot in list(self._live):
+            h = self._slots[slot]
+            if h is None or slot not in self._live:
+                continue
+            table = self._tables[h.id]
+            fed = len(self._seq(h)) - 1
+            need = table.needed_pages(min(fed + steps, len(h.prompt) + h.max_new))
+            while need and not self.pool.can_allocate(need):
+                victim = (self._prefilling or self._live)[-1]
+                if victim == slot and len(self._live) == 1 and not self._prefilling:
+                    self._release(h, FAILED, f"the page pool ({self.paged.num_pages} pages of "
+                                             f"{ps}) cannot hold this request")
+                    break
+                self._preempt(victim)
+                if victim == slot:
+                    break
+            else:
+                if need:
+                    table.append(self.pool.allocate(need))
+                    self._dirty[slot] = list(table.pages)
+        return bool(self._live)
+
+    def _preempt(self, slot: int) -> None:
+        """Back to the head of the queue, pages released; recomputed when re-admitted."""
+        h = self._slots[slot]
+        self.preemptions += 1
+        self._drop(slot, h)
+        h.status = WAITING
+        self._waiting.appendleft(h)
+
+    # ---- endings ------------------------------------------------------------------------
+    def _drop(self, slot: int, h: Handle) -> None:
+        self._tables.pop(h.id).release(self.pool)
+        self._next.pop(h.id, None)
+        for order in (self._prefilling, self._live):
+            if slot in order:
+                order.remove(slot)
+        self._dirty.pop(slot, None)
+        self._slots[slot] = None
+        if self._state is not None:
+            self._state = self.engine.free(self._state, [slot])
+
+    def _finish(self, slot: int) -> None:
+        h = self._slots[slot]
+        self._drop(slot, h)
+        h._end("finished", "length" if len(h.tokens) >= h.max_new else "stop")
+
+    def _release(self, h: Handle, status: str, reason: str) -> None:
+        self._drop(self._slots.index(h), h)
+        h._end(status, reason)
+
+    def _fail_running(self, reason: str) -> None:
+        for slot, h in enumerate(self._slots):
+            if h is not None:
+                self._tables.pop(h.id).release(self.pool)
+                self._slots[slot] = None
+                h._end(FAILED, reason)
+        self._next, self._prefilling, self._live, self._dirty = {}, [], [], {}
