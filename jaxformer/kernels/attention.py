@@ -185,8 +185,17 @@ def _sharded(fn, q, k, v, q_positions, kv_lengths, layer=None, scales=()):
     )(q, k, v, q_positions, kv_lengths, layer, *scales)
 
 
+def _knobs_unsupported(knobs: dict) -> str | None:
+    """Why the kernels cannot take these score knobs (None: none is set)."""
+    used = sorted(k for k, v in knobs.items() if v is not None)
+    if used:
+        return f"{' / '.join(used)} are not in the Pallas / cuDNN kernels yet"
+    return None
+
+
 def attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: float,
-              backend: str = "auto", layer=None, k_scale=None, v_scale=None):
+              backend: str = "auto", layer=None, k_scale=None, v_scale=None, window=None,
+              softcap=None, alibi_slopes=None):
     """Masked attention. q [B,T,N,H], k/v [B,S,K,H], q_positions [B,T], kv_lengths [B].
 
     With `layer` (an int32 scalar), k and v are a stacked cache [L, B, S, K, H] and the call
@@ -199,9 +208,21 @@ def attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: float,
     XLA dots that read the codes once (reference.py). cudnn reads float caches only.
     Returns [B, T, N, H] in q's dtype. An explicit backend that cannot take the call raises
     ValueError naming what is unsupported; "auto" falls back to "xla" and logs why, once.
+
+    Score knobs (reference.py has the exact semantics): window (sliding window W, an int or
+    an int32 scalar), softcap (logit soft-capping), alibi_slopes ([N] float32). Only the
+    XLA path implements them so far: "auto" takes it when one is set.
     """
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    knobs = dict(window=window, softcap=softcap, alibi_slopes=alibi_slopes)
+    knob_reason = _knobs_unsupported(knobs)
+    if knob_reason is not None:
+        if backend in ("pallas", "cudnn"):
+            raise ValueError(f"attention backend {backend!r} does not support this call: "
+                             f"{knob_reason}")
+        _log_once(f"attention backend 'auto' uses xla: {knob_reason}")
+        backend = "xla"
 
     def one_layer(a, layer):  # what the support checks look at: one layer's shapes
         return a if layer is None else jax.ShapeDtypeStruct(a.shape[1:], a.dtype)
@@ -227,7 +248,7 @@ def attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: float,
             from jaxformer.cache import read_layer
             k, v, k_scale, v_scale = (read_layer(a, layer) for a in (k, v, k_scale, v_scale))
         return attention_reference(q, k, v, q_positions, kv_lengths, causal=causal,
-                                   scale=scale, k_scale=k_scale, v_scale=v_scale)
+                                   scale=scale, k_scale=k_scale, v_scale=v_scale, **knobs)
 
     if backend == "auto":
         reason = pallas_unsupported(q, one_layer(k, layer), one_layer(v, layer))
@@ -238,7 +259,8 @@ def attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: float,
         from jaxformer.cache import read_layer  # only the decode kernel reads it in place
         k, v, layer = read_layer(k, layer), read_layer(v, layer), None
     if backend == "xla":
-        return attention_reference(q, k, v, q_positions, kv_lengths, causal=causal, scale=scale)
+        return attention_reference(q, k, v, q_positions, kv_lengths, causal=causal, scale=scale,
+                                   **knobs)
     check = pallas_unsupported if backend == "pallas" else cudnn_unsupported
     reason = check(q, one_layer(k, layer), one_layer(v, layer))
     if reason is not None:

@@ -4,7 +4,13 @@ Shapes: q [B, T, N, H], k and v [B, S, K, H] with K dividing N (query head n rea
 n // (N // K)); q_positions [B, T] int32 absolute positions of the queries; kv_lengths [B]
 int32 number of valid keys per sequence (keys s >= kv_lengths[b] are padding).
 A key s is visible to query t of sequence b iff s < kv_lengths[b] and, when causal,
-s <= q_positions[b, t]. Scores and softmax are float32; the output has q's dtype.
+s <= q_positions[b, t], and, with a sliding window W, s > q_positions[b, t] - W (its last W
+keys, itself included; key slot s holds position s). Scores and softmax are float32; the
+output has q's dtype.
+
+Score knobs, in the order they apply after the 1/sqrt(H) scale: ALiBi (alibi_slopes [N]:
+score += slope_n * (s - q_position), BLOOM's bias up to a per-row constant), then logit
+soft-capping (softcap c: score -> c * tanh(score / c), Gemma 2), then the mask.
 """
 from __future__ import annotations
 
@@ -14,17 +20,21 @@ import jax.numpy as jnp
 MASK_VALUE = -1e30  # finite, so a fully masked row (a padding query) gives no NaN
 
 
-def attention_mask(q_positions, kv_lengths, kv_len: int, causal: bool):
-    """[B, T, S] bool: which keys each query sees."""
+def attention_mask(q_positions, kv_lengths, kv_len: int, causal: bool, window=None):
+    """[B, T, S] bool: which keys each query sees. window: None or W (an int or an int32
+    scalar, per layer): only keys s > q_position - W."""
     s = jnp.arange(kv_len, dtype=jnp.int32)
     mask = s[None, None, :] < kv_lengths[:, None, None]
     if causal:
         mask = mask & (s[None, None, :] <= q_positions[:, :, None])
+    if window is not None:
+        mask = mask & (s[None, None, :] > q_positions[:, :, None] - window)
     return mask
 
 
 def attention_reference(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: float,
-                        return_lse: bool = False, k_scale=None, v_scale=None):
+                        return_lse: bool = False, k_scale=None, v_scale=None, window=None,
+                        softcap=None, alibi_slopes=None):
     """Masked softmax attention in float32. Returns [B, T, N, H] (and lse [B, T, N]).
 
     With k_scale and v_scale ([B, S, K] float32), k and v are a quantized cache's codes
@@ -43,7 +53,14 @@ def attention_reference(q, k, v, q_positions, kv_lengths, *, causal: bool, scale
     scores = scores * jnp.float32(scale)
     if k_scale is not None:
         scores = scores * _per_key(k_scale)
-    mask = attention_mask(q_positions, kv_lengths, k.shape[1], causal)  # [B, T, S]
+    if alibi_slopes is not None:
+        rel = (jnp.arange(k.shape[1], dtype=jnp.float32)[None, None, :]
+               - q_positions.astype(jnp.float32)[:, :, None])  # [B, T, S]
+        slopes = alibi_slopes.astype(jnp.float32).reshape(K, G)
+        scores = scores + slopes[None, :, :, None, None] * rel[:, None, None]
+    if softcap is not None:
+        scores = jnp.float32(softcap) * jnp.tanh(scores / jnp.float32(softcap))
+    mask = attention_mask(q_positions, kv_lengths, k.shape[1], causal, window)  # [B, T, S]
     scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
     lse = jax.nn.logsumexp(scores, axis=-1)  # [B, K, G, T]
     probs = jnp.exp(scores - lse[..., None])
