@@ -264,6 +264,7 @@ GPTJ_ROWS = [
     Row(r"h\.{L}\.attn\.k_proj\.weight", "layers/attn/qkv/kernel", kv_kernel, K_),
     Row(r"h\.{L}\.attn\.v_proj\.weight", "layers/attn/qkv/kernel", kv_kernel, V_),
     Row(r"h\.{L}\.attn\.out_proj\.weight", "layers/attn/out/kernel", out_linear),
+    Row(r"h\.{L}\.attn\.out_proj\.bias", "layers/attn/out/bias", vec(_D)),  # absent: zeros
     Row(r"h\.{L}\.mlp\.fc_in\.weight", "layers/mlp/wi/kernel", linear(_D, _F)),
     Row(r"h\.{L}\.mlp\.fc_in\.bias", "layers/mlp/wi/bias", vec(_F)),
     Row(r"h\.{L}\.mlp\.fc_out\.weight", "layers/mlp/wo/kernel", linear(_F, _D)),

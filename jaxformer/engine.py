@@ -407,6 +407,12 @@ def load(path: str | os.PathLike, mesh: Mesh | None = None, dtype: str = "float3
     mesh = mesh or default_mesh()
     run, rules_table = _run_config(mesh, dtype, rules, attention, stored or wanted, layer_loop,
                                    kv_cache)
+    from jaxformer import kv_replicate  # [kv heads] fewer kv heads than tensor: copies
+    stored_config, r = config, kv_replicate.factor(config, mesh, rules_table)
+    if r > 1 and run.quantize is not None:
+        raise ValueError(f"load(quantize={run.quantize!r}): kv-head replication ({config.kv_heads} "
+                         f"kv heads on tensor={mesh.shape['tensor']}) needs float weights")
+    config = kv_replicate.replicated_config(config, r)
     shd.check_divisible(config, mesh, rules_table)
     qp.check_mesh(config, run.quantize, mesh, rules_table)
     from jaxformer import memory, progress  # [memory] refuse a plan that cannot fit
@@ -429,10 +435,15 @@ def load(path: str | os.PathLike, mesh: Mesh | None = None, dtype: str = "float3
                                           run.dtype)
         else:
             shardings = param_shardings(config, mesh, rules_table, run.quantize)
-            dtypes = qp.target_dtypes(config, run.quantize, run.dtype)
+            restore_rules = rules_table if r == 1 else kv_replicate.unsharded_kv_rules(rules_table)
+            stored_sh = param_shardings(stored_config, mesh, restore_rules, run.quantize)
+            dtypes = qp.target_dtypes(stored_config, run.quantize, run.dtype)
             abstract = jax.tree.map(lambda s, d, sh: jax.ShapeDtypeStruct(s.shape, d, sharding=sh),
-                                    _pure_abstract(config, run.quantize), dtypes, shardings)
+                                    _pure_abstract(stored_config, run.quantize), dtypes,
+                                    stored_sh)
             params = ckpt.restore_params(path, abstract)
+            if r > 1:
+                params = kv_replicate.replicate_params(params, stored_config, r, shardings)
     log.info("restored %s in %.1fs", path, time.perf_counter() - t0)
     tok = None
     if tokenizer and (path / ckpt.TOKENIZER_DIR).is_dir():

@@ -184,3 +184,32 @@ def test_logits_and_greedy_match_transformers(family):
         if (data, pipe, tensor) == (1, 1, 1):
             got = jm.generate([PROMPT], max_new_tokens=NEW).tokens[0]
             assert got == hf_generate(hf, PROMPT, NEW), name
+
+
+@pytest.fixture(scope="module")
+def llama_2kv(root):
+    """8 query heads over 2 kv heads: tensor=4 and 8 need each kv head copied 2 / 4 times."""
+    hf = randomize(T.LlamaForCausalLM(T.LlamaConfig(**dict(
+        LLAMA, num_attention_heads=8, head_dim=8, max_position_embeddings=64))), 7)
+    src, out = root / "llama_2kv", root / "llama_2kv_jf"
+    hf.save_pretrained(src)
+    conv.convert(src, out)
+    return hf, out
+
+
+@pytest.mark.parametrize("tensor", [4, 8])
+def test_kv_head_replication(llama_2kv, tensor):
+    hf, out = llama_2kv
+    ids, mask = batch(seed=tensor)
+    one = jf.load(out, mesh=mesh(1, 1, 1))
+    jm = jf.load(out, mesh=mesh(1, 1, tensor))
+    assert jm.config.kv_heads == tensor and one.config.kv_heads == 2
+    qkv = jm.params["layers"]["attn"]["qkv"]["kernel"][...]
+    assert qkv.sharding.spec[2] == "tensor" and qkv.addressable_shards[0].data.shape[2] == 1
+    ours, ref = jm.logits(ids, mask), one.logits(ids, mask)
+    valid = mask.astype(bool)
+    assert np.abs(ours[valid] - ref[valid]).max() <= TOL
+    with torch.no_grad():
+        hf_ref = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
+    assert np.abs(ours[valid] - hf_ref.numpy()[valid]).max() <= TOL
+    assert jm.generate([PROMPT], max_new_tokens=NEW).tokens[0] == hf_generate(hf, PROMPT, NEW)
