@@ -89,7 +89,7 @@ class ModelConfig:
     # ---- attention variants ----
     sliding_window: int | None = None  # W: a query sees its last W keys (itself included)
     layer_types: tuple[str, ...] | None = None  # per layer "full" | "sliding"; None: all sliding
-    qk_norm: bool = False  # Qwen 3 / Gemma 3: RMSNorm over H of q and k before rope
+    qk_norm: bool = False  # `norm` over H of q and k before rope (Qwen 3, Gemma 3, Megatron)
     attn_softcap: float | None = None  # scores -> c * tanh(scores / c) (Gemma 2)
     # ---- block and head variants ----
     norm_offset: float = 0.0  # Gemma: norms scale by (offset + w)

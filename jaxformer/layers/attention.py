@@ -58,10 +58,10 @@ class Attention(nnx.Module):
                          cfg.dims_per_head)
         self.qkv = Dense(rngs, (D, K, G + 2, H), ("embed", "kv_heads", "qkv", "head_dim"),
                          (K, G + 2, H) if cfg.qkv_bias else None, ("kv_heads", "qkv", "head_dim"))
-        if cfg.qk_norm:  # RMSNorm over H, one scale shared by all heads
+        if cfg.qk_norm:  # the model's norm over H, one scale shared by all heads
             qk = dict(offset=cfg.norm_offset, axis="head_dim")
-            self.q_norm = Norm(H, "rmsnorm", cfg.norm_eps, rngs, **qk)
-            self.k_norm = Norm(H, "rmsnorm", cfg.norm_eps, rngs, **qk)
+            self.q_norm = Norm(H, cfg.norm, cfg.norm_eps, rngs, **qk)
+            self.k_norm = Norm(H, cfg.norm, cfg.norm_eps, rngs, **qk)
         self.out = Dense(rngs, (N, H, D), ("heads", "head_dim", "embed"),
                          (D,) if cfg.linear_bias else None, ("embed",), contract=2)
 
