@@ -163,7 +163,7 @@ def cmd_info(args) -> int:
     """Print the memory plan; exit status 1 when it does not fit device memory."""
     from types import SimpleNamespace
 
-    from jaxformer import memory
+    from jaxformer import kv_replicate, memory
     from jaxformer import sharding as shd
     from jaxformer.config import ModelConfig
     quantize = _quantize(args.quantize)
@@ -178,7 +178,10 @@ def cmd_info(args) -> int:
     else:
         config = ModelConfig.from_preset(args.preset)
     sizes = {"data": args.data, "pipe": args.pipe, "tensor": args.tensor}
-    shd.check_divisible(config, SimpleNamespace(shape=sizes), shd.load_rules(args.rules))
+    # fewer kv heads than tensor: planned as load() runs it, each kv head copied
+    mesh_sizes, rules = SimpleNamespace(shape=sizes), shd.load_rules(args.rules)
+    config = kv_replicate.replicated_config(config, kv_replicate.factor(config, mesh_sizes, rules))
+    shd.check_divisible(config, mesh_sizes, rules)
     dev = None if args.device_memory is None else args.device_memory * memory.GiB
     plan = memory.plan(config, sizes, args.dtype, batch=args.batch, max_length=args.max_length,
                        rules=args.rules, attention=args.attention, device_memory=dev,

@@ -23,6 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxformer import checkpoint as ckpt
+from jaxformer import kv_replicate
 from jaxformer import sharding as shd
 from jaxformer.config import ModelConfig, RunConfig
 from jaxformer.models import abstract_model, build, is_unrolled, param_axes, unstack_layers
@@ -407,7 +408,7 @@ def load(path: str | os.PathLike, mesh: Mesh | None = None, dtype: str = "float3
     mesh = mesh or default_mesh()
     run, rules_table = _run_config(mesh, dtype, rules, attention, stored or wanted, layer_loop,
                                    kv_cache)
-    from jaxformer import kv_replicate  # [kv heads] fewer kv heads than tensor: copies
+    # fewer kv heads than tensor (a multiple of them): each kv head copied (kv_replicate.py)
     stored_config, r = config, kv_replicate.factor(config, mesh, rules_table)
     if r > 1 and run.quantize is not None:
         raise ValueError(f"load(quantize={run.quantize!r}): kv-head replication ({config.kv_heads} "

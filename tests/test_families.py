@@ -213,3 +213,25 @@ def test_kv_head_replication(llama_2kv, tensor):
         hf_ref = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
     assert np.abs(ours[valid] - hf_ref.numpy()[valid]).max() <= TOL
     assert jm.generate([PROMPT], max_new_tokens=NEW).tokens[0] == hf_generate(hf, PROMPT, NEW)
+
+
+@pytest.mark.parametrize("knob", [dict(window=4), dict(softcap=5.0),
+                                  dict(alibi_slopes=np.ones(4, np.float32))])
+def test_kernel_backends_refuse_score_knobs(knob):
+    """The Pallas and cuDNN kernels do not implement sliding windows, soft-capping or ALiBi
+    yet: asked for explicitly they raise naming the knob; "auto" takes the XLA reference."""
+    from jaxformer.kernels.attention import attention
+    from jaxformer.kernels.reference import attention_reference
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, 6, 4, 8)).astype(np.float32)
+    k, v = (rng.standard_normal((1, 6, 2, 8)).astype(np.float32) for _ in range(2))
+    pos, lengths = np.arange(6, dtype=np.int32)[None], np.array([6], np.int32)
+    name = next(iter(knob))
+    for backend in ("pallas", "cudnn"):
+        with pytest.raises(ValueError, match=name):
+            attention(q, k, v, pos, lengths, causal=True, scale=0.3, backend=backend, **knob)
+    got = attention(q, k, v, pos, lengths, causal=True, scale=0.3, backend="auto", **knob)
+    want = attention_reference(q, k, v, pos, lengths, causal=True, scale=0.3, **knob)
+    plain = attention_reference(q, k, v, pos, lengths, causal=True, scale=0.3)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert np.abs(np.asarray(want) - np.asarray(plain)).max() > 1e-3  # the knob acts
