@@ -36,7 +36,10 @@ class ModelConfig:
 
     Covers GPT-2, Megatron GPT-3 (learned positions, LayerNorm, GeLU tanh/erf, tied or untied
     head, biases), LLaMA-style decoders (RoPE, RMSNorm, SwiGLU, GQA, no biases) and BERT
-    (token types, post-LN, pooler, MLM head, binary head).
+    (token types, post-LN, pooler, MLM head, binary head), and the variants of the families
+    in docs/models.md (rope scalings, sliding windows, QK-norm, soft-capping, sandwich norms,
+    parallel residuals, ALiBi, offset positions); each variant is a field below, and
+    combinations jaxformer does not implement are refused naming the field.
     """
 
     vocab_size: int  # true vocabulary; logits are returned for exactly these ids
