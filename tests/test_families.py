@@ -8,6 +8,7 @@ with jaxformer.load. What must hold, per row:
   right-padded batch whose longest row is LONG tokens: longer than every sliding window here
   and past the original context of every rope scaling; on mesh 1 and tensor=2 (pipe=2 for
   gemma2, whose sliding / full layers need global layer numbers in each stage, and gpt_neox);
+  the unrolled layer loop on one device and tensor=2, the stacked scan on pipe=2;
 - greedy tokens equal to transformers' generate from a prompt longer than the window, the
   new tokens running past the original context of the rope scalings.
 """
@@ -177,7 +178,10 @@ def test_logits_and_greedy_match_transformers(family):
         ref = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
     valid = mask.astype(bool)
     for data, pipe, tensor in FAMILIES[name][3]:
-        jm = jf.load(out, mesh=mesh(data, pipe, tensor), dtype="float32")
+        # the unrolled layer loop (the GPU default) compiles faster here; the pipe meshes
+        # run the stacked scan, so both loops meet the per-layer sliding / full switch
+        loop = "scan" if pipe > 1 else "unroll"
+        jm = jf.load(out, mesh=mesh(data, pipe, tensor), dtype="float32", layer_loop=loop)
         ours = jm.logits(ids, mask)
         diff = float(np.abs(ours[valid] - ref[valid]).max())
         assert diff <= TOL, f"{name} mesh {(data, pipe, tensor)}: max abs diff {diff:.3g}"
@@ -201,10 +205,10 @@ def llama_2kv(root):
 def test_kv_head_replication(llama_2kv, tensor):
     hf, out = llama_2kv
     ids, mask = batch(seed=tensor)
-    one = jf.load(out, mesh=mesh(1, 1, 1))
-    jm = jf.load(out, mesh=mesh(1, 1, tensor))
+    one = jf.load(out, mesh=mesh(1, 1, 1), layer_loop="unroll")
+    jm = jf.load(out, mesh=mesh(1, 1, tensor), layer_loop="unroll")
     assert jm.config.kv_heads == tensor and one.config.kv_heads == 2
-    qkv = jm.params["layers"]["attn"]["qkv"]["kernel"][...]
+    qkv = jm.params["layers"][0]["attn"]["qkv"]["kernel"][...]  # unrolled: [1, D, K, G+2, H]
     assert qkv.sharding.spec[2] == "tensor" and qkv.addressable_shards[0].data.shape[2] == 1
     ours, ref = jm.logits(ids, mask), one.logits(ids, mask)
     valid = mask.astype(bool)

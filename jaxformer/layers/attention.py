@@ -115,11 +115,11 @@ class Attention(nnx.Module):
                 kv_layer = layer
             elif kv.is_decode(start):
                 (k, v), kv_layer = new_cache, layer  # attention reads the layer in place
-        if cfg.position_embedding == "alibi":
-            scales["alibi_slopes"] = jnp.asarray(alibi_slopes(cfg.num_heads))
+        slopes = (jnp.asarray(alibi_slopes(cfg.num_heads))
+                  if cfg.position_embedding == "alibi" else None)
         o = attention(q, k, v, positions, kv_lengths, causal=cfg.causal, scale=cfg.scale,
                       backend=backend, layer=kv_layer, window=window,
-                      softcap=cfg.attn_softcap, **scales)
+                      softcap=cfg.attn_softcap, alibi_slopes=slopes, **scales)
         o = shard(o, ("batch", "length", "act_heads", "head_dim"))
         out = self.out.add_bias(self.out.einsum("btnh,nhd->btd", o))
         return shard(out, ("batch", "length", "embed")), new_cache
