@@ -239,3 +239,24 @@ def test_kernel_backends_refuse_score_knobs(knob):
     plain = attention_reference(q, k, v, pos, lengths, causal=True, scale=0.3)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     assert np.abs(np.asarray(want) - np.asarray(plain)).max() > 1e-3  # the knob acts
+
+
+def test_quantized_cache_decode_with_score_knobs():
+    """A decode step over a stacked int8 cache (the layer read in place, scales folded into
+    scores) with a window and soft-capping equals the reference over the dequantized keys."""
+    import jax.numpy as jnp
+    from jaxformer.kernels.attention import attention
+    from jaxformer.kernels.reference import attention_reference
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((2, 1, 4, 8)).astype(np.float32)
+    kc, vc = (rng.integers(-127, 128, (2, 2, 7, 2, 8)).astype(np.int8) for _ in range(2))
+    ks, vs = (rng.uniform(0.001, 0.02, (2, 2, 7, 2)).astype(np.float32) for _ in range(2))
+    pos, lengths = np.array([[6], [4]], np.int32), np.array([7, 5], np.int32)
+    knobs = dict(window=3, softcap=2.0)
+    got = attention(q, kc, vc, pos, lengths, causal=True, scale=0.3, layer=jnp.int32(1),
+                    k_scale=ks, v_scale=vs, **knobs)
+    k, v = kc[1] * ks[1][..., None], vc[1] * vs[1][..., None]
+    want = attention_reference(q, k, v, pos, lengths, causal=True, scale=0.3, **knobs)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    full = attention_reference(q, k, v, pos, lengths, causal=True, scale=0.3)
+    assert np.abs(np.asarray(want) - np.asarray(full)).max() > 1e-3
