@@ -83,6 +83,35 @@ def out_linear(x, c):  # nn.Linear [D, N*H] -> [N, H, D]
     return _expect(x, (D, N * H)).T.reshape(N, H, D)
 
 
+def grouped_qkv_kernel(x, c):
+    """A fused nn.Linear [K*(G+2)*H, D] laid out per kv group (G query heads, its key, its
+    value: Falcon; with K = N, G = 1 GPT-NeoX's and BLOOM's per-head q, k, v) -> [D, K, G+2, H]:
+    jaxformer's own layout."""
+    D, K, G, H = c.hidden_size, c.kv_heads, c.q_per_kv, c.dims_per_head
+    return _expect(x, (K * (G + 2) * H, D)).reshape(K, G + 2, H, D).transpose(3, 0, 1, 2)
+
+
+def grouped_qkv_bias(x, c):  # [K*(G+2)*H] -> [K, G+2, H]
+    K, G, H = c.kv_heads, c.q_per_kv, c.dims_per_head
+    return _expect(x, (K * (G + 2) * H,)).reshape(K, G + 2, H)
+
+
+def phi3_qkv_kernel(x, c):
+    """Phi-3's fused qkv_proj [(N + 2K)*H, D]: all queries, then keys, then values
+    -> [D, K, G+2, H]."""
+    D, N, K, G, H = c.hidden_size, c.num_heads, c.kv_heads, c.q_per_kv, c.dims_per_head
+    x = _expect(x, ((N + 2 * K) * H, D))
+    q = x[: N * H].reshape(K, G, H, D)
+    k = x[N * H: (N + K) * H].reshape(K, 1, H, D)
+    v = x[(N + K) * H:].reshape(K, 1, H, D)
+    return np.concatenate([q, k, v], axis=1).transpose(3, 0, 1, 2)
+
+
+def gate_up_kernel(x, c):  # Phi-3's fused gate_up_proj [2F, D] (gate, then up) -> [D, 2, F]
+    D, F = c.hidden_size, c.mlp_size
+    return _expect(x, (2 * F, D)).reshape(2, F, D).transpose(2, 0, 1)
+
+
 def q_kernel(x, c):  # nn.Linear [N*H, D] -> [D, K, G, H] (query head n = k*G + g)
     D, K, G, H = c.hidden_size, c.kv_heads, c.q_per_kv, c.dims_per_head
     return _expect(x, (K * G * H, D)).T.reshape(D, K, G, H)
@@ -103,6 +132,8 @@ def kv_bias(x, c):  # [K*H] -> [K, H]
 
 
 _D = lambda c: c.hidden_size  # noqa: E731
+_H = lambda c: c.dims_per_head  # noqa: E731
+_P2 = lambda c: c.max_position_embeddings + c.position_offset  # noqa: E731
 _F = lambda c: c.mlp_size  # noqa: E731
 _P = lambda c: c.max_position_embeddings  # noqa: E731
 _TT = lambda c: c.type_vocab_size  # noqa: E731
@@ -144,12 +175,13 @@ class Row:
         return self.slot[0] if self.slot else ""
 
 
-def _norm_rows(src: str, target: str, bias=True, aliases=("weight", "bias")) -> list[Row]:
+def _norm_rows(src: str, target: str, bias=True, aliases=("weight", "bias"), size=_D
+               ) -> list[Row]:
     # old TF-converted BERT checkpoints call LayerNorm parameters gamma / beta
     w, b = aliases
-    rows = [Row(rf"{src}\.(?:{w}|gamma)", f"{target}/scale", vec(_D))]
+    rows = [Row(rf"{src}\.(?:{w}|gamma)", f"{target}/scale", vec(size))]
     if bias:
-        rows.append(Row(rf"{src}\.(?:{b}|beta)", f"{target}/bias", vec(_D)))
+        rows.append(Row(rf"{src}\.(?:{b}|beta)", f"{target}/bias", vec(size)))
     return rows
 
 
@@ -190,6 +222,102 @@ LLAMA_ROWS = [
     Row(r"layers\.{L}\.mlp\.down_proj\.bias", "layers/mlp/wo/bias", vec(_D)),
     *_norm_rows(r"norm", "final_norm", bias=False),
     Row(r"lm_head\.weight", "lm_head/kernel", lm_head),
+]
+
+
+_QK_NORM_ROWS = [  # Qwen 3, Gemma 3: RMSNorm over H of q and k
+    *_norm_rows(r"layers\.{L}\.self_attn\.q_norm", "layers/attn/q_norm", bias=False, size=_H),
+    *_norm_rows(r"layers\.{L}\.self_attn\.k_norm", "layers/attn/k_norm", bias=False, size=_H),
+]
+# Gemma 2 / 3: post_attention_layernorm norms the attention output (sandwich), the MLP's
+# input norm is pre_feedforward_layernorm
+_GEMMA2_ROWS = [r for r in LLAMA_ROWS if "post_attention_layernorm" not in r.pattern] + [
+    *_norm_rows(r"layers\.{L}\.post_attention_layernorm", "layers/post_attn_norm", bias=False),
+    *_norm_rows(r"layers\.{L}\.pre_feedforward_layernorm", "layers/mlp_norm", bias=False),
+    *_norm_rows(r"layers\.{L}\.post_feedforward_layernorm", "layers/post_mlp_norm", bias=False),
+]
+PHI3_ROWS = [r for r in LLAMA_ROWS if not re.search(r"[qkv]_proj|gate_proj|up_proj", r.pattern)] + [
+    Row(r"layers\.{L}\.self_attn\.qkv_proj\.weight", "layers/attn/qkv/kernel", phi3_qkv_kernel),
+    Row(r"layers\.{L}\.mlp\.gate_up_proj\.weight", "layers/mlp/wi/kernel", gate_up_kernel),
+]
+GPT_NEOX_ROWS = [
+    Row(r"embed_in\.weight", "embed/token/embedding", token_embedding),
+    *_norm_rows(r"layers\.{L}\.input_layernorm", "layers/attn_norm"),
+    *_norm_rows(r"layers\.{L}\.post_attention_layernorm", "layers/mlp_norm"),
+    Row(r"layers\.{L}\.attention\.query_key_value\.weight", "layers/attn/qkv/kernel",
+        grouped_qkv_kernel),
+    Row(r"layers\.{L}\.attention\.query_key_value\.bias", "layers/attn/qkv/bias",
+        grouped_qkv_bias),
+    Row(r"layers\.{L}\.attention\.dense\.weight", "layers/attn/out/kernel", out_linear),
+    Row(r"layers\.{L}\.attention\.dense\.bias", "layers/attn/out/bias", vec(_D)),
+    Row(r"layers\.{L}\.mlp\.dense_h_to_4h\.weight", "layers/mlp/wi/kernel", linear(_D, _F)),
+    Row(r"layers\.{L}\.mlp\.dense_h_to_4h\.bias", "layers/mlp/wi/bias", vec(_F)),
+    Row(r"layers\.{L}\.mlp\.dense_4h_to_h\.weight", "layers/mlp/wo/kernel", linear(_F, _D)),
+    Row(r"layers\.{L}\.mlp\.dense_4h_to_h\.bias", "layers/mlp/wo/bias", vec(_D)),
+    *_norm_rows(r"final_layer_norm", "final_norm"),
+    Row(r"embed_out\.weight", "lm_head/kernel", lm_head),
+]
+GPTJ_ROWS = [
+    Row(r"wte\.weight", "embed/token/embedding", token_embedding),
+    *_norm_rows(r"h\.{L}\.ln_1", "layers/attn_norm"),
+    Row(r"h\.{L}\.attn\.q_proj\.weight", "layers/attn/qkv/kernel", q_kernel, Q),
+    Row(r"h\.{L}\.attn\.k_proj\.weight", "layers/attn/qkv/kernel", kv_kernel, K_),
+    Row(r"h\.{L}\.attn\.v_proj\.weight", "layers/attn/qkv/kernel", kv_kernel, V_),
+    Row(r"h\.{L}\.attn\.out_proj\.weight", "layers/attn/out/kernel", out_linear),
+    Row(r"h\.{L}\.attn\.out_proj\.bias", "layers/attn/out/bias", vec(_D)),  # absent: zeros
+    Row(r"h\.{L}\.mlp\.fc_in\.weight", "layers/mlp/wi/kernel", linear(_D, _F)),
+    Row(r"h\.{L}\.mlp\.fc_in\.bias", "layers/mlp/wi/bias", vec(_F)),
+    Row(r"h\.{L}\.mlp\.fc_out\.weight", "layers/mlp/wo/kernel", linear(_F, _D)),
+    Row(r"h\.{L}\.mlp\.fc_out\.bias", "layers/mlp/wo/bias", vec(_D)),
+    *_norm_rows(r"ln_f", "final_norm"),
+    Row(r"lm_head\.weight", "lm_head/kernel", lm_head),
+    Row(r"lm_head\.bias", "lm_head/bias", vocab_bias),
+]
+OPT_ROWS = [
+    Row(r"embed_tokens\.weight", "embed/token/embedding", token_embedding),
+    Row(r"embed_positions\.weight", "embed/position/embedding", table(_P2)),
+    Row(r"layers\.{L}\.self_attn\.q_proj\.weight", "layers/attn/qkv/kernel", q_kernel, Q),
+    Row(r"layers\.{L}\.self_attn\.k_proj\.weight", "layers/attn/qkv/kernel", kv_kernel, K_),
+    Row(r"layers\.{L}\.self_attn\.v_proj\.weight", "layers/attn/qkv/kernel", kv_kernel, V_),
+    Row(r"layers\.{L}\.self_attn\.q_proj\.bias", "layers/attn/qkv/bias", q_bias, QB),
+    Row(r"layers\.{L}\.self_attn\.k_proj\.bias", "layers/attn/qkv/bias", kv_bias, KB),
+    Row(r"layers\.{L}\.self_attn\.v_proj\.bias", "layers/attn/qkv/bias", kv_bias, VB),
+    Row(r"layers\.{L}\.self_attn\.out_proj\.weight", "layers/attn/out/kernel", out_linear),
+    Row(r"layers\.{L}\.self_attn\.out_proj\.bias", "layers/attn/out/bias", vec(_D)),
+    *_norm_rows(r"layers\.{L}\.self_attn_layer_norm", "layers/attn_norm"),
+    Row(r"layers\.{L}\.fc1\.weight", "layers/mlp/wi/kernel", linear(_D, _F)),
+    Row(r"layers\.{L}\.fc1\.bias", "layers/mlp/wi/bias", vec(_F)),
+    Row(r"layers\.{L}\.fc2\.weight", "layers/mlp/wo/kernel", linear(_F, _D)),
+    Row(r"layers\.{L}\.fc2\.bias", "layers/mlp/wo/bias", vec(_D)),
+    *_norm_rows(r"layers\.{L}\.final_layer_norm", "layers/mlp_norm"),
+    *_norm_rows(r"final_layer_norm", "final_norm"),
+    Row(r"lm_head\.weight", "lm_head/kernel", lm_head),
+]
+_FUSED_QKV = [  # Falcon and BLOOM: query_key_value / dense / dense_h_to_4h / dense_4h_to_h
+    Row(r"h\.{L}\.self_attention\.query_key_value\.weight", "layers/attn/qkv/kernel",
+        grouped_qkv_kernel),
+    Row(r"h\.{L}\.self_attention\.query_key_value\.bias", "layers/attn/qkv/bias",
+        grouped_qkv_bias),
+    Row(r"h\.{L}\.self_attention\.dense\.weight", "layers/attn/out/kernel", out_linear),
+    Row(r"h\.{L}\.self_attention\.dense\.bias", "layers/attn/out/bias", vec(_D)),
+    Row(r"h\.{L}\.mlp\.dense_h_to_4h\.weight", "layers/mlp/wi/kernel", linear(_D, _F)),
+    Row(r"h\.{L}\.mlp\.dense_h_to_4h\.bias", "layers/mlp/wi/bias", vec(_F)),
+    Row(r"h\.{L}\.mlp\.dense_4h_to_h\.weight", "layers/mlp/wo/kernel", linear(_F, _D)),
+    Row(r"h\.{L}\.mlp\.dense_4h_to_h\.bias", "layers/mlp/wo/bias", vec(_D)),
+    Row(r"word_embeddings\.weight", "embed/token/embedding", token_embedding),
+    *_norm_rows(r"ln_f", "final_norm"),
+    Row(r"lm_head\.weight", "lm_head/kernel", lm_head),
+]
+FALCON_ROWS = _FUSED_QKV + [
+    # new architecture: ln_attn / ln_mlp (or one input_layernorm); old: input_layernorm and,
+    # without parallel attention, post_attention_layernorm
+    *_norm_rows(r"h\.{L}\.(?:ln_attn|input_layernorm)", "layers/attn_norm"),
+    *_norm_rows(r"h\.{L}\.(?:ln_mlp|post_attention_layernorm)", "layers/mlp_norm"),
+]
+BLOOM_ROWS = _FUSED_QKV + [
+    *_norm_rows(r"word_embeddings_layernorm", "embed/norm"),
+    *_norm_rows(r"h\.{L}\.input_layernorm", "layers/attn_norm"),
+    *_norm_rows(r"h\.{L}\.post_attention_layernorm", "layers/mlp_norm"),
 ]
 
 
@@ -253,6 +381,21 @@ FAMILIES = {
                    ignore=(r"h\.\d+\.attn\.(bias|masked_bias)",),
                    tied_aliases=(r"lm_head\.weight",)),
     "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA,
+    "qwen3": Family("model.", LLAMA_ROWS + _QK_NORM_ROWS, _LLAMA.ignore, _LLAMA.tied_aliases),
+    "phi3": Family("model.", PHI3_ROWS, _LLAMA.ignore, _LLAMA.tied_aliases),
+    "gemma": Family("model.", LLAMA_ROWS, _LLAMA.ignore, _LLAMA.tied_aliases),
+    "gemma2": Family("model.", _GEMMA2_ROWS, _LLAMA.ignore, _LLAMA.tied_aliases),
+    "gemma3_text": Family("model.", _GEMMA2_ROWS + _QK_NORM_ROWS, _LLAMA.ignore,
+                          _LLAMA.tied_aliases),
+    "gpt_neox": Family("gpt_neox.", GPT_NEOX_ROWS,
+                       ignore=(r"layers\.\d+\.attention\.(bias|masked_bias|rotary_emb\.inv_freq)",),
+                       tied_aliases=(r"embed_out\.weight",)),
+    "gptj": Family("transformer.", GPTJ_ROWS, ignore=(r"h\.\d+\.attn\.(bias|masked_bias)",),
+                   # GPT-J's attention output has no bias; linear_bias is the MLP's
+                   zero_ok=("layers/attn/out/bias",)),
+    "opt": Family("model.decoder.", OPT_ROWS, tied_aliases=(r"lm_head\.weight",)),
+    "falcon": Family("transformer.", FALCON_ROWS, tied_aliases=(r"lm_head\.weight",)),
+    "bloom": Family("transformer.", BLOOM_ROWS, tied_aliases=(r"lm_head\.weight",)),
     "bert": Family("bert.", _bert_rows(False), _BERT_IGNORE, _BERT_TIED),
     "megatron-bert": Family("bert.", _bert_rows(True), _BERT_IGNORE, _BERT_TIED),
 }

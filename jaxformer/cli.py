@@ -181,7 +181,7 @@ def cmd_info(args) -> int:
 
     import jax
 
-    from jaxformer import memory
+    from jaxformer import kv_replicate, memory
     from jaxformer import sharding as shd
     from jaxformer.config import ModelConfig
     quantize = quantize_value(args.quantize)
@@ -201,7 +201,11 @@ def cmd_info(args) -> int:
         raise UsageError(f"--max-length {args.max_length}: must be in [2, {limit}], the "
                          f"context of {config.name or 'the model'} (max_position_embeddings)")
     sizes = {"data": args.data, "pipe": args.pipe, "tensor": args.tensor}
-    shd.check_divisible(config, SimpleNamespace(shape=sizes), shd.load_rules(args.rules))
+    # fewer kv heads than tensor: planned as load() runs it, each kv head copied
+    mesh_sizes, rules = SimpleNamespace(shape=sizes), shd.load_rules(args.rules)
+    config = kv_replicate.replicated_config(config, kv_replicate.factor(config, mesh_sizes,
+                                                                        rules))
+    shd.check_divisible(config, mesh_sizes, rules)
     # a plan against given device memory is for an accelerator: count what it would load
     target = "gpu" if args.device_memory is not None or os.environ.get(
         memory.ENV_DEVICE_MEMORY) else jax.default_backend()

@@ -21,7 +21,9 @@ import yaml
 from jaxformer.quant import spec as quant_spec
 
 ARCHS = ("decoder", "encoder")
-POSITION_EMBEDDINGS = ("learned", "rope", "none")
+POSITION_EMBEDDINGS = ("learned", "rope", "alibi", "none")
+ROPE_SCALINGS = ("none", "linear", "dynamic", "yarn", "llama3", "longrope")
+LAYER_TYPES = ("full", "sliding")
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "squared_relu", "silu")
@@ -36,7 +38,10 @@ class ModelConfig:
 
     Covers GPT-2, Megatron GPT-3 (learned positions, LayerNorm, GeLU tanh/erf, tied or untied
     head, biases), LLaMA-style decoders (RoPE, RMSNorm, SwiGLU, GQA, no biases) and BERT
-    (token types, post-LN, pooler, MLM head, binary head).
+    (token types, post-LN, pooler, MLM head, binary head), and the variants of the families
+    in docs/models.md (rope scalings, sliding windows, QK-norm, soft-capping, sandwich norms,
+    parallel residuals, ALiBi, offset positions); each variant is a field below, and
+    combinations jaxformer does not implement are refused naming the field.
     """
 
     vocab_size: int  # true vocabulary; logits are returned for exactly these ids
@@ -73,6 +78,33 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
+    # ---- rope scaling (transformers' rope_type; layers/rope.py gives the formulas) ----
+    rope_scaling: str = "none"  # none | linear | dynamic | yarn | llama3 | longrope
+    rope_factor: float = 1.0
+    rope_original_max_positions: int | None = None  # the pre-training context
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_beta_fast: float = 32.0  # yarn
+    rope_beta_slow: float = 1.0  # yarn
+    rope_truncate: bool = True  # yarn: integer correction range
+    rope_attention_factor: float | None = None  # yarn / longrope cos-sin scale; None: derived
+    rope_long_factor: tuple[float, ...] | None = None  # longrope, rotary_dim / 2 each
+    rope_short_factor: tuple[float, ...] | None = None
+    rope_local_theta: float | None = None  # Gemma 3: plain rope of this theta on sliding layers
+    # ---- attention variants ----
+    sliding_window: int | None = None  # W: a query sees its last W keys (itself included)
+    layer_types: tuple[str, ...] | None = None  # per layer "full" | "sliding"; None: all sliding
+    qk_norm: bool = False  # `norm` over H of q and k before rope (Qwen 3, Gemma 3, Megatron)
+    attn_softcap: float | None = None  # scores -> c * tanh(scores / c) (Gemma 2)
+    # ---- block and head variants ----
+    norm_offset: float = 0.0  # Gemma: norms scale by (offset + w)
+    sandwich_norm: bool = False  # Gemma 2/3: norms on the attention and MLP outputs too
+    parallel_residual: bool = False  # x + attn(n1(x)) + mlp(n2(x)) (GPT-NeoX, GPT-J, Falcon)
+    parallel_norms: int = 2  # 1: one norm feeds both branches (GPT-J, Falcon-7B)
+    embed_scale: float | None = None  # token embeddings times this (Gemma: sqrt(D))
+    position_offset: int = 0  # learned positions read row position + offset (OPT: 2)
+    lm_head_bias: bool = False  # untied LM head with a bias (GPT-J)
+    final_softcap: float | None = None  # logits -> c * tanh(logits / c) (Gemma 2)
     name: str = ""
 
     def __post_init__(self):
@@ -106,6 +138,7 @@ class ModelConfig:
             if rot % 2 or rot <= 0:
                 fail("rope_fraction", f"rotary dim {rot} (head_dim {self.dims_per_head} x "
                      f"{self.rope_fraction}) must be a positive even number")
+        self._check_variants(fail)
         if not self.norm_eps > 0:
             fail("norm_eps", f"must be positive, got {self.norm_eps}")
         if self.type_vocab_size < 0:
@@ -123,6 +156,80 @@ class ModelConfig:
             v = getattr(self, field)
             if v is not None and not 0 <= v < self.vocab_size:
                 fail(field, f"{v} is outside the vocabulary [0, {self.vocab_size})")
+
+    def _check_variants(self, fail):
+        for field in ("rope_long_factor", "rope_short_factor", "layer_types"):
+            v = getattr(self, field)
+            if isinstance(v, list):  # from JSON
+                object.__setattr__(self, field, tuple(v))
+        if self.rope_scaling not in ROPE_SCALINGS:
+            fail("rope_scaling", f"must be one of {ROPE_SCALINGS}, got {self.rope_scaling!r}")
+        if self.rope_scaling != "none":
+            if self.position_embedding != "rope":
+                fail("rope_scaling", f"needs position_embedding='rope', got "
+                     f"{self.position_embedding!r}")
+            if self.rope_scaling != "longrope" and not self.rope_factor >= 1.0:
+                fail("rope_factor", f"must be >= 1, got {self.rope_factor}")
+            if self.rope_scaling in ("dynamic", "yarn", "llama3", "longrope") and \
+                    not self.rope_original_max_positions:
+                fail("rope_original_max_positions", f"rope_scaling={self.rope_scaling!r} "
+                     f"needs the pre-training context length")
+        if self.rope_scaling == "llama3" and \
+                not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+            fail("rope_low_freq_factor", "llama3 needs 0 < low_freq_factor < high_freq_factor")
+        if self.rope_scaling == "longrope":
+            for field in ("rope_long_factor", "rope_short_factor"):
+                v = getattr(self, field)
+                if v is None or len(v) != self.rotary_dim // 2:
+                    fail(field, f"longrope needs rotary_dim / 2 = {self.rotary_dim // 2} "
+                         f"factors, got {None if v is None else len(v)}")
+        elif self.rope_long_factor is not None or self.rope_short_factor is not None:
+            fail("rope_long_factor", "long / short factors belong to rope_scaling='longrope'")
+        if self.rope_local_theta is not None and (self.layer_types is None or
+                                                  self.position_embedding != "rope"):
+            fail("rope_local_theta", "needs rope and layer_types naming the sliding layers")
+        if self.sliding_window is not None:
+            if not isinstance(self.sliding_window, int) or self.sliding_window <= 0:
+                fail("sliding_window", f"must be a positive integer or None, got "
+                     f"{self.sliding_window!r}")
+            if not self.causal:
+                fail("sliding_window", "only decoders attend through a sliding window")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_layers or \
+                    any(t not in LAYER_TYPES for t in self.layer_types):
+                fail("layer_types", f"must be {self.num_layers} entries of {LAYER_TYPES}, "
+                     f"got {self.layer_types!r}")
+            if "sliding" in self.layer_types and self.sliding_window is None:
+                fail("layer_types", "sliding layers need sliding_window")
+        for field in ("attn_softcap", "final_softcap", "embed_scale"):
+            v = getattr(self, field)
+            if v is not None and not v > 0:
+                fail(field, f"must be positive or None, got {v!r}")
+        if self.parallel_residual and (self.norm_position != "pre" or self.sandwich_norm
+                                       or self.residual_from_norm):
+            fail("parallel_residual", "is a pre-LN block without sandwich norms or "
+                 "residual_from_norm")
+        if self.parallel_norms not in (1, 2):
+            fail("parallel_norms", f"must be 1 or 2, got {self.parallel_norms!r}")
+        if self.parallel_norms == 1 and not self.parallel_residual:
+            fail("parallel_norms", "one shared norm needs parallel_residual=True")
+        if self.sandwich_norm and self.norm_position != "pre":
+            fail("sandwich_norm", "needs norm_position='pre'")
+        if self.position_offset < 0 or (self.position_offset and
+                                        self.position_embedding != "learned"):
+            fail("position_offset", "is a non-negative row offset of learned positions")
+        if self.lm_head_bias and self.tie_embeddings:
+            fail("lm_head_bias", "needs an untied head (tie_embeddings=False)")
+        if self.position_embedding == "alibi" and not self.causal:
+            fail("position_embedding", "ALiBi is implemented for decoders only")
+
+    def layer_is_sliding(self) -> tuple[bool, ...]:
+        """Per layer: does it attend through the sliding window?"""
+        if self.sliding_window is None:
+            return (False,) * self.num_layers
+        if self.layer_types is None:
+            return (True,) * self.num_layers
+        return tuple(t == "sliding" for t in self.layer_types)
 
     # ---- derived sizes -------------------------------------------------------------
     @property

@@ -1,9 +1,11 @@
 """Hugging Face `config.json` -> ModelConfig, for the families jaxformer computes exactly.
 
-Supported `model_type`s: gpt2; llama, mistral, qwen2 (LLaMA-style: RoPE, RMSNorm, SwiGLU, GQA);
-bert (post-LN) and megatron-bert (pre-LN). Anything whose numerics jaxformer does not
-implement (rope scaling, attention scaled by layer index, relative positions, ...) is refused
-with a ValueError rather than converted into a model that silently computes something else.
+Supported `model_type`s: gpt2; llama (every rope scaling), mistral (sliding window), qwen2,
+qwen3 (QK-norm), phi3, gemma, gemma2, gemma3_text (LLaMA-style: RoPE, RMSNorm, gated MLP, GQA,
+plus their variants); gpt_neox, gptj, opt, falcon, bloom; bert (post-LN) and megatron-bert
+(pre-LN). Anything whose numerics jaxformer does not implement (attention scaled by layer
+index, relative positions, Falcon's ALiBi, ...) is refused with a ValueError rather than
+converted into a model that silently computes something else.
 
 Head flags of encoders (pooler, MLM head, binary head) describe the weights a checkpoint
 holds, which a config cannot know; the converter sets them from the keys it finds
@@ -11,6 +13,7 @@ holds, which a config cannot know; the converter sets them from the keys it find
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 from jaxformer.config import ModelConfig
@@ -27,8 +30,9 @@ ACTIVATIONS = {
     "swish": "silu",
 }
 
-LLAMA_STYLE = ("llama", "mistral", "qwen2")
-SUPPORTED = ("gpt2", *LLAMA_STYLE, "bert", "megatron-bert")
+LLAMA_STYLE = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text")
+SUPPORTED = ("gpt2", *LLAMA_STYLE, "gpt_neox", "gptj", "opt", "falcon", "bloom", "bert",
+             "megatron-bert")
 
 
 def _as_dict(hf: Any) -> dict[str, Any]:
@@ -83,6 +87,10 @@ def from_hf_config(hf: Any) -> ModelConfig:
         return _gpt2(d)
     if model_type in LLAMA_STYLE:
         return _llama(d, model_type)
+    other = {"gpt_neox": _gpt_neox, "gptj": _gptj, "opt": _opt, "falcon": _falcon,
+             "bloom": _bloom}
+    if model_type in other:
+        return other[model_type](d, model_type)
     if model_type in ("bert", "megatron-bert"):
         return _bert(d, model_type)
     raise ValueError(f"unsupported Hugging Face model_type {model_type!r}; supported: "
@@ -118,63 +126,228 @@ def _gpt2(d: Mapping[str, Any]) -> ModelConfig:
     )
 
 
-def _rope_theta(d: Mapping[str, Any], mt: str) -> float:
-    # transformers >= 5 keeps rope settings in `rope_parameters`; older ones in rope_theta /
-    # rope_scaling.
-    params = d.get("rope_parameters") or {}
-    scaling = d.get("rope_scaling") or {}
-    for p in (params, scaling):
-        kind = p.get("rope_type", p.get("type", "default"))
-        _refuse_if(kind not in ("default", None), mt, f"rope scaling type {kind!r}")
-    if d.get("partial_rotary_factor", 1.0) not in (1, 1.0, None):
-        _refuse_if(True, mt, f"partial_rotary_factor={d['partial_rotary_factor']}")
-    theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
-    return float(theta)
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
+
+
+def _rope_params(d: Mapping[str, Any]) -> dict[str, Any]:
+    """The rope settings wherever this config version keeps them (transformers >= 5:
+    `rope_parameters`; before: rope_theta / rope_scaling / partial_rotary_factor)."""
+    p = dict(d.get("rope_scaling") or {})
+    p.update(d.get("rope_parameters") or {})
+    p.setdefault("rope_theta", d.get("rope_theta", 10000.0))
+    for k in ("partial_rotary_factor", "original_max_position_embeddings"):
+        if p.get(k) is None and d.get(k) is not None:
+            p[k] = d[k]
+    return p
+
+
+def _rope(p: Mapping[str, Any], mt: str, max_pos: int, rotary_dim: int
+          ) -> tuple[dict[str, Any], int]:
+    """(ModelConfig rope fields, max_position_embeddings) from one rope parameter dict.
+
+    The scalings that let positions run past the configured context (linear, dynamic) get
+    max_position_embeddings x factor; yarn and llama3 at least original x factor."""
+    kind = p.get("rope_type", p.get("type")) or "default"
+    _refuse_if(kind not in ROPE_TYPES, mt, f"rope scaling type {kind!r}")
+    f: dict[str, Any] = {"rope_theta": float(p["rope_theta"])}
+    if kind == "default":
+        return f, max_pos
+    factor = p.get("factor")
+    orig = p.get("original_max_position_embeddings")
+    f["rope_scaling"] = kind
+    if kind in ("linear", "dynamic"):
+        f["rope_factor"] = float(factor)
+        if kind == "dynamic":  # transformers' threshold is max_position_embeddings
+            f["rope_original_max_positions"] = max_pos
+        return f, int(max_pos * factor)
+    _refuse_if(orig is None, mt, f"rope_type {kind!r} without original_max_position_embeddings")
+    f["rope_original_max_positions"] = int(orig)
+    if kind == "llama3":
+        f.update(rope_factor=float(factor), rope_low_freq_factor=float(p["low_freq_factor"]),
+                 rope_high_freq_factor=float(p["high_freq_factor"]))
+        return f, max(max_pos, int(orig * factor))
+    if kind == "yarn":
+        factor = float(factor if factor is not None else max_pos / orig)
+        att = p.get("attention_factor")
+        ms, ms_all = p.get("mscale"), p.get("mscale_all_dim")
+        if att is None and ms and ms_all:
+            def m(x):
+                return 0.1 * x * math.log(factor) + 1.0 if factor > 1 else 1.0
+            att = m(ms) / m(ms_all)
+        f.update(rope_factor=factor, rope_attention_factor=None if att is None else float(att),
+                 rope_beta_fast=float(p.get("beta_fast") or 32),
+                 rope_beta_slow=float(p.get("beta_slow") or 1),
+                 rope_truncate=bool(p.get("truncate", True)))
+        return f, max(max_pos, int(orig * factor))
+    # longrope: the cos / sin scale follows `factor` (default max_pos / original)
+    factor = float(factor if factor is not None else max_pos / orig)
+    att = p.get("attention_factor")
+    if att is None:
+        att = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(orig))
+    f.update(rope_attention_factor=float(att),
+             rope_long_factor=tuple(float(x) for x in p["long_factor"]),
+             rope_short_factor=tuple(float(x) for x in p["short_factor"]))
+    return f, max_pos
+
+
+def _fraction(rotary: int, H: int, mt: str) -> float:
+    frac = rotary / H
+    _refuse_if(int(H * frac) != rotary, mt, f"rotary dim {rotary} of head_dim {H}")
+    return frac
+
+
+def _layer_types(d: Mapping[str, Any], L: int, default) -> tuple[str, ...] | None:
+    types = d.get("layer_types") or [default(i) for i in range(L)]
+    return tuple("sliding" if t == "sliding_attention" else "full" for t in types)
+
+
+def _decoder(d: Mapping[str, Any], mt: str, **fields) -> ModelConfig:
+    vocab = d["vocab_size"]
+    try:
+        return ModelConfig(name=_name(d, mt), arch="decoder", vocab_size=vocab,
+                           **{**_special(d, vocab), **fields})
+    except ValueError as e:
+        raise ValueError(f"{mt}: {e}") from None
 
 
 def _llama(d: Mapping[str, Any], mt: str) -> ModelConfig:
+    """llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text."""
     D, N = d["hidden_size"], d["num_attention_heads"]
     K = d.get("num_key_value_heads") or N
-    vocab = d["vocab_size"]
+    L = d["num_hidden_layers"]
     H = d.get("head_dim") or D // N
     _refuse_if(d.get("pretraining_tp", 1) not in (1, None), mt,
                f"pretraining_tp={d.get('pretraining_tp')}")
-    max_pos = d["max_position_embeddings"]
-    if mt == "qwen2":
-        _refuse_if(bool(d.get("use_window")), mt, "use_window=True")
-        qkv_bias, linear_bias = True, False  # Qwen2: q/k/v biases only
-    else:
-        if mt == "mistral" and d.get("window"):
-            # Within the window, sliding-window attention is full causal attention; longer
-            # sequences are refused by the max_position_embeddings check.
-            max_pos = min(max_pos, int(d["window"]))
+    p = _rope_params(d)
+    frac = float(p.get("partial_rotary_factor") or 1.0)
+    rope_p, local_theta = p, None
+    if isinstance(p.get("full_attention"), Mapping):  # gemma3: rope per layer type
+        rope_p = {"rope_theta": 10000.0, **p["full_attention"]}
+        local = p.get("sliding_attention") or {}
+        _refuse_if((local.get("rope_type") or "default") != "default", mt,
+                   "rope scaling on sliding layers")
+        local_theta = float(local.get("rope_theta", 10000.0))
+    elif mt == "gemma3_text":
+        local_theta = float(d.get("rope_local_base_freq", 10000.0))
+    rope, max_pos = _rope(rope_p, mt, d["max_position_embeddings"], int(H * frac))
+    act = d.get("hidden_activation") or d.get("hidden_act", "silu")
+    f: dict[str, Any] = dict(
+        hidden_size=D, num_layers=L, num_heads=N, num_kv_heads=None if K == N else K,
+        head_dim=None if H * N == D else H, ffn_size=d["intermediate_size"],
+        position_embedding="rope", rope_fraction=frac, norm="rmsnorm",
+        norm_eps=d.get("rms_norm_eps", 1e-6), activation=_activation(act, mt), gated_mlp=True,
+        tie_embeddings=bool(d.get("tie_word_embeddings", mt.startswith("gemma"))), **rope)
+    window = d.get("sliding_window")
+    if mt in ("qwen2", "qwen3"):
+        types = _layer_types(d, L, lambda i: "sliding_attention" if d.get("use_sliding_window")
+                             and i >= d.get("max_window_layers", L) else "full_attention")
+        if "sliding" in types:
+            f.update(sliding_window=int(window), layer_types=types)
+        f.update(qkv_bias=mt == "qwen2", linear_bias=False, qk_norm=mt == "qwen3")
+    elif mt.startswith("gemma"):
+        f.update(qkv_bias=bool(d.get("attention_bias")), linear_bias=False, norm_offset=1.0,
+                 embed_scale=math.sqrt(D))
+        if mt != "gemma":
+            period = 2 if mt == "gemma2" else d.get("sliding_window_pattern", 6)
+            types = _layer_types(d, L, lambda i: "sliding_attention" if (i + 1) % period
+                                 else "full_attention")
+            f.update(sandwich_norm=True, attn_scale=float(d["query_pre_attn_scalar"]) ** -0.5,
+                     attn_softcap=d.get("attn_logit_softcapping"),
+                     final_softcap=d.get("final_logit_softcapping"),
+                     sliding_window=int(window) if "sliding" in types else None,
+                     layer_types=types if "sliding" in types else None,
+                     qk_norm=mt == "gemma3_text")
+            if mt == "gemma3_text" and "sliding" in types:
+                f["rope_local_theta"] = local_theta
+    else:  # llama, mistral, phi3
+        if window and mt in ("mistral", "phi3"):
+            f["sliding_window"] = int(window)
         attention_bias = bool(d.get("attention_bias", False))
-        qkv_bias = attention_bias
         # LLaMA's attention_bias also gives o_proj a bias; mlp_bias gives the MLP biases.
         # jaxformer's linear_bias covers both; missing ones are converted as zeros.
-        linear_bias = attention_bias or bool(d.get("mlp_bias", False))
-    return ModelConfig(
-        name=_name(d, mt),
-        arch="decoder",
-        vocab_size=vocab,
-        hidden_size=D,
-        num_layers=d["num_hidden_layers"],
-        num_heads=N,
-        num_kv_heads=None if K == N else K,  # canonical: None means K = N
-        head_dim=None if H * N == D else H,
-        ffn_size=d["intermediate_size"],
-        max_position_embeddings=max_pos,
-        position_embedding="rope",
-        rope_theta=_rope_theta(d, mt),
-        norm="rmsnorm",
-        norm_eps=d.get("rms_norm_eps", 1e-6),
-        activation=_activation(d.get("hidden_act", "silu"), mt),
-        gated_mlp=True,
-        qkv_bias=qkv_bias,
-        linear_bias=linear_bias,
-        tie_embeddings=bool(d.get("tie_word_embeddings", False)),
-        **_special(d, vocab),
-    )
+        f.update(qkv_bias=attention_bias,
+                 linear_bias=attention_bias or bool(d.get("mlp_bias", False)))
+    return _decoder(d, mt, max_position_embeddings=max_pos, **f)
+
+
+def _gpt_neox(d: Mapping[str, Any], mt: str) -> ModelConfig:
+    D, N = d["hidden_size"], d["num_attention_heads"]
+    p = _rope_params(d)
+    frac = float(p.get("partial_rotary_factor") or d.get("rotary_pct") or 1.0)
+    rope, max_pos = _rope(p, mt, d["max_position_embeddings"], int(D // N * frac))
+    _refuse_if(not d.get("attention_bias", True), mt, "attention_bias=False")
+    return _decoder(d, mt, hidden_size=D, num_layers=d["num_hidden_layers"], num_heads=N,
+                    ffn_size=d["intermediate_size"], max_position_embeddings=max_pos,
+                    position_embedding="rope", rope_fraction=frac, norm="layernorm",
+                    norm_eps=d.get("layer_norm_eps", 1e-5),
+                    activation=_activation(d.get("hidden_act", "gelu"), mt),
+                    parallel_residual=bool(d.get("use_parallel_residual", True)),
+                    tie_embeddings=bool(d.get("tie_word_embeddings", False)), **rope)
+
+
+def _gptj(d: Mapping[str, Any], mt: str) -> ModelConfig:
+    D, N = d["n_embd"], d["n_head"]
+    H = D // N
+    rot = d.get("rotary_dim") or H
+    return _decoder(d, mt, hidden_size=D, num_layers=d["n_layer"], num_heads=N,
+                    ffn_size=d.get("n_inner") or 4 * D, max_position_embeddings=d["n_positions"],
+                    position_embedding="rope", rope_fraction=_fraction(rot, H, mt),
+                    rope_interleaved=True, norm="layernorm",
+                    norm_eps=d.get("layer_norm_epsilon", 1e-5),
+                    activation=_activation(d.get("activation_function", "gelu_new"), mt),
+                    qkv_bias=False, linear_bias=True, parallel_residual=True, parallel_norms=1,
+                    tie_embeddings=False, lm_head_bias=True)
+
+
+def _opt(d: Mapping[str, Any], mt: str) -> ModelConfig:
+    D = d["hidden_size"]
+    _refuse_if(d.get("word_embed_proj_dim", D) != D, mt,
+               f"word_embed_proj_dim={d.get('word_embed_proj_dim')} != hidden_size (project_in)")
+    _refuse_if(not d.get("layer_norm_elementwise_affine", True), mt,
+               "layer_norm_elementwise_affine=False")
+    pre = bool(d.get("do_layer_norm_before", True))
+    _refuse_if(pre and d.get("_remove_final_layer_norm"), mt, "_remove_final_layer_norm=True")
+    bias = bool(d.get("enable_bias", True))
+    return _decoder(d, mt, hidden_size=D, num_layers=d["num_hidden_layers"],
+                    num_heads=d["num_attention_heads"], ffn_size=d["ffn_dim"],
+                    max_position_embeddings=d["max_position_embeddings"],
+                    position_embedding="learned", position_offset=2, norm="layernorm",
+                    norm_eps=1e-5, norm_position="pre" if pre else "post", final_norm=pre,
+                    activation=_activation(d.get("activation_function", "relu"), mt),
+                    qkv_bias=bias, linear_bias=bias,
+                    tie_embeddings=bool(d.get("tie_word_embeddings", True)))
+
+
+def _falcon(d: Mapping[str, Any], mt: str) -> ModelConfig:
+    D, N = d["hidden_size"], d["num_attention_heads"]
+    _refuse_if(bool(d.get("alibi")), mt, "alibi=True (Falcon-RW's ALiBi)")
+    new = bool(d.get("new_decoder_architecture"))
+    K = d.get("num_kv_heads") or N if new else (1 if d.get("multi_query", True) else N)
+    parallel = bool(d.get("parallel_attn", True)) or new
+    norms = (d.get("num_ln_in_parallel_attn") or 2) if new else 1
+    rope, max_pos = _rope(_rope_params(d), mt, d.get("max_position_embeddings", 2048), D // N)
+    bias = bool(d.get("bias", False))
+    return _decoder(d, mt, hidden_size=D, num_layers=d["num_hidden_layers"], num_heads=N,
+                    num_kv_heads=None if K == N else K, ffn_size=d.get("ffn_hidden_size") or 4 * D,
+                    max_position_embeddings=max_pos, position_embedding="rope",
+                    norm="layernorm", norm_eps=d.get("layer_norm_epsilon", 1e-5),
+                    activation=_activation(d.get("activation", "gelu"), mt),
+                    qkv_bias=bias, linear_bias=bias, parallel_residual=parallel,
+                    parallel_norms=norms if parallel else 2,
+                    tie_embeddings=bool(d.get("tie_word_embeddings", True)), **rope)
+
+
+def _bloom(d: Mapping[str, Any], mt: str) -> ModelConfig:
+    D = d.get("hidden_size") or d["n_embed"]
+    _refuse_if(d.get("pretraining_tp", 1) > 1 and d.get("slow_but_exact"), mt,
+               "slow_but_exact=True with pretraining_tp > 1")
+    return _decoder(d, mt, hidden_size=D, num_layers=d.get("n_layer") or d["num_hidden_layers"],
+                    num_heads=d.get("n_head") or d["num_attention_heads"],
+                    max_position_embeddings=d.get("seq_length") or 4096,
+                    position_embedding="alibi", norm="layernorm",
+                    norm_eps=d.get("layer_norm_epsilon", 1e-5), embed_norm=True,
+                    residual_from_norm=bool(d.get("apply_residual_connection_post_layernorm")),
+                    activation="gelu_tanh", tie_embeddings=bool(d.get("tie_word_embeddings", True)))
 
 
 def _bert(d: Mapping[str, Any], mt: str) -> ModelConfig:

@@ -23,7 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxformer import checkpoint as ckpt
-from jaxformer import hub
+from jaxformer import hub, kv_replicate
 from jaxformer import memory
 from jaxformer import progress as pg
 from jaxformer import sharding as shd
@@ -413,6 +413,13 @@ def load(path: str | os.PathLike, mesh: Mesh | None = None, dtype: str = "float3
     mesh = mesh or default_mesh()
     run, rules_table = _run_config(mesh, dtype, rules, attention, stored or wanted, layer_loop,
                                    kv_cache, quant_kernel)
+    # fewer kv heads than tensor (a multiple of them): each kv head copied (kv_replicate.py)
+    stored_config, r = config, kv_replicate.factor(config, mesh, rules_table)
+    if r > 1 and run.quantize is not None:
+        raise ValueError(f"load(quantize={run.quantize!r}): kv-head replication "
+                         f"({config.kv_heads} kv heads on tensor={mesh.shape['tensor']}) "
+                         f"needs float weights")
+    config = kv_replicate.replicated_config(config, r)
     shd.check_divisible(config, mesh, rules_table)
     qp.check_mesh(config, run.quantize, mesh, rules_table)
     plan = memory.check_fits(config, mesh, run.dtype,
@@ -434,10 +441,16 @@ def load(path: str | os.PathLike, mesh: Mesh | None = None, dtype: str = "float3
                                           run.dtype)
         else:
             shardings = param_shardings(config, mesh, rules_table, run.quantize)
-            dtypes = qp.target_dtypes(config, run.quantize, run.dtype)
+            restore_rules = rules_table if r == 1 else \
+                kv_replicate.unsharded_kv_rules(rules_table)
+            stored_sh = param_shardings(stored_config, mesh, restore_rules, run.quantize)
+            dtypes = qp.target_dtypes(stored_config, run.quantize, run.dtype)
             abstract = jax.tree.map(lambda s, d, sh: jax.ShapeDtypeStruct(s.shape, d, sharding=sh),
-                                    _pure_abstract(config, run.quantize), dtypes, shardings)
+                                    _pure_abstract(stored_config, run.quantize), dtypes,
+                                    stored_sh)
             params = ckpt.restore_params(path, abstract)
+            if r > 1:
+                params = kv_replicate.replicate_params(params, stored_config, r, shardings)
     log.info("restored %s in %.1fs", path, time.perf_counter() - t0)
     tok = None
     if tokenizer and (path / ckpt.TOKENIZER_DIR).is_dir():

@@ -52,6 +52,9 @@ class Spec:
     residual_from_norm: bool = False
     layernorm_1p: bool = False
     dtype: str = "float32"  # what the Megatron files store
+    qk_norm: bool = False  # megatron-core --qk-layernorm: q_layernorm / k_layernorm over H
+    rope_scaling: str = "none"  # none | llama3 (--use-rope-scaling) | linear (interpolation)
+    rope_factor: float = 1.0
 
     @property
     def kv(self):
@@ -101,6 +104,11 @@ def make_weights(spec: Spec, Vm: int, seed: int = 0) -> dict:
     for i in range(spec.L):
         p = f"l{i}."
         norm(p + "ln1")
+        if spec.qk_norm:
+            for qk in ("qln", "kln"):
+                W[p + qk + "_w"] = 1 + nrm(H, std=0.2)
+                if spec.norm == "layernorm":
+                    W[p + qk + "_b"] = nrm(H, std=0.2)
         W[p + "q"], W[p + "k"], W[p + "v"] = nrm(N * H, D), nrm(K * H, D), nrm(K * H, D)
         if spec.qkv_bias:
             W[p + "bq"], W[p + "bk"], W[p + "bv"] = nrm(N * H), nrm(K * H), nrm(K * H)
@@ -194,6 +202,11 @@ def layer_tensors(W, spec, i, r, tp, version):
          "fc2_w": np.split(W[f"l{i}.fc2"], tp, axis=1)[r]}
     if spec.norm == "layernorm":
         t["ln1_b"], t["ln2_b"] = W[f"l{i}.ln1_b"], W[f"l{i}.ln2_b"]
+    if spec.qk_norm:
+        for qk in ("qln", "kln"):
+            t[qk + "_w"] = _stored_norm(spec, W[f"l{i}.{qk}_w"])
+            if spec.norm == "layernorm":
+                t[qk + "_b"] = W[f"l{i}.{qk}_b"]
     if spec.qkv_bias:
         t["qkv_b"] = qkv_rank(W, spec, i, version, r, tp, bias=True)
     if spec.linear_bias:
@@ -258,7 +271,8 @@ def rank_model_state(W, spec, scheme, version, r, tp, layers, first, last, pp, e
     names = {"ln1": "self_attention.linear_qkv.layer_norm_" if te else "input_layernorm.",
              "ln2": "mlp.linear_fc1.layer_norm_" if te else "pre_mlp_layernorm.",
              "qkv": "self_attention.linear_qkv.", "proj": "self_attention.linear_proj.",
-             "fc1": "mlp.linear_fc1.", "fc2": "mlp.linear_fc2."}
+             "fc1": "mlp.linear_fc1.", "fc2": "mlp.linear_fc2.",
+             "qln": "self_attention.q_layernorm.", "kln": "self_attention.k_layernorm."}
     for local, i in enumerate(layers):
         pre = f"decoder.layers.{local}."
         for name, a in layer_tensors(W, spec, i, r, tp, 3).items():
@@ -345,6 +359,11 @@ def make_args(spec: Spec, *, version, tp, pp, vp=1, Vm, divisor, scheme="v2021",
         a.rotary_percent, a.rotary_base = spec.rope_fraction, int(spec.rope_theta)
         a.rotary_interleaved = spec.rope_interleaved
         a.apply_layernorm_1p = spec.layernorm_1p
+        a.qk_layernorm = spec.qk_norm
+        a.use_rope_scaling = spec.rope_scaling == "llama3"
+        a.rope_scaling_factor = spec.rope_factor if spec.rope_scaling == "llama3" else 8.0
+        a.rotary_seq_len_interpolation_factor = \
+            spec.rope_factor if spec.rope_scaling == "linear" else None
         a.bias_gelu_fusion = spec.act == "gelu_tanh"
         a.openai_gelu = False
         a.onnx_safe = None
@@ -581,13 +600,23 @@ def hf_llama(W, spec):
     import transformers as T
     assert spec.gated and spec.norm == "rmsnorm" and spec.position == "rope"
     assert not spec.linear_bias and not spec.qkv_bias and spec.rope_fraction == 1.0
-    cfg = T.LlamaConfig(vocab_size=spec.vocab, hidden_size=spec.D, intermediate_size=spec.F,
-                        num_hidden_layers=spec.L, num_attention_heads=spec.N,
-                        num_key_value_heads=spec.kv, head_dim=spec.hd,
-                        max_position_embeddings=spec.P, rms_norm_eps=spec.eps,
-                        rope_theta=spec.rope_theta, attention_bias=False, mlp_bias=False,
-                        tie_word_embeddings=spec.tied)
-    m = T.LlamaForCausalLM(cfg).eval()
+    rope = {"rope_type": "default", "rope_theta": spec.rope_theta}
+    if spec.rope_scaling == "llama3":  # megatron-core's fixed constants
+        rope.update(rope_type="llama3", factor=spec.rope_factor, low_freq_factor=1.0,
+                    high_freq_factor=4.0, original_max_position_embeddings=8192)
+    elif spec.rope_scaling == "linear":
+        rope.update(rope_type="linear", factor=spec.rope_factor)
+    # Qwen 3 is LLaMA plus an RMSNorm over H of q and k before rope: megatron-core's
+    # --qk-layernorm with RMSNorm
+    Config, Model = (T.Qwen3Config, T.Qwen3ForCausalLM) if spec.qk_norm else \
+        (T.LlamaConfig, T.LlamaForCausalLM)
+    cfg = Config(vocab_size=spec.vocab, hidden_size=spec.D, intermediate_size=spec.F,
+                 num_hidden_layers=spec.L, num_attention_heads=spec.N,
+                 num_key_value_heads=spec.kv, head_dim=spec.hd,
+                 max_position_embeddings=spec.P, rms_norm_eps=spec.eps,
+                 rope_parameters=rope, attention_bias=False,
+                 tie_word_embeddings=spec.tied, **({} if spec.qk_norm else {"mlp_bias": False}))
+    m = Model(cfg).eval()
     sd = {"model.embed_tokens.weight": W["word"][:spec.vocab], "model.norm.weight": W["lnf_w"],
           "lm_head.weight": (W["word"] if spec.tied else W["out"])[:spec.vocab]}
     for i in range(spec.L):
@@ -596,6 +625,8 @@ def hf_llama(W, spec):
                  "self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v",
                  "self_attn.o_proj": "o", "mlp.gate_proj": "gate", "mlp.up_proj": "up",
                  "mlp.down_proj": "fc2"}
+        if spec.qk_norm:
+            names.update({"self_attn.q_norm": "qln_w", "self_attn.k_norm": "kln_w"})
         sd.update({f"{h}{hf}.weight": W[p + ours] for hf, ours in names.items()})
     _load(m, sd)
     return lambda ids: m(torch.tensor(ids)).logits.detach().numpy()

@@ -4,7 +4,6 @@ import dataclasses
 import pytest
 
 from jaxformer.config import CONFIG_DIR, ModelConfig, RunConfig, list_presets
-from jaxformer.models import num_params
 
 PRESETS = sorted(p.stem for p in (CONFIG_DIR / "models").glob("*.yaml"))
 REQUIRED = ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "megatron-gpt-345m", "gpt3-1.3b",
@@ -32,7 +31,7 @@ def test_preset_loads_by_name(name, tmp_path):
     ("llama-7b", 6.74e9), ("llama-13b", 13.02e9), ("llama-70b", 68.98e9),
     ("bert-base", 110e6), ("bert-large", 340e6)])
 def test_num_params(name, expected):
-    n = num_params(ModelConfig.from_preset(name))
+    n = ModelConfig.from_preset(name).num_params()
     assert abs(n - expected) / expected < 0.02, (name, n)
 
 
@@ -59,7 +58,31 @@ BASE = dict(vocab_size=100, hidden_size=64, num_layers=2, num_heads=4)
     (dict(norm="batchnorm"), "norm"),
     (dict(norm_position="middle"), "norm_position"),
     (dict(arch="seq2seq"), "arch"),
-    (dict(position_embedding="alibi"), "position_embedding"),
+    (dict(position_embedding="sinusoidal"), "position_embedding"),
+    # model-family variants: each unsupported combination names its field
+    (dict(rope_scaling="ntk"), "rope_scaling"),
+    (dict(rope_scaling="linear", rope_factor=2.0), "rope_scaling"),  # not a rope model
+    (dict(position_embedding="rope", rope_scaling="yarn", rope_factor=4.0),
+     "rope_original_max_positions"),
+    (dict(position_embedding="rope", rope_scaling="linear", rope_factor=0.5), "rope_factor"),
+    (dict(position_embedding="rope", rope_scaling="longrope", rope_original_max_positions=16,
+          rope_long_factor=(1.0,), rope_short_factor=(1.0,)), "rope_long_factor"),
+    (dict(position_embedding="rope", rope_scaling="llama3", rope_original_max_positions=16,
+          rope_low_freq_factor=4.0, rope_high_freq_factor=1.0), "rope_low_freq_factor"),
+    (dict(sliding_window=0), "sliding_window"),
+    (dict(arch="encoder", sliding_window=4), "sliding_window"),
+    (dict(layer_types=("full",)), "layer_types"),
+    (dict(layer_types=("sliding", "full")), "layer_types"),  # no sliding_window
+    (dict(rope_local_theta=10.0), "rope_local_theta"),
+    (dict(attn_softcap=0.0), "attn_softcap"),
+    (dict(final_softcap=-1.0), "final_softcap"),
+    (dict(parallel_residual=True, sandwich_norm=True), "parallel_residual"),
+    (dict(parallel_norms=1), "parallel_norms"),
+    (dict(parallel_norms=3, parallel_residual=True), "parallel_norms"),
+    (dict(norm_position="post", sandwich_norm=True), "sandwich_norm"),
+    (dict(position_embedding="rope", position_offset=2), "position_offset"),
+    (dict(lm_head_bias=True), "lm_head_bias"),
+    (dict(arch="encoder", position_embedding="alibi"), "position_embedding"),
     (dict(hidden_size=0), "hidden_size"),
     (dict(num_layers=-1), "num_layers"),
     (dict(vocab_size=2.5), "vocab_size"),
@@ -109,7 +132,7 @@ def _check_hf(hf_cfg, model_cls, **replace):
     hf_model = model_cls(hf_cfg)
     pad = cfg.padded_vocab_size - cfg.vocab_size
     per_row = cfg.hidden_size * (1 if cfg.tie_embeddings else 2) + (1 if cfg.mlm_head else 0)
-    assert num_params(cfg) == _hf_num_params(hf_model) + pad * per_row
+    assert cfg.num_params() == _hf_num_params(hf_model) + pad * per_row
     return cfg
 
 
@@ -156,8 +179,8 @@ def test_from_hf_llama_biases_and_tying():
     assert qwen.qkv_bias and not qwen.linear_bias and qwen.kv_heads == 2
     mistral = ModelConfig.from_hf_config(transformers.MistralConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=100, window=256))
-    assert mistral.max_position_embeddings == 256  # full attention within the window
+        num_key_value_heads=2, vocab_size=100, sliding_window=256))
+    assert mistral.sliding_window == 256 and mistral.layer_types is None  # every layer
 
 
 def test_from_hf_bert():
@@ -183,8 +206,10 @@ def test_from_hf_megatron_bert():
 
 @pytest.mark.parametrize("hf,match", [
     ({"model_type": "t5"}, "t5"),
-    (dict(transformers.LlamaConfig(rope_scaling={"rope_type": "linear", "factor": 2.0}).to_dict()),
-     "rope"),
+    (dict(transformers.LlamaConfig().to_dict(), rope_parameters={"rope_type": "proportional",
+                                                                  "rope_theta": 1e4}), "rope"),
+    (dict(transformers.FalconConfig(alibi=True).to_dict()), "alibi"),
+    (dict(transformers.OPTConfig(word_embed_proj_dim=16).to_dict()), "word_embed_proj_dim"),
     (dict(transformers.GPT2Config(scale_attn_by_inverse_layer_idx=True).to_dict()),
      "scale_attn_by_inverse_layer_idx"),
     (dict(transformers.GPT2Config(activation_function="tanh").to_dict()), "tanh"),

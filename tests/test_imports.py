@@ -23,6 +23,7 @@ FLOORS = {
     # layers, kernels, the cache, sampling, quantized layer math
     "jaxformer.layers": 1, "jaxformer.kernels": 1, "jaxformer.cache": 1,
     "jaxformer.sampling": 1, "jaxformer.quant.ops": 1, "jaxformer.quant.module": 1,
+    "jaxformer.kv_replicate": 1,
     # models and the layer stack
     "jaxformer.models": 2,
     # the runtime

@@ -282,6 +282,29 @@ def test_mcore_local_spec(tmp_path):
     check_logits(tmp_path / "out", mf.hf_llama(W, LLAMA), LLAMA)
 
 
+@pytest.mark.parametrize("scaling,factor", [("llama3", 8.0), ("linear", 4.0)])
+def test_mcore_qk_layernorm_and_rope_scaling(tmp_path, scaling, factor):
+    """megatron-core --qk-layernorm (RMSNorm over H of q and k before rope) with
+    --use-rope-scaling (Llama 3.1's scaling; factor from --rope-scaling-factor) or
+    --rotary-seq-len-interpolation-factor (positions / f); the reference is transformers'
+    Qwen3 with that rope_type. The scaled reference differs from the unscaled one by far
+    more than TOL, so the scaling is really tested."""
+    import dataclasses
+    spec = dataclasses.replace(LLAMA, qk_norm=True, rope_scaling=scaling, rope_factor=factor,
+                               rope_theta=1e6, dtype="float32")
+    Vm = mf.padded_vocab(spec.vocab, 16, 2)
+    W = mf.make_weights(spec, Vm, seed=9)
+    mf.write_torch_checkpoint(tmp_path / "src", W, spec, scheme="mcore_local", version=3, tp=2,
+                              pp=1)
+    c = run_convert(tmp_path / "src", tmp_path / "out", true_vocab_size=spec.vocab)["config"]
+    assert c["qk_norm"] and c["rope_scaling"] == scaling and c["rope_factor"] == factor
+    ref = mf.hf_llama(W, spec)
+    ids = ids_for(spec)
+    plain = mf.hf_llama(W, dataclasses.replace(spec, rope_scaling="none"))(ids)
+    assert np.abs(plain - ref(ids)).max() > 100 * TOL
+    check_logits(tmp_path / "out", ref, spec, meshes=[(1, 1, 1), (1, 1, 2)])
+
+
 # ---- torch_dist ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("per_layer_keys", [False, True], ids=["stacked", "per-layer-keys"])
 def test_torch_dist_single_process(tmp_path, per_layer_keys):

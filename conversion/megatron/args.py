@@ -56,6 +56,29 @@ def gelu_variant(args, naming: str, linear_bias: bool, notes: list[str]) -> str:
     return "gelu"
 
 
+# megatron-core's --use-rope-scaling (RotaryEmbedding._apply_scaling): Llama 3.1's smoothing
+# with these constants fixed in the code; only the factor is an argument
+MCORE_LLAMA3 = dict(rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                    rope_original_max_positions=8192)
+
+
+def rope_scaling(a, where) -> dict:
+    """ModelConfig rope-scaling fields from megatron-core args: --use-rope-scaling with
+    --rope-scaling-factor (older: --rotary-scaling-factor; default 8) is Llama 3.1's
+    scaling, --rotary-seq-len-interpolation-factor f divides positions by f (linear)."""
+    interp = _get(a, "rotary_seq_len_interpolation_factor")
+    interp = None if interp in (None, 1, 1.0) else float(interp)
+    if _flag(a, "use_rope_scaling") or _flag(a, "rope_scaling"):
+        if interp is not None:
+            raise fail("both --use-rope-scaling and --rotary-seq-len-interpolation-factor",
+                       where, "args")
+        factor = _get(a, "rope_scaling_factor", "rotary_scaling_factor", default=8.0)
+        return dict(rope_scaling="llama3", rope_factor=float(factor), **MCORE_LLAMA3)
+    if interp is not None:
+        return dict(rope_scaling="linear", rope_factor=interp)
+    return {}
+
+
 def plan(src: Source, overrides: dict, *, true_vocab: int | None, keep_padding: bool,
          tokenizer=None, name: str = "") -> Plan:
     a = src.args
@@ -177,17 +200,10 @@ def plan(src: Source, overrides: dict, *, true_vocab: int | None, keep_padding: 
             notes.append("max_position_embeddings unknown: 2048 (override with "
                          "--max-position-embeddings)")
         if position == "rope":
-            for bad in ("rotary_seq_len_interpolation_factor", "rope_scaling_factor"):
-                v = _get(a, bad)
-                if v not in (None, 1, 1.0):
-                    raise fail(f"{bad} = {v} is not supported by jaxformer's RoPE", where,
-                               "args")
-            if _flag(a, "use_rope_scaling") or _flag(a, "rope_scaling"):
-                raise fail("Llama-3.1 rope scaling is not supported by jaxformer", where,
-                           "args")
             rope_kw = dict(rope_theta=float(_get(a, "rotary_base", default=10000)),
                            rope_fraction=float(_get(a, "rotary_percent", default=1.0)),
-                           rope_interleaved=_flag(a, "rotary_interleaved"))
+                           rope_interleaved=_flag(a, "rotary_interleaved"),
+                           **rope_scaling(a, where))
 
     # ---- heads ----------------------------------------------------------------------------------
     extra = {}
@@ -229,7 +245,16 @@ def plan(src: Source, overrides: dict, *, true_vocab: int | None, keep_padding: 
     else:
         vocab, multiple, copy_rows = true_vocab, 128, true_vocab
 
-    cfg = dict(vocab_size=vocab, hidden_size=D, num_layers=L, num_heads=N, arch=arch,
+    qk_norm = src.has_layer("q_norm.w")
+    if qk_norm != src.has_layer("k_norm.w") or (a is not None and hasattr(a, "qk_layernorm")
+                                                 and bool(a.qk_layernorm) != qk_norm):
+        raise fail(f"args.qk_layernorm = {getattr(a, 'qk_layernorm', None)} but q_layernorm / "
+                   f"k_layernorm are {src.has_layer('q_norm.w')} / {src.has_layer('k_norm.w')}",
+                   where)
+    if qk_norm and (norm == "layernorm") != src.has_layer("q_norm.b"):
+        raise fail(f"QK {norm} with the q_layernorm bias "
+                   f"{'present' if src.has_layer('q_norm.b') else 'absent'}", where)
+    cfg = dict(qk_norm=qk_norm, vocab_size=vocab, hidden_size=D, num_layers=L, num_heads=N, arch=arch,
                num_kv_heads=None if K == N else K, head_dim=None if H * N == D else H,
                ffn_size=F, max_position_embeddings=P, position_embedding=position,
                norm=norm, norm_eps=float(eps), norm_position="pre",

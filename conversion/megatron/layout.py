@@ -34,11 +34,12 @@ _LAYER_RULES = [
     (r"layernorm_mlp\.fc1_(?P<wb>weight|bias)", "fc1"),
     (r"mlp\.(?:dense_4h_to_h|linear_fc2)\.(?P<wb>weight|bias)", "fc2"),
     (r"layernorm_mlp\.fc2_(?P<wb>weight|bias)", "fc2"),
+    (r"self_attention\.q_layernorm\.(?P<wb>weight|bias)", "q_norm"),  # --qk-layernorm
+    (r"self_attention\.k_layernorm\.(?P<wb>weight|bias)", "k_norm"),
 ]
 _LAYER_RULES = [(re.compile(p + "$"), c) for p, c in _LAYER_RULES]
 
 _UNSUPPORTED_LAYER = [
-    (re.compile(r"self_attention\.(q|k)_layernorm\."), "QK layernorm (--qk-layernorm)"),
     (re.compile(r"mlp\.(router|experts|shared_experts)\."), "mixture of experts"),
     (re.compile(r"(inter_attention|cross_attention|pre_cross_attn_layernorm|"
                 r"post_inter_attention_layernorm)\."), "encoder-decoder (T5) cross attention"),
@@ -178,6 +179,9 @@ def to_jaxformer(canon: str, a: np.ndarray, *, K: int, G: int, H: int, N: int, D
         return "mlp_norm/scale", a
     if canon == "mlp_norm.b":
         return "mlp_norm/bias", a
+    if canon in ("q_norm.w", "k_norm.w", "q_norm.b", "k_norm.b"):  # [H], over each head
+        which, wb = canon.split(".")
+        return f"attn/{which}/{'scale' if wb == 'w' else 'bias'}", a
     if canon == "qkv.w":  # [(K, G+2, H) rows, D] -> [D, K, G+2, H]
         return "attn/qkv/kernel", a.reshape(K, G + 2, H, D).transpose(3, 0, 1, 2)
     if canon == "qkv.b":
@@ -200,4 +204,5 @@ def to_jaxformer(canon: str, a: np.ndarray, *, K: int, G: int, H: int, N: int, D
 
 
 LAYER_CANONS = ("attn_norm.w", "attn_norm.b", "qkv.w", "qkv.b", "proj.w", "proj.b",
-                "mlp_norm.w", "mlp_norm.b", "fc1.w", "fc1.b", "fc2.w", "fc2.b")
+                "mlp_norm.w", "mlp_norm.b", "fc1.w", "fc1.b", "fc2.w", "fc2.b",
+                "q_norm.w", "q_norm.b", "k_norm.w", "k_norm.b")

@@ -42,17 +42,22 @@ class Embeddings(nnx.Module):
         self.cfg = cfg
         self.token = Table(cfg.padded_vocab_size, cfg.hidden_size, "vocab", rngs)
         if cfg.position_embedding == "learned":
-            self.position = Table(cfg.max_position_embeddings, cfg.hidden_size, "position", rngs)
+            self.position = Table(cfg.max_position_embeddings + cfg.position_offset,
+                                  cfg.hidden_size, "position", rngs)
         if cfg.type_vocab_size:
             self.token_type = Table(cfg.type_vocab_size, cfg.hidden_size, "type", rngs)
         if cfg.embed_norm:
-            self.norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps, rngs)
+            self.norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps, rngs,
+                             offset=cfg.norm_offset)
 
     def __call__(self, ids, positions, token_types=None):
         """ids, positions, token_types [B, T] int32 -> [B, T, D] in the table's dtype."""
         x = lookup_rows(self.token.embedding[...], ids)
+        if self.cfg.embed_scale is not None:  # Gemma: the scale rounded to x's dtype first
+            x = x * jnp.asarray(self.cfg.embed_scale, x.dtype)
         if self.cfg.position_embedding == "learned":
-            x = x + jnp.take(self.position.embedding[...], positions, axis=0)
+            x = x + jnp.take(self.position.embedding[...], positions + self.cfg.position_offset,
+                             axis=0)
         if self.cfg.type_vocab_size:
             types = jnp.zeros_like(ids) if token_types is None else token_types
             x = x + jnp.take(self.token_type.embedding[...], types, axis=0)

@@ -15,13 +15,17 @@ WELFORD_MAX_ROWS = 64
 
 
 class Norm(nnx.Module):
-    """LayerNorm (scale, bias) or RMSNorm (scale) over the last axis D."""
+    """LayerNorm (scale, bias) or RMSNorm (scale) over the last axis (D, or H for QK-norm).
 
-    def __init__(self, dim: int, kind: str, eps: float, rngs: nnx.Rngs):
-        self.kind, self.eps = kind, eps
-        self.scale = param(rngs, (dim,), ("embed",), "ones")
+    offset: the norm multiplies by (offset + scale): Gemma stores w and scales by 1 + w.
+    """
+
+    def __init__(self, dim: int, kind: str, eps: float, rngs: nnx.Rngs, *,
+                 offset: float = 0.0, axis: str = "embed"):
+        self.kind, self.eps, self.offset = kind, eps, offset
+        self.scale = param(rngs, (dim,), (axis,), "zeros" if offset else "ones")
         if kind == "layernorm":
-            self.bias = param(rngs, (dim,), ("embed",), "zeros")
+            self.bias = param(rngs, (dim,), (axis,), "zeros")
 
     def __call__(self, x):  # x [..., D]
         xf = x.astype(jnp.float32)
@@ -33,7 +37,10 @@ class Norm(nnx.Module):
             var = jnp.mean(xf * xf, axis=-1, keepdims=True)
         else:
             var = jnp.mean(xf * xf, axis=-1, keepdims=True)
-        y = xf * jnp.reciprocal(jnp.sqrt(var + self.eps)) * self.scale[...].astype(jnp.float32)
+        scale = self.scale[...].astype(jnp.float32)
+        if self.offset:
+            scale = scale + jnp.float32(self.offset)
+        y = xf * jnp.reciprocal(jnp.sqrt(var + self.eps)) * scale
         if self.kind == "layernorm":
             y = y + self.bias[...].astype(jnp.float32)
         return y.astype(x.dtype)

@@ -23,7 +23,12 @@ class DecoderLM(Transformer):
         else:
             logits = jnp.einsum("btd,dv->btv", x, self.lm_head.kernel[...],
                                 preferred_element_type=jnp.float32)
+            if self.cfg.lm_head_bias:
+                logits = logits + self.lm_head.bias[...].astype(jnp.float32)
             logits = shard(logits, ("batch", "length", "act_vocab"))
+        cap = self.cfg.final_softcap
+        if cap is not None:  # Gemma 2: logits -> c * tanh(logits / c)
+            logits = jnp.float32(cap) * jnp.tanh(logits / jnp.float32(cap))
         return mask_padded_vocab(logits, self.cfg.vocab_size)
 
     def __call__(self, ids, positions, kv_lengths, cache=None, at=None, *, backend="auto"):
@@ -34,6 +39,8 @@ class DecoderLM(Transformer):
 class _Head(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.kernel = param(rngs, (cfg.hidden_size, cfg.padded_vocab_size), ("embed", "vocab"))
+        if cfg.lm_head_bias:
+            self.bias = param(rngs, (cfg.padded_vocab_size,), ("vocab",), "zeros")
 
 
 def mask_padded_vocab(logits, vocab_size: int):

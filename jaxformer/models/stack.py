@@ -168,6 +168,15 @@ def _position(stacked: Block) -> Block:
     return nnx.merge(graphdef, jax.tree.map(lambda a: a.reshape(a.shape[1:]), state))
 
 
+def _layer_offset(n_local: int):
+    """Global number of this stack's first layer: inside the pipeline's shard_map (manual
+    `pipe`) stage s holds layers [s * n_local, (s + 1) * n_local), else 0."""
+    manual = set(getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()) or ())
+    if "pipe" in manual:
+        return jax.lax.axis_index("pipe") * n_local
+    return jnp.int32(0)
+
+
 def run_blocks(blocks, x, positions, kv_lengths, cache: KVCache | None = None,
                at: Write | None = None, *, backend="auto", cache_layer=None):
     """Run x [B, T, D] through the blocks (stacked: a scan; a list: a Python loop).
@@ -186,9 +195,11 @@ def run_blocks(blocks, x, positions, kv_lengths, cache: KVCache | None = None,
         return layer if cache_layer is None else cache_layer(layer)
 
     if isinstance(blocks, nnx.List):  # block j: this stage's j-th layer
+        offset = _layer_offset(len(blocks))
         for layer, stacked in enumerate(blocks):
             x, cache = _position(stacked)(x, positions, kv_lengths, cache, at,
-                                          cache_index(jnp.int32(layer)), backend=backend)
+                                          cache_index(jnp.int32(layer)), backend=backend,
+                                          layer_id=offset + layer)
             if has_cache and x.shape[1] > 1:
                 # A prefill writes each layer's keys and values into the cache before the
                 # next layer runs; unordered, XLA kept fresh k/v of many layers alive to the
@@ -197,13 +208,14 @@ def run_blocks(blocks, x, positions, kv_lengths, cache: KVCache | None = None,
         return x, cache
     graphdef, state = nnx.split(blocks)
     L = jax.tree.leaves(state)[0].shape[0]
+    offset = _layer_offset(L)
 
     def body(carry, xs):
         h, cache = carry
         layer_state, layer = xs
         block = nnx.merge(graphdef, layer_state)
         h, cache = block(h, positions, kv_lengths, cache, at, cache_index(layer),
-                         backend=backend)
+                         backend=backend, layer_id=offset + layer)
         return (h, cache), None
 
     layers = jnp.arange(L, dtype=jnp.int32)

@@ -19,7 +19,8 @@ class Transformer(nnx.Module):
         self.embed = Embeddings(cfg, rngs)
         self.layers = self.stack.create(rngs)
         if cfg.final_norm:
-            self.final_norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps, rngs)
+            self.final_norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps, rngs,
+                                   offset=cfg.norm_offset)
 
     def trunk(self, ids, positions, kv_lengths, cache: KVCache | None = None,
               at: Write | None = None, token_types=None, *, backend="auto"):
