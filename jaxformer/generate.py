@@ -23,6 +23,7 @@ from jaxformer import sharding as shd
 from jaxformer.decode_state import DecodeState
 from jaxformer.engine import Engine, EngineConfig, generate_key_data, stop_arrays
 from jaxformer.sampling import GREEDY, Sampling, row_params
+from jaxformer.serving.scheduler import Scheduler, SchedulerConfig
 from jaxformer.sharding import to_host
 
 if TYPE_CHECKING:  # Model.generate (model.py) calls generate()
@@ -138,38 +139,55 @@ class GenerateRun:
         return self.engine.step(state, until=until)
 
     def finish(self, out: np.ndarray, logprobs: np.ndarray, want_logprobs: bool, stats):
-        tokens, texts, lps = [], [], []
-        tok = self.model.tokenizer
-        for b in range(self.rows):
-            n = int((out[b] >= 0).sum())
-            tokens.append(out[b, :n].tolist())
-            lps.append(logprobs[b, :n].tolist())
-            if tok is not None:
-                texts.append(self._text(tokens[-1], self.samplings[b]))
-        return GenerateOutput(tokens, texts if tok is not None else None,
-                              lps if want_logprobs else None, stats)
+        return _output(self.model, self.samplings, self.rows, out, logprobs, want_logprobs,
+                       stats)
 
-    def _text(self, ids, s: Sampling) -> str:
-        tok = self.model.tokenizer
-        stops = set(s.stop_token_ids) | {tok.eos_id, self.model.config.eos_token_id}
-        if ids and ids[-1] in stops:
-            ids = ids[:-1]
-        text = tok.decode(ids)
-        for stop in s.stop_strings:
-            i = text.find(stop)
-            if i >= 0:
-                text = text[:i]
-        return text
+
+def _output(model: Model, samplings, rows: int, out: np.ndarray, logprobs: np.ndarray,
+            want_logprobs: bool, stats) -> GenerateOutput:
+    """GenerateOutput of out / logprobs [B, M] (-1 padded tokens) for the first `rows`."""
+    tokens, texts, lps = [], [], []
+    tok = model.tokenizer
+    for b in range(rows):
+        n = int((out[b] >= 0).sum())
+        tokens.append(out[b, :n].tolist())
+        lps.append(logprobs[b, :n].tolist())
+        if tok is not None:
+            texts.append(_text(model, tokens[-1], samplings[b]))
+    return GenerateOutput(tokens, texts if tok is not None else None,
+                          lps if want_logprobs else None, stats)
+
+
+def _text(model: Model, ids, s: Sampling) -> str:
+    """Decoded new text: a final stop token and everything from a stop string on cut."""
+    tok = model.tokenizer
+    stops = set(s.stop_token_ids) | {tok.eos_id, model.config.eos_token_id}
+    if ids and ids[-1] in stops:
+        ids = ids[:-1]
+    text = tok.decode(ids)
+    for stop in s.stop_strings:
+        i = text.find(stop)
+        if i >= 0:
+            text = text[:i]
+    return text
 
 
 def generate(model: Model, prompts, max_new_tokens: int = 32, sampling=None, seed: int = 0,
-             *, ignore_eos: bool = False, stream: bool = False, chunk: int = 8):
+             *, ignore_eos: bool = False, stream: bool = False, chunk: int = 8,
+             max_batch: int | None = None):
     """Generate up to max_new_tokens for each prompt (strings or token-id lists).
 
     sampling: None (greedy), a Sampling for every prompt, or a list with one per prompt.
     Same seed, same output, on any mesh. With stream=True returns an iterator of
     per-chunk lists of new token ids per prompt (then a final GenerateOutput).
+    max_batch: with more prompts than this, they run under continuous batching
+    (serving.Scheduler) in a running batch of max_batch rows, each prompt joining as a row
+    frees: any number of prompts of any lengths, no chunking by hand. Greedy tokens are
+    those of the static batch; sampled row b draws from seed (seed, b).
     """
+    if max_batch is not None and not stream and len(prompts) > max_batch:
+        return _continuous(model, prompts, max_new_tokens, sampling, seed, ignore_eos,
+                           max_batch)
     run = GenerateRun(model, prompts, max_new_tokens, sampling, seed, ignore_eos)
     want_lp = any(s.logprobs for s in run.samplings)
     if run.num_beams > 1:
@@ -219,3 +237,38 @@ def _stream(run: GenerateRun, chunk: int, want_lp: bool) -> Iterator:
     n = int((out[: run.rows] >= 0).sum())
     dt = time.perf_counter() - t0
     yield run.finish(out, lps, want_lp, dict(total_s=dt, new_tokens=n, tokens_per_s=n / dt))
+
+
+def _continuous(model: Model, prompts, max_new: int, sampling, seed: int, ignore_eos: bool,
+                max_batch: int) -> GenerateOutput:
+    """generate() over a Scheduler of max_batch slots (its docstring)."""
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch <= 0:
+        raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+    if not isinstance(max_new, int) or isinstance(max_new, bool) or max_new <= 0:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new!r}")
+    ids = _encode_prompts(model, prompts)
+    samplings = _samplings(sampling, len(ids))
+    if any(s.num_beams > 1 for s in samplings):
+        raise ValueError("beam search runs on a static batch: leave max_batch unset")
+    limit = model.config.max_position_embeddings
+    length = min(limit, kvc.bucket(max(map(len, ids)) + max_new, limit))
+    sched = Scheduler(model, SchedulerConfig(slots=max_batch, max_length=length,
+                                             steps_per_tick=16, max_prefill=min(8, max_batch),
+                                             max_queue=len(ids) + 1))
+    t0 = time.perf_counter()
+    handles = [sched.submit(p, s, max_new_tokens=max_new, seed=seed * 1_000_003 + b,
+                            ignore_eos=ignore_eos)
+               for b, (p, s) in enumerate(zip(ids, samplings))]
+    sched.run_until_idle()
+    outs = [h.result(timeout=0) for h in handles]
+    bad = [o for o in outs if o.status != "finished"]
+    if bad:
+        raise ValueError(f"prompt {bad[0].id}: {bad[0].reason}")
+    dt = time.perf_counter() - t0
+    n = sum(len(o.tokens) for o in outs)
+    out = np.full((len(ids), max_new), -1, np.int32)
+    lps = np.zeros((len(ids), max_new), np.float32)
+    for b, o in enumerate(outs):
+        out[b, : len(o.tokens)], lps[b, : len(o.tokens)] = o.tokens, o.logprobs
+    return _output(model, samplings, len(ids), out, lps, any(s.logprobs for s in samplings),
+                   dict(total_s=dt, new_tokens=n, tokens_per_s=n / max(dt, 1e-9)))

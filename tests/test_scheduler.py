@@ -143,3 +143,19 @@ def test_bad_requests_and_failed_calls_stay_alone(model, monkeypatch):
         sched.submit([1], max_new_tokens=1)
     with pytest.raises(ValueError, match="SchedulerConfig.slots"):
         SchedulerConfig(slots=0)
+
+
+def test_generate_with_more_prompts_than_max_batch_runs_continuously(model):
+    """generate(max_batch=2) over 5 prompts of different lengths: the greedy tokens and
+    log-probs of the static batch, each prompt joining as a row frees."""
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(1, 96, n).tolist() for n in (3, 17, 1, 9, 25)]
+    static = model.generate(prompts, max_new_tokens=6, sampling=GREEDY_LP, progress=False)
+    cont = model.generate(prompts, max_new_tokens=6, sampling=GREEDY_LP, progress=False,
+                          max_batch=2)
+    assert cont.tokens == static.tokens
+    np.testing.assert_allclose(np.concatenate(cont.logprobs), np.concatenate(static.logprobs),
+                               atol=1e-5)
+    with pytest.raises(ValueError, match="beam search runs on a static batch"):
+        model.generate(prompts, max_new_tokens=2, sampling=jf.Sampling(num_beams=2),
+                       max_batch=2)
