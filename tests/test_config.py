@@ -4,6 +4,7 @@ import dataclasses
 import pytest
 
 from jaxformer.config import CONFIG_DIR, ModelConfig, RunConfig, list_presets
+from jaxformer.models import num_params
 
 PRESETS = sorted(p.stem for p in (CONFIG_DIR / "models").glob("*.yaml"))
 REQUIRED = ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "megatron-gpt-345m", "gpt3-1.3b",
@@ -31,7 +32,7 @@ def test_preset_loads_by_name(name, tmp_path):
     ("llama-7b", 6.74e9), ("llama-13b", 13.02e9), ("llama-70b", 68.98e9),
     ("bert-base", 110e6), ("bert-large", 340e6)])
 def test_num_params(name, expected):
-    n = ModelConfig.from_preset(name).num_params()
+    n = num_params(ModelConfig.from_preset(name))
     assert abs(n - expected) / expected < 0.02, (name, n)
 
 
@@ -132,7 +133,7 @@ def _check_hf(hf_cfg, model_cls, **replace):
     hf_model = model_cls(hf_cfg)
     pad = cfg.padded_vocab_size - cfg.vocab_size
     per_row = cfg.hidden_size * (1 if cfg.tie_embeddings else 2) + (1 if cfg.mlm_head else 0)
-    assert cfg.num_params() == _hf_num_params(hf_model) + pad * per_row
+    assert num_params(cfg) == _hf_num_params(hf_model) + pad * per_row
     return cfg
 
 
