@@ -46,14 +46,7 @@ class KVCache:
                  quant: str | None = None) -> "KVCache":
         """Shapes and dtypes of a cache of `batch` rows x `max_length` slots; nothing is
         allocated. The memory plan sums these."""
-        shape = cache_shape(cfg, batch, max_length)
-        if quant is None:
-            s = jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
-            return KVCache(s, s)
-        check_quant(quant)
-        q = jax.ShapeDtypeStruct(shape, jnp.dtype(KV_MODES[quant][0]))
-        sc = jax.ShapeDtypeStruct(shape[:-1], jnp.float32)
-        return KVCache(q, q, sc, sc, quant)
+        return _abstract(KVCache, cache_shape(cfg, batch, max_length), dtype, quant)
 
     @staticmethod
     def axes(quant: str | None = None) -> "KVCache":
@@ -125,13 +118,7 @@ class PagedKVCache:
     def abstract(cfg: ModelConfig, num_pages: int, page_size: int, dtype,
                  quant: str | None = None) -> "PagedKVCache":
         shape = (cfg.num_layers, num_pages, page_size, cfg.kv_heads, cfg.dims_per_head)
-        if quant is None:
-            s = jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
-            return PagedKVCache(s, s)
-        check_quant(quant)
-        q = jax.ShapeDtypeStruct(shape, jnp.dtype(KV_MODES[quant][0]))
-        sc = jax.ShapeDtypeStruct(shape[:-1], jnp.float32)
-        return PagedKVCache(q, q, sc, sc, quant)
+        return _abstract(PagedKVCache, shape, dtype, quant)
 
     @staticmethod
     def axes(quant: str | None = None) -> "PagedKVCache":
@@ -202,6 +189,18 @@ class Write:
 
 jax.tree_util.register_dataclass(Write, data_fields=["start", "row", "pages"],
                                  meta_fields=["decode"])
+
+
+def _abstract(cls, shape, dtype, quant):
+    """cls's fields as ShapeDtypeStructs: k, v of `shape` in dtype, or codes with float32
+    scales of shape[:-1] for a quantized cache."""
+    if quant is None:
+        s = jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
+        return cls(s, s)
+    check_quant(quant)
+    q = jax.ShapeDtypeStruct(shape, jnp.dtype(KV_MODES[quant][0]))
+    sc = jax.ShapeDtypeStruct(shape[:-1], jnp.float32)
+    return cls(q, q, sc, sc, quant)
 
 
 def check_quant(quant: str | None) -> None:

@@ -127,3 +127,14 @@ def smollm2_ref(smollm2):
     """transformers' own load of the same GGUF: the reference."""
     return hf_from_gguf(smollm2[1])
 
+
+def teacher_forced(model, prompt, tokens):
+    """Greedy tokens and their log-probabilities as one forward pass over prompt + tokens sees
+    them: the argmax and log-softmax at each generated position (an independent reference for
+    tokens produced by any decode path)."""
+    seq = list(prompt) + list(tokens)
+    logits = model.logits(np.asarray([seq]))[0, len(prompt) - 1: len(seq) - 1]
+    m = logits.max(-1, keepdims=True)
+    lp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
+    return logits.argmax(-1).tolist(), lp[np.arange(len(tokens)), tokens]
+

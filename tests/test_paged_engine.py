@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import jaxformer as jf
+from conftest import teacher_forced
 from jaxformer.engine import EngineConfig
 from jaxformer.paged_engine import Chunk, PagedEngine
 
@@ -14,14 +15,6 @@ GREEDY = jf.Sampling(temperature=0, logprobs=True)
 @pytest.fixture(scope="module")
 def model(llama4):
     return jf.load(llama4[1])
-
-
-def teacher_forced(model, prompt, tokens):
-    seq = list(prompt) + list(tokens)
-    logits = model.logits(np.asarray([seq]))[0, len(prompt) - 1: len(seq) - 1]
-    m = logits.max(-1, keepdims=True)
-    lp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
-    return logits.argmax(-1).tolist(), lp[np.arange(len(tokens)), tokens]
 
 
 def test_chunked_paged_prefill_and_decode_with_a_shared_prefix(model):

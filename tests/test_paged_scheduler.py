@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import jaxformer as jf
+from conftest import teacher_forced
 from jaxformer.serving.paged_scheduler import PagedConfig, PagedScheduler
 from jaxformer.serving.scheduler import ABORTED, FAILED, FINISHED, SchedulerConfig
 
@@ -15,14 +16,6 @@ GREEDY_LP = jf.Sampling(temperature=0, logprobs=True)
 @pytest.fixture(scope="module")
 def model(llama4):
     return jf.load(llama4[1])
-
-
-def teacher_forced(model, prompt, tokens):
-    seq = list(prompt) + list(tokens)
-    logits = model.logits(np.asarray([seq]))[0, len(prompt) - 1: len(seq) - 1]
-    m = logits.max(-1, keepdims=True)
-    lp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
-    return logits.argmax(-1).tolist(), lp[np.arange(len(tokens)), tokens]
 
 
 def test_preemption_prefix_sharing_and_chunks_decode_as_alone(model):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import jaxformer as jf
+from conftest import teacher_forced
 from jaxformer.serving.scheduler import (ABORTED, FAILED, FINISHED, QueueFull, Scheduler,
                                          SchedulerConfig)
 
@@ -23,17 +24,6 @@ def alone(model, prompt, n, sampling=None, seed=0):
     out = model.generate([prompt], max_new_tokens=n, sampling=sampling or GREEDY_LP,
                          seed=seed, progress=False)
     return out.tokens[0], (out.logprobs or [None])[0]
-
-
-def teacher_forced(model, prompt, tokens):
-    """Greedy tokens and their log-probabilities as one forward pass over prompt + tokens
-    sees them: the argmax and log-softmax at each position (an independent reference)."""
-    seq = list(prompt) + list(tokens)
-    logits = model.logits(np.asarray([seq]))[0, len(prompt) - 1: len(seq) - 1]
-    lp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1,
-                                                                          keepdims=True)) \
-        - logits.max(-1, keepdims=True)
-    return logits.argmax(-1).tolist(), lp[np.arange(len(tokens)), tokens]
 
 
 def test_random_arrivals_decode_as_alone(model):
