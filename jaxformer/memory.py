@@ -275,8 +275,7 @@ def decode_bytes(config: ModelConfig, mesh=None, dtype="float32", batch: int = 1
 def decode_in_place(layer_loop: str, sizes: Mapping[str, int]) -> bool:
     """Whether decode updates the KV cache in place rather than holding a second copy: the
     layer stack's answer (models/stack.py) for this layer loop and pipe size."""
-    stages = sizes["pipe"] if layer_loop == "unroll" else None
-    return LayerStack(None, stages).decode_in_place
+    return LayerStack.for_run(None, layer_loop, sizes["pipe"]).decode_in_place
 
 
 def device_memory_limit(devices=None) -> tuple[int | None, str]:

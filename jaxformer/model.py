@@ -90,7 +90,7 @@ class Model:
             run = dataclasses.replace(run, layer_loop=resolve_layer_loop(mesh, "auto"))
             self.run = run
         # the layer layout (models/stack.py): stacked, or unrolled for `pipe` stages
-        self.stack = LayerStack(config, run.pipe if run.layer_loop == "unroll" else None)
+        self.stack = LayerStack.for_run(config, run.layer_loop, run.pipe)
         self.stages = self.stack.stages
         if self.stack.unrolled:
             params = self.stack.from_checkpoint(params, param_shardings(

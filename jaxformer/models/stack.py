@@ -113,6 +113,26 @@ class LayerStack:
         out[LAYERS] = {j: jax.tree.unflatten(treedef, per_pos[j]) for j in range(Ls)}
         return out
 
+    def layer_views(self, blocks, stages: int):
+        """One layer at a time: (graphdef of a block, S, where) with where(i) = (state, s, j)
+        such that layer i is the [s, j] entry of `state` viewed as [S, n, ...] (S the stages
+        holding the stack; stacked: the whole stack, n = L / S; unrolled: position j's tree,
+        n = 1), taken stage-locally."""
+        L = self.cfg.num_layers
+        if self.unrolled:  # position j holds layer j of every stage
+            Ls = len(blocks)
+            states = [nnx.split(pos)[1] for pos in blocks]
+            return (nnx.split(blocks[0])[0], L // Ls,
+                    lambda i: (states[i % Ls], i // Ls, 0))
+        Ls = L // stages
+        graphdef, state = nnx.split(blocks)
+        return graphdef, stages, lambda i: (state, i // Ls, i % Ls)
+
+    @staticmethod
+    def for_run(cfg: ModelConfig, layer_loop: str, pipe: int) -> "LayerStack":
+        """The layout a RunConfig's resolved layer_loop ("scan" / "unroll") implies."""
+        return LayerStack(cfg, pipe if layer_loop == "unroll" else None)
+
     @staticmethod
     def checkpoint_leaves(params: Mapping, flatten) -> Iterator[tuple[tuple, np.ndarray]]:
         """(path, host array) of a params tree of either layout in the checkpoint's stacked

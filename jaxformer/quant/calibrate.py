@@ -131,23 +131,13 @@ def calibrate(model, prompts=None) -> dict:
 def _measure(model, ids, lengths, types) -> dict:
     """max |x| at each quantized linear's input, layer by layer: {name: [L] float32}.
 
-    Both layer layouts are viewed as [S, n, ...] stacks (S stages; stacked: one tree with
-    n = L / S layers per stage; unrolled: position j's tree with n = 1), so each step takes
-    layer i = s * (L / S) + j stage-locally: a pipe-sharded stack moves at most one layer.
+    Each step takes one layer stage-locally (LayerStack.layer_views), so a pipe-sharded stack
+    moves at most one layer.
     """
     backend = model.run.attention
     L = model.config.num_layers
-    layers = model.module(model.params).layers
-    if isinstance(layers, nnx.List):  # unrolled: position j holds layer j of every stage
-        Ls, S = len(layers), L // len(layers)
-        graphdef = nnx.split(layers[0])[0]
-        states = [nnx.split(pos)[1] for pos in layers]
-        where = lambda i: (states[i % Ls], i // Ls, 0)  # noqa: E731
-    else:
-        S = shd.mesh_size(model.mesh, model.rules.get("layers"))  # stages holding the stack
-        Ls = L // S
-        graphdef, state = nnx.split(layers)
-        where = lambda i: (state, i // Ls, i % Ls)  # noqa: E731
+    graphdef, S, where = model.stack.layer_views(
+        model.module(model.params).layers, shd.mesh_size(model.mesh, model.rules.get("layers")))
 
     @jax.jit
     def embed(params, ids, types):
@@ -157,7 +147,7 @@ def _measure(model, ids, lengths, types) -> dict:
             return model.module(params).embed(ids, positions, types)
 
     @jax.jit
-    def layer(state, s, j, h, lengths):
+    def layer(state, s, j, h, lengths, i):
         def take(a):  # [S * n, ...] viewed [S, n, ...] as the stages hold it -> [s, j]
             a = a.reshape((S, a.shape[0] // S) + a.shape[1:])
             a = lax.dynamic_index_in_dim(a, j, 1, keepdims=False)
@@ -169,14 +159,14 @@ def _measure(model, ids, lengths, types) -> dict:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
             mask = positions < lengths[:, None]
             with ops.recording(mask) as rec:
-                h, _ = block(h, positions, lengths, backend=backend)
+                h, _ = block(h, positions, lengths, backend=backend, layer_id=i)
             return h, rec.amax
 
     h = embed(model.params, ids, types)
     per_layer = []
     for i in range(L):
         state_i, s, j = where(i)
-        h, amax = layer(state_i, jnp.int32(s), jnp.int32(j), h, lengths)
+        h, amax = layer(state_i, jnp.int32(s), jnp.int32(j), h, lengths, jnp.int32(i))
         per_layer.append(amax)
     names = per_layer[0].keys()
     return {k: np.asarray([float(jax.device_get(a[k])) for a in per_layer], np.float32)
