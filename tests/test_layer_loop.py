@@ -58,7 +58,7 @@ def test_unrolled_saves_the_stacked_checkpoint(llama4, tmp_path, pipe):
 
 def test_layer_loop_choices_and_errors():
     cpu = jf.make_mesh(devices=jax.devices()[:1])
-    assert jf.engine.resolve_layer_loop(cpu, "auto") == "scan"  # unroll is for GPUs
+    assert jf.model.resolve_layer_loop(cpu, "auto") == "scan"  # unroll is for GPUs
     with pytest.raises(ValueError, match="layer_loop"):
         RunConfig(layer_loop="loop")
 
