@@ -20,6 +20,7 @@ changes the program: the sampling features, the batch and window shapes, the cac
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import TYPE_CHECKING, Sequence
 
 import jax
@@ -214,17 +215,29 @@ def stop_arrays(model: Model, samplings: Sequence[Sampling], batch: int, ignore_
     return stop_ids, stop_seqs
 
 
+def key_data(seed: int) -> np.ndarray:
+    """jax.random.key_data(jax.random.key(seed)) of the default (threefry) keys, computed
+    on the host: [2] uint32, the seed's high and low 32 bits. No device op per request."""
+    s = int(seed) & 0xFFFFFFFFFFFFFFFF
+    return np.asarray([s >> 32, s & 0xFFFFFFFF], np.uint32)
+
+
 def row_key_data(seeds: Sequence[int], batch: int) -> np.ndarray:
     """[B, 2] uint32 key data: row b's key is jax.random.key(seeds[b]) (padding rows 0)."""
     seeds = list(seeds) + [0] * (batch - len(seeds))
-    return np.stack([np.asarray(jax.random.key_data(jax.random.key(int(s)))) for s in seeds])
+    return np.stack([key_data(s) for s in seeds])
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _folded_rows(key, batch: int):
+    return jax.vmap(lambda b: jax.random.key_data(jax.random.fold_in(
+        jax.random.wrap_key_data(key), b)))(jnp.arange(batch))
 
 
 def generate_key_data(seed: int, batch: int) -> np.ndarray:
-    """generate()'s [B, 2] row keys: row b draws from fold_in(key(seed), b)."""
-    base = jax.random.key(int(seed))
-    return np.stack([np.asarray(jax.random.key_data(jax.random.fold_in(base, b)))
-                     for b in range(batch)])
+    """generate()'s [B, 2] row keys: row b draws from fold_in(key(seed), b) (one compiled
+    call for every row)."""
+    return np.asarray(_folded_rows(key_data(seed), batch))
 
 
 # ---- the Engine ----------------------------------------------------------------------------

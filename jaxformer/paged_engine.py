@@ -28,7 +28,7 @@ from jaxformer import cache as kvc
 from jaxformer import sharding as shd
 from jaxformer.decode_state import STOP_WINDOW, DecodeState, Request, new_window, row_keys, \
     stopped
-from jaxformer.engine import Engine, EngineConfig
+from jaxformer.engine import Engine, EngineConfig, row_key_data
 from jaxformer.sampling import GREEDY, Features, Sampling, sample
 from jaxformer.sharding import to_global, to_host
 
@@ -161,10 +161,9 @@ class PagedEngine(Engine):
             starts[r], lens[r], slots[r], last[r] = ch.start, len(ch.ids), ch.slot, ch.last
             gen0[r] = ch.generated
             pages[r, : len(ch.pages)] = ch.pages
-        key_data = np.stack([np.asarray(jax.random.key_data(jax.random.key(ch.seed)))
-                             for ch in chunks] + [np.zeros(2, np.uint32)] * (b - n))
+        keys = row_key_data([ch.seed for ch in chunks], b)
         req = self.request([ch.sampling for ch in chunks], [ch.max_new for ch in chunks],
-                           key_data, b, ignore_eos=False,
+                           keys, b, ignore_eos=False,
                            eos_rows=[ch.ignore_eos for ch in chunks])
         rep = lambda a: to_global(a, self.model._batch_sharding(b, a.ndim))  # noqa: E731
         c = self.config

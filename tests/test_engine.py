@@ -100,3 +100,16 @@ def test_free_slot_records_nothing_and_bad_calls_are_refused(model):
     with pytest.raises(ValueError, match="does not fit the engine's 16 cache slots"):
         Engine(model, EngineConfig(slots=2, max_length=16)).prefill([list(range(1, 20))],
                                                                     [GREEDY], [1])
+
+
+def test_host_key_data_is_jax_key_data():
+    """Request keys are built on the host (no device op per request): the same bits as
+    jax.random.key and generate()'s fold_in(key(seed), row)."""
+    import jax
+
+    from jaxformer.engine import generate_key_data, key_data
+    for s in (0, 7, 2 ** 31 - 1, 123456789):
+        np.testing.assert_array_equal(key_data(s), jax.random.key_data(jax.random.key(s)))
+    base = jax.random.key(5)
+    want = [jax.random.key_data(jax.random.fold_in(base, b)) for b in range(4)]
+    np.testing.assert_array_equal(generate_key_data(5, 4), np.stack(want))
