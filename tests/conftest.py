@@ -2,6 +2,7 @@
 by the whole session (many tests compile the same programs for fresh model instances), the
 `gpu` marker, and the fixtures several test files share (`llama4`, `interpreted`)."""
 import inspect
+import math
 import os
 import tempfile
 import threading
@@ -138,3 +139,19 @@ def teacher_forced(model, prompt, tokens):
     lp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
     return logits.argmax(-1).tolist(), lp[np.arange(len(tokens)), tokens]
 
+
+def randomize(model, seed=0):
+    """Weights ~ N(0, 1/D) (attention is far from uniform), norm scales ~ 1 + N(0, 0.2),
+    biases ~ N(0, 0.2) for a transformers model, in place: nothing passes by accident with
+    transformers' constant norms and zero biases. Tied weights are drawn once."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    D = model.config.hidden_size
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if p.ndim == 1:
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * noise)
+            else:
+                p.copy_(noise / math.sqrt(D))
+    return model.eval()

@@ -9,10 +9,10 @@ Q and K rows are permuted as llama.cpp permutes them.
 from __future__ import annotations
 
 import json
-import math
 
 import gguf
 import numpy as np
+from conftest import randomize  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -176,21 +176,6 @@ def write_gguf(path, hf_model, types=lambda name, x: Q.F32, *, arch="llama", pre
     w.write_tensors_to_file()
     w.close()
     return path
-
-
-def randomize(model, seed=0):
-    """Weights ~ N(0, 1/D), norm scales ~ 1 + N(0, 0.2), biases ~ N(0, 0.2)."""
-    import torch
-    g = torch.Generator().manual_seed(seed)
-    D = model.config.hidden_size
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if p.ndim == 1:
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * noise)
-            else:
-                p.copy_(noise / math.sqrt(D))
-    return model.eval()
 
 
 def tiny_llama(vocab=320, D=256, F=512, N=4, K=2, L=2, tie=False, qwen2=False, seed=0):

@@ -12,7 +12,6 @@ with jaxformer.load. What must hold, per row:
 - greedy tokens equal to transformers' generate from a prompt longer than the window, the
   new tokens running past the original context of the rope scalings.
 """
-import math
 
 import jax
 import numpy as np
@@ -23,8 +22,7 @@ transformers = pytest.importorskip("transformers")
 
 import jaxformer as jf  # noqa: E402
 from conversion import hf as conv  # noqa: E402
-from jaxformer.config import ModelConfig  # noqa: E402
-from jaxformer.hf_config import from_hf_config  # noqa: E402
+from conftest import randomize  # noqa: E402
 
 TOL = 1e-4
 VOCAB = 96
@@ -108,19 +106,6 @@ FAMILIES = {
               dict(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4, bos_token_id=None,
                    eos_token_id=None, pad_token_id=None), M2),
 }
-
-
-def randomize(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    D = model.config.hidden_size
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if p.ndim == 1:
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * noise)
-            else:
-                p.copy_(noise / math.sqrt(D))
-    return model.eval()
 
 
 def build(name, root):

@@ -12,7 +12,6 @@ magnitude here is ~1-5 (std ~1); the measured difference is ~0.05-0.06
 (gpt2 0.049, llama 0.062, bert 0.047).
 """
 import json
-import math
 import shutil
 
 import jax
@@ -26,6 +25,7 @@ pytest.importorskip("safetensors")
 import jaxformer as jf  # noqa: E402
 from conversion import hf as conv  # noqa: E402
 from jaxformer.checkpoint import CheckpointError  # noqa: E402
+from conftest import randomize  # noqa: E402
 
 TOL = 1e-4
 BF16_TOL = 0.15
@@ -36,21 +36,6 @@ MESH_IDS = [f"data{d}-tensor{t}" for d, t in MESHES]
 
 def mesh(data=1, tensor=1):
     return jf.make_mesh(data=data, pipe=1, tensor=tensor, devices=jax.devices()[: data * tensor])
-
-
-def randomize(model, seed):
-    """Weights ~ N(0, 1/D) (attention is far from uniform), norm scales ~ 1 + N(0, 0.2),
-    biases ~ N(0, 0.2). Tied weights are shared parameters and are drawn once."""
-    g = torch.Generator().manual_seed(seed)
-    D = model.config.hidden_size
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if p.ndim == 1:
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * noise)
-            else:
-                p.copy_(noise / math.sqrt(D))
-    return model.eval()
 
 
 def batch(vocab=VOCAB, seed=0, B=4, T=11, types=False):
