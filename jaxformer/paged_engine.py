@@ -28,7 +28,7 @@ from jaxformer import cache as kvc
 from jaxformer import sharding as shd
 from jaxformer.decode_state import STOP_WINDOW, DecodeState, Request, new_window, row_keys, \
     stopped
-from jaxformer.engine import Engine, EngineConfig, row_key_data
+from jaxformer.engine import Engine, EngineConfig, decode_step, row_key_data
 from jaxformer.sampling import GREEDY, Features, Sampling, sample
 from jaxformer.sharding import to_global, to_host
 
@@ -110,15 +110,77 @@ def make_chunk_prefill(model: Model, feats: Features, num_pages: int, page_size:
 class PagedEngine(Engine):
     """Engine whose slots share one pool of `num_pages` pages of `page_size` tokens."""
 
-    def __init__(self, model: Model, config: EngineConfig, *, chunk: int = 256):
+    def __init__(self, model: Model, config: EngineConfig, *, chunk: int = 256,
+                 min_chunk: int = 16, prefill_tokens: int | None = None):
         super().__init__(model, config)
         if config.page_size is None:
             raise ValueError("PagedEngine needs EngineConfig.page_size and num_pages")
         if model.mesh.shape["pipe"] > 1 or model.mesh.shape["data"] > 1:
             raise ValueError("a paged KV cache runs on tensor-parallel meshes (pipe = data = "
                              "1); data parallelism is one PagedEngine per replica")
-        self.chunk = chunk
+        self.chunk, self.min_chunk = chunk, min(min_chunk, chunk)
+        self.prefill_tokens = prefill_tokens or chunk * config.slots
         self.width = -(-config.max_length // config.page_size)  # page-table columns M
+
+    # ---- the compiled shapes ----------------------------------------------------------------
+    def chunk_lengths(self) -> list[int]:
+        """Token columns C a prefill-chunk call is padded to: powers of two from min_chunk,
+        and chunk."""
+        out, c = [], self.min_chunk
+        while c < self.chunk:
+            out.append(c)
+            c *= 2
+        return out + [self.chunk]
+
+    def chunk_rows(self, C: int) -> list[int]:
+        """Row counts b of a chunk call of C columns: powers of two with b * C within the
+        prefill-token budget (at least one row), at most the slots."""
+        out, b = [1], 2
+        while b * C <= self.prefill_tokens and b <= self.config.slots:
+            out.append(b)
+            b *= 2
+        return out
+
+    def chunk_shape(self, lengths: Sequence[int]) -> tuple[int, int]:
+        """(b, C) of the call that runs chunks of these lengths."""
+        C = next(c for c in self.chunk_lengths() if c >= max(lengths))
+        b = 1 << max(0, len(lengths) - 1).bit_length()
+        return b, C
+
+    def fits(self, lengths: Sequence[int]) -> bool:
+        """Whether one chunk call can run chunks of these lengths (a compiled shape)."""
+        if max(lengths) > self.chunk:
+            return False
+        b, C = self.chunk_shape(lengths)
+        return b in self.chunk_rows(C)
+
+    def decode_rows(self) -> list[int]:
+        """Row counts the decode loop is compiled for: it runs the first r slots, r the
+        least of these holding every live slot (powers of four from 4, and slots), so a
+        lightly loaded batch does not pay for its free slots."""
+        out, r = [], 4
+        while r < self.config.slots:
+            out.append(r)
+            r *= 4
+        return out + [self.config.slots]
+
+    def shapes(self) -> dict:
+        """Every shape a serving loop calls, for warmup() and the docs."""
+        return {"chunk prefill (rows, tokens)": [(b, C) for C in self.chunk_lengths()
+                                                 for b in self.chunk_rows(C)],
+                "decode rows": self.decode_rows()}
+
+    def warmup(self, state: DecodeState) -> DecodeState:
+        """Compile (and run once, on padding rows that write only to the null page) every
+        shape of shapes(), so steady-state serving never compiles."""
+        state = self.free(state, [])  # a compiled call's output, as every later state is
+        for C in self.chunk_lengths():
+            for b in self.chunk_rows(C):
+                state, _, _ = self._chunk_call(state, [], b, C)
+        for r in self.decode_rows():
+            state = self.step(state, 1, rows=r)
+        state = self.set_pages(state, {0: []})
+        return self.free(state, [0])
 
     def init_state(self) -> DecodeState:
         """Every slot free, the pool zeros (one allocation, in its shardings)."""
@@ -141,15 +203,19 @@ class PagedEngine(Engine):
         return new_window(state, c.window)
 
     def prefill_chunks(self, state: DecodeState, chunks: Sequence[Chunk]):
-        """Run prompt chunks (rows padded to a power of two, tokens to `chunk`) into the
-        pool: returns (state, first tokens [n], their logprobs [n]) on host; entries of
+        """Run prompt chunks into the pool (one call of a compiled shape: fits() must
+        hold): returns (state, first tokens [n], their logprobs [n]) on host; entries of
         rows whose chunk is not their prompt's last are meaningless."""
-        n = len(chunks)
-        b = 1 << max(0, n - 1).bit_length()
-        C = kvc.bucket(max(len(ch.ids) for ch in chunks), self.chunk)
-        if max(len(ch.ids) for ch in chunks) > C:
-            raise ValueError(f"a chunk of {max(len(ch.ids) for ch in chunks)} tokens exceeds "
-                             f"the engine's chunk of {self.chunk}")
+        lengths = [len(ch.ids) for ch in chunks]
+        if not self.fits(lengths):
+            raise ValueError(f"{len(chunks)} chunks of up to {max(lengths)} tokens are no "
+                             f"compiled shape (chunk {self.chunk}, prefill_tokens "
+                             f"{self.prefill_tokens})")
+        b, C = self.chunk_shape(lengths)
+        state, tok, lp = self._chunk_call(state, chunks, b, C)
+        return state, tok[: len(chunks)], lp[: len(chunks)]
+
+    def _chunk_call(self, state: DecodeState, chunks: Sequence[Chunk], b: int, C: int):
         ids = np.zeros((b, C), np.int32)
         starts, lens = np.zeros((b,), np.int32), np.ones((b,), np.int32)
         slots = np.full((b,), -1, np.int32)
@@ -172,28 +238,71 @@ class PagedEngine(Engine):
             lambda: make_chunk_prefill(self.model, c.features, c.num_pages, c.page_size))
         state, tok, lp = fn(self.model.params, state, rep(ids), rep(starts), rep(lens),
                             rep(slots), rep(pages), rep(last), rep(gen0), req)
-        return state, to_host(tok)[:n], to_host(lp)[:n]
+        return state, to_host(tok), to_host(lp)
+
+    def step(self, state: DecodeState, steps: int = 1, *, until: int | None = None,
+             rows: int | None = None) -> DecodeState:
+        """As Engine.step; rows (one of decode_rows()): run only the first `rows` slots
+        (every live slot must be among them)."""
+        if rows is None or rows == self.config.slots:
+            return super().step(state, steps, until=until)
+        if rows not in self.decode_rows():
+            raise ValueError(f"step: rows {rows} is not one of {self.decode_rows()}")
+        if until is None:
+            state = self._call("new_window", new_window, state)
+            until = steps
+        loop = self.model.compiled.get(("decode rows", self.config.features, rows),
+                                       lambda: make_rows_loop(self.model, self.config.features,
+                                                              rows))
+        return loop(self.model.params, state, jnp.int32(until))
 
     def set_pages(self, state: DecodeState, rows: dict[int, Sequence[int]]) -> DecodeState:
         """Slots' page tables ({slot: pages}) after the scheduler changed them (pages for
         more tokens, or a block switched to its prefix-cache copy)."""
-        slots = np.asarray(list(rows), np.int32)
-        table = np.zeros((len(rows), self.width), np.int32)
+        slots, table = self._padded_rows(list(rows))
         for i, pages in enumerate(rows.values()):
             table[i, : len(pages)] = pages
         return self._call("set pages", _set_rows, state, jnp.asarray(slots),
                           jnp.asarray(table))
 
+    def _padded_rows(self, slots):
+        """(slots [B] padded with the out-of-range slot B, zero tables [B, M]): one shape
+        for these small calls, whatever the count."""
+        n = self.config.slots
+        padded = np.full((n,), n, np.int32)
+        padded[: len(slots)] = slots
+        return padded, np.zeros((n, self.width), np.int32)
+
     def free(self, state: DecodeState, slots) -> DecodeState:
         """Free slots: done, and their page tables cleared (their pages may be reused)."""
-        return self._call("free paged", _free_paged, state,
-                          jnp.asarray(np.asarray(slots, np.int32)))
+        padded, _ = self._padded_rows(list(slots))
+        return self._call("free paged", _free_paged, state, jnp.asarray(padded))
 
 
 def _set_rows(state: DecodeState, slots, rows):
-    return state._replace(pages=state.pages.at[slots].set(rows))
+    return state._replace(pages=state.pages.at[slots].set(rows, mode="drop"))
 
 
 def _free_paged(state: DecodeState, slots):
-    return state._replace(done=state.done.at[slots].set(True),
-                          pages=state.pages.at[slots].set(0))
+    return state._replace(done=state.done.at[slots].set(True, mode="drop"),
+                          pages=state.pages.at[slots].set(0, mode="drop"))
+
+
+def make_rows_loop(model: Model, feats: Features, rows: int):
+    """jit(fn(params, state, until)): the decode loop (engine.make_decode_loop) over the
+    first `rows` slots of the state (the pool whole), the other rows untouched; the state
+    is donated."""
+
+    def fn(params, state: DecodeState, until):
+        B = state.last.shape[0]
+        head = lambda a: a[:rows] if a.ndim and a.shape[0] == B else a  # noqa: E731
+        part = jax.tree.map(head, state._replace(cache=None))._replace(cache=state.cache)
+        with model.traced():
+            cond = lambda s: (s.step < until) & ~s.done.all()  # noqa: E731
+            body = lambda s: decode_step(model, params, s, feats)  # noqa: E731
+            part = jax.lax.while_loop(cond, body, part)
+        put = lambda a, p: a.at[:rows].set(p) if a.ndim and a.shape[0] == B else p  # noqa
+        merged = jax.tree.map(put, state._replace(cache=None), part._replace(cache=None))
+        return merged._replace(cache=part.cache)
+
+    return model.jit(fn, donate_argnums=(1,))

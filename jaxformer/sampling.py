@@ -135,22 +135,33 @@ def filter_logits(logits, p: RowParams, feats: Features):
     """Temperature, then top-k, top-p and min-p masks (-inf outside the allowed set)."""
     x = logits / p.temperature[:, None]
     neg = jnp.float32(-jnp.inf)
-    if feats.sort:
-        B, V = x.shape
-        order = jnp.argsort(-x, axis=-1)  # descending, ties by index
-        xs = jnp.take_along_axis(x, order, axis=-1)
-        rank = jnp.arange(V)[None]
-        keep = (p.top_k[:, None] <= 0) | (rank < p.top_k[:, None])
-        xs_k = jnp.where(keep, xs, neg)
-        probs = jax.nn.softmax(xs_k, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly ahead of each token
-        keep = keep & ((before < p.top_p[:, None]) | (rank == 0))
-        mask = jnp.zeros((B, V), bool).at[jnp.arange(B)[:, None], order].set(keep)
-        x = jnp.where(mask, x, neg)
+    if feats.sort:  # the sort over the vocabulary runs only when a row asks for it
+        wants = (~p.greedy & ((p.top_k > 0) | (p.top_p < 1))).any()
+        x = jax.lax.cond(wants, _top_k_top_p, lambda x, p: x, x, p)
     if feats.min_p:
-        probs = jax.nn.softmax(x, axis=-1)
-        x = jnp.where(probs >= p.min_p[:, None] * probs.max(-1, keepdims=True), x, neg)
+        x = jax.lax.cond((~p.greedy & (p.min_p > 0)).any(), _min_p, lambda x, p: x, x, p)
     return x
+
+
+def _top_k_top_p(x, p: RowParams):
+    B, V = x.shape
+    neg = jnp.float32(-jnp.inf)
+    order = jnp.argsort(-x, axis=-1)  # descending, ties by index
+    xs = jnp.take_along_axis(x, order, axis=-1)
+    rank = jnp.arange(V)[None]
+    keep = (p.top_k[:, None] <= 0) | (rank < p.top_k[:, None])
+    xs_k = jnp.where(keep, xs, neg)
+    probs = jax.nn.softmax(xs_k, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly ahead of each token
+    keep = keep & ((before < p.top_p[:, None]) | (rank == 0))
+    mask = jnp.zeros((B, V), bool).at[jnp.arange(B)[:, None], order].set(keep)
+    return jnp.where(mask, x, neg)
+
+
+def _min_p(x, p: RowParams):
+    probs = jax.nn.softmax(x, axis=-1)
+    return jnp.where(probs >= p.min_p[:, None] * probs.max(-1, keepdims=True), x,
+                     jnp.float32(-jnp.inf))
 
 
 def argmax(x):
@@ -175,14 +186,21 @@ def sample(logits, p: RowParams, feats: Features, keys, seen=None, gen_counts=No
     keys [B] are per-row PRNG keys. logprobs are of the chosen token under the model's
     unprocessed distribution (log_softmax of the raw logits).
     """
+    # Features say what any request may ask for (compiled in); each stage also runs only
+    # when a row of this batch asks for it (lax.cond), so a greedy batch of a server
+    # compiled for everything skips the vocabulary-wide penalties, sort and draw.
     x = logits
     if feats.penalties:
-        x = apply_penalties(x, p, seen, gen_counts)
+        on = ((p.repetition != 1) | (p.presence != 0) | (p.frequency != 0)).any()
+        x = jax.lax.cond(on, apply_penalties, lambda x, *_: x, x, p, seen, gen_counts)
     tokens = argmax(x)
     if feats.sample:
-        filtered = filter_logits(x, p, feats)
-        drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
-        tokens = jnp.where(p.greedy, tokens, drawn)
+        def draw(x, p, keys, tokens):
+            filtered = filter_logits(x, p, feats)
+            drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+            return jnp.where(p.greedy, tokens, drawn)
+        tokens = jax.lax.cond(p.greedy.all(), lambda x, p, keys, tokens: tokens, draw, x, p,
+                              keys, tokens)
     return tokens, chosen_logprob(logits, tokens)
 
 

@@ -2,6 +2,7 @@
 prompts of 1 to 40 tokens, shared prefixes and a pool small enough that requests are
 preempted and recomputed; every request's greedy tokens are the argmax of a teacher-forced
 pass over its own sequence and its log-probs agree within 1e-5; pages all come back."""
+import jax
 import numpy as np
 import pytest
 
@@ -64,3 +65,33 @@ def test_aborts_oversized_requests_and_pages_come_back(model):
     assert set(status) <= {FINISHED, ABORTED} and status.count(FINISHED) >= 30
     assert sched.pool.num_in_use == 0 and sched.running == 0
     sched.pool.check_invariants()
+
+
+def test_warmup_compiles_every_shape_and_partial_batches_decode_exactly(model):
+    """After warmup() a burst compiles nothing (jax's compile events are counted), and a
+    batch using only its first slots (the decode runs the first 4 of 8 rows) stays exact."""
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, secs, **kw: compiles.append(event)
+        if event.endswith("backend_compile_duration") else None)
+    sched = PagedScheduler(model, SchedulerConfig(slots=8, max_length=48, steps_per_tick=2),
+                           PagedConfig(page_size=4, num_pages=40, prefill_tokens=32, chunk=16,
+                                       min_chunk=8))
+    shapes = sched.warmup()
+    assert shapes == {"chunk prefill (rows, tokens)": [(1, 8), (2, 8), (4, 8), (1, 16),
+                                                       (2, 16)],
+                      "decode rows": [4, 8]}
+    rng = np.random.default_rng(5)
+    reqs = [(rng.integers(1, 96, int(rng.integers(1, 30))).tolist(), int(rng.integers(2, 7)))
+            for _ in range(10)]
+    compiles.clear()
+    handles = [sched.submit(p, GREEDY_LP, max_new_tokens=n) for p, n in reqs[:2]]
+    sched.tick()  # two requests alone: slots 0 and 1, the 4-row decode
+    handles += [sched.submit(p, GREEDY_LP, max_new_tokens=n) for p, n in reqs[2:]]
+    sched.run_until_idle()
+    assert compiles == []
+    for h, (prompt, n) in zip(handles, reqs):
+        out = h.result(timeout=0)
+        want, want_lp = teacher_forced(model, prompt, out.tokens)
+        assert out.status == FINISHED and len(out.tokens) == n and out.tokens == want
+        np.testing.assert_allclose(out.logprobs, want_lp, atol=1e-5)

@@ -35,19 +35,26 @@ from jaxformer.serving.scheduler import (FAILED, RUNNING, WAITING, Handle, Sched
 @dataclasses.dataclass(frozen=True)
 class PagedConfig:
     """page_size: tokens per page; num_pages: pages in the pool (page 0 is the null page);
-    prefill_tokens: prompt tokens one tick prefills at most (the chunked-prefill budget);
-    chunk: tokens of one prompt per prefill call at most; prefix_caching: share full blocks."""
+    prefill_tokens: tokens one tick's prefill call holds at most, padding included (the
+    chunked-prefill budget: rows x columns of the call); chunk: tokens of one prompt per
+    prefill call at most; min_chunk: the fewest columns a call is padded to (calls take
+    power-of-two shapes between the two: PagedEngine.shapes()); prefix_caching: share full
+    blocks."""
     page_size: int = 16
     num_pages: int = 1024
     prefill_tokens: int = 512
     chunk: int = 256
+    min_chunk: int = 16
     prefix_caching: bool = True
 
     def __post_init__(self):
-        for f in ("page_size", "num_pages", "prefill_tokens", "chunk"):
+        for f in ("page_size", "num_pages", "prefill_tokens", "chunk", "min_chunk"):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 1:
                 raise ValueError(f"PagedConfig.{f}: must be an integer > 1, got {v!r}")
+        if self.min_chunk > min(self.chunk, self.prefill_tokens):
+            raise ValueError(f"PagedConfig.min_chunk: {self.min_chunk} exceeds chunk "
+                             f"{self.chunk} or prefill_tokens {self.prefill_tokens}")
 
 
 class PagedScheduler(Scheduler):
@@ -70,7 +77,16 @@ class PagedScheduler(Scheduler):
         return PagedEngine(self.model, EngineConfig(
             slots=c.slots, max_length=c.max_length, window=c.steps_per_tick,
             stop_ids=c.stop_ids, stop_strings=c.stop_strings, page_size=p.page_size,
-            num_pages=p.num_pages), chunk=p.chunk)
+            num_pages=p.num_pages), chunk=min(p.chunk, p.prefill_tokens), min_chunk=p.min_chunk,
+            prefill_tokens=p.prefill_tokens)
+
+    def warmup(self) -> dict:
+        """Compile every shape the loop calls (PagedEngine.shapes(), returned) before the
+        first request, so serving never compiles in steady state. Call before start()."""
+        if self._state is None:
+            self._state = self.engine.init_state()
+        self._state = self.engine.warmup(self._state)
+        return self.engine.shapes()
 
     @staticmethod
     def _seq(h: Handle) -> list[int]:
@@ -85,16 +101,17 @@ class PagedScheduler(Scheduler):
         budget = self.paged.prefill_tokens
         chunks = []
         for slot in self._prefilling:
-            if budget <= 0:
+            if budget <= 0 or not self._chunk(slot, budget, chunks):
                 break
-            budget -= self._chunk(slot, budget, chunks)
+            budget -= len(chunks[-1].ids)
         free = [i for i, h in enumerate(self._slots) if h is None]
-        while budget > 0 and free and self._waiting:
+        while budget > 0 and free and self._waiting and self._room(chunks):
             h = self._waiting[0]
             if not self._place(h, free[0]):
                 break
             self._waiting.popleft()
-            budget -= self._chunk(free.pop(0), budget, chunks)
+            self._chunk(free.pop(0), budget, chunks)  # the room for one more was checked
+            budget -= len(chunks[-1].ids)
         if not chunks:
             return
         try:
@@ -141,15 +158,25 @@ class PagedScheduler(Scheduler):
         h.status = RUNNING
         return True
 
-    def _chunk(self, slot: int, budget: int, chunks: list) -> int:
-        """Add the next chunk of the slot's prompt (at most budget tokens); returns its size."""
+    def _room(self, chunks: list) -> bool:
+        """Whether one more chunk (of the fewest columns) still makes a compiled shape."""
+        return self.engine.fits([len(c.ids) for c in chunks] + [1])
+
+    def _chunk(self, slot: int, budget: int, chunks: list) -> bool:
+        """Add the next chunk of the slot's prompt: at most budget tokens, and as many as
+        keep the call a compiled shape (PagedEngine.fits). False when none fits."""
         h = self._slots[slot]
         seq, start = self._seq(h), self._next[h.id]
+        have = [len(c.ids) for c in chunks]
         n = min(len(seq) - start, budget, self.paged.chunk)
+        while n > 0 and not self.engine.fits(have + [n]):
+            n = max(c for c in [0] + self.engine.chunk_lengths() if c < n)
+        if n <= 0:
+            return False
         chunks.append(Chunk(slot, seq[start:start + n], start, self._tables[h.id].pages,
                             start + n == len(seq), h.sampling, h.max_new, h.seed,
                             h.ignore_eos, generated=len(h.tokens)))
-        return n
+        return True
 
     def _computed(self, slot: int, h: Handle, n: int) -> None:
         """The first n tokens of the request's sequence have K/V in its pages: publish its
@@ -170,7 +197,9 @@ class PagedScheduler(Scheduler):
             if self._dirty:
                 self._state = self.engine.set_pages(self._state, self._dirty)
                 self._dirty = {}
-            self._state = self.engine.step(self._state, self.config.steps_per_tick)
+            top = max(self._live)  # decode only the slots up to the last live one
+            rows = next(r for r in self.engine.decode_rows() if r > top)
+            self._state = self.engine.step(self._state, self.config.steps_per_tick, rows=rows)
             toks, lps = self.engine.tokens(self._state)
             done = np.asarray(self._state.done)
         except Exception as e:  # noqa: BLE001
