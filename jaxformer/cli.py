@@ -99,7 +99,12 @@ def _info_parser(sub) -> None:
                         "on a GPU host, where decode updates the cache in place)")
     i.add_argument("--prefill-tokens", type=positive_int, default=PREFILL_TOKENS,
                    help="most prompt tokens one prefill pass computes "
-                        "(RunConfig.prefill_tokens)")
+                        "(RunConfig.prefill_tokens; with --page-size, one chunked-prefill "
+                        "call's tokens)")
+    i.add_argument("--page-size", type=positive_int,
+                   help="also size a paged KV cache's pool (serving): its pages and tokens")
+    i.add_argument("--slots", type=positive_int, default=64,
+                   help="with --page-size: the running batch's slots")
 
 
 def _prompts(args) -> list[str]:
@@ -218,6 +223,11 @@ def cmd_info(args) -> int:
                        quantize=quantize, kv_cache=args.kv_cache,
                        layer_loop=args.layer_loop, prefill_tokens=args.prefill_tokens)
     print(plan.explain())
+    if args.page_size:
+        print(memory.pool_plan(config, sizes, dtype, page_size=args.page_size,
+                               slots=args.slots, prefill_tokens=args.prefill_tokens,
+                               rules=args.rules, attention=args.attention, quantize=quantize,
+                               kv_cache=args.kv_cache, device_memory=dev).explain())
     return 1 if plan.fits is False else 0
 
 

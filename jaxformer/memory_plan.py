@@ -315,3 +315,57 @@ def check_quantize_at_load(p: MemoryPlan | None, config: ModelConfig, mesh, dtyp
 def _is_local(d) -> bool:
     import jax
     return getattr(d, "process_index", 0) == jax.process_index()
+
+
+# ---- the paged KV cache's pool (serving) ------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class PoolPlan:
+    """A page pool per device: what is left after the weights and the serving step's
+    temporaries, in pages of page_size tokens (page 0 is the null page)."""
+    page_size: int
+    page_bytes: int
+    weights: int
+    reserve: int
+    device_memory: int | None
+    num_pages: int | None
+
+    @property
+    def tokens(self) -> int | None:
+        """Tokens the pool holds (every sequence's cache, prefix cache included)."""
+        return None if self.num_pages is None else max(0, self.num_pages - 1) * self.page_size
+
+    def explain(self) -> str:
+        head = (f"page pool: pages of {self.page_size} tokens, {fmt_bytes(self.page_bytes)} "
+                f"each per device; {fmt_bytes(self.reserve)} held back for the step's "
+                f"temporaries")
+        if self.num_pages is None:
+            return head + "; device memory unknown, so no page count"
+        return head + (f"; {_count(self.num_pages)} pages = {_count(self.tokens)} tokens "
+                       f"in {fmt_bytes(self.num_pages * self.page_bytes)}")
+
+
+def pool_plan(config: ModelConfig, mesh=None, dtype="float32", *, page_size: int = 16,
+              slots: int = 64, prefill_tokens: int = 512, rules="default",
+              attention: str = "auto", quantize: str | None = None,
+              kv_cache: str | None = None, device_memory=None,
+              margin: float = 0.05) -> PoolPlan:
+    """Size a paged KV cache's pool (PagedConfig.num_pages) from the memory plan: device
+    memory minus the weights, minus one prefill call of prefill_tokens tokens
+    (activation_bytes), minus the decode step's per-slot vocabulary rows (float32 logits and
+    two sampler copies, the penalty counts and seen flags: 17 bytes per vocabulary entry
+    per slot), minus `margin` of the device for XLA's own buffers."""
+    sizes, table = mesh_sizes(mesh), _rules(rules)
+    quantize = name(quantize)
+    weights = weights_bytes(config, sizes, dtype, table, quantize=quantize)
+    page = kv_cache_bytes(config, sizes, dtype, 1, page_size, table, kv_cache)
+    v = -(-config.padded_vocab_size // _axes_size(sizes, table.get("vocab")))
+    b = -(-slots // _axes_size(sizes, table.get("cache_batch")))
+    temps = activation_bytes(config, sizes, dtype, 1, prefill_tokens, table, attention) \
+        + b * v * 17
+    if device_memory is not None:
+        dev = parse_bytes(device_memory)
+    else:
+        dev, _ = device_memory_limit()
+    reserve = temps + (int(margin * dev) if dev else 0)
+    pages = None if dev is None else max(0, (dev - weights - reserve) // page)
+    return PoolPlan(page_size, page, weights, reserve, dev, pages)

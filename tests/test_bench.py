@@ -129,3 +129,23 @@ def test_timeline_splits_a_call_into_dispatch_span_idle_and_tail(tmp_path):
     start, duration = bench.host_event(str(tmp_path), "tl-test-call")
     assert duration >= 20e6
     assert bench.host_event(str(tmp_path), "no-such-event") is None
+
+
+def test_serving_benchmark_tiny_rows_are_consistent(tmp_path, capsys):
+    """benchmarks/serving.py's CPU smoke run of W4: every request finishes (the run raises
+    otherwise), tokens/s is requests x new tokens over the run's seconds, the share of the
+    roofline is roofline / seconds, and the shared prefix is found in the cache only when
+    prefix caching is on."""
+    import serving
+    out = tmp_path / "rows.json"
+    assert serving.main(["--tiny", "--workloads", "w4", "--json", str(out)]) == 0
+    assert "prefix caching off" in capsys.readouterr().out
+    (row,) = json.loads(out.read_text())["rows"]
+    w = serving.TINY["w4"]
+    for run in ("engine", "prefix_off"):
+        r = row[run]
+        assert abs(r["tok_s"] - w.requests * w.new / r["seconds"]) < 1e-6 * r["tok_s"]
+    assert abs(row["engine"]["of_roofline"] - row["roofline_s"] / row["engine"]["seconds"]) \
+        < 1e-9
+    assert row["engine"]["prefix_hit_tokens"] >= (w.requests - 1) * 16 // 4 * 4
+    assert row["prefix_off"]["prefix_hit_tokens"] == 0

@@ -1,0 +1,309 @@
+"""Offline serving throughput: issue 22's workloads through continuous batching over a paged
+KV cache (serving.PagedScheduler), against the chunked generate() and transformers in the
+same run, and against each workload's roofline.
+
+    python benchmarks/serving.py                       # W1-W4, steady state, single request
+    python benchmarks/serving.py --workloads w2 --hf   # one workload (+ transformers rows)
+    python benchmarks/serving.py --tiny                # a CPU smoke run of the same code
+
+Workloads (random weights, bf16, greedy, no EOS: every request generates its new tokens):
+  W1  llama-7b    256 requests, prompts uniform in 32..1024 (seed 0), 128 new tokens
+  W2  llama3-8b  1024 requests, prompt 128, 512 new tokens (output-heavy, GQA)
+  W3  gpt3-6.7b   256 requests, prompt 128, 128 new tokens (transformers' static batch 256
+                  with --hf)
+  W4  llama-7b    256 requests sharing a 512-token prefix plus 64 tokens of their own,
+                  64 new tokens: prefix caching on, then off
+
+Each engine run first compiles every shape the loop calls (PagedScheduler.warmup, timed
+apart), then submits all requests at once and runs until idle. The page pool is sized by the
+memory plan (memory.pool_plan). The roofline of a workload: prefill FLOPs (2 x params per
+token plus causal attention; a shared prefix counted once) at the measured bf16 matmul rate,
+plus, per decode step with every request running, the larger of (weights + live KV bytes) at
+the measured copy bandwidth and the step's FLOPs at the matmul rate. `steady` runs a full batch
+of requests of the workload's mean length and times decode ticks only, against that step's
+roofline; `single` is one request through the scheduler against batch-1 generate().
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import sys
+import time
+
+import jax
+import numpy as np
+
+import harness
+import jaxformer as jf
+from jaxformer import memory
+from jaxformer.models import num_params
+from jaxformer.serving.paged_scheduler import PagedConfig, PagedScheduler
+from jaxformer.serving.scheduler import FINISHED, SchedulerConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    preset: str
+    requests: int
+    prompt: tuple[int, int]  # own tokens per request, uniform in [lo, hi]
+    new: int
+    prefix: int = 0  # tokens every request shares ahead of its own
+    slots: int = 256
+    chunked: int = 0  # generate() over consecutive chunks of this many prompts (0: not run)
+    hf: int = 0  # transformers' static batch of this many (with --hf)
+
+
+WORKLOADS = {
+    "w1": Workload("llama-7b", 256, (32, 1024), 128, slots=256, chunked=64),
+    "w2": Workload("llama3-8b", 1024, (128, 128), 512, slots=512),
+    "w3": Workload("gpt3-6.7b", 256, (128, 128), 128, slots=256, hf=256),
+    "w4": Workload("llama-7b", 256, (64, 64), 64, prefix=512, slots=256),
+}
+TINY = {k: dataclasses.replace(w, preset="demo", requests=12, prompt=(4, 40) if k == "w1" else
+                               (8, 8), new=6, prefix=16 if w.prefix else 0, slots=8,
+                               chunked=4 if w.chunked else 0)
+        for k, w in WORKLOADS.items()}
+
+
+def prompts(w: Workload, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    lens = rng.integers(w.prompt[0], w.prompt[1] + 1, w.requests)
+    prefix = rng.integers(0, vocab, w.prefix).tolist()
+    return [prefix + rng.integers(0, vocab, int(n)).tolist() for n in lens]
+
+
+def roofline(cfg, dtype, lengths, new: int, prefix: int, ceil: dict) -> dict:
+    """Seconds the workload needs at the card's measured ceilings (module docstring)."""
+    P, L, N, H = num_params(cfg), cfg.num_layers, cfg.num_heads, cfg.dims_per_head
+    mm, bw = ceil["matmul_TFLOPs"] * 1e12, ceil["copy_GBps"] * 1e9
+    own = np.asarray(lengths) - prefix
+    attn = lambda q, k0: 4 * L * N * H * (q * k0 + q * (q + 1) / 2)  # noqa: E731  q after k0
+    flops = 2 * P * (prefix + own.sum()) + attn(prefix, 0) + sum(attn(q, prefix) for q in own)
+    weights = memory.weights_bytes(cfg, None, dtype)
+    per_tok = memory.kv_cache_bytes(cfg, None, dtype, 1, 1)
+    n, live0 = len(lengths), float(np.sum(lengths))
+    decode = 0.0
+    for s in range(new - 1):  # the first token comes with prefill
+        live = live0 + n * s
+        decode += max((weights + per_tok * live) / bw, (2 * P * n + 4 * L * N * H * live) / mm)
+    return {"prefill_s": flops / mm, "decode_s": decode, "total_s": flops / mm + decode}
+
+
+def step_roofline(cfg, dtype, batch: int, length: float, ceil: dict) -> float:
+    """Seconds of one decode step of `batch` rows holding `length` tokens each."""
+    P, L, N, H = num_params(cfg), cfg.num_layers, cfg.num_heads, cfg.dims_per_head
+    bytes_ = memory.weights_bytes(cfg, None, dtype) \
+        + memory.kv_cache_bytes(cfg, None, dtype, 1, 1) * batch * length
+    flops = 2 * P * batch + 4 * L * N * H * batch * length
+    return max(bytes_ / (ceil["copy_GBps"] * 1e9), flops / (ceil["matmul_TFLOPs"] * 1e12))
+
+
+def scheduler(model, w: Workload, args, max_length: int, prefix_caching=True):
+    pool = memory.pool_plan(model.config, None, args.dtype, page_size=args.page_size,
+                            slots=w.slots, prefill_tokens=args.prefill_tokens,
+                            device_memory=args.device_memory)
+    pages = args.num_pages or pool.num_pages
+    sched = PagedScheduler(
+        model, SchedulerConfig(slots=w.slots, max_length=max_length,
+                               steps_per_tick=args.steps_per_tick, max_queue=1 << 20),
+        PagedConfig(page_size=args.page_size, num_pages=pages,
+                    prefill_tokens=args.prefill_tokens, chunk=args.chunk,
+                    min_chunk=args.min_chunk, prefix_caching=prefix_caching))
+    t = time.perf_counter()
+    shapes = sched.warmup()
+    return sched, {"warmup_s": time.perf_counter() - t, "pages": pages,
+                   "shapes": sum(len(v) for v in shapes.values())}
+
+
+def run_engine(model, w: Workload, ps, args, prefix_caching=True) -> dict:
+    sched, info = scheduler(model, w, args, max(map(len, ps)) + w.new, prefix_caching)
+    t0 = time.perf_counter()
+    hs = [sched.submit(p, None, max_new_tokens=w.new, ignore_eos=True) for p in ps]
+    sched.run_until_idle()
+    dt = time.perf_counter() - t0
+    outs = [h.result(timeout=0) for h in hs]
+    bad = [o for o in outs if o.status != FINISHED or len(o.tokens) != w.new]
+    if bad:
+        raise RuntimeError(f"{len(bad)} requests did not finish: {bad[0].reason}")
+    ttft = np.asarray([o.times["first_token"] - t0 for o in outs])
+    row = dict(seconds=dt, tok_s=len(ps) * w.new / dt, ttft_p50_s=float(np.median(ttft)),
+               preemptions=sched.preemptions, prefix_hit_tokens=sched.pool.prefix_hit_tokens,
+               **info)
+    sched.stop()
+    del sched
+    gc.collect()
+    return row
+
+
+def run_chunked(model, w: Workload, ps) -> dict:
+    """The public generate() over consecutive chunks of w.chunked prompts (the first chunk
+    run once before timing, for its compile)."""
+    model.generate(ps[: w.chunked], max_new_tokens=w.new, ignore_eos=True)
+    t0 = time.perf_counter()
+    n = 0
+    for i in range(0, len(ps), w.chunked):
+        out = model.generate(ps[i: i + w.chunked], max_new_tokens=w.new, ignore_eos=True)
+        n += sum(len(t) for t in out.tokens)
+    dt = time.perf_counter() - t0
+    if n != len(ps) * w.new:
+        raise RuntimeError(f"chunked generate() gave {n} tokens, not {len(ps) * w.new}")
+    return dict(seconds=dt, tok_s=n / dt)
+
+
+def run_steady(model, w: Workload, args, length: int, ticks: int) -> dict:
+    """A full batch of requests of `length` prompt tokens, then decode ticks alone."""
+    budget = length + args.steps_per_tick * (ticks + 4) + 2
+    sched, _ = scheduler(model, w, args, budget)
+    rng = np.random.default_rng(1)
+    vocab = model.config.vocab_size
+    hs = [sched.submit(rng.integers(0, vocab, length).tolist(), None,
+                       max_new_tokens=budget - length, ignore_eos=True)
+          for _ in range(w.slots)]
+    while any(not h.tokens for h in hs):  # every prompt prefilled and decoding
+        sched.tick()
+    sched.tick()
+    jax.block_until_ready(sched._state.last)
+    t0 = time.perf_counter()
+    for _ in range(ticks):
+        sched.tick()
+    jax.block_until_ready(sched._state.last)
+    step = (time.perf_counter() - t0) / (ticks * args.steps_per_tick)
+    live = sum(h.status == "running" for h in hs)
+    sched.stop()
+    return dict(batch=live, length=length + args.steps_per_tick * ticks / 2, step_ms=step * 1e3)
+
+
+def run_single(model, w: Workload, args, prompt: int, new: int) -> dict:
+    rng = np.random.default_rng(2)
+    p = rng.integers(0, model.config.vocab_size, prompt).tolist()
+    model.generate([p], max_new_tokens=new, ignore_eos=True)
+    t = time.perf_counter()
+    model.generate([p], max_new_tokens=new, ignore_eos=True)
+    gen = time.perf_counter() - t
+    sched, _ = scheduler(model, dataclasses.replace(w, slots=w.slots), args, prompt + new)
+    for _ in range(2):  # the second run is timed
+        t = time.perf_counter()
+        h = sched.submit(p, None, max_new_tokens=new, ignore_eos=True)
+        sched.run_until_idle()
+        out = h.result(timeout=0)
+        dt = time.perf_counter() - t
+    sched.stop()
+    first = out.times["first_token"] - out.times["submitted"]
+    return dict(generate_ms_per_token=gen / new * 1e3, sched_ms_per_token=dt / new * 1e3,
+                sched_decode_ms=(dt - first) / (new - 1) * 1e3)
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workloads", nargs="+", default=["w1", "w2", "w3", "w4"],
+                    choices=sorted(WORKLOADS))
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run: the demo preset")
+    ap.add_argument("--hf", action="store_true", help="transformers rows (a CUDA torch)")
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--page-size", type=int, default=None)
+    ap.add_argument("--num-pages", type=int, default=None, help="default: the memory plan")
+    ap.add_argument("--device-memory", default=None, help="default: what jax reports")
+    ap.add_argument("--prefill-tokens", type=int, default=None)
+    ap.add_argument("--chunk", type=int, default=None)
+    ap.add_argument("--min-chunk", type=int, default=None)
+    ap.add_argument("--steps-per-tick", type=int, default=None)
+    ap.add_argument("--no-steady", action="store_true")
+    ap.add_argument("--no-single", action="store_true")
+    ap.add_argument("--json", help="also write the rows here")
+    return ap
+
+
+FULL_ARGS = dict(dtype="bfloat16", page_size=16, prefill_tokens=4096, chunk=512, min_chunk=128,
+                 steps_per_tick=8)
+TINY_ARGS = dict(dtype="float32", page_size=4, prefill_tokens=64, chunk=32, min_chunk=16,
+                 steps_per_tick=2, num_pages=160, device_memory="1GiB")
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    for k, v in (TINY_ARGS if args.tiny else FULL_ARGS).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    table = TINY if args.tiny else WORKLOADS
+    hf = {}
+    if args.hf and not args.tiny:  # before this process's jax takes the GPU
+        shapes = [(table[k].preset, table[k].hf, table[k].prompt[0], False)
+                  for k in args.workloads if table[k].hf]
+        rows = harness.hf_rows(shapes, table["w3"].new) if shapes else {}
+        hf = {(p, b): r for (p, _, b), r in rows.items()}
+    ceil = harness.ceilings(args.tiny)
+    print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}; measured ceilings: "
+          f"copy {ceil['copy_GBps']:.0f} GB/s, bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s")
+    rows, models = [], {}
+    for k in args.workloads:
+        w = table[k]
+        if w.preset not in models:
+            models.clear()
+            gc.collect()
+            models[w.preset] = jf.Model.random(jf.ModelConfig.from_preset(w.preset),
+                                               dtype=args.dtype, seed=0)
+        model = models[w.preset]
+        ps = prompts(w, model.config.vocab_size)
+        roof = roofline(model.config, args.dtype, [len(p) for p in ps], w.new,
+                        w.prefix, ceil)
+        out = {"workload": k, "preset": w.preset, "requests": w.requests,
+               "roofline_s": roof["total_s"], "roof_prefill_s": roof["prefill_s"]}
+        out["engine"] = run_engine(model, w, ps, args)
+        out["engine"]["of_roofline"] = roof["total_s"] / out["engine"]["seconds"]
+        if w.prefix:
+            out["prefix_off"] = run_engine(model, w, ps, args, prefix_caching=False)
+        if w.chunked:
+            out["chunked"] = run_chunked(model, w, ps)
+        if w.hf and (w.preset, w.hf) in hf:
+            out["hf"] = hf[(w.preset, w.hf)]
+        if not args.no_steady and k in ("w2", "w3") or args.tiny and k == "w2":
+            mean = int(np.mean([len(p) for p in ps]) + w.new / 2)
+            st = run_steady(model, w, args, mean, 4 if args.tiny else 16)
+            st["roofline_ms"] = step_roofline(model.config, args.dtype, st["batch"],
+                                              st["length"], ceil) * 1e3
+            out["steady"] = st
+        if not args.no_single and k in ("w1", "w2"):
+            out["single"] = run_single(model, w, args, *((8, 6) if args.tiny else (128, 128)))
+        rows.append(out)
+        report(out)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"ceilings": ceil, "rows": rows}, f, indent=1)
+    return 0
+
+
+def report(r: dict) -> None:
+    e = r["engine"]
+    print(f"\n## {r['workload']}: {r['preset']}, {r['requests']} requests; roofline "
+          f"{r['roofline_s']:.2f} s (prefill {r['roof_prefill_s']:.2f} s)")
+    print(f"{'run':<28}{'seconds':>9}{'tokens/s':>10}{'ratio':>8}")
+    print(f"{'continuous (paged)':<28}{e['seconds']:>9.2f}{e['tok_s']:>10.0f}{'1.00':>8}"
+          f"   {e['of_roofline']:.0%} of roofline; warmup {e['warmup_s']:.0f} s "
+          f"({e['shapes']} shapes), {e['pages']} pages, {e['preemptions']} preemptions, "
+          f"TTFT p50 {e['ttft_p50_s']:.2f} s")
+    for name, label in (("prefix_off", "prefix caching off"), ("chunked", "generate() chunks"),
+                        ("hf", "transformers static")):
+        if name in r and "tok_s" in r[name]:
+            x = r[name]
+            print(f"{label:<28}{x.get('seconds', float('nan')):>9.2f}{x['tok_s']:>10.0f}"
+                  f"{e['tok_s'] / x['tok_s']:>8.2f}x  (continuous over this)")
+        elif name in r:
+            print(f"{label:<28} {r[name]}")
+    if "steady" in r:
+        s = r["steady"]
+        print(f"steady decode: batch {s['batch']} x {s['length']:.0f} tokens: "
+              f"{s['step_ms']:.2f} ms/step, roofline {s['roofline_ms']:.2f} ms "
+              f"({s['roofline_ms'] / s['step_ms']:.0%})")
+    if "single" in r:
+        s = r["single"]
+        print(f"single request: scheduler {s['sched_ms_per_token']:.2f} ms/token "
+              f"(decode {s['sched_decode_ms']:.2f}), generate() batch 1 "
+              f"{s['generate_ms_per_token']:.2f} ms/token "
+              f"({s['generate_ms_per_token'] / s['sched_ms_per_token']:.0%})")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
