@@ -203,3 +203,20 @@ def test_chunked_prefill_counts_one_chunk():
     assert piped.prefill_chunk == 16
     assert piped.activations == memory.activation_bytes(DECODER, sizes, "float32", 16,
                                                         piped.prefill_tokens)
+
+
+def test_pool_plan_pages_are_the_paged_cache_bytes_and_fit_what_is_left():
+    """A page's bytes are those of the PagedKVCache arrays of one page (sharded over tensor),
+    and weights + reserve + the pages fit the device memory with less than a page left."""
+    from jaxformer.cache import PagedKVCache
+    cfg = jf.ModelConfig.from_preset("llama3-8b")
+    for kv, sizes in ((None, None), ("int8", {"data": 1, "pipe": 1, "tensor": 2})):
+        plan = memory.pool_plan(cfg, sizes, "bfloat16", page_size=16, slots=128,
+                                prefill_tokens=2048, kv_cache=kv, device_memory="80GiB")
+        one = PagedKVCache.abstract(cfg, 1, 16, "bfloat16", kv)
+        t = 1 if sizes is None else 2
+        want = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(one)) // t
+        assert plan.page_bytes == want
+        left = 80 * 2 ** 30 - plan.weights - plan.reserve - plan.num_pages * plan.page_bytes
+        assert 0 <= left < plan.page_bytes
+        assert plan.tokens == (plan.num_pages - 1) * 16
