@@ -18,8 +18,10 @@ Two layouts of a batch, both compiled once per bucketed shape:
           past a row's end. On Hopper the flash kernel never loads the other texts' keys
           (kernels/flash_attention.py); elsewhere XLA computes the row's whole [R_T, R_T]
           scores and masks them, which keeps R_T small (PACK_ROW_TOKENS).
-Nothing but the inputs crosses to the device per call; the compiled programs are keyed by
-(pooling, normalisation, layout) and jit's shapes, and calls from several threads are safe.
+Nothing but the inputs crosses to the device per call. One program per layout and
+bucketed shape serves every pooling: it computes them all (a few [B, D] sums and one
+[B, D] x [D, D] product, nothing beside the encoder) and picks one by an operand, so a
+server mixing requests compiles no more. Calls from several threads are safe.
 
 Legend: B texts, R rows, T row length, D hidden size.
 """
@@ -39,7 +41,7 @@ from jaxformer.cache import Write, bucket, cache_rows
 from jaxformer.sentence import SentenceConfig
 from jaxformer.sharding import to_global, to_host
 
-POOLINGS = ("mean", "cls", "pooler")
+POOLINGS = ("mean", "cls", "pooler")  # the operand `mode` is the index
 # packed rows hold at least this many tokens when the batch has them: on the XLA path a row
 # costs T^2 attention scores, against ~24 D^2 FLOPs per token in the matmuls, so 512 keeps
 # attention a few percent of the work for BERT-base while still packing short texts densely
@@ -118,21 +120,23 @@ def packed_batch(seqs: Sequence[tuple[np.ndarray, np.ndarray]], data: int = 1) -
     return Batch(ids, types, positions, seq, lengths, first, n, (lo, lim))
 
 
-def pool(hidden, seq, first, n_out: int, mode: str, pooler=None):
-    """hidden [R, T, D] -> [n_out, D] float32 per text: "mean" over its tokens (seq == i),
-    "cls" its first token (flat index first[i]), "pooler" pooler(cls states)."""
+def pool(hidden, seq, first, mode, pooler=None):
+    """hidden [R, T, D] -> [B, D] float32 per text (B = first.shape[0]), by `mode` (an
+    int32 scalar, index into POOLINGS): "mean" over its tokens (seq == i), "cls" its
+    first token (flat index first[i]), "pooler" pooler(cls states) (cls without one)."""
     R, T, D = hidden.shape
+    B = first.shape[0]
     flat = hidden.reshape(R * T, D)
-    if mode in ("cls", "pooler"):
-        out = jnp.take(flat, first, axis=0)
-        return (pooler(out) if mode == "pooler" else out).astype(jnp.float32)
+    cls = jnp.take(flat, first, axis=0)
+    head = cls if pooler is None else pooler(cls)
     ids = seq.reshape(R * T)
-    x = flat.astype(jnp.float32)
-    # float32 adds in token order per text (sentence-transformers' masked sum)
-    sums = jax.ops.segment_sum(x, ids, num_segments=n_out + 1)[:n_out]
+    # float32 adds per text (sentence-transformers' masked sum); id B collects the padding
+    sums = jax.ops.segment_sum(flat.astype(jnp.float32), ids, num_segments=B + 1)[:B]
     counts = jax.ops.segment_sum(jnp.ones_like(ids, jnp.float32), ids,
-                                 num_segments=n_out + 1)[:n_out]
-    return sums / jnp.maximum(counts, 1.0)[:, None]
+                                 num_segments=B + 1)[:B]
+    mean = sums / jnp.maximum(counts, 1.0)[:, None]
+    return jnp.select([mode == 0, mode == 1], [mean, cls.astype(jnp.float32)],
+                      head.astype(jnp.float32))
 
 
 def l2_normalize(x):
@@ -141,19 +145,20 @@ def l2_normalize(x):
     return x / jnp.maximum(norm, 1e-12)
 
 
-def embed_fn(model, mode: str, normalize: bool, packed: bool):
-    """The compiled embedding of `model` for one pooling, normalisation and layout:
-    fn(params, ids, types, positions, seq, lengths, first, lo, lim) -> [n_out, D] f32."""
+def embed_fn(model, packed: bool):
+    """The compiled embedding of `model` in one layout: fn(params, ids, types, positions,
+    seq, lengths, first, lo, lim, mode, normalize) -> [n_out, D] float32 (Batch's arrays;
+    mode int32 and normalize bool scalars)."""
     backend = model.run.attention
 
     @model.jit
-    def fn(params, ids, types, positions, seq, lengths, first, lo, lim):
+    def fn(params, ids, types, positions, seq, lengths, first, lo, lim, mode, normalize):
         with model.traced():
             m = model.module(params)
             at = Write.packed(lo, lim) if packed else None
             hidden, _ = m(ids, lengths, types, backend=backend, positions=positions, at=at)
-            out = pool(hidden, seq, first, first.shape[0], mode, getattr(m, "pool", None))
-            return l2_normalize(out) if normalize else out
+            out = pool(hidden, seq, first, mode, m.pool if model.config.pooler else None)
+            return jnp.where(normalize, l2_normalize(out), out)
 
     return fn
 
@@ -222,10 +227,10 @@ def embed(model, inputs, pooling: str | None = None, normalize: bool | None = No
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"embed(batch_size=...): must be a positive int, got {batch_size!r}")
     seqs = sequences(model, inputs, max_len)
-    key = ("embed", mode, normalize, bool(packed))
     with _BUILD:
-        fn = model.compiled.get(key, lambda: embed_fn(model, mode, normalize, bool(packed)))
+        fn = model.compiled.get(("embed", bool(packed)), lambda: embed_fn(model, bool(packed)))
         model.param_leaves()  # built once, before threads race to
+    knobs = (np.int32(POOLINGS.index(mode)), np.bool_(normalize))
     data = model.mesh.shape["data"]
     # similar lengths share a call (less padding); results go back in the input order
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
@@ -234,14 +239,14 @@ def embed(model, inputs, pooling: str | None = None, normalize: bool | None = No
         chunk = order[s:s + batch_size]
         part = [seqs[i] for i in chunk]
         b = packed_batch(part, data) if packed else padded_batch(part, max_len, data)
-        out[chunk] = _run(model, fn, b)[:b.n]
+        out[chunk] = _run(model, fn, b, knobs)[:b.n]
     return out
 
 
-def _run(model, fn, b: Batch) -> np.ndarray:
+def _run(model, fn, b: Batch, knobs) -> np.ndarray:
     R = b.ids.shape[0]
     rows2, rows1 = model._batch_sharding(R, 2), model._batch_sharding(R, 1)
     args = [to_global(a, rows2) for a in (b.ids, b.types, b.positions, b.seq)]
     args += [to_global(b.lengths, rows1), to_global(b.first, NamedSharding(model.mesh, P()))]
     args += [None, None] if b.spans is None else [to_global(a, rows2) for a in b.spans]
-    return to_host(fn(model.params, *args))
+    return to_host(fn(model.params, *args, *knobs))
