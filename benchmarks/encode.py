@@ -96,9 +96,9 @@ def run_jax(model, lengths: list[int], packed: bool, iters: int, seed: int = 0) 
     seqs = [(rng.integers(low_id(cfg), cfg.vocab_size, n).astype(np.int32),
              np.zeros(n, np.int32))
             for n in lengths]
-    max_len = cfg.max_position_embeddings
     data = model.mesh.shape["data"]
-    b = E.packed_batch(seqs, data) if packed else E.padded_batch(seqs, max_len, data)
+    b = E.packed_batch(seqs, data) if packed else \
+        E.padded_batch(seqs, cfg.max_position_embeddings, data)
     fn = E.compiled(model, packed)
     args = E.device_args(model, b) + list(E.knobs("mean", False))
     t0 = time.perf_counter()
@@ -306,7 +306,7 @@ def _row(model, preset, dtype, mode, seq, batch, varlen, packed, args, ceil, hf,
     return r
 
 
-HEADER = (f"{'preset':<19}{'dtype':>9}{'quant':>6}{'S':>5}{'B':>5}{'layout':>15}"
+HEADER = (f"{'preset':<19}{'dtype':>9}{'quant':>10}{'S':>5}{'B':>5}{'layout':>15}"
           f"{'avg ms':>9}{'p99 ms':>9}{'tok/s':>10}{'MFU':>6}{'HF ms':>9}{'HFc ms':>9}"
           f"{'x HF':>7}{'compile s':>10}")
 
@@ -315,7 +315,7 @@ def _print(r):
     nan = float("nan")
     hf = [r.get(k, {}).get("avg_ms", nan) for k in ("hf_sdpa", "hf_compile")]
     best = min((h for h in hf if h == h), default=nan)
-    print(f"{r['preset']:<19}{r['dtype']:>9}{r['quant']:>6}{r['seq']:>5}{r['batch']:>5}"
+    print(f"{r['preset']:<19}{r['dtype']:>9}{r['quant']:>10}{r['seq']:>5}{r['batch']:>5}"
           f"{r['layout']:>15}{r['avg_ms']:>9.3f}{r['p99_ms']:>9.3f}{r['tok_s']:>10.0f}"
           f"{r['mfu']:>6.0%}{hf[0]:>9.3f}{hf[1]:>9.3f}{best / r['avg_ms']:>7.2f}"
           f"{r['compile_s']:>10.1f}", flush=True)

@@ -10,8 +10,8 @@ which, `embed`'s arguments override; without either, mean and no normalisation, 
 sentence-transformers does for a plain Hugging Face model.
 
 Two layouts of a batch, both compiled once per bucketed shape:
-  padded  one text per row, right-padded to a length bucket (cache.bucket), rows a power of
-          two; attention masks the padding.
+  padded  one text per row, right-padded to a length bucket (token_bucket), rows bucketed
+          (row_bucket); attention masks the padding.
   packed  TensorRT's "varseqlen": texts back to back in rows of R_T tokens (first-fit by
           length), positions restarting at each text, and attention block-diagonal
           (cache.Write.packed: each query sees only its own text), so no FLOPs go to padding
@@ -37,7 +37,7 @@ import numpy as np
 
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxformer.cache import Write, bucket, cache_rows
+from jaxformer.cache import MIN_BUCKET, Write
 from jaxformer.sentence import SentenceConfig
 from jaxformer.sharding import to_global, to_host
 
@@ -48,6 +48,25 @@ POOLINGS = ("mean", "cls", "pooler")  # the operand `mode` is the index
 PACK_ROW_TOKENS = 512
 DEFAULT_BATCH = 128  # texts per compiled call (a larger list runs in several)
 _BUILD = threading.Lock()  # builds of compiled entry points (first calls from threads)
+# Buckets finer than generate()'s powers of two: BERT's usual 384 tokens would pad to 512
+# (1.3x the matmul FLOPs, 1.8x attention's) and 33 rows to 64. Past these sizes shapes
+# grow in steps of a flash-kernel CTA's 128 query rows, and of 8 rows.
+TOKEN_STEP, ROW_STEP = 128, 8
+
+
+def token_bucket(n: int) -> int:
+    """Padded length of n tokens: a power of two up to TOKEN_STEP (at least MIN_BUCKET),
+    then a multiple of it."""
+    if n <= TOKEN_STEP:
+        return max(MIN_BUCKET, 1 << max(0, n - 1).bit_length())
+    return -(-n // TOKEN_STEP) * TOKEN_STEP
+
+
+def row_bucket(n: int, data: int = 1) -> int:
+    """Rows for n rows of work: a power of two up to ROW_STEP, then a multiple of it; a
+    multiple of `data` (the mesh's data-parallel size) either way."""
+    r = 1 << max(0, n - 1).bit_length() if n <= ROW_STEP else -(-n // ROW_STEP) * ROW_STEP
+    return -(-r // data) * data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,11 +85,13 @@ class Batch:
     spans: tuple[np.ndarray, np.ndarray] | None = None
 
 
-def padded_batch(seqs: Sequence[tuple[np.ndarray, np.ndarray]], max_len: int,
+def padded_batch(seqs: Sequence[tuple[np.ndarray, np.ndarray]], positions: int,
                  data: int = 1) -> Batch:
-    """One text per row: rows a power of two (a multiple of `data`), length a bucket."""
+    """One text per row, rows and length bucketed (row_bucket, token_bucket), the length
+    at most the model's `positions` (padding's positions must exist too)."""
     n = len(seqs)
-    R, T = cache_rows(n, data), bucket(max(len(i) for i, _ in seqs), max_len)
+    R = row_bucket(n, data)
+    T = min(token_bucket(max(len(i) for i, _ in seqs)), positions)
     ids, types = np.zeros((R, T), np.int32), np.zeros((R, T), np.int32)
     seq = np.full((R, T), R, np.int32)
     lengths = np.zeros((R,), np.int32)
@@ -99,9 +120,9 @@ def packed_batch(seqs: Sequence[tuple[np.ndarray, np.ndarray]], data: int = 1) -
     """Texts back to back in rows (module docstring), rows and row length bucketed."""
     n = len(seqs)
     lens = [len(i) for i, _ in seqs]
-    T = max(bucket(max(lens)), min(bucket(sum(lens)), PACK_ROW_TOKENS))
+    T = max(token_bucket(max(lens)), min(token_bucket(sum(lens)), PACK_ROW_TOKENS))
     layout = pack_rows(lens, T)
-    R, n_out = cache_rows(len(layout), data), cache_rows(n, 1)
+    R, n_out = row_bucket(len(layout), data), row_bucket(n)
     ids, types, positions = (np.zeros((R, T), np.int32) for _ in range(3))
     seq = np.full((R, T), n_out, np.int32)
     lo, lim = np.zeros((R, T), np.int32), np.full((R, T), -1, np.int32)
@@ -235,7 +256,8 @@ def embed(model, inputs, pooling: str | None = None, normalize: bool | None = No
     for s in range(0, len(order), batch_size):
         chunk = order[s:s + batch_size]
         part = [seqs[i] for i in chunk]
-        b = packed_batch(part, data) if packed else padded_batch(part, max_len, data)
+        b = packed_batch(part, data) if packed else \
+            padded_batch(part, model.config.max_position_embeddings, data)
         out[chunk] = to_host(fn(model.params, *device_args(model, b), *ops))[:b.n]
     return out
 

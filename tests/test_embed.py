@@ -191,7 +191,7 @@ def test_embed_errors_name_the_problem(tiny_bert):
         with pytest.raises(ValueError, match=match):
             model.embed(**kwargs)
     decoder = jf.Model.random(jf.ModelConfig.from_preset("demo").replace(
-        num_layers=1, hidden_size=32, ffn_size=32, vocab_size=64, name="tiny-decoder"))
+        num_layers=1, hidden_size=32, ffn_size=32, name="tiny-decoder"))
     with pytest.raises(ValueError, match="needs an encoder"):
         decoder.embed(["hello"])
 
