@@ -5,6 +5,7 @@ import json
 import threading
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -95,6 +96,19 @@ def test_tiny_bert_packed_equals_padded_equals_transformers(tiny_bert):
     np.testing.assert_allclose(model.embed(rows, packed=True), refs["mean"], atol=2e-5)
     unit = refs["mean"] / np.linalg.norm(refs["mean"], axis=1, keepdims=True)
     np.testing.assert_allclose(model.embed(rows, normalize=True), unit, atol=2e-5)
+
+
+def test_embed_on_a_mesh(tiny_bert):
+    """data x tensor = 2 x 2: rows over `data` (row buckets a multiple of 2), heads over
+    `tensor`; packed and padded still give transformers' embeddings."""
+    hf, ckpt, _ = tiny_bert
+    model = jf.load(ckpt, mesh=jf.make_mesh(data=2, tensor=2,
+                                            devices=jax.devices()[:4]))
+    rows = _rows(3, lengths=(7, 2, 19))
+    hidden, pooled = _reference(hf, rows)
+    np.testing.assert_allclose(model.embed(rows, "pooler"), pooled, atol=2e-5)
+    mean = np.stack([h.mean(0) for h in hidden])
+    np.testing.assert_allclose(model.embed(rows, packed=True), mean, atol=2e-5)
 
 
 def test_embed_from_threads_in_several_calls(tiny_bert):

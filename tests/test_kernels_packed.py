@@ -105,3 +105,29 @@ def test_embed_packed_equals_padded_through_the_kernel_gpu():
     ref = jf.Model.random(cfg, dtype="float32", attention="xla").embed(rows, normalize=True)
     assert np.abs(padded - ref).max() < 3e-2
     assert np.abs(packed - ref).max() < 3e-2
+
+
+def test_sharded_wrapper_shards_spans_with_the_rows():
+    """The kernels' shard_map hands each data shard its own rows' spans."""
+    from jaxformer import sharding
+    from jaxformer.sharding import make_mesh
+    if jax.device_count() < 4:
+        pytest.skip("needs 4 devices")
+    mesh = make_mesh(data=2, pipe=1, tensor=2, devices=jax.devices()[:4])
+    parts = [packed_problem(24, 4, 2, 8, jnp.float32, segs, seed=i)
+             for i, segs in enumerate([[5, 19], [11, 2, 7]])]
+    q, k, v, pos, kvl = (jnp.concatenate([p[j] for p in parts]) for j in range(5))
+    spans = tuple(jnp.concatenate([p[5][j] for p in parts]) for j in range(2))
+    seen = []
+
+    def fn(q, k, v, pos, kvl, layer=None, span_lo=None, span_lim=None):
+        seen.append((q.shape, span_lo.shape))
+        return attention_reference(q, k, v, pos, kvl, causal=False, scale=0.3,
+                                   spans=(span_lo, span_lim))
+
+    with sharding.use(mesh, {}):
+        out = jax.jit(lambda *a: attn._sharded(fn, *a[:5], spans=a[5:]))(q, k, v, pos, kvl,
+                                                                           *spans)
+    ref = attention_reference(q, k, v, pos, kvl, causal=False, scale=0.3, spans=spans)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-6, atol=1e-6)
+    assert seen == [((1, 24, 2, 8), (1, 24))]  # a row and its spans per data shard
