@@ -28,6 +28,7 @@ Legend: B texts, R rows, T row length, D hidden size.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 from typing import Sequence
 
@@ -141,20 +142,26 @@ def packed_batch(seqs: Sequence[tuple[np.ndarray, np.ndarray]], data: int = 1) -
     return Batch(ids, types, positions, seq, lengths, first, n, (lo, lim))
 
 
-def pool(hidden, seq, first, mode, pooler=None):
+def pool(hidden, seq, first, mode, pooler=None, packed: bool = True):
     """hidden [R, T, D] -> [B, D] float32 per text (B = first.shape[0]), by `mode` (an
     int32 scalar, index into POOLINGS): "mean" over its tokens (seq == i), "cls" its
-    first token (flat index first[i]), "pooler" pooler(cls states) (cls without one)."""
+    first token (flat index first[i]), "pooler" pooler(cls states) (cls without one).
+    packed False: row b is text b (B == R), and the mean a masked sum over the row."""
     R, T, D = hidden.shape
     B = first.shape[0]
     flat = hidden.reshape(R * T, D)
     cls = jnp.take(flat, first, axis=0)
     head = cls if pooler is None else pooler(cls)
-    ids = seq.reshape(R * T)
-    # float32 adds per text (sentence-transformers' masked sum); id B collects the padding
-    sums = jax.ops.segment_sum(flat.astype(jnp.float32), ids, num_segments=B + 1)[:B]
-    counts = jax.ops.segment_sum(jnp.ones_like(ids, jnp.float32), ids,
-                                 num_segments=B + 1)[:B]
+    # float32 adds per text (sentence-transformers' masked sum)
+    if packed:  # a scatter-add by text; id B collects the padding
+        ids = seq.reshape(R * T)
+        sums = jax.ops.segment_sum(flat.astype(jnp.float32), ids, num_segments=B + 1)[:B]
+        counts = jax.ops.segment_sum(jnp.ones_like(ids, jnp.float32), ids,
+                                     num_segments=B + 1)[:B]
+    else:  # a reduction over each row
+        mine = (seq == jnp.arange(R, dtype=seq.dtype)[:, None]).astype(jnp.float32)
+        sums = jnp.sum(hidden.astype(jnp.float32) * mine[..., None], axis=1)
+        counts = mine.sum(1)
     mean = sums / jnp.maximum(counts, 1.0)[:, None]
     return jnp.select([mode == 0, mode == 1], [mean, cls.astype(jnp.float32)],
                       head.astype(jnp.float32))
@@ -172,13 +179,15 @@ def embed_fn(model, packed: bool):
     mode int32 and normalize bool scalars)."""
     backend = model.run.attention
 
-    @model.jit
+    # called once per request, as the other prefill-like entry points: small params packed
+    @functools.partial(model.jit, pack_small=True)
     def fn(params, ids, types, positions, seq, lengths, first, lo, lim, mode, normalize):
         with model.traced():
             m = model.module(params)
             at = Write.packed(lo, lim) if packed else None
             hidden, _ = m(ids, lengths, types, backend=backend, positions=positions, at=at)
-            out = pool(hidden, seq, first, mode, m.pool if model.config.pooler else None)
+            out = pool(hidden, seq, first, mode, m.pool if model.config.pooler else None,
+                       packed)
             return jnp.where(normalize, l2_normalize(out), out)
 
     return fn
