@@ -275,7 +275,8 @@ def compiled(model, packed: bool):
     """The model's compiled embedding for a layout (embed_fn), built once."""
     with _BUILD:
         fn = model.compiled.get(("embed", bool(packed)), lambda: embed_fn(model, bool(packed)))
-        model.param_leaves()  # built once, before threads race to
+        # the params' flat tuple and packed buffers, built once before threads race to
+        model.packed_params() if fn.plan else model.param_leaves()
     return fn
 
 
