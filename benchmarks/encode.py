@@ -156,7 +156,7 @@ def run_hf(cfg, dtype, lengths, seq, iters, compile_: bool, device: str) -> dict
         t = time.perf_counter()
         call()
         ts.append(time.perf_counter() - t)
-    del model, fwd
+    del model  # (fwd and call go with this frame)
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
