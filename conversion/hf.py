@@ -28,6 +28,7 @@ from conversion.hf_tables import FAMILIES, ShapeError
 from jaxformer.checkpoint import CheckpointWriter
 from jaxformer.config import DTYPES, ModelConfig
 from jaxformer.hf_config import from_hf_config
+from jaxformer.sentence import from_sentence_transformers
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +257,12 @@ def convert(input_dir, output_dir, *, dtype: str | None = None, overwrite: bool 
             required.setdefault(r.target, set()).update((i, r.slot_name) for i in layers)
 
     tokenizer = _tokenizer(src_dir)
+    sentence = None
+    if cfg.arch == "encoder":  # a sentence-transformers model: keep its pooling config
+        try:
+            sentence = from_sentence_transformers(src_dir)
+        except ValueError as e:
+            raise ConversionError(str(e)) from None
     written: set[tuple[str, int | None, str]] = set()
     with CheckpointWriter(Path(output_dir), cfg, overwrite=overwrite) as writer:
         bufs = {p: writer.allocate(p, shape, np_dtype) for p, shape in expected.items()}
@@ -296,6 +303,7 @@ def convert(input_dir, output_dir, *, dtype: str | None = None, overwrite: bool 
             b.flush()
         if tokenizer is not None:
             writer.add_tokenizer(tokenizer)
+        writer.add_sentence(sentence)
     n_params = sum(int(np.prod(s)) for s in expected.values())
     print(f"converted {src_dir} ({model_type}) -> {output_dir}: {n_params:,} params, "
           f"{n_params * np_dtype.itemsize / 1e6:,.1f} MB {dtype}, {len(source.keys)} tensors, "

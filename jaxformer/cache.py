@@ -168,11 +168,15 @@ class Write:
     [row, row + B) of the cache (row 0 unless a batch is prefilled in chunks of rows), the
     queries attending within the T tokens. Decode (`Write.at(start)`): row b's keys at
     slots [start[b], start[b] + T), the queries attending over the whole cache row; with
-    `pages` [B, M] (a PagedKVCache), positions map to the rows' pages.
+    `pages` [B, M] (a PagedKVCache), positions map to the rows' pages. Packed
+    (`Write.packed(lo, lim)`, no cache): each row holds several sequences back to back and
+    query t of row b sees keys lo[b, t] <= s <= lim[b, t] only, its own sequence's.
     """
     start: jax.Array | None = None  # [B] int32 (decode)
     row: jax.Array | None = None  # [] int32 first cache row (prefill)
     pages: jax.Array | None = None  # [B, M] int32 page tables (paged caches)
+    seg_lo: jax.Array | None = None  # [B, T] int32 first key each query sees (packed)
+    seg_lim: jax.Array | None = None  # [B, T] int32 last key each query sees, -1: none
     decode: bool = False  # static
 
     @staticmethod
@@ -186,8 +190,21 @@ class Write:
         return Write(start=jnp.asarray(start, jnp.int32), decode=True,
                      pages=None if pages is None else jnp.asarray(pages, jnp.int32))
 
+    @staticmethod
+    def packed(seg_lo, seg_lim) -> "Write":
+        """Packed rows (varseqlen): query t of row b attends over keys seg_lo[b, t] <=
+        s <= seg_lim[b, t] of its own row ([B, T] int32; seg_lim -1 for padding)."""
+        return Write(seg_lo=jnp.asarray(seg_lo, jnp.int32),
+                     seg_lim=jnp.asarray(seg_lim, jnp.int32))
 
-jax.tree_util.register_dataclass(Write, data_fields=["start", "row", "pages"],
+    @property
+    def spans(self):
+        """(seg_lo, seg_lim) of a packed pass, else None (attention's `spans`)."""
+        return None if self.seg_lo is None else (self.seg_lo, self.seg_lim)
+
+
+jax.tree_util.register_dataclass(Write, data_fields=["start", "row", "pages", "seg_lo",
+                                                     "seg_lim"],
                                  meta_fields=["decode"])
 
 

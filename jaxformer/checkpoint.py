@@ -1,7 +1,8 @@
 """Orbax checkpoints: write once (streamed, atomically), restore straight into shardings.
 
 Layout (docs/checkpoint_format.md): `config.json`, `tokenizer/`, `params/` (orbax), and
-`quantization.json` when the linear layers are stored quantized (jaxformer.quant).
+`quantization.json` when the linear layers are stored quantized (jaxformer.quant), and
+`sentence.json` for a sentence-embedding model (pooling, normalisation: jaxformer.sentence).
 Writers stage everything in `<output>.tmp-<random>` beside the output and rename it at the
 end, so a failed write leaves nothing that looks like a checkpoint.
 """
@@ -25,6 +26,7 @@ from jaxformer.models import abstract_params
 from jaxformer.models.stack import LayerStack
 from jaxformer.quant.module import SCALE_LEAVES
 from jaxformer.quant.spec import name, parse
+from jaxformer.sentence import FILE as SENTENCE_FILE, SentenceConfig
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +98,7 @@ class CheckpointWriter:
         self.tmp = self.output.parent / f".{self.output.name}.tmp-{uuid.uuid4().hex[:8]}"
         self._arrays: dict[tuple[str, ...], np.ndarray] = {}
         self._tokenizer = None
+        self._sentence: SentenceConfig | None = None
 
     def __enter__(self):
         self.output.parent.mkdir(parents=True, exist_ok=True)
@@ -141,6 +144,10 @@ class CheckpointWriter:
     def add_tokenizer(self, tokenizer) -> None:
         self._tokenizer = tokenizer
 
+    def add_sentence(self, sentence: SentenceConfig | None) -> None:
+        """A sentence-embedding model's pooling config, written as sentence.json."""
+        self._sentence = sentence
+
     def __exit__(self, exc_type, exc, tb):
         try:
             if exc_type is None:
@@ -165,6 +172,8 @@ class CheckpointWriter:
                 {"quantize": self.quantize, "layout": QUANT_LAYOUT}) + "\n")
         if self._tokenizer is not None:
             self._tokenizer.save(self.tmp / TOKENIZER_DIR)
+        if self._sentence is not None:
+            self._sentence.save(self.tmp / SENTENCE_FILE)
         if self.output.exists():
             shutil.rmtree(self.output)
         os.replace(self.tmp, self.output)
@@ -243,7 +252,8 @@ def stacked_leaves(params: Mapping):
 
 
 def save(output, params, config: ModelConfig, tokenizer=None, *, overwrite=False,
-         dtype: str | None = None, quantize: str | None = None) -> None:
+         dtype: str | None = None, quantize: str | None = None,
+         sentence: SentenceConfig | None = None) -> None:
     """Save a whole parameter tree (nnx.State or nested dict of arrays, either layer layout)
     as a checkpoint, one array on the host at a time; `quantize`: the tree is quantized so
     (RunConfig.quantize), recorded in quantization.json."""
@@ -253,6 +263,7 @@ def save(output, params, config: ModelConfig, tokenizer=None, *, overwrite=False
             w.put(path, arr)
         if tokenizer is not None:
             w.add_tokenizer(tokenizer)
+        w.add_sentence(sentence)
 
 
 # ---- reading -------------------------------------------------------------------------------
@@ -268,6 +279,17 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
         msg = str(e)
         raise CheckpointError(msg if str(path / CONFIG_FILE) in msg
                               else f"{path / CONFIG_FILE}: {msg}") from None
+
+
+def read_sentence(path: str | os.PathLike) -> SentenceConfig | None:
+    """A sentence-embedding checkpoint's pooling config (sentence.json), else None."""
+    f = Path(path) / SENTENCE_FILE
+    if not f.exists():
+        return None
+    try:
+        return SentenceConfig.load(f)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def read_quantization(path: str | os.PathLike) -> str | None:

@@ -30,6 +30,7 @@ from jaxformer import sharding as shd
 from jaxformer.cache import bucket
 from jaxformer.config import ModelConfig, RunConfig
 from jaxformer.distributed import check_mesh
+from jaxformer.embed import embed as _embed
 from jaxformer.generate import GenerateOutput, generate
 from jaxformer.models import LayerStack, abstract_model, abstract_params, build, param_axes
 from jaxformer.params_jit import PackPlan, ParamsJit, pack, pack_plan
@@ -86,6 +87,7 @@ class Model:
         self.run = run
         self.rules = rules
         self.tokenizer = tokenizer
+        self.sentence = None  # a sentence-embedding model's SentenceConfig (load sets it)
         if run.layer_loop == "auto":
             run = dataclasses.replace(run, layer_loop=resolve_layer_loop(mesh, "auto"))
             self.run = run
@@ -256,6 +258,21 @@ class Model:
         hidden, pooled = self._fn("encode")(self.params, ids_d, lengths, types)
         return to_host(hidden)[:, :T], None if pooled is None else to_host(pooled)
 
+    def embed(self, texts_or_ids, pooling: str | None = None, normalize: bool | None = None,
+              *, packed: bool = False, batch_size: int = 128) -> np.ndarray:
+        """Sentence embeddings of an encoder: float32 numpy [B, D], one row per text.
+
+        texts_or_ids: a string, a list of strings (tokenized with [CLS] / [SEP] and cut to
+        the sentence config's max_length) or of token-id lists (used as given).
+        pooling: "mean", "cls" or "pooler" (BERT's pooler head); normalize: unit L2 norm;
+        None for either: the checkpoint's sentence.json (from sentence-transformers'
+        modules), else mean and no normalisation. packed: texts back to back in rows with
+        block-diagonal attention (no padding FLOPs; jaxformer.embed). Thread-safe; at most
+        batch_size texts per compiled call, shapes bucketed.
+        """
+        return _embed(self, texts_or_ids, pooling, normalize, packed=packed,
+                      batch_size=batch_size)
+
     def generate(self, prompts, max_new_tokens: int = 32, sampling=None, seed: int = 0,
                  *, progress: bool | None = None, **kwargs):
         """Generate from prompts (strings or lists of token ids); see jaxformer.generate.
@@ -275,7 +292,7 @@ class Model:
         array on the host at a time; a quantized model writes its quantized weights and
         scales, which `load` restores directly."""
         ckpt.save(path, nnx.to_pure_dict(self.params), self.config, self.tokenizer,
-                  overwrite=overwrite, quantize=self.run.quantize)
+                  overwrite=overwrite, quantize=self.run.quantize, sentence=self.sentence)
 
     def calibrate(self, prompts=None) -> dict:
         """Measure the static FP8 activation scales (quantize="fp8" / "fp8-tensor") on
@@ -456,6 +473,7 @@ def load(path: str | os.PathLike, mesh: Mesh | None = None, dtype: str = "float3
     if tokenizer and (path / ckpt.TOKENIZER_DIR).is_dir():
         tok = load_tokenizer(path / ckpt.TOKENIZER_DIR)
     model = Model(config, params, mesh, run, rules_table, tok)
+    model.sentence = ckpt.read_sentence(path)
     if _needs_calibration(run.quantize, calibration, stored=stored is not None):
         model.calibrate(calibration)
     return model

@@ -262,6 +262,25 @@ class _HFTokenizer(Tokenizer):
     def id_to_token(self, i: int) -> str:
         return self._tok.id_to_token(i)
 
+    def encode_for_model(self, text: str, text_pair: str | None = None,
+                         max_length: int | None = None) -> tuple[list[int], list[int]]:
+        """The model's input with its special tokens (BERT: [CLS] text [SEP] (text_pair
+        [SEP])) -> (ids [T], token_type_ids [T]). max_length: a single text's words are cut
+        so that T <= max_length, the special tokens kept (transformers' truncation=True);
+        the tokenizer itself is left as it is, so threads may share it."""
+        if max_length is None or text_pair is not None:
+            enc = self._tok.encode(text, text_pair, add_special_tokens=True)
+            return enc.ids, enc.type_ids
+        enc = self._tok.encode(text, add_special_tokens=False)
+        room = max_length - self._tok.num_special_tokens_to_add(False)
+        if room < 1:
+            raise ValueError(f"max_length {max_length} leaves no room for words beside the "
+                             f"special tokens")
+        if len(enc.ids) > room:
+            enc.truncate(room)
+        enc = self._tok.post_process(enc, add_special_tokens=True)
+        return enc.ids, enc.type_ids
+
     def _save_files(self, directory: Path) -> None:
         # Original bytes kept in memory: exact copies, and safe when saving onto the source.
         for name, data in self._files.items():
@@ -310,12 +329,7 @@ class WordPieceTokenizer(_HFTokenizer):
         self.mask_id = self._tok.token_to_id("[MASK]")
         self._special.update(bos=self.cls_id, eos=self.sep_id, pad=self._tok.token_to_id("[PAD]"))
 
-    def encode_for_model(self, text: str, text_pair: str | None = None) -> tuple[list[int], list[int]]:
-        """[CLS] text [SEP] (text_pair [SEP]) -> (ids [T], token_type_ids [T])."""
-        enc = self._tok.encode(text, text_pair, add_special_tokens=True)
-        return enc.ids, enc.type_ids
-
-    encode_pair = encode_for_model
+    encode_pair = _HFTokenizer.encode_for_model
 
     def _extra_config(self) -> dict:
         return {"do_lower_case": self.lowercase}

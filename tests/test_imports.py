@@ -20,6 +20,7 @@ FLOORS = {
     "jaxformer.config": 0, "jaxformer.hf_config": 0, "jaxformer.sharding": 0,
     "jaxformer.quant": 0, "jaxformer.quant.spec": 0, "jaxformer.progress": 0,
     "jaxformer.tokenizer": 0, "jaxformer.distributed": 0, "jaxformer.chat_template": 0,
+    "jaxformer.sentence": 0,
     # layers, kernels, the cache, sampling, quantized layer math
     "jaxformer.layers": 1, "jaxformer.kernels": 1, "jaxformer.cache": 1,
     "jaxformer.sampling": 1, "jaxformer.quant.ops": 1, "jaxformer.quant.module": 1,
@@ -35,7 +36,8 @@ FLOORS = {
     # the scheduler drives the Engine and generate() uses it; its page bookkeeping (pages.py)
     # imports nothing of jaxformer
     "jaxformer.serving": 3.25,
-    "jaxformer.beam": 3.3, "jaxformer.generate": 3.4, "jaxformer.model": 3.5,
+    "jaxformer.beam": 3.3, "jaxformer.generate": 3.4, "jaxformer.embed": 3.45,
+    "jaxformer.model": 3.5,
     "jaxformer.__init__": 3.6,
     # command line and tools
     "jaxformer.cli": 4, "jaxformer.cli_args": 4, "jaxformer.cli_chat": 4,

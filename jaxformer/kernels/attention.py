@@ -101,24 +101,29 @@ def cudnn_unsupported(q, k, v) -> str | None:
 # which jax lowers once: the Mosaic GPU kernel is built once, not once per layer.
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "static_window", "softcap"))
 def _pallas(q, k, v, q_positions, kv_lengths, layer=None, k_scale=None, v_scale=None,
-            alibi_slopes=None, window=None, *, causal, scale, static_window=None,
-            softcap=None):
-    """window: a traced int32 scalar (per layer), or static_window: a Python int."""
+            alibi_slopes=None, window=None, span_lo=None, span_lim=None, *, causal, scale,
+            static_window=None, softcap=None):
+    """window: a traced int32 scalar (per layer), or static_window: a Python int;
+    span_lo, span_lim: attention's spans (T > 1 only)."""
     mods = {"window": static_window if static_window is not None else window,
             "softcap": softcap, "alibi_slopes": alibi_slopes}
     if q.shape[1] == 1:
         return decode_attention.decode_attention(q, k, v, q_positions, kv_lengths,
                                                  causal=causal, scale=scale, layer=layer,
                                                  k_scale=k_scale, v_scale=v_scale, **mods)
+    spans = None if span_lo is None else (span_lo, span_lim)
     return flash_attention.flash_attention(q, k, v, q_positions, kv_lengths, causal=causal,
-                                           scale=scale, **mods)
+                                           scale=scale, spans=spans, **mods)
 
 
-def _cudnn(q, k, v, q_positions, kv_lengths, *, causal, scale):
+def _cudnn(q, k, v, q_positions, kv_lengths, span_lo=None, span_lim=None, *, causal, scale):
     B, T = q.shape[:2]
     S = k.shape[1]
     kv_len = jnp.clip(kv_lengths.astype(jnp.int32), 0, S)
     kw = {"scale": scale, "implementation": "cudnn"}
+    if span_lo is not None:  # packed rows: an explicit block-diagonal mask
+        mask = attention_mask(q_positions, kv_len, S, causal, spans=(span_lo, span_lim))
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], **kw)
     if T == 1:
         # One query: causality is just a shorter valid length.
         if causal:
@@ -139,16 +144,19 @@ def _cudnn(q, k, v, q_positions, kv_lengths, *, causal, scale):
 
 # ---- shard_map over the active mesh -----------------------------------------------------
 def _sharded(fn, q, k, v, q_positions, kv_lengths, layer=None, scales=(), slopes=None,
-             window=None):
+             window=None, spans=None):
     """Run fn per shard: batch on `data`, heads on `tensor` (where the sizes divide).
 
     k, v [B, S, K, H], or [L, B, S, K, H] with `layer` (int32 scalar) naming the layer;
     scales: () or a quantized cache's (k_scale, v_scale), k's shape without H, sharded
     with it; slopes: None or ALiBi slopes [N], sharded with the query heads; window: None
-    or a traced int32 scalar, replicated. fn(q, k, v, q_positions, kv_lengths, layer,
-    *scales), with alibi_slopes= and window= where given."""
+    or a traced int32 scalar, replicated; spans: None or (lo, lim) [B, T], sharded with
+    the rows. fn(q, k, v, q_positions, kv_lengths, layer, *scales), with alibi_slopes=,
+    window=, span_lo= and span_lim= where given."""
     mesh, _ = sharding.current()
-    kw = {name: a for name, a in (("alibi_slopes", slopes), ("window", window))
+    span_lo, span_lim = (None, None) if spans is None else spans
+    kw = {name: a for name, a in (("alibi_slopes", slopes), ("window", window),
+                                  ("span_lo", span_lo), ("span_lim", span_lim))
           if a is not None}
     if mesh is None:
         return fn(q, k, v, q_positions, kv_lengths, layer, *scales, **kw)
@@ -190,7 +198,9 @@ def _sharded(fn, q, k, v, q_positions, kv_lengths, layer=None, scales=(), slopes
     kvspec = P(*lead, b_ax, None, kv_ax, None)
     scale_specs = (P(*lead, b_ax, None, kv_ax),) * len(scales)
     kw_names, extra = tuple(kw), tuple(kw.values())
-    extra_specs = tuple(P(h_ax) if name == "alibi_slopes" else P() for name in kw_names)
+    extra_specs = tuple(P(h_ax) if name == "alibi_slopes" else
+                        P(b_ax, None) if name.startswith("span_") else P()
+                        for name in kw_names)
     return jax.shard_map(
         body, mesh=use_mesh,
         in_specs=(qspec, kvspec, kvspec, P(b_ax, None), P(b_ax), P() if stacked else None,
@@ -201,7 +211,7 @@ def _sharded(fn, q, k, v, q_positions, kv_lengths, layer=None, scales=(), slopes
 
 def attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: float,
               backend: str = "auto", layer=None, k_scale=None, v_scale=None,
-              window=None, softcap: float | None = None, alibi_slopes=None):
+              window=None, softcap: float | None = None, alibi_slopes=None, spans=None):
     """Masked attention. q [B,T,N,H], k/v [B,S,K,H], q_positions [B,T], kv_lengths [B].
 
     With `layer` (an int32 scalar), k and v are a stacked cache [L, B, S, K, H] and the call
@@ -217,6 +227,9 @@ def attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: float,
     the window); softcap C: scores -> C tanh(scores / C) after
     scaling, before the mask; alibi_slopes [N] f32: scores += slopes[n] * (s - p). xla and
     pallas take all three; cudnn none.
+    spans (lo, lim) [B, T] int32 (packed rows, cache.Write.packed): query t sees only keys
+    lo[b, t] <= s <= lim[b, t]; xla and pallas (T > 1) skip what lies outside, cudnn gets
+    an explicit mask; not with a cache (layer) or a quantized one.
     Returns [B, T, N, H] in q's dtype. An explicit backend that cannot take the call raises
     ValueError naming what is unsupported; "auto" falls back to "xla" and logs why, once.
     """
@@ -233,6 +246,14 @@ def attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: float,
     if backend == "cudnn" and any(x is not None for x in (window, softcap, alibi_slopes)):
         raise ValueError("attention backend 'cudnn' does not take window, softcap "
                          "or alibi_slopes; use 'auto', 'pallas' or 'xla'")
+    if spans is not None:
+        if layer is not None or k_scale is not None:
+            raise ValueError("attention: spans (packed rows) attend within the new keys, not "
+                             "over a cache")
+        if tuple(spans[0].shape) != tuple(q.shape[:2]) or \
+                tuple(spans[1].shape) != tuple(q.shape[:2]):
+            raise ValueError(f"attention: spans must be two [B, T] = {tuple(q.shape[:2])} "
+                             f"arrays, got {[tuple(a.shape) for a in spans]}")
 
     def one_layer(a, layer):  # what the support checks look at: one layer's shapes
         return a if layer is None else jax.ShapeDtypeStruct(a.shape[1:], a.dtype)
@@ -263,6 +284,8 @@ def attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: float,
 
     if backend == "auto":
         reason = pallas_unsupported(q, one_layer(k, layer), one_layer(v, layer))
+        if reason is None and spans is not None and q.shape[1] == 1:
+            reason = "spans (packed rows) need T > 1 (the prefill kernel)"
         if reason is not None:
             _log_once(f"attention backend 'auto' uses xla: {reason}")
         backend = "xla" if reason is not None else "pallas"
@@ -270,21 +293,26 @@ def attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: float,
         k, v, layer = read_layer(k, layer), read_layer(v, layer), None
     if backend == "xla":
         return attention_reference(q, k, v, q_positions, kv_lengths, causal=causal, scale=scale,
-                                   alibi_slopes=alibi_slopes, **mods)
+                                   alibi_slopes=alibi_slopes, spans=spans, **mods)
     check = pallas_unsupported if backend == "pallas" else cudnn_unsupported
     reason = check(q, one_layer(k, layer), one_layer(v, layer))
+    if reason is None and backend == "pallas" and spans is not None and q.shape[1] == 1:
+        reason = "spans (packed rows) need T > 1 (the prefill kernel)"
     if reason is not None:
         raise ValueError(f"attention backend {backend!r} does not support this call: {reason}")
 
     if backend == "pallas":
-        def fn(q, k, v, q_positions, kv_lengths, layer, alibi_slopes=None, window=None):
+        def fn(q, k, v, q_positions, kv_lengths, layer, alibi_slopes=None, window=None,
+               span_lo=None, span_lim=None):
             return _pallas(q, k, v, q_positions, kv_lengths, layer, alibi_slopes=alibi_slopes,
-                           window=window, causal=causal, scale=scale, **kmods)
+                           window=window, span_lo=span_lo, span_lim=span_lim, causal=causal,
+                           scale=scale, **kmods)
     else:
-        def fn(q, k, v, q_positions, kv_lengths, layer):
-            return _cudnn(q, k, v, q_positions, kv_lengths, causal=causal, scale=scale)
+        def fn(q, k, v, q_positions, kv_lengths, layer, span_lo=None, span_lim=None):
+            return _cudnn(q, k, v, q_positions, kv_lengths, span_lo, span_lim, causal=causal,
+                          scale=scale)
     return _sharded(fn, q, k, v, q_positions, kv_lengths, layer, slopes=alibi_slopes,
-                    window=dyn_w)
+                    window=dyn_w, spans=spans)
 
 
 # ---- paged KV pools (kernels/paged_attention.py) ------------------------------------------

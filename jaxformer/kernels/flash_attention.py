@@ -429,7 +429,7 @@ def check_supported(q, k, v):
 def flash_attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: float,
                     return_lse: bool = False, config: PrefillConfig | None = None,
                     interpret: bool = False, window: int | None = None,
-                    softcap: float | None = None, alibi_slopes=None):
+                    softcap: float | None = None, alibi_slopes=None, spans=None):
     """Masked attention with the Mosaic GPU prefill kernel.
 
     q            [B, T, N, H] bf16 or f16
@@ -440,6 +440,9 @@ def flash_attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: fl
                  kv blocks before the lowest window start of a CTA are never loaded
     softcap      None or C: scores -> C tanh(scores / C) after scaling, before the mask
     alibi_slopes None or [N] f32: scores += slopes[n] * (s - p)
+    spans        None or (lo, lim) [B, T] int32: query t sees only keys lo <= s <= lim
+                 (packed rows, cache.Write.packed); read as the window's per-row starts,
+                 so a tile never loads the kv blocks outside its rows' sequences
     Returns out [B, T, N, H] in q.dtype and, if return_lse, lse [B, T, N] f32 (natural log).
     """
     reason = check_supported(q, k, v) or check_mods(window, softcap, alibi_slopes,
@@ -448,8 +451,10 @@ def flash_attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: fl
         raise ValueError(f"flash_attention: unsupported {reason}")
     cfg = config or PrefillConfig()
     mods = mods_of(window, softcap, alibi_slopes)
+    if spans is not None:  # per-row starts: the window's operand and masking
+        mods = dataclasses.replace(mods, window=True)
     T, S = q.shape[1], k.shape[1]
-    lo, lim = visible_range(q_positions, kv_lengths, S, causal, window)
+    lo, lim = visible_range(q_positions, kv_lengths, S, causal, window, spans)
     aux = [lo] if mods.window else []
     if mods.alibi:
         aux.append(q_positions.astype(jnp.int32))
@@ -478,8 +483,9 @@ def flash_attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: fl
 
 def flash_attention_reference(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: float,
                               return_lse: bool = False, window: int | None = None,
-                              softcap: float | None = None, alibi_slopes=None):
+                              softcap: float | None = None, alibi_slopes=None,
+                              spans=None):
     """The pure-jnp twin of flash_attention (same signature, same outputs)."""
     return attention_reference(q, k, v, q_positions, kv_lengths, causal=causal, scale=scale,
                                return_lse=return_lse, window=window,
-                               softcap=softcap, alibi_slopes=alibi_slopes)
+                               softcap=softcap, alibi_slopes=alibi_slopes, spans=spans)

@@ -27,14 +27,20 @@ def visible_limit(q_positions, kv_lengths, kv_len: int, causal: bool):
 
 
 def visible_range(q_positions, kv_lengths, kv_len: int, causal: bool,
-                  window: int | None):
+                  window: int | None, spans=None):
     """(lo, lim) [B, T] int32: query t sees keys lo <= s <= lim (lim -1: none, and then
-    lo is 0). lo is 0 without a window, else max(position - W + 1, 0)."""
+    lo is 0). lo is 0 without a window, else max(position - W + 1, 0); spans (lo, lim)
+    [B, T] (packed rows: each query's own sequence) narrow both further."""
     lim = visible_limit(q_positions, kv_lengths, kv_len, causal)
-    if window is None:
+    if window is None and spans is None:
         return jnp.zeros_like(lim), lim
-    lo = jnp.maximum(q_positions.astype(jnp.int32) - (window - 1), 0)
-    sees = lo <= lim
+    lo = jnp.zeros_like(lim)
+    if window is not None:
+        lo = jnp.maximum(q_positions.astype(jnp.int32) - (window - 1), 0)
+    if spans is not None:
+        lo = jnp.maximum(lo, spans[0].astype(jnp.int32))
+        lim = jnp.minimum(lim, spans[1].astype(jnp.int32))
+    sees = (lo <= lim) & (lim >= 0)
     return jnp.where(sees, lo, 0), jnp.where(sees, lim, -1)
 
 

@@ -11,7 +11,8 @@ float32; the output has q's dtype.
 Score of query t (position p) and key s, in order: q.k * scale; with alibi_slopes [N],
 + slopes[n] * (s - p) (BLOOM adds slopes[n] * s: the same up to a per-row constant, which
 softmax ignores); with softcap C, C * tanh(score / C) (Gemma 2); then the mask. window: a
-Python int or an int32 scalar (per layer, traced).
+Python int or an int32 scalar (per layer, traced). spans (lo, lim) [B, T] int32 each
+(packed rows, cache.Write.packed): query t also sees only keys lo[b, t] <= s <= lim[b, t].
 """
 from __future__ import annotations
 
@@ -22,10 +23,13 @@ MASK_VALUE = -1e30  # finite, so a fully masked row (a padding query) gives no N
 
 
 def attention_mask(q_positions, kv_lengths, kv_len: int, causal: bool,
-                   window: int | None = None):
+                   window: int | None = None, spans=None):
     """[B, T, S] bool: which keys each query sees."""
     s = jnp.arange(kv_len, dtype=jnp.int32)
     mask = s[None, None, :] < kv_lengths[:, None, None]
+    if spans is not None:
+        lo, lim = spans
+        mask = mask & (s[None, None, :] >= lo[:, :, None]) & (s[None, None, :] <= lim[:, :, None])
     if causal:
         mask = mask & (s[None, None, :] <= q_positions[:, :, None])
     if window is not None:
@@ -43,7 +47,7 @@ def soft_cap(scores, softcap: float | None):
 def attention_reference(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: float,
                         return_lse: bool = False, k_scale=None, v_scale=None,
                         window: int | None = None, softcap: float | None = None,
-                        alibi_slopes=None):
+                        alibi_slopes=None, spans=None):
     """Masked softmax attention in float32. Returns [B, T, N, H] (and lse [B, T, N]).
 
     With k_scale and v_scale ([B, S, K] float32), k and v are a quantized cache's codes
@@ -68,7 +72,7 @@ def attention_reference(q, k, v, q_positions, kv_lengths, *, causal: bool, scale
         scores = scores + slopes * rel[:, None, None].astype(jnp.float32)
     scores = soft_cap(scores, softcap)
     mask = attention_mask(q_positions, kv_lengths, k.shape[1], causal,
-                          window)  # [B, T, S]
+                          window, spans)  # [B, T, S]
     scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
     lse = jax.nn.logsumexp(scores, axis=-1)  # [B, K, G, T]
     probs = jnp.exp(scores - lse[..., None])

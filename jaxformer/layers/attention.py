@@ -119,9 +119,10 @@ class Attention(nnx.Module):
                 k, v, kv_layer, scales = cache.k, cache.v, layer, cache.scales()
                 if cache.quant is not None and backend != "xla":
                     backend = "auto"
+        spans = None if at is None else at.spans  # packed rows: each sequence alone
         o = attention(q, k, v, positions, kv_lengths, causal=cfg.causal, scale=cfg.scale,
                       backend=backend, layer=kv_layer, window=window,
-                      softcap=cfg.attn_softcap, alibi_slopes=slopes, **scales)
+                      softcap=cfg.attn_softcap, alibi_slopes=slopes, spans=spans, **scales)
         return self._out(o), cache
 
     def _out(self, o):

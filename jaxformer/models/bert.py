@@ -32,16 +32,28 @@ class Encoder(Transformer):
         if cfg.binary_head:
             self.binary_head = Dense(rngs, (D, 2), ("embed", "classes"), (2,), ("classes",))
 
-    def __call__(self, ids, lengths, token_types=None, *, backend="auto"):
+    def __call__(self, ids, lengths, token_types=None, *, backend="auto", positions=None,
+                 at=None):
         """ids [B, T], lengths [B] (right padding), token_types [B, T] ->
-        (hidden [B, T, D], pooled [B, D] or None)."""
+        (hidden [B, T, D], pooled [B, D] or None).
+
+        Packed rows (several sequences back to back in a row, TensorRT's varseqlen):
+        positions [B, T] restarting at each sequence and at = cache.Write.packed(lo, lim)
+        keeping each sequence's attention to itself; pooled is then None (`pool` the
+        sequences' first tokens)."""
         B, T = ids.shape
-        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        x, _ = self.trunk(ids, positions, lengths, token_types=token_types, backend=backend)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        x, _ = self.trunk(ids, positions, lengths, at=at, token_types=token_types,
+                          backend=backend)
         pooled = None
-        if self.cfg.pooler:
-            pooled = jnp.tanh(self.pooler.add_bias(self.pooler.einsum("bd,de->be", x[:, 0])))
+        if self.cfg.pooler and at is None:
+            pooled = self.pool(x[:, 0])
         return x, pooled
+
+    def pool(self, first):
+        """BERT's pooler: first [B, D] (the [CLS] states) -> tanh(dense) [B, D]."""
+        return jnp.tanh(self.pooler.add_bias(self.pooler.einsum("bd,de->be", first)))
 
     def mlm_logits(self, x):
         """x [B, T, D] -> float32 logits [B, T, Vp] (decoder tied to the token table)."""
