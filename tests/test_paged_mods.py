@@ -98,17 +98,18 @@ def test_bad_modifiers_name_the_field():
             pa.paged_attention_reference(q, kp[0], vp[0], pages, pos, kvl, scale=1.0, **kw)
 
 
-@pytest.mark.parametrize("mesh_sizes", [(2, 1, 2), (1, 1, 4)])
-def test_dispatch_sharded_with_modifiers(mesh_sizes):
+@pytest.mark.parametrize("mesh_sizes,static", [((2, 1, 2), False), ((1, 1, 4), True)])
+def test_dispatch_sharded_with_modifiers(mesh_sizes, static):
     """ALiBi slopes split with the query heads over `tensor` (tensor 4 > K 2: each shard
-    picks its kv head), a traced window replicated: equals the unsharded reference."""
+    picks its kv head), a traced window replicated or a static one (every layer sliding):
+    equals the unsharded contiguous reference."""
     from jaxformer import sharding
     N, K, H, ps, M = 8, 2, 8, 8, 3
     q, k, v, pos, kvl, kp, vp, pages = paged_problem([5, 17], N, K, H, ps, M, spare=1)
     slopes = slopes_for(N)
     run = jax.jit(lambda q, kp, vp, pages, pos, kvl, w: attn.paged_attention(
-        q, kp, vp, pages, pos, kvl, scale=0.3, layer=jnp.int32(0), window=w, softcap=1.5,
-        alibi_slopes=slopes))
+        q, kp, vp, pages, pos, kvl, scale=0.3, layer=jnp.int32(0), window=6 if static else w,
+        softcap=1.5, alibi_slopes=slopes))
     want = contiguous(q, k, v, pos, kvl, causal=True, scale=0.3, window=6, softcap=1.5,
                       alibi_slopes=slopes)
     if mesh_sizes[0] > 1:  # each data shard owns half the pool: both halves are the pool,
