@@ -114,3 +114,101 @@ def test_windows_softcaps_alibi_over_pages_decode_as_alone(name):
         np.testing.assert_allclose(out.logprobs, want_lp, atol=1e-5)
     assert sched.preemptions > 0 and sched.pool.prefix_hit_tokens > 0
     assert sched.pool.num_in_use == 0
+
+
+# ---- per-request state across preemption (recompute) ----------------------------------------
+PENALTIES = jf.Sampling(temperature=0, repetition_penalty=1.8, presence_penalty=0.7,
+                        frequency_penalty=0.4, logprobs=True)
+
+
+def penalised_teacher_forced(model, prompt, tokens, s: jf.Sampling):
+    """Greedy tokens under the penalties as their definition gives them (sampling.py:
+    repetition over prompt and generated tokens, presence and frequency over generated
+    ones), from one forward pass over prompt + tokens, and the raw log-probs."""
+    seq = list(prompt) + list(tokens)
+    logits = model.logits(np.asarray([seq]))[0, len(prompt) - 1: len(seq) - 1]
+    want = []
+    for i, row in enumerate(np.asarray(logits, np.float64)):
+        seen = np.zeros(row.shape, bool)
+        seen[seq[: len(prompt) + i]] = True
+        counts = np.bincount(tokens[:i], minlength=row.shape[0])[: row.shape[0]]
+        r = s.repetition_penalty
+        x = np.where(seen, np.where(row > 0, row / r, row * r), row)
+        x = x - s.presence_penalty * (counts > 0) - s.frequency_penalty * counts
+        want.append(int(np.argmax(x)))
+    m = logits.max(-1, keepdims=True)
+    lp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
+    return want, lp[np.arange(len(tokens)), tokens]
+
+
+SMALL_POOL = (SchedulerConfig(slots=4, max_length=64, steps_per_tick=3),
+              PagedConfig(page_size=4, num_pages=18, prefill_tokens=24, chunk=16))
+
+
+def test_penalties_and_seeded_sampling_survive_preemption(model):
+    """A pool small enough that requests are preempted and recomputed (their prefix mostly
+    from the prefix cache): greedy requests with repetition / presence / frequency
+    penalties decode as the penalties' definition says over their own sequence (log-probs
+    within 1e-5); seeded sampled requests (with penalties) give the tokens they give alone."""
+    rng = np.random.default_rng(5)
+    common = rng.integers(1, 96, 12).tolist()
+    sampled = jf.Sampling(temperature=0.9, top_k=40, repetition_penalty=1.3,
+                          presence_penalty=0.5, frequency_penalty=0.2)
+    reqs = []
+    for i in range(10):
+        prompt = (common if i % 2 else []) + rng.integers(1, 96, rng.integers(2, 14)).tolist()
+        reqs.append((prompt, PENALTIES if i % 3 else sampled, 7 + i % 5, 100 + i))
+    sched = PagedScheduler(model, *SMALL_POOL)
+    handles = []
+    for prompt, s, n, seed in reqs:
+        handles.append(sched.submit(prompt, s, max_new_tokens=n, seed=seed))
+        sched.tick()
+    sched.run_until_idle()
+    assert sched.preemptions > 0 and sched.pool.prefix_hit_tokens > 0
+    solo = PagedScheduler(model, *SMALL_POOL)  # the same programs, one request at a time
+    for (prompt, s, n, seed), h in zip(reqs, handles):
+        out = h.result(timeout=0)
+        assert out.status == FINISHED and len(out.tokens) == n, out
+        if s is PENALTIES:
+            want, want_lp = penalised_teacher_forced(model, prompt, out.tokens, s)
+            assert out.tokens == want, (prompt, out.tokens, want)
+            np.testing.assert_allclose(out.logprobs, want_lp, atol=1e-5)
+        else:
+            alone_h = solo.submit(prompt, s, max_new_tokens=n, seed=seed)
+            solo.run_until_idle()
+            assert out.tokens == alone_h.result().tokens, prompt
+    assert solo.preemptions == 0
+
+
+def test_stop_string_and_penalties_across_a_forced_preemption(model, monkeypatch):
+    """A request preempted right before the last token of a two-token stop string: on
+    re-admission its stop window still holds the first token, so the recomputed prefill's
+    sample completes the match and the request stops there; its penalty counts (rebuilt
+    from the prefix cache and the recomputed chunk) give the tokens it gives unpreempted."""
+    from jaxformer.tokenizer import ByteTokenizer
+    monkeypatch.setattr(model, "tokenizer", ByteTokenizer())  # ids 32..95: ASCII characters
+    prompt = [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]
+    free = PagedScheduler(model, *SMALL_POOL)
+    h = free.submit(prompt, PENALTIES, max_new_tokens=16)
+    free.run_until_idle()
+    toks = h.result().tokens
+    assert toks == penalised_teacher_forced(model, prompt, toks, PENALTIES)[0]
+    # tokens arrive 1 (prefill), then 3 a tick: preempt after k = 4, 7, 10 or 13 of them
+    k = next((k for k in (4, 7, 10, 13) if 32 <= toks[k - 1] < 96 and 32 <= toks[k] < 96
+              and (toks[k - 1], toks[k]) not in zip(toks[: k - 1], toks[1:k])), None)
+    assert k is not None, f"no printable token pair to stop on in {toks}"
+    stop = chr(toks[k - 1]) + chr(toks[k])
+    s = jf.Sampling(temperature=0, repetition_penalty=PENALTIES.repetition_penalty,
+                    presence_penalty=PENALTIES.presence_penalty,
+                    frequency_penalty=PENALTIES.frequency_penalty, stop_strings=(stop,))
+    sched = PagedScheduler(model, *SMALL_POOL)
+    h = sched.submit(prompt, s, max_new_tokens=16)
+    while len(h.tokens) < k:
+        sched.tick()
+    assert len(h.tokens) == k and not h.done
+    sched._preempt(sched._slots.index(h))  # as the pool running short would
+    sched.run_until_idle()
+    out = h.result(timeout=0)
+    assert sched.preemptions == 1 and sched.pool.prefix_hit_tokens > 0
+    assert (out.status, out.reason) == (FINISHED, "stop")
+    assert out.tokens == toks[: k + 1], (out.tokens, toks, k)
