@@ -1,7 +1,12 @@
 """Continuous batching over a paged KV cache (serving/paged_scheduler.py): random arrivals,
 prompts of 1 to 40 tokens, shared prefixes and a pool small enough that requests are
 preempted and recomputed; every request's greedy tokens are the argmax of a teacher-forced
-pass over its own sequence and its log-probs agree within 1e-5; pages all come back."""
+pass over its own sequence and its log-probs agree within 1e-5; pages all come back.
+Also: sliding windows, soft caps and ALiBi over the pool; penalties, stop strings and seeds
+across preemption; a burst of 500 requests with aborts from another thread."""
+import threading
+import time
+
 import numpy as np
 import pytest
 
@@ -212,3 +217,71 @@ def test_stop_string_and_penalties_across_a_forced_preemption(model, monkeypatch
     assert sched.preemptions == 1 and sched.pool.prefix_hit_tokens > 0
     assert (out.status, out.reason) == (FINISHED, "stop")
     assert out.tokens == toks[: k + 1], (out.tokens, toks, k)
+
+
+# ---- a burst: nothing lost, nothing duplicated ------------------------------------------------
+def test_burst_of_500_with_aborts_from_another_thread_loses_nothing(model):
+    """500 requests from 4 threads while the loop runs on its own, a fifth thread aborting
+    random ones, a pool so small that requests are preempted, some requests that the whole
+    pool could never hold: every request ends exactly once, finished (all its tokens, each
+    streamed once), aborted or failed with a reason; the ones that never fit fail alone."""
+    sched = PagedScheduler(model, SchedulerConfig(slots=8, max_length=64, steps_per_tick=2),
+                           PagedConfig(page_size=4, num_pages=12, prefill_tokens=32)).start()
+    rng = np.random.default_rng(7)
+    specs = [(rng.integers(1, 96, rng.integers(1, 13)).tolist(), int(rng.integers(1, 5)))
+             for _ in range(500)]
+    never = set(range(37, 500, 97))  # 5 prompts of 44+ tokens: more than the 11 pages hold
+    for i in never:
+        specs[i] = (rng.integers(1, 96, 44 + i % 7).tolist(), 2)
+    handles = [None] * len(specs)
+    submitted = threading.Event()
+    aborted: set[int] = set()
+
+    def client(idx):
+        for i in idx:
+            prompt, n = specs[i]
+            handles[i] = sched.submit(prompt, max_new_tokens=n)
+
+    def aborter():
+        r = np.random.default_rng(8)
+        while not submitted.is_set() or r.random() < 0.5:
+            live = [i for i, h in enumerate(handles)
+                    if h is not None and not h.done and i not in never]
+            if live:
+                i = int(r.choice(live))
+                aborted.add(i)
+                handles[i].abort()
+            time.sleep(0.002)
+    threads = [threading.Thread(target=client, args=(range(t, 500, 4),)) for t in range(4)]
+    stopper = threading.Thread(target=aborter)
+    start = time.perf_counter()
+    for t in threads + [stopper]:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    submitted.set()
+    stopper.join(timeout=60)
+    try:
+        outs = [h.result(timeout=max(1.0, 180 - (time.perf_counter() - start)))
+                for h in handles]
+    finally:
+        sched.stop(timeout=30)
+    assert len({o.id for o in outs}) == 500
+    for i, (o, h, (prompt, n)) in enumerate(zip(outs, handles, specs)):
+        assert o.reason, (i, o)
+        streamed = list(h.stream(timeout=1))  # every chunk once, then the end
+        assert sum(streamed, []) == o.tokens, i
+        if i in never:
+            assert o.status == FAILED and "need more pages than the pool's 11" in o.reason, o
+        elif o.status == FINISHED:
+            assert o.reason == "length" and len(o.tokens) == n, (i, o)
+        else:
+            assert o.status == ABORTED and i in aborted, (i, o)
+    status = [o.status for o in outs]
+    assert 0 < status.count(ABORTED) and status.count(FINISHED) > 300, \
+        {k: status.count(k) for k in set(status)}
+    assert sched.preemptions > 0, "the pool was meant to run short"
+    for i in [i for i, o in enumerate(outs) if o.status == FINISHED][::60]:  # exact too
+        assert outs[i].tokens == teacher_forced(model, specs[i][0], outs[i].tokens)[0], i
+    assert sched.running == 0 and sched.waiting == 0 and sched.pool.num_in_use == 0
+    sched.pool.check_invariants()
