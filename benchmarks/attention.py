@@ -3,6 +3,8 @@
     python benchmarks/attention.py [--quick] [--variants] [--json out.json]
     python benchmarks/attention.py --kv-cache int8 --batches 1,64 --ctxs 1024,4096
     python benchmarks/attention.py --paged [--page-sizes 16,32,64,128] [--kv-cache int8]
+        [--heads 32 --kv-heads 8 --head-dim 128] [--window W] [--softcap C] [--alibi]
+    python benchmarks/attention.py --paged --smoke        # tiny, any device (CPU: interpreter)
     python benchmarks/attention.py --window 4096 [--softcap 50] [--seqs ...] [--ctxs ...]
 
 Prints the device, the versions and one table:
@@ -14,7 +16,11 @@ Prints the device, the versions and one table:
   --paged  the paged decode kernel (kernels/paged_attention.py, pages of each row shuffled
            over the pool) against the contiguous decode kernel at the same shapes and tokens:
            us per call per page size and the ratio contiguous time / paged time (target:
-           >= 0.9); with --kv-cache, both read int8 / fp8 codes.
+           >= 0.9); with --kv-cache, both read int8 / fp8 codes; with --window / --softcap /
+           --alibi, both kernels apply them. --smoke: one tiny shape (batch 2, context 128,
+           4 q / 1 kv head, head_dim 64, pages 16 and 64); off a GPU both kernels run in the
+           Mosaic GPU interpreter and the times are wall-clock (a plumbing check, not a
+           measurement).
 Before timing, every kernel is checked against the reference at the benchmark shapes.
 --window W (and --softcap C): instead, our kernels with the sliding window (and cap) against
 the same kernels without either (full causal) and XLA with both, in ms / us, with the share
@@ -59,11 +65,13 @@ def _cupti():
         return None
 
 
-def gpu_time_ms(jf, arg_sets, iters: int, windows: int = 3, breakdown: dict | None = None):
-    """Median over `windows` of (GPU kernel time of `iters` calls) / iters, in ms."""
-    for a in arg_sets:
+def gpu_time_ms(jf, arg_sets, iters: int, windows: int = 3, breakdown: dict | None = None,
+                warm: bool = True):
+    """Median over `windows` of (GPU kernel time of `iters` calls) / iters, in ms.
+    warm=False: the caller already ran jf on every arg set."""
+    for a in arg_sets if warm else ():
         jax.block_until_ready(jf(*a))
-    ext = _cupti()
+    ext = _cupti() if jax.devices()[0].platform == "gpu" else None
     res = []
     for _ in range(windows):
         if ext is not None:
@@ -86,8 +94,8 @@ def gpu_time_ms(jf, arg_sets, iters: int, windows: int = 3, breakdown: dict | No
     return float(np.median(res))
 
 
-def copy_bandwidth_gbs() -> float:
-    n = 2**29  # 1 GiB of bf16
+def copy_bandwidth_gbs(n: int = 2**29) -> float:
+    """n bf16 elements (default 1 GiB) read and written."""
     x = jax.random.normal(jax.random.key(0), (n,), jnp.float32).astype(jnp.bfloat16)
     f = jax.jit(lambda x: x + jnp.bfloat16(1))
     ms = gpu_time_ms(f, [(x,)], iters=20)
@@ -302,14 +310,25 @@ def to_pages(x, ps, perm):
     return pool.at[perm].set(x.reshape((B * M, ps) + x.shape[2:]))[None]
 
 
-def run_decode_paged(batches, ctxs, N, K, H, log, page_sizes, mode=None, variants=False):
+def alibi_slopes_for(N: int):
+    """BLOOM's ALiBi slopes for N heads (a power of two), [N] float32."""
+    return jnp.asarray(2.0 ** (-8.0 * np.arange(1, N + 1) / N), jnp.float32)
+
+
+def run_decode_paged(batches, ctxs, N, K, H, log, page_sizes, mode=None, variants=False,
+                     mods=None, smoke=False):
     """Paged decode (pages shuffled over the pool) vs the contiguous decode kernel over the
-    same tokens, us per call; mode int8 / fp8: both read codes and per-token scales."""
+    same tokens, us per call; mode int8 / fp8: both read codes and per-token scales; mods:
+    window / softcap / alibi_slopes for both kernels (and the reference). smoke: one rotation,
+    few calls, and off a GPU the kernels in the Mosaic GPU interpreter."""
     from jaxformer import cache as kvc
     rows = []
     scale = 1 / math.sqrt(H)
     quant = mode is not None
-    contig = backend_fn("ours-decode", scale)
+    mods = dict(mods or {})
+    interpret = jax.devices()[0].platform != "gpu"
+    kmods = dict(mods, interpret=True) if interpret else mods
+    contig = backend_fn("ours-decode", scale, **kmods)
     impls = [(f"ps{ps}", ps, pa.PagedDecodeConfig()) for ps in page_sizes]
     if variants:
         impls += [("ps64-bk64", 64, pa.PagedDecodeConfig(block_kv=64, stages=4)),
@@ -322,7 +341,7 @@ def run_decode_paged(batches, ctxs, N, K, H, log, page_sizes, mode=None, variant
         return q, kq, vq, pos, kvl, ks, vs
 
     def paged_fn(cfg):
-        f = functools.partial(pa.paged_decode_attention, scale=scale, config=cfg)
+        f = functools.partial(pa.paged_decode_attention, scale=scale, config=cfg, **kmods)
         if quant:
             return jax.jit(lambda q, kp, vp, pages, pos, kvl, ks, vs: f(
                 q, kp, vp, pages, pos, kvl, layer=jnp.int32(0), k_scale=ks, v_scale=vs))
@@ -334,7 +353,7 @@ def run_decode_paged(batches, ctxs, N, K, H, log, page_sizes, mode=None, variant
     for B in batches:
         for S in ctxs:
             per_key = K * (H + 4) * 2 if quant else K * H * 2 * 2
-            R = rotations(B * S * per_key)
+            R = 1 if smoke else rotations(B * S * per_key)
             sets = [decode_inputs(jax.random.key(400 + i), B, S, N, K, H) for i in range(R)]
             if quant:
                 sets = [jax.jit(codes)(*a) for a in sets]
@@ -343,8 +362,9 @@ def run_decode_paged(batches, ctxs, N, K, H, log, page_sizes, mode=None, variant
                 (lambda a, s: a.astype(jnp.float32))
             ref = attention_reference(q.astype(jnp.float32), up(k, sets[0][5] if quant else 0),
                                       up(v, sets[0][6] if quant else 0), pos, kvl,
-                                      causal=True, scale=scale)
-            row = {"batch": B, "ctx": S, "mode": mode or "bf16", "rot": R}
+                                      causal=True, scale=scale, **mods)
+            row = {"batch": B, "ctx": S, "heads": N, "kv_heads": K, "head_dim": H,
+                   "mode": mode or "bf16", "rot": R}
             runs = [("contig", contig_q if quant else contig, None, None)] + \
                 [(name, paged_fn(cfg), ps, cfg) for name, ps, cfg in impls]
             for name, f, ps, _cfg in runs:
@@ -368,7 +388,11 @@ def run_decode_paged(batches, ctxs, N, K, H, log, page_sizes, mode=None, variant
                     row[f"{name}_err"] = err
                     if not err < 2e-2:
                         raise AssertionError(f"{name} B={B} S={S}: rel err {err}")
-                    row[f"{name}_us"] = gpu_time_ms(f, args, iters=max(R, 40 // R * R)) * 1e3
+                    # smoke: the check's call was the warm-up (an interpreted call costs
+                    # seconds: it compiles each simulated warpgroup's program again)
+                    iters, windows = (1, 1) if smoke else (max(R, 40 // R * R), 3)
+                    row[f"{name}_us"] = gpu_time_ms(f, args, iters=iters, windows=windows,
+                                                    warm=not smoke) * 1e3
                     del args
                 except Exception as e:  # noqa: BLE001
                     row[f"{name}_us"] = float("nan")
@@ -380,9 +404,9 @@ def run_decode_paged(batches, ctxs, N, K, H, log, page_sizes, mode=None, variant
     return rows, [name for name, _, _ in impls], per_key
 
 
-def print_paged(rows, names, per_key, bw, K, mode):
-    print(f"\npaged decode ({mode or 'bf16'} pool, pages shuffled): 32 q / {K} kv heads, "
-          f"head_dim 128; us per call; GB/s of K/V read (copy = {bw:.0f}); "
+def print_paged(rows, names, per_key, bw, N, K, H, mode, mods_text=""):
+    print(f"\npaged decode ({mode or 'bf16'} pool, pages shuffled): {N} q / {K} kv heads, "
+          f"head_dim {H}{mods_text}; us per call; GB/s of K/V read (copy = {bw:.0f}); "
           f"x = contiguous time / paged time (target >= 0.90)")
     print(f"{'batch':>5} {'ctx':>6} {'contig us':>10} {'GB/s':>6}"
           + "".join(f" {n + ' us':>13} {'x':>5}" for n in names))
@@ -394,6 +418,9 @@ def print_paged(rows, names, per_key, bw, K, mode):
             t = r.get(f"{n}_us", float("nan"))
             cells += f" {t:>13.1f} {c / t:>5.2f}"
         print(f"{r['batch']:>5} {r['ctx']:>6} {c:>10.1f} {gbs:>6.0f}" + cells)
+    errs = [(k, r[k]) for r in rows for k in r if k.endswith("_error")]
+    if errs:
+        print(f"\n{len(errs)} failures; first: {errs[0][0]}: {errs[0][1][:800]}")
 
 def streamed_blocks(pos, kvl, S, window, cfg=fa.PrefillConfig()):
     """kv blocks the prefill CTAs stream (sum over CTAs of the union of their two tiles'
@@ -512,6 +539,11 @@ def main(argv=None):
                          "dots reading the codes, the old dequantize-then-kernel path, the "
                          "bf16 cache with our kernel)")
     ap.add_argument("--kv-heads", type=int, default=8, help="decode kv heads (32 query heads)")
+    ap.add_argument("--heads", type=int, default=32, help="--paged: query heads")
+    ap.add_argument("--head-dim", type=int, default=128, help="--paged: head_dim")
+    ap.add_argument("--alibi", action="store_true", help="--paged: ALiBi slopes (BLOOM's)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="--paged: one tiny shape, runs anywhere (CPU: the interpreter)")
     ap.add_argument("--paged", action="store_true",
                     help="instead: the paged decode kernel vs the contiguous one (with "
                          "--kv-cache: over int8 / fp8 codes)")
@@ -521,8 +553,10 @@ def main(argv=None):
     ap.add_argument("--softcap", type=float, default=None,
                     help="with --window: attention-logit soft-capping C")
     args = ap.parse_args(argv)
-    if args.softcap is not None and args.window is None:
-        ap.error("--softcap goes with --window")
+    if args.softcap is not None and args.window is None and not args.paged:
+        ap.error("--softcap goes with --window (or --paged)")
+    if (args.alibi or args.smoke) and not args.paged:
+        ap.error("--alibi and --smoke go with --paged")
 
     logf = open(args.log, "a") if args.log else None  # noqa: SIM115 - lives for the run
 
@@ -538,8 +572,10 @@ def main(argv=None):
               f" | {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
     print(header, flush=True)
     log(header)
-    bw = copy_bandwidth_gbs()
-    print(f"measured copy bandwidth (1 GiB, read + write): {bw:.0f} GB/s", flush=True)
+    n_copy = 2**20 if args.smoke else 2**29
+    bw = copy_bandwidth_gbs(n_copy)
+    print(f"measured copy bandwidth ({n_copy * 2 / 2**20:.0f} MiB, read + write): "
+          f"{bw:.0f} GB/s", flush=True)
 
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     seqs = [1024, 4096, 16384] if args.quick else [1024, 2048, 4096, 8192, 16384]
@@ -547,15 +583,24 @@ def main(argv=None):
     seqs = ints(args.seqs) if args.seqs is not None else seqs
     ctxs = ints(args.ctxs) if args.ctxs is not None else ctxs
     if args.paged:
-        rows, names, per_key = run_decode_paged(ints(args.batches), ctxs, 32, args.kv_heads,
-                                                128, log, ints(args.page_sizes),
-                                                args.kv_cache, args.variants)
-        print_paged(rows, names, per_key, bw, args.kv_heads, args.kv_cache)
+        N, K, H = args.heads, args.kv_heads, args.head_dim
+        batches, page_sizes = ints(args.batches), ints(args.page_sizes)
+        if args.smoke:
+            N, K, H, batches, ctxs, page_sizes = 4, 1, 64, [2], [128], [16, 64]
+        mods = {"window": args.window, "softcap": args.softcap,
+                "alibi_slopes": alibi_slopes_for(N) if args.alibi else None}
+        mods = {k: v for k, v in mods.items() if v is not None}
+        rows, names, per_key = run_decode_paged(batches, ctxs, N, K, H, log, page_sizes,
+                                                args.kv_cache, args.variants, mods, args.smoke)
+        text = "".join(f", {k} {v}" for k, v in (("window", args.window),
+                                                  ("softcap", args.softcap)) if v is not None)
+        print_paged(rows, names, per_key, bw, N, K, H, args.kv_cache,
+                    text + (", ALiBi" if args.alibi else ""))
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump({"header": header, "copy_gbs": bw, "decode_paged": rows}, fh,
                           indent=1)
-        return 0
+        return 1 if any(k.endswith("_error") for r in rows for k in r) else 0
     if args.window is not None:
         pre, dec = run_windowed(
             ints(args.seqs) if args.seqs else [4096, 8192, 16384, 32768], args.tokens,

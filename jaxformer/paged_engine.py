@@ -51,6 +51,11 @@ class Chunk:
     seed: int = 0
     ignore_eos: bool = False
     generated: int = 0  # tokens the request generated before (a preempted one resumes)
+    # a resumed request's sequence is prompt + generated tokens: positions from prompt_len
+    # on are generated (they count for presence / frequency penalties; None: all prompt),
+    # and its last generated tokens (at most STOP_WINDOW - 1) continue its stop window
+    prompt_len: int | None = None
+    recent: Sequence[int] = ()
 
 
 def pool_shardings(model: Model) -> kvc.PagedKVCache:
@@ -61,12 +66,14 @@ def pool_shardings(model: Model) -> kvc.PagedKVCache:
 
 def make_chunk_prefill(model: Model, feats: Features, num_pages: int, page_size: int):
     """jit(fn(params, state, ids [b, C], starts [b], lens [b], slots [b], pages [b, M],
-    last [b], req rows [b]) -> (state, first tokens [b], their logprobs [b])); the state
-    (its pool) is donated. Rows with slot -1 are padding."""
+    last [b], gen0 [b], gen_from [b], hist [b, STOP_WINDOW], req rows [b]) -> (state, first
+    tokens [b], their logprobs [b])); the state (its pool) is donated. Rows with slot -1
+    are padding. gen_from: the first position of each row's generated tokens (penalty
+    counts); hist: its last generated tokens, right-aligned, -1 padded (the stop window)."""
     del num_pages, page_size  # part of the compile key through the state's shapes
 
-    def fn(params, state: DecodeState, ids, starts, lens, slots, pages, last, gen0,
-           req: Request):
+    def fn(params, state: DecodeState, ids, starts, lens, slots, pages, last, gen0, gen_from,
+           hist, req: Request):
         with model.traced():
             m = model.module(params)
             b, C = ids.shape
@@ -78,19 +85,21 @@ def make_chunk_prefill(model: Model, feats: Features, num_pages: int, page_size:
             B = state.last.shape[0]
             at = jnp.where(slots >= 0, slots, B)  # padding rows scatter out of range: dropped
             seen, counts = state.seen, state.counts
-            if feats.penalties:
+            if feats.penalties:  # a resumed request's generated tokens count again
                 valid = jnp.arange(C)[None] < lens[:, None]
                 first = (starts == 0)[:, None]
+                rows = jnp.arange(b)[:, None]
                 rows_seen = jnp.where(first, False, seen[jnp.clip(at, 0, B - 1)])
-                rows_seen = rows_seen.at[jnp.arange(b)[:, None], ids].max(valid)
+                rows_seen = rows_seen.at[rows, ids].max(valid)
                 seen = seen.at[at].set(rows_seen, mode="drop")
-                counts = counts.at[at].set(jnp.where(first, 0, counts[jnp.clip(at, 0, B - 1)]),
-                                           mode="drop")
+                gen = (valid & (positions >= gen_from[:, None])).astype(jnp.int32)
+                rows_counts = jnp.where(first, 0, counts[jnp.clip(at, 0, B - 1)])
+                counts = counts.at[at].set(rows_counts.at[rows, ids].add(gen), mode="drop")
             tok, lp = sample(logits, req.params, feats, row_keys(req.key, gen0),
                              None if seen is None else seen[jnp.clip(at, 0, B - 1)],
                              None if counts is None else counts[jnp.clip(at, 0, B - 1)])
             live = jnp.where(last, at, B)  # only a prompt's last chunk makes its slot live
-            recent = jnp.full((b, STOP_WINDOW), -1, jnp.int32).at[:, -1].set(tok)
+            recent = jnp.concatenate([hist[:, 1:], tok[:, None]], axis=1)
             done = stopped(tok, recent, req) | (req.max_new <= gen0 + 1)
             put = lambda a, v: a.at[live].set(v.astype(a.dtype), mode="drop")  # noqa: E731
             if counts is not None:
@@ -180,6 +189,7 @@ class PagedEngine(Engine):
         for r in self.decode_rows():
             state = self.step(state, 1, rows=r)
         state = self.set_pages(state, {0: []})
+        state = self.set_history(state, 0, [], 0)
         return self.free(state, [0])
 
     def init_state(self) -> DecodeState:
@@ -222,10 +232,17 @@ class PagedEngine(Engine):
         pages = np.zeros((b, self.width), np.int32)
         last = np.zeros((b,), bool)
         gen0 = np.zeros((b,), np.int32)
+        gen_from = np.full((b,), np.iinfo(np.int32).max, np.int32)
+        hist = np.full((b, STOP_WINDOW), -1, np.int32)
         for r, ch in enumerate(chunks):
             ids[r, : len(ch.ids)] = ch.ids
             starts[r], lens[r], slots[r], last[r] = ch.start, len(ch.ids), ch.slot, ch.last
             gen0[r] = ch.generated
+            if ch.prompt_len is not None:
+                gen_from[r] = ch.prompt_len
+            tail = list(ch.recent)[-(STOP_WINDOW - 1):]
+            if tail:
+                hist[r, STOP_WINDOW - len(tail):] = tail
             pages[r, : len(ch.pages)] = ch.pages
         keys = row_key_data([ch.seed for ch in chunks], b)
         req = self.request([ch.sampling for ch in chunks], [ch.max_new for ch in chunks],
@@ -237,7 +254,8 @@ class PagedEngine(Engine):
             ("chunk prefill", c.features, c.num_pages, c.page_size),
             lambda: make_chunk_prefill(self.model, c.features, c.num_pages, c.page_size))
         state, tok, lp = fn(self.model.params, state, rep(ids), rep(starts), rep(lens),
-                            rep(slots), rep(pages), rep(last), rep(gen0), req)
+                            rep(slots), rep(pages), rep(last), rep(gen0), rep(gen_from),
+                            rep(hist), req)
         return state, to_host(tok), to_host(lp)
 
     def step(self, state: DecodeState, steps: int = 1, *, until: int | None = None,
@@ -273,6 +291,22 @@ class PagedEngine(Engine):
         padded[: len(slots)] = slots
         return padded, np.zeros((n, self.width), np.int32)
 
+    def set_history(self, state: DecodeState, slot: int, seq: Sequence[int],
+                    prompt_len: int) -> DecodeState:
+        """The slot's penalty state (seen tokens, generated-token counts) from the tokens
+        its cache already holds, `seq` (prompt, then generated tokens from prompt_len on):
+        for a request whose prefill starts past a cached prefix. One program (seq padded
+        to max_length); a no-op without penalties compiled in."""
+        if state.seen is None:
+            return state
+        L = self.config.max_length
+        if len(seq) > L:
+            raise ValueError(f"set_history: {len(seq)} tokens exceed max_length {L}")
+        ids = np.zeros((L,), np.int32)
+        ids[: len(seq)] = seq
+        return self._call("set history", _set_history, state, jnp.int32(slot),
+                          jnp.asarray(ids), jnp.int32(len(seq)), jnp.int32(prompt_len))
+
     def free(self, state: DecodeState, slots) -> DecodeState:
         """Free slots: done, and their page tables cleared (their pages may be reused)."""
         padded, _ = self._padded_rows(list(slots))
@@ -281,6 +315,19 @@ class PagedEngine(Engine):
 
 def _set_rows(state: DecodeState, slots, rows):
     return state._replace(pages=state.pages.at[slots].set(rows, mode="drop"))
+
+
+def _set_history(state: DecodeState, slot, ids, n, prompt_len):
+    """ids [L] int32, the first n valid: seen = every id, counts = ids at positions >=
+    prompt_len (the generated ones), as the decode loop would have left them."""
+    pos = jnp.arange(ids.shape[0])
+    valid = pos < n
+    V = state.seen.shape[1]
+    seen = jnp.zeros((V,), bool).at[ids].max(valid)
+    counts = jnp.zeros((V,), jnp.int32).at[ids].add((valid & (pos >= prompt_len))
+                                                    .astype(jnp.int32))
+    return state._replace(seen=state.seen.at[slot].set(seen),
+                          counts=state.counts.at[slot].set(counts))
 
 
 def _free_paged(state: DecodeState, slots):

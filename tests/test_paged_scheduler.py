@@ -1,7 +1,12 @@
 """Continuous batching over a paged KV cache (serving/paged_scheduler.py): random arrivals,
 prompts of 1 to 40 tokens, shared prefixes and a pool small enough that requests are
 preempted and recomputed; every request's greedy tokens are the argmax of a teacher-forced
-pass over its own sequence and its log-probs agree within 1e-5; pages all come back."""
+pass over its own sequence and its log-probs agree within 1e-5; pages all come back.
+Also: sliding windows, soft caps and ALiBi over the pool; penalties, stop strings and seeds
+across preemption; a burst of 500 requests with aborts from another thread; warmup."""
+import threading
+import time
+
 import jax
 import numpy as np
 import pytest
@@ -95,3 +100,219 @@ def test_warmup_compiles_every_shape_and_partial_batches_decode_exactly(model):
         want, want_lp = teacher_forced(model, prompt, out.tokens)
         assert out.status == FINISHED and len(out.tokens) == n and out.tokens == want
         np.testing.assert_allclose(out.logprobs, want_lp, atol=1e-5)
+
+
+# ---- sliding windows, soft-capping and ALiBi over the paged pool ----------------------------
+def alone(model, prompt, n, sampling=GREEDY_LP, seed=0):
+    out = model.generate([prompt], max_new_tokens=n, sampling=sampling, seed=seed,
+                         progress=False)
+    return out.tokens[0], (out.logprobs or [None])[0]
+
+
+_TINY = dict(vocab_size=96, hidden_size=64, num_layers=2, num_heads=4, ffn_size=96,
+             max_position_embeddings=64)
+MODS = {  # a window (4) shorter than every sequence below (prompts 9-16 + 8 new)
+    # Gemma 2: sliding and full layers (a traced window per layer), attention and final
+    # soft caps, sandwich norms
+    "gemma2": dict(_TINY, num_kv_heads=2, head_dim=16, position_embedding="rope",
+                   norm="rmsnorm", norm_eps=1e-6, activation="gelu_tanh", gated_mlp=True,
+                   qkv_bias=False, linear_bias=False, norm_offset=1.0, embed_scale=8.0,
+                   sandwich_norm=True, attn_scale=24 ** -0.5, attn_softcap=4.0,
+                   final_softcap=3.0, sliding_window=4, layer_types=("sliding", "full")),
+    # BLOOM: ALiBi, embedding norm
+    "bloom": dict(_TINY, position_embedding="alibi", norm="layernorm", embed_norm=True,
+                  activation="gelu_tanh"),
+}
+
+
+@pytest.mark.parametrize("name", list(MODS))
+def test_windows_softcaps_alibi_over_pages_decode_as_alone(name):
+    """Tiny float32 models with sliding windows and soft caps (Gemma 2) or ALiBi (BLOOM)
+    under continuous batching: chunked prefill (chunks of 8 over a shared prefix),
+    a pool small enough that requests are preempted; each request's greedy tokens equal
+    generate() of it alone (contiguous cache) and its log-probs agree within 1e-5."""
+    model = jf.Model.random(jf.ModelConfig(name=name, **MODS[name]), seed=1)
+    rng = np.random.default_rng(3)
+    common = rng.integers(1, 96, 8).tolist()
+    prompts = [common + rng.integers(1, 96, int(rng.integers(1, 9))).tolist() if i % 2 else
+               rng.integers(1, 96, int(rng.integers(9, 17))).tolist() for i in range(6)]
+    sched = PagedScheduler(model, SchedulerConfig(slots=3, max_length=48, steps_per_tick=3),
+                           PagedConfig(page_size=4, num_pages=14, prefill_tokens=16, chunk=8))
+    handles = []
+    for p in prompts:
+        handles.append(sched.submit(p, GREEDY_LP, max_new_tokens=8))
+        sched.tick()
+    sched.run_until_idle()
+    for p, h in zip(prompts, handles):
+        out = h.result(timeout=0)
+        want, want_lp = alone(model, p, 8)
+        assert out.status == FINISHED and out.tokens == want, (p, out)
+        np.testing.assert_allclose(out.logprobs, want_lp, atol=1e-5)
+    assert sched.preemptions > 0 and sched.pool.prefix_hit_tokens > 0
+    assert sched.pool.num_in_use == 0
+
+
+# ---- per-request state across preemption (recompute) ----------------------------------------
+PENALTIES = jf.Sampling(temperature=0, repetition_penalty=1.8, presence_penalty=0.7,
+                        frequency_penalty=0.4, logprobs=True)
+
+
+def penalised_teacher_forced(model, prompt, tokens, s: jf.Sampling):
+    """Greedy tokens under the penalties as their definition gives them (sampling.py:
+    repetition over prompt and generated tokens, presence and frequency over generated
+    ones), from one forward pass over prompt + tokens, and the raw log-probs."""
+    seq = list(prompt) + list(tokens)
+    logits = model.logits(np.asarray([seq]))[0, len(prompt) - 1: len(seq) - 1]
+    want = []
+    for i, row in enumerate(np.asarray(logits, np.float64)):
+        seen = np.zeros(row.shape, bool)
+        seen[seq[: len(prompt) + i]] = True
+        counts = np.bincount(tokens[:i], minlength=row.shape[0])[: row.shape[0]]
+        r = s.repetition_penalty
+        x = np.where(seen, np.where(row > 0, row / r, row * r), row)
+        x = x - s.presence_penalty * (counts > 0) - s.frequency_penalty * counts
+        want.append(int(np.argmax(x)))
+    m = logits.max(-1, keepdims=True)
+    lp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
+    return want, lp[np.arange(len(tokens)), tokens]
+
+
+SMALL_POOL = (SchedulerConfig(slots=4, max_length=64, steps_per_tick=3),
+              PagedConfig(page_size=4, num_pages=18, prefill_tokens=24, chunk=16))
+
+
+def test_penalties_and_seeded_sampling_survive_preemption(model):
+    """A pool small enough that requests are preempted and recomputed (their prefix mostly
+    from the prefix cache): greedy requests with repetition / presence / frequency
+    penalties decode as the penalties' definition says over their own sequence (log-probs
+    within 1e-5); seeded sampled requests (with penalties) give the tokens they give alone."""
+    rng = np.random.default_rng(5)
+    common = rng.integers(1, 96, 12).tolist()
+    sampled = jf.Sampling(temperature=0.9, top_k=40, repetition_penalty=1.3,
+                          presence_penalty=0.5, frequency_penalty=0.2)
+    reqs = []
+    for i in range(10):
+        prompt = (common if i % 2 else []) + rng.integers(1, 96, rng.integers(2, 14)).tolist()
+        reqs.append((prompt, PENALTIES if i % 3 else sampled, 7 + i % 5, 100 + i))
+    sched = PagedScheduler(model, *SMALL_POOL)
+    handles = []
+    for prompt, s, n, seed in reqs:
+        handles.append(sched.submit(prompt, s, max_new_tokens=n, seed=seed))
+        sched.tick()
+    sched.run_until_idle()
+    assert sched.preemptions > 0 and sched.pool.prefix_hit_tokens > 0
+    solo = PagedScheduler(model, *SMALL_POOL)  # the same programs, one request at a time
+    for (prompt, s, n, seed), h in zip(reqs, handles):
+        out = h.result(timeout=0)
+        assert out.status == FINISHED and len(out.tokens) == n, out
+        if s is PENALTIES:
+            want, want_lp = penalised_teacher_forced(model, prompt, out.tokens, s)
+            assert out.tokens == want, (prompt, out.tokens, want)
+            np.testing.assert_allclose(out.logprobs, want_lp, atol=1e-5)
+        else:
+            alone_h = solo.submit(prompt, s, max_new_tokens=n, seed=seed)
+            solo.run_until_idle()
+            assert out.tokens == alone_h.result().tokens, prompt
+    assert solo.preemptions == 0
+
+
+def test_stop_string_and_penalties_across_a_forced_preemption(model, monkeypatch):
+    """A request preempted right before the last token of a two-token stop string: on
+    re-admission its stop window still holds the first token, so the recomputed prefill's
+    sample completes the match and the request stops there; its penalty counts (rebuilt
+    from the prefix cache and the recomputed chunk) give the tokens it gives unpreempted."""
+    from jaxformer.tokenizer import ByteTokenizer
+    monkeypatch.setattr(model, "tokenizer", ByteTokenizer())  # ids 32..95: ASCII characters
+    prompt = [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]
+    free = PagedScheduler(model, *SMALL_POOL)
+    h = free.submit(prompt, PENALTIES, max_new_tokens=16)
+    free.run_until_idle()
+    toks = h.result().tokens
+    assert toks == penalised_teacher_forced(model, prompt, toks, PENALTIES)[0]
+    # tokens arrive 1 (prefill), then 3 a tick: preempt after k = 4, 7, 10 or 13 of them
+    k = next((k for k in (4, 7, 10, 13) if 32 <= toks[k - 1] < 96 and 32 <= toks[k] < 96
+              and (toks[k - 1], toks[k]) not in zip(toks[: k - 1], toks[1:k])), None)
+    assert k is not None, f"no printable token pair to stop on in {toks}"
+    stop = chr(toks[k - 1]) + chr(toks[k])
+    s = jf.Sampling(temperature=0, repetition_penalty=PENALTIES.repetition_penalty,
+                    presence_penalty=PENALTIES.presence_penalty,
+                    frequency_penalty=PENALTIES.frequency_penalty, stop_strings=(stop,))
+    sched = PagedScheduler(model, *SMALL_POOL)
+    h = sched.submit(prompt, s, max_new_tokens=16)
+    while len(h.tokens) < k:
+        sched.tick()
+    assert len(h.tokens) == k and not h.done
+    sched._preempt(sched._slots.index(h))  # as the pool running short would
+    sched.run_until_idle()
+    out = h.result(timeout=0)
+    assert sched.preemptions == 1 and sched.pool.prefix_hit_tokens > 0
+    assert (out.status, out.reason) == (FINISHED, "stop")
+    assert out.tokens == toks[: k + 1], (out.tokens, toks, k)
+
+
+# ---- a burst: nothing lost, nothing duplicated ------------------------------------------------
+def test_burst_of_500_with_aborts_from_another_thread_loses_nothing(model):
+    """500 requests from 4 threads while the loop runs on its own, a fifth thread aborting
+    random ones, a pool so small that requests are preempted, some requests that the whole
+    pool could never hold: every request ends exactly once, finished (all its tokens, each
+    streamed once), aborted or failed with a reason; the ones that never fit fail alone."""
+    sched = PagedScheduler(model, SchedulerConfig(slots=8, max_length=64, steps_per_tick=2),
+                           PagedConfig(page_size=4, num_pages=12, prefill_tokens=32)).start()
+    rng = np.random.default_rng(7)
+    specs = [(rng.integers(1, 96, rng.integers(1, 13)).tolist(), int(rng.integers(1, 5)))
+             for _ in range(500)]
+    never = set(range(37, 500, 97))  # 5 prompts of 44+ tokens: more than the 11 pages hold
+    for i in never:
+        specs[i] = (rng.integers(1, 96, 44 + i % 7).tolist(), 2)
+    handles = [None] * len(specs)
+    submitted = threading.Event()
+    aborted: set[int] = set()
+
+    def client(idx):
+        for i in idx:
+            prompt, n = specs[i]
+            handles[i] = sched.submit(prompt, max_new_tokens=n)
+
+    def aborter():
+        r = np.random.default_rng(8)
+        while not submitted.is_set() or r.random() < 0.5:
+            live = [i for i, h in enumerate(handles)
+                    if h is not None and not h.done and i not in never]
+            if live:
+                i = int(r.choice(live))
+                aborted.add(i)
+                handles[i].abort()
+            time.sleep(0.002)
+    threads = [threading.Thread(target=client, args=(range(t, 500, 4),)) for t in range(4)]
+    stopper = threading.Thread(target=aborter)
+    start = time.perf_counter()
+    for t in threads + [stopper]:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    submitted.set()
+    stopper.join(timeout=60)
+    try:
+        outs = [h.result(timeout=max(1.0, 180 - (time.perf_counter() - start)))
+                for h in handles]
+    finally:
+        sched.stop(timeout=30)
+    assert len({o.id for o in outs}) == 500
+    for i, (o, h, (prompt, n)) in enumerate(zip(outs, handles, specs)):
+        assert o.reason, (i, o)
+        streamed = list(h.stream(timeout=1))  # every chunk once, then the end
+        assert sum(streamed, []) == o.tokens, i
+        if i in never:
+            assert o.status == FAILED and "need more pages than the pool's 11" in o.reason, o
+        elif o.status == FINISHED:
+            assert o.reason == "length" and len(o.tokens) == n, (i, o)
+        else:
+            assert o.status == ABORTED and i in aborted, (i, o)
+    status = [o.status for o in outs]
+    assert 0 < status.count(ABORTED) and status.count(FINISHED) > 300, \
+        {k: status.count(k) for k in set(status)}
+    assert sched.preemptions > 0, "the pool was meant to run short"
+    for i in [i for i, o in enumerate(outs) if o.status == FINISHED][::60]:  # exact too
+        assert outs[i].tokens == teacher_forced(model, specs[i][0], outs[i].tokens)[0], i
+    assert sched.running == 0 and sched.waiting == 0 and sched.pool.num_in_use == 0
+    sched.pool.check_invariants()

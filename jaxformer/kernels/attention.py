@@ -316,27 +316,36 @@ def attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: float,
 
 
 # ---- paged KV pools (kernels/paged_attention.py) ------------------------------------------
-@functools.partial(jax.jit, static_argnames=("scale",))
+@functools.partial(jax.jit, static_argnames=("scale", "static_window", "softcap"))
 def _paged_pallas(q, k_pool, v_pool, pages, q_positions, kv_lengths, layer, k_scale=None,
-                  v_scale=None, *, scale):
+                  v_scale=None, alibi_slopes=None, window=None, *, scale, static_window=None,
+                  softcap=None):
+    """window: a traced int32 scalar (per layer), or static_window: a Python int."""
+    mods = {"window": static_window if static_window is not None else window,
+            "softcap": softcap, "alibi_slopes": alibi_slopes}
     if q.shape[1] > 1:
         return paged.paged_prefill_attention(q, k_pool, v_pool, pages, q_positions,
-                                             kv_lengths, scale=scale, layer=layer)
+                                             kv_lengths, scale=scale, layer=layer, **mods)
     return paged.paged_decode_attention(q, k_pool, v_pool, pages, q_positions, kv_lengths,
                                         scale=scale, layer=layer, k_scale=k_scale,
-                                        v_scale=v_scale)
+                                        v_scale=v_scale, **mods)
 
 
-def _sharded_paged(fn, q, k_pool, v_pool, pages, q_positions, kv_lengths, layer, scales=()):
+def _sharded_paged(fn, q, k_pool, v_pool, pages, q_positions, kv_lengths, layer, scales=(),
+                   slopes=None, window=None):
     """Run fn per shard of the active mesh: rows on `data` with the pool's pages, kv heads
     on `tensor` (or, tensor > K, each shard slices the one kv head its query heads read).
 
     Data parallelism: each data shard owns its own P / data pages, and the page ids in its
     rows' page tables are local to that shard (0 .. P / data - 1). The pool [L, P, ps, K, H]
-    is sharded P on `data`, K on `tensor`; pages [B, M] and the rows on `data`."""
+    is sharded P on `data`, K on `tensor`; pages [B, M] and the rows on `data`. slopes:
+    None or ALiBi slopes [N], sharded with the query heads; window: None or a traced int32
+    scalar, replicated. fn(..., layer, *scales) with alibi_slopes= and window= where given."""
     mesh, _ = sharding.current()
+    kw = {name: a for name, a in (("alibi_slopes", slopes), ("window", window))
+          if a is not None}
     if mesh is None:
-        return fn(q, k_pool, v_pool, pages, q_positions, kv_lengths, layer, *scales)
+        return fn(q, k_pool, v_pool, pages, q_positions, kv_lengths, layer, *scales, **kw)
     shape = dict(mesh.shape)
     dp, tp = shape.get("data", 1), shape.get("tensor", 1)
     B, _, N, _ = q.shape
@@ -356,14 +365,17 @@ def _sharded_paged(fn, q, k_pool, v_pool, pages, q_positions, kv_lengths, layer,
         else:
             h_ax = None
     if b_ax is None and h_ax is None:
-        return fn(q, k_pool, v_pool, pages, q_positions, kv_lengths, layer, *scales)
+        return fn(q, k_pool, v_pool, pages, q_positions, kv_lengths, layer, *scales, **kw)
+    n_scales = len(scales)
+    kw_names, extra = tuple(kw), tuple(kw.values())
 
-    def body(q, k_pool, v_pool, pages, q_positions, kv_lengths, layer, *scales):
+    def body(q, k_pool, v_pool, pages, q_positions, kv_lengths, layer, *rest):
+        scales, kw = rest[:n_scales], dict(zip(kw_names, rest[n_scales:]))
         if pick_kv:
             kvh = (jax.lax.axis_index("tensor") * (N // tp)) // G
             k_pool, v_pool, *scales = (jax.lax.dynamic_slice_in_dim(a, kvh, 1, axis=3)
                                        for a in (k_pool, v_pool, *scales))
-        return fn(q, k_pool, v_pool, pages, q_positions, kv_lengths, layer, *scales)
+        return fn(q, k_pool, v_pool, pages, q_positions, kv_lengths, layer, *scales, **kw)
 
     abstract = jax.sharding.get_abstract_mesh()
     manual = set(getattr(abstract, "manual_axes", ()) or ())
@@ -373,13 +385,15 @@ def _sharded_paged(fn, q, k_pool, v_pool, pages, q_positions, kv_lengths, layer,
     return jax.shard_map(
         body, mesh=abstract if manual else mesh,
         in_specs=(qspec, pool, pool, P(b_ax, None), P(b_ax, None), P(b_ax), P(),
-                  *((P(None, b_ax, None, kv_ax),) * len(scales))),
+                  *((P(None, b_ax, None, kv_ax),) * len(scales)),
+                  *(P(h_ax) if name == "alibi_slopes" else P() for name in kw_names)),
         out_specs=qspec, axis_names=names, check_vma=False,
-    )(q, k_pool, v_pool, pages, q_positions, kv_lengths, layer, *scales)
+    )(q, k_pool, v_pool, pages, q_positions, kv_lengths, layer, *scales, *extra)
 
 
 def paged_attention(q, k_pool, v_pool, pages, q_positions, kv_lengths, *, scale: float,
-                    backend: str = "auto", layer=None, k_scale=None, v_scale=None):
+                    backend: str = "auto", layer=None, k_scale=None, v_scale=None,
+                    window=None, softcap: float | None = None, alibi_slopes=None):
     """Causal attention of q [B, T, N, H] over each row's pages of a KV pool.
 
     Layout (kernels/paged_attention.py): pools [L, P, ps, K, H] read at `layer` (int32
@@ -391,6 +405,8 @@ def paged_attention(q, k_pool, v_pool, pages, q_positions, kv_lengths, *, scale:
     back to the reference and logs why once); "xla" and every other case (CPU, quantized
     prefill chunks): the reference, which gathers the rows' pages. "cudnn" is refused.
     Sharded over the active mesh as _sharded_paged says (data shards own their pages).
+    window (a Python int or an int32 scalar), softcap, alibi_slopes [N]: as attention(),
+    over the keys' positions in their sequence (every backend takes them).
     Returns [B, T, N, H] in q's dtype.
     """
     if backend not in ("auto", "xla", "pallas"):
@@ -399,6 +415,12 @@ def paged_attention(q, k_pool, v_pool, pages, q_positions, kv_lengths, *, scale:
     layered = layer is not None
     paged.check_paged(q, k_pool, v_pool, pages, q_positions, kv_lengths, k_scale, v_scale,
                       layered=layered)
+    bad = check_mods(window, softcap, alibi_slopes, q.shape[2])
+    if bad is not None:
+        raise ValueError(f"paged attention: {bad}")
+    # the kernels take a Python int window as a constant, a traced one as an operand
+    static_w = int(window) if isinstance(window, (int, np.integer)) else None
+    dyn_w = None if static_w is not None else window
     if not layered:
         k_pool, v_pool = k_pool[None], v_pool[None]
         if k_scale is not None:
@@ -424,13 +446,18 @@ def paged_attention(q, k_pool, v_pool, pages, q_positions, kv_lengths, *, scale:
             _log_once(f"paged attention backend 'auto' uses xla: {reason}")
     scales = (k_scale, v_scale) if quant else ()
     if backend != "xla" and reason is None:
-        def fn(q, kp, vp, pages, pos, kvl, layer, *sc):
-            return _paged_pallas(q, kp, vp, pages, pos, kvl, layer, *sc, scale=scale)
-    else:
-        def fn(q, kp, vp, pages, pos, kvl, layer, *sc):
+        def fn(q, kp, vp, pages, pos, kvl, layer, *sc, alibi_slopes=None, window=None):
             ks, vs = sc if sc else (None, None)
+            return _paged_pallas(q, kp, vp, pages, pos, kvl, layer, ks, vs, alibi_slopes,
+                                 window, scale=scale, static_window=static_w, softcap=softcap)
+    else:
+        def fn(q, kp, vp, pages, pos, kvl, layer, *sc, alibi_slopes=None, window=None):
+            ks, vs = sc if sc else (None, None)
+            w = static_w if static_w is not None else window
             return paged.paged_attention_reference(q, kp, vp, pages, pos, kvl, scale=scale,
-                                                   layer=layer, k_scale=ks, v_scale=vs)
+                                                   layer=layer, k_scale=ks, v_scale=vs,
+                                                   window=w, softcap=softcap,
+                                                   alibi_slopes=alibi_slopes)
     return _sharded_paged(fn, q, k_pool, v_pool, pages.astype(jnp.int32),
                           q_positions.astype(jnp.int32), kv_lengths.astype(jnp.int32), layer,
-                          scales)
+                          scales, alibi_slopes, dyn_w)

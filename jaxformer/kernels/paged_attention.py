@@ -29,6 +29,11 @@ re-read that last page, an L2 hit, and are masked). The split over the sequence
 Quantized pools stream codes and scales; the codes are converted to bf16 / f16 tiles in
 shared memory and the scales fold into score / probability columns, as decode_attention.py.
 
+Score modifiers, as the contiguous kernels (kernels/masking.py): a sliding window W (the
+query at position p sees keys p - W < s; the kernel's splits share the blocks from the
+window's start, so pages wholly before it are never loaded), a logit soft cap C and ALiBi
+slopes [N] (scores += slope * (s - p), s the key's position in its sequence).
+
 Keys past kv_length inside a row's last page are read and masked; like the contiguous
 kernel's cache padding they must hold finite values (a NaN there times probability 0 is NaN).
 """
@@ -40,6 +45,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+import numpy as np
 
 from jaxformer.kernels import decode_attention as da
 from jaxformer.kernels import flash_attention as fa
@@ -104,16 +111,21 @@ def gather_pages(pool, pages, layer):
 def paged_attention_reference(q, k_pool, v_pool, pages, q_positions, kv_lengths, *,
                               scale: float, layer=None, k_scale=None, v_scale=None,
                               softcap: float | None = None, window: int | None = None,
-                              return_lse: bool = False):
+                              alibi_slopes=None, return_lse: bool = False):
     """Causal attention of q [B, T, N, H] over each row's pages (layout: module docstring).
 
     With `layer` the pools are [L, P, ps, K, H] (scales [L, P, ps, K]), else one layer's
     [P, ps, K, H]. Gathers the row's pages into [B, M*ps, K, H] and runs
     reference.attention_reference (float32 softmax; quantized codes with their scales folded
-    into the scores and probabilities). Returns [B, T, N, H] in q's dtype (and lse [B, T, N]).
+    into the scores and probabilities). window, softcap, alibi_slopes [N]: as
+    reference.attention_reference, over the keys' positions in their sequence.
+    Returns [B, T, N, H] in q's dtype (and lse [B, T, N]).
     """
     check_paged(q, k_pool, v_pool, pages, q_positions, kv_lengths, k_scale, v_scale,
                 layered=layer is not None)
+    bad = fa.check_mods(window, softcap, alibi_slopes, q.shape[2])
+    if bad is not None:
+        raise ValueError(f"paged attention: {bad}")
     k_pool, v_pool, k_scale, v_scale, layer = _with_layer(k_pool, v_pool, k_scale, v_scale,
                                                           layer)
     pages = pages.astype(jnp.int32)
@@ -124,7 +136,7 @@ def paged_attention_reference(q, k_pool, v_pool, pages, q_positions, kv_lengths,
     return attention_reference(q, k, v, q_positions.astype(jnp.int32),
                                kv_lengths.astype(jnp.int32), causal=True, scale=scale,
                                return_lse=return_lse, k_scale=k_scale, v_scale=v_scale,
-                               softcap=softcap, window=window)
+                               softcap=softcap, window=window, alibi_slopes=alibi_slopes)
 
 
 def check_supported(q, k_pool, v_pool, quantized: bool = False):
@@ -143,12 +155,15 @@ def check_supported(q, k_pool, v_pool, quantized: bool = False):
 def _paged_decode_pallas(qg, k, v, pages, kv_lengths, last_pos, layer, *, scale: float,
                          o_rows: int,
                          cfg: PagedDecodeConfig, pps: int, splits: int, interpret: bool,
-                         scales=None):
+                         scales=None, lo=None, mods: fa.ScoreMods = fa.ScoreMods(),
+                         slopes=None):
     """qg [B, K, R, H] query rows of each kv head (R = G rounded up to 8); k, v the pools
     [L, P, ps, K, H]; pages [B, M] int32; kv_lengths [B] int32; last_pos [B] int32 the query
     positions; layer [1] int32; pps pages per pipeline step; scales None or, for code
     pools, the layer's scales gathered per row [2, B, M, K, ps] float32 (a page's scales of
-    one kv head contiguous: one TMA copy).
+    one kv head contiguous: one TMA copy); lo: with mods.window, [B] int32 each row's first
+    visible key; slopes: with mods.alibi, [K, 64] f32 each kv head's query rows' slopes
+    (log2 units, zero-padded), as decode_attention._decode_pallas.
     Returns o [B, K, splits, o_rows, H] f32 (normalised partials), lse2 [B, K, splits, 64]
     f32 (log2 units), as decode_attention._decode_pallas.
     """
@@ -165,7 +180,7 @@ def _paged_decode_pallas(qg, k, v, pages, kv_lengths, last_pos, layer, *, scale:
         stages = fa.fit_stages(cfg.stages, M * H * (isz + 4) + 4 * M + 2 * bk * H * isz,
                                2 * bk * (H * csz + 4), max_blocks)
     else:
-        stages = fa.fit_stages(cfg.stages, M * H * (isz + 4) + 4 * M, 2 * bk * H * isz,
+        stages = fa.fit_stages(cfg.stages, M * H * (isz + 4) + 8 * M, 2 * bk * H * isz,
                                max_blocks)
     P = splits
     dtype = qg.dtype
@@ -188,9 +203,10 @@ def _paged_decode_pallas(qg, k, v, pages, kv_lengths, last_pos, layer, *, scale:
             cols = plgpu.load(scale_smem, (), layout=plgpu.Layout.WGMMA.reduce(0))
         return lax.broadcast_in_dim(cols, (M, bk), [1])
 
-    def kernel(q_ref, k_ref, v_ref, pages_ref, len_ref, pos_ref, layer_ref, sc_ref, o_ref,
-               lse_ref, q_smem, o_smem, lse_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free,
-               v_free, ks_smem=None, vs_smem=None, kt_smem=None, vt_smem=None):
+    def kernel(q_ref, k_ref, v_ref, pages_ref, len_ref, pos_ref, lo_ref, layer_ref, sc_ref,
+               sl_ref, o_ref, lse_ref, q_smem, o_smem, lse_smem, sl_smem, k_smem, v_smem,
+               q_bar, k_bar, v_bar, k_free, v_free, ks_smem=None, vs_smem=None, kt_smem=None,
+               vt_smem=None):
         p = lax.axis_index("split")
         h = lax.axis_index("kvh")
         b = lax.axis_index("batch")
@@ -201,13 +217,24 @@ def _paged_decode_pallas(qg, k, v, pages, kv_lengths, last_pos, layer, *, scale:
         length = jnp.minimum(len_ref[b], pos_ref[b] + 1)
         length = jnp.maximum(jnp.minimum(length, jnp.int32(pages.shape[1] * ps)), 0)
         n_pages = lax.div(length + (ps - 1), jnp.int32(ps))
-        n_blocks = lax.div(n_pages + (pps - 1), jnp.int32(pps))
+        end_block = lax.div(n_pages + (pps - 1), jnp.int32(pps))
+        # With a window, keys before lo = position - W + 1 are invisible: the blocks wholly
+        # before it are never loaded (the splits share [lo // bk, end_block) only).
+        lo = lo_ref[b] if mods.window else jnp.int32(0)
+        start_block = jnp.minimum(lax.div(lo, jnp.int32(bk)), end_block)
+        n_blocks = end_block - start_block
         per = lax.div(n_blocks + (P - 1), jnp.int32(P))
-        first = jnp.minimum(p * per, n_blocks)
-        last = jnp.minimum(first + per, n_blocks)
+        first = start_block + jnp.minimum(p * per, n_blocks)
+        last = jnp.minimum(first + per, end_block)
         n_steps = last - first
-        # Only the row's final block can hold keys past its length.
+        # Only the row's final block can hold keys past its length, and only the window's
+        # first block keys before lo: steps [0, n_head) and [n_full, n_steps) are masked.
         n_full = jnp.maximum(jnp.where(last * bk > length, n_steps - 1, n_steps), 0)
+        if mods.window:
+            n_head = jnp.where(first * bk < lo, jnp.minimum(n_steps, 1), 0)
+            n_full = jnp.maximum(n_full, n_head)
+        else:
+            n_head = jnp.int32(0)
 
         @pl.when(wg == 0)
         def _compute():
@@ -215,7 +242,10 @@ def _paged_decode_pallas(qg, k, v, pages, kv_lengths, last_pos, layer, *, scale:
                 plgpu.set_max_registers(232, action="increase")
             dst = q_smem if R == M else q_smem.at[pl.ds(0, R)]
             plgpu.copy_gmem_to_smem(q_ref.at[b, h], dst, q_bar)
+            if mods.alibi:  # q_bar expects two arrivals then
+                plgpu.copy_gmem_to_smem(sl_ref.at[h], sl_smem, q_bar)
             plgpu.barrier_wait(q_bar)
+            slope_rows = fa._load_rows(sl_smem, interpret) if mods.alibi else None
             m_i = fa._row_layout(jnp.full((M,), -jnp.inf, jnp.float32), interpret)
             l_i = fa._row_layout(jnp.full((M,), 0.0, jnp.float32), interpret)
             acc = fa._tile_layout(jnp.full((M, H), 0.0, jnp.float32), interpret)
@@ -237,9 +267,15 @@ def _paged_decode_pallas(qg, k, v, pages, kv_lengths, last_pos, layer, *, scale:
                     s = fa._qk(q_smem, k_smem.at[slot], (M, bk), interpret)
                     plgpu.barrier_arrive(k_free.at[slot])
                     s = s * qk_scale
-                if masked:
+                if masked or mods.alibi:  # key positions in the row's sequence
                     kv_ids = fa._col_iota((M, bk), interpret) + (first + i) * bk
+                if mods.softcap is not None or mods.alibi:
+                    s = fa.score_mods(s, kv_ids if mods.alibi else None, pos_ref[b],
+                                      slope_rows, mods)
+                if masked:
                     s = jnp.where(kv_ids < length, s, fa._MASK)
+                    if mods.window:
+                        s = jnp.where(kv_ids >= lo, s, fa._MASK)
                 m_new = jnp.maximum(m_i, s.max(axis=1))
                 alpha = jnp.exp2(m_i - m_new)
                 pr = jnp.exp2(s - lax.broadcast_in_dim(m_new, (M, bk), [0]))
@@ -263,8 +299,9 @@ def _paged_decode_pallas(qg, k, v, pages, kv_lengths, last_pos, layer, *, scale:
                     plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_new, l_i
 
-            carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False),
+            carry = lax.fori_loop(0, n_head, functools.partial(step, masked=True),
                                   (acc, m_i, l_i))
+            carry = lax.fori_loop(n_head, n_full, functools.partial(step, masked=False), carry)
             acc, m_i, l_i = lax.fori_loop(n_full, n_steps, functools.partial(step, masked=True),
                                           carry)
             l_safe = jnp.where(l_i == 0.0, 1.0, l_i)
@@ -307,9 +344,10 @@ def _paged_decode_pallas(qg, k, v, pages, kv_lengths, last_pos, layer, *, scale:
         plgpu.SMEM((M, H), dtype, transforms=tiled),           # q rows
         plgpu.SMEM((M, H), jnp.float32),                       # normalised partial out
         plgpu.SMEM((M,), jnp.float32),                         # partial lse
+        plgpu.SMEM((M,), jnp.float32) if mods.alibi else None,  # ALiBi slope rows
         plgpu.SMEM((stages, bk, H), ring_dtype, transforms=ring_tiled),  # K ring
         plgpu.SMEM((stages, bk, H), ring_dtype, transforms=ring_tiled),  # V ring
-        plgpu.Barrier(num_barriers=1),
+        plgpu.Barrier(num_arrivals=2 if mods.alibi else 1, num_barriers=1),
         plgpu.Barrier(num_arrivals=arrivals, num_barriers=stages),
         plgpu.Barrier(num_arrivals=arrivals, num_barriers=stages),
         plgpu.Barrier(num_barriers=stages),
@@ -324,12 +362,18 @@ def _paged_decode_pallas(qg, k, v, pages, kv_lengths, last_pos, layer, *, scale:
         ]
     else:  # a placeholder operand for the scales, never read
         scales = jnp.zeros((2, 1, 1, 1, 1), jnp.float32)
+    if not mods.alibi:  # placeholder operands, never read
+        slopes = jnp.zeros((1, M), jnp.float32)
+    if not mods.window:
+        lo = jnp.zeros((1,), jnp.int32)
     kwargs = {"interpret": fa.interpret_params()} if interpret else {}
 
-    def entry(q_ref, k_ref, v_ref, pages_ref, len_ref, pos_ref, layer_ref, sc_ref, o_ref,
-              lse_ref, q_smem, o_smem, lse_smem, k_smem, v_smem, q_bar, *rest):
-        kernel(q_ref, k_ref, v_ref, pages_ref, len_ref, pos_ref, layer_ref, sc_ref, o_ref,
-               lse_ref, q_smem, o_smem, lse_smem, k_smem, v_smem, q_bar.at[0], *rest)
+    def entry(q_ref, k_ref, v_ref, pages_ref, len_ref, pos_ref, lo_ref, layer_ref, sc_ref,
+              sl_ref, o_ref, lse_ref, q_smem, o_smem, lse_smem, sl_smem, k_smem, v_smem, q_bar,
+              *rest):
+        kernel(q_ref, k_ref, v_ref, pages_ref, len_ref, pos_ref, lo_ref, layer_ref, sc_ref,
+               sl_ref, o_ref, lse_ref, q_smem, o_smem, lse_smem, sl_smem, k_smem, v_smem,
+               q_bar.at[0], *rest)
 
     return plgpu.kernel(
         entry,
@@ -342,24 +386,28 @@ def _paged_decode_pallas(qg, k, v, pages, kv_lengths, last_pos, layer, *, scale:
         thread_name="wg",
         compiler_params=fa.compiler_params(cfg.semantics),
         **kwargs,
-    )(qg, k, v, pages, kv_lengths, last_pos, layer, scales)
+    )(qg, k, v, pages, kv_lengths, last_pos, lo, layer, scales, slopes)
 
 
 def paged_decode_attention(q, k_pool, v_pool, pages, q_positions, kv_lengths, *,
                            scale: float, layer=None, k_scale=None, v_scale=None,
                            return_lse: bool = False, splits: int | None = None,
-                           config: PagedDecodeConfig | None = None, interpret: bool = False):
+                           config: PagedDecodeConfig | None = None, interpret: bool = False,
+                           window=None, softcap: float | None = None, alibi_slopes=None):
     """One query token per row against its pages, with the Mosaic GPU kernel (Hopper).
 
     q [B, 1, N, H] bf16 / f16; k_pool, v_pool [L, P, ps, K, H] with `layer` (int32 scalar),
     else [P, ps, K, H], in q's dtype, or int8 / float8_e4m3fn codes with k_scale, v_scale
     (the pools' shape without H, float32); pages [B, M] int32; q_positions [B, 1] int32;
-    kv_lengths [B] int32. Returns out [B, 1, N, H] in q.dtype (and lse [B, 1, N] f32).
+    kv_lengths [B] int32. window (a Python int, or an int32 scalar), softcap, alibi_slopes
+    [N] f32: as decode_attention.decode_attention (pages wholly before the window are never
+    loaded). Returns out [B, 1, N, H] in q.dtype (and lse [B, 1, N] f32).
     """
     check_paged(q, k_pool, v_pool, pages, q_positions, kv_lengths, k_scale, v_scale,
                 layered=layer is not None)
     quant = k_scale is not None
-    reason = check_supported(q, k_pool, v_pool, quant)
+    reason = check_supported(q, k_pool, v_pool, quant) or fa.check_mods(
+        window, softcap, alibi_slopes, q.shape[2])
     if reason is not None:
         raise ValueError(f"paged_decode_attention: unsupported {reason}")
     k_pool, v_pool, k_scale, v_scale, layer = _with_layer(k_pool, v_pool, k_scale, v_scale,
@@ -378,15 +426,26 @@ def paged_decode_attention(q, k_pool, v_pool, pages, q_positions, kv_lengths, *,
         scales = jnp.stack([gather_pages(a, pages, layer).reshape(B, M, ps, K)
                             for a in (k_scale, v_scale)]).astype(jnp.float32)
         scales = scales.transpose(0, 1, 2, 4, 3)
-    P = splits or da.choose_splits(B, K, M * ps, pps * ps, cfg.ctas_per_sm)
+    # a static window bounds the keys any split reads: split those blocks, not the table's
+    span = M * ps
+    if isinstance(window, (int, np.integer)):
+        span = min(span, int(window) + pps * ps)
+    P = splits or da.choose_splits(B, K, span, pps * ps, cfg.ctas_per_sm)
     R = da._o_rows(G)
     qg = q.reshape(B, K, G, H)
     if R != G:
         qg = jnp.pad(qg, ((0, 0), (0, 0), (0, R - G), (0, 0)))
+    mods = fa.mods_of(window, softcap, alibi_slopes)
+    pos = q_positions.reshape(B).astype(jnp.int32)
+    lo = None if window is None else jnp.maximum(pos - (jnp.asarray(window, jnp.int32) - 1), 0)
+    slopes = None
+    if mods.alibi:  # [K, 64]: kv head h's query rows' slopes, zero-padded like the rows
+        slopes = alibi_slopes.astype(jnp.float32).reshape(K, G) * fa.LOG2E
+        slopes = jnp.pad(slopes, ((0, 0), (0, da.ROWS - G)))
     o, lse2 = _paged_decode_pallas(qg, k_pool, v_pool, pages, kv_lengths.astype(jnp.int32),
-                                   q_positions.reshape(B).astype(jnp.int32), layer,
-                                   scale=scale, o_rows=R, cfg=cfg, pps=pps, splits=P,
-                                   interpret=interpret, scales=scales)
+                                   pos, layer, scale=scale, o_rows=R, cfg=cfg, pps=pps,
+                                   splits=P, interpret=interpret, scales=scales, lo=lo,
+                                   mods=mods, slopes=slopes)
     out, lse = da.combine(o, lse2, G)
     out = out.reshape(B, 1, N, H).astype(q.dtype)
     if return_lse:
@@ -396,12 +455,14 @@ def paged_decode_attention(q, k_pool, v_pool, pages, q_positions, kv_lengths, *,
 
 def paged_prefill_attention(q, k_pool, v_pool, pages, q_positions, kv_lengths, *,
                             scale: float, layer=None, return_lse: bool = False,
-                            config: fa.PrefillConfig | None = None, interpret: bool = False):
+                            config: fa.PrefillConfig | None = None, interpret: bool = False,
+                            window=None, softcap: float | None = None, alibi_slopes=None):
     """A prefill chunk (T > 1, its own tokens already written to the pool) against its rows'
     pages: the pages are gathered into a contiguous [B, M*ps, K, H] cache (one XLA copy of
     the rows' pages, small next to the chunk's matmuls) and flash_attention.py's kernel runs
-    on it, causal. Float pools only (the prefill kernel reads no codes). Not yet a kernel
-    that reads the pages itself.
+    on it, causal, with the window / softcap / ALiBi slopes of flash_attention (key s of
+    the gathered cache is at position s of its sequence). Float pools only (the prefill
+    kernel reads no codes). Not yet a kernel that reads the pages itself.
     """
     check_paged(q, k_pool, v_pool, pages, q_positions, kv_lengths, layered=layer is not None)
     k_pool, v_pool, _, _, layer = _with_layer(k_pool, v_pool, None, None, layer)
@@ -409,4 +470,5 @@ def paged_prefill_attention(q, k_pool, v_pool, pages, q_positions, kv_lengths, *
     k, v = gather_pages(k_pool, pages, layer), gather_pages(v_pool, pages, layer)
     return fa.flash_attention(q, k, v, q_positions.astype(jnp.int32),
                               kv_lengths.astype(jnp.int32), causal=True, scale=scale,
-                              return_lse=return_lse, config=config, interpret=interpret)
+                              return_lse=return_lse, config=config, interpret=interpret,
+                              window=window, softcap=softcap, alibi_slopes=alibi_slopes)

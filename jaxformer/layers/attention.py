@@ -104,13 +104,11 @@ class Attention(nnx.Module):
             # The stacked cache rides in the layer loop's carry: write only the new entries.
             cache = cache.write(layer, k, v, at)
             if at.pages is not None:  # a paged pool: attention reads each row's pages
-                if window is not None or cfg.attn_softcap or slopes is not None:
-                    raise ValueError("a paged KV cache does not yet run sliding windows, "
-                                     "soft-capping or ALiBi (ModelConfig.sliding_window / "
-                                     "attn_softcap / position_embedding)")
                 o = paged_attention(q, cache.k, cache.v, at.pages, positions, kv_lengths,
                                     scale=cfg.scale, layer=layer, **cache.scales(),
-                                    backend=backend if backend == "xla" else "auto")
+                                    backend=backend if backend == "xla" else "auto",
+                                    window=window, softcap=cfg.attn_softcap,
+                                    alibi_slopes=slopes)
                 return self._out(o), cache
             if at.decode:
                 # attention reads layer `layer` of the stacked cache in place; a quantized

@@ -25,6 +25,7 @@ import dataclasses
 
 import numpy as np
 
+from jaxformer.decode_state import STOP_WINDOW
 from jaxformer.engine import EngineConfig
 from jaxformer.paged_engine import Chunk, PagedEngine
 from jaxformer.serving.pages import BlockTable, PagePool
@@ -70,6 +71,8 @@ class PagedScheduler(Scheduler):
         self._prefilling: list[int] = []  # slots whose prompt is being prefilled, in order
         self._live: list[int] = []  # decoding slots, in admission order
         self._dirty: dict[int, list[int]] = {}  # slot -> page table to send before a step
+        # slot -> (cached tokens, prompt length): penalty state to rebuild before its prefill
+        self._history: dict[int, tuple[list[int], int]] = {}
         self.preemptions = 0
 
     def _make_engine(self) -> PagedEngine:
@@ -118,6 +121,9 @@ class PagedScheduler(Scheduler):
             if self._dirty:  # page tables before the call: a chunk reads its earlier pages
                 self._state = self.engine.set_pages(self._state, self._dirty)
                 self._dirty = {}
+            for slot, (seq, n_prompt) in self._history.items():
+                self._state = self.engine.set_history(self._state, slot, seq, n_prompt)
+            self._history = {}
             self._state, toks, lps = self.engine.prefill_chunks(self._state, chunks)
             done = np.asarray(self._state.done)
         except Exception as e:  # noqa: BLE001 - the failure belongs to these requests
@@ -153,6 +159,10 @@ class PagedScheduler(Scheduler):
             return False
         table.append(self.pool.allocate(need))
         self._tables[h.id], self._next[h.id] = table, start
+        s = h.sampling
+        if start and (s.repetition_penalty != 1 or s.presence_penalty or s.frequency_penalty):
+            # prefill skips the cached prefix: its tokens still count for the penalties
+            self._history[slot] = (seq[:start], len(h.prompt))
         self._slots[slot] = h
         self._prefilling.append(slot)
         h.status = RUNNING
@@ -175,7 +185,8 @@ class PagedScheduler(Scheduler):
             return False
         chunks.append(Chunk(slot, seq[start:start + n], start, self._tables[h.id].pages,
                             start + n == len(seq), h.sampling, h.max_new, h.seed,
-                            h.ignore_eos, generated=len(h.tokens)))
+                            h.ignore_eos, generated=len(h.tokens), prompt_len=len(h.prompt),
+                            recent=h.tokens[-(STOP_WINDOW - 1):]))
         return True
 
     def _computed(self, slot: int, h: Handle, n: int) -> None:
@@ -257,6 +268,7 @@ class PagedScheduler(Scheduler):
             if slot in order:
                 order.remove(slot)
         self._dirty.pop(slot, None)
+        self._history.pop(slot, None)
         self._slots[slot] = None
         if self._state is not None:
             self._state = self.engine.free(self._state, [slot])
@@ -277,3 +289,4 @@ class PagedScheduler(Scheduler):
                 self._slots[slot] = None
                 h._end(FAILED, reason)
         self._next, self._prefilling, self._live, self._dirty = {}, [], [], {}
+        self._history = {}
