@@ -178,7 +178,7 @@ def penalised_teacher_forced(model, prompt, tokens, s: jf.Sampling):
 
 
 SMALL_POOL = (SchedulerConfig(slots=4, max_length=64, steps_per_tick=3),
-              PagedConfig(page_size=4, num_pages=18, prefill_tokens=24, chunk=16))
+              PagedConfig(page_size=4, num_pages=18, prefill_tokens=32, chunk=16, min_chunk=8))
 
 
 def test_penalties_and_seeded_sampling_survive_preemption(model):
