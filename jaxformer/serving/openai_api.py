@@ -199,12 +199,12 @@ class _Run:
         if echo:
             toks += [piece(t) for t in prompt]
             lps += [None] + [float(v) for v in prompt_lp]
-            tops += [None] + ([{piece(a): v for a, v in row} for row in top[:len(prompt) - 1]]
+            tops += [None] + ([_top_dict(row, piece) for row in top[:len(prompt) - 1]]
                               if k else [None] * (len(prompt) - 1))
             top = top[len(prompt) - 1:] if k else top
         toks += [piece(t) for t in new]
         lps += [float(v) for v in chosen]
-        tops += [{piece(a): v for a, v in row} for row in top] if k else [None] * len(new)
+        tops += [_top_dict(row, piece) for row in top] if k else [None] * len(new)
         offsets, at = [], 0
         for s in toks:
             offsets.append(at)
@@ -230,6 +230,15 @@ def _teacher_forced(model, seq: list[int], start: int, k: int | None, echo: bool
     if echo:
         prompt_lp = [float(lp[p - 1, seq[p]]) for p in range(1, start)]
     return top, prompt_lp
+
+
+def _top_dict(row, piece) -> dict:
+    """{text: log-prob} of the completions API, best first; ids that decode to the same text
+    keep the best one's log-prob."""
+    out: dict = {}
+    for a, v in row:
+        out.setdefault(piece(a), v)
+    return out
 
 
 def _usage(outs, n: int) -> dict:
