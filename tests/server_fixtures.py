@@ -10,8 +10,8 @@ import uvicorn
 class ServerThread:
     """`with ServerThread(app) as s:` serves app at s.url until the block ends."""
 
-    def __init__(self, app, start_timeout: float = 120.0):
-        self.app, self.start_timeout = app, start_timeout
+    def __init__(self, app, start_timeout: float = 120.0, wait_models: bool = True):
+        self.app, self.start_timeout, self.wait_models = app, start_timeout, wait_models
         config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
                                 lifespan="on", timeout_graceful_shutdown=10)
         self.server = uvicorn.Server(config)
@@ -27,7 +27,8 @@ class ServerThread:
             time.sleep(0.02)
         port = self.server.servers[0].sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
-        wait_ready(self.url, self.start_timeout)
+        if self.wait_models:
+            wait_ready(self.url, self.start_timeout)
         return self
 
     def __exit__(self, *exc):

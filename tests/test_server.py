@@ -22,6 +22,9 @@ from conftest import teacher_forced
 from server_fixtures import ServerThread, metric
 
 import jaxformer as jf
+from jaxformer.cli import _parser
+from jaxformer.cli_args import UsageError
+from jaxformer.cli_serve import sources
 from jaxformer.serving.app import create_app
 from jaxformer.serving.bridge import ModelSpec
 from jaxformer.serving.paged_scheduler import PagedConfig
@@ -374,3 +377,42 @@ def test_assign_devices():
                         ModelSource("b", "demo", devices=[1])], 4)
     with pytest.raises(ValueError, match="model a: needs 8 devices"):
         assign_devices([ModelSource("a", "demo", tensor=8)], 4)
+
+
+def test_503_while_loading_and_after_a_failed_load(models):
+    gate = threading.Event()
+
+    def slow():
+        assert gate.wait(60)
+        return models["demo"]
+
+    def broken():
+        raise OSError("no such checkpoint")
+    app = create_app([ModelSpec("slow", slow, SCHED, PAGED), ModelSpec("bad", broken)],
+                     max_body=MAX_BODY)
+    with ServerThread(app, wait_models=False) as s, httpx.Client(base_url=s.url) as c:
+        body = {"model": "slow", "prompt": "a", "max_tokens": 1}
+        r = c.post("/v1/completions", json=body)
+        assert r.status_code == 503 and "loading" in r.json()["error"]["message"]
+        assert c.get("/v2/models/slow/ready").status_code == 503
+        gate.set()
+        _wait_for(lambda: c.get("/v2/models/slow/ready").status_code == 200)
+        assert c.get("/health").json() == {"status": "unavailable",
+                                           "models": {"bad": "failed"}}
+        r = c.post("/v1/completions", json={**body, "model": "bad"})
+        assert r.status_code == 503 and "no such checkpoint" in r.json()["error"]["message"]
+        assert c.get("/v2/health/ready").status_code == 503
+
+
+def test_cli_model_flags():
+    args = _parser().parse_args(["serve", "--model", "a=demo", "--model", "b=demo",
+                                 "--mesh", "b=1x1x2@3,4", "--tensor", "1"])
+    a, b = sources(args)
+    assert (a.name, a.source, a.size, a.devices) == ("a", "demo", 1, None)
+    assert (b.name, b.tensor, b.devices) == ("b", 2, [3, 4])
+    assert assign_devices([a, b], 8) == [[0], [3, 4]]
+    for bad, msg in [(["--model", "a=demo", "--model", "a=demo"], "used twice"),
+                     (["--model", "a=demo", "--mesh", "c=1x1x1"], "--mesh c=1x1x1"),
+                     (["--model", "a=demo", "--mesh", "a=2x2"], "--mesh a=2x2")]:
+        with pytest.raises(UsageError, match=msg):
+            sources(_parser().parse_args(["serve", *bad]))

@@ -183,15 +183,22 @@ class Batch:
     @contextlib.asynccontextmanager
     async def guard(self):
         """Abort what is still running when the handler leaves early (a disconnect, a
-        cancelled task, an error), and count every request once."""
+        cancelled task, an error), and count every request once. Nothing is awaited on the
+        way out: a cancelled task may not await again, so the aborted requests are observed
+        by a worker thread once the loop has ended them."""
         try:
             yield self
         finally:
             if len(self._ended) < len(self.handles):
                 self.abort()
-                await asyncio.to_thread(_wait_done, self.handles, 5.0)
-            with contextlib.suppress(TimeoutError):
-                self.outputs()
+                self._loop.run_in_executor(None, self._observe_when_done)
+            else:
+                self._observe_when_done()
+
+    def _observe_when_done(self) -> None:
+        _wait_done(self.handles, 30.0)
+        with contextlib.suppress(TimeoutError):
+            self.outputs()
 
 
 class ClientGone(Exception):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import signal
 
 import jax
 import uvicorn
@@ -93,6 +94,16 @@ def build_specs(sources: list[ModelSource], scheduler: SchedulerConfig, paged: P
             for s, g in zip(sources, groups)]
 
 
+class _Server(uvicorn.Server):
+    def handle_exit(self, sig, frame) -> None:
+        super().handle_exit(sig, frame)
+        # uvicorn re-raises a caught signal once it has shut down, which would end a cleanly
+        # drained process by SIGTERM; the drain is the answer to SIGTERM, so it exits 0
+        captured = getattr(self, "_captured_signals", None)
+        if sig == signal.SIGTERM and captured and captured[-1] == sig:
+            captured.pop()
+
+
 def serve(specs: list[ModelSpec], host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, max_body: int = DEFAULT_MAX_BODY,
           drain_timeout: float = 30.0, log_level: str = "info") -> None:
@@ -100,4 +111,4 @@ def serve(specs: list[ModelSpec], host: str = "127.0.0.1", port: int = 8000,
     app = create_app(specs, api_key=api_key, max_body=max_body)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                             timeout_graceful_shutdown=drain_timeout, access_log=False)
-    uvicorn.Server(config).run()
+    _Server(config).run()
