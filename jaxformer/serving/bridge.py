@@ -20,6 +20,7 @@ import queue
 from typing import Callable
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 
 from jaxformer.sampling import Sampling
 from jaxformer.serving.metrics import Metrics
@@ -152,7 +153,10 @@ class Batch:
 
     async def events(self, request: Request | None = None):
         """(index, new token ids) as they come, then (index, None) when that one ends. With
-        a request, a client that goes away aborts them all (ClientGone)."""
+        a request, a client that goes away aborts them all (ClientGone): its connection is
+        polled every DISCONNECT_POLL_S, tokens flowing or not (a write to a closed
+        connection does not always fail)."""
+        check = self._loop.time() + DISCONNECT_POLL_S
         while len(self._ended) < len(self.handles):
             self._wake.clear()
             for i, h in enumerate(self.handles):
@@ -164,12 +168,15 @@ class Batch:
                     yield i, item
             if len(self._ended) == len(self.handles):
                 break
+            if request is not None and self._loop.time() >= check:
+                check = self._loop.time() + DISCONNECT_POLL_S
+                if await request.is_disconnected():
+                    self.abort()
+                    raise ClientGone()
             try:
                 await asyncio.wait_for(self._wake.wait(), DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
-                if request is not None and await request.is_disconnected():
-                    self.abort()
-                    raise ClientGone() from None
+                pass
 
     def outputs(self) -> list:
         """The RequestOutputs (after events() ended); observed into the metrics once."""
@@ -182,23 +189,44 @@ class Batch:
 
     @contextlib.asynccontextmanager
     async def guard(self):
-        """Abort what is still running when the handler leaves early (a disconnect, a
-        cancelled task, an error), and count every request once. Nothing is awaited on the
-        way out: a cancelled task may not await again, so the aborted requests are observed
-        by a worker thread once the loop has ended them."""
+        """close() when the handler leaves, however it leaves."""
         try:
             yield self
         finally:
-            if len(self._ended) < len(self.handles):
-                self.abort()
-                self._loop.run_in_executor(None, self._observe_when_done)
-            else:
-                self._observe_when_done()
+            self.close()
+
+    def close(self) -> None:
+        """Abort what still runs (the handler left early: a disconnect, a cancelled task, an
+        error) and count every request once. Nothing is awaited: a cancelled task may not
+        await again, so aborted requests are observed by a worker thread once the loop has
+        ended them."""
+        if len(self._ended) < len(self.handles):
+            self.abort()
+            self._loop.run_in_executor(None, self._observe_when_done)
+        else:
+            self._observe_when_done()
 
     def _observe_when_done(self) -> None:
         _wait_done(self.handles, 30.0)
         with contextlib.suppress(TimeoutError):
             self.outputs()
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events from an async generator over a Batch. Starlette leaves a generator
+    it stopped iterating (the client went away: a failed write, a cancelled task) suspended
+    until garbage collection; here the Batch is closed as the response ends, so its requests
+    are aborted and their pages freed at once."""
+
+    def __init__(self, body, batch: Batch):
+        super().__init__(body, media_type="text/event-stream")
+        self.batch = batch
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.batch.close()
 
 
 class ClientGone(Exception):

@@ -17,10 +17,9 @@ import uuid
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import StreamingResponse
 
-from jaxformer.serving.bridge import (Batch, ClientGone, ServedModel, check_key, finish_reason,
-                                      raise_if_failed, read_json, state)
+from jaxformer.serving.bridge import (Batch, ClientGone, EventStream, ServedModel, check_key,
+                                      finish_reason, raise_if_failed, read_json, state)
 from jaxformer.serving.protocol import (APIError, ChatRequest, CompletionRequest, Detokenizer,
                                         chat_prompt, final_text, parse)
 
@@ -85,7 +84,7 @@ class _Run:
             [p for p, _ in jobs], self.sampling, self.max_new, [s for _, s in jobs],
             self.req.ignore_eos)
         if self.req.stream:
-            return StreamingResponse(self._sse(batch, request), media_type="text/event-stream")
+            return EventStream(self._sse(batch, request), batch)
         async with batch.guard():
             try:
                 async for _ in batch.events(request):

@@ -16,12 +16,12 @@ import random
 from typing import Union
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydantic import ConfigDict, Field
 
 from jaxformer import __version__
-from jaxformer.serving.bridge import (Batch, ClientGone, check_key, finish_reason,
-                                      raise_if_failed, read_json, state)
+from jaxformer.serving.bridge import (Batch, ClientGone, EventStream, check_key,
+                                      finish_reason, raise_if_failed, read_json, state)
 from jaxformer.serving.protocol import (MAX_SEED, APIError, Detokenizer, SamplingFields,
                                         final_text, parse)
 
@@ -116,8 +116,7 @@ async def _generate(name: str, request: Request, stream: bool):
     tok = served.tokenizer()
     head = {"model_name": name, "model_version": "1"}
     if stream:
-        return StreamingResponse(_sse(batch, request, tok, sampling, served.stop_ids, head),
-                                 media_type="text/event-stream")
+        return EventStream(_sse(batch, request, tok, sampling, served.stop_ids, head), batch)
     async with batch.guard():
         try:
             async for _ in batch.events(request):
