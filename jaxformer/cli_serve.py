@@ -93,7 +93,10 @@ def sources(args) -> list:
         if s.name in meshes:
             m = meshes[s.name]
             s.data, s.pipe, s.tensor = (int(v) for v in m.groups()[:3])
-            s.devices = device_list(m.group(4)) if m.group(4) else None
+            try:
+                s.devices = device_list(m.group(4)) if m.group(4) else None
+            except argparse.ArgumentTypeError as e:
+                raise UsageError(f"--mesh {s.name}=...: {e}") from None
         else:
             s.data, s.pipe, s.tensor = args.data, args.pipe, args.tensor
             s.devices = args.devices if len(out) == 1 else None

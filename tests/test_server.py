@@ -412,6 +412,7 @@ def test_cli_model_flags():
     assert assign_devices([a, b], 8) == [[0], [3, 4]]
     for bad, msg in [(["--model", "a=demo", "--model", "a=demo"], "used twice"),
                      (["--model", "a=demo", "--mesh", "c=1x1x1"], "--mesh c=1x1x1"),
-                     (["--model", "a=demo", "--mesh", "a=2x2"], "--mesh a=2x2")]:
+                     (["--model", "a=demo", "--mesh", "a=2x2"], "--mesh a=2x2"),
+                     (["--model", "a=demo", "--mesh", "a=1x1x2@0,0"], "distinct device")]:
         with pytest.raises(UsageError, match=msg):
             sources(_parser().parse_args(["serve", *bad]))
