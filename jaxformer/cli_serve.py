@@ -14,16 +14,16 @@ import argparse
 import re
 from pathlib import Path
 
-from jaxformer.cli_args import (ATTENTION, DTYPES, UsageError, add_mesh, checkpoint_dir,
-                                device_list, positive_float, positive_int, quantize_arg,
-                                quantize_value)
+from jaxformer.cli_args import (ATTENTION, DTYPE_HELP, DTYPES, QUANTIZE_HELP, UsageError,
+                                add_mesh, checkpoint_dir, device_list, positive_float,
+                                positive_int, quantize_arg, quantize_value)
 
 _MESH = re.compile(r"^(\d+)x(\d+)x(\d+)(?:@([\d,]+))?$")
 
 
 def add_parser(sub) -> None:
     s = sub.add_parser("serve", help="an OpenAI-compatible and Triton HTTP server",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__doc__)
     s.add_argument("--checkpoint", metavar="DIR", help="serve one checkpoint (its name: the "
                    "directory's, or --served-name)")
     s.add_argument("--served-name", help="the model name requests use with --checkpoint")
@@ -33,28 +33,33 @@ def add_parser(sub) -> None:
     s.add_argument("--mesh", action="append", default=[], metavar="NAME=DxPxT[@I,J,...]",
                    help="one model's mesh sizes and device indices")
     add_mesh(s)
-    s.add_argument("--dtype", default="auto", choices=DTYPES)
-    s.add_argument("--attention", default="auto", choices=ATTENTION)
-    s.add_argument("--quantize", type=quantize_arg)
-    s.add_argument("--kv-cache", choices=["int8", "fp8"])
+    s.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
+    s.add_argument("--attention", default="auto", choices=ATTENTION,
+                   help="attention kernels (auto: Pallas on Hopper GPUs, else xla)")
+    s.add_argument("--quantize", type=quantize_arg, help=QUANTIZE_HELP)
+    s.add_argument("--kv-cache", choices=["int8", "fp8"], help="quantize the KV cache")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free)")
     s.add_argument("--api-key", help="requests must send Authorization: Bearer KEY")
-    s.add_argument("--max-body-bytes", type=positive_int, default=4 * 2 ** 20)
+    s.add_argument("--max-body-bytes", type=positive_int, default=4 * 2 ** 20,
+                   help="larger request bodies get 413")
     s.add_argument("--drain-timeout", type=positive_float, default=30.0,
                    help="seconds SIGTERM lets running requests finish")
     g = s.add_argument_group("scheduler (per model)")
     g.add_argument("--slots", type=positive_int, default=16, help="rows of the running batch")
     g.add_argument("--max-length", type=positive_int, default=1024,
                    help="prompt + generated tokens per request")
-    g.add_argument("--steps-per-tick", type=positive_int, default=4)
+    g.add_argument("--steps-per-tick", type=positive_int, default=4,
+                   help="decode steps between admissions")
     g.add_argument("--max-queue", type=positive_int, default=1024,
                    help="waiting requests beyond which the server answers 429")
-    g.add_argument("--page-size", type=positive_int, default=16)
+    g.add_argument("--page-size", type=positive_int, default=16, help="tokens per KV page")
     g.add_argument("--num-pages", type=positive_int, default=None,
                    help="KV pages in the pool (default: slots x max-length / page-size + 1)")
-    g.add_argument("--prefill-tokens", type=positive_int, default=512)
-    s.add_argument("--no-compile-cache", action="store_true")
+    g.add_argument("--prefill-tokens", type=positive_int, default=512,
+                   help="prompt tokens one tick prefills at most (chunked prefill)")
+    s.add_argument("--no-compile-cache", action="store_true",
+                   help="do not use the persistent compilation cache")
 
 
 def sources(args) -> list:
