@@ -182,10 +182,18 @@ def test_n_choices_are_seeds_in_order(client):
     one = [client.completions.create(seed=s, **kw).choices[0].text for s in (7, 8)]
     assert [c.text for c in sorted(both.choices, key=lambda c: c.index)] == one
     assert one[0] != one[1] and both.usage.completion_tokens == 16
+    texts = ["", ""]
+    for c in client.completions.create(n=2, seed=7, stream=True, **kw):
+        texts[c.choices[0].index] += c.choices[0].text
+    assert texts == one
 
 
 # ---- 64 concurrent clients ------------------------------------------------------------------
-def test_64_concurrent_clients_mixed(client, ref):
+def test_64_concurrent_clients_mixed(server, client, ref):
+    def ended():  # requests the server counted as ended, any outcome
+        return sum(metric(server.url, "jaxformer_requests_total", model="demo", outcome=o)
+                   for o in ("finished_length", "finished_stop", "aborted", "failed"))
+    before = ended()
     rng = random.Random(0)
     jobs = []
     for i in range(64):
@@ -217,6 +225,7 @@ def test_64_concurrent_clients_mixed(client, ref):
         results = list(ex.map(run, jobs, timeout=300))
     assert time.monotonic() - t0 < 300
     assert sorted(i for i, *_ in results) == list(range(64))  # each once
+    assert ended() == before + 64  # the server ran each once: none lost or duplicated
     for (i, p, k, kind), (_, text, n) in zip(jobs, results):
         assert n == k, (i, kind)  # demo's eos is never reached in 12 tokens
         if kind.startswith("greedy"):
