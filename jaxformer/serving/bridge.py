@@ -123,8 +123,11 @@ class Batch:
         self._ended: set[int] = set()
         self._observed = False
 
-    def _notify(self) -> None:  # on the step loop's thread
-        self._loop.call_soon_threadsafe(self._wake.set)
+    def _notify(self) -> None:  # on the step loop's thread: must never raise there
+        try:
+            self._loop.call_soon_threadsafe(self._wake.set)
+        except RuntimeError:  # the event loop is closed: nobody is waiting any more
+            pass
 
     def submit(self, prompts: list[list[int]], sampling: Sampling, max_new: int,
                seeds: list[int], ignore_eos: bool) -> "Batch":
