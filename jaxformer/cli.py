@@ -3,6 +3,8 @@
     jaxformer generate [--model NAME | --checkpoint DIR] [--tensor T --pipe P --data D]
                        [--devices 0,1,...] --prompt "Hello" [--stream] ...
     jaxformer chat [--model NAME | --checkpoint DIR] [--system TEXT] [--chat-template FILE]
+    jaxformer serve [--checkpoint DIR | --model NAME=DIR ...] [--host H --port P] [--api-key K]
+                    (jaxformer serve --help; the HTTP server of jaxformer.serving)
     jaxformer presets
     jaxformer bench [--presets gpt3-1.3b ...] [--batches 1 64] [--hf] ...   (benchmarks/harness.py)
     jaxformer info (--checkpoint DIR | --preset NAME) [--tensor T --pipe P --data D]
@@ -23,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from jaxformer import __version__
+from jaxformer import __version__, cli_serve
 from jaxformer.cli_args import (ATTENTION, DTYPE_HELP, DTYPES, QUANTIZE_HELP, Parser,
                                 UsageError, add_mesh, add_model, add_sampling,
                                 check_length, check_model_source, checkpoint_dir, finite_float, load_model,
@@ -62,6 +64,7 @@ def _parser() -> Parser:
     c.add_argument("--chat-template", metavar="FILE",
                    help="a Jinja chat template (or a tokenizer_config.json holding one); "
                         "default: the tokenizer's, else a plain User:/Assistant: transcript")
+    cli_serve.add_parser(sub)
     sub.add_parser("presets", help="list the model presets in configs/models",
                    description="List the model presets in configs/models.")
     sub.add_parser("bench", add_help=False,
@@ -231,7 +234,8 @@ def cmd_info(args) -> int:
     return 1 if plan.fits is False else 0
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info}
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info,
+            "serve": cli_serve.cmd_serve}
 
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"

@@ -39,8 +39,14 @@ FLOORS = {
     "jaxformer.beam": 3.3, "jaxformer.generate": 3.4, "jaxformer.embed": 3.45,
     "jaxformer.model": 3.5,
     "jaxformer.__init__": 3.6,
+    # the HTTP server: above the runtime (it loads models and drives their schedulers)
+    "jaxformer.serving.protocol": 3.7, "jaxformer.serving.metrics": 3.7,
+    "jaxformer.serving.bridge": 3.71, "jaxformer.serving.openai_api": 3.72,
+    "jaxformer.serving.triton_api": 3.72, "jaxformer.serving.app": 3.73,
+    "jaxformer.serving.server": 3.74,
     # command line and tools
     "jaxformer.cli": 4, "jaxformer.cli_args": 4, "jaxformer.cli_chat": 4,
+    "jaxformer.cli_serve": 4,
     "jaxformer.quant.convert": 4, "conversion": 4,
 }
 CLI_FLOOR = 4

@@ -86,8 +86,9 @@ class Handle:
     """A submitted request: stream() its tokens, result() when it ends, abort() it."""
 
     def __init__(self, sched: "Scheduler", rid: int, prompt, sampling, max_new, seed,
-                 ignore_eos):
+                 ignore_eos, listener=None):
         self.id, self._sched = rid, sched
+        self._listener = listener  # called (on the loop's thread) after each event
         self.prompt, self.sampling, self.max_new = list(prompt), sampling, max_new
         self.seed, self.ignore_eos = seed, ignore_eos
         self.tokens: list[int] = []
@@ -125,6 +126,8 @@ class Handle:
             self.tokens.extend(toks)
             self.logprobs.extend(lps)
             self._events.put(list(toks))
+            if self._listener is not None:
+                self._listener()
 
     def _end(self, status: str, reason: str) -> None:
         if self._done.is_set():
@@ -133,6 +136,8 @@ class Handle:
         self.times["end"] = time.perf_counter()
         self._events.put(None)
         self._done.set()
+        if self._listener is not None:
+            self._listener()
 
 
 class Scheduler:
@@ -159,11 +164,14 @@ class Scheduler:
 
     # ---- callers (any thread) -------------------------------------------------------------
     def submit(self, prompt: Sequence[int] | str, sampling: Sampling | None = None,
-               max_new_tokens: int = 16, seed: int = 0, ignore_eos: bool = False) -> Handle:
+               max_new_tokens: int = 16, seed: int = 0, ignore_eos: bool = False,
+               listener=None) -> Handle:
         """Queue a request; returns at once. A request that can never be served gets a
-        Handle already failed with the reason (the others are unaffected)."""
+        Handle already failed with the reason (the others are unaffected). listener: called
+        with no argument on the loop's thread after each new chunk and at the end (an
+        asyncio server wakes its handler with it; it must not block)."""
         h = Handle(self, next(self._ids), [], sampling or GREEDY, max_new_tokens, seed,
-                   ignore_eos)
+                   ignore_eos, listener)
         try:
             h.prompt = self._check(prompt, h.sampling, max_new_tokens)
         except ValueError as e:

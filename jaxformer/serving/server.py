@@ -1,0 +1,114 @@
+"""Run the HTTP server (uvicorn) over one or more models on disjoint device groups.
+
+    serve([ModelSource("chat", "smollm2-135m-instruct", tensor=2),
+           ModelSource("demo", "demo")], host="127.0.0.1", port=8000)
+
+Each model gets its own mesh over its own devices (by default the next free ones, in order),
+its own PagedScheduler and queue. The HTTP port opens at once; models load behind it (503
+until ready). SIGTERM or Ctrl-C: uvicorn stops accepting connections, lets the requests in
+flight finish for up to `drain_timeout` seconds, then the schedulers stop (whatever still runs
+is aborted) and the process exits.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+
+import jax
+import uvicorn
+
+import jaxformer as jf
+from jaxformer.serving.app import create_app
+from jaxformer.serving.bridge import DEFAULT_MAX_BODY, ModelSpec
+from jaxformer.serving.paged_scheduler import PagedConfig
+from jaxformer.serving.scheduler import SchedulerConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ModelSource:
+    """A model to serve: its name in requests; source "demo" (the built-in untrained model),
+    a jaxformer checkpoint directory or any name jf.load resolves; its mesh sizes and device
+    indices (into jax.devices(); None: the next free ones)."""
+    name: str
+    source: str
+    data: int = 1
+    pipe: int = 1
+    tensor: int = 1
+    devices: list[int] | None = None
+
+    @property
+    def size(self) -> int:
+        return self.data * self.pipe * self.tensor
+
+
+def assign_devices(sources: list[ModelSource], count: int) -> list[list[int]]:
+    """Each model's device indices: those it names, else the lowest ones nobody named or took
+    yet. ValueError when a group is the wrong size, out of range or shared."""
+    named = {i for s in sources if s.devices for i in s.devices}
+    taken: set[int] = set()
+    free = (i for i in range(count) if i not in named)
+    out = []
+    for s in sources:
+        ids = list(s.devices) if s.devices else [next(free, None) for _ in range(s.size)]
+        if None in ids:
+            raise ValueError(f"model {s.name}: needs {s.size} devices; only {count} exist and "
+                             f"the other models hold the rest")
+        if len(ids) != s.size:
+            raise ValueError(f"model {s.name}: {len(ids)} devices named for data {s.data} x "
+                             f"pipe {s.pipe} x tensor {s.tensor} = {s.size}")
+        bad = [i for i in ids if not 0 <= i < count]
+        if bad:
+            raise ValueError(f"model {s.name}: no device {bad[0]} (devices 0..{count - 1})")
+        shared = taken & set(ids)
+        if shared or len(set(ids)) != len(ids):
+            raise ValueError(f"model {s.name}: device {min(shared or ids)} is used twice "
+                             f"(each model needs its own devices)")
+        taken |= set(ids)
+        out.append(ids)
+    return out
+
+
+def loader(src: ModelSource, devices: list[int], dtype: str = "auto",
+           attention: str = "auto", quantize: str | None = None, kv_cache: str | None = None):
+    """A function that loads `src` onto its mesh (called on the model's loading thread)."""
+    def load():
+        devs = [jax.devices()[i] for i in devices]
+        mesh = jf.make_mesh(src.data, src.pipe, src.tensor, devices=devs)
+        dt = dtype if dtype != "auto" else ("float32" if devs[0].platform == "cpu"
+                                            else "bfloat16")
+        if src.source == "demo":
+            return jf.demo_model(mesh=mesh, dtype=dt, quantize=quantize, kv_cache=kv_cache,
+                                 attention=attention)
+        return jf.load(src.source, mesh=mesh, dtype=dt, attention=attention,
+                       quantize=quantize, kv_cache=kv_cache)
+    return load
+
+
+def build_specs(sources: list[ModelSource], scheduler: SchedulerConfig, paged: PagedConfig,
+                **load_kwargs) -> list[ModelSpec]:
+    groups = assign_devices(sources, jax.device_count())
+    return [ModelSpec(s.name, loader(s, g, **load_kwargs), scheduler, paged)
+            for s, g in zip(sources, groups)]
+
+
+class _Server(uvicorn.Server):
+    def handle_exit(self, sig, frame) -> None:
+        super().handle_exit(sig, frame)
+        # uvicorn re-raises a caught signal once it has shut down, which would end a cleanly
+        # drained process by SIGTERM; the drain is the answer to SIGTERM, so it exits 0
+        captured = getattr(self, "_captured_signals", None)
+        if sig == signal.SIGTERM and captured and captured[-1] == sig:
+            captured.pop()
+
+
+def serve(specs: list[ModelSpec], host: str = "127.0.0.1", port: int = 8000,
+          api_key: str | None = None, max_body: int = DEFAULT_MAX_BODY,
+          drain_timeout: float = 30.0, log_level: str = "info") -> None:
+    """Serve until SIGTERM / SIGINT (module docstring)."""
+    app = create_app(specs, api_key=api_key, max_body=max_body)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                            timeout_graceful_shutdown=drain_timeout, access_log=False)
+    _Server(config).run()
