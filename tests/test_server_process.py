@@ -84,7 +84,8 @@ def test_sigterm_stops_accepting_and_drains(tmp_path):
 def smollm2_server(smollm2):
     model = jf.load(smollm2[0], mesh=jf.make_mesh(devices=jax.devices()[3:4]))
     spec = ModelSpec("smollm2", lambda: model, SchedulerConfig(slots=2, max_length=128),
-                     PagedConfig(page_size=16, num_pages=17, prefill_tokens=128, chunk=64))
+                     PagedConfig(page_size=16, num_pages=17, prefill_tokens=128, chunk=64,
+                                 min_chunk=64))
     with ServerThread(create_app([spec])) as s:
         yield s, model
 

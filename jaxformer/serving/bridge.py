@@ -57,7 +57,9 @@ class ServedModel:
     def load(self) -> None:
         try:
             model = self.spec.load()
-            sched = PagedScheduler(model, self.spec.scheduler, self.spec.paged).start()
+            sched = PagedScheduler(model, self.spec.scheduler, self.spec.paged)
+            sched.warmup()  # every shape compiled before the first request (503 meanwhile)
+            sched.start()
         except Exception as e:  # noqa: BLE001 - reported by /health and 503s
             log.exception("loading model %s failed", self.name)
             self.state, self.error = "failed", f"{type(e).__name__}: {e}"
