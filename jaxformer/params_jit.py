@@ -109,7 +109,8 @@ class ParamsJit:
     """jax.jit(fn) for fn(params, *args) of a Model, called with the model's params (an
     nnx.State) but handing jit a flat tuple of their arrays (module docstring), with the
     small ones packed when pack_small; rebuilt into the State inside the trace.
-    donate_argnums count fn's arguments, params being 0."""
+    donate_argnums count fn's arguments, params being 0. Calls (and lower) run under
+    jax.set_mesh(model.mesh): the traced code reads the mesh from jax's context only."""
 
     def __init__(self, model, fn, *, pack_small: bool = False, **jit_kwargs):
         self.model = model
@@ -145,7 +146,9 @@ class ParamsJit:
         return pack(leaves, self.plan) if self.plan else (leaves,)
 
     def __call__(self, params, *args):
-        return self._jitted(*self._params_args(params), *args)
+        with jax.set_mesh(self.model.mesh):
+            return self._jitted(*self._params_args(params), *args)
 
     def lower(self, params, *args):
-        return self._jitted.lower(*self._params_args(params), *args)
+        with jax.set_mesh(self.model.mesh):
+            return self._jitted.lower(*self._params_args(params), *args)

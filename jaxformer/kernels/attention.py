@@ -49,12 +49,10 @@ def _log_once(msg: str) -> None:
 
 # ---- where can the kernels run? ---------------------------------------------------------
 def _devices():
-    mesh, _ = sharding.current()
-    if mesh is not None:
-        try:
-            return list(mesh.devices.flat)
-        except (AttributeError, ValueError):  # an abstract mesh has no devices
-            pass
+    """The context mesh's kind of device (its abstract device), else the default devices."""
+    mesh = sharding.abstract_mesh()
+    if mesh is not None and mesh.abstract_device is not None:
+        return [mesh.abstract_device]
     return jax.devices()
 
 
@@ -147,7 +145,7 @@ def _sharded(fn, q, k, v, q_positions, kv_lengths, layer=None, scales=(), slopes
     with it; slopes: None or ALiBi slopes [N], sharded with the query heads; window: None
     or a traced int32 scalar, replicated. fn(q, k, v, q_positions, kv_lengths, layer,
     *scales), with alibi_slopes= and window= where given."""
-    mesh, _ = sharding.current()
+    mesh = sharding.abstract_mesh()
     kw = {name: a for name, a in (("alibi_slopes", slopes), ("window", window))
           if a is not None}
     if mesh is None:
@@ -182,17 +180,14 @@ def _sharded(fn, q, k, v, q_positions, kv_lengths, layer=None, scales=(), slopes
                              for a in (k, v, *scales))
         return fn(q, k, v, q_positions, kv_lengths, layer, *scales, **kw)
 
-    abstract = jax.sharding.get_abstract_mesh()
-    manual = set(getattr(abstract, "manual_axes", ()) or ())
-    names = {a for a in ("data", "tensor") if a in shape} - manual
-    use_mesh = abstract if manual else mesh
+    names = {a for a in ("data", "tensor") if a in shape} - set(mesh.manual_axes)
     qspec = P(b_ax, None, h_ax, None)
     kvspec = P(*lead, b_ax, None, kv_ax, None)
     scale_specs = (P(*lead, b_ax, None, kv_ax),) * len(scales)
     kw_names, extra = tuple(kw), tuple(kw.values())
     extra_specs = tuple(P(h_ax) if name == "alibi_slopes" else P() for name in kw_names)
     return jax.shard_map(
-        body, mesh=use_mesh,
+        body, mesh=mesh,
         in_specs=(qspec, kvspec, kvspec, P(b_ax, None), P(b_ax), P() if stacked else None,
                   *scale_specs, *extra_specs),
         out_specs=qspec, axis_names=names, check_vma=False,
@@ -306,7 +301,7 @@ def _sharded_paged(fn, q, k_pool, v_pool, pages, q_positions, kv_lengths, layer,
     Data parallelism: each data shard owns its own P / data pages, and the page ids in its
     rows' page tables are local to that shard (0 .. P / data - 1). The pool [L, P, ps, K, H]
     is sharded P on `data`, K on `tensor`; pages [B, M] and the rows on `data`."""
-    mesh, _ = sharding.current()
+    mesh = sharding.abstract_mesh()
     if mesh is None:
         return fn(q, k_pool, v_pool, pages, q_positions, kv_lengths, layer, *scales)
     shape = dict(mesh.shape)
@@ -337,13 +332,11 @@ def _sharded_paged(fn, q, k_pool, v_pool, pages, q_positions, kv_lengths, layer,
                                        for a in (k_pool, v_pool, *scales))
         return fn(q, k_pool, v_pool, pages, q_positions, kv_lengths, layer, *scales)
 
-    abstract = jax.sharding.get_abstract_mesh()
-    manual = set(getattr(abstract, "manual_axes", ()) or ())
-    names = {a for a in ("data", "tensor") if a in shape} - manual
+    names = {a for a in ("data", "tensor") if a in shape} - set(mesh.manual_axes)
     qspec = P(b_ax, None, h_ax, None)
     pool = P(None, b_ax, None, kv_ax, None)
     return jax.shard_map(
-        body, mesh=abstract if manual else mesh,
+        body, mesh=mesh,
         in_specs=(qspec, pool, pool, P(b_ax, None), P(b_ax, None), P(b_ax), P(),
                   *((P(None, b_ax, None, kv_ax),) * len(scales))),
         out_specs=qspec, axis_names=names, check_vma=False,

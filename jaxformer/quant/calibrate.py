@@ -162,12 +162,13 @@ def _measure(model, ids, lengths, types) -> dict:
                 h, _ = block(h, positions, lengths, backend=backend, layer_id=i)
             return h, rec.amax
 
-    h = embed(model.params, ids, types)
-    per_layer = []
-    for i in range(L):
-        state_i, s, j = where(i)
-        h, amax = layer(state_i, jnp.int32(s), jnp.int32(j), h, lengths, jnp.int32(i))
-        per_layer.append(amax)
+    with jax.set_mesh(model.mesh):  # the traces' abstract mesh (Model.traced)
+        h = embed(model.params, ids, types)
+        per_layer = []
+        for i in range(L):
+            state_i, s, j = where(i)
+            h, amax = layer(state_i, jnp.int32(s), jnp.int32(j), h, lengths, jnp.int32(i))
+            per_layer.append(amax)
     names = per_layer[0].keys()
     return {k: np.asarray([float(jax.device_get(a[k])) for a in per_layer], np.float32)
             for k in names}

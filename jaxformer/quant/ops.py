@@ -296,9 +296,9 @@ def kernel_unsupported(x, q, scale, spec: QuantSpec, contract: int, mode: str) -
         if not attention.is_hopper(dev):
             return (f"the kernel needs a Hopper GPU (sm_90); this is {dev.platform} "
                     f"{getattr(dev, 'device_kind', '')}").rstrip()
-    mesh, _ = sharding.current()
+    mesh = sharding.abstract_mesh()
     if mesh is not None:
-        manual = set(getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()) or ())
+        manual = set(mesh.manual_axes)
         split = {a: n for a, n in dict(mesh.shape).items() if n > 1 and a not in manual}
         if split:
             return f"the call is partitioned over mesh axes {split} (no shard_map wrapper)"
