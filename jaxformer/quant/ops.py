@@ -61,11 +61,9 @@ a library would add a dependency (and a wheel for the GPU machines) for the same
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
-import threading
 
 import jax
 import jax.numpy as jnp
@@ -326,38 +324,3 @@ def _kernel_einsum(x, q, scale, spec: QuantSpec, contract: int, interpret: bool)
     s = jnp.broadcast_to(scale.astype(jnp.float32), out_shape).reshape(-1)  # fp8-tensor: []
     y = _int8_matmul_jit(x.reshape(-1, K), w, s, interpret=interpret)
     return y.reshape(batch + out_shape)
-
-
-# ---- calibration: max |x| at each quantized linear's input ---------------------------------
-_local = threading.local()
-
-
-class Recorder:
-    """Collects max |x| over the valid tokens of a [B, T] mask, per linear layer (by name).
-
-    Active only while calibration traces one layer (jaxformer.quant.calibrate); the values
-    are tracers of that trace, returned as its outputs.
-    """
-
-    def __init__(self, mask):
-        self.mask = mask  # [B, T] bool
-        self.amax: dict = {}
-
-    def observe(self, key: str, x) -> None:
-        m = self.mask.reshape(self.mask.shape + (1,) * (x.ndim - 2))
-        v = jnp.max(jnp.where(m, jnp.abs(x.astype(jnp.float32)), 0.0))
-        self.amax[key] = v if key not in self.amax else jnp.maximum(self.amax[key], v)
-
-
-@contextlib.contextmanager
-def recording(mask):
-    prev = getattr(_local, "recorder", None)
-    _local.recorder = rec = Recorder(mask)
-    try:
-        yield rec
-    finally:
-        _local.recorder = prev
-
-
-def recorder() -> Recorder | None:
-    return getattr(_local, "recorder", None)
