@@ -34,9 +34,9 @@ from jaxformer.kernels.reference import attention_mask, attention_reference
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "xla", "cudnn", "pallas")
 # "auto" reads a quantized cache with the decode kernel when at least this many query heads
-# share each kv head (GQA: 1.6-2.35x faster than the dots from batch 8 on an H100); below,
+# share each kv head (GQA: there the kernel beats the dots, benchmarks/attention.py); below,
 # with XLA's dots (reference.py), which turn a one-head product into a reduction that reads
-# the codes at 2.2 TB/s, 1.4-1.6x the kernel's rate at batch 64 (docs/benchmarks.md).
+# the codes faster than the kernel does (docs/benchmarks.md).
 QUANT_KERNEL_MIN_GROUP = 2
 _logged: set[str] = set()
 

@@ -93,9 +93,9 @@ class Dense(nnx.Module):
 
 # XLA:GPU rewrites a vector x matrix dot whose operands hold fewer than this many elements
 # into a broadcast multiply plus a column reduction (GpuAlgebraicSimplifier's
-# IsMatrixMultiplicationTooSmallForRewriting threshold; no flag turns it off in jax 0.11):
-# for 1.3B's [2048, 2048] output projection at batch 1 that is 16 us (the product written
-# out, then reduced) against ~3 us for the GEMM reading the weight once.
+# IsMatrixMultiplicationTooSmallForRewriting threshold; no flag turns it off in jax 0.11),
+# which writes the whole product out and then reduces it, several times slower at batch 1
+# than a GEMM that reads the weight once (docs/benchmarks.md).
 XLA_GPU_DOT_REDUCE_BELOW = 10_000_000
 
 

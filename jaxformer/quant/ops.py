@@ -5,13 +5,12 @@ A float kernel is laid out [*lead, *contraction, *out]: `lead` stacked dimension
 contracts (the input features: D for QKV and the first MLP matrix, N H for the attention
 output, F for the second MLP matrix), then its output dimensions.
 
-Stored kernels are K-minor, [*lead, *out, *contraction]: on an H100,
-cuBLASLt's FP8 GEMM needs the contraction dim minor in both operands (1234 TFLOP/s on 2048 x
-4096 x 16384 against 365 with it major, where XLA transposes the weight on every call), the
-INT8 matrix-vector product reads rows of codes (1641 GB/s of int8 against 1012 in the float
-layout) and the INT4 one reduces each group of codes along a row (gpt3-6.7b's [16384, 4096]
-at batch 1: 45 us K-minor, 61 us as a column reduction of the float layout, 150 us
-dequantized into a bf16 einsum); see benchmarks/quant_matmul.py. Scales (float32):
+Stored kernels are K-minor, [*lead, *out, *contraction]: cuBLASLt's FP8 GEMM needs the
+contraction dim minor in both operands (with it major XLA transposes the weight on every
+call), the INT8 matrix-vector product reads rows of codes (faster than columns of the float
+layout) and the INT4 one reduces each group of codes along a row (faster than a column
+reduction or a dequantized bf16 einsum); benchmarks/quant_matmul.py measures each, the
+numbers are in docs/benchmarks.md. Scales (float32):
 
     int8, fp8     [*lead, *out]                 one per output channel
     fp8-tensor    [*lead]                       one per matrix
@@ -50,10 +49,9 @@ is not partitioned by XLA, so under a tensor- or data-parallel mesh the XLA path
 The layer's QuantSpec carries the switch (QuantSpec.kernel): "off" (default) always XLA;
 "auto" or "log" as above ("log" also logs once why a call cannot take the kernel);
 "interpret" the kernel in the Mosaic GPU interpreter on any device (tests).
-The default is XLA because in the model the kernel was slower on an H100 (gpt3-6.7b int8
-batch-1 decode 4.37 ms/token with it against 3.49 without; docs/benchmarks.md): XLA's fused
-row reductions already read the codes at 2.2-2.6 TB/s at the model's shapes, and the
-kernel pays split-K partials, a separate merge and x re-reads.
+The default is XLA because in the model the kernel is slower (docs/benchmarks.md): XLA's
+fused row reductions already read the codes near copy bandwidth at the model's shapes, and
+the kernel pays split-K partials, a separate merge and x re-reads.
 
 Plain jnp rather than google's qwix / aqt: the three paths are a few lines each over public
 jax APIs, run unchanged on jax 0.10 and 0.11, and keep the numerics testable against numpy;
@@ -237,11 +235,10 @@ def _two_row_product(x, q, contract: int):
     x [*batch (size 1), *contraction], q [*out, *contraction] -> float32 [*out], unscaled.
 
     For long rows (LONG_ROWS) XLA's row reduction leaves the GPU under-filled, while a
-    GEMM fusion with the convert inside splits the contraction: gpt3-13b's [5120 x 20480]
-    MLP matrix at batch 1 on an H100 took 51.6 + 2.4 us as a two-stage row reduction and
-    41.6 us as this GEMM, gpt3-6.7b's [4096 x 16384] 30.5 and 27.1 us; XLA's GEMM of the
-    single row took 43.3 and 29.0 us (`benchmarks/quant_matmul.py --batch1`). The zero row
-    costs a 1.5 us pad where XLA does not fuse it into the producer of x.
+    GEMM fusion with the convert inside splits the contraction, and beats both the
+    two-stage row reduction and XLA's GEMM of the single row
+    (`benchmarks/quant_matmul.py --batch1`; docs/benchmarks.md). The zero row costs a
+    small pad where XLA does not fuse it into the producer of x.
     """
     n_out = q.ndim - contract
     out_shape, n_k = q.shape[:n_out], math.prod(q.shape[n_out:])
