@@ -63,7 +63,7 @@ class Dense(nnx.Module):
         # it traces: einsum then records its input in `observed` (an Observed variable the
         # caller reads back) and leaves the activations unquantized.
         self.observe = False
-        self.observed = None
+        self.observed = nnx.data(None)  # data, not static: it holds an Observed once set
 
     def einsum(self, eq: str, x):
         """einsum(eq, x, kernel), eq e.g. "btd,df->btf"; a quantized kernel runs its
