@@ -96,8 +96,8 @@ def int8_reduce(x, q, s):
 
 def int8_kminor_packed(x, q, s):
     """The codes read as int32 words of four (a free bitcast) and unpacked with shifts in
-    the reduction fusion: tried as the batch-1 path, slower in the model (6.7B int8 decode
-    kernels 3.92 against 3.67 ms/token on an H100), so not used."""
+    the reduction fusion: slower in the model than the batch-1 path (docs/benchmarks.md),
+    so not used; kept to compare."""
     k4 = q.shape[-1] // 4
     words = lax.bitcast_convert_type(q.reshape(q.shape[:-1] + (k4, 4)), jnp.int32)
     xs = x[0].astype(F32).reshape(k4, 4)

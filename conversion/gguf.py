@@ -30,7 +30,7 @@ import gguf
 import numpy as np
 
 from conversion.gguf_tokenizer import tokenizer_from_gguf
-from conversion.hf import (ConversionError, _check_complete, _flatten, _np_dtype, _progress)
+from conversion.hf import (ConversionError, check_complete, flat_shapes, numpy_dtype, progress_bar)
 from conversion.hf_tables import FAMILIES, ShapeError
 from jaxformer.checkpoint import CheckpointWriter
 from jaxformer.config import DTYPES, ModelConfig
@@ -221,19 +221,19 @@ def convert(input_file, output_dir, *, dtype: str = "float32", overwrite: bool =
     permuted = ARCHITECTURES[src.architecture][1]
     N, K, L = cfg.num_heads, cfg.kv_heads, cfg.num_layers
     tokenizer = tokenizer_from_gguf(src)
-    expected = _flatten(abstract_params(cfg))
+    expected = flat_shapes(abstract_params(cfg))
     rows = [(r, r.regex) for r in fam.rows]
     required: dict[str, set] = {}
     for r in fam.rows:
         if r.target in expected:
             layers = range(L) if r.target.startswith("layers/") else (None,)
             required.setdefault(r.target, set()).update((i, r.slot_name) for i in layers)
-    np_dtype, written = _np_dtype(dtype), set()
+    np_dtype, written = numpy_dtype(dtype), set()
     with CheckpointWriter(Path(output_dir), cfg, overwrite=overwrite) as writer:
         bufs = {p: writer.allocate(p, shape, np_dtype) for p, shape in expected.items()}
         quiet = not sys.stderr.isatty() if progress is None else not progress
-        for name in _progress(list(src.tensors), desc=f"converting {src.path.name}",
-                              unit="tensor", disable=quiet):
+        for name in progress_bar(list(src.tensors), desc=f"converting {src.path.name}",
+                                 unit="tensor", disable=quiet):
             key = hf_key(name)
             match = next(((r, m) for r, rx in rows if key and (m := rx.fullmatch(key))), None)
             if match is None:
@@ -256,7 +256,7 @@ def convert(input_file, output_dir, *, dtype: str = "float32", overwrite: bool =
             index = (() if layer is None else (layer,)) + (row.slot[1](cfg) if row.slot else ())
             bufs[row.target][index] = value
             written.add((row.target, layer, row.slot_name))
-        _check_complete(src.path, expected, required, written, fam.zero_ok)
+        check_complete(src.path, expected, required, written, fam.zero_ok)
         for b in bufs.values():
             b.flush()
         if tokenizer is not None:

@@ -112,7 +112,8 @@ def _read_bf16_safetensors(f: Path, key: str) -> np.ndarray:
     return data.view(ml_dtypes.bfloat16).reshape(info["shape"]).astype(np.float32)
 
 
-def _progress(items, **kw):
+def progress_bar(items, **kw):
+    """tqdm(items, **kw), or items without tqdm (shared with conversion.gguf)."""
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
@@ -149,15 +150,17 @@ def _tokenizer(src: Path):
 
 
 # ---- conversion ---------------------------------------------------------------------------
-def _flatten(tree, prefix="") -> dict[str, tuple[int, ...]]:
+def flat_shapes(tree, prefix="") -> dict[str, tuple[int, ...]]:
+    """A nested params tree -> {"a/b/c": shape} (the checkpoint's keys)."""
     out = {}
     for k, v in tree.items():
         p = f"{prefix}/{k}" if prefix else k
-        out.update(_flatten(v, p) if isinstance(v, dict) else {p: tuple(v.shape)})
+        out.update(flat_shapes(v, p) if isinstance(v, dict) else {p: tuple(v.shape)})
     return out
 
 
-def _np_dtype(name: str):
+def numpy_dtype(name: str) -> np.dtype:
+    """A stored dtype's name (float32, bfloat16, float16) -> its numpy dtype."""
     if name == "bfloat16":
         import ml_dtypes
         return np.dtype(ml_dtypes.bfloat16)
@@ -174,7 +177,7 @@ def _read_hf_config(directory: Path) -> dict:
         raise ConversionError(f"{path}: not valid JSON: {e}") from None
 
 
-def _check_complete(src_dir, expected, required, written, zero_ok) -> None:
+def check_complete(src_dir, expected, required, written, zero_ok) -> None:
     """Every slot of every layer of every target written (zero_ok targets may be absent)."""
     missing = []
     for target, marks in required.items():
@@ -245,8 +248,8 @@ def convert(input_dir, output_dir, *, dtype: str | None = None, overwrite: bool 
                               binary_head=has("cls.seq_relationship."))
         except ValueError as e:  # e.g. a next-sentence head without the pooler it reads
             raise ConversionError(f"{src_dir}: unusable set of heads: {e}") from None
-    expected = _flatten(abstract_params(cfg))
-    L, np_dtype = cfg.num_layers, _np_dtype(dtype)
+    expected = flat_shapes(abstract_params(cfg))
+    L, np_dtype = cfg.num_layers, numpy_dtype(dtype)
     ignore = [re.compile(p) for p in fam.ignore]
     tied = [re.compile(p) for p in fam.tied_aliases] if cfg.tie_embeddings else []
     rows = [(r, r.regex) for r in fam.rows]
@@ -267,8 +270,8 @@ def convert(input_dir, output_dir, *, dtype: str | None = None, overwrite: bool 
     with CheckpointWriter(Path(output_dir), cfg, overwrite=overwrite) as writer:
         bufs = {p: writer.allocate(p, shape, np_dtype) for p, shape in expected.items()}
         quiet = not sys.stderr.isatty() if progress is None else not progress
-        for f, key in _progress(source.keys, desc=f"converting {src_dir.name}", unit="tensor",
-                                disable=quiet):
+        for f, key in progress_bar(source.keys, desc=f"converting {src_dir.name}",
+                                   unit="tensor", disable=quiet):
             k = strip(key)
             if any(p.fullmatch(k) for p in ignore + tied):
                 continue
@@ -298,7 +301,7 @@ def convert(input_dir, output_dir, *, dtype: str | None = None, overwrite: bool 
                                       f"{row.target} expects {dst[index].shape}")
             dst[index] = value
             written.add(mark)
-        _check_complete(src_dir, expected, required, written, fam.zero_ok)
+        check_complete(src_dir, expected, required, written, fam.zero_ok)
         for b in bufs.values():
             b.flush()
         if tokenizer is not None:

@@ -57,36 +57,22 @@ def _number(kind, s: str):
     return v
 
 
-def positive_int(s: str) -> int:
-    v = _number(int, s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s!r}")
-    return v
+def _checked(kind, ok, expected: str, name: str):
+    """An argparse type: a finite kind(s) that ok() accepts, else "<expected>, got '<s>'"."""
+    def parse(s: str):
+        v = _number(kind, s)
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"{expected}, got {s!r}")
+        return v
+    parse.__name__ = parse.__qualname__ = name
+    return parse
 
 
-def nonnegative_int(s: str) -> int:
-    v = _number(int, s)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {s!r}")
-    return v
-
-
-def finite_float(s: str) -> float:
-    return _number(float, s)
-
-
-def nonnegative_float(s: str) -> float:
-    v = _number(float, s)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {s!r}")
-    return v
-
-
-def positive_float(s: str) -> float:
-    v = _number(float, s)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {s!r}")
-    return v
+positive_int = _checked(int, lambda v: v >= 1, "must be a positive integer", "positive_int")
+nonnegative_int = _checked(int, lambda v: v >= 0, "must be an integer >= 0", "nonnegative_int")
+finite_float = _checked(float, lambda v: True, "", "finite_float")
+nonnegative_float = _checked(float, lambda v: v >= 0, "must be >= 0", "nonnegative_float")
+positive_float = _checked(float, lambda v: v > 0, "must be > 0", "positive_float")
 
 
 def device_list(s: str) -> list[int]:

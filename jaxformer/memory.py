@@ -25,10 +25,9 @@ allocated), with the same rules that place the real arrays:
 The plan itself (MemoryPlan, plan, check_fits and the quantize-at-load check) lives in
 jaxformer/memory_plan.py and is re-exported here: this module holds the byte formulas.
 
-total = weights + KV cache + max(prefill activations, decode working set). On an H100 (bf16,
-one device) this came within 0.1% of the measured peak (`peak_bytes_in_use`) for gpt3-1.3b and
-llama-7b at 16 x (512 + 128) and gpt3-1.3b at 64 x (1024 + 128); the decode terms were
-identified from those runs (docs/parallelism.md has the table).
+total = weights + KV cache + max(prefill activations, decode working set), checked against
+the devices' measured peak (`peak_bytes_in_use`, benchmarks/memory_plan.py); the decode
+terms were identified from those runs (docs/parallelism.md has the table).
 
 Device memory is `bytes_limit` from `jax.Device.memory_stats()` (GPUs; it already reflects
 XLA_PYTHON_CLIENT_MEM_FRACTION), overridden by the JAXFORMER_DEVICE_MEMORY environment
@@ -249,10 +248,8 @@ def decode_bytes(config: ModelConfig, mesh=None, dtype="float32", batch: int = 1
 
         kv_cache_bytes(batch, length)   a second copy of the cache, with layer_loop "scan"
                                         or pipe > 1: the layer scan reads the carried cache
-                                        and writes a new one (seen on an H100, and in XLA's
-                                        memory analysis on CPU); the unrolled layout updates
-                                        it in place (llama-7b, 64 x 1024 tokens on an H100:
-                                        peak 58.1 GB = 13.5 weights + 38.7 cache + 5.9)
+                                        and writes a new one (XLA's memory analysis shows
+                                        it); the unrolled layout updates it in place
       + 2*b*S*k*H*e                     one layer's k and v slice being updated
       + one layer's weights             the slice of the stacked weights the scan copies
       + 2*b*v*4                         the step's logits and the sampler's copy (float32)

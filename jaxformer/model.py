@@ -304,8 +304,10 @@ class Model:
         return calibrate.calibrate(self, prompts)
 
     def traced(self):
-        """Context for tracing model code: the mesh and rules that shard() applies."""
-        return shd.use(self.mesh, self.rules)
+        """Context for tracing model code (inside jit): the rules table shard() applies.
+        The mesh is jax's context mesh: self.jit's functions run under
+        jax.set_mesh(self.mesh), so the trace's abstract mesh is this model's."""
+        return shd.use_rules(self.rules)
 
     def module(self, params):
         return nnx.merge(self.graphdef, params)

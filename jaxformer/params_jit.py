@@ -1,16 +1,14 @@
 """How compiled entry points receive the weights: a flat tuple of arrays, with the small
 replicated ones optionally packed into one buffer per dtype.
 
-jit flattens its arguments on every call, and an nnx.State flattens in Python: 4.8 ms per
-call for gpt3-6.7b's 644 fp8 arrays on a 2-core host against 0.64 ms as a tuple, time the
-device waits for before a prefill starts (H100 host: 6.4 -> 4.5 ms a call, time to first
-token of a 1920-token prompt 32.3 -> 30.6 ms; benchmarks/dispatch.py). So ParamsJit hands
+jit flattens its arguments on every call, and an nnx.State flattens in Python, several
+times slower than a tuple of the same arrays: time the device waits for before a prefill
+starts (benchmarks/dispatch.py; the numbers are in docs/benchmarks.md). So ParamsJit hands
 jit the tuple (Model.param_leaves, built once) and rebuilds the State inside the trace.
 
-Even as a tuple, each array costs host time per call before the first kernel starts: on an
-H100 host jit took 0.93 ms to reach PJRT's Execute for gpt3-6.7b's 388 bf16 arrays and 1.71
-ms for its 644 fp8 ones (docs/benchmarks.md, session 9). Most of them are tiny: biases, norm
-weights, quantization scales. With pack_small, every floating array of at most
+Even as a tuple, each array costs host time per call before the first kernel starts, so a
+model of hundreds of arrays waits on the host (docs/benchmarks.md). Most of them are tiny:
+biases, norm weights, quantization scales. With pack_small, every floating array of at most
 SMALL_PARAM_ELEMENTS elements that is replicated on its devices travels in one buffer per
 dtype (built once, like the tuple) and is sliced back out inside the trace, where XLA reads
 the slices in place. Entry points called once per request (prefill, logits, encode) pack;
@@ -109,7 +107,8 @@ class ParamsJit:
     """jax.jit(fn) for fn(params, *args) of a Model, called with the model's params (an
     nnx.State) but handing jit a flat tuple of their arrays (module docstring), with the
     small ones packed when pack_small; rebuilt into the State inside the trace.
-    donate_argnums count fn's arguments, params being 0."""
+    donate_argnums count fn's arguments, params being 0. Calls (and lower) run under
+    jax.set_mesh(model.mesh): the traced code reads the mesh from jax's context only."""
 
     def __init__(self, model, fn, *, pack_small: bool = False, **jit_kwargs):
         self.model = model
@@ -145,7 +144,9 @@ class ParamsJit:
         return pack(leaves, self.plan) if self.plan else (leaves,)
 
     def __call__(self, params, *args):
-        return self._jitted(*self._params_args(params), *args)
+        with jax.set_mesh(self.model.mesh):
+            return self._jitted(*self._params_args(params), *args)
 
     def lower(self, params, *args):
-        return self._jitted.lower(*self._params_args(params), *args)
+        with jax.set_mesh(self.model.mesh):
+            return self._jitted.lower(*self._params_args(params), *args)

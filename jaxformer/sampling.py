@@ -168,8 +168,8 @@ def argmax(x):
     """jnp.argmax(x, -1) as int32 (the first index of the maximum).
 
     With the vocabulary sharded over `tensor`, XLA partitions argmax's (value, index) pair
-    reduction into two NCCL all-gathers, which on two H200s took about 0.4 ms each per
-    decode step. There it runs as a max and then a min over the indices that reach it: two
+    reduction into two NCCL all-gathers every decode step (slow: docs/benchmarks.md).
+    There it runs as a max and then a min over the indices that reach it: two
     plain reductions, which XLA partitions into all-reduces (its fast collective kernels).
     """
     if shd.active_axis_size("tensor") == 1:

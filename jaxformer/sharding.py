@@ -8,7 +8,7 @@ refuses a table that would put two dimensions of one array on the same mesh axis
 from __future__ import annotations
 
 import contextlib
-import threading
+import contextvars
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -16,7 +16,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 import yaml
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
 
 from jaxformer.config import CONFIG_DIR, ModelConfig
 
@@ -106,40 +106,72 @@ def mesh_size(mesh: Mesh | None, mesh_axes) -> int:
     return int(np.prod([mesh.shape[a] for a in _as_tuple(mesh_axes)], dtype=np.int64))
 
 
-# ---- the active mesh and rules (set while tracing model code) ---------------------------
-_ctx = threading.local()
+# ---- the mesh and rules that traced model code sees ----------------------------------------
+# The mesh comes only from jax's own context: jax.set_mesh(mesh) around a jitted call (see
+# `use`), which jax turns into the abstract mesh of the trace, and which shard_map narrows
+# (its axes Manual) inside a shard_map body. Kernels, layers and the pipeline all ask
+# jax.sharding.get_abstract_mesh(), so there is one source of truth for the mesh.
+#
+# The rules table is static configuration, the same for every layer of a model: a context
+# variable (use_rules), set around the trace by the model, saves threading it through
+# every layer's signature. It never picks a code path; it only names mesh axes for the
+# logical axes of a sharding constraint.
+_rules: contextvars.ContextVar[Rules | None] = contextvars.ContextVar("jaxformer_rules",
+                                                                      default=None)
+
+
+def abstract_mesh() -> AbstractMesh | None:
+    """The mesh of the current trace (jax's context), None without one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty else mesh
+
+
+def active_axis_size(axis: str) -> int:
+    """The size of mesh axis `axis` of the context mesh (1 without one, or without the axis)."""
+    mesh = abstract_mesh()
+    return 1 if mesh is None else dict(mesh.shape).get(axis, 1)
+
+
+def manual_axes() -> set[str]:
+    """The context mesh's axes a shard_map has made manual (inside its body)."""
+    mesh = abstract_mesh()
+    return set() if mesh is None else set(mesh.manual_axes)
+
+
+@contextlib.contextmanager
+def use_rules(rules: Rules):
+    """Make `rules` the table that `shard()` applies inside this block (also inside jit)."""
+    token = _rules.set(rules)
+    try:
+        yield
+    finally:
+        _rules.reset(token)
+
+
+def rules() -> Rules:
+    """The rules table of use_rules ({} outside one: every logical axis replicated)."""
+    r = _rules.get()
+    return {} if r is None else r
 
 
 @contextlib.contextmanager
 def use(mesh: Mesh | None, rules: Rules):
-    """Make `mesh` and `rules` the ones `shard()` applies inside this block."""
-    prev = getattr(_ctx, "state", None)
-    _ctx.state = (mesh, rules)
-    try:
+    """jax.set_mesh(mesh) plus use_rules(rules): enter it outside jit, around the calls of
+    jitted model code (jax refuses to set a mesh inside a trace)."""
+    with jax.set_mesh(mesh), use_rules(rules):
         yield
-    finally:
-        _ctx.state = prev
-
-
-def current() -> tuple[Mesh | None, Rules | None]:
-    return getattr(_ctx, "state", None) or (None, None)
-
-
-def active_axis_size(axis: str) -> int:
-    """The size of mesh axis `axis` of the active mesh (1 without one, or without the axis)."""
-    mesh, _ = current()
-    return 1 if mesh is None else dict(mesh.shape).get(axis, 1)
 
 
 def shard(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
-    """Constrain an activation's sharding by logical names; a no-op without an active mesh."""
-    mesh, rules = current()
+    """Constrain an activation's sharding by logical names; a no-op without a context mesh."""
+    mesh = abstract_mesh()
     if mesh is None or mesh.size == 1:
         return x
     if len(axes) != x.ndim:
         raise ValueError(f"shard: {len(axes)} logical axes {tuple(axes)} for an array of "
                          f"rank {x.ndim}")
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, rules)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes,
+                                                                                   rules())))
 
 
 def named_sharding(mesh: Mesh, axes: Sequence[str | None], rules: Rules) -> NamedSharding:

@@ -46,10 +46,10 @@ def test_two_row_threshold_counts_one_devices_shard():
     mesh = jf.make_mesh(1, 1, 2, devices=jax.devices()[:2])
 
     def lowered(active_mesh):
-        def f(a, b):  # the model enters its mesh inside the traced function, as here
-            with shd.use(active_mesh, shd.load_rules("default")):
-                return base._einsum_not_strength_reduced("btd,df->btf", a, b)
-        return jax.jit(f).lower(x, big).as_text()
+        def f(a, b):
+            return base._einsum_not_strength_reduced("btd,df->btf", a, b)
+        with shd.use(active_mesh, shd.load_rules("default")):  # jax's mesh for the trace
+            return jax.jit(f).lower(x, big).as_text()
 
     assert "tensor<2x16xf32>" not in lowered(None)
     assert "tensor<2x16xf32>" in lowered(mesh)
@@ -66,13 +66,10 @@ def test_sharded_argmax_is_first_maximum_without_all_gather():
     logits = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
         None, "tensor")))
 
-    def f(a):
-        with shd.use(mesh, shd.load_rules("default")):
-            return sampling.argmax(a)
-
-    got = jax.jit(f)(logits)
+    with shd.use(mesh, shd.load_rules("default")):
+        got = jax.jit(sampling.argmax)(logits)
+        hlo = jax.jit(sampling.argmax).lower(logits).compile().as_text()
     np.testing.assert_array_equal(np.asarray(got), np.argmax(x, -1))
-    hlo = jax.jit(f).lower(logits).compile().as_text()
     assert "all-reduce" in hlo and "all-gather" not in hlo
 
 
@@ -105,11 +102,9 @@ def test_vocab_parallel_lookup_and_chosen_logprob_equal_plain_formulas():
     sharded = jax.device_put(table, jax.sharding.NamedSharding(
         mesh, jax.sharding.PartitionSpec("tensor", None)))
 
-    def f(t, i):
-        with shd.use(mesh, shd.load_rules("default")):
-            return lookup_rows(t, i)
-
-    np.testing.assert_array_equal(np.asarray(jax.jit(f)(sharded, ids)), table[ids])
+    with shd.use(mesh, shd.load_rules("default")):
+        got = jax.jit(lookup_rows)(sharded, ids)
+    np.testing.assert_array_equal(np.asarray(got), table[ids])
     logits = rng.standard_normal((4, 64)).astype(np.float32)
     logits[:, 60:] = -np.inf  # padded vocabulary
     tokens = np.array([0, 17, 59, 33], np.int32)

@@ -20,6 +20,7 @@ import numpy as np
 from jaxformer.checkpoint import CheckpointWriter
 from jaxformer.models import num_params
 
+from conversion.hf import numpy_dtype
 from conversion.megatron import layout
 from conversion.megatron.args import plan as make_plan
 from conversion.megatron.errors import MegatronConversionError, fail
@@ -30,13 +31,6 @@ log = logging.getLogger(__name__)
 DTYPE_ALIASES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",
                  "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
                  "half": "float16"}
-
-
-def np_dtype(name: str) -> np.dtype:
-    if name == "bfloat16":
-        import ml_dtypes
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
 
 
 def peak_rss_mb() -> float:
@@ -167,7 +161,7 @@ def convert(input, output, *, tokenizer=None, vocab_file=None, merges_file=None,
     if out_name is None:
         raise MegatronConversionError(f"unsupported dtype {dtype or src.dtype}; use float32, "
                                       "bfloat16 or float16")
-    dt = np_dtype(out_name)
+    dt = numpy_dtype(out_name)
     # gamma - 1 stored in half precision loses bits when 1 is added back: keep norms in f32
     norm_dt = np.dtype(np.float32) if pl.layernorm_1p and dt.itemsize < 4 else dt
     echo(f"source: {src.describe()}, {src.num_layers} layers, {src.dtype.name} "

@@ -34,9 +34,9 @@ from jaxformer.kernels.reference import attention_mask, attention_reference
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "xla", "cudnn", "pallas")
 # "auto" reads a quantized cache with the decode kernel when at least this many query heads
-# share each kv head (GQA: 1.6-2.35x faster than the dots from batch 8 on an H100); below,
+# share each kv head (GQA: there the kernel beats the dots, benchmarks/attention.py); below,
 # with XLA's dots (reference.py), which turn a one-head product into a reduction that reads
-# the codes at 2.2 TB/s, 1.4-1.6x the kernel's rate at batch 64 (docs/benchmarks.md).
+# the codes faster than the kernel does (docs/benchmarks.md).
 QUANT_KERNEL_MIN_GROUP = 2
 _logged: set[str] = set()
 
@@ -49,12 +49,10 @@ def _log_once(msg: str) -> None:
 
 # ---- where can the kernels run? ---------------------------------------------------------
 def _devices():
-    mesh, _ = sharding.current()
-    if mesh is not None:
-        try:
-            return list(mesh.devices.flat)
-        except (AttributeError, ValueError):  # an abstract mesh has no devices
-            pass
+    """The context mesh's kind of device (its abstract device), else the default devices."""
+    mesh = sharding.abstract_mesh()
+    if mesh is not None and mesh.abstract_device is not None:
+        return [mesh.abstract_device]
     return jax.devices()
 
 
@@ -153,7 +151,7 @@ def _sharded(fn, q, k, v, q_positions, kv_lengths, layer=None, scales=(), slopes
     or a traced int32 scalar, replicated; spans: None or (lo, lim) [B, T], sharded with
     the rows. fn(q, k, v, q_positions, kv_lengths, layer, *scales), with alibi_slopes=,
     window=, span_lo= and span_lim= where given."""
-    mesh, _ = sharding.current()
+    mesh = sharding.abstract_mesh()
     span_lo, span_lim = (None, None) if spans is None else spans
     kw = {name: a for name, a in (("alibi_slopes", slopes), ("window", window),
                                   ("span_lo", span_lo), ("span_lim", span_lim))
@@ -190,10 +188,7 @@ def _sharded(fn, q, k, v, q_positions, kv_lengths, layer=None, scales=(), slopes
                              for a in (k, v, *scales))
         return fn(q, k, v, q_positions, kv_lengths, layer, *scales, **kw)
 
-    abstract = jax.sharding.get_abstract_mesh()
-    manual = set(getattr(abstract, "manual_axes", ()) or ())
-    names = {a for a in ("data", "tensor") if a in shape} - manual
-    use_mesh = abstract if manual else mesh
+    names = {a for a in ("data", "tensor") if a in shape} - set(mesh.manual_axes)
     qspec = P(b_ax, None, h_ax, None)
     kvspec = P(*lead, b_ax, None, kv_ax, None)
     scale_specs = (P(*lead, b_ax, None, kv_ax),) * len(scales)
@@ -202,7 +197,7 @@ def _sharded(fn, q, k, v, q_positions, kv_lengths, layer=None, scales=(), slopes
                         P(b_ax, None) if name.startswith("span_") else P()
                         for name in kw_names)
     return jax.shard_map(
-        body, mesh=use_mesh,
+        body, mesh=mesh,
         in_specs=(qspec, kvspec, kvspec, P(b_ax, None), P(b_ax), P() if stacked else None,
                   *scale_specs, *extra_specs),
         out_specs=qspec, axis_names=names, check_vma=False,
@@ -341,7 +336,7 @@ def _sharded_paged(fn, q, k_pool, v_pool, pages, q_positions, kv_lengths, layer,
     is sharded P on `data`, K on `tensor`; pages [B, M] and the rows on `data`. slopes:
     None or ALiBi slopes [N], sharded with the query heads; window: None or a traced int32
     scalar, replicated. fn(..., layer, *scales) with alibi_slopes= and window= where given."""
-    mesh, _ = sharding.current()
+    mesh = sharding.abstract_mesh()
     kw = {name: a for name, a in (("alibi_slopes", slopes), ("window", window))
           if a is not None}
     if mesh is None:
@@ -377,13 +372,11 @@ def _sharded_paged(fn, q, k_pool, v_pool, pages, q_positions, kv_lengths, layer,
                                        for a in (k_pool, v_pool, *scales))
         return fn(q, k_pool, v_pool, pages, q_positions, kv_lengths, layer, *scales, **kw)
 
-    abstract = jax.sharding.get_abstract_mesh()
-    manual = set(getattr(abstract, "manual_axes", ()) or ())
-    names = {a for a in ("data", "tensor") if a in shape} - manual
+    names = {a for a in ("data", "tensor") if a in shape} - set(mesh.manual_axes)
     qspec = P(b_ax, None, h_ax, None)
     pool = P(None, b_ax, None, kv_ax, None)
     return jax.shard_map(
-        body, mesh=abstract if manual else mesh,
+        body, mesh=mesh,
         in_specs=(qspec, pool, pool, P(b_ax, None), P(b_ax, None), P(b_ax), P(),
                   *((P(None, b_ax, None, kv_ax),) * len(scales)),
                   *(P(h_ax) if name == "alibi_slopes" else P() for name in kw_names)),

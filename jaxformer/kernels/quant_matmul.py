@@ -7,8 +7,8 @@ up to 8, P splits of K. codes are K-minor (jaxformer.quant.ops' stored layout), 
 scale per output channel.
 
 Why a kernel: at M = 1 the product is bound by the bytes of codes read; XLA's best
-formulation (a row reduction fused with the convert) reads them at ~1641 GB/s on an H100,
-~60% of copy bandwidth. Design (CUTLASS's mixed-input GEMM, transposed so the weights are
+formulation (a row reduction fused with the convert) reads them well below copy bandwidth
+(docs/benchmarks.md). Design (CUTLASS's mixed-input GEMM, transposed so the weights are
 the big operand):
 
 - Each CTA owns `block_n` output channels and one of P contiguous ranges of K (split-K, so

@@ -37,6 +37,10 @@ def param(rngs: nnx.Rngs | None, shape: Sequence[int], axes: Sequence[str | None
     return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
+class Observed(nnx.Variable):
+    """A Dense's input statistics recorded during calibration: max |x| per token [B, T]."""
+
+
 class Dense(nnx.Module):
     """A weight holder: `kernel` (+ `bias`). The caller writes the einsum, with its shapes,
     and applies it with `einsum(eq, x)`.
@@ -55,6 +59,11 @@ class Dense(nnx.Module):
         self.kernel_ndim = len(kernel_shape)  # without the stacked `layers` axis
         self.quant = None  # the quantize name once jaxformer.quant has quantized the kernel
         self.qname = None  # its name in calibration records, e.g. "attn/qkv"
+        # Calibration (jaxformer.quant.calibrate) turns `observe` on in the copy of a block
+        # it traces: einsum then records its input in `observed` (an Observed variable the
+        # caller reads back) and leaves the activations unquantized.
+        self.observe = False
+        self.observed = nnx.data(None)  # data, not static: it holds an Observed once set
 
     def einsum(self, eq: str, x):
         """einsum(eq, x, kernel), eq e.g. "btd,df->btf"; a quantized kernel runs its
@@ -62,14 +71,21 @@ class Dense(nnx.Module):
         if self.quant is None:
             return _einsum_not_strength_reduced(eq, x, self.kernel[...])
         q = self.quant
-        rec = ops.recorder()
-        act_scale = None
-        if rec is not None:  # calibration: record the input, keep it unquantized
-            rec.observe(self.qname, x)
-        elif q.activations:
-            act_scale = self.act_scale[...]
+        if self.observe:  # calibration: record the input, keep it unquantized
+            self.record_input(x)
+            return ops.einsum(eq, x, self.kernel[...], self.kernel_scale[...], q,
+                              self.contract, None)
+        act_scale = self.act_scale[...] if q.activations else None
         return ops.einsum(eq, x, self.kernel[...], self.kernel_scale[...], q, self.contract,
                           act_scale)
+
+    def record_input(self, x):
+        """observed = max |x| over the features of each token of x [B, T, ...] -> [B, T]
+        float32 (the elementwise max with an earlier call's record: a shared layer)."""
+        amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=tuple(range(2, x.ndim)))
+        if self.observed is not None:
+            amax = jnp.maximum(self.observed[...], amax)
+        self.observed = Observed(amax)
 
     def add_bias(self, y):
         return y + self.bias[...] if hasattr(self, "bias") else y
@@ -77,9 +93,9 @@ class Dense(nnx.Module):
 
 # XLA:GPU rewrites a vector x matrix dot whose operands hold fewer than this many elements
 # into a broadcast multiply plus a column reduction (GpuAlgebraicSimplifier's
-# IsMatrixMultiplicationTooSmallForRewriting threshold; no flag turns it off in jax 0.11):
-# for 1.3B's [2048, 2048] output projection at batch 1 that is 16 us (the product written
-# out, then reduced) against ~3 us for the GEMM reading the weight once.
+# IsMatrixMultiplicationTooSmallForRewriting threshold; no flag turns it off in jax 0.11),
+# which writes the whole product out and then reduces it, several times slower at batch 1
+# than a GEMM that reads the weight once (docs/benchmarks.md).
 XLA_GPU_DOT_REDUCE_BELOW = 10_000_000
 
 

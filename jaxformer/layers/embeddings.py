@@ -15,10 +15,10 @@ def lookup_rows(table, ids):
     over `tensor` on V stays where it is.
 
     XLA's partitioner may lower a plain take from a V-sharded table by all-gathering the
-    whole table: jax 0.11.2 did, every decode step (0.4 GB for gpt3-6.7b at tensor=2, about
-    0.8 ms on two H200s). As [tp, V/tp, D], each device looks up every id in its own block,
-    keeps the rows it owns and the sum over blocks is an all-reduce of [B, T, D]
-    (Megatron's vocabulary-parallel embedding, with no shard_map).
+    whole table every decode step (jax 0.11.2 does; docs/benchmarks.md). As [tp, V/tp, D],
+    each device looks up every id in its own block, keeps the rows it owns and the sum over
+    blocks is an all-reduce of [B, T, D] (Megatron's vocabulary-parallel embedding, with no
+    shard_map).
     """
     tp = active_axis_size("tensor")
     V, D = table.shape

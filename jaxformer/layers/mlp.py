@@ -29,9 +29,9 @@ def activation(name: str, x):
 def gelu_erf(x):
     """Exact GELU, x * (1 + erf(x / sqrt 2)) / 2, in float32 whatever x's dtype: the formula
     torch and Megatron evaluate. jax.nn.gelu(approximate=False) goes through erfc, whose
-    two-branch float32 expansion (about 80 operations a value) made the GELU of gpt3-6.7b's
-    1920-token prefill 110-137 us a layer on an H100, against ~35 us to read and write it;
-    it also rounds sqrt(1/2) to x's dtype (0.707 in bfloat16)."""
+    two-branch float32 expansion (about 80 operations a value) makes a prefill's GELU
+    compute-bound instead of memory-bound (docs/benchmarks.md); it also rounds sqrt(1/2) to
+    x's dtype (0.707 in bfloat16)."""
     xf = x.astype(jnp.float32)
     return (0.5 * xf * (1.0 + lax.erf(xf * np.float32(np.sqrt(0.5))))).astype(x.dtype)
 

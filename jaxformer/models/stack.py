@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxformer import sharding as shd
 from jaxformer.cache import KVCache, Write
 from jaxformer.config import ModelConfig
 from jaxformer.layers import Block
@@ -191,8 +192,7 @@ def _position(stacked: Block) -> Block:
 def _layer_offset(n_local: int):
     """Global number of this stack's first layer: inside the pipeline's shard_map (manual
     `pipe`) stage s holds layers [s * n_local, (s + 1) * n_local), else 0."""
-    manual = set(getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()) or ())
-    if "pipe" in manual:
+    if "pipe" in shd.manual_axes():
         return jax.lax.axis_index("pipe") * n_local
     return jnp.int32(0)
 

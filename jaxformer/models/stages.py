@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import lax
-from jax.sharding import AxisType, Mesh
 from jax.sharding import PartitionSpec as P
 
 from jaxformer import sharding as shd
@@ -64,13 +63,11 @@ def pipe_spec(axes, rules) -> P:
 
 
 def layers_fn(default):
-    """`run_stages` when the active mesh (sharding.use) has pipeline stages, else `default`
-    (also inside a stage, where `pipe` is already manual)."""
-    mesh, _ = shd.current()
-    if num_stages(mesh) == 1:
+    """`run_stages` when the context mesh (jax's abstract mesh) has pipeline stages, else
+    `default` (also inside a stage, where `pipe` is already manual)."""
+    if num_stages(shd.abstract_mesh()) == 1 or PIPE in shd.manual_axes():
         return default
-    inside = dict(zip(mesh.axis_names, mesh.axis_types)).get(PIPE) == AxisType.Manual
-    return default if inside else run_stages
+    return run_stages
 
 
 # ---- microbatch views: row i * M + m of a [B, ...] array is row i of microbatch m ---------
@@ -89,19 +86,13 @@ def _put(a, m, v, M, axis=0):
 def _stage_context(mesh, rules):
     """shard_map over `pipe` only, checks off (stage-varying values are the point).
 
-    Inside, sharding constraints (sharding.shard) must name a mesh whose `pipe` axis is
-    manual, like the context's, so the body runs under sharding.use(<that mesh>, rules).
+    Inside, jax's context mesh is the same mesh with `pipe` manual, so the body's sharding
+    constraints (sharding.shard) and kernels see the stage's view of it.
     """
     data = shd.mesh_size(mesh, rules.get("batch"))
-    types = tuple(AxisType.Manual if n == PIPE else t
-                  for n, t in zip(mesh.axis_names, mesh.axis_types))
-    inside = Mesh(mesh.devices, mesh.axis_names, axis_types=types)
 
     def smap(body, **specs):
-        def inner(*args):
-            with shd.use(inside, rules):
-                return body(*args)
-        return jax.shard_map(inner, mesh=mesh, axis_names={PIPE}, check_vma=False, **specs)
+        return jax.shard_map(body, mesh=mesh, axis_names={PIPE}, check_vma=False, **specs)
 
     return smap, data
 
@@ -113,7 +104,7 @@ def run_stages(blocks, x, positions, kv_lengths, cache=None, at=None, *, backend
     and results. x [B, T, D]; positions [B, T]; kv_lengths [B]; cache None or a KVCache
     with L on `pipe`; at: a cache.Write. Returns (x [B, T, D], new cache or None).
     """
-    mesh, rules = shd.current()
+    mesh, rules = shd.abstract_mesh(), shd.rules()
     S = num_stages(mesh)
     graphdef, state = nnx.split(blocks)
     check_split(layer_count, S, rules)

@@ -28,6 +28,7 @@ from flax import nnx
 from jax import lax
 
 from jaxformer import sharding as shd
+from jaxformer.layers.base import Dense
 from jaxformer.quant import ops
 from jaxformer.quant.module import at_path, iter_denses
 from jaxformer.quant.spec import parse
@@ -158,19 +159,39 @@ def _measure(model, ids, lengths, types) -> dict:
             B, T = h.shape[:2]
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
             mask = positions < lengths[:, None]
-            with ops.recording(mask) as rec:
-                h, _ = block(h, positions, lengths, backend=backend, layer_id=i)
-            return h, rec.amax
+            denses = observe(block)
+            h, _ = block(h, positions, lengths, backend=backend, layer_id=i)
+            return h, recorded(denses, mask)
 
-    h = embed(model.params, ids, types)
-    per_layer = []
-    for i in range(L):
-        state_i, s, j = where(i)
-        h, amax = layer(state_i, jnp.int32(s), jnp.int32(j), h, lengths, jnp.int32(i))
-        per_layer.append(amax)
+    with jax.set_mesh(model.mesh):  # the traces' abstract mesh (Model.traced)
+        h = embed(model.params, ids, types)
+        per_layer = []
+        for i in range(L):
+            state_i, s, j = where(i)
+            h, amax = layer(state_i, jnp.int32(s), jnp.int32(j), h, lengths, jnp.int32(i))
+            per_layer.append(amax)
     names = per_layer[0].keys()
     return {k: np.asarray([float(jax.device_get(a[k])) for a in per_layer], np.float32)
             for k in names}
+
+
+def observe(block) -> list[Dense]:
+    """Turn on input recording (Dense.observe) in the quantized linears of `block`, a copy
+    merged inside the trace; returns them."""
+    it = nnx.iter_modules(block) if hasattr(nnx, "iter_modules") else block.iter_modules()
+    denses = [m for _, m in it if isinstance(m, Dense) and m.quant is not None]
+    for d in denses:
+        d.observe = True
+    return denses
+
+
+def recorded(denses: list[Dense], mask) -> dict:
+    """{qname: max |x| over the valid tokens of mask [B, T]} from the denses' records."""
+    amax: dict = {}
+    for d in denses:
+        v = jnp.max(jnp.where(mask, d.observed[...], 0.0))
+        amax[d.qname] = v if d.qname not in amax else jnp.maximum(amax[d.qname], v)
+    return amax
 
 
 def set_act_scales(model, amax: dict) -> None:

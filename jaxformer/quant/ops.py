@@ -5,13 +5,12 @@ A float kernel is laid out [*lead, *contraction, *out]: `lead` stacked dimension
 contracts (the input features: D for QKV and the first MLP matrix, N H for the attention
 output, F for the second MLP matrix), then its output dimensions.
 
-Stored kernels are K-minor, [*lead, *out, *contraction]: on an H100,
-cuBLASLt's FP8 GEMM needs the contraction dim minor in both operands (1234 TFLOP/s on 2048 x
-4096 x 16384 against 365 with it major, where XLA transposes the weight on every call), the
-INT8 matrix-vector product reads rows of codes (1641 GB/s of int8 against 1012 in the float
-layout) and the INT4 one reduces each group of codes along a row (gpt3-6.7b's [16384, 4096]
-at batch 1: 45 us K-minor, 61 us as a column reduction of the float layout, 150 us
-dequantized into a bf16 einsum); see benchmarks/quant_matmul.py. Scales (float32):
+Stored kernels are K-minor, [*lead, *out, *contraction]: cuBLASLt's FP8 GEMM needs the
+contraction dim minor in both operands (with it major XLA transposes the weight on every
+call), the INT8 matrix-vector product reads rows of codes (faster than columns of the float
+layout) and the INT4 one reduces each group of codes along a row (faster than a column
+reduction or a dequantized bf16 einsum); benchmarks/quant_matmul.py measures each, the
+numbers are in docs/benchmarks.md. Scales (float32):
 
     int8, fp8     [*lead, *out]                 one per output channel
     fp8-tensor    [*lead]                       one per matrix
@@ -50,10 +49,9 @@ is not partitioned by XLA, so under a tensor- or data-parallel mesh the XLA path
 The layer's QuantSpec carries the switch (QuantSpec.kernel): "off" (default) always XLA;
 "auto" or "log" as above ("log" also logs once why a call cannot take the kernel);
 "interpret" the kernel in the Mosaic GPU interpreter on any device (tests).
-The default is XLA because in the model the kernel was slower on an H100 (gpt3-6.7b int8
-batch-1 decode 4.37 ms/token with it against 3.49 without; docs/benchmarks.md): XLA's fused
-row reductions already read the codes at 2.2-2.6 TB/s at the model's shapes, and the
-kernel pays split-K partials, a separate merge and x re-reads.
+The default is XLA because in the model the kernel is slower (docs/benchmarks.md): XLA's
+fused row reductions already read the codes near copy bandwidth at the model's shapes, and
+the kernel pays split-K partials, a separate merge and x re-reads.
 
 Plain jnp rather than google's qwix / aqt: the three paths are a few lines each over public
 jax APIs, run unchanged on jax 0.10 and 0.11, and keep the numerics testable against numpy;
@@ -61,11 +59,9 @@ a library would add a dependency (and a wheel for the GPU machines) for the same
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
-import threading
 
 import jax
 import jax.numpy as jnp
@@ -239,11 +235,10 @@ def _two_row_product(x, q, contract: int):
     x [*batch (size 1), *contraction], q [*out, *contraction] -> float32 [*out], unscaled.
 
     For long rows (LONG_ROWS) XLA's row reduction leaves the GPU under-filled, while a
-    GEMM fusion with the convert inside splits the contraction: gpt3-13b's [5120 x 20480]
-    MLP matrix at batch 1 on an H100 took 51.6 + 2.4 us as a two-stage row reduction and
-    41.6 us as this GEMM, gpt3-6.7b's [4096 x 16384] 30.5 and 27.1 us; XLA's GEMM of the
-    single row took 43.3 and 29.0 us (`benchmarks/quant_matmul.py --batch1`). The zero row
-    costs a 1.5 us pad where XLA does not fuse it into the producer of x.
+    GEMM fusion with the convert inside splits the contraction, and beats both the
+    two-stage row reduction and XLA's GEMM of the single row
+    (`benchmarks/quant_matmul.py --batch1`; docs/benchmarks.md). The zero row costs a
+    small pad where XLA does not fuse it into the producer of x.
     """
     n_out = q.ndim - contract
     out_shape, n_k = q.shape[:n_out], math.prod(q.shape[n_out:])
@@ -296,9 +291,9 @@ def kernel_unsupported(x, q, scale, spec: QuantSpec, contract: int, mode: str) -
         if not attention.is_hopper(dev):
             return (f"the kernel needs a Hopper GPU (sm_90); this is {dev.platform} "
                     f"{getattr(dev, 'device_kind', '')}").rstrip()
-    mesh, _ = sharding.current()
+    mesh = sharding.abstract_mesh()
     if mesh is not None:
-        manual = set(getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()) or ())
+        manual = set(mesh.manual_axes)
         split = {a: n for a, n in dict(mesh.shape).items() if n > 1 and a not in manual}
         if split:
             return f"the call is partitioned over mesh axes {split} (no shard_map wrapper)"
@@ -326,38 +321,3 @@ def _kernel_einsum(x, q, scale, spec: QuantSpec, contract: int, interpret: bool)
     s = jnp.broadcast_to(scale.astype(jnp.float32), out_shape).reshape(-1)  # fp8-tensor: []
     y = _int8_matmul_jit(x.reshape(-1, K), w, s, interpret=interpret)
     return y.reshape(batch + out_shape)
-
-
-# ---- calibration: max |x| at each quantized linear's input ---------------------------------
-_local = threading.local()
-
-
-class Recorder:
-    """Collects max |x| over the valid tokens of a [B, T] mask, per linear layer (by name).
-
-    Active only while calibration traces one layer (jaxformer.quant.calibrate); the values
-    are tracers of that trace, returned as its outputs.
-    """
-
-    def __init__(self, mask):
-        self.mask = mask  # [B, T] bool
-        self.amax: dict = {}
-
-    def observe(self, key: str, x) -> None:
-        m = self.mask.reshape(self.mask.shape + (1,) * (x.ndim - 2))
-        v = jnp.max(jnp.where(m, jnp.abs(x.astype(jnp.float32)), 0.0))
-        self.amax[key] = v if key not in self.amax else jnp.maximum(self.amax[key], v)
-
-
-@contextlib.contextmanager
-def recording(mask):
-    prev = getattr(_local, "recorder", None)
-    _local.recorder = rec = Recorder(mask)
-    try:
-        yield rec
-    finally:
-        _local.recorder = prev
-
-
-def recorder() -> Recorder | None:
-    return getattr(_local, "recorder", None)
