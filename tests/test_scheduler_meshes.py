@@ -3,12 +3,14 @@ tensor=2, pipe=2 and data=2 x tensor=2 (two replicas behind one scheduler), requ
 in random order decode exactly: each request's greedy tokens are the argmax of a
 teacher-forced pass over its own sequence on the one-device model and its log-probs agree
 within 1e-5. The contiguous and the paged scheduler alike."""
+import jax
 import numpy as np
 import pytest
 
 import jaxformer as jf
 from conftest import teacher_forced
 from jaxformer.serving.paged_scheduler import PagedConfig, PagedScheduler
+from jaxformer.serving.replicas import ReplicaScheduler
 from jaxformer.serving.scheduler import FINISHED, Scheduler, SchedulerConfig
 
 GREEDY_LP = jf.Sampling(temperature=0, logprobs=True)
@@ -67,3 +69,28 @@ def test_tensor_parallel_paged(tensor2, requests, reference):
     check(run(sched, requests), requests, reference)
     assert sched.preemptions > 0 and sched.pool.prefix_hit_tokens > 0
     assert sched.pool.num_in_use == 0
+
+
+@pytest.fixture(scope="module")
+def data2(llama4):
+    return jf.load(llama4[1], jf.make_mesh(data=2, tensor=2))
+
+
+@pytest.mark.parametrize("paged", [None, PAGED], ids=["contiguous", "paged"])
+def test_data_parallel_replicas(data2, requests, reference, paged):
+    """Two replicas, each on its own tensor=2 half of the mesh with the weights' own shards
+    there, behind one front: exact, and both replicas serve."""
+    sched = ReplicaScheduler(data2, CONFIG, paged)
+    a, b = (r.model for r in sched.replicas)
+    devs = [{d for x in jax.tree.leaves(m.params) for d in x.sharding.device_set}
+            for m in (a, b)]
+    assert len(devs[0]) == len(devs[1]) == 2 and not devs[0] & devs[1]
+    served = [0, 0]
+    for i, r in enumerate(sched.replicas):  # count admissions per replica
+        real = r._admit
+        r._admit = lambda real=real, i=i, r=r: (real(), served.__setitem__(i, max(
+            served[i], r.running)))
+    check(run(sched, requests), requests, reference)
+    assert min(served) > 0, served
+    if paged is not None:
+        assert all(p.num_in_use == 0 for p in sched.pools)
