@@ -94,3 +94,15 @@ def test_data_parallel_replicas(data2, requests, reference, paged):
     assert min(served) > 0, served
     if paged is not None:
         assert all(p.num_in_use == 0 for p in sched.pools)
+
+
+def test_pipeline_parallel_contiguous(llama4, requests, reference):
+    """pipe=2: the circular pipelined decode over the live slots, new requests spread over
+    its microbatches (slot i runs in microbatch i % 2)."""
+    sched = Scheduler(jf.load(llama4[1], jf.make_mesh(pipe=2)), CONFIG)
+    sched._slots[:] = [object(), None, object(), None]  # microbatch 0 holds two requests
+    assert sched._free_slots() == [1, 3]
+    sched._slots[:] = [None, object(), None, None]
+    assert sched._free_slots() == [0, 2, 3]  # one each, then the emptier microbatch
+    sched._slots[:] = [None] * 4
+    check(run(sched, requests), requests, reference)

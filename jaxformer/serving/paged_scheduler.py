@@ -88,7 +88,7 @@ class PagedScheduler(Scheduler):
             if budget <= 0:
                 break
             budget -= self._chunk(slot, budget, chunks)
-        free = [i for i, h in enumerate(self._slots) if h is None]
+        free = self._free_slots()
         while budget > 0 and free and self._waiting:
             h = self._waiting[0]
             if not self._place(h, free[0]):

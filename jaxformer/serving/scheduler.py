@@ -34,7 +34,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from jaxformer import sharding as shd
 from jaxformer.engine import Engine, EngineConfig
+from jaxformer.models.stages import num_microbatches
 from jaxformer.sampling import GREEDY, Sampling
 
 log = logging.getLogger(__name__)
@@ -145,6 +147,11 @@ class Scheduler:
         self._ids = itertools.count()
         self._waiting: collections.deque[Handle] = collections.deque()
         self._slots: list[Handle | None] = [None] * config.slots
+        mesh, rules = self.engine.model.mesh, self.engine.model.rules
+        # on pipe > 1 the decode loop runs slot i in microbatch i % M (pipeline.py)
+        self._microbatches = num_microbatches(
+            config.slots, mesh.shape["pipe"], shd.mesh_size(mesh, rules.get("batch"))) \
+            if mesh.shape["pipe"] > 1 else 1
         self._state = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -254,8 +261,27 @@ class Scheduler:
             elif h.status == RUNNING:
                 self._release(h, ABORTED, "abort")
 
-    def _admit(self) -> None:
+    def _free_slots(self) -> list[int]:
+        """Free slots in the order to fill them: on a pipelined mesh, each into the
+        microbatch with the fewest requests so far, so every stage has a live microbatch to
+        run (a microbatch with no live row is a bubble in the circular schedule)."""
         free = [i for i, h in enumerate(self._slots) if h is None]
+        M = self._microbatches
+        if M == 1:
+            return free
+        load = [0] * M
+        for i, h in enumerate(self._slots):
+            load[i % M] += h is not None
+        order = []
+        while free:
+            i = min(free, key=lambda i: (load[i % M], i))
+            free.remove(i)
+            load[i % M] += 1
+            order.append(i)
+        return order
+
+    def _admit(self) -> None:
+        free = self._free_slots()
         batch = []
         while free and self._waiting and len(batch) < self.config.max_prefill \
                 and self._waiting[0].ignore_eos == (batch or [(0, self._waiting[0])])[0][1] \
