@@ -32,12 +32,14 @@ import threading
 import time
 from typing import Iterator, Sequence
 
+import jax
 import numpy as np
 
 from jaxformer import sharding as shd
 from jaxformer.engine import Engine, EngineConfig
 from jaxformer.models.stages import num_microbatches
 from jaxformer.sampling import GREEDY, Sampling
+from jaxformer.serving import multihost
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +159,10 @@ class Scheduler:
         self._stop = threading.Event()
         self._idle = threading.Event()
         self._idle.set()
+        # several processes: process 0's inbox is broadcast each tick (serving/multihost.py)
+        self._hosts = jax.process_count()
+        self._known: dict[int, Handle] = {}  # request id -> handle, for broadcast aborts
+        self._halted = False  # process 0's loop stopped (several processes)
 
     def _make_engine(self) -> Engine:
         c = self.config
@@ -168,7 +174,11 @@ class Scheduler:
     def submit(self, prompt: Sequence[int] | str, sampling: Sampling | None = None,
                max_new_tokens: int = 16, seed: int = 0, ignore_eos: bool = False) -> Handle:
         """Queue a request; returns at once. A request that can never be served gets a
-        Handle already failed with the reason (the others are unaffected)."""
+        Handle already failed with the reason (the others are unaffected). With several
+        processes only process 0 takes requests; the others serve its copies."""
+        if self._hosts > 1 and not multihost.is_leader():
+            raise ValueError("submit: with several processes, requests go to process 0 "
+                             f"(this is process {jax.process_index()})")
         h = Handle(self, next(self._ids), [], sampling or GREEDY, max_new_tokens, seed,
                    ignore_eos)
         try:
@@ -228,6 +238,11 @@ class Scheduler:
 
     # ---- the loop ---------------------------------------------------------------------------
     def _run(self) -> None:
+        if self._hosts > 1:  # every tick is a collective: the loop ends when process 0's does
+            while not self._halted:
+                if not self.tick():
+                    time.sleep(0.01)
+            return
         while not self._stop.is_set():
             if not self.tick():
                 try:  # nothing to do: sleep until a caller sends something
@@ -242,17 +257,26 @@ class Scheduler:
         self._admit()
         if self.running:
             self._decode()
-        busy = bool(self.running or self._waiting or not self._inbox.empty())
+        # several processes: only what every process knows (process 0's inbox is news)
+        busy = bool(self.running or self._waiting or
+                    (self._hosts == 1 and not self._inbox.empty()))
         if not busy:
             self._idle.set()
         return busy
 
-    def _take_inbox(self) -> None:
+    def _drain(self) -> list[tuple[str, Handle]]:
+        events = []
         while True:
             try:
-                kind, h = self._inbox.get_nowait()
+                events.append(self._inbox.get_nowait())
             except queue.Empty:
-                return
+                return events
+
+    def _take_inbox(self) -> None:
+        events = self._drain()
+        if self._hosts > 1:
+            events = self._broadcast(events)
+        for kind, h in events:
             if kind == "submit":
                 self._waiting.append(h)
             elif h.status == WAITING and h in self._waiting:
@@ -279,6 +303,27 @@ class Scheduler:
             load[i % M] += 1
             order.append(i)
         return order
+
+    def _broadcast(self, events):
+        """Process 0's events on every process, as handles of this process."""
+        sent = [("submit", multihost.encode_submit(h)) if kind == "submit" else
+                ("abort", h.id) for kind, h in events]
+        got, self._halted = multihost.broadcast(sent, self._stop.is_set())
+        self._known = {i: h for i, h in self._known.items() if not h.done}
+        mine = {h.id: h for kind, h in events if kind == "submit"}  # process 0's own
+        out = []
+        for kind, item in got:
+            if kind == "submit":
+                h = mine.get(item["id"])
+                if h is None:  # a copy of process 0's request on this process
+                    h = Handle(self, item["id"], item["prompt"],
+                               multihost.decode_sampling(item["sampling"]), item["max_new"],
+                               item["seed"], item["ignore_eos"])
+                self._known[h.id] = h
+                out.append(("submit", h))
+            elif item in self._known:
+                out.append(("abort", self._known[item]))
+        return out
 
     def _admit(self) -> None:
         free = self._free_slots()
