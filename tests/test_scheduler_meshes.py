@@ -11,7 +11,7 @@ import jaxformer as jf
 from conftest import teacher_forced
 from jaxformer.serving.paged_scheduler import PagedConfig, PagedScheduler
 from jaxformer.serving.replicas import ReplicaScheduler
-from jaxformer.serving.scheduler import FINISHED, Scheduler, SchedulerConfig
+from jaxformer.serving.scheduler import ABORTED, FINISHED, Scheduler, SchedulerConfig
 
 GREEDY_LP = jf.Sampling(temperature=0, logprobs=True)
 CONFIG = SchedulerConfig(slots=4, max_length=64, steps_per_tick=3, max_prefill=2)
@@ -94,6 +94,19 @@ def test_data_parallel_replicas(data2, requests, reference, paged):
     assert min(served) > 0, served
     if paged is not None:
         assert all(p.num_in_use == 0 for p in sched.pools)
+        return
+    # the replicas' own loop threads: a burst with aborts ends every request
+    sched.start()
+    hs = [sched.submit(p, max_new_tokens=n) for p, n in requests[0] * 3]
+    for h in hs[::4]:
+        h.abort()
+    outs = [h.result(timeout=300) for h in hs]
+    assert sched.wait_idle(timeout=30)
+    sched.stop(timeout=30)
+    assert {o.status for o in outs} <= {FINISHED, ABORTED}
+    assert [len(o.tokens) for o in outs if o.status == FINISHED] == \
+        [n for (_, n), o in zip(requests[0] * 3, outs) if o.status == FINISHED]
+    assert sched.running == sched.waiting == 0
 
 
 def test_pipeline_parallel_contiguous(llama4, requests, reference):
