@@ -337,11 +337,15 @@ class Scheduler:
         if self._state is None:
             self._state = self.engine.init_state()
         try:
-            pre = self.engine.prefill([h.prompt for _, h in batch],
-                                      [h.sampling for _, h in batch],
-                                      [h.max_new for _, h in batch],
-                                      seeds=[h.seed for _, h in batch],
-                                      ignore_eos=batch[0][1].ignore_eos)
+            # not engine.prefill: its compile_decode would compile a decode loop for the
+            # prefill's own [rows, prompt bucket] state, which the scheduler never decodes
+            # (its loop runs on the slots' state, compiled by init_state)
+            fn, args = self.engine.prefill_call([h.prompt for _, h in batch],
+                                                [h.sampling for _, h in batch],
+                                                [h.max_new for _, h in batch],
+                                                seeds=[h.seed for _, h in batch],
+                                                ignore_eos=batch[0][1].ignore_eos)
+            pre = fn(*args)
             toks, lps = self.engine.tokens(pre)
             done = np.asarray(pre.done)
             rows = list(range(len(batch)))
