@@ -126,7 +126,8 @@ class PagedEngine(Engine):
             raise ValueError("PagedEngine needs EngineConfig.page_size and num_pages")
         if model.mesh.shape["pipe"] > 1 or model.mesh.shape["data"] > 1:
             raise ValueError("a paged KV cache runs on tensor-parallel meshes (pipe = data = "
-                             "1); data parallelism is one PagedEngine per replica")
+                             "1); data parallelism is one PagedEngine per replica "
+                             "(serving.replicas.ReplicaScheduler)")
         self.chunk, self.min_chunk = chunk, min(min_chunk, chunk)
         self.prefill_tokens = prefill_tokens or chunk * config.slots
         self.width = -(-config.max_length // config.page_size)  # page-table columns M

@@ -14,7 +14,7 @@ import sys
 import traceback
 
 ap = argparse.ArgumentParser()
-ap.add_argument("--mode", choices=["generate", "mesh", "connect"], default="generate")
+ap.add_argument("--mode", choices=["generate", "mesh", "connect", "serve"], default="generate")
 ap.add_argument("--port", type=int, required=True)
 ap.add_argument("--process-id", type=int, required=True)
 ap.add_argument("--num-processes", type=int, default=2)
@@ -57,6 +57,8 @@ def main():
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from pipeline_models import LLAMA, PROMPTS
 
+    if args.mode == "serve":
+        return serve(jf.load(args.checkpoint, mesh))
     if args.checkpoint:  # each process restores only the shards of its own devices
         model = jf.load(args.checkpoint, mesh)
     else:
@@ -68,6 +70,16 @@ def main():
     logits = model.logits(np.asarray([p[:3] for p in PROMPTS]))
     return {"greedy": greedy, "sampled": sampled, "logits": logits.tolist(),
             "process": jax.process_index(), "devices": jax.device_count()}
+
+
+def serve(model):
+    """Both schedulers over a mesh spanning the processes: process 0 submits (and aborts
+    one request), every process ticks; process 0 reports what its handles got."""
+    from scheduler_burst import burst
+
+    out = {"process": jax.process_index(), "devices": jax.device_count()}
+    out.update(burst(model, leader=jax.process_index() == 0))
+    return out
 
 
 if __name__ == "__main__":

@@ -107,7 +107,7 @@ class PagedScheduler(Scheduler):
             if budget <= 0 or not self._chunk(slot, budget, chunks):
                 break
             budget -= len(chunks[-1].ids)
-        free = [i for i, h in enumerate(self._slots) if h is None]
+        free = self._free_slots()
         while budget > 0 and free and self._waiting and self._room(chunks):
             h = self._waiting[0]
             if not self._place(h, free[0]):

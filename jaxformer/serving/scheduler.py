@@ -32,10 +32,14 @@ import threading
 import time
 from typing import Iterator, Sequence
 
+import jax
 import numpy as np
 
+from jaxformer import sharding as shd
 from jaxformer.engine import Engine, EngineConfig
+from jaxformer.models.stages import num_microbatches
 from jaxformer.sampling import GREEDY, Sampling
+from jaxformer.serving import multihost
 
 log = logging.getLogger(__name__)
 
@@ -150,11 +154,20 @@ class Scheduler:
         self._ids = itertools.count()
         self._waiting: collections.deque[Handle] = collections.deque()
         self._slots: list[Handle | None] = [None] * config.slots
+        mesh, rules = self.engine.model.mesh, self.engine.model.rules
+        # on pipe > 1 the decode loop runs slot i in microbatch i % M (pipeline.py)
+        self._microbatches = num_microbatches(
+            config.slots, mesh.shape["pipe"], shd.mesh_size(mesh, rules.get("batch"))) \
+            if mesh.shape["pipe"] > 1 else 1
         self._state = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._idle = threading.Event()
         self._idle.set()
+        # several processes: process 0's inbox is broadcast each tick (serving/multihost.py)
+        self._hosts = jax.process_count()
+        self._known: dict[int, Handle] = {}  # request id -> handle, for broadcast aborts
+        self._halted = False  # process 0's loop stopped (several processes)
 
     def _make_engine(self) -> Engine:
         c = self.config
@@ -169,7 +182,11 @@ class Scheduler:
         """Queue a request; returns at once. A request that can never be served gets a
         Handle already failed with the reason (the others are unaffected). listener: called
         with no argument on the loop's thread after each new chunk and at the end (an
-        asyncio server wakes its handler with it; it must not block)."""
+        asyncio server wakes its handler with it; it must not block). With several
+        processes only process 0 takes requests; the others serve its copies."""
+        if self._hosts > 1 and not multihost.is_leader():
+            raise ValueError("submit: with several processes, requests go to process 0 "
+                             f"(this is process {jax.process_index()})")
         h = Handle(self, next(self._ids), [], sampling or GREEDY, max_new_tokens, seed,
                    ignore_eos, listener)
         try:
@@ -229,6 +246,11 @@ class Scheduler:
 
     # ---- the loop ---------------------------------------------------------------------------
     def _run(self) -> None:
+        if self._hosts > 1:  # every tick is a collective: the loop ends when process 0's does
+            while not self._halted:
+                if not self.tick():
+                    time.sleep(0.01)
+            return
         while not self._stop.is_set():
             if not self.tick():
                 try:  # nothing to do: sleep until a caller sends something
@@ -243,17 +265,26 @@ class Scheduler:
         self._admit()
         if self.running:
             self._decode()
-        busy = bool(self.running or self._waiting or not self._inbox.empty())
+        # several processes: only what every process knows (process 0's inbox is news)
+        busy = bool(self.running or self._waiting or
+                    (self._hosts == 1 and not self._inbox.empty()))
         if not busy:
             self._idle.set()
         return busy
 
-    def _take_inbox(self) -> None:
+    def _drain(self) -> list[tuple[str, Handle]]:
+        events = []
         while True:
             try:
-                kind, h = self._inbox.get_nowait()
+                events.append(self._inbox.get_nowait())
             except queue.Empty:
-                return
+                return events
+
+    def _take_inbox(self) -> None:
+        events = self._drain()
+        if self._hosts > 1:
+            events = self._broadcast(events)
+        for kind, h in events:
             if kind == "submit":
                 self._waiting.append(h)
             elif h.status == WAITING and h in self._waiting:
@@ -262,8 +293,48 @@ class Scheduler:
             elif h.status == RUNNING:
                 self._release(h, ABORTED, "abort")
 
-    def _admit(self) -> None:
+    def _free_slots(self) -> list[int]:
+        """Free slots in the order to fill them: on a pipelined mesh, each into the
+        microbatch with the fewest requests so far, so every stage has a live microbatch to
+        run (a microbatch with no live row is a bubble in the circular schedule)."""
         free = [i for i, h in enumerate(self._slots) if h is None]
+        M = self._microbatches
+        if M == 1:
+            return free
+        load = [0] * M
+        for i, h in enumerate(self._slots):
+            load[i % M] += h is not None
+        order = []
+        while free:
+            i = min(free, key=lambda i: (load[i % M], i))
+            free.remove(i)
+            load[i % M] += 1
+            order.append(i)
+        return order
+
+    def _broadcast(self, events):
+        """Process 0's events on every process, as handles of this process."""
+        sent = [("submit", multihost.encode_submit(h)) if kind == "submit" else
+                ("abort", h.id) for kind, h in events]
+        got, self._halted = multihost.broadcast(sent, self._stop.is_set())
+        self._known = {i: h for i, h in self._known.items() if not h.done}
+        mine = {h.id: h for kind, h in events if kind == "submit"}  # process 0's own
+        out = []
+        for kind, item in got:
+            if kind == "submit":
+                h = mine.get(item["id"])
+                if h is None:  # a copy of process 0's request on this process
+                    h = Handle(self, item["id"], item["prompt"],
+                               multihost.decode_sampling(item["sampling"]), item["max_new"],
+                               item["seed"], item["ignore_eos"])
+                self._known[h.id] = h
+                out.append(("submit", h))
+            elif item in self._known:
+                out.append(("abort", self._known[item]))
+        return out
+
+    def _admit(self) -> None:
+        free = self._free_slots()
         batch = []
         while free and self._waiting and len(batch) < self.config.max_prefill \
                 and self._waiting[0].ignore_eos == (batch or [(0, self._waiting[0])])[0][1] \
@@ -274,11 +345,15 @@ class Scheduler:
         if self._state is None:
             self._state = self.engine.init_state()
         try:
-            pre = self.engine.prefill([h.prompt for _, h in batch],
-                                      [h.sampling for _, h in batch],
-                                      [h.max_new for _, h in batch],
-                                      seeds=[h.seed for _, h in batch],
-                                      ignore_eos=batch[0][1].ignore_eos)
+            # not engine.prefill: its compile_decode would compile a decode loop for the
+            # prefill's own [rows, prompt bucket] state, which the scheduler never decodes
+            # (its loop runs on the slots' state, compiled by init_state)
+            fn, args = self.engine.prefill_call([h.prompt for _, h in batch],
+                                                [h.sampling for _, h in batch],
+                                                [h.max_new for _, h in batch],
+                                                seeds=[h.seed for _, h in batch],
+                                                ignore_eos=batch[0][1].ignore_eos)
+            pre = fn(*args)
             toks, lps = self.engine.tokens(pre)
             done = np.asarray(pre.done)
             rows = list(range(len(batch)))

@@ -1,0 +1,58 @@
+"""One scheduler over several processes (a mesh spanning hosts): process 0 takes the
+requests, every process runs the same compiled calls.
+
+Each tick, process 0 drains its inbox (new requests with their prompts, sampling settings,
+token limits and seeds; aborts by request id; whether its loop was stopped) and broadcasts
+that list; every process applies it to its own copy of the scheduler's state. Everything
+else a tick decides (which requests are admitted into which slots, the prompt chunks, the
+page tables, preemptions, frees) is a function of that state and of the tokens the device
+calls return, which every process reads whole (sharding.to_host gathers them): the
+schedulers are deterministic, so the plan each process derives is process 0's plan, and
+the calls they make are the same calls, in the same order, with the same host arrays. Only
+the tick's inputs, the one thing that is not a function of shared state, travel.
+
+The broadcast is jax's multihost_utils.broadcast_one_to_all over every device: one
+collective of a [2] int32 header (payload bytes, stop flag) per tick, and one of the payload
+(JSON, padded to a power of two so few shapes compile) only when there is news.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from jaxformer.sampling import Sampling
+
+
+def is_leader() -> bool:
+    return jax.process_index() == 0
+
+
+def encode_submit(h) -> dict:
+    """A request as process 0 received it (a Handle): what every process needs to serve it."""
+    return {"id": h.id, "prompt": h.prompt, "sampling": dataclasses.asdict(h.sampling),
+            "max_new": h.max_new, "seed": h.seed, "ignore_eos": h.ignore_eos}
+
+
+def decode_sampling(d: dict) -> Sampling:
+    return Sampling(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def broadcast(events: list, stop: bool) -> tuple[list, bool]:
+    """Process 0's (events, stop) on every process (the others' arguments are ignored).
+    events: JSON-able items."""
+    leader = is_leader()
+    data = json.dumps(events).encode() if leader and events else b""
+    head = np.asarray([len(data), int(bool(stop))] if leader else [0, 0], np.int32)
+    n, stop = (int(v) for v in multihost_utils.broadcast_one_to_all(head))
+    if n == 0:
+        return [], bool(stop)
+    size = max(256, 1 << (n - 1).bit_length())
+    buf = np.zeros((size,), np.uint8)
+    if leader:
+        buf[:n] = np.frombuffer(data, np.uint8)
+    buf = np.asarray(multihost_utils.broadcast_one_to_all(buf))
+    return json.loads(bytes(buf[:n]).decode()), bool(stop)
