@@ -42,7 +42,10 @@ from jaxformer.quant import ops
 class ExpertDense(Dense):
     """A Dense whose kernel carries a leading `experts` axis that no product contracts:
     quantization (jaxformer.quant) treats it as a stacked axis, so scales are per expert
-    and output channel. Products go through `weights` / `gathered`, not Dense.einsum."""
+    and output channel. Products dequantize the kernel (all of it, or the gathered experts)
+    rather than run Dense.einsum, so FP8 leaves their inputs unquantized (weight_only)."""
+
+    weight_only = True
 
     def __init__(self, rngs, kernel_shape, kernel_axes, *, contract: int = 1):
         super().__init__(rngs, kernel_shape, kernel_axes, contract=contract)
