@@ -7,7 +7,7 @@
 - Tiny random Mixtral and Qwen2-MoE (norm_topk_prob off, gated shared expert) from
   transformers, converted by conversion.hf: logits within TOL = 1e-4 of transformers' in
   float32 on one device, tensor=2 and an expert-parallel layout (experts over data=2, each
-  expert's F over tensor=2); greedy tokens equal to transformers' generate (the prefill takes
+  expert's F over tensor=2; Mixtral also with two pipeline stages); greedy tokens equal to transformers' generate (the prefill takes
   the ragged path, each decode step of one row the gather path).
 """
 import jax
@@ -124,8 +124,10 @@ MODELS = {
         intermediate_size=64, moe_intermediate_size=24, shared_expert_intermediate_size=32,
         num_experts=4, norm_topk_prob=False, **COMMON)),
 }
-# (data, tensor, rules): one device, tensor parallel, experts over data with F over tensor
-LAYOUTS = [(1, 1, "default"), (1, 2, "default"), (2, 2, "expert_parallel")]
+# (data, pipe, tensor, rules): one device, tensor parallel, experts over data with F over
+# tensor; for Mixtral also all three with two pipeline stages (the MoE shard_map inside a stage)
+LAYOUTS = [(1, 1, 1, "default"), (1, 1, 2, "default"), (2, 1, 2, "expert_parallel")]
+EXTRA = {"mixtral": [(2, 2, 2, "expert_parallel")]}
 PROMPT = list(range(3, 12))
 NEW = 6
 
@@ -162,9 +164,9 @@ def test_logits_and_greedy_match_transformers(name, root):
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
     valid = mask.astype(bool)
-    for data, tensor, rules in LAYOUTS:
-        mesh = jf.make_mesh(data=data, pipe=1, tensor=tensor,
-                            devices=jax.devices()[: data * tensor])
+    for data, pipe, tensor, rules in LAYOUTS + EXTRA.get(name, []):
+        mesh = jf.make_mesh(data=data, pipe=pipe, tensor=tensor,
+                            devices=jax.devices()[: data * pipe * tensor])
         jm = jf.load(out, mesh=mesh, dtype="float32", rules=rules)
         wi = jm.params["layers"]["mlp"]["wi"]["kernel"][...]
         # [L, E, D, 2, F]: E split over data (expert parallel), F over tensor
@@ -172,7 +174,7 @@ def test_logits_and_greedy_match_transformers(name, root):
                                                                  else 1)
         assert wi.addressable_shards[0].data.shape[-1] == wi.shape[-1] // tensor
         diff = float(np.abs(jm.logits(ids, mask)[valid] - ref[valid]).max())
-        assert diff <= TOL, f"{name} {(data, tensor, rules)}: max abs diff {diff:.3g}"
+        assert diff <= TOL, f"{name} {(data, pipe, tensor, rules)}: max abs diff {diff:.3g}"
         if (data, tensor) == (1, 1):
             got = jm.generate([PROMPT], max_new_tokens=NEW).tokens[0]
             p = torch.tensor([PROMPT])
