@@ -196,6 +196,26 @@ def _axes(dense: ExpertDense, axes: tuple) -> tuple[tuple, tuple | None]:
             ops.scale_axes(axes, q, 1, dense.contract))
 
 
+def _mesh_axes(B: int):
+    """(mesh, expert axes, F's tensor axes, batch axes) of the shard_map over the active mesh
+    (sharding.use), each the axes of size > 1 not already manual; mesh None: no shard_map."""
+    mesh, rules = shd.current()
+    if mesh is None or mesh.size == 1:
+        return None, (), (), ()
+    manual_now = set(getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()) or ())
+    sizes = dict(mesh.shape)
+
+    def axes_of(logical):
+        return tuple(a for a in shd._as_tuple(rules.get(logical))
+                     if sizes.get(a, 1) > 1 and a not in manual_now)
+
+    ep, tp = axes_of("experts"), axes_of("mlp")
+    bp = tuple(a for a in axes_of("batch") if a not in ep + tp)
+    if B % shd.mesh_size(mesh, bp):
+        bp = ()
+    return mesh, ep, tp, bp
+
+
 def run_experts(x, weights, ids, wi: ExpertDense, wo: ExpertDense, cfg: ModelConfig):
     """x [B, T, D], weights / ids [B, T, k] -> the routed experts' sum [B, T, D]; sharded
     as the module docstring says when a mesh is active."""
@@ -204,40 +224,24 @@ def run_experts(x, weights, ids, wi: ExpertDense, wo: ExpertDense, cfg: ModelCon
     wi_axes = _axes(wi, ("experts", "embed", *glu, "mlp"))
     wo_axes = _axes(wo, ("experts", "mlp", "embed"))
     (wi_q, wi_s), (wo_q, wo_s) = _leaves(wi), _leaves(wo)
-    mesh, rules = shd.current()
+    mesh, ep, tp, bp = _mesh_axes(B)
+    sizes = {} if mesh is None else dict(mesh.shape)
 
     def body(x, weights, ids, wi_q, wi_s, wo_q, wo_s):
         Bl = x.shape[0]
-        first = 0
-        if ep_axes:
-            first = _axis_index(ep_axes, sizes) * wi_q.shape[0]
+        first = _axis_index(ep, sizes) * wi_q.shape[0] if ep else 0
         y = _local_experts(x.reshape(-1, D), weights.reshape(Bl * T, -1),
                            ids.reshape(Bl * T, -1), wi_q, wi_s, wo_q, wo_s, wi, wo, cfg, first)
-        if sum_axes:
-            y = jax.lax.psum(y, tuple(sum_axes))
+        if ep or tp:  # this shard's experts and slice of F: a partial sum
+            y = jax.lax.psum(y, ep + tp)
         return y.reshape(Bl, T, D)
 
-    if mesh is None or mesh.size == 1:
-        ep_axes, sum_axes, sizes = (), (), {}
-        return body(x, weights, ids, wi_q, wi_s, wo_q, wo_s)
-    abstract = jax.sharding.get_abstract_mesh()
-    manual_now = set(getattr(abstract, "manual_axes", ()) or ())
-    sizes = dict(mesh.shape)
-
-    def axes_of(logical):
-        return tuple(a for a in shd._as_tuple(rules.get(logical))
-                     if sizes.get(a, 1) > 1 and a not in manual_now)
-
-    ep_axes, tp_axes = axes_of("experts"), axes_of("mlp")
-    bp_axes = tuple(a for a in axes_of("batch") if a not in ep_axes + tp_axes)
-    if B % shd.mesh_size(mesh, bp_axes):
-        bp_axes = ()
-    sum_axes = ep_axes + tp_axes
-    names = set(ep_axes + tp_axes + bp_axes)
+    names = set(ep + tp + bp)
     if not names:
         return body(x, weights, ids, wi_q, wi_s, wo_q, wo_s)
+    _, rules = shd.current()
 
-    def spec(axes):
+    def spec(axes):  # a weight's PartitionSpec over the manual axes only
         if axes is None:
             return None
         out = []
@@ -247,9 +251,11 @@ def run_experts(x, weights, ids, wi: ExpertDense, wo: ExpertDense, cfg: ModelCon
             out.append(None if not m else m[0] if len(m) == 1 else m)
         return P(*out)
 
-    bspec = P(bp_axes or None, None, None)
+    abstract = jax.sharding.get_abstract_mesh()
+    inside = bool(getattr(abstract, "manual_axes", ()))  # e.g. a pipeline stage's body
+    bspec = P(bp or None, None, None)
     return jax.shard_map(
-        body, mesh=abstract if manual_now else mesh,
+        body, mesh=abstract if inside else mesh,
         in_specs=(bspec, bspec, bspec, spec(wi_axes[0]), spec(wi_axes[1]),
                   spec(wo_axes[0]), spec(wo_axes[1])),
         out_specs=bspec, axis_names=names, check_vma=False,
