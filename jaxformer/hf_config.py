@@ -2,7 +2,7 @@
 
 Supported `model_type`s: gpt2; llama (every rope scaling), mistral (sliding window), qwen2,
 qwen3 (QK-norm), phi3, gemma, gemma2, gemma3_text (LLaMA-style: RoPE, RMSNorm, gated MLP, GQA,
-plus their variants); gpt_neox, gptj, opt, falcon, bloom; bert (post-LN) and megatron-bert
+plus their variants); the mixtures of experts mixtral and qwen2_moe; gpt_neox, gptj, opt, falcon, bloom; bert (post-LN) and megatron-bert
 (pre-LN). Anything whose numerics jaxformer does not implement (attention scaled by layer
 index, relative positions, Falcon's ALiBi, ...) is refused with a ValueError rather than
 converted into a model that silently computes something else.
@@ -279,7 +279,6 @@ def _moe(d: Mapping[str, Any], mt: str) -> ModelConfig:
     if mt == "mixtral":
         E, F = d["num_local_experts"], d["intermediate_size"]
         moe = dict(router_norm_topk=True)
-        base = dict(d)
     else:
         _refuse_if(d.get("decoder_sparse_step", 1) != 1 or bool(d.get("mlp_only_layers")), mt,
                    "dense MLP layers among the expert layers (decoder_sparse_step / "
@@ -287,12 +286,11 @@ def _moe(d: Mapping[str, Any], mt: str) -> ModelConfig:
         E, F = d["num_experts"], d["moe_intermediate_size"]
         shared = int(d.get("shared_expert_intermediate_size") or 0)
         moe = dict(router_norm_topk=bool(d.get("norm_topk_prob", False)),
-                   shared_expert_size=shared, shared_expert_gate=shared > 0)
-        base = dict(d)
+                   shared_expert_size=shared, shared_expert_gate=shared > 0,
+                   qkv_bias=bool(d.get("qkv_bias", True)))
+    base = dict(d)
     base["intermediate_size"] = F  # ffn_size: one expert's F (the dense MLP is not built)
     cfg = _llama(base, "mistral" if mt == "mixtral" else "qwen2")
-    if mt == "qwen2_moe":
-        moe["qkv_bias"] = bool(d.get("qkv_bias", True))
     try:
         return cfg.replace(name=_name(d, mt), num_experts=E,
                            experts_per_token=d["num_experts_per_tok"], **moe)

@@ -112,6 +112,12 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from conversion import hf as conv  # noqa: E402
 from conftest import randomize  # noqa: E402
+from jaxformer.hf_config import from_hf_config  # noqa: E402
+
+
+def test_qwen2_moe_with_dense_layers_is_refused():
+    with pytest.raises(ValueError, match="mlp_only_layers"):
+        from_hf_config(transformers.Qwen2MoeConfig(mlp_only_layers=[1]))
 
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=64,
