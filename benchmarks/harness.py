@@ -237,8 +237,13 @@ def run_hf(cfg, batch: int, prompt: int, new: int) -> dict | None:
             n_inner=cfg.mlp_size, activation_function="gelu_new", bos_token_id=None,
             eos_token_id=None)
         make = transformers.GPT2LMHeadModel
-    with torch.device("cuda"):
-        model = make(hc).to(torch.bfloat16).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16: Mixtral-8x7B in fp32 is 187 GB
+    try:
+        with torch.device("cuda"):
+            model = make(hc).eval()
+    finally:
+        torch.set_default_dtype(default)
     # transformers compiles the decode step itself when the cache is static (its documented
     # fast path); wrapping forward by hand breaks its CUDA-graph bookkeeping.
     model.generation_config.cache_implementation = "static"
