@@ -42,7 +42,7 @@ from jaxformer import memory
 from jaxformer.cache import KV_MODES
 from jaxformer.cli_args import ATTENTION, Parser, UsageError, positive_float, positive_int
 from jaxformer.engine import Engine, EngineConfig
-from jaxformer.models import num_params
+from jaxformer.models import expert_params, num_active_params
 from jaxformer.quant.spec import name
 from jaxformer.sampling import GREEDY, row_params
 
@@ -138,6 +138,20 @@ def decode_kv_bytes(cfg, batch: int, prompt: int, new: int, dtype, kv_cache=None
     return (prompt + new / 2) * per_slot
 
 
+def read_weight_bytes(cfg, batch: int, weight_bytes: float, dtype, quantize=None) -> float:
+    """Weight bytes a decode step of `batch` rows reads: a mixture of experts reads, per
+    layer, only the experts its rows chose: E (1 - (1 - k/E)^B) of them expected under
+    uniform routing (k at batch 1), not all E."""
+    if not cfg.num_experts:
+        return weight_bytes
+    E, k = cfg.num_experts, cfg.experts_per_token
+    spec = jf.RunConfig(quantize=quantize).quant_spec
+    per_expert = expert_params(cfg) * (spec.weight_bits / 8 if spec else
+                                       jnp.dtype(dtype).itemsize)
+    idle = E - E * (1 - (1 - k / E) ** batch)
+    return weight_bytes - cfg.num_layers * idle * per_expert
+
+
 def run_jax(cfg, batch: int, prompt: int, new: int, dtype: str, attention="auto",
             seed=0, quantize=None, kv_cache=None) -> dict:
 
@@ -183,11 +197,12 @@ def run_jax(cfg, batch: int, prompt: int, new: int, dtype: str, attention="auto"
     ttft, step = float(np.median(ttft)), float(np.median(step))
     kv_bytes = decode_kv_bytes(cfg, batch, prompt, new, dtype, kv_cache)
     L, H = cfg.num_layers, cfg.dims_per_head
-    flops_prefill = 2 * batch * prompt * num_params(cfg) \
+    flops_prefill = 2 * batch * prompt * num_active_params(cfg) \
         + 2 * 2 * L * batch * prompt * prompt / 2 * cfg.num_heads * H
     out = dict(ttft_ms=ttft * 1e3, step_ms=step * 1e3,
                tok_s=batch * new / (ttft + step * (new - 1)),
-               weight_GB=weight_bytes / 1e9, step_bytes=weight_bytes + kv_bytes,
+               weight_GB=weight_bytes / 1e9,
+               step_bytes=read_weight_bytes(cfg, batch, weight_bytes, dtype, quantize) + kv_bytes,
                prefill_flops=flops_prefill, compile_s=compile_s, peak_GB=(peak_bytes() or 0) / 1e9)
     for leaf in jax.tree.leaves(model.params):  # free now: compiled closures keep models alive
         leaf.delete()
@@ -197,7 +212,8 @@ def run_jax(cfg, batch: int, prompt: int, new: int, dtype: str, attention="auto"
 
 
 def run_hf(cfg, batch: int, prompt: int, new: int) -> dict | None:
-    """transformers GPT-2 architecture at the preset's shapes, static cache, compiled decode."""
+    """transformers at the preset's shapes (GPT-2 architecture; Mixtral for a mixture of
+    experts), static cache, compiled decode."""
     try:
         import torch
         import transformers
@@ -205,13 +221,29 @@ def run_hf(cfg, batch: int, prompt: int, new: int) -> dict | None:
         return None
     if not torch.cuda.is_available():
         return None
-    hc = transformers.GPT2Config(
-        vocab_size=cfg.vocab_size, n_positions=cfg.max_position_embeddings,
-        n_embd=cfg.hidden_size, n_layer=cfg.num_layers, n_head=cfg.num_heads,
-        n_inner=cfg.mlp_size, activation_function="gelu_new", bos_token_id=None,
-        eos_token_id=None)
-    with torch.device("cuda"):
-        model = transformers.GPT2LMHeadModel(hc).to(torch.bfloat16).eval()
+    if cfg.num_experts:  # a mixture of experts: transformers' Mixtral at the same shapes
+        hc = transformers.MixtralConfig(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.expert_mlp_size, num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.kv_heads,
+            max_position_embeddings=cfg.max_position_embeddings,
+            num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.experts_per_token,
+            bos_token_id=None, eos_token_id=None)
+        make = transformers.MixtralForCausalLM
+    else:
+        hc = transformers.GPT2Config(
+            vocab_size=cfg.vocab_size, n_positions=cfg.max_position_embeddings,
+            n_embd=cfg.hidden_size, n_layer=cfg.num_layers, n_head=cfg.num_heads,
+            n_inner=cfg.mlp_size, activation_function="gelu_new", bos_token_id=None,
+            eos_token_id=None)
+        make = transformers.GPT2LMHeadModel
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16: Mixtral-8x7B in fp32 is 187 GB
+    try:
+        with torch.device("cuda"):
+            model = make(hc).eval()
+    finally:
+        torch.set_default_dtype(default)
     # transformers compiles the decode step itself when the cache is static (its documented
     # fast path); wrapping forward by hand breaks its CUDA-graph bookkeeping.
     model.generation_config.cache_implementation = "static"

@@ -257,7 +257,10 @@ def convert(input_dir, output_dir, *, dtype: str | None = None, overwrite: bool 
     for r in fam.rows:
         if r.target in expected:
             layers = range(L) if r.target.startswith("layers/") else (None,)
-            required.setdefault(r.target, set()).update((i, r.slot_name) for i in layers)
+            slots = [r.slot_name]
+            if r.per_expert:  # one key per expert (mixtures of experts): every expert's
+                slots = [f"{r.slot_name}#{e}" for e in range(cfg.num_experts)]
+            required.setdefault(r.target, set()).update((i, s) for i in layers for s in slots)
 
     tokenizer = _tokenizer(src_dir)
     sentence = None
@@ -287,14 +290,20 @@ def convert(input_dir, output_dir, *, dtype: str | None = None, overwrite: bool 
             if layer is not None and not 0 <= layer < L:
                 raise ConversionError(f"{f}: key {key!r}: layer {layer} is outside the "
                                       f"{L} layers config.json declares")
-            mark = (row.target, layer, row.slot_name)
+            expert = int(m.group("expert")) if "expert" in m.groupdict() else None
+            if expert is not None and not 0 <= expert < cfg.num_experts:
+                raise ConversionError(f"{f}: key {key!r}: expert {expert} is outside the "
+                                      f"{cfg.num_experts} experts config.json declares")
+            mark = (row.target, layer,
+                    row.slot_name if expert is None else f"{row.slot_name}#{expert}")
             if mark in written:
                 raise ConversionError(f"{f}: key {key!r} writes {row.target} a second time")
             try:
                 value = row.transform(source.read(f, key), cfg)
             except ShapeError as e:
                 raise ConversionError(f"{f}: key {key!r}: {e}") from None
-            index = (() if layer is None else (layer,)) + (row.slot[1](cfg) if row.slot else ())
+            index = (() if layer is None else (layer,)) + (() if expert is None else (expert,)) \
+                + (row.slot[1](cfg) if row.slot else ())
             dst = bufs[row.target]
             if dst[index].shape != value.shape:
                 raise ConversionError(f"{f}: key {key!r}: shape {value.shape} after transform, "

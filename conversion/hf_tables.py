@@ -157,7 +157,7 @@ class Row:
     """One table row: source keys matching `pattern` go to `target` via `transform`.
 
     `pattern` is a full-match regex over the key (backbone prefix stripped); `{L}` stands for
-    the layer number. `slot` = (name, cfg -> index) writes a part of the target (fused QKV,
+    the layer number, `{E}` for the expert number of a mixture of experts. `slot` = (name, cfg -> index) writes a part of the target (fused QKV,
     fused gate/up); a target is complete when every slot of every layer has been written.
     """
 
@@ -168,7 +168,13 @@ class Row:
 
     @property
     def regex(self) -> re.Pattern:
-        return re.compile(self.pattern.replace("{L}", r"(?P<layer>\d+)"))
+        return re.compile(self.pattern.replace("{L}", r"(?P<layer>\d+)")
+                          .replace("{E}", r"(?P<expert>\d+)"))
+
+    @property
+    def per_expert(self) -> bool:
+        """`{E}` in the pattern: one key per expert, written at [layer, expert] (MoE)."""
+        return "{E}" in self.pattern
 
     @property
     def slot_name(self) -> str:
@@ -360,6 +366,42 @@ def _bert_rows(megatron: bool) -> list[Row]:
     return rows
 
 
+# ---- mixtures of experts: expert e of layer l goes to [l, e] of the stacked expert kernels
+_E = lambda c: c.num_experts  # noqa: E731
+_FE = lambda c: c.expert_mlp_size  # noqa: E731
+_FS = lambda c: c.shared_expert_size  # noqa: E731
+_ONE = lambda c: 1  # noqa: E731
+
+
+def _moe_rows(layer: str, w_gate: str, w_up: str, w_down: str, router: str) -> list[Row]:
+    """Router [E, D] -> [D, E]; expert gate / up nn.Linear [F, D] -> wi [E, D, 2, F] slots;
+    down [D, F] -> wo [E, F, D]."""
+    expert = layer + r"experts\.{E}\."
+    return [
+        Row(layer + router, "layers/mlp/router", linear(_D, _E)),
+        Row(expert + w_gate, "layers/mlp/wi/kernel", linear(_D, _FE), GATE),
+        Row(expert + w_up, "layers/mlp/wi/kernel", linear(_D, _FE), UP),
+        Row(expert + w_down, "layers/mlp/wo/kernel", linear(_FE, _D)),
+    ]
+
+
+_NO_MLP = [r for r in LLAMA_ROWS if r"\.mlp\." not in r.pattern]
+MIXTRAL_ROWS = _NO_MLP + _moe_rows(r"layers\.{L}\.block_sparse_moe\.", r"w1\.weight",
+                                   r"w3\.weight", r"w2\.weight", r"gate\.weight")
+QWEN2_MOE_ROWS = _NO_MLP + _moe_rows(
+    r"layers\.{L}\.mlp\.", r"gate_proj\.weight", r"up_proj\.weight", r"down_proj\.weight",
+    r"gate\.weight") + [
+    Row(r"layers\.{L}\.mlp\.shared_expert\.gate_proj\.weight", "layers/mlp/shared/wi/kernel",
+        linear(_D, _FS), GATE),
+    Row(r"layers\.{L}\.mlp\.shared_expert\.up_proj\.weight", "layers/mlp/shared/wi/kernel",
+        linear(_D, _FS), UP),
+    Row(r"layers\.{L}\.mlp\.shared_expert\.down_proj\.weight", "layers/mlp/shared/wo/kernel",
+        linear(_FS, _D)),
+    Row(r"layers\.{L}\.mlp\.shared_expert_gate\.weight", "layers/mlp/shared_gate",
+        linear(_D, _ONE)),
+]
+
+
 @dataclass(frozen=True)
 class Family:
     prefix: str  # backbone prefix that task models add (GPT2LMHeadModel: "transformer.")
@@ -399,3 +441,7 @@ FAMILIES = {
     "bert": Family("bert.", _bert_rows(False), _BERT_IGNORE, _BERT_TIED),
     "megatron-bert": Family("bert.", _bert_rows(True), _BERT_IGNORE, _BERT_TIED),
 }
+FAMILIES.update({  # mixtures of experts: per-expert keys of the Hub checkpoints
+    "mixtral": Family("model.", MIXTRAL_ROWS, _LLAMA.ignore, _LLAMA.tied_aliases),
+    "qwen2_moe": Family("model.", QWEN2_MOE_ROWS, _LLAMA.ignore, _LLAMA.tied_aliases),
+})

@@ -105,6 +105,13 @@ class ModelConfig:
     position_offset: int = 0  # learned positions read row position + offset (OPT: 2)
     lm_head_bias: bool = False  # untied LM head with a bias (GPT-J)
     final_softcap: float | None = None  # logits -> c * tanh(logits / c) (Gemma 2)
+    # ---- mixture of experts (layers/moe.py): every block's MLP is E routed experts ----
+    num_experts: int = 0  # E; 0: a dense MLP
+    experts_per_token: int = 0  # k: experts each token is routed to (top-k)
+    moe_ffn_size: int | None = None  # F of one expert; None: ffn_size
+    router_norm_topk: bool = True  # renormalise the top-k probabilities to sum to 1 (Mixtral)
+    shared_expert_size: int = 0  # F of an always-on shared expert (Qwen2-MoE); 0: none
+    shared_expert_gate: bool = False  # shared expert output times sigmoid(x w) (Qwen2-MoE)
     name: str = ""
 
     def __post_init__(self):
@@ -139,6 +146,7 @@ class ModelConfig:
                 fail("rope_fraction", f"rotary dim {rot} (head_dim {self.dims_per_head} x "
                      f"{self.rope_fraction}) must be a positive even number")
         self._check_variants(fail)
+        self._check_moe(fail)
         if not self.norm_eps > 0:
             fail("norm_eps", f"must be positive, got {self.norm_eps}")
         if self.type_vocab_size < 0:
@@ -223,6 +231,30 @@ class ModelConfig:
         if self.position_embedding == "alibi" and not self.causal:
             fail("position_embedding", "ALiBi is implemented for decoders only")
 
+    def _check_moe(self, fail):
+        for field in ("num_experts", "experts_per_token", "shared_expert_size"):
+            v = getattr(self, field)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                fail(field, f"must be a non-negative integer, got {v!r}")
+        if not self.num_experts:
+            for field in ("experts_per_token", "moe_ffn_size", "shared_expert_size",
+                          "shared_expert_gate"):
+                if getattr(self, field):
+                    fail(field, "belongs to a mixture of experts (set num_experts)")
+            return
+        if not 1 <= self.experts_per_token <= self.num_experts:
+            fail("experts_per_token", f"must be in [1, num_experts={self.num_experts}], got "
+                 f"{self.experts_per_token!r}")
+        v = self.moe_ffn_size
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+            fail("moe_ffn_size", f"must be a positive integer or None, got {v!r}")
+        if self.linear_bias:
+            fail("linear_bias", "mixture-of-experts MLPs carry no biases (set linear_bias=False)")
+        if self.arch != "decoder":
+            fail("num_experts", "mixtures of experts are implemented for decoders only")
+        if self.shared_expert_gate and not self.shared_expert_size:
+            fail("shared_expert_gate", "needs a shared expert (shared_expert_size > 0)")
+
     def layer_is_sliding(self) -> tuple[bool, ...]:
         """Per layer: does it attend through the sliding window?"""
         if self.sliding_window is None:
@@ -251,6 +283,11 @@ class ModelConfig:
     def mlp_size(self) -> int:
         """F."""
         return self.ffn_size or 4 * self.hidden_size
+
+    @property
+    def expert_mlp_size(self) -> int:
+        """F of one routed expert."""
+        return self.moe_ffn_size or self.mlp_size
 
     @property
     def rotary_dim(self) -> int:

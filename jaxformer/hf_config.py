@@ -2,7 +2,7 @@
 
 Supported `model_type`s: gpt2; llama (every rope scaling), mistral (sliding window), qwen2,
 qwen3 (QK-norm), phi3, gemma, gemma2, gemma3_text (LLaMA-style: RoPE, RMSNorm, gated MLP, GQA,
-plus their variants); gpt_neox, gptj, opt, falcon, bloom; bert (post-LN) and megatron-bert
+plus their variants); the mixtures of experts mixtral and qwen2_moe; gpt_neox, gptj, opt, falcon, bloom; bert (post-LN) and megatron-bert
 (pre-LN). Anything whose numerics jaxformer does not implement (attention scaled by layer
 index, relative positions, Falcon's ALiBi, ...) is refused with a ValueError rather than
 converted into a model that silently computes something else.
@@ -31,7 +31,8 @@ ACTIVATIONS = {
 }
 
 LLAMA_STYLE = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text")
-SUPPORTED = ("gpt2", *LLAMA_STYLE, "gpt_neox", "gptj", "opt", "falcon", "bloom", "bert",
+MOE = ("mixtral", "qwen2_moe")  # mixtures of experts over a LLaMA-style block
+SUPPORTED = ("gpt2", *LLAMA_STYLE, *MOE, "gpt_neox", "gptj", "opt", "falcon", "bloom", "bert",
              "megatron-bert")
 
 
@@ -87,6 +88,8 @@ def from_hf_config(hf: Any) -> ModelConfig:
         return _gpt2(d)
     if model_type in LLAMA_STYLE:
         return _llama(d, model_type)
+    if model_type in MOE:
+        return _moe(d, model_type)
     other = {"gpt_neox": _gpt_neox, "gptj": _gptj, "opt": _opt, "falcon": _falcon,
              "bloom": _bloom}
     if model_type in other:
@@ -268,6 +271,31 @@ def _llama(d: Mapping[str, Any], mt: str) -> ModelConfig:
         f.update(qkv_bias=attention_bias,
                  linear_bias=attention_bias or bool(d.get("mlp_bias", False)))
     return _decoder(d, mt, max_position_embeddings=max_pos, **f)
+
+
+def _moe(d: Mapping[str, Any], mt: str) -> ModelConfig:
+    """mixtral (a Mistral block whose MLP is E experts) and qwen2_moe (a Qwen2 block with
+    experts, a gated shared expert and the norm_topk_prob switch)."""
+    if mt == "mixtral":
+        E, F = d["num_local_experts"], d["intermediate_size"]
+        moe = dict(router_norm_topk=True)
+    else:
+        _refuse_if(d.get("decoder_sparse_step", 1) != 1 or bool(d.get("mlp_only_layers")), mt,
+                   "dense MLP layers among the expert layers (decoder_sparse_step / "
+                   "mlp_only_layers)")
+        E, F = d["num_experts"], d["moe_intermediate_size"]
+        shared = int(d.get("shared_expert_intermediate_size") or 0)
+        moe = dict(router_norm_topk=bool(d.get("norm_topk_prob", False)),
+                   shared_expert_size=shared, shared_expert_gate=shared > 0,
+                   qkv_bias=bool(d.get("qkv_bias", True)))
+    base = dict(d)
+    base["intermediate_size"] = F  # ffn_size: one expert's F (the dense MLP is not built)
+    cfg = _llama(base, "mistral" if mt == "mixtral" else "qwen2")
+    try:
+        return cfg.replace(name=_name(d, mt), num_experts=E,
+                           experts_per_token=d["num_experts_per_tok"], **moe)
+    except ValueError as e:
+        raise ValueError(f"{mt}: {e}") from None
 
 
 def _gpt_neox(d: Mapping[str, Any], mt: str) -> ModelConfig:

@@ -76,6 +76,10 @@ def _axes_size(sizes: Mapping[str, int], entry) -> int:
     return int(np.prod([sizes[a] for a in axes], dtype=np.int64))
 
 
+def _names(entry) -> tuple[str, ...]:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def shard_shape(shape, axes, sizes: Mapping[str, int], rules) -> tuple[int, ...]:
     """The per-device shape of an array with logical `axes` (ceil division, as jax pads)."""
     spec = logical_to_spec(tuple(axes), rules)
@@ -218,8 +222,15 @@ def activation_bytes(config: ModelConfig, mesh=None, dtype="float32", batch: int
     D, H, G = c.hidden_size, c.dims_per_head, c.q_per_kv
     n, k, f, v = div(c.num_heads, "heads"), div(c.kv_heads, "kv_heads"), div(c.mlp_size, "mlp"), \
         div(c.padded_vocab_size, "vocab")
-    block = r * T * (6 * D * e + k * (G + 2) * H * e + n * H * e
-                     + (3 if c.gated_mlp else 2) * f * e)
+    mlp = (3 if c.gated_mlp else 2) * f * e
+    if c.num_experts:  # a mixture (layers/moe.py): k rows per token of x, h and the output
+        # over the tokens of every shard that splits the batch along the experts' axis
+        fe = div(c.expert_mlp_size, "mlp")
+        shared = set(_names(table.get("batch"))) & set(_names(table.get("experts")))
+        gathered = _axes_size(sizes, tuple(shared))
+        mlp = gathered * c.experts_per_token * ((3 if c.gated_mlp else 2) * fe + 2 * D) * e \
+            + (3 if c.gated_mlp else 2) * div(c.shared_expert_size, "mlp") * e
+    block = r * T * (6 * D * e + k * (G + 2) * H * e + n * H * e + mlp)
     scores = 0 if _flash(attention, dtype) else 2 * r * n * T * T * 4
     stage = 2 * b * T * D * e if pipe > 1 else 0
     fresh_kv = 2 * r * T * k * H * e

@@ -15,7 +15,7 @@ from jaxformer.memory import (CACHE_AXES, ENV_DEVICE_MEMORY, _axes_size, _count,
                               decode_in_place, device_memory_limit, fmt_bytes, kv_cache_bytes,
                               mesh_sizes, parse_bytes, prompt_bucket, shard_shape,
                               weights_bytes)
-from jaxformer.models import abstract_params, num_params, param_axes
+from jaxformer.models import abstract_params, num_active_params, num_params, param_axes
 from jaxformer.quant.params import covered
 from jaxformer.quant.spec import name
 
@@ -105,7 +105,9 @@ class MemoryPlan:
         lines = [
             f"model {c.name or '(unnamed)'}: {c.arch}, {_count(num_params(c))} parameters, "
             f"L={c.num_layers} D={c.hidden_size} N={c.num_heads} K={c.kv_heads} "
-            f"H={c.dims_per_head} F={c.mlp_size} V={c.padded_vocab_size}",
+            f"H={c.dims_per_head} F={c.mlp_size} V={c.padded_vocab_size}"
+            + (f" E={c.num_experts} experts (k={c.experts_per_token} per token, "
+               f"{_count(num_active_params(c))} active parameters)" if c.num_experts else ""),
             f"mesh data={s['data']} x pipe={s['pipe']} x tensor={s['tensor']} "
             f"({n_dev} devices), {self.dtype}{quant}, rules {rules}",
             "per device:",

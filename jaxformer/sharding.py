@@ -24,7 +24,7 @@ MESH_AXES = ("data", "pipe", "tensor")
 LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "qkv", "head_dim", "mlp",
                 "vocab", "layers", "cache_batch", "cache_length", "position", "type",
                 "glu", "classes", "act_heads", "act_kv_heads", "act_mlp", "act_vocab",
-                "cache_pages", "page_slots")
+                "cache_pages", "page_slots", "experts")
 
 Rules = Mapping[str, Any]
 
@@ -198,12 +198,19 @@ def check_divisible(cfg: ModelConfig, mesh: Mesh, rules: Rules, batch: int | Non
     }
     if batch is not None:
         dims["batch"] = (batch, "batch size")
+    extra = []  # (size, what, logical axis) beyond one per logical axis
+    if cfg.num_experts:  # mixtures of experts (layers/moe.py)
+        dims["experts"] = (cfg.num_experts, "num_experts")
+        extra.append((cfg.expert_mlp_size, "moe_ffn_size", "mlp"))
+        if cfg.shared_expert_size:
+            extra.append((cfg.shared_expert_size, "shared_expert_size", "mlp"))
     bad = {a: n for a, n in dict(mesh.shape).items() if not isinstance(n, int) or n < 1}
     if bad:  # a size of 0 would divide by zero below
         raise ValueError("mesh sizes must be positive integers, got "
                          + ", ".join(f"{a}={n!r}" for a, n in bad.items()))
     problems = []
-    for logical, (size, what) in dims.items():
+    for logical, size, what in [(k, s, w) for k, (s, w) in dims.items()] + \
+            [(k, s, w) for s, w, k in extra]:
         n = mesh_size(mesh, rules.get(logical))
         if size % n:
             axes = "x".join(f"{a}={mesh.shape[a]}" for a in _as_tuple(rules.get(logical)))

@@ -79,6 +79,31 @@ def rope_scaling(a, where) -> dict:
     return {}
 
 
+def moe_fields(src: Source, a, where) -> dict:
+    """ModelConfig fields of a megatron-core MoE: E from the router, k from args (default 2),
+    softmax after the top k (renormalised, the default) or before it (--moe-router-pre-softmax,
+    not renormalised), the shared expert and its gate from the tensors present. Routing
+    jaxformer does not compute is refused."""
+    E = src.layer_shape("router.w")[0]
+    for e in range(E):
+        if not src.has_layer(f"experts.{e}.fc1.w"):
+            raise fail(f"the router has {E} experts but expert {e}'s weights are missing "
+                       f"(expert-parallel rank files?)", where)
+    for name, ok in (("moe_router_score_function", lambda v: v in (None, "softmax")),
+                     ("moe_router_topk_scaling_factor", lambda v: v in (None, 1, 1.0)),
+                     ("moe_router_num_groups", lambda v: not v),
+                     ("moe_router_enable_expert_bias", lambda v: not v),
+                     ("moe_expert_capacity_factor", lambda v: v is None)):
+        v = _get(a, name)
+        if not ok(v):
+            raise fail(f"{name} = {v!r} is not implemented by jaxformer (softmax top-k "
+                       f"routing, dropless)", where, "args")
+    shared = src.layer_shape("shared_fc2.w")[1] if src.has_layer("shared_fc2.w") else 0
+    return dict(num_experts=E, experts_per_token=int(_get(a, "moe_router_topk", default=2)),
+                router_norm_topk=not _flag(a, "moe_router_pre_softmax"),
+                shared_expert_size=shared, shared_expert_gate=src.has_layer("shared_gate.w"))
+
+
 def plan(src: Source, overrides: dict, *, true_vocab: int | None, keep_padding: bool,
          tokenizer=None, name: str = "") -> Plan:
     a = src.args
@@ -91,7 +116,9 @@ def plan(src: Source, overrides: dict, *, true_vocab: int | None, keep_padding: 
         if not ok:
             raise fail(f"required tensor {canon} not found", where)
 
-    need("qkv.w"), need("proj.w"), need("fc1.w"), need("fc2.w"), need("attn_norm.w")
+    moe = src.has_layer("router.w")  # megatron-core MoE: experts.<e>.fc1.w for every e
+    fc1, fc2 = ("experts.0.fc1.w", "experts.0.fc2.w") if moe else ("fc1.w", "fc2.w")
+    need("qkv.w"), need("proj.w"), need(fc1), need(fc2), need("attn_norm.w")
     need("word_emb", layer=False)
     Vm, D = src.global_shape("word_emb")
     L = src.num_layers
@@ -135,17 +162,19 @@ def plan(src: Source, overrides: dict, *, true_vocab: int | None, keep_padding: 
                    src.location("proj.w", 0))
 
     # ---- MLP ----------------------------------------------------------------------------------
-    F = src.layer_shape("fc2.w")[1]
-    fc1_rows = src.layer_shape("fc1.w")[0]
+    F = src.layer_shape(fc2)[1]
+    fc1_rows = src.layer_shape(fc1)[0]
     if fc1_rows == 2 * F:
         gated = True
     elif fc1_rows == F:
         gated = False
     else:
-        raise fail(f"fc1 has {fc1_rows} rows; fc2 says ffn size {F}", src.location("fc1.w", 0))
+        raise fail(f"fc1 has {fc1_rows} rows; fc2 says ffn size {F}", src.location(fc1, 0))
     if a is not None and hasattr(a, "swiglu") and bool(a.swiglu) != gated:
         raise fail(f"args.swiglu = {a.swiglu} but fc1 has {fc1_rows} rows for ffn {F}", where)
     biases = {c: src.has_layer(c) for c in ("proj.b", "fc1.b", "fc2.b")}
+    if moe:  # expert MLPs have no biases here; the attention output must not either
+        biases = {"proj.b": biases["proj.b"]}
     if len(set(biases.values())) > 1:
         raise fail(f"jaxformer needs all or none of the linear biases; found {biases}", where)
     linear_bias = biases["proj.b"]
@@ -264,6 +293,8 @@ def plan(src: Source, overrides: dict, *, true_vocab: int | None, keep_padding: 
                vocab_pad_multiple=multiple, name=name, **rope_kw)
     compare_head = extra.pop("_compare_head", False)
     cfg.update(extra)
+    if moe:
+        cfg.update(moe_fields(src, a, where))
     softmax_scale = _get(a, "softmax_scale")
     if softmax_scale is not None:
         cfg["attn_scale"] = float(softmax_scale)

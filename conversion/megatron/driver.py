@@ -238,22 +238,28 @@ def _write(src, pl, cfg, output, dt, norm_dt, tok, overwrite, progress) -> float
             w.put("embed/token_type/embedding", read_global("type_emb").astype(dt))
 
         # ---- layers ----
-        bufs = {}
-        for canon in layout.LAYER_CANONS:
+        bufs, by_path = {}, {}
+        E = cfg.num_experts
+        for canon in layout.LAYER_CANONS + layout.expert_canons(E):
             if not src.has_layer(canon):
                 continue
             path, view = layout.to_jaxformer(canon, np.empty(src.layer_shape(canon), np.int8),
                                              **dims)
             is_norm = canon.endswith(("norm.w", "norm.b"))
-            bufs[canon] = (w.allocate("layers/" + path, (L,) + view.shape,
-                                      norm_dt if is_norm else dt), src.layer_shape(canon))
+            e = layout.expert_of(canon)  # MoE experts share one [L, E, ...] buffer
+            if path not in by_path:
+                by_path[path] = w.allocate("layers/" + path, (L,) + ((E,) if e is not None
+                                                                     else ()) + view.shape,
+                                           norm_dt if is_norm else dt)
+            bufs[canon] = (by_path[path], src.layer_shape(canon), e)
 
         def one(g, canon):
-            buf, shape = bufs[canon]
+            buf, shape, e = bufs[canon]
             a = checked(canon, src.read_layer(g, canon, gated=pl.gated, head_dim=H), shape, g)
             if canon.endswith("norm.w"):
                 a = norm(a)
-            buf[g] = layout.to_jaxformer(canon, a, **dims)[1]  # casts to the output dtype
+            # casts to the output dtype
+            buf[(g,) if e is None else (g, e)] = layout.to_jaxformer(canon, a, **dims)[1]
             _release(buf)
 
         if getattr(src, "layer_major", True):

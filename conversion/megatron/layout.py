@@ -5,7 +5,10 @@ MEGATRON_FORMAT.md §2 (names), §3 (QKV orders), §4 (TP partitions). Every nam
 set of canonical names; the merge of a canonical tensor depends only on its partition kind
 and the checkpoint version. Shapes are torch's [out, in] until `to_jaxformer`.
 
-Canonical layer tensors: attn_norm.{w,b} qkv.{w,b} proj.{w,b} mlp_norm.{w,b} fc1.{w,b} fc2.{w,b}
+Canonical layer tensors: attn_norm.{w,b} qkv.{w,b} proj.{w,b} mlp_norm.{w,b} fc1.{w,b} fc2.{w,b};
+mixtures of experts (megatron-core MoE): router.w [E, D], experts.<e>.fc1.w and
+experts.<e>.fc2.w per global expert e (source.py renames every expert layout to
+`mlp.experts.<e>.fc1.weight` first), shared_fc1.w shared_fc2.w shared_gate.w
 Canonical globals: word_emb pos_emb type_emb final_norm.{w,b} output.w head_copy.w lm_dense.{w,b}
 lm_norm.{w,b} lm_bias pooler.{w,b} binary.{w,b}
 """
@@ -36,11 +39,21 @@ _LAYER_RULES = [
     (r"layernorm_mlp\.fc2_(?P<wb>weight|bias)", "fc2"),
     (r"self_attention\.q_layernorm\.(?P<wb>weight|bias)", "q_norm"),  # --qk-layernorm
     (r"self_attention\.k_layernorm\.(?P<wb>weight|bias)", "k_norm"),
+    (r"mlp\.router\.(?P<wb>weight)", "router"),  # megatron-core MoE
+    (r"mlp\.shared_experts\.linear_fc1\.(?P<wb>weight)", "shared_fc1"),
+    (r"mlp\.shared_experts\.linear_fc2\.(?P<wb>weight)", "shared_fc2"),
+    (r"mlp\.shared_experts\.gate_(?P<wb>weight)", "shared_gate"),
 ]
+_EXPERT_RULE = re.compile(r"mlp\.experts\.(?P<e>\d+)\.(?P<fc>fc1|fc2)\.weight$")
 _LAYER_RULES = [(re.compile(p + "$"), c) for p, c in _LAYER_RULES]
 
 _UNSUPPORTED_LAYER = [
-    (re.compile(r"mlp\.(router|experts|shared_experts)\."), "mixture of experts"),
+    (re.compile(r"mlp\.local_experts\.|mlp\.router\.bias"),
+     "the legacy SwitchMLP (top-1 sigmoid routing with a router bias)"),
+    (re.compile(r"mlp\.router\.expert_bias"),
+     "MoE expert-bias (aux-loss-free, sigmoid) routing"),
+    (re.compile(r"mlp\.experts\.(local_experts|weight\d|linear_fc\d)"),
+     "MoE experts outside per-rank torch files (torch_dist)"),
     (re.compile(r"(inter_attention|cross_attention|pre_cross_attn_layernorm|"
                 r"post_inter_attention_layernorm)\."), "encoder-decoder (T5) cross attention"),
 ]
@@ -75,7 +88,14 @@ PARTITION = {
 
 
 def partition(canon: str) -> str:
+    if canon.startswith("experts.") or canon.startswith("shared_fc"):  # each a TP-split MLP
+        return "fc1" if canon.endswith("fc1.w") else "row"
     return PARTITION.get(canon, "rep")
+
+
+def expert_of(canon: str) -> int | None:
+    """The global expert number of an expert tensor's canonical name, else None."""
+    return int(canon.split(".")[1]) if canon.startswith("experts.") else None
 
 
 def strip_prefix(key: str) -> str:
@@ -97,6 +117,10 @@ def classify(key: str, where) -> tuple[str, int | None, str | None]:
         for pat, why in _UNSUPPORTED_LAYER:
             if pat.match(rest):
                 raise fail(f"{why} is not supported by jaxformer", where, key)
+        mm = _EXPERT_RULE.match(rest)
+        if mm:
+            return "layer", None if m.group("i") is None else int(m.group("i")), \
+                f"experts.{int(mm.group('e'))}.{mm.group('fc')}.w"
         for pat, canon in _LAYER_RULES:
             mm = pat.match(rest)
             if mm:
@@ -200,9 +224,75 @@ def to_jaxformer(canon: str, a: np.ndarray, *, K: int, G: int, H: int, N: int, D
         return "mlp/wo/kernel", a.T
     if canon == "fc2.b":
         return "mlp/wo/bias", a
+    if canon == "router.w":  # [E, D] -> [D, E]
+        return "mlp/router", a.T
+    if canon == "shared_gate.w":  # [1, D] -> [D, 1]
+        return "mlp/shared_gate", a.T
+    if canon.startswith(("experts.", "shared_fc")):  # one expert's MLP, F from its shape
+        sub = "mlp/shared" if canon.startswith("shared") else "mlp"
+        if canon.endswith("fc1.w"):
+            if gated:  # [2F, D] = [gate; up] -> [D, 2, F]
+                return f"{sub}/wi/kernel", a.reshape(2, -1, D).transpose(2, 0, 1)
+            return f"{sub}/wi/kernel", a.T
+        return f"{sub}/wo/kernel", a.T  # [D, F] -> [F, D]
     raise AssertionError(canon)
 
 
 LAYER_CANONS = ("attn_norm.w", "attn_norm.b", "qkv.w", "qkv.b", "proj.w", "proj.b",
                 "mlp_norm.w", "mlp_norm.b", "fc1.w", "fc1.b", "fc2.w", "fc2.b",
-                "q_norm.w", "q_norm.b", "k_norm.w", "k_norm.b")
+                "q_norm.w", "q_norm.b", "k_norm.w", "k_norm.b",
+                "router.w", "shared_fc1.w", "shared_fc2.w", "shared_gate.w")
+
+
+def expert_canons(num_experts: int) -> tuple[str, ...]:
+    return tuple(f"experts.{e}.{fc}.w" for e in range(num_experts) for fc in ("fc1", "fc2"))
+
+
+# ---- megatron-core expert layouts -> one name per global expert -----------------------------
+_SEQUENTIAL = re.compile(r"^(?P<pre>.*\.mlp\.experts\.)local_experts\.(?P<j>\d+)\."
+                         r"linear_(?P<fc>fc1|fc2)\.weight$")
+_TE_GROUPED = re.compile(r"^(?P<pre>.*\.mlp\.experts\.)linear_(?P<fc>fc1|fc2)\.weight(?P<j>\d+)$")
+_GROUPED = re.compile(r"^(?P<pre>.*\.mlp\.experts\.)weight(?P<n>[12])$")
+_EXPERT_EXTRA = re.compile(r"\.mlp\.experts\..*_extra_state$")
+
+
+class ExpertSlice:
+    """Expert j of a grouped-GEMM weight (megatron-core GroupedMLP), read when asked:
+    weight1 [D, El * X] is viewed [El, D, X] (fc1 of expert j: [X, D] after .T) and weight2
+    [El * F, D] is viewed [El, F, D] (fc2: [D, F]), as GroupedMLP.forward views them."""
+
+    def __init__(self, parent, j: int, experts: int, which: str):
+        self.parent, self.j, self.El, self.which = parent, j, experts, which
+        rows, cols = parent.shape
+        self.dtype = parent.dtype
+        self.shape = (cols // experts, rows) if which == "fc1" else (rows // experts, cols)[::-1]
+
+    def numpy(self) -> np.ndarray:
+        a = self.parent.numpy()
+        if self.which == "fc1":
+            return np.ascontiguousarray(a.reshape(self.El, a.shape[0], -1)[self.j].T)
+        return np.ascontiguousarray(a.reshape(self.El, -1, a.shape[1])[self.j].T)
+
+
+def canonical_experts(flat: dict, first: int, experts: int | None, where) -> dict:
+    """One rank's flat state dict with every megatron-core expert layout renamed to
+    `<layer>.mlp.experts.<first + j>.fc{1,2}.weight` (j its local expert); `experts` local
+    experts per rank (from the args; needed to split grouped-GEMM weights)."""
+    out = {}
+    for key, v in flat.items():
+        if _EXPERT_EXTRA.search(key):
+            continue
+        m = _SEQUENTIAL.match(key) or _TE_GROUPED.match(key)
+        if m:
+            out[f"{m.group('pre')}{first + int(m.group('j'))}.{m.group('fc')}.weight"] = v
+            continue
+        m = _GROUPED.match(key)
+        if m:
+            if not experts:
+                raise fail("grouped-GEMM expert weights need args.num_experts", where, key)
+            fc = "fc1" if m.group("n") == "1" else "fc2"
+            for j in range(experts):
+                out[f"{m.group('pre')}{first + j}.{fc}.weight"] = ExpertSlice(v, j, experts, fc)
+            continue
+        out[key] = v
+    return out

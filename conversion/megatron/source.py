@@ -110,7 +110,9 @@ class Source:
 class _RankFile:
     """One mp_rank file: its model chunks as {flat key: LazyTensor}."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, expert_rank: int = 0, local_experts: int | None = None):
+        """expert_rank, local_experts: this file's expert-parallel rank and experts per rank
+        (megatron-core MoE): its experts are renamed to global numbers."""
         self.path = path
         sd = open_torch_file(path)
         if not isinstance(sd, dict):
@@ -142,7 +144,13 @@ class _RankFile:
             flat = layout.flatten(m)
             if flat and all(k.startswith("module.") for k in flat):
                 flat = {k[len("module."):]: v for k, v in flat.items()}
-            self.chunks.append(flat)
+            first = expert_rank * (local_experts or 0)
+            self.chunks.append(layout.canonical_experts(flat, first, local_experts, path))
+
+    def add_experts(self, other: "_RankFile") -> None:
+        """Take another expert-parallel rank's experts (its other tensors are copies)."""
+        for mine, theirs in zip(self.chunks, other.chunks):
+            mine.update({k: v for k, v in theirs.items() if ".mlp.experts." in k})
 
 
 class RankFileSource(Source):
@@ -153,12 +161,10 @@ class RankFileSource(Source):
     def __init__(self, kind: str, path: Path, tp_override=None, pp_override=None):
         self.step_dir = path if kind == "torch" else path.parent
         files = self._rank_files(kind, path)
-        first = _RankFile(files[(0, 0)])
+        num_experts = _get(self.args, "num_experts", default=0) or 0
+        self.local_experts = num_experts // self.ep if num_experts else None
+        first = _RankFile(files[(0, 0)], 0, self.local_experts)
         self.args = first.args
-        if (_get(self.args, "expert_model_parallel_size", default=1) > 1
-                or _get(self.args, "num_experts", default=0)):
-            raise fail("mixture-of-experts models are not supported by jaxformer",
-                       files[(0, 0)], "args.num_experts")
         self.version = first.version
         tp = max(t for t, _ in files) + 1
         pp = max(p for _, p in files) + 1
@@ -189,7 +195,7 @@ class RankFileSource(Source):
 
     def _rank_files(self, kind, path) -> dict[tuple[int, int], Path]:
         if kind == "file":
-            return {(0, 0): path}
+            return self._split_expert_ranks({(0, 0): [path, [(None, path)]]})
         files = {}
         for d in sorted(path.iterdir()):
             m = _RANK_DIR.match(d.name)
@@ -197,18 +203,43 @@ class RankFileSource(Source):
                 continue
             t = int(m.group(1))
             second, third = m.group(2), m.group(3)
-            if third is not None and int(third) > 0:
-                raise fail("expert-parallel rank files (mixture of experts) are not "
-                           "supported", d)
             p = int(second) if second is not None else 0
             f = next((d / n for n in MODEL_FILES if (d / n).is_file()), None)
             if f is None:
                 raise fail(f"rank folder has no {' or '.join(MODEL_FILES)} (missing rank "
                            "file)", d / MODEL_FILES[0])
-            files[(t, p)] = f
+            entry = files.setdefault((t, p), [f, []])
+            entry[1].append((None if third is None else int(third), f))
         if (0, 0) not in files:
             raise fail("missing rank file", path / "mp_rank_00" / MODEL_FILES[0])
-        return files
+        return self._split_expert_ranks(files)
+
+    def _split_expert_ranks(self, found) -> dict[tuple[int, int], Path]:
+        """megatron-core MoE names expert-parallel rank e's folder mp_rank_TT[_PPP]_EEE: with
+        one pipeline stage the second number is the expert rank (args say which). Keeps
+        rank e's files in self.expert_files[(t, p)][e]; returns those of expert rank 0."""
+        sd = open_torch_file(found[(0, 0)][0])
+        self.args = args = sd.get("args") if isinstance(sd, dict) else None
+        self.ep = ep = _get(args, "expert_model_parallel_size", default=1) or 1
+        pp = _get(args, "pipeline_model_parallel_size", default=None)
+        self.expert_files: dict[tuple[int, int], list[Path]] = {}
+        for (t, second), entries in found.items():
+            for third, f in entries[1]:
+                if ep > 1 and third is None and (pp or 1) == 1:
+                    p, e = 0, second
+                else:
+                    p, e = second, third or 0
+                if e >= ep:
+                    raise fail(f"expert-parallel rank {e} beyond "
+                               f"expert_model_parallel_size={ep}", f)
+                self.expert_files.setdefault((t, p), [None] * ep)[e] = f
+        for (t, p), fs in self.expert_files.items():
+            for e, f in enumerate(fs):
+                if f is None:
+                    raise fail(f"missing rank file of expert-parallel rank {e} (tensor rank "
+                               f"{t}, pipeline rank {p}; expert_model_parallel_size={ep})",
+                               self.step_dir)
+        return {k: fs[0] for k, fs in self.expert_files.items()}
 
     # ---- scanning: key sets, layer numbering, shape agreement --------------------------------
     def stage(self, p: int) -> list[_RankFile]:
@@ -217,7 +248,11 @@ class RankFileSource(Source):
             self._open.clear()
             rfs = []
             for t in range(self.tp):
-                rf = self._first if (t, p) == (0, 0) else _RankFile(self.files[(t, p)])
+                rf = self._first if (t, p) == (0, 0) else \
+                    _RankFile(self.files[(t, p)], 0, self.local_experts)
+                for e in range(1, self.ep):  # the other expert-parallel ranks' experts
+                    rf.add_experts(_RankFile(self.expert_files[(t, p)][e], e,
+                                             self.local_experts))
                 if rf.version != self.version:
                     raise fail(f"checkpoint_version {rf.version} differs from "
                                f"{self.files[(0, 0)]}'s {self.version}", rf.path)
@@ -255,7 +290,7 @@ class RankFileSource(Source):
                     what, i, canon = layout.classify(key, rfs[0].path)
                     if what == "skip":
                         continue
-                    if not is_tensor(val):
+                    if not (is_tensor(val) or isinstance(val, layout.ExpertSlice)):
                         raise fail(f"expected a tensor, found {type(val).__name__}",
                                    rfs[0].path, key)
                     shapes = [rf.chunks[v][key].shape for rf in rfs]

@@ -3,6 +3,7 @@ from jaxformer.layers.attention import Attention
 from jaxformer.layers.block import Block
 from jaxformer.layers.embeddings import Embeddings
 from jaxformer.layers.mlp import MLP
+from jaxformer.layers.moe import MoE
 from jaxformer.layers.norms import Norm
 
-__all__ = ["Attention", "Block", "Embeddings", "MLP", "Norm"]
+__all__ = ["Attention", "Block", "Embeddings", "MLP", "MoE", "Norm"]

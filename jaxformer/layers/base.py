@@ -50,6 +50,10 @@ class Dense(nnx.Module):
     the outputs, or on groups along the last contraction dimension, accordingly.
     """
 
+    # FP8 quantization leaves its input in the run dtype (no act_scale): the experts of a
+    # mixture (layers/moe.py), whose products are not Dense.einsum
+    weight_only = False
+
     def __init__(self, rngs: nnx.Rngs, kernel_shape, kernel_axes, bias_shape=None,
                  bias_axes=None, *, contract: int = 1):
         self.kernel = param(rngs, kernel_shape, kernel_axes)

@@ -9,6 +9,7 @@ from flax import nnx
 from jaxformer.config import ModelConfig
 from jaxformer.layers.attention import Attention
 from jaxformer.layers.mlp import MLP
+from jaxformer.layers.moe import MoE
 from jaxformer.layers.norms import Norm
 
 
@@ -27,7 +28,7 @@ class Block(nnx.Module):
         if cfg.sandwich_norm:
             self.post_attn_norm = make_norm(cfg, rngs)
             self.post_mlp_norm = make_norm(cfg, rngs)
-        self.mlp = MLP(cfg, rngs)
+        self.mlp = MoE(cfg, rngs) if cfg.num_experts else MLP(cfg, rngs)
 
     def __call__(self, x, positions, kv_lengths, cache=None, at=None, layer=None, *,
                  backend="auto", layer_id=None):

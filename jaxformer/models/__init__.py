@@ -68,5 +68,19 @@ def num_params(cfg: ModelConfig) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract_params(cfg))))
 
 
+def expert_params(cfg: ModelConfig) -> int:
+    """Parameters of one routed expert of one layer (0 for a dense model)."""
+    if not cfg.num_experts:
+        return 0
+    return cfg.hidden_size * cfg.expert_mlp_size * (3 if cfg.gated_mlp else 2)
+
+
+def num_active_params(cfg: ModelConfig) -> int:
+    """Parameters one token's forward uses: a mixture of experts counts k of its E experts
+    per layer (the FLOPs of a token are about 2x this)."""
+    idle = cfg.num_experts - cfg.experts_per_token
+    return num_params(cfg) - cfg.num_layers * idle * expert_params(cfg)
+
+
 __all__ = ["DecoderLM", "Encoder", "LayerStack", "build", "abstract_model", "abstract_params",
-           "num_params", "param_axes", "LAYERS"]
+           "num_params", "num_active_params", "expert_params", "param_axes", "LAYERS"]

@@ -198,6 +198,8 @@ def set_act_scales(model, amax: dict) -> None:
     """act_scale = amax / 448 (1 where a layer saw only zeros), in each scale's sharding."""
     pure = nnx.to_pure_dict(model.params)
     for path, dense in iter_denses(model.module(model.params)):
+        if dense.weight_only:  # no act_scale (MoE experts: layers/moe.py)
+            continue
         a = model.stack.per_layer_values(np.asarray(amax[dense.qname], np.float32), path)
         node = at_path(pure, path)
         old = node["act_scale"]

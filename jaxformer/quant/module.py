@@ -44,7 +44,8 @@ def quantize_module(module, quantize):
         q, scale = ops.quantize_kernel(kernel, spec, lead, dense.contract)
         dense.kernel = _param(q, ops.stored_axes(axes, spec, lead, dense.contract))
         dense.kernel_scale = _param(scale, ops.scale_axes(axes, spec, lead, dense.contract))
-        if spec.activations:  # placeholder 1.0 until calibrate() measures the inputs
+        # placeholder 1.0 until calibrate() measures the inputs
+        if spec.activations and not dense.weight_only:
             dense.act_scale = _param(jnp.ones(kernel.shape[:lead], jnp.float32), axes[:lead])
         dense.quant = spec  # a QuantSpec: what the layer's product runs, parsed once
         # the layer-independent name ("attn/qkv"), without the layout's position index

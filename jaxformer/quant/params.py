@@ -117,7 +117,7 @@ def quantize_kernel_on_device(w, spec: QuantSpec, lead, contract, mesh, rules, a
                  out_shardings=(sh["kernel"], sh["kernel_scale"]))
     q, scale = fn(w)
     out = {"kernel": q, "kernel_scale": scale}
-    if spec.activations:
+    if spec.activations and "act_scale" in axes:  # weight-only kernels have none
         ones = np.ones(w.shape[:lead], np.float32)
         out["act_scale"] = jax.device_put(ones, shd.named_sharding(mesh, axes["act_scale"],
                                                                    rules))
