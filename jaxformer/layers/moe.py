@@ -198,11 +198,12 @@ def _axes(dense: ExpertDense, axes: tuple) -> tuple[tuple, tuple | None]:
 
 def _mesh_axes(B: int):
     """(mesh, expert axes, F's tensor axes, batch axes) of the shard_map over the active mesh
-    (sharding.use), each the axes of size > 1 not already manual; mesh None: no shard_map."""
-    mesh, rules = shd.current()
+    (jax's context mesh), each the axes of size > 1 not already manual; mesh None: no
+    shard_map."""
+    mesh, rules = shd.abstract_mesh(), shd.rules()
     if mesh is None or mesh.size == 1:
         return None, (), (), ()
-    manual_now = set(getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()) or ())
+    manual_now = shd.manual_axes()
     sizes = dict(mesh.shape)
 
     def axes_of(logical):
@@ -239,7 +240,7 @@ def run_experts(x, weights, ids, wi: ExpertDense, wo: ExpertDense, cfg: ModelCon
     names = set(ep + tp + bp)
     if not names:
         return body(x, weights, ids, wi_q, wi_s, wo_q, wo_s)
-    _, rules = shd.current()
+    rules = shd.rules()
 
     def spec(axes):  # a weight's PartitionSpec over the manual axes only
         if axes is None:
@@ -251,11 +252,9 @@ def run_experts(x, weights, ids, wi: ExpertDense, wo: ExpertDense, cfg: ModelCon
             out.append(None if not m else m[0] if len(m) == 1 else m)
         return P(*out)
 
-    abstract = jax.sharding.get_abstract_mesh()
-    inside = bool(getattr(abstract, "manual_axes", ()))  # e.g. a pipeline stage's body
     bspec = P(bp or None, None, None)
     return jax.shard_map(
-        body, mesh=abstract if inside else mesh,
+        body, mesh=mesh,
         in_specs=(bspec, bspec, bspec, spec(wi_axes[0]), spec(wi_axes[1]),
                   spec(wo_axes[0]), spec(wo_axes[1])),
         out_specs=bspec, axis_names=names, check_vma=False,

@@ -179,7 +179,8 @@ def observe(block) -> list[Dense]:
     """Turn on input recording (Dense.observe) in the quantized linears of `block`, a copy
     merged inside the trace; returns them."""
     it = nnx.iter_modules(block) if hasattr(nnx, "iter_modules") else block.iter_modules()
-    denses = [m for _, m in it if isinstance(m, Dense) and m.quant is not None]
+    denses = [m for _, m in it if isinstance(m, Dense) and m.quant is not None
+              and not m.weight_only]  # MoE experts take no act_scale
     for d in denses:
         d.observe = True
     return denses

@@ -38,7 +38,8 @@ class PagedConfig:
     """page_size: tokens per page; num_pages: pages in the pool (page 0 is the null page);
     prefill_tokens: tokens one tick's prefill call holds at most, padding included (the
     chunked-prefill budget: rows x columns of the call); chunk: tokens of one prompt per
-    prefill call at most; min_chunk: the fewest columns a call is padded to (calls take
+    prefill call at most; min_chunk: the fewest columns a call is padded to (at most chunk;
+    calls take
     power-of-two shapes between the two: PagedEngine.shapes()); prefix_caching: share full
     blocks."""
     page_size: int = 16
@@ -53,9 +54,6 @@ class PagedConfig:
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 1:
                 raise ValueError(f"PagedConfig.{f}: must be an integer > 1, got {v!r}")
-        if self.min_chunk > min(self.chunk, self.prefill_tokens):
-            raise ValueError(f"PagedConfig.min_chunk: {self.min_chunk} exceeds chunk "
-                             f"{self.chunk} or prefill_tokens {self.prefill_tokens}")
 
 
 class PagedScheduler(Scheduler):
