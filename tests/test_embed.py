@@ -239,3 +239,46 @@ def test_converter_refuses_a_pooling_it_cannot_run(tiny_bert, tmp_path):
     with pytest.raises(ConversionError, match="not supported"):
         convert(hf_dir, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_embeddings_endpoint_through_the_openai_client(minilm):
+    """/v1/embeddings serves all-MiniLM-L6-v2: the openai client (base64 by default) and a
+    float request get sentence-transformers' vectors within 1e-5, usage counts the
+    tokenizer's tokens; bad input, wrong dimensions and a completion request to an encoder
+    get 400. Requests queued together share one embed() call of the batcher."""
+    st = pytest.importorskip("sentence_transformers")
+    import httpx
+    import transformers
+    from openai import OpenAI
+    from server_fixtures import ServerThread
+    from jaxformer.serving.app import create_app
+    from jaxformer.serving.bridge import ModelSpec
+    from jaxformer.serving.embeddings import EmbedBatcher
+    hf_dir, model = minilm
+    ref = st.SentenceTransformer(str(hf_dir), device="cpu").encode(TEXTS)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
+    n_tokens = sum(len(hf_tok(t, truncation=True, max_length=256)["input_ids"]) for t in TEXTS)
+    with ServerThread(create_app([ModelSpec("minilm", lambda: model)])) as s:
+        client = OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        r = client.embeddings.create(model="minilm", input=TEXTS)
+        np.testing.assert_allclose(np.array([d.embedding for d in r.data]), ref, atol=1e-5)
+        assert [d.index for d in r.data] == list(range(len(TEXTS)))
+        assert r.usage.prompt_tokens == n_tokens
+        one = httpx.post(s.url + "/v1/embeddings", timeout=60, json={
+            "model": "minilm", "input": TEXTS[2], "encoding_format": "float"}).json()
+        np.testing.assert_allclose(one["data"][0]["embedding"], ref[2], atol=1e-5)
+        for body, param in (({"model": "minilm", "input": ["a", ""]}, "input"),
+                            ({"model": "minilm", "input": "a", "dimensions": 7}, "dimensions"),
+                            ({"model": "minilm", "input": [[1, 10 ** 9]]}, "input")):
+            e = httpx.post(s.url + "/v1/embeddings", json=body, timeout=60)
+            assert e.status_code == 400 and e.json()["error"]["param"] == param, e.text
+        e = httpx.post(s.url + "/v1/completions", json={"model": "minilm", "prompt": "a"},
+                       timeout=60)
+        assert e.status_code == 400 and "embeddings only" in e.json()["error"]["message"]
+    batcher = EmbedBatcher(model, 128)
+    futures = [batcher.submit([t]) for t in TEXTS[:3]]  # queued before the thread starts
+    batcher.start()
+    for f, want in zip(futures, ref[:3]):
+        np.testing.assert_allclose(f.result(timeout=120)[0][0], want, atol=1e-5)
+    assert batcher.calls == 1
+    batcher.stop()

@@ -47,6 +47,8 @@ def create_app(specs: list[ModelSpec], api_key: str | None = None,
             for m in models.values():
                 if m.sched is not None:
                     m.sched.stop(timeout=30)
+                if m.embedder is not None:
+                    m.embedder.stop(timeout=30)
 
     app = FastAPI(title="jaxformer", lifespan=lifespan)
     st = ServerState(models, None, api_key, max_body)

@@ -23,6 +23,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from jaxformer.sampling import Sampling
+from jaxformer.serving.embeddings import EmbedBatcher
 from jaxformer.serving.metrics import Metrics
 from jaxformer.serving.paged_scheduler import PagedConfig, PagedScheduler
 from jaxformer.serving.protocol import APIError
@@ -50,13 +51,17 @@ class ServedModel:
     def __init__(self, spec: ModelSpec):
         self.spec, self.name = spec, spec.name
         self.state, self.error = "loading", ""
-        self.model = self.sched = None
+        self.model = self.sched = self.embedder = None
         self.stop_ids: frozenset[int] = frozenset()
         self.created = 0
 
     def load(self) -> None:
         try:
             model = self.spec.load()
+            if model.config.arch == "encoder":  # an embedding model: /v1/embeddings only
+                self.embedder = EmbedBatcher(model, self.spec.scheduler.slots).start()
+                self.model, self.state = model, "ready"
+                return
             sched = PagedScheduler(model, self.spec.scheduler, self.spec.paged)
             sched.warmup()  # every shape compiled before the first request (503 meanwhile)
             sched.start()
@@ -282,7 +287,8 @@ class ServerState:
     api_key: str | None
     max_body: int
 
-    def get(self, name: str) -> ServedModel:
+    def get(self, name: str, task: str = "generate") -> ServedModel:
+        """The ready model `name` for a task ("generate" or "embed"); 404, 503 or 400."""
         m = self.models.get(name)
         if m is None:
             raise APIError(404, f"model {name!r} is not served here (serving: "
@@ -290,10 +296,17 @@ class ServerState:
         if m.state != "ready":
             raise APIError(503, f"model {name} is {m.state}"
                                 + (f": {m.error}" if m.error else ""))
+        if task == "embed" and m.embedder is None:
+            raise APIError(400, f"model {name} is a decoder: it does not serve embeddings",
+                           "model")
+        if task == "generate" and m.sched is None:
+            raise APIError(400, f"model {name} is an encoder: it serves /v1/embeddings only",
+                           "model")
         return m
 
     def ready(self) -> dict:
-        return {n: m.sched for n, m in self.models.items() if m.state == "ready"}
+        return {n: m.sched for n, m in self.models.items()
+                if m.state == "ready" and m.sched is not None}
 
 
 def state(request: Request) -> ServerState:

@@ -1,4 +1,5 @@
-"""OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/models.
+"""OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/models,
+/v1/embeddings (encoders).
 
 A request with n > 1 is n submissions with seeds seed, seed + 1, ...; a completion request
 with several prompts is one submission per prompt and choice (choice index = prompt * n + j).
@@ -10,6 +11,7 @@ log-probabilities come from one teacher-forced forward pass (model.logits) over 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import random
 import time
@@ -21,7 +23,7 @@ from fastapi import APIRouter, Depends, Request
 from jaxformer.serving.bridge import (Batch, ClientGone, EventStream, ServedModel, check_key,
                                       finish_reason, raise_if_failed, read_json, state)
 from jaxformer.serving.protocol import (APIError, ChatRequest, CompletionRequest, Detokenizer,
-                                        chat_prompt, final_text, parse)
+                                        EmbeddingRequest, chat_prompt, final_text, parse)
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
 
@@ -248,3 +250,28 @@ def _usage(outs, n: int) -> dict:
 
 def _event(obj) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+
+
+@router.post("/embeddings")
+async def embeddings(request: Request):
+    """OpenAI's embeddings API over an encoder's EmbedBatcher (concurrent requests share its
+    calls)."""
+    st = state(request)
+    req = parse(EmbeddingRequest, await read_json(request))
+    served = st.get(req.model, "embed")
+    D = served.model.config.hidden_size
+    if req.dimensions not in (None, D):
+        raise APIError(400, f"dimensions: {served.name} gives {D}-dimensional embeddings",
+                       "dimensions")
+    try:
+        fut = served.embedder.submit(req.inputs())
+    except ValueError as e:
+        raise APIError(400, f"input: {e}", "input") from None
+    vectors, tokens = await asyncio.wrap_future(fut)
+    data = [{"object": "embedding", "index": i,
+             "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode()
+             if req.encoding_format == "base64" else v.tolist()}
+            for i, v in enumerate(vectors)]
+    n = int(tokens.sum())
+    return {"object": "list", "data": data, "model": served.name,
+            "usage": {"prompt_tokens": n, "total_tokens": n}}

@@ -110,6 +110,25 @@ class CompletionRequest(SamplingFields):
         return list(p)
 
 
+class EmbeddingRequest(BaseModel):
+    """OpenAI's embeddings request: input as a text, a list of texts, token ids or a list of
+    token-id lists; the vectors as float lists or base64 of little-endian float32."""
+    model_config = ConfigDict(extra="allow")
+    model: str
+    input: Union[str, list[str], list[int], list[list[int]]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+
+    def inputs(self) -> list:
+        x = self.input
+        if isinstance(x, str) or (x and isinstance(x[0], int)):
+            x = [x]
+        if not x or any(len(t) == 0 for t in x):
+            raise APIError(400, "input: must not be empty", "input")
+        return list(x)
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: str
