@@ -41,6 +41,7 @@ FLOORS = {
     "jaxformer.__init__": 3.6,
     # the HTTP server: above the runtime (it loads models and drives their schedulers)
     "jaxformer.serving.protocol": 3.7, "jaxformer.serving.metrics": 3.7,
+    "jaxformer.serving.embeddings": 3.7,
     "jaxformer.serving.bridge": 3.71, "jaxformer.serving.openai_api": 3.72,
     "jaxformer.serving.triton_api": 3.72, "jaxformer.serving.app": 3.73,
     "jaxformer.serving.server": 3.74,
