@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 from pathlib import Path
 
@@ -55,7 +56,9 @@ def add_parser(sub) -> None:
                    help="waiting requests beyond which the server answers 429")
     g.add_argument("--page-size", type=positive_int, default=16, help="tokens per KV page")
     g.add_argument("--num-pages", type=positive_int, default=None,
-                   help="KV pages in the pool (default: slots x max-length / page-size + 1)")
+                   help="KV pages in the pool (default: what the memory plan leaves on the "
+                        "model's devices; where device memory is unknown, e.g. on CPU, "
+                        "slots x max-length / page-size + 1)")
     g.add_argument("--prefill-tokens", type=positive_int, default=512,
                    help="prompt tokens one tick prefills at most (chunked prefill)")
     s.add_argument("--no-compile-cache", action="store_true",
@@ -129,6 +132,8 @@ def cmd_serve(args) -> int:
     try:
         specs = build_specs(srcs, sched, paged, dtype=args.dtype, attention=args.attention,
                             quantize=quantize_value(args.quantize), kv_cache=args.kv_cache)
+        if args.num_pages is None:
+            specs = [dataclasses.replace(s, size_pool=True) for s in specs]
     except ValueError as e:
         raise UsageError(str(e)) from None
     serve(specs, args.host, args.port, api_key=args.api_key, max_body=args.max_body_bytes,

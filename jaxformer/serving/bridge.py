@@ -22,6 +22,7 @@ from typing import Callable
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from jaxformer import memory
 from jaxformer.sampling import Sampling
 from jaxformer.serving.embeddings import EmbedBatcher
 from jaxformer.serving.metrics import Metrics
@@ -38,11 +39,28 @@ DISCONNECT_POLL_S = 0.25  # how often a waiting handler checks that its client i
 @dataclasses.dataclass
 class ModelSpec:
     """One served model: its name in requests, how to load it (called on a thread of its
-    own, so the server answers 503 meanwhile), and its scheduler's sizes."""
+    own, so the server answers 503 meanwhile), and its scheduler's sizes. size_pool: give
+    the page pool what the memory plan leaves on the model's devices (memory.pool_plan),
+    where device memory is known, instead of paged.num_pages."""
     name: str
     load: Callable[[], object]
     scheduler: SchedulerConfig = SchedulerConfig()
     paged: PagedConfig = PagedConfig()
+    size_pool: bool = False
+
+    def pool(self, model) -> PagedConfig:
+        """The PagedConfig to serve `model` with (module docstring of ModelSpec)."""
+        if not self.size_pool:
+            return self.paged
+        p, run = self.paged, model.run
+        plan = memory.pool_plan(model.config, model.mesh, run.dtype, page_size=p.page_size,
+                                slots=self.scheduler.slots, prefill_tokens=p.prefill_tokens,
+                                rules=model.rules, quantize=run.quantize,
+                                kv_cache=run.kv_cache)
+        if plan.num_pages is None or plan.num_pages < 2:
+            return p
+        log.info("model %s: %s", self.name, plan.explain())
+        return dataclasses.replace(p, num_pages=plan.num_pages)
 
 
 class ServedModel:
@@ -52,6 +70,7 @@ class ServedModel:
         self.spec, self.name = spec, spec.name
         self.state, self.error = "loading", ""
         self.model = self.sched = self.embedder = None
+        self.paged = spec.paged
         self.stop_ids: frozenset[int] = frozenset()
         self.created = 0
 
@@ -62,7 +81,8 @@ class ServedModel:
                 self.embedder = EmbedBatcher(model, self.spec.scheduler.slots).start()
                 self.model, self.state = model, "ready"
                 return
-            sched = PagedScheduler(model, self.spec.scheduler, self.spec.paged)
+            self.paged = self.spec.pool(model)
+            sched = PagedScheduler(model, self.spec.scheduler, self.paged)
             sched.warmup()  # every shape compiled before the first request (503 meanwhile)
             sched.start()
         except Exception as e:  # noqa: BLE001 - reported by /health and 503s
@@ -112,7 +132,7 @@ class ServedModel:
             raise APIError(400, f"{param}: prompt of {n_prompt} tokens + {param} {max_new} "
                                 f"exceeds the context of {self.max_length} tokens", param,
                            "context_length_exceeded")
-        p = self.spec.paged
+        p = self.paged
         if -(-(n_prompt + max_new) // p.page_size) > p.num_pages - 1:
             raise APIError(400, f"{param}: {n_prompt + max_new} tokens need more KV pages "
                                 f"than the pool's {p.num_pages - 1} of {p.page_size}", param)
