@@ -25,7 +25,6 @@ import argparse
 import gc
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -36,6 +35,7 @@ sys.path.insert(0, HERE)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+import harness  # noqa: E402
 import jaxformer as jf  # noqa: E402
 from jaxformer import embed as E  # noqa: E402
 from jaxformer.quant.spec import name as quant_name  # noqa: E402
@@ -185,21 +185,10 @@ def _hf_worker(shapes: list, iters: int, smoke: bool) -> None:
 
 def hf_rows(shapes: list, iters: int, smoke: bool, timeout: float | None) -> dict:
     """_hf_worker in a fresh process (before this one's jax claims the GPU)."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    code = (f"import json, sys; sys.path.insert(0, {HERE!r}); import encode; "
-            f"encode._hf_worker(json.loads(sys.argv[1]), {int(iters)}, {bool(smoke)})")
-    try:
-        stdout = subprocess.run([sys.executable, "-c", code, json.dumps(shapes)], env=env,
-                                stdout=subprocess.PIPE, text=True, timeout=timeout).stdout
-    except subprocess.TimeoutExpired as e:  # keep the rows that finished
-        stdout = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        print(f"# transformers stopped at --hf-timeout {timeout:.0f} s", flush=True)
-    rows = {}
-    for line in stdout.splitlines():
-        if line.startswith("HFROW "):
-            r = json.loads(line[6:])
-            rows[tuple(r.pop("key"))] = r
-    return rows
+    rows = harness.child_rows(
+        "encode", f"_hf_worker(json.loads(sys.argv[1]), {int(iters)}, {bool(smoke)})", shapes,
+        timeout)
+    return {tuple(r.pop("key")): r for r in rows}
 
 
 # ---- the table ------------------------------------------------------------------------

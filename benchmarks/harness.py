@@ -311,24 +311,31 @@ def _hf_worker(shapes: list, new: int) -> None:
 def hf_rows(shapes: list, new: int, timeout: float | None = None) -> dict:
     """Run _hf_worker in a fresh process (before this one's jax claims the GPU) and return
     {(preset, prompt, batch or 'largest'): row}."""
+    rows = {}
+    for r in child_rows("harness", f"_hf_worker(json.loads(sys.argv[1]), {int(new)})", shapes,
+                        timeout):
+        preset, prompt, largest = r.pop("key")
+        rows[(preset, prompt, "largest" if largest else r["batch"])] = r
+    return rows
+
+
+def child_rows(module: str, call: str, payload, timeout: float | None) -> list[dict]:
+    """`module.call` (a module of benchmarks/, its call reading the JSON payload from
+    sys.argv[1]) in a fresh process with jax on the CPU, so transformers there has the GPU
+    to itself; the JSON rows it printed on lines starting "HFROW ", those of a run stopped
+    at `timeout` included."""
     import os
     import subprocess
     env = dict(os.environ, JAX_PLATFORMS="cpu")  # the child needs only configs from jax
     code = (f"import json, sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
-            f"import harness; harness._hf_worker(json.loads(sys.argv[1]), {int(new)})")
+            f"import {module}; {module}.{call}")
     try:
-        stdout = subprocess.run([sys.executable, "-c", code, json.dumps(shapes)], env=env,
+        stdout = subprocess.run([sys.executable, "-c", code, json.dumps(payload)], env=env,
                                 stdout=subprocess.PIPE, text=True, timeout=timeout).stdout
     except subprocess.TimeoutExpired as e:  # keep the rows that finished
         stdout = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
         print(f"# transformers stopped at --hf-timeout {timeout:.0f} s", flush=True)
-    rows = {}
-    for line in stdout.splitlines():
-        if line.startswith("HFROW "):
-            r = json.loads(line[6:])
-            preset, prompt, largest = r.pop("key")
-            rows[(preset, prompt, "largest" if largest else r["batch"])] = r
-    return rows
+    return [json.loads(line[6:]) for line in stdout.splitlines() if line.startswith("HFROW ")]
 
 
 def plan_shapes(presets, prompts, batches, new: int, dtype: str, largest: bool,

@@ -162,10 +162,16 @@ def _text(model: Model, ids, s: Sampling) -> str:
     """Decoded new text: a final stop token and everything from a stop string on cut."""
     tok = model.tokenizer
     stops = set(s.stop_token_ids) | {tok.eos_id, model.config.eos_token_id}
-    if ids and ids[-1] in stops:
+    return cut_text(tok, ids, stops, s.stop_strings)
+
+
+def cut_text(tokenizer, ids, stop_ids, stop_strings) -> str:
+    """The text of generated ids as generate() gives it: a final stop token dropped,
+    everything from the first stop string on cut (the server answers the same)."""
+    if ids and ids[-1] in stop_ids:
         ids = ids[:-1]
-    text = tok.decode(ids)
-    for stop in s.stop_strings:
+    text = tokenizer.decode(ids)
+    for stop in stop_strings:
         i = text.find(stop)
         if i >= 0:
             text = text[:i]

@@ -225,6 +225,17 @@ class Batch:
         finally:
             self.close()
 
+    async def collect(self, request: Request) -> list | None:
+        """Wait for every request of the batch: their outputs, or None when the client went
+        away (they are aborted)."""
+        async with self.guard():
+            try:
+                async for _ in self.events(request):
+                    pass
+            except ClientGone:
+                return None
+            return self.outputs()
+
     def close(self) -> None:
         """Abort what still runs (the handler left early: a disconnect, a cancelled task, an
         error) and count every request once. Nothing is awaited: a cancelled task may not

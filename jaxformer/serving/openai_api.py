@@ -87,13 +87,9 @@ class _Run:
             self.req.ignore_eos)
         if self.req.stream:
             return EventStream(self._sse(batch, request), batch)
-        async with batch.guard():
-            try:
-                async for _ in batch.events(request):
-                    pass
-            except ClientGone:
-                return None
-            outs = batch.outputs()
+        outs = await batch.collect(request)
+        if outs is None:
+            return None
         for o in outs:
             raise_if_failed(o)
         choices = [await self._choice(i, o) for i, o in enumerate(outs)]

@@ -12,6 +12,7 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
 from jaxformer import chat_template
+from jaxformer.generate import cut_text
 from jaxformer.sampling import Sampling
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound for chat's top_logprobs
@@ -191,14 +192,7 @@ def chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
 def final_text(tokenizer, ids: list[int], sampling: Sampling, stop_ids) -> str:
     """The completion's text as generate() gives it: a final stop token dropped, everything
     from the first stop string on cut."""
-    if ids and ids[-1] in stop_ids:
-        ids = ids[:-1]
-    text = tokenizer.decode(ids)
-    for stop in sampling.stop_strings:
-        i = text.find(stop)
-        if i >= 0:
-            text = text[:i]
-    return text
+    return cut_text(tokenizer, ids, stop_ids, sampling.stop_strings)
 
 
 class Detokenizer:

@@ -117,13 +117,10 @@ async def _generate(name: str, request: Request, stream: bool):
     head = {"model_name": name, "model_version": "1"}
     if stream:
         return EventStream(_sse(batch, request, tok, sampling, served.stop_ids, head), batch)
-    async with batch.guard():
-        try:
-            async for _ in batch.events(request):
-                pass
-        except ClientGone:
-            return None
-        out = batch.outputs()[0]
+    outs = await batch.collect(request)
+    if outs is None:
+        return None
+    out = outs[0]
     raise_if_failed(out)
     return {**head, "text_output": final_text(tok, out.tokens, sampling, served.stop_ids),
             "finish_reason": finish_reason(out), "output_tokens": len(out.tokens),
