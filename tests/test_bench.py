@@ -134,8 +134,9 @@ def test_timeline_splits_a_call_into_dispatch_span_idle_and_tail(tmp_path):
 def test_serving_benchmark_tiny_rows_are_consistent(tmp_path, capsys):
     """benchmarks/serving.py's CPU smoke run of W4: every request finishes (the run raises
     otherwise), tokens/s is requests x new tokens over the run's seconds, the share of the
-    roofline is roofline / seconds, and the shared prefix is found in the cache only when
-    prefix caching is on."""
+    roofline is roofline / seconds, and the shared prefix is found in the cache (by most
+    requests: those prefilled in the first call find nothing yet) only when prefix caching
+    is on."""
     import serving
     out = tmp_path / "rows.json"
     assert serving.main(["--tiny", "--workloads", "w4", "--json", str(out)]) == 0
@@ -147,5 +148,6 @@ def test_serving_benchmark_tiny_rows_are_consistent(tmp_path, capsys):
         assert abs(r["tok_s"] - w.requests * w.new / r["seconds"]) < 1e-6 * r["tok_s"]
     assert abs(row["engine"]["of_roofline"] - row["roofline_s"] / row["engine"]["seconds"]) \
         < 1e-9
-    assert row["engine"]["prefix_hit_tokens"] >= (w.requests - 1) * 16 // 4 * 4
+    # every request after the first prefill call finds the 16-token prefix cached
+    assert row["engine"]["prefix_hit_tokens"] >= (w.requests // 2) * 16
     assert row["prefix_off"]["prefix_hit_tokens"] == 0
