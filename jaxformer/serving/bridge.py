@@ -28,6 +28,7 @@ from jaxformer.serving.embeddings import EmbedBatcher
 from jaxformer.serving.metrics import Metrics
 from jaxformer.serving.paged_scheduler import PagedConfig, PagedScheduler
 from jaxformer.serving.protocol import APIError
+from jaxformer.serving.replicas import ReplicaScheduler
 from jaxformer.serving.scheduler import FAILED, FINISHED, QueueFull, SchedulerConfig
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,10 @@ class ServedModel:
                 self.model, self.state = model, "ready"
                 return
             self.paged = self.spec.pool(model)
-            sched = PagedScheduler(model, self.spec.scheduler, self.paged)
+            # a data-parallel mesh: one paged engine per data replica behind one front
+            # (PagedScheduler refuses data > 1); the configs describe one replica
+            make = ReplicaScheduler if model.mesh.shape["data"] > 1 else PagedScheduler
+            sched = make(model, self.spec.scheduler, self.paged)
             sched.warmup()  # every shape compiled before the first request (503 meanwhile)
             sched.start()
         except Exception as e:  # noqa: BLE001 - reported by /health and 503s
