@@ -42,7 +42,8 @@ class ModelSpec:
     """One served model: its name in requests, how to load it (called on a thread of its
     own, so the server answers 503 meanwhile), and its scheduler's sizes. size_pool: give
     the page pool what the memory plan leaves on the model's devices (memory.pool_plan),
-    where device memory is known, instead of paged.num_pages."""
+    where device memory is known, instead of paged.num_pages. The configs describe one
+    data replica: a data > 1 mesh is served by a ReplicaScheduler, a pool per replica."""
     name: str
     load: Callable[[], object]
     scheduler: SchedulerConfig = SchedulerConfig()
@@ -54,7 +55,9 @@ class ModelSpec:
         if not self.size_pool:
             return self.paged
         p, run = self.paged, model.run
-        plan = memory.pool_plan(model.config, model.mesh, run.dtype, page_size=p.page_size,
+        # one data replica's devices: each replica has its own pool and slots (replicas.py)
+        mesh = dict(model.mesh.shape, data=1)
+        plan = memory.pool_plan(model.config, mesh, run.dtype, page_size=p.page_size,
                                 slots=self.scheduler.slots, prefill_tokens=p.prefill_tokens,
                                 rules=model.rules, quantize=run.quantize,
                                 kv_cache=run.kv_cache)
