@@ -21,7 +21,7 @@ nbclient = pytest.importorskip("nbclient")
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 TOPICS = {"01_quickstart", "02_megatron_conversion", "03_parallelism", "04_bert_encoding",
-          "05_benchmarks"}
+          "05_benchmarks", "06_serving"}
 CELL_TIMEOUT = 240  # seconds for one cell
 NOTEBOOK_BUDGET = 300  # seconds for a whole notebook (each takes well under a minute alone)
 PRIVATE = re.compile(r"\b(?:jf|jaxformer|model)\._[a-z]|from jaxformer[\w.]* import _")

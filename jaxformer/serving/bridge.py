@@ -28,6 +28,7 @@ from jaxformer.serving.embeddings import EmbedBatcher
 from jaxformer.serving.metrics import Metrics
 from jaxformer.serving.paged_scheduler import PagedConfig, PagedScheduler
 from jaxformer.serving.protocol import APIError
+from jaxformer.serving.replicas import ReplicaScheduler
 from jaxformer.serving.scheduler import FAILED, FINISHED, QueueFull, SchedulerConfig
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,8 @@ class ModelSpec:
     """One served model: its name in requests, how to load it (called on a thread of its
     own, so the server answers 503 meanwhile), and its scheduler's sizes. size_pool: give
     the page pool what the memory plan leaves on the model's devices (memory.pool_plan),
-    where device memory is known, instead of paged.num_pages."""
+    where device memory is known, instead of paged.num_pages. The configs describe one
+    data replica: a data > 1 mesh is served by a ReplicaScheduler, a pool per replica."""
     name: str
     load: Callable[[], object]
     scheduler: SchedulerConfig = SchedulerConfig()
@@ -53,7 +55,9 @@ class ModelSpec:
         if not self.size_pool:
             return self.paged
         p, run = self.paged, model.run
-        plan = memory.pool_plan(model.config, model.mesh, run.dtype, page_size=p.page_size,
+        # one data replica's devices: each replica has its own pool and slots (replicas.py)
+        mesh = dict(model.mesh.shape, data=1)
+        plan = memory.pool_plan(model.config, mesh, run.dtype, page_size=p.page_size,
                                 slots=self.scheduler.slots, prefill_tokens=p.prefill_tokens,
                                 rules=model.rules, quantize=run.quantize,
                                 kv_cache=run.kv_cache)
@@ -82,7 +86,10 @@ class ServedModel:
                 self.model, self.state = model, "ready"
                 return
             self.paged = self.spec.pool(model)
-            sched = PagedScheduler(model, self.spec.scheduler, self.paged)
+            # a data-parallel mesh: one paged engine per data replica behind one front
+            # (PagedScheduler refuses data > 1); the configs describe one replica
+            make = ReplicaScheduler if model.mesh.shape["data"] > 1 else PagedScheduler
+            sched = make(model, self.spec.scheduler, self.paged)
             sched.warmup()  # every shape compiled before the first request (503 meanwhile)
             sched.start()
         except Exception as e:  # noqa: BLE001 - reported by /health and 503s

@@ -19,7 +19,9 @@ _ITL = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 class _SchedulerCollector:
     """Gauges read from the live schedulers at scrape time. `schedulers` returns
-    {model name: PagedScheduler} of the models loaded so far."""
+    {model name: PagedScheduler or ReplicaScheduler} of the models loaded so far; a
+    ReplicaScheduler's pools are summed (pages) and pooled (hit rate: hit tokens over
+    looked-up tokens of all replicas, not a mean of rates)."""
 
     def __init__(self, schedulers: Callable[[], dict]):
         self.schedulers = schedulers
@@ -45,13 +47,24 @@ class _SchedulerCollector:
         for name, s in self.schedulers().items():
             running.add_metric([name], s.running)
             waiting.add_metric([name], s.waiting)
-            pool = getattr(s, "pool", None)
-            if pool is not None:
-                pages.add_metric([name], pool.num_in_use)
-                total.add_metric([name], pool.num_pages - 1)
-                hit.add_metric([name], pool.hit_rate)
+            pools = _pools(s)
+            if pools:
+                pages.add_metric([name], sum(p.num_in_use for p in pools))
+                total.add_metric([name], sum(p.num_pages - 1 for p in pools))
+                looked = sum(p.prefix_query_tokens for p in pools)
+                hit.add_metric([name], sum(p.prefix_hit_tokens for p in pools)
+                               / max(1, looked))
                 preempt.add_metric([name], s.preemptions)
         yield from (running, waiting, pages, total, hit, preempt)
+
+
+def _pools(s) -> list:
+    """The page pools of a scheduler: a PagedScheduler's one, a ReplicaScheduler's paged
+    replicas' (none for contiguous engines)."""
+    if hasattr(s, "replicas"):
+        return [p for p in (getattr(r, "pool", None) for r in s.replicas) if p is not None]
+    pool = getattr(s, "pool", None)
+    return [] if pool is None else [pool]
 
 
 class Metrics:

@@ -103,10 +103,11 @@ class ReplicaScheduler:
 
     # ---- callers (any thread) -------------------------------------------------------------
     def submit(self, prompt: Sequence[int] | str, sampling: Sampling | None = None,
-               max_new_tokens: int = 16, seed: int = 0, ignore_eos: bool = False) -> Handle:
-        """As Scheduler.submit."""
+               max_new_tokens: int = 16, seed: int = 0, ignore_eos: bool = False,
+               listener=None) -> Handle:
+        """As Scheduler.submit (listener: called on the serving replica's loop thread)."""
         h = Handle(self, next(self._ids), [], sampling or GREEDY, max_new_tokens, seed,
-                   ignore_eos)
+                   ignore_eos, listener)
         try:
             h.prompt = self.replicas[0]._check(prompt, h.sampling, max_new_tokens)
         except ValueError as e:
@@ -120,6 +121,11 @@ class ReplicaScheduler:
 
     def abort(self, handle: Handle) -> None:
         self._inbox.put(("abort", handle))
+
+    def warmup(self) -> list[dict]:
+        """Compile every replica's shapes before the first request (paged replicas; a
+        contiguous Scheduler compiles on first use). Call before start()."""
+        return [r.warmup() for r in self.replicas if isinstance(r, PagedScheduler)]
 
     def start(self) -> "ReplicaScheduler":
         """One loop thread per replica."""
