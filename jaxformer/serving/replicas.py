@@ -35,10 +35,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxformer import sharding as shd
-from jaxformer.sampling import GREEDY, Sampling
+from jaxformer.sampling import Sampling
 from jaxformer.serving.paged_scheduler import PagedConfig, PagedScheduler
-from jaxformer.serving.scheduler import (ABORTED, FAILED, WAITING, Handle, QueueFull,
-                                         Scheduler, SchedulerConfig)
+from jaxformer.serving.scheduler import (ABORTED, WAITING, Handle, Scheduler,
+                                         SchedulerConfig, submission)
 
 
 def replica_models(model) -> list:
@@ -106,18 +106,8 @@ class ReplicaScheduler:
                max_new_tokens: int = 16, seed: int = 0, ignore_eos: bool = False,
                listener=None) -> Handle:
         """As Scheduler.submit (listener: called on the serving replica's loop thread)."""
-        h = Handle(self, next(self._ids), [], sampling or GREEDY, max_new_tokens, seed,
-                   ignore_eos, listener)
-        try:
-            h.prompt = self.replicas[0]._check(prompt, h.sampling, max_new_tokens)
-        except ValueError as e:
-            h._end(FAILED, str(e))
-            return h
-        if self.waiting >= self.config.max_queue:
-            raise QueueFull(f"{self.config.max_queue} requests are waiting")
-        self._idle.clear()
-        self._inbox.put(("submit", h))
-        return h
+        return submission(self, self.replicas[0]._check, prompt, sampling, max_new_tokens,
+                          seed, ignore_eos, listener, self.waiting)
 
     def abort(self, handle: Handle) -> None:
         self._inbox.put(("abort", handle))

@@ -144,6 +144,26 @@ class Handle:
             self._listener()
 
 
+def submission(front, check, prompt, sampling, max_new, seed, ignore_eos, listener,
+               waiting: int) -> Handle:
+    """submit() of a scheduler front (a Scheduler, or ReplicaScheduler over several): a
+    Handle whose prompt check(prompt, sampling, max_new) accepted, queued in front's inbox;
+    one already failed with the reason when it cannot be served; QueueFull when `waiting`
+    requests fill front's queue."""
+    h = Handle(front, next(front._ids), [], sampling or GREEDY, max_new, seed, ignore_eos,
+               listener)
+    try:
+        h.prompt = check(prompt, h.sampling, max_new)
+    except ValueError as e:
+        h._end(FAILED, str(e))
+        return h
+    if waiting >= front.config.max_queue:
+        raise QueueFull(f"{front.config.max_queue} requests are waiting")
+    front._idle.clear()
+    front._inbox.put(("submit", h))
+    return h
+
+
 class Scheduler:
     """Continuous batching over an Engine's slots (module docstring)."""
 
@@ -187,18 +207,8 @@ class Scheduler:
         if self._hosts > 1 and not multihost.is_leader():
             raise ValueError("submit: with several processes, requests go to process 0 "
                              f"(this is process {jax.process_index()})")
-        h = Handle(self, next(self._ids), [], sampling or GREEDY, max_new_tokens, seed,
-                   ignore_eos, listener)
-        try:
-            h.prompt = self._check(prompt, h.sampling, max_new_tokens)
-        except ValueError as e:
-            h._end(FAILED, str(e))
-            return h
-        if self._inbox.qsize() + len(self._waiting) >= self.config.max_queue:
-            raise QueueFull(f"{self.config.max_queue} requests are waiting")
-        self._idle.clear()
-        self._inbox.put(("submit", h))
-        return h
+        return submission(self, self._check, prompt, sampling, max_new_tokens, seed,
+                          ignore_eos, listener, self._inbox.qsize() + len(self._waiting))
 
     def abort(self, handle: Handle) -> None:
         """End a request now (its slot is freed at the loop's next tick)."""
