@@ -182,14 +182,15 @@ def run_steady(model, w: Workload, args, length: int, ticks: int) -> dict:
     return dict(batch=live, length=length + args.steps_per_tick * ticks / 2, step_ms=step * 1e3)
 
 
-def run_single(model, w: Workload, args, prompt: int, new: int) -> dict:
+def run_single(model, w: Workload, args, prompt: int, new: int, max_length=None) -> dict:
     rng = np.random.default_rng(2)
     p = rng.integers(0, model.config.vocab_size, prompt).tolist()
     model.generate([p], max_new_tokens=new, ignore_eos=True)
     t = time.perf_counter()
     model.generate([p], max_new_tokens=new, ignore_eos=True)
     gen = time.perf_counter() - t
-    sched, _ = scheduler(model, dataclasses.replace(w, slots=w.slots), args, prompt + new)
+    sched, _ = scheduler(model, dataclasses.replace(w, slots=w.slots), args,
+                         max_length or prompt + new)
     for _ in range(2):  # the second run is timed
         t = time.perf_counter()
         h = sched.submit(p, None, max_new_tokens=new, ignore_eos=True)
@@ -242,7 +243,10 @@ TINY_ARGS = dict(dtype="float32", page_size=4, prefill_tokens=64, chunk=32, min_
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    for k, v in (TINY_ARGS if args.tiny else FULL_ARGS).items():
+    base = TINY_ARGS if args.tiny else FULL_ARGS
+    if args.server and args.tiny:
+        base = {**base, **serving_load.TINY_ARGS}
+    for k, v in base.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.server:

@@ -161,15 +161,19 @@ def test_load_summary_of_hand_made_requests():
     evenly over its chunks), end-to-end = end - send, tokens/s over first send to last end;
     a failed request is counted and left out of the latencies."""
     import serving_load as sl
-    ok = {"sent": 10.0, "chunks": [11.0, 12.0, 14.0], "end": 14.0, "tokens": 6, "error": None}
+    ok = {"sent": 10.0, "chunks": [11.0, 12.0, 14.0], "words": [1, 2, 3], "end": 14.0,
+          "tokens": 6, "error": None}
     bad = {"sent": 10.5, "chunks": [], "tokens": 0, "error": "HTTP 429: b''"}
     row = sl.summarize([ok, bad], t0=10.0)
     assert (row["sent"], row["ok"], row["failed"]) == (2, 1, 1)
     assert row["tokens"] == 6 and row["seconds"] == 4.0 and row["tok_s"] == 1.5
     assert row["ttft_p50_s"] == row["ttft_p99_s"] == 1.0
     assert row["e2e_p50_s"] == 4.0
-    # gaps 1 s and 2 s, 2 tokens a chunk: 0.5 and 1.0 s a token
-    assert row["itl_p50_s"] == 0.75 and abs(row["itl_p99_s"] - 0.995) < 1e-9
+    # gaps 1 s (2 tokens) and 2 s (3 tokens): 0.5 and 2/3 s a token
+    assert abs(row["itl_p50_s"] - 7 / 12) < 1e-9 and abs(row["itl_p99_s"] - 0.665) < 1e-3
+    # words that do not add up to the tokens: 2 tokens a chunk, 0.5 and 1.0 s a token
+    row = sl.summarize([{**ok, "words": [1, 1, 1]}], t0=10.0)
+    assert row["itl_p50_s"] == 0.75 and row["itl_p99_s"] < 1.0
     assert not sl.sustains({**row, "failed": 0})  # p99 TTFT 1 s is not under 1 s
     gaps = np.diff(sl.arrivals(4.0, 20000))
     assert abs(gaps.mean() - 0.25) < 0.01 and abs(gaps.std() - 0.25) < 0.01  # exponential
