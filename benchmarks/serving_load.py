@@ -129,9 +129,12 @@ async def _one(client, url, body, at, t0) -> dict:
 
 
 def body(model: str, prompt: list[int], new: int, text: bool) -> dict:
-    return {"model": model, "prompt": " ".join(f"t{i}" for i in prompt) if text else prompt,
-            "max_tokens": new, "stream": True, "stream_options": {"include_usage": True},
-            "ignore_eos": True, "temperature": 0.0}
+    """The request; text: the prompt as words, and no ignore_eos (transformers serve answers
+    422 to it; its model has no EOS token, so it too generates max_tokens)."""
+    out = {"model": model, "prompt": " ".join(f"t{i}" for i in prompt) if text else prompt,
+           "max_tokens": new, "stream": True, "stream_options": {"include_usage": True},
+           "temperature": 0.0}
+    return out if text else {**out, "ignore_eos": True}
 
 
 async def _rate(url, model, reqs, at, limit, text) -> tuple[list[dict], float]:
@@ -306,7 +309,7 @@ def write_hf_model(payload: str) -> None:
         num_attention_heads=c["heads"], num_key_value_heads=c["kv_heads"],
         intermediate_size=c["ffn"], max_position_embeddings=c["positions"],
         rope_theta=c["rope_theta"], rms_norm_eps=c["eps"], bos_token_id=None,
-        eos_token_id=None, pad_token_id=0, torch_dtype="bfloat16")
+        eos_token_id=None, pad_token_id=0, dtype="bfloat16")
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)  # built in bf16: 8B in fp32 is 32 GB
     with torch.device("cuda"):
