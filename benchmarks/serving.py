@@ -226,8 +226,10 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--requests", type=int, help="requests per rate at most (default 512)")
     g.add_argument("--duration", type=float, help="seconds of arrivals per rate at most")
     g.add_argument("--slots", type=int, help="the server's running batch (default 256)")
-    g.add_argument("--no-peer", dest="peer", action="store_false",
-                   help="skip transformers serve --continuous-batching")
+    g.add_argument("--servers", nargs="+", default=["transformers", "jaxformer"],
+                   choices=["transformers", "jaxformer"],
+                   help="which servers to load (transformers: serve --continuous-batching; "
+                        "not with --tiny)")
     g.add_argument("--server-timeout", type=float, default=1800.0,
                    help="seconds a server may take to load and compile")
     g.add_argument("--single", nargs=2, type=int, default=None, metavar=("PROMPT", "NEW"),

@@ -4,7 +4,8 @@ same client and workload for both.
 
     python benchmarks/serving.py --server                       # llama3-8b, random weights
     python benchmarks/serving.py --server --rates 1 2 4 8 16 --json rows.json
-    python benchmarks/serving.py --server --tiny --no-peer      # a CPU smoke run
+    python benchmarks/serving.py --server --servers jaxformer  # without the peer
+    python benchmarks/serving.py --server --tiny                # a CPU smoke run
 
 Workload (seed 0): prompt lengths uniform in 64..1024 tokens and output lengths uniform in
 32..512, random token ids; every request streams (`stream: true`) from /v1/completions with
@@ -69,7 +70,7 @@ class Load:
     slots: int
 
 
-FULL = Load("llama3-8b", (64, 1024), (32, 512), 512, 60.0, 120.0, 256)
+FULL = Load("llama3-8b", (64, 1024), (32, 512), 512, 60.0, 60.0, 256)
 TINY = Load("demo", (4, 24), (2, 8), 8, 10.0, 20.0, 4)
 # the tiny run's scheduler over serving.TINY_ARGS: one prefill chunk length, few row counts,
 # so the CPU smoke run compiles few programs
@@ -385,9 +386,21 @@ def main(args, offline) -> int:
         raise ValueError(f"--rates: request rates must be > 0, got {rates}")
     cfg = jf.ModelConfig.from_preset(load.preset)
     out = {"preset": load.preset, "load": dataclasses.asdict(load), "rates": rates}
-    if args.peer and not args.tiny:  # before this process's jax takes the GPU
+    if "transformers" in args.servers and not args.tiny:  # before jax takes the GPU
         out["transformers"] = peer_rows(cfg, load, rates, args)
         report("transformers serve --continuous-batching", out["transformers"])
+    if "jaxformer" in args.servers:
+        jaxformer_side(cfg, load, rates, args, offline, out)
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(out, f, indent=1)
+        os.replace(tmp, args.json)
+    return 0
+
+
+def jaxformer_side(cfg, load: Load, rates, args, offline, out: dict) -> None:
+    """jaxformer serve over the rates, then the offline engine and batch 1 (module doc)."""
     tok = HFJsonTokenizer.from_tokenizer(word_tokenizer(cfg.vocab_size))
     model = jf.Model.random(cfg, dtype=args.dtype, seed=0, tokenizer=tok)
     print(f"# {jax_device()}, jaxformer serve: {load.preset}, {args.dtype}, "
@@ -409,12 +422,6 @@ def main(args, offline) -> int:
                                 max_length=load.prompt[1] + load.new[1])
     out["engine_single"] = single
     report("jaxformer serve", out["jaxformer"], out)
-    if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(out, f, indent=1)
-        os.replace(tmp, args.json)
-    return 0
 
 
 def jax_device() -> str:
