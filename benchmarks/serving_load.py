@@ -20,7 +20,8 @@ same word tokenizer (token i is the word "t<i>"), so a chunk's words are its tok
 do not add up to usage.completion_tokens, the request's tokens are spread evenly). "Sustained": the highest rate with p99
 TTFT < 1 s and p99 inter-token < 50 ms and no failures.
 
-jaxformer's server runs in this process (uvicorn on a thread, 127.0.0.1, an ephemeral port)
+The client runs in a child process (so its event loop does not share a GIL with the server's
+threads). jaxformer's server runs in this process (uvicorn on a thread, 127.0.0.1, a free port)
 over the model the offline engine (serving.run_engine) ran the same requests through first,
 so the table shows the HTTP layer's share of the offline throughput; one request alone
 streamed is set against the engine's batch-1 decode (serving.run_single). The peer runs first,
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -51,6 +53,7 @@ import jax
 import numpy as np
 import uvicorn
 
+import harness
 import jaxformer as jf
 from jaxformer.serving.app import create_app
 from jaxformer.serving.bridge import ModelSpec
@@ -195,6 +198,30 @@ def sweep(url: str, model: str, load: Load, rates: list[float], vocab: int, text
     return rows
 
 
+def client_rows(payload: str) -> None:
+    """(child) sweep() over the payload's server, a row a line ("HFROW " + JSON): the load
+    client runs in a process of its own, apart from the server's threads and their GIL."""
+    p = json.loads(payload)
+    load = Load(**{k: tuple(v) if isinstance(v, list) else v for k, v in p["load"].items()})
+    for _ in range(p.get("repeat", 1)):  # repeat: the last of the runs counts
+        rows = sweep(p["url"], p["model"], load, p["rates"], p["vocab"], p["text"], p["seed"])
+    for row in rows:
+        print("HFROW " + json.dumps(row), flush=True)
+
+
+def sweep_child(url: str, model: str, load: Load, rates, vocab: int, text: bool,
+                seed: int = 0, repeat: int = 1) -> list[dict]:
+    """sweep() in a child process (client_rows); bounded by the rates' time limits."""
+    limit = sum(min(load.requests, math.ceil(r * load.duration)) / r + load.drain
+                for r in rates) * repeat + 120  # + the child's start
+    payload = dict(url=url, model=model, load=dataclasses.asdict(load), rates=list(rates),
+                   vocab=vocab, text=text, seed=seed, repeat=repeat)
+    rows = harness.child_rows("serving_load", "client_rows(sys.argv[1])", payload, limit)
+    if len(rows) != len(rates):
+        raise RuntimeError(f"the load client gave {len(rows)} rows for {len(rates)} rates")
+    return rows
+
+
 def sustains(row: dict) -> bool:
     return (row["failed"] == 0 and row["ok"] > 0 and row["ttft_p99_s"] < SLO_TTFT_S
             and row["itl_p99_s"] < SLO_ITL_S)
@@ -277,20 +304,17 @@ def jaxformer_rows(model, load: Load, rates, args) -> dict:
     t = time.perf_counter()
     with ServerThread(create_app([spec]), args.server_timeout) as url:
         out = {"ready_s": time.perf_counter() - t}
-        out["rates"] = sweep(url, "bench", load, rates, vocab, text=False)
+        out["rates"] = sweep_child(url, "bench", load, rates, vocab, text=False)
         single = Load(load.preset, (args.single[0],) * 2, (args.single[1],) * 2, 1, 1.0,
                       load.drain, load.slots)
-        res = []
-        for _ in range(2):  # the first compiles nothing new but warms the client
-            res, t0 = asyncio.run(_rate(url, "bench", requests(single, 1, vocab, 2), [0.0],
-                                        single.drain, False))
-        r = res[0]
-        if r["error"] is None:
-            out["single"] = {"tok_s": r["tokens"] / (r["end"] - r["sent"]),
-                             "decode_ms": (r["end"] - r["chunks"][0]) / (r["tokens"] - 1) * 1e3
-                             if r["tokens"] > 1 else float("nan")}
-        else:
-            out["single"] = {"error": r["error"]}
+        # run twice, the second counts: the first warms the connection and the client
+        (r,) = sweep_child(url, "bench", single, [1.0], vocab, False, seed=2, repeat=2)
+    if r["ok"] == 1:
+        e2e, ttft = r["e2e_p50_s"], r["ttft_p50_s"]
+        out["single"] = {"tok_s": r["tokens"] / e2e,
+                         "decode_ms": (e2e - ttft) / max(r["tokens"] - 1, 1) * 1e3}
+    else:
+        out["single"] = {"error": r["errors"][0]}
     return out
 
 
@@ -331,7 +355,6 @@ def free_port() -> int:
 
 def peer_rows(cfg, load: Load, rates, args) -> dict:
     """transformers serve --continuous-batching over the same workload (module docstring)."""
-    import harness
     if shutil.which("transformers") is None:
         return {"error": "no `transformers` command (pip install 'transformers[serving]')"}
     tmp = tempfile.mkdtemp(prefix="loadbench-hf-")
@@ -359,7 +382,7 @@ def peer_rows(cfg, load: Load, rates, args) -> dict:
             log.seek(0)
             return {"error": f"{e}; log: {log.read()[-500:]}"}
         out = {"ready_s": time.perf_counter() - t}
-        out["rates"] = sweep(url, tmp, load, rates, cfg.vocab_size, text=True)
+        out["rates"] = sweep_child(url, tmp, load, rates, cfg.vocab_size, text=True)
         return out
     finally:
         if proc is not None:
@@ -406,6 +429,7 @@ def jaxformer_side(cfg, load: Load, rates, args, offline, out: dict) -> None:
     print(f"# {jax_device()}, jaxformer serve: {load.preset}, {args.dtype}, "
           f"{load.slots} slots", flush=True)
     out["jaxformer"] = jaxformer_rows(model, load, rates, args)
+    gc.collect()  # the server's scheduler and page pool, before the offline engine's
     # the offline engine on the requests of the sustained rate (else the highest), all at once
     rows = out["jaxformer"]["rates"]
     at = sustained(rows) or rates[-1]
