@@ -412,14 +412,18 @@ def main(args, offline) -> int:
     if "transformers" in args.servers and not args.tiny:  # before jax takes the GPU
         out["transformers"] = peer_rows(cfg, load, rates, args)
         report("transformers serve --continuous-batching", out["transformers"])
+        write(args.json, out)  # kept should the jaxformer side not finish
     if "jaxformer" in args.servers:
         jaxformer_side(cfg, load, rates, args, offline, out)
-    if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(out, f, indent=1)
-        os.replace(tmp, args.json)
+        write(args.json, out)
     return 0
+
+
+def write(path: str | None, out: dict) -> None:
+    if path:
+        with open(path + ".tmp", "w") as f:
+            json.dump(out, f, indent=1)
+        os.replace(path + ".tmp", path)
 
 
 def jaxformer_side(cfg, load: Load, rates, args, offline, out: dict) -> None:
