@@ -5,6 +5,7 @@ same run, and against each workload's roofline.
     python benchmarks/serving.py                       # W1-W4, steady state, single request
     python benchmarks/serving.py --workloads w2 --hf   # one workload (+ transformers rows)
     python benchmarks/serving.py --tiny                # a CPU smoke run of the same code
+    python benchmarks/serving.py --server              # the HTTP load run (serving_load.py)
 
 Workloads (random weights, bf16, greedy, no EOS: every request generates its new tokens):
   W1  llama-7b    256 requests, prompts uniform in 32..1024 (seed 0), 128 new tokens
@@ -36,6 +37,7 @@ import jax
 import numpy as np
 
 import harness
+import serving_load
 import jaxformer as jf
 from jaxformer import memory
 from jaxformer.models import num_params
@@ -117,18 +119,23 @@ def scheduler(model, w: Workload, args, max_length: int, prefix_caching=True):
                    "shapes": sum(len(v) for v in shapes.values())}
 
 
-def run_engine(model, w: Workload, ps, args, prefix_caching=True) -> dict:
-    sched, info = scheduler(model, w, args, max(map(len, ps)) + w.new, prefix_caching)
+def run_engine(model, w: Workload, ps, args, prefix_caching=True, news=None,
+               max_length=None) -> dict:
+    """All of ps at once until idle; news: each request's new tokens (default w.new);
+    max_length: the scheduler's (default the longest request's)."""
+    news = news or [w.new] * len(ps)
+    sched, info = scheduler(model, w, args, max_length or max(map(len, ps)) + max(news),
+                            prefix_caching)
     t0 = time.perf_counter()
-    hs = [sched.submit(p, None, max_new_tokens=w.new, ignore_eos=True) for p in ps]
+    hs = [sched.submit(p, None, max_new_tokens=n, ignore_eos=True) for p, n in zip(ps, news)]
     sched.run_until_idle()
     dt = time.perf_counter() - t0
     outs = [h.result(timeout=0) for h in hs]
-    bad = [o for o in outs if o.status != FINISHED or len(o.tokens) != w.new]
+    bad = [o for o, n in zip(outs, news) if o.status != FINISHED or len(o.tokens) != n]
     if bad:
         raise RuntimeError(f"{len(bad)} requests did not finish: {bad[0].reason}")
     ttft = np.asarray([o.times["first_token"] - t0 for o in outs])
-    row = dict(seconds=dt, tok_s=len(ps) * w.new / dt, ttft_p50_s=float(np.median(ttft)),
+    row = dict(seconds=dt, tok_s=sum(news) / dt, ttft_p50_s=float(np.median(ttft)),
                preemptions=sched.preemptions, prefix_hit_tokens=sched.pool.prefix_hit_tokens,
                **info)
     sched.stop()
@@ -175,14 +182,15 @@ def run_steady(model, w: Workload, args, length: int, ticks: int) -> dict:
     return dict(batch=live, length=length + args.steps_per_tick * ticks / 2, step_ms=step * 1e3)
 
 
-def run_single(model, w: Workload, args, prompt: int, new: int) -> dict:
+def run_single(model, w: Workload, args, prompt: int, new: int, max_length=None) -> dict:
     rng = np.random.default_rng(2)
     p = rng.integers(0, model.config.vocab_size, prompt).tolist()
     model.generate([p], max_new_tokens=new, ignore_eos=True)
     t = time.perf_counter()
     model.generate([p], max_new_tokens=new, ignore_eos=True)
     gen = time.perf_counter() - t
-    sched, _ = scheduler(model, dataclasses.replace(w, slots=w.slots), args, prompt + new)
+    sched, _ = scheduler(model, dataclasses.replace(w, slots=w.slots), args,
+                         max_length or prompt + new)
     for _ in range(2):  # the second run is timed
         t = time.perf_counter()
         h = sched.submit(p, None, max_new_tokens=new, ignore_eos=True)
@@ -212,6 +220,20 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-steady", action="store_true")
     ap.add_argument("--no-single", action="store_true")
     ap.add_argument("--json", help="also write the rows here")
+    g = ap.add_argument_group("--server: the HTTP load run (benchmarks/serving_load.py)")
+    g.add_argument("--server", action="store_true", help="the load run instead of W1-W4")
+    g.add_argument("--rates", nargs="+", type=float, help="requests/s (default 1 2 4 8 16)")
+    g.add_argument("--requests", type=int, help="requests per rate at most (default 512)")
+    g.add_argument("--duration", type=float, help="seconds of arrivals per rate at most")
+    g.add_argument("--slots", type=int, help="the server's running batch (default 256)")
+    g.add_argument("--servers", nargs="+", default=["transformers", "jaxformer"],
+                   choices=["transformers", "jaxformer"],
+                   help="which servers to load (transformers: serve --continuous-batching; "
+                        "not with --tiny)")
+    g.add_argument("--server-timeout", type=float, default=1800.0,
+                   help="seconds a server may take to load and compile")
+    g.add_argument("--single", nargs=2, type=int, default=None, metavar=("PROMPT", "NEW"),
+                   help="the lone request's lengths (default 128 128)")
     return ap
 
 
@@ -223,9 +245,15 @@ TINY_ARGS = dict(dtype="float32", page_size=4, prefill_tokens=64, chunk=32, min_
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    for k, v in (TINY_ARGS if args.tiny else FULL_ARGS).items():
+    base = TINY_ARGS if args.tiny else FULL_ARGS
+    if args.server and args.tiny:
+        base = {**base, **serving_load.TINY_ARGS}
+    for k, v in base.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.server:
+        args.single = args.single or ([8, 6] if args.tiny else [128, 128])
+        return serving_load.main(args, sys.modules[__name__])
     table = TINY if args.tiny else WORKLOADS
     hf = {}
     if args.hf and not args.tiny:  # before this process's jax takes the GPU

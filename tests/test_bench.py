@@ -2,6 +2,8 @@
 prints a row per shape and mode whose numbers are consistent with each other."""
 import json
 
+import numpy as np
+
 from jaxformer import cli
 
 
@@ -151,3 +153,59 @@ def test_serving_benchmark_tiny_rows_are_consistent(tmp_path, capsys):
     # every request after the first prefill call finds the 16-token prefix cached
     assert row["engine"]["prefix_hit_tokens"] >= (w.requests // 2) * 16
     assert row["prefix_off"]["prefix_hit_tokens"] == 0
+
+
+def test_load_summary_of_hand_made_requests():
+    """serving_load.summarize on records worked out by hand: TTFT = first chunk - send,
+    inter-token = chunk gaps over the tokens a chunk carries (the request's tokens spread
+    evenly over its chunks), end-to-end = end - send, tokens/s over first send to last end;
+    a failed request is counted and left out of the latencies."""
+    import serving_load as sl
+    ok = {"sent": 10.0, "chunks": [11.0, 12.0, 14.0], "words": [1, 2, 3], "end": 14.0,
+          "tokens": 6, "error": None}
+    bad = {"sent": 10.5, "chunks": [], "tokens": 0, "error": "HTTP 429: b''"}
+    row = sl.summarize([ok, bad], t0=10.0)
+    assert (row["sent"], row["ok"], row["failed"]) == (2, 1, 1)
+    assert row["tokens"] == 6 and row["seconds"] == 4.0 and row["tok_s"] == 1.5
+    assert row["ttft_p50_s"] == row["ttft_p99_s"] == 1.0
+    assert row["e2e_p50_s"] == 4.0
+    # gaps 1 s (2 tokens) and 2 s (3 tokens): 0.5 and 2/3 s a token
+    assert abs(row["itl_p50_s"] - 7 / 12) < 1e-9 and abs(row["itl_p99_s"] - 0.665) < 1e-3
+    # words that do not add up to the tokens: 2 tokens a chunk, 0.5 and 1.0 s a token
+    row = sl.summarize([{**ok, "words": [1, 1, 1]}], t0=10.0)
+    assert row["itl_p50_s"] == 0.75 and row["itl_p99_s"] < 1.0
+    assert not sl.sustains({**row, "failed": 0})  # p99 TTFT 1 s is not under 1 s
+    gaps = np.diff(sl.arrivals(4.0, 20000))
+    assert abs(gaps.mean() - 0.25) < 0.01 and abs(gaps.std() - 0.25) < 0.01  # exponential
+
+
+def test_serving_load_tiny_rows_are_consistent(tmp_path):
+    """benchmarks/serving.py --server --tiny (jaxformer's server on a thread, no peer): every
+    request of each rate is sent and answered with its max_tokens, tokens/s is tokens over
+    seconds, p50 <= p99, the sustained rate is the highest whose p99s meet the targets, and the
+    offline engine's row is the same requests' tokens over its seconds."""
+    import serving
+    import serving_load as sl
+    out = tmp_path / "load.json"
+    assert serving.main(["--server", "--tiny", "--rates", "4", "8", "--json", str(out)]) == 0
+    # (no capsys: uvicorn's log handlers would hold its stream past the test)
+    r = json.loads(out.read_text())
+    load = sl.Load(**{k: tuple(v) if isinstance(v, list) else v for k, v in r["load"].items()})
+    rows = r["jaxformer"]["rates"]
+    assert [x["rate"] for x in rows] == [4, 8]
+    for x in rows:
+        n = min(load.requests, int(np.ceil(x["rate"] * load.duration)))
+        assert x["sent"] == n and x["ok"] + x["failed"] == n and x["failed"] == 0, x["errors"]
+        assert x["tokens"] == sum(m for _, m in sl.requests(load, n, 259))
+        assert abs(x["tok_s"] - x["tokens"] / x["seconds"]) < 1e-9 * x["tok_s"]
+        for m in ("ttft", "itl", "e2e"):
+            assert 0 <= x[f"{m}_p50_s"] <= x[f"{m}_p99_s"]
+        assert x["ttft_p99_s"] <= x["e2e_p99_s"] + 1e-9
+        assert x["sustains"] == (x["ttft_p99_s"] < 1 and x["itl_p99_s"] < 0.05)
+    good = [x["rate"] for x in rows if x["sustains"]]
+    off = r["offline"]
+    assert off["rate"] == (max(good) if good else 8)
+    n = next(x["sent"] for x in rows if x["rate"] == off["rate"])
+    news = sum(m for _, m in sl.requests(load, n, 259))
+    assert abs(off["tok_s"] - news / off["seconds"]) < 1e-6 * off["tok_s"]
+    assert r["jaxformer"]["single"]["tok_s"] > 0 and r["engine_single"]["sched_decode_ms"] > 0
