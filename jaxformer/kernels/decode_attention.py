@@ -448,13 +448,7 @@ def decode_attention(q, k, v, q_positions, kv_lengths, *, causal: bool, scale: f
     qg = q.reshape(B, K, G, H)
     if R != G:  # for G a multiple of 8 (and q_rows_only) this is a free reshape
         qg = jnp.pad(qg, ((0, 0), (0, 0), (0, R - G), (0, 0)))
-    mods = fa.mods_of(window, softcap, alibi_slopes)
-    pos = q_positions.reshape(B).astype(jnp.int32)
-    lo = None if window is None else jnp.maximum(pos - (jnp.asarray(window, jnp.int32) - 1), 0)
-    slopes = None
-    if mods.alibi:  # [K, 64]: kv head h's query rows' slopes, zero-padded like the rows
-        slopes = alibi_slopes.astype(jnp.float32).reshape(K, G) * fa.LOG2E
-        slopes = jnp.pad(slopes, ((0, 0), (0, ROWS - G)))
+    mods, pos, lo, slopes = modifier_inputs(window, softcap, alibi_slopes, q_positions, K, G)
     o, lse2 = _decode_pallas(qg, k, v, kv_lengths.astype(jnp.int32),
                              pos, layer, scale=scale,
                              causal=causal, kv_len=S, o_rows=_o_rows(G), cfg=cfg, splits=P,
@@ -476,3 +470,17 @@ def decode_attention_reference(q, k, v, q_positions, kv_lengths, *, causal: bool
                                return_lse=return_lse, k_scale=k_scale, v_scale=v_scale,
                                window=window, softcap=softcap,
                                alibi_slopes=alibi_slopes)
+
+
+def modifier_inputs(window, softcap, alibi_slopes, q_positions, K: int, G: int):
+    """(mods, positions [B] int32, window starts [B] or None, ALiBi slopes [K, ROWS] or None)
+    for a decode kernel over K kv heads of G query rows each: the slopes pre-scaled by
+    log2(e) and zero-padded like the rows."""
+    mods = fa.mods_of(window, softcap, alibi_slopes)
+    pos = q_positions.reshape(-1).astype(jnp.int32)
+    lo = None if window is None else jnp.maximum(pos - (jnp.asarray(window, jnp.int32) - 1), 0)
+    slopes = None
+    if mods.alibi:
+        slopes = alibi_slopes.astype(jnp.float32).reshape(K, G) * fa.LOG2E
+        slopes = jnp.pad(slopes, ((0, 0), (0, ROWS - G)))
+    return mods, pos, lo, slopes

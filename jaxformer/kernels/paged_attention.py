@@ -435,13 +435,8 @@ def paged_decode_attention(q, k_pool, v_pool, pages, q_positions, kv_lengths, *,
     qg = q.reshape(B, K, G, H)
     if R != G:
         qg = jnp.pad(qg, ((0, 0), (0, 0), (0, R - G), (0, 0)))
-    mods = fa.mods_of(window, softcap, alibi_slopes)
-    pos = q_positions.reshape(B).astype(jnp.int32)
-    lo = None if window is None else jnp.maximum(pos - (jnp.asarray(window, jnp.int32) - 1), 0)
-    slopes = None
-    if mods.alibi:  # [K, 64]: kv head h's query rows' slopes, zero-padded like the rows
-        slopes = alibi_slopes.astype(jnp.float32).reshape(K, G) * fa.LOG2E
-        slopes = jnp.pad(slopes, ((0, 0), (0, da.ROWS - G)))
+    mods, pos, lo, slopes = da.modifier_inputs(window, softcap, alibi_slopes, q_positions,
+                                               K, G)
     o, lse2 = _paged_decode_pallas(qg, k_pool, v_pool, pages, kv_lengths.astype(jnp.int32),
                                    pos, layer, scale=scale, o_rows=R, cfg=cfg, pps=pps,
                                    splits=P, interpret=interpret, scales=scales, lo=lo,
