@@ -189,7 +189,7 @@ def run_single(model, w: Workload, args, prompt: int, new: int, max_length=None)
     t = time.perf_counter()
     model.generate([p], max_new_tokens=new, ignore_eos=True)
     gen = time.perf_counter() - t
-    sched, _ = scheduler(model, dataclasses.replace(w, slots=w.slots), args,
+    sched, _ = scheduler(model, w, args,
                          max_length or prompt + new)
     for _ in range(2):  # the second run is timed
         t = time.perf_counter()
