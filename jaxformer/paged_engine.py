@@ -25,6 +25,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from jaxformer import cache as kvc
+from jaxformer import pipeline
 from jaxformer import sharding as shd
 from jaxformer.decode_state import STOP_WINDOW, DecodeState, Request, new_window, row_keys, \
     stopped
@@ -124,10 +125,16 @@ class PagedEngine(Engine):
         super().__init__(model, config)
         if config.page_size is None:
             raise ValueError("PagedEngine needs EngineConfig.page_size and num_pages")
-        if model.mesh.shape["pipe"] > 1 or model.mesh.shape["data"] > 1:
-            raise ValueError("a paged KV cache runs on tensor-parallel meshes (pipe = data = "
-                             "1); data parallelism is one PagedEngine per replica "
+        if model.mesh.shape["data"] > 1:
+            raise ValueError("a paged KV cache runs on pipe x tensor meshes (data = 1); data "
+                             "parallelism is one PagedEngine per replica "
                              "(serving.replicas.ReplicaScheduler)")
+        S = model.mesh.shape["pipe"]
+        if config.slots % S:
+            raise ValueError(f"EngineConfig.slots: {config.slots} is not a multiple of "
+                             f"pipe={S}; on pipe > 1 the paged decode runs its slots as "
+                             f"{S} microbatches (one per stage, slot i in microbatch i % {S})")
+        self.stages = S
         self.chunk, self.min_chunk = chunk, min(min_chunk, chunk)
         self.prefill_tokens = prefill_tokens or chunk * config.slots
         self.width = -(-config.max_length // config.page_size)  # page-table columns M
@@ -167,8 +174,10 @@ class PagedEngine(Engine):
     def decode_rows(self) -> list[int]:
         """Row counts the decode loop is compiled for: it runs the first r slots, r the
         least of these holding every live slot (powers of four from 4, and slots), so a
-        lightly loaded batch does not pay for its free slots."""
-        out, r = [], 4
+        lightly loaded batch does not pay for its free slots. On S > 1 pipeline stages they
+        start at 4 rounded up to a multiple of S, so every r is one and the pipelined
+        decode always runs S microbatches (slot i in microbatch i % S)."""
+        out, r = [], -(-4 // self.stages) * self.stages
         while r < self.config.slots:
             out.append(r)
             r *= 4
@@ -339,16 +348,20 @@ def _free_paged(state: DecodeState, slots):
 def make_rows_loop(model: Model, feats: Features, rows: int):
     """jit(fn(params, state, until)): the decode loop (engine.make_decode_loop) over the
     first `rows` slots of the state (the pool whole), the other rows untouched; the state
-    is donated."""
+    is donated. On pipe > 1 the pipelined circular schedule (pipeline.decode_loop)."""
+    staged = pipeline.decode_loop(model, feats) if model.mesh.shape["pipe"] > 1 else None
 
     def fn(params, state: DecodeState, until):
         B = state.last.shape[0]
         head = lambda a: a[:rows] if a.ndim and a.shape[0] == B else a  # noqa: E731
         part = jax.tree.map(head, state._replace(cache=None))._replace(cache=state.cache)
-        with model.traced():
-            cond = lambda s: (s.step < until) & ~s.done.all()  # noqa: E731
-            body = lambda s: decode_step(model, params, s, feats)  # noqa: E731
-            part = jax.lax.while_loop(cond, body, part)
+        if staged is not None:
+            part = staged(params, part, until)
+        else:
+            with model.traced():
+                cond = lambda s: (s.step < until) & ~s.done.all()  # noqa: E731
+                body = lambda s: decode_step(model, params, s, feats)  # noqa: E731
+                part = jax.lax.while_loop(cond, body, part)
         put = lambda a, p: a.at[:rows].set(p) if a.ndim and a.shape[0] == B else p  # noqa
         merged = jax.tree.map(put, state._replace(cache=None), part._replace(cache=None))
         return merged._replace(cache=part.cache)

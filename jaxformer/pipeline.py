@@ -22,6 +22,11 @@ the most, sets the pace anyway. A microbatch whose rows are all done
 (stop token, stop sequence, max_new_tokens) is no longer injected; the loop ends when no
 microbatch is in flight. With fewer rows than stages (M < S) stage 0 idles S - M ticks per
 round: a batch of one is inherently sequential over the stages.
+
+Over a paged KV pool (PagedEngine's decode) the same schedule runs on the live slots: each
+stage holds its layers' pages of the one pool, the page tables are the same on every stage,
+and microbatch m reads and writes the pool through its rows' tables (rows m, M + m, ...);
+the serving scheduler spreads live requests over the microbatches so none is a bubble.
 """
 from __future__ import annotations
 
@@ -50,6 +55,7 @@ class _Packet(NamedTuple):
     lengths: jax.Array  # [b] int32 cache slot being written (last -> first: the next one)
     valid: jax.Array  # [] int32 a real microbatch, not a bubble
     active: jax.Array  # [] int32 (last -> first) the microbatch wants another step
+    done: jax.Array  # [b] bool rows that are done (last -> first: after this step)
 
 
 def make_decode_loop(model, feats):
@@ -58,6 +64,19 @@ def make_decode_loop(model, feats):
     Same DecodeState in and out (cache donated) and exactly the tokens of the unpipelined
     loop: rows use the same per-row keys (by their own key and generated count), the same
     sampler and the same bookkeeping (decode_state.record), applied per microbatch.
+    """
+    return model.jit(decode_loop(model, feats), donate_argnums=(1,))
+
+
+def decode_loop(model, feats):
+    """make_decode_loop's function before jit: loop(params, state, until) -> state (traced;
+    the paged engine runs it over the first rows of its slots).
+
+    The state's cache is a contiguous KVCache [L, B, S, K, H] or a paged pool
+    (cache.PagedKVCache, with the rows' page tables in state.pages): the pool is not split
+    by microbatch; each microbatch reads and writes it through its rows' page tables, and
+    bubbles and done rows write to the null page 0 (a done row's table may still name
+    pages a prompt being prefilled or the prefix cache holds).
     """
 
     cfg, mesh, rules = model.config, model.mesh, model.rules
@@ -68,8 +87,8 @@ def make_decode_loop(model, feats):
     pspecs = jax.tree.map(lambda a: pipe_spec(a, rules),
                           param_axes(cfg, model.run.quantize, model.stages),
                           is_leaf=lambda a: isinstance(a, tuple))
-    cspec = pipe_spec(kvc.CACHE_AXES, rules)
-    sspec = pipe_spec(kvc.SCALE_AXES, rules)
+    cspec, pspec = pipe_spec(kvc.CACHE_AXES, rules), pipe_spec(kvc.PAGE_AXES, rules)
+    sspec, psspec = pipe_spec(kvc.SCALE_AXES, rules), pipe_spec(kvc.PAGE_AXES[:-1], rules)
 
     def body(params, cache, book, req, until):
         s = lax.axis_index(PIPE)
@@ -77,13 +96,14 @@ def make_decode_loop(model, feats):
         net = _module(model, params)
         B = book.last.shape[0]
         M = num_microbatches(B, S, data)
+        paged = book.pages is not None
         b = B // M
         take = lambda a, m: _take(a, m, M)
         rep = lambda a: shd.shard(a, (None,) * a.ndim)
 
         def record(args):
             """Last stage: head, sample and bookkeeping for microbatch m."""
-            book, mb_step, h, m, lens = args
+            book, mb_step, h, m, lens, _ = args
             x = net.final_norm(h) if cfg.final_norm else h
             # Sampling and bookkeeping run on replicated rows (`rep`): XLA's SPMD partitioner
             # (jax 0.10) crashes on the sampler's sorts, gathers and scatters over data- or
@@ -103,11 +123,11 @@ def make_decode_loop(model, feats):
                 if f not in ("cache", "step", "req") and v is not None and v.ndim})
             active = (sub.step < until) & ~sub.done.all()
             return (book, mb_step.at[m].set(sub.step), sub.last, sub.lengths,
-                    active.astype(jnp.int32))
+                    active.astype(jnp.int32), sub.done)
 
         def skip(args):
-            book, mb_step, _, _, lens = args
-            return book, mb_step, jnp.zeros((b,), jnp.int32), lens, jnp.int32(0)
+            book, mb_step, _, _, lens, done = args
+            return book, mb_step, jnp.zeros((b,), jnp.int32), lens, jnp.int32(0), done
 
         def tick(t, carry):
             cache, slots, book, mb_step, active, pkt = carry
@@ -121,23 +141,28 @@ def make_decode_loop(model, feats):
             valid = jnp.where(first, inject, got)
             tok = jnp.where(got, pkt.tok, take(book.last, m))
             lens = jnp.where(first & ~got, take(book.lengths, m), pkt.lengths)
+            done = jnp.where(first & ~got, take(book.done, m), pkt.done)
             h = jnp.where(first, net.embed(tok[:, None], lens[:, None]), pkt.h)
             # A bubble writes its garbage keys at each row's next slot, which the row's next
             # real step overwrites before anything reads it: no select over the cache.
             at = jnp.where(valid, lens, take(slots, m))
-            # cache [Ls * M, b, S, K, H]: layer l of microbatch m at l * M + m (below), read
-            # and written in place by each layer
-            h, cache = run_blocks(net.layers, h, at[:, None], at + 1, cache,
-                                  kvc.Write.at(at), backend=backend,
-                                  cache_layer=lambda l: l * M + m)
+            if paged:  # the whole pool, through the rows' tables (bubbles: the null page)
+                pages = jnp.where((valid & ~done)[:, None], take(book.pages, m), 0)
+                write, layer_of = kvc.Write.at(at, pages), None
+            else:
+                # cache [Ls * M, b, S, K, H]: layer l of microbatch m at l * M + m (below),
+                # read and written in place by each layer
+                write, layer_of = kvc.Write.at(at), lambda l: l * M + m
+            h, cache = run_blocks(net.layers, h, at[:, None], at + 1, cache, write,
+                                  backend=backend, cache_layer=layer_of)
             slots = jnp.where(valid, _put(slots, m, lens + 1, M), slots)
             # Every stage computes the last stage's work and keeps it only there: a lax.cond on
             # the stage would hold collectives that XLA may lay over all devices (deadlock),
             # and the slowest stage (the last) sets the tick anyway.
-            args = (book, mb_step, h, m, lens)
-            book, mb_step, out_tok, out_lens, out_act = jax.tree.map(
+            args = (book, mb_step, h, m, lens, done)
+            book, mb_step, out_tok, out_lens, out_act, out_done = jax.tree.map(
                 lambda a, b: jnp.where(last & valid, a, b), record(args), skip(args))
-            send = _Packet(h, out_tok, out_lens, valid.astype(jnp.int32), out_act)
+            send = _Packet(h, out_tok, out_lens, valid.astype(jnp.int32), out_act, out_done)
             pkt = lax.ppermute(send, PIPE, [(i, (i + 1) % S) for i in range(S)])
             return cache, slots, book, mb_step, active, pkt
 
@@ -153,19 +178,22 @@ def make_decode_loop(model, feats):
         active = (book.step < until) & ~rows_done  # [M], identical on every stage
         D = cfg.hidden_size
         pkt = _Packet(jnp.zeros((b, 1, D), model.run.dtype), jnp.zeros((b,), jnp.int32),
-                      jnp.zeros((b,), jnp.int32), jnp.int32(0), jnp.int32(0))
+                      jnp.zeros((b,), jnp.int32), jnp.int32(0), jnp.int32(0),
+                      jnp.ones((b,), bool))
         mb_step = jnp.full((M,), book.step, jnp.int32)
         # cache [Ls, B, S, K, H] -> [Ls * M, b, S, K, H]: layer l of microbatch m at l * M + m,
         # so a layer reads and writes its microbatch's rows in place (one transpose per call
         # here instead of a copy of those rows per layer and tick).
         Ls = cache.k.shape[0]
-        cache = cache.map(lambda c: c.reshape(Ls, b, M, *c.shape[2:]).swapaxes(1, 2)
-                          .reshape(Ls * M, b, *c.shape[2:]))
+        if not paged:
+            cache = cache.map(lambda c: c.reshape(Ls, b, M, *c.shape[2:]).swapaxes(1, 2)
+                              .reshape(Ls * M, b, *c.shape[2:]))
         inner = (cache, book.lengths, book, mb_step, active, pkt)
         _, _, inner = lax.while_loop(lambda c: c[1], round_, (jnp.int32(0), active.any(), inner))
         cache, _, book, mb_step, _, _ = inner
-        cache = cache.map(lambda c: c.reshape(Ls, M, b, *c.shape[2:]).swapaxes(1, 2)
-                          .reshape(Ls, B, *c.shape[2:]))
+        if not paged:
+            cache = cache.map(lambda c: c.reshape(Ls, M, b, *c.shape[2:]).swapaxes(1, 2)
+                              .reshape(Ls, B, *c.shape[2:]))
         book = book._replace(step=mb_step.max())
         # the last stage's bookkeeping is the true one: stack per stage, slice outside
         return cache, jax.tree.map(lambda a: a[None], book)
@@ -173,14 +201,17 @@ def make_decode_loop(model, feats):
     def loop(params, state, until):
         with model.traced():
             book, req = state._replace(cache=None, req=None), state.req
-            cspecs = state.cache.map(lambda c: cspec if c.ndim == 5 else sspec)
+            if state.pages is None:
+                cspecs = state.cache.map(lambda c: cspec if c.ndim == 5 else sspec)
+            else:
+                cspecs = state.cache.map(lambda c: pspec if c.ndim == 5 else psspec)
             fn = smap(body, in_specs=(pspecs, cspecs, P(), P(), P()),
                       out_specs=(cspecs, P(PIPE)))
             cache, stacked = fn(nnx.to_pure_dict(params), state.cache, book, req, until)
             book = jax.tree.map(lambda a: a[S - 1], stacked)
             return book._replace(cache=cache, req=req)
 
-    return model.jit(loop, donate_argnums=(1,))
+    return loop
 
 
 def _module(model, pure: dict):

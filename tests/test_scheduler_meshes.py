@@ -109,13 +109,32 @@ def test_data_parallel_replicas(data2, requests, reference, paged):
     assert sched.running == sched.waiting == 0
 
 
-def test_pipeline_parallel_contiguous(llama4, requests, reference):
+@pytest.fixture(scope="module")
+def pipe2(llama4):
+    return jf.load(llama4[1], jf.make_mesh(pipe=2))
+
+
+def test_pipeline_parallel_contiguous(pipe2, requests, reference):
     """pipe=2: the circular pipelined decode over the live slots, new requests spread over
     its microbatches (slot i runs in microbatch i % 2)."""
-    sched = Scheduler(jf.load(llama4[1], jf.make_mesh(pipe=2)), CONFIG)
+    sched = Scheduler(pipe2, CONFIG)
     sched._slots[:] = [object(), None, object(), None]  # microbatch 0 holds two requests
     assert sched._free_slots() == [1, 3]
     sched._slots[:] = [None, object(), None, None]
     assert sched._free_slots() == [0, 2, 3]  # one each, then the emptier microbatch
     sched._slots[:] = [None] * 4
     check(run(sched, requests), requests, reference)
+
+
+def test_pipeline_parallel_paged(pipe2, requests, reference):
+    """pipe=2 over a paged pool: prompt chunks run through the stages (GPipe), decode runs
+    the live slots as two microbatches in the circular schedule, each stage holding its
+    layers' pages; preemption and the shared prefix as on the other meshes."""
+    sched = PagedScheduler(pipe2, CONFIG, PAGED)
+    pool = sched.engine.init_state().cache
+    assert pool.k.sharding.spec[0] == "pipe"  # each stage holds its own layers' pages
+    assert {s.data.shape[0] for s in pool.k.addressable_shards} == {2}  # 4 layers / 2
+    assert sched.engine.decode_rows() == [4] and sched._microbatches == 2
+    check(run(sched, requests), requests, reference)
+    assert sched.preemptions > 0 and sched.pool.prefix_hit_tokens > 0
+    assert sched.pool.num_in_use == 0

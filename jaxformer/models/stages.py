@@ -12,10 +12,15 @@ Full-sequence forward (logits, encode, prefill: any run of the layer stack while
 mesh has stages): GPipe. Stage s runs microbatch t - s at tick t, for M + S - 1 ticks; the
 bubble is (S - 1) / (M + S - 1), so large batches of prompts use up to 4 S microbatches (of
 at least 256 tokens each). Embedding and head run outside the staged region on the
-pipe-replicated activations. The decode schedule that keeps S microbatches in flight across
+pipe-replicated activations. Prefill chunks over a paged KV pool (PagedEngine) run the
+same schedule; every microbatch reads and writes the stage's pool through its rows' page
+tables (page tables are shared by all stages, each stage holding its layers' pages). The
+decode schedule that keeps S microbatches in flight across
 steps is the runtime's (jaxformer/pipeline.py), built on the helpers here.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -101,8 +106,9 @@ def _stage_context(mesh, rules):
 def run_stages(blocks, x, positions, kv_lengths, cache=None, at=None, *, backend="auto",
                layer_count: int, run_blocks):
     """The staged twin of stack.run_blocks (which runs each stage's blocks): same arguments
-    and results. x [B, T, D]; positions [B, T]; kv_lengths [B]; cache None or a KVCache
-    with L on `pipe`; at: a cache.Write. Returns (x [B, T, D], new cache or None).
+    and results. x [B, T, D]; positions [B, T]; kv_lengths [B]; cache None, a KVCache or a
+    PagedKVCache (with at.pages), L on `pipe`; at: a cache.Write. Returns (x [B, T, D], new
+    cache or None).
     """
     mesh, rules = shd.abstract_mesh(), shd.rules()
     S = num_stages(mesh)
@@ -115,6 +121,11 @@ def run_stages(blocks, x, positions, kv_lengths, cache=None, at=None, *, backend
     M = num_microbatches(B, max(S, min(GPIPE_MICROBATCHES * S, B * T // GPIPE_MIN_TOKENS)),
                          data)
 
+    # A paged pool (at.pages set) is shared by every row: each microbatch reads and writes
+    # the whole pool through its rows' page tables, and a bubble tick writes to the null
+    # page 0 only (its rows' tables masked), so no select over the pool is needed.
+    paged = at is not None and at.pages is not None
+
     def body(state, x, positions, kv_lengths, cache, at):
         s = lax.axis_index(PIPE)
         stage = nnx.merge(graphdef, state)
@@ -126,11 +137,17 @@ def run_stages(blocks, x, positions, kv_lengths, cache=None, at=None, *, backend
             valid = (m >= 0) & (m < M)
             m = jnp.clip(m, 0, M - 1)
             h = jnp.where(s == 0, pick(x, m), h_in)
-            old = None if cache is None else cache.map(lambda c: _take(c, m, M, axis=1))
             at_m = None if at is None else jax.tree.map(lambda a: pick(a, m) if a.ndim else a, at)
+            if paged:
+                old = cache
+                at_m = dataclasses.replace(at_m, pages=jnp.where(valid, at_m.pages, 0))
+            else:
+                old = None if cache is None else cache.map(lambda c: _take(c, m, M, axis=1))
             h, new = run_blocks(stage, h, pick(positions, m), pick(kv_lengths, m), old, at_m,
                                 backend=backend)
-            if cache is not None:
+            if paged:
+                cache = new
+            elif cache is not None:
                 cache = jax.tree.map(lambda c, n, o: _put(c, m, jnp.where(valid, n, o), M,
                                                           axis=1), cache, new, old)
             keep = valid & (s == S - 1)
