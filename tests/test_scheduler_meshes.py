@@ -3,6 +3,8 @@ tensor=2, pipe=2 and data=2 x tensor=2 (two replicas behind one scheduler), requ
 in random order decode exactly: each request's greedy tokens are the argmax of a
 teacher-forced pass over its own sequence on the one-device model and its log-probs agree
 within 1e-5. The contiguous and the paged scheduler alike."""
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -126,15 +128,31 @@ def test_pipeline_parallel_contiguous(pipe2, requests, reference):
     check(run(sched, requests), requests, reference)
 
 
-def test_pipeline_parallel_paged(pipe2, requests, reference):
-    """pipe=2 over a paged pool: prompt chunks run through the stages (GPipe), decode runs
-    the live slots as two microbatches in the circular schedule, each stage holding its
-    layers' pages; preemption and the shared prefix as on the other meshes."""
-    sched = PagedScheduler(pipe2, CONFIG, PAGED)
+@pytest.fixture(scope="module")
+def pipe2_tensor2(llama4):
+    return jf.load(llama4[1], jf.make_mesh(pipe=2, tensor=2))
+
+
+@pytest.mark.parametrize("mesh", ["pipe2", "pipe2_tensor2"])
+def test_pipeline_parallel_paged(mesh, requests, reference, request):
+    """pipe=2 (and pipe=2 x tensor=2) over a paged pool: prompt chunks run through the
+    stages (GPipe), decode runs the live slots as two microbatches in the circular schedule,
+    each stage holding its layers' pages; preemption and the shared prefix as on the other
+    meshes."""
+    model = request.getfixturevalue(mesh)
+    # pipe=2: 8 slots, of which these requests keep at most the first 4 live (the decode
+    # over rows [0, 4), the engine's rows loop); pipe=2 x tensor=2: 4 slots (all rows, the
+    # Engine's decode loop)
+    config = dataclasses.replace(CONFIG, slots=8) if mesh == "pipe2" else CONFIG
+    sched = PagedScheduler(model, config, PAGED)
     pool = sched.engine.init_state().cache
     assert pool.k.sharding.spec[0] == "pipe"  # each stage holds its own layers' pages
     assert {s.data.shape[0] for s in pool.k.addressable_shards} == {2}  # 4 layers / 2
-    assert sched.engine.decode_rows() == [4] and sched._microbatches == 2
+    assert sched._microbatches == 2
+    rows = []
+    step = sched.engine.step
+    sched.engine.step = lambda *a, **kw: (rows.append(kw.get("rows")), step(*a, **kw))[1]
     check(run(sched, requests), requests, reference)
     assert sched.preemptions > 0 and sched.pool.prefix_hit_tokens > 0
     assert sched.pool.num_in_use == 0
+    assert set(rows) == {4} and sched.engine.decode_rows()[-1] == config.slots, rows
