@@ -13,6 +13,12 @@ pages the scheduler gave it (serving/pages.py decides which); the chunk that end
 samples the request's first token and makes its slot live. Pages hold what they hold: the
 same prefix computed once serves every sequence whose table points at its pages. Decode
 steps read each live row's pages; done and free rows write to the null page 0.
+
+Meshes: kv heads on `tensor`; on pipe = S > 1 the pool's layers are on `pipe` (each stage
+holds its layers' pages, the page tables are the same on every stage), a chunk call runs
+through the stages as the GPipe forward (models/stages.py) and decode is pipeline.py's
+circular schedule over S microbatches of the slots (slot i in microbatch i % S), so slots
+must be a multiple of S. Data parallelism is one PagedEngine per replica.
 """
 from __future__ import annotations
 
