@@ -14,11 +14,17 @@ the tick's inputs, the one thing that is not a function of shared state, travel.
 The broadcast is jax's multihost_utils.broadcast_one_to_all over every device: one
 collective of a [2] int32 header (payload bytes, stop flag) per tick, and one of the payload
 (JSON, padded to a power of two so few shapes compile) only when there is news.
+
+Before serving, `agree` checks that every process was started with the same settings and
+gives every process the same page pool (the fewest pages any process's memory plan allows:
+the pool is part of the compiled shapes), and `barrier` holds each process until all have
+warmed up, so the server turns ready only when every process can run every call.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import zlib
 
 import jax
 import numpy as np
@@ -56,3 +62,22 @@ def broadcast(events: list, stop: bool) -> tuple[list, bool]:
         buf[:n] = np.frombuffer(data, np.uint8)
     buf = np.asarray(multihost_utils.broadcast_one_to_all(buf))
     return json.loads(bytes(buf[:n]).decode()), bool(stop)
+
+
+def agree(settings: str, num_pages: int) -> int:
+    """The fewest pages any process plans; ValueError when a process serves with other
+    settings (a text naming the model, mesh and scheduler sizes) than process 0's, which
+    would compile other shapes and leave the collectives waiting on each other."""
+    mine = np.asarray([zlib.crc32(settings.encode()) & 0x7FFFFFFF, num_pages], np.int32)
+    got = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 2)
+    other = np.flatnonzero(got[:, 0] != got[0, 0])
+    if other.size:
+        raise ValueError(f"process {int(other[0])} serves with other settings than process 0 "
+                         f"(model, dtype, mesh or scheduler flags): start every process with "
+                         f"the same flags")
+    return int(got[:, 1].min())
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches the barrier `name`."""
+    multihost_utils.sync_global_devices(name)
