@@ -138,7 +138,8 @@ def init_distributed(args) -> None:
     try:
         distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     except distributed.DistributedError as e:
-        raise UsageError(str(e)) from None
+        raise UsageError(f"jaxformer {args.command}: error: {e} (--coordinator HOST:PORT "
+                         f"--num-processes N --process-id I)") from None
 
 
 def add_model(p: argparse.ArgumentParser) -> None:

@@ -4,6 +4,7 @@ flags (the same --port too, so it would fail to bind if it served HTTP) and foll
 broadcast plan. The `openai` client's greedy text, completions streamed and not and a chat,
 equals generate() of each prompt alone in this process on a tensor=2 mesh of the same
 checkpoint; SIGTERM to process 0 drains, and both processes exit 0."""
+import json
 import os
 import signal
 import subprocess
@@ -11,11 +12,14 @@ import sys
 import time
 
 import httpx
+import jax
 
 import openai
 from test_distributed import free_port
 
 import jaxformer as jf
+from jaxformer import cli
+from jaxformer.serving import multihost
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAXN = 8
@@ -96,3 +100,31 @@ def test_two_processes_serve_the_text_of_one(tmp_path):
                 p.wait(30)
         for f in logs:
             f.close()
+
+
+def test_broadcast_carries_news_longer_than_a_chunk():
+    """The payload travels in CHUNK-byte pieces (one compiled shape); in one process the
+    broadcast returns process 0's own news, whole."""
+    events = [["submit", {"id": i, "prompt": list(range(i, i + 2000))}] for i in range(4)]
+    assert len(json.dumps(events)) > 2 * multihost.CHUNK
+    assert multihost.broadcast(events, True) == (events, True)
+    assert multihost.broadcast([], False) == ([], False)
+
+
+def test_what_the_processes_cannot_serve_is_refused_in_one_line(capsys, monkeypatch):
+    serve = ["serve", "--no-compile-cache", "--port", "0"]
+    join = ["--coordinator", "127.0.0.1:1", "--num-processes", "2"]
+    cases = [(serve + ["--num-processes", "2", "--process-id", "0"], "coordinator_address"),
+             (serve + join + ["--process-id", "2"], "outside [0, num_processes=2)"),
+             (serve + ["--coordinator", "nowhere"] + join[2:] + ["--process-id", "1"],
+              "must be host:port")]
+    got = [(cli.main(argv), capsys.readouterr()) for argv, _ in cases]
+    monkeypatch.setattr(jax, "process_count", lambda: 2)  # as if two processes had met
+    cases += [(serve + ["--model", "a=demo", "--model", "b=demo"], "serve one model"),
+              (serve + ["--data", "2"], "--data 2: data-parallel replicas"),
+              (serve, "holds no device of process 1")]  # device 0 alone: process 0's
+    got += [(cli.main(argv), capsys.readouterr()) for argv, _ in cases[3:]]
+    wrong = [(argv, rc, out.err) for (argv, needle), (rc, out) in zip(cases, got)
+             if not (rc == 2 and out.err.count("\n") == 1 and needle in out.err
+                     and out.err.startswith("jaxformer serve: error: "))]
+    assert wrong == []

@@ -100,6 +100,7 @@ class ServedModel:
             sched = make(model, self.spec.scheduler, self.paged)
             sched.warmup()  # every shape compiled before the first request (503 meanwhile)
             if hosts:  # ready only once every process has compiled and run every shape
+                multihost.warmup()
                 multihost.barrier(f"jaxformer-serve-warm-{self.name}")
             sched.start()
         except Exception as e:  # noqa: BLE001 - reported by /health and 503s

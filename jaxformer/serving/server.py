@@ -97,14 +97,14 @@ def loader(src: ModelSource, devices: list[int], dtype: str = "auto",
 
 def build_specs(sources: list[ModelSource], scheduler: SchedulerConfig, paged: PagedConfig,
                 **load_kwargs) -> list[ModelSpec]:
-    groups = assign_devices(sources, jax.device_count())
     if jax.process_count() > 1:
-        check_processes(sources, groups)
+        check_processes(sources)
+    groups = assign_devices(sources, jax.device_count())
     return [ModelSpec(s.name, loader(s, g, **load_kwargs), scheduler, paged)
             for s, g in zip(sources, groups)]
 
 
-def check_processes(sources: list[ModelSource], groups: list[list[int]]) -> None:
+def check_processes(sources: list[ModelSource]) -> None:
     """Several processes serve one model on one data replica whose mesh holds devices of
     every process (module docstring); ValueError naming what the flags ask for instead."""
     P = jax.process_count()
@@ -116,12 +116,12 @@ def check_processes(sources: list[ModelSource], groups: list[list[int]]) -> None
         raise ValueError(f"--data {s.data}: data-parallel replicas are served within one "
                          f"process; over {P} processes serve --data 1 on a pipe x tensor mesh "
                          f"spanning them")
-    held = {devices[i].process_index for i in groups[0]}
+    held = {devices[i].process_index for i in assign_devices(sources, len(devices))[0]}
     missing = [p for p in range(P) if p not in held]
     if missing:
-        raise ValueError(f"model {s.name}: its mesh of {s.size} devices holds none of process "
-                         f"{missing[0]}'s: over {P} processes ({len(devices)} devices) the mesh "
-                         f"must span every process")
+        raise ValueError(f"model {s.name}: its mesh (data {s.data} x pipe {s.pipe} x tensor "
+                         f"{s.tensor}) holds no device of process {missing[0]}: over {P} "
+                         f"processes ({len(devices)} devices) the mesh must span them all")
 
 
 def follow(spec: ModelSpec) -> None:
