@@ -132,9 +132,11 @@ def init_distributed(args) -> None:
     """Join the other processes when the flags or JAXFORMER_* variables name a run over
     several (before anything touches a device); a UsageError when that cannot be done."""
     from jaxformer import distributed
+    named = (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES,
+             "JAX_COORDINATOR_ADDRESS")
     if not (args.coordinator or args.num_processes or args.process_id is not None
-            or os.environ.get(distributed.ENV_COORDINATOR)):
-        return
+            or any(os.environ.get(v) for v in named)):
+        return  # one process (a cluster's own variables alone do not start several)
     try:
         distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     except distributed.DistributedError as e:
