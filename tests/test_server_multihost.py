@@ -13,7 +13,6 @@ import time
 
 import httpx
 import jax
-
 import openai
 from test_distributed import free_port
 
