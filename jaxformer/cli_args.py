@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -111,6 +112,36 @@ def add_mesh(p: argparse.ArgumentParser, devices: bool = True) -> None:
                        help="the devices the mesh uses, by index in jax.devices() (their "
                             "number = data x pipe x tensor); default: the first ones "
                             "(CUDA_VISIBLE_DEVICES narrows what jax sees)")
+
+
+def add_distributed(p: argparse.ArgumentParser) -> None:
+    """The flags of a run over several processes (jaxformer.distributed.initialize)."""
+    g = p.add_argument_group("several processes (docs/multihost.md); every process gets the "
+                             "same flags but --process-id")
+    g.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="process 0's address, where the processes meet (default: "
+                        "$JAXFORMER_COORDINATOR; without either: one process)")
+    g.add_argument("--num-processes", type=positive_int,
+                   help="how many processes (default: $JAXFORMER_NUM_PROCESSES)")
+    g.add_argument("--process-id", type=nonnegative_int,
+                   help="this process's index, 0 .. num-processes - 1 (default: "
+                        "$JAXFORMER_PROCESS_ID)")
+
+
+def init_distributed(args) -> None:
+    """Join the other processes when the flags or JAXFORMER_* variables name a run over
+    several (before anything touches a device); a UsageError when that cannot be done."""
+    from jaxformer import distributed
+    named = (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES,
+             "JAX_COORDINATOR_ADDRESS")
+    if not (args.coordinator or args.num_processes or args.process_id is not None
+            or any(os.environ.get(v) for v in named)):
+        return  # one process (a cluster's own variables alone do not start several)
+    try:
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    except distributed.DistributedError as e:
+        raise UsageError(f"jaxformer {args.command}: error: {e} (--coordinator HOST:PORT "
+                         f"--num-processes N --process-id I)") from None
 
 
 def add_model(p: argparse.ArgumentParser) -> None:

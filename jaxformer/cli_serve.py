@@ -7,6 +7,11 @@
 --model NAME=SOURCE is repeatable (SOURCE: a checkpoint directory, a name jf.load resolves, or
 "demo"); --mesh NAME=DATAxPIPExTENSOR[@I,J,...] gives that model its own mesh and devices
 (default: --data/--pipe/--tensor over the next free devices).
+
+Over several processes (hosts), one model on a mesh spanning them: start every process with
+the same flags plus --coordinator HOST:PORT --num-processes N --process-id I (or the
+JAXFORMER_* variables). Process 0 serves HTTP on --host/--port and schedules; the others
+open no port and follow its plan, and exit when process 0 stops (docs/serving.md).
 """
 from __future__ import annotations
 
@@ -16,8 +21,9 @@ import re
 from pathlib import Path
 
 from jaxformer.cli_args import (ATTENTION, DTYPE_HELP, DTYPES, QUANTIZE_HELP, UsageError,
-                                add_mesh, checkpoint_dir, device_list, positive_float,
-                                positive_int, quantize_arg, quantize_value)
+                                add_distributed, add_mesh, checkpoint_dir, device_list,
+                                init_distributed, positive_float, positive_int, quantize_arg,
+                                quantize_value)
 
 _MESH = re.compile(r"^(\d+)x(\d+)x(\d+)(?:@([\d,]+))?$")
 
@@ -63,6 +69,7 @@ def add_parser(sub) -> None:
                    help="prompt tokens one tick prefills at most (chunked prefill)")
     s.add_argument("--no-compile-cache", action="store_true",
                    help="do not use the persistent compilation cache")
+    add_distributed(s)
 
 
 def sources(args) -> list:
@@ -127,6 +134,7 @@ def cmd_serve(args) -> int:
                             prefill_tokens=args.prefill_tokens)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    init_distributed(args)  # before anything touches a device
     if not args.no_compile_cache:
         jf.enable_compilation_cache()
     try:

@@ -19,11 +19,13 @@ import logging
 import queue
 from typing import Callable
 
+import jax
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from jaxformer import memory
 from jaxformer.sampling import Sampling
+from jaxformer.serving import multihost
 from jaxformer.serving.embeddings import EmbedBatcher
 from jaxformer.serving.metrics import Metrics
 from jaxformer.serving.paged_scheduler import PagedConfig, PagedScheduler
@@ -81,16 +83,25 @@ class ServedModel:
     def load(self) -> None:
         try:
             model = self.spec.load()
+            hosts = jax.process_count() > 1
             if model.config.arch == "encoder":  # an embedding model: /v1/embeddings only
+                if hosts:
+                    raise ValueError("embedding models are served by one process")
                 self.embedder = EmbedBatcher(model, self.spec.scheduler.slots).start()
                 self.model, self.state = model, "ready"
                 return
             self.paged = self.spec.pool(model)
+            if hosts:  # every process the same shapes and pool (multihost.py)
+                self.paged = dataclasses.replace(self.paged, num_pages=multihost.agree(
+                    self._settings(model), self.paged.num_pages))
             # a data-parallel mesh: one paged engine per data replica behind one front
             # (PagedScheduler refuses data > 1); the configs describe one replica
             make = ReplicaScheduler if model.mesh.shape["data"] > 1 else PagedScheduler
             sched = make(model, self.spec.scheduler, self.paged)
             sched.warmup()  # every shape compiled before the first request (503 meanwhile)
+            if hosts:  # ready only once every process has compiled and run every shape
+                multihost.warmup()
+                multihost.barrier(f"jaxformer-serve-warm-{self.name}")
             sched.start()
         except Exception as e:  # noqa: BLE001 - reported by /health and 503s
             log.exception("loading model %s failed", self.name)
@@ -100,6 +111,13 @@ class ServedModel:
         self.stop_ids = frozenset(i for i in (model.config.eos_token_id,
                                               tok.eos_id if tok else None) if i is not None)
         self.model, self.sched, self.state = model, sched, "ready"
+
+    def _settings(self, model) -> str:
+        """What must be the same on every process (multihost.agree): the model, its mesh and
+        run settings, the scheduler's sizes (the page count aside: agree takes the least)."""
+        return repr((self.name, model.config, model.run, dict(model.mesh.shape),
+                     self.spec.scheduler, {k: v for k, v in dataclasses.asdict(self.paged)
+                                           .items() if k != "num_pages"}))
 
     @property
     def max_length(self) -> int:

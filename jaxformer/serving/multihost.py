@@ -12,19 +12,29 @@ the calls they make are the same calls, in the same order, with the same host ar
 the tick's inputs, the one thing that is not a function of shared state, travel.
 
 The broadcast is jax's multihost_utils.broadcast_one_to_all over every device: one
-collective of a [2] int32 header (payload bytes, stop flag) per tick, and one of the payload
-(JSON, padded to a power of two so few shapes compile) only when there is news.
+collective of a [2] int32 header (payload bytes, stop flag) per tick and, only when there is
+news, one per CHUNK bytes of the payload (JSON): two shapes in all, which `warmup` compiles
+before the first request.
+
+Before serving, `agree` checks that every process was started with the same settings and
+gives every process the same page pool (the fewest pages any process's memory plan allows:
+the pool is part of the compiled shapes), and `barrier` holds each process until all have
+warmed up, so the server turns ready only when every process can run every call.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import zlib
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxformer.sampling import Sampling
+
+
+CHUNK = 16384  # payload bytes per collective: one compiled shape, whatever the news
 
 
 def is_leader() -> bool:
@@ -50,9 +60,35 @@ def broadcast(events: list, stop: bool) -> tuple[list, bool]:
     n, stop = (int(v) for v in multihost_utils.broadcast_one_to_all(head))
     if n == 0:
         return [], bool(stop)
-    size = max(256, 1 << (n - 1).bit_length())
-    buf = np.zeros((size,), np.uint8)
-    if leader:
-        buf[:n] = np.frombuffer(data, np.uint8)
-    buf = np.asarray(multihost_utils.broadcast_one_to_all(buf))
-    return json.loads(bytes(buf[:n]).decode()), bool(stop)
+    got = bytearray()
+    for start in range(0, n, CHUNK):
+        buf = np.zeros((CHUNK,), np.uint8)
+        if leader:
+            piece = data[start:start + CHUNK]
+            buf[:len(piece)] = np.frombuffer(piece, np.uint8)
+        got += np.asarray(multihost_utils.broadcast_one_to_all(buf))[:n - start].tobytes()
+    return json.loads(got.decode()), bool(stop)
+
+
+def warmup() -> None:
+    """Compile (and run once) both broadcasts before serving. Every process calls it."""
+    broadcast(["warmup"], False)
+
+
+def agree(settings: str, num_pages: int) -> int:
+    """The fewest pages any process plans; ValueError when a process serves with other
+    settings (a text naming the model, mesh and scheduler sizes) than process 0's, which
+    would compile other shapes and leave the collectives waiting on each other."""
+    mine = np.asarray([zlib.crc32(settings.encode()) & 0x7FFFFFFF, num_pages], np.int32)
+    got = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 2)
+    other = np.flatnonzero(got[:, 0] != got[0, 0])
+    if other.size:
+        raise ValueError(f"process {int(other[0])} serves with other settings than process 0 "
+                         f"(model, dtype, mesh or scheduler flags): start every process with "
+                         f"the same flags")
+    return int(got[:, 1].min())
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches the barrier `name`."""
+    multihost_utils.sync_global_devices(name)

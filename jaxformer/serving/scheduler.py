@@ -237,6 +237,14 @@ class Scheduler:
             if kind == "submit":
                 h._end(ABORTED, "scheduler stopped")
 
+    def join(self, timeout: float | None = None) -> bool:
+        """Block until the loop's thread ends; whether it did. On a process other than 0 of
+        several, that is when process 0's loop stops (serving/multihost.py)."""
+        t = self._thread
+        if t is not None:
+            t.join(timeout)
+        return t is None or not t.is_alive()
+
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until nothing is waiting or running."""
         return self._idle.wait(timeout)

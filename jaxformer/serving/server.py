@@ -8,19 +8,27 @@ its own PagedScheduler and queue. The HTTP port opens at once; models load behin
 until ready). SIGTERM or Ctrl-C: uvicorn stops accepting connections, lets the requests in
 flight finish for up to `drain_timeout` seconds, then the schedulers stop (whatever still runs
 is aborted) and the process exits.
+
+Several processes (jax.distributed initialized; one model whose mesh spans them all): process
+0 does all of the above; every other process opens no port, loads the same model, warms up the
+same shapes and runs the scheduler's loop on process 0's broadcast plan (multihost.py) until
+process 0's loop stops, then returns. The server turns ready once every process is warm.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import signal
+import threading
+import time
 
 import jax
 import uvicorn
 
 import jaxformer as jf
+from jaxformer.serving import multihost
 from jaxformer.serving.app import create_app
-from jaxformer.serving.bridge import DEFAULT_MAX_BODY, ModelSpec
+from jaxformer.serving.bridge import DEFAULT_MAX_BODY, ModelSpec, ServedModel
 from jaxformer.serving.paged_scheduler import PagedConfig
 from jaxformer.serving.scheduler import SchedulerConfig
 
@@ -89,9 +97,58 @@ def loader(src: ModelSource, devices: list[int], dtype: str = "auto",
 
 def build_specs(sources: list[ModelSource], scheduler: SchedulerConfig, paged: PagedConfig,
                 **load_kwargs) -> list[ModelSpec]:
+    if jax.process_count() > 1:
+        check_processes(sources)
     groups = assign_devices(sources, jax.device_count())
     return [ModelSpec(s.name, loader(s, g, **load_kwargs), scheduler, paged)
             for s, g in zip(sources, groups)]
+
+
+def check_processes(sources: list[ModelSource]) -> None:
+    """Several processes serve one model on one data replica whose mesh holds devices of
+    every process (module docstring); ValueError naming what the flags ask for instead."""
+    P = jax.process_count()
+    if len(sources) != 1:
+        raise ValueError(f"{P} processes serve one model together; the flags name "
+                         f"{len(sources)} ({', '.join(s.name for s in sources)})")
+    s, devices = sources[0], jax.devices()
+    if s.data > 1:
+        raise ValueError(f"--data {s.data}: data-parallel replicas are served within one "
+                         f"process; over {P} processes serve --data 1 on a pipe x tensor mesh "
+                         f"spanning them")
+    held = {devices[i].process_index for i in assign_devices(sources, len(devices))[0]}
+    missing = [p for p in range(P) if p not in held]
+    if missing:
+        raise ValueError(f"model {s.name}: its mesh (data {s.data} x pipe {s.pipe} x tensor "
+                         f"{s.tensor}) holds no device of process {missing[0]}: over {P} "
+                         f"processes ({len(devices)} devices) the mesh must span them all")
+
+
+def follow(spec: ModelSpec) -> None:
+    """A process other than 0 (module docstring): load, warm up, then run process 0's plan
+    until process 0's loop stops. ValueError when the model cannot be served here."""
+    _defer_sigterm()
+    served = ServedModel(spec)
+    served.load()
+    if served.state != "ready":
+        raise ValueError(f"process {jax.process_index()}: model {spec.name}: {served.error}")
+    log.info("process %d follows process 0's plan for %s", jax.process_index(), spec.name)
+    while not served.sched.join(timeout=1.0):
+        pass
+
+
+def _defer_sigterm() -> None:
+    """A launcher often signals every process at once: a follower keeps following until
+    process 0 has drained and broadcast the stop (else process 0's drain would wait on a
+    process that is gone). A second SIGTERM ends it at once."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(sig, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the next one ends the process
+        log.warning("process %d: SIGTERM; following process 0 until it stops (send it "
+                    "again to end this process now)", jax.process_index())
+    signal.signal(signal.SIGTERM, handler)
 
 
 class _Server(uvicorn.Server):
@@ -107,8 +164,33 @@ class _Server(uvicorn.Server):
 def serve(specs: list[ModelSpec], host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, max_body: int = DEFAULT_MAX_BODY,
           drain_timeout: float = 30.0, log_level: str = "info") -> None:
-    """Serve until SIGTERM / SIGINT (module docstring)."""
+    """Serve until SIGTERM / SIGINT (module docstring); on a process other than 0 of
+    several, follow process 0 until it stops."""
+    if jax.process_count() > 1 and not multihost.is_leader():
+        follow(specs[0])
+        return
     app = create_app(specs, api_key=api_key, max_body=max_body)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                             timeout_graceful_shutdown=drain_timeout, access_log=False)
-    _Server(config).run()
+    server = _Server(config)
+    models = app.state.jaxformer.models
+    if jax.process_count() > 1:
+        threading.Thread(target=_stop_if_failed, args=(models, server), daemon=True,
+                         name="stop-if-failed").start()
+    server.run()
+    failed = [m for m in models.values() if m.state == "failed"]
+    if jax.process_count() > 1 and failed:
+        raise ValueError(f"model {failed[0].name}: {failed[0].error}")
+
+
+def _stop_if_failed(models: dict, server: uvicorn.Server) -> None:
+    """Several processes: a model that failed to load can never be served (the followers
+    cannot go on without process 0's plan), so the server stops instead of answering 503."""
+    while not server.should_exit:
+        states = {m.state for m in models.values()}
+        if "failed" in states:
+            log.error("a model failed to load; process 0 stops (the other processes follow)")
+            server.should_exit = True
+        if states == {"ready"}:
+            return
+        time.sleep(0.2)
