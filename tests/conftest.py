@@ -1,6 +1,7 @@
 """Test setup: 8 emulated CPU devices (set before jax is imported), a compilation cache shared
 by the whole session (many tests compile the same programs for fresh model instances), the
 `gpu` marker, and the fixtures several test files share (`llama4`, `interpreted`)."""
+import contextlib
 import inspect
 import math
 import os
@@ -127,6 +128,24 @@ def hf_from_gguf(path):
 def smollm2_ref(smollm2):
     """transformers' own load of the same GGUF: the reference."""
     return hf_from_gguf(smollm2[1])
+
+
+@contextlib.contextmanager
+def backend_compiles():
+    """Yields a list that collects the name of each function compiled for the backend
+    inside the block (jax's backend-compile event, which a persistent-cache hit fires too;
+    the listener is removed on exit)."""
+    seen = []
+
+    def listen(event, secs, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            seen.append(kwargs.get("fun_name", "?"))
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield seen
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
 
 
 def teacher_forced(model, prompt, tokens):

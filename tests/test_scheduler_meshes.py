@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import jaxformer as jf
-from conftest import teacher_forced
+from conftest import backend_compiles, teacher_forced
 from jaxformer.serving.paged_scheduler import PagedConfig, PagedScheduler
 from jaxformer.serving.replicas import ReplicaScheduler
 from jaxformer.serving.scheduler import ABORTED, FINISHED, Scheduler, SchedulerConfig
@@ -67,8 +67,14 @@ def test_tensor_parallel_contiguous(tensor2, requests, reference):
 
 
 def test_tensor_parallel_paged(tensor2, requests, reference):
+    """After warmup() serving compiles nothing: every call returns the decode state in the
+    shardings it came in (where tensor=2 shards the pool and the [B, V] penalty rows)."""
     sched = PagedScheduler(tensor2, CONFIG, PAGED)
-    check(run(sched, requests), requests, reference)
+    sched.warmup()
+    with backend_compiles() as compiled:
+        outs = run(sched, requests)
+    assert compiled == []
+    check(outs, requests, reference)
     assert sched.preemptions > 0 and sched.pool.prefix_hit_tokens > 0
     assert sched.pool.num_in_use == 0
 
