@@ -17,7 +17,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
 
+from jaxformer import sharding as shd
 from jaxformer.cache import KVCache
 from jaxformer.sampling import RowParams
 
@@ -47,6 +49,23 @@ class DecodeState(NamedTuple):
     counts: jax.Array | None  # [B, Vp] int32 generated (penalties only)
     req: Request
     pages: jax.Array | None = None  # [B, M] int32 page tables (a paged cache), 0-padded
+
+
+def state_shardings(mesh: Mesh, rules, cache, penalties: bool, paged: bool) -> DecodeState:
+    """The one set of shardings an engine keeps its slots' DecodeState in: `cache` (the
+    cache's own), per-slot rows [B, ...] on the cache's batch axis, the [B, V] penalty rows
+    also on the vocabulary's, the step counter replicated. jit keys its programs on input
+    shardings, so every compiled call returning the state returns it in exactly these (its
+    out_shardings): whichever call produced the state, the next one finds its program.
+    Shape-free: B must divide over the batch axis and V over the vocabulary's."""
+    named = lambda *axes: NamedSharding(mesh, shd.logical_to_spec(axes, rules))  # noqa: E731
+    r1, r2, r3 = (named("cache_batch", *(None,) * (n - 1)) for n in (1, 2, 3))
+    pen = named("cache_batch", "act_vocab") if penalties else None
+    req = Request(params=RowParams(*[r1] * len(RowParams._fields)), stop_ids=r2,
+                  stop_seqs=r3, max_new=r1, key=r2)
+    return DecodeState(cache=cache, last=r1, lengths=r1, done=r1, generated=r1, step=named(),
+                       out=r2, logprobs=r2, recent=r2, seen=pen, counts=pen, req=req,
+                       pages=r2 if paged else None)
 
 
 def row_keys(key, generated):

@@ -32,7 +32,7 @@ from jaxformer import cache as kvc
 from jaxformer import pipeline
 from jaxformer import sharding as shd
 from jaxformer.decode_state import (STOP_WINDOW, DecodeState, Request, new_window, record,
-                                    row_keys)
+                                    row_keys, state_shardings)
 from jaxformer.sampling import GREEDY, Features, RowParams, Sampling, row_params, sample
 from jaxformer.sharding import to_global, to_host
 
@@ -305,6 +305,17 @@ class Engine:
                        stop_ids=to_global(stop_ids, s2), stop_seqs=to_global(stop_seqs, s3),
                        max_new=to_global(mx, s1), key=to_global(np.asarray(key_data), s2))
 
+    @functools.cached_property
+    def shardings(self) -> DecodeState:
+        """The slots' DecodeState shardings, one set per engine (state_shardings): the
+        calls that return the slots' state return it in these."""
+        m = self.model
+        return state_shardings(m.mesh, m.rules, self._cache_shardings(),
+                               self.config.features.penalties, self.config.page_size is not None)
+
+    def _cache_shardings(self):
+        return kv_shardings(self.model)
+
     def _compiled(self, name, factory, *key):
         return self.model.compiled.get((name,) + key, lambda: factory(self.model, *key))
 
@@ -415,6 +426,8 @@ class Engine:
         return to_host(state.out), to_host(state.logprobs)
 
     def _call(self, name, fn, *args):
-        """fn(state, ...) compiled once per model, the state donated."""
-        return self.model.compiled.get((name,), lambda: jax.jit(fn, donate_argnums=(0,)))(
-            *args)
+        """fn(state, ...) -> the slots' state, compiled once per model and set of shardings;
+        the state donated, returned in self.shardings."""
+        sh = self.shardings
+        return self.model.compiled.get((name, sh), lambda: jax.jit(
+            fn, donate_argnums=(0,), out_shardings=sh))(*args)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxformer import cache as kvc
 from jaxformer import pipeline
@@ -71,12 +71,14 @@ def pool_shardings(model: Model) -> kvc.PagedKVCache:
                         axes, is_leaf=lambda a: isinstance(a, tuple))
 
 
-def make_chunk_prefill(model: Model, feats: Features, num_pages: int, page_size: int):
+def make_chunk_prefill(model: Model, feats: Features, num_pages: int, page_size: int,
+                       shardings: DecodeState):
     """jit(fn(params, state, ids [b, C], starts [b], lens [b], slots [b], pages [b, M],
     last [b], gen0 [b], gen_from [b], hist [b, STOP_WINDOW], req rows [b]) -> (state, first
-    tokens [b], their logprobs [b])); the state (its pool) is donated. Rows with slot -1
-    are padding. gen_from: the first position of each row's generated tokens (penalty
-    counts); hist: its last generated tokens, right-aligned, -1 padded (the stop window)."""
+    tokens [b], their logprobs [b])); the state (its pool) is donated and returned in
+    `shardings` (PagedEngine.shardings). Rows with slot -1 are padding. gen_from: the first
+    position of each row's generated tokens (penalty counts); hist: its last generated
+    tokens, right-aligned, -1 padded (the stop window)."""
     del num_pages, page_size  # part of the compile key through the state's shapes
 
     def fn(params, state: DecodeState, ids, starts, lens, slots, pages, last, gen0, gen_from,
@@ -120,7 +122,8 @@ def make_chunk_prefill(model: Model, feats: Features, num_pages: int, page_size:
                 req=jax.tree.map(put, state.req, req))
             return state, tok, lp
 
-    return model.jit(fn, donate_argnums=(1,))
+    rep = NamedSharding(model.mesh, P())
+    return model.jit(fn, donate_argnums=(1,), out_shardings=(shardings, rep, rep))
 
 
 class PagedEngine(Engine):
@@ -198,7 +201,6 @@ class PagedEngine(Engine):
     def warmup(self, state: DecodeState) -> DecodeState:
         """Compile (and run once, on padding rows that write only to the null page) every
         shape of shapes(), so steady-state serving never compiles."""
-        state = self.free(state, [])  # a compiled call's output, as every later state is
         for C in self.chunk_lengths():
             for b in self.chunk_rows(C):
                 state, _, _ = self._chunk_call(state, [], b, C)
@@ -226,7 +228,11 @@ class PagedEngine(Engine):
             seen=jnp.zeros((B, V), bool) if pen else None,
             counts=jnp.zeros((B, V), jnp.int32) if pen else None, req=req,
             pages=jnp.zeros((B, self.width), jnp.int32))
-        return new_window(state, c.window)
+        # in the shardings every call returns it in, so no call compiles twice
+        return jax.device_put(new_window(state, c.window), self.shardings)
+
+    def _cache_shardings(self):
+        return pool_shardings(self.model)
 
     def prefill_chunks(self, state: DecodeState, chunks: Sequence[Chunk]):
         """Run prompt chunks into the pool (one call of a compiled shape: fits() must
@@ -267,8 +273,9 @@ class PagedEngine(Engine):
         rep = lambda a: to_global(a, self.model._batch_sharding(b, a.ndim))  # noqa: E731
         c = self.config
         fn = self.model.compiled.get(
-            ("chunk prefill", c.features, c.num_pages, c.page_size),
-            lambda: make_chunk_prefill(self.model, c.features, c.num_pages, c.page_size))
+            ("chunk prefill", c.features, c.num_pages, c.page_size, self.shardings),
+            lambda: make_chunk_prefill(self.model, c.features, c.num_pages, c.page_size,
+                                       self.shardings))
         state, tok, lp = fn(self.model.params, state, rep(ids), rep(starts), rep(lens),
                             rep(slots), rep(pages), rep(last), rep(gen0), rep(gen_from),
                             rep(hist), req)
@@ -276,18 +283,20 @@ class PagedEngine(Engine):
 
     def step(self, state: DecodeState, steps: int = 1, *, until: int | None = None,
              rows: int | None = None) -> DecodeState:
-        """As Engine.step; rows (one of decode_rows()): run only the first `rows` slots
-        (every live slot must be among them)."""
-        if rows is None or rows == self.config.slots:
-            return super().step(state, steps, until=until)
+        """As Engine.step; rows (one of decode_rows(), default all): run only the first
+        `rows` slots (every live slot must be among them)."""
+        rows = self.config.slots if rows is None else rows
         if rows not in self.decode_rows():
             raise ValueError(f"step: rows {rows} is not one of {self.decode_rows()}")
         if until is None:
+            if steps > state.out.shape[1]:
+                raise ValueError(f"step: {steps} steps exceed the window of "
+                                 f"{state.out.shape[1]} tokens")
             state = self._call("new_window", new_window, state)
             until = steps
-        loop = self.model.compiled.get(("decode rows", self.config.features, rows),
-                                       lambda: make_rows_loop(self.model, self.config.features,
-                                                              rows))
+        feats, sh = self.config.features, self.shardings
+        loop = self.model.compiled.get(("decode rows", feats, rows, sh),
+                                       lambda: make_rows_loop(self.model, feats, rows, sh))
         return loop(self.model.params, state, jnp.int32(until))
 
     def set_pages(self, state: DecodeState, rows: dict[int, Sequence[int]]) -> DecodeState:
@@ -351,10 +360,11 @@ def _free_paged(state: DecodeState, slots):
                           pages=state.pages.at[slots].set(0, mode="drop"))
 
 
-def make_rows_loop(model: Model, feats: Features, rows: int):
+def make_rows_loop(model: Model, feats: Features, rows: int, shardings: DecodeState):
     """jit(fn(params, state, until)): the decode loop (engine.make_decode_loop) over the
     first `rows` slots of the state (the pool whole), the other rows untouched; the state
-    is donated. On pipe > 1 the pipelined circular schedule (pipeline.decode_loop)."""
+    is donated and returned in `shardings`. On pipe > 1 the pipelined circular schedule
+    (pipeline.decode_loop)."""
     staged = pipeline.decode_loop(model, feats) if model.mesh.shape["pipe"] > 1 else None
 
     def fn(params, state: DecodeState, until):
@@ -372,4 +382,4 @@ def make_rows_loop(model: Model, feats: Features, rows: int):
         merged = jax.tree.map(put, state._replace(cache=None), part._replace(cache=None))
         return merged._replace(cache=part.cache)
 
-    return model.jit(fn, donate_argnums=(1,))
+    return model.jit(fn, donate_argnums=(1,), out_shardings=shardings)
