@@ -16,7 +16,8 @@ Workloads (random weights, bf16, greedy, no EOS: every request generates its new
                   64 new tokens: prefix caching on, then off
 
 Each engine run first compiles every shape the loop calls (PagedScheduler.warmup, timed
-apart), then submits all requests at once and runs until idle. The page pool is sized by the
+apart), then submits all requests at once and runs until idle; `compiles` counts the XLA
+compiles inside that timed run (0: warmup left nothing to compile). The page pool is sized by the
 memory plan (memory.pool_plan). The roofline of a workload: prefill FLOPs (2 x params per
 token plus causal attention; a shared prefix counted once) at the measured bf16 matmul rate,
 plus, per decode step with every request running, the larger of (weights + live KV bytes) at
@@ -126,10 +127,18 @@ def run_engine(model, w: Workload, ps, args, prefix_caching=True, news=None,
     news = news or [w.new] * len(ps)
     sched, info = scheduler(model, w, args, max_length or max(map(len, ps)) + max(news),
                             prefix_caching)
-    t0 = time.perf_counter()
-    hs = [sched.submit(p, None, max_new_tokens=n, ignore_eos=True) for p, n in zip(ps, news)]
-    sched.run_until_idle()
-    dt = time.perf_counter() - t0
+    compiles = []
+    listen = lambda event, secs, **kw: compiles.append(event) \
+        if event == "/jax/core/compile/backend_compile_duration" else None  # noqa: E731
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        t0 = time.perf_counter()
+        hs = [sched.submit(p, None, max_new_tokens=n, ignore_eos=True)
+              for p, n in zip(ps, news)]
+        sched.run_until_idle()
+        dt = time.perf_counter() - t0
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
     outs = [h.result(timeout=0) for h in hs]
     bad = [o for o, n in zip(outs, news) if o.status != FINISHED or len(o.tokens) != n]
     if bad:
@@ -137,7 +146,7 @@ def run_engine(model, w: Workload, ps, args, prefix_caching=True, news=None,
     ttft = np.asarray([o.times["first_token"] - t0 for o in outs])
     row = dict(seconds=dt, tok_s=sum(news) / dt, ttft_p50_s=float(np.median(ttft)),
                preemptions=sched.preemptions, prefix_hit_tokens=sched.pool.prefix_hit_tokens,
-               **info)
+               compiles=len(compiles), **info)
     sched.stop()
     del sched
     gc.collect()
@@ -309,7 +318,8 @@ def report(r: dict) -> None:
     print(f"{'run':<28}{'seconds':>9}{'tokens/s':>10}{'ratio':>8}")
     print(f"{'continuous (paged)':<28}{e['seconds']:>9.2f}{e['tok_s']:>10.0f}{'1.00':>8}"
           f"   {e['of_roofline']:.0%} of roofline; warmup {e['warmup_s']:.0f} s "
-          f"({e['shapes']} shapes), {e['pages']} pages, {e['preemptions']} preemptions, "
+          f"({e['shapes']} shapes, {e['compiles']} compiles after), {e['pages']} pages, "
+          f"{e['preemptions']} preemptions, "
           f"TTFT p50 {e['ttft_p50_s']:.2f} s")
     for name, label in (("prefix_off", "prefix caching off"), ("chunked", "generate() chunks"),
                         ("hf", "transformers static")):

@@ -138,7 +138,7 @@ def test_serving_benchmark_tiny_rows_are_consistent(tmp_path, capsys):
     otherwise), tokens/s is requests x new tokens over the run's seconds, the share of the
     roofline is roofline / seconds, and the shared prefix is found in the cache (by most
     requests: those prefilled in the first call find nothing yet) only when prefix caching
-    is on."""
+    is on; after warmup the timed runs compile nothing."""
     import serving
     out = tmp_path / "rows.json"
     assert serving.main(["--tiny", "--workloads", "w4", "--json", str(out)]) == 0
@@ -153,6 +153,7 @@ def test_serving_benchmark_tiny_rows_are_consistent(tmp_path, capsys):
     # every request after the first prefill call finds the 16-token prefix cached
     assert row["engine"]["prefix_hit_tokens"] >= (w.requests // 2) * 16
     assert row["prefix_off"]["prefix_hit_tokens"] == 0
+    assert row["engine"]["compiles"] == row["prefix_off"]["compiles"] == 0  # warmup did all
 
 
 def test_load_summary_of_hand_made_requests():
