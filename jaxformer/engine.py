@@ -57,6 +57,7 @@ def make_prefill(model: Model, feats: Features, window: int, cache_len: int, *,
     Model.jit."""
     cfg, backend = model.config, model.run.attention
     cache_sh = kv_shardings(model)
+    state_sh = state_shardings(model.mesh, model.rules, cache_sh, feats.penalties, False)
 
     def prefill(params, ids, lengths, req: Request):
         with model.traced():
@@ -88,7 +89,9 @@ def make_prefill(model: Model, feats: Features, window: int, cache_len: int, *,
                 recent=jnp.full((B, STOP_WINDOW), -1, jnp.int32), seen=seen, counts=counts,
                 req=req), window)
             tok, lp = sample(logits, req.params, feats, row_keys(req.key, zeros), seen, counts)
-            return record(state, tok, lp, req)
+            # in the slots' shardings (B divides as the cache's rows do): insert() and
+            # init_state() reuse the donated buffers
+            return jax.lax.with_sharding_constraint(record(state, tok, lp, req), state_sh)
 
     return model.jit(prefill, pack_small=pack_small)
 
