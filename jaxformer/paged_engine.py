@@ -217,19 +217,24 @@ class PagedEngine(Engine):
         pool = kvc.PagedKVCache.abstract(m.config, c.num_pages, c.page_size, m.run.dtype,
                                          m.run.kv_cache)
         pool = jax.jit(lambda: pool.map(lambda a: jnp.zeros(a.shape, a.dtype)),
-                       out_shardings=pool_shardings(m))()
-        zeros = np.zeros((B,), np.int32)
+                       out_shardings=self.shardings.cache)()
         pen = c.features.penalties
-        req = self.request([GREEDY] * B, [1] * B, np.zeros((B, 2), np.uint32), B)
-        state = DecodeState(
-            cache=pool, last=jnp.asarray(zeros), lengths=jnp.asarray(zeros),
-            done=jnp.ones((B,), bool), generated=jnp.asarray(zeros), step=jnp.int32(0),
-            out=None, logprobs=None, recent=jnp.full((B, STOP_WINDOW), -1, jnp.int32),
-            seen=jnp.zeros((B, V), bool) if pen else None,
-            counts=jnp.zeros((B, V), jnp.int32) if pen else None, req=req,
-            pages=jnp.zeros((B, self.width), jnp.int32))
-        # in the shardings every call returns it in, so no call compiles twice
-        return jax.device_put(new_window(state, c.window), self.shardings)
+        zeros = np.zeros((B,), np.int32)
+        rows = DecodeState(
+            cache=None, last=zeros, lengths=zeros, done=np.ones((B,), bool), generated=zeros,
+            step=np.int32(0), out=np.full((B, c.window), -1, np.int32),
+            logprobs=np.zeros((B, c.window), np.float32),
+            recent=np.full((B, STOP_WINDOW), -1, np.int32),
+            seen=np.zeros((B, V), bool) if pen else None,
+            counts=np.zeros((B, V), np.int32) if pen else None, req=None,
+            pages=np.zeros((B, self.width), np.int32))
+        sh = self.shardings._replace(cache=None, req=None)
+        state = jax.tree.map(to_global, rows, sh)._replace(
+            cache=pool, req=self.request([GREEDY] * B, [1] * B, np.zeros((B, 2), np.uint32), B))
+        # every array in its own sharding (rows made on each process, to_global), then
+        # through a compiled call, which returns the state as every later call does: in
+        # self.shardings, so no program compiles for a second set of input shardings
+        return self.free(state, [])
 
     def _cache_shardings(self):
         return pool_shardings(self.model)
