@@ -7,12 +7,11 @@ across preemption; a burst of 500 requests with aborts from another thread; warm
 import threading
 import time
 
-import jax
 import numpy as np
 import pytest
 
 import jaxformer as jf
-from conftest import teacher_forced
+from conftest import backend_compiles, teacher_forced
 from jaxformer.serving.paged_scheduler import PagedConfig, PagedScheduler
 from jaxformer.serving.scheduler import ABORTED, FAILED, FINISHED, SchedulerConfig
 
@@ -75,10 +74,6 @@ def test_aborts_oversized_requests_and_pages_come_back(model):
 def test_warmup_compiles_every_shape_and_partial_batches_decode_exactly(model):
     """After warmup() a burst compiles nothing (jax's compile events are counted), and a
     batch using only its first slots (the decode runs the first 4 of 8 rows) stays exact."""
-    compiles = []
-    jax.monitoring.register_event_duration_secs_listener(
-        lambda event, secs, **kw: compiles.append(event)
-        if event.endswith("backend_compile_duration") else None)
     sched = PagedScheduler(model, SchedulerConfig(slots=8, max_length=48, steps_per_tick=2),
                            PagedConfig(page_size=4, num_pages=40, prefill_tokens=32, chunk=16,
                                        min_chunk=8))
@@ -89,11 +84,11 @@ def test_warmup_compiles_every_shape_and_partial_batches_decode_exactly(model):
     rng = np.random.default_rng(5)
     reqs = [(rng.integers(1, 96, int(rng.integers(1, 30))).tolist(), int(rng.integers(2, 7)))
             for _ in range(10)]
-    compiles.clear()
-    handles = [sched.submit(p, GREEDY_LP, max_new_tokens=n) for p, n in reqs[:2]]
-    sched.tick()  # two requests alone: slots 0 and 1, the 4-row decode
-    handles += [sched.submit(p, GREEDY_LP, max_new_tokens=n) for p, n in reqs[2:]]
-    sched.run_until_idle()
+    with backend_compiles() as compiles:
+        handles = [sched.submit(p, GREEDY_LP, max_new_tokens=n) for p, n in reqs[:2]]
+        sched.tick()  # two requests alone: slots 0 and 1, the 4-row decode
+        handles += [sched.submit(p, GREEDY_LP, max_new_tokens=n) for p, n in reqs[2:]]
+        sched.run_until_idle()
     assert compiles == []
     for h, (prompt, n) in zip(handles, reqs):
         out = h.result(timeout=0)
