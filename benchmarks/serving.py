@@ -18,7 +18,8 @@ Workloads (random weights, bf16, greedy, no EOS: every request generates its new
 Each engine run first compiles every shape the loop calls (PagedScheduler.warmup, timed
 apart), then submits all requests at once and runs until idle; `compiles` counts the XLA
 compiles inside that timed run (0: warmup left nothing to compile). The page pool is sized by the
-memory plan (memory.pool_plan). The roofline of a workload: prefill FLOPs (2 x params per
+memory plan (memory.pool_plan), capped by what the device has free in one block once the
+model is loaded (memory.fit_pool). The roofline of a workload: prefill FLOPs (2 x params per
 token plus causal attention; a shared prefix counted once) at the measured bf16 matmul rate,
 plus, per decode step with every request running, the larger of (weights + live KV bytes) at
 the measured copy bandwidth and the step's FLOPs at the matmul rate. `steady` runs a full batch
@@ -107,6 +108,8 @@ def scheduler(model, w: Workload, args, max_length: int, prefix_caching=True):
     pool = memory.pool_plan(model.config, None, args.dtype, page_size=args.page_size,
                             slots=w.slots, prefill_tokens=args.prefill_tokens,
                             device_memory=args.device_memory)
+    if args.device_memory is None:  # what the devices have free now, in one block
+        pool = memory.fit_pool(pool, model.mesh.devices.flat)
     pages = args.num_pages or pool.num_pages
     sched = PagedScheduler(
         model, SchedulerConfig(slots=w.slots, max_length=max_length,

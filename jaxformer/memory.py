@@ -309,10 +309,10 @@ def device_memory_limit(devices=None) -> tuple[int | None, str]:
 
 # the plan, on these formulas (imported last: jaxformer.memory_plan imports this module)
 from jaxformer.memory_plan import (MemoryPlan, OutOfMemoryPlan, PoolPlan,  # noqa: E402
-                                   check_fits, check_quantize_at_load, plan, pool_plan,
+                                   check_fits, check_quantize_at_load, fit_pool, plan, pool_plan,
                                    quantize_transient_bytes)
 
-__all__ = ["MemoryPlan", "OutOfMemoryPlan", "PoolPlan", "pool_plan", "activation_bytes", "cache_length",
-           "check_quantize_at_load", "quantize_transient_bytes",
+__all__ = ["MemoryPlan", "OutOfMemoryPlan", "PoolPlan", "pool_plan", "fit_pool",
+           "activation_bytes", "cache_length", "check_quantize_at_load", "quantize_transient_bytes",
            "check_fits", "decode_bytes", "device_memory_limit", "kv_cache_bytes", "plan",
            "weights_bytes"]

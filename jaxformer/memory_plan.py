@@ -330,6 +330,8 @@ class PoolPlan:
     reserve: int
     device_memory: int | None
     num_pages: int | None
+    # set by fit_pool when the devices' measured free memory capped num_pages
+    measured: str = ""
 
     @property
     def tokens(self) -> int | None:
@@ -343,7 +345,8 @@ class PoolPlan:
         if self.num_pages is None:
             return head + "; device memory unknown, so no page count"
         return head + (f"; {_count(self.num_pages)} pages = {_count(self.tokens)} tokens "
-                       f"in {fmt_bytes(self.num_pages * self.page_bytes)}")
+                       f"in {fmt_bytes(self.num_pages * self.page_bytes)}") + \
+            (f" ({self.measured})" if self.measured else "")
 
 
 def pool_plan(config: ModelConfig, mesh=None, dtype="float32", *, page_size: int = 16,
@@ -371,3 +374,38 @@ def pool_plan(config: ModelConfig, mesh=None, dtype="float32", *, page_size: int
     reserve = temps + (int(margin * dev) if dev else 0)
     pages = None if dev is None else max(0, (dev - weights - reserve) // page)
     return PoolPlan(page_size, page, weights, reserve, dev, pages)
+
+
+def fit_pool(plan: PoolPlan, devices, margin: float = 0.05) -> PoolPlan:
+    """The plan's pages capped by what `devices` (a loaded model's) have free now, where
+    their memory_stats() say: bytes_limit - bytes_in_use - the plan's reserve, and the
+    allocator's largest free block less `margin` of the limit. The pool's arrays are each
+    one allocation per device, and a best-fit allocator must place each in one free block:
+    after loading, freed temporaries leave holes between the weights, so memory free in
+    total may hold no block as large as the pool (k and v are both counted against that
+    block, the conservative case). Unchanged where no device reports stats (CPU)."""
+    free = largest = limit = None
+    for d in devices:
+        try:
+            stats = d.memory_stats()
+        except Exception:  # some backends raise instead of returning None
+            stats = None
+        if not stats or not stats.get("bytes_limit"):
+            continue
+        lim = int(stats["bytes_limit"])
+        f = lim - int(stats.get("bytes_in_use", 0))
+        big = int(stats.get("largest_free_block_bytes", f))
+        free = f if free is None else min(free, f)
+        largest = big if largest is None else min(largest, big)
+        limit = lim if limit is None else min(limit, lim)
+    if free is None or plan.num_pages is None:
+        return plan
+    cap = min((free - plan.reserve) // plan.page_bytes,
+              (largest - int(margin * limit)) // plan.page_bytes)
+    cap = max(0, cap)
+    if cap >= plan.num_pages:
+        return plan
+    return dataclasses.replace(
+        plan, num_pages=cap,
+        measured=f"capped from {_count(plan.num_pages)} pages by the devices' memory after "
+                 f"loading: {fmt_bytes(free)} free, largest free block {fmt_bytes(largest)}")

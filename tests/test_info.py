@@ -220,3 +220,33 @@ def test_pool_plan_pages_are_the_paged_cache_bytes_and_fit_what_is_left():
         left = 80 * 2 ** 30 - plan.weights - plan.reserve - plan.num_pages * plan.page_bytes
         assert 0 <= left < plan.page_bytes
         assert plan.tokens == (plan.num_pages - 1) * 16
+
+
+class _Dev:
+    def __init__(self, stats):
+        self.stats = stats
+
+    def memory_stats(self):
+        return self.stats
+
+
+def test_fit_pool_caps_pages_by_free_memory_and_the_largest_free_block():
+    """After loading, the pool gets at most what the devices have free less the plan's
+    reserve, and at most their largest free block less the margin (each pool array is one
+    allocation); devices without stats (CPU) leave the plan as it is."""
+    cfg = jf.ModelConfig.from_preset("llama3-8b")
+    plan = memory.pool_plan(cfg, None, "bfloat16", page_size=16, slots=64,
+                            prefill_tokens=2048, device_memory="80GiB")
+    G, page = 2 ** 30, plan.page_bytes
+    assert memory.fit_pool(plan, [_Dev(None)]) == plan
+    roomy = {"bytes_limit": 80 * G, "bytes_in_use": 0, "largest_free_block_bytes": 80 * G}
+    assert memory.fit_pool(plan, [_Dev(roomy)]).num_pages == plan.num_pages
+    # 60 GiB limit, 16 GiB in use, but the free 44 GiB lies in a 20 GiB and a 24 GiB hole
+    holes = {"bytes_limit": 60 * G, "bytes_in_use": 16 * G,
+             "largest_free_block_bytes": 24 * G}
+    fitted = memory.fit_pool(plan, [_Dev(roomy), _Dev(holes)], margin=0.05)
+    assert fitted.num_pages == (24 * G - 3 * G) // page  # the block, less 5% of 60 GiB
+    assert "largest free block 24" in fitted.explain()
+    # no fragmentation: the free total less the reserve binds
+    tight = {"bytes_limit": 60 * G, "bytes_in_use": 50 * G}
+    assert memory.fit_pool(plan, [_Dev(tight)]).num_pages == (10 * G - plan.reserve) // page

@@ -63,6 +63,7 @@ class ModelSpec:
                                 slots=self.scheduler.slots, prefill_tokens=p.prefill_tokens,
                                 rules=model.rules, quantize=run.quantize,
                                 kv_cache=run.kv_cache)
+        plan = memory.fit_pool(plan, model.mesh.devices.flat)
         if plan.num_pages is None or plan.num_pages < 2:
             return p
         log.info("model %s: %s", self.name, plan.explain())
