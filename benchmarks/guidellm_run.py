@@ -27,6 +27,7 @@ per-request means, sits below the client's per-gap p99.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -81,7 +82,7 @@ def command(exe: str, url: str, model: str, tok: str, data: str, rate: float, n:
                          "request_format=/v1/completions",
             "--profile", f"kind=poisson,rate={rate:g}",
             "--constraint", f"kind=max_requests,count={n}",
-            "--constraint", f"kind=max_duration,seconds={seconds:.0f}",
+            "--constraint", f"kind=max_duration,seconds={math.ceil(seconds)}",
             "--tokenizer", f"kind=huggingface_auto,model={tok}",
             "--data", f"kind=json_file,path={data}",
             "--seed", "kind=static,value=0",
@@ -125,7 +126,8 @@ def row(result: dict, rate: float, n: int) -> dict:
 
 def rows(exe: str, url: str, model: str, tokenizer, reqs, rates, counts, drain: float) -> dict:
     """guidellm at each rate (counts[i] requests, the first of reqs) against the server at url:
-    {"rates": [row per rate]} or {"error": why}; a rate guidellm fails on gets its error."""
+    {"rates": [a row per rate], "command": the last rate's}; a rate guidellm fails on gets a
+    row of failures with its error."""
     folder = tempfile.mkdtemp(prefix="guidellm-")
     try:
         tok, data = write_inputs(folder, tokenizer, reqs[: max(counts)])
