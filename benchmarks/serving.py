@@ -244,6 +244,10 @@ def parser() -> argparse.ArgumentParser:
                         "not with --tiny)")
     g.add_argument("--server-timeout", type=float, default=1800.0,
                    help="seconds a server may take to load and compile")
+    g.add_argument("--guidellm", default="guidellm", metavar="EXE",
+                   help="also load jaxformer's server with guidellm (benchmarks/guidellm_run"
+                        ".py): its program, from a venv of its own (default: on PATH; "
+                        "none: skip)")
     g.add_argument("--single", nargs=2, type=int, default=None, metavar=("PROMPT", "NEW"),
                    help="the lone request's lengths (default 128 128)")
     return ap

@@ -6,6 +6,7 @@ same client and workload for both.
     python benchmarks/serving.py --server --rates 1 2 4 8 16 --json rows.json
     python benchmarks/serving.py --server --servers jaxformer  # without the peer
     python benchmarks/serving.py --server --tiny                # a CPU smoke run
+    python benchmarks/serving.py --server --guidellm VENV/bin/guidellm  # + guidellm's view
 
 Workload (seed 0): prompt lengths uniform in 64..1024 tokens and output lengths uniform in
 32..512, random token ids; every request streams (`stream: true`) from /v1/completions with
@@ -31,6 +32,9 @@ token i (so a prompt of ids is sent as the text "t<i> t<j> ...", which transform
 requires) to a temporary directory, then `transformers serve --continuous-batching DIR` is
 started on a free port and stopped (terminate, then kill) when its rates are done. When it
 cannot start (no CUDA, no serving extra, a crash) its row says why and the run goes on.
+After its own client, guidellm (when --guidellm names it or it is on PATH) loads jaxformer's
+server with the same requests at the same rates (guidellm_run.py); its numbers print beside
+the client's, or a row says why it did not run.
 """
 from __future__ import annotations
 
@@ -53,6 +57,7 @@ import jax
 import numpy as np
 import uvicorn
 
+import guidellm_run
 import harness
 import jaxformer as jf
 from jaxformer.serving.app import create_app
@@ -186,7 +191,7 @@ def sweep(url: str, model: str, load: Load, rates: list[float], vocab: int, text
           seed: int = 0) -> list[dict]:
     rows = []
     for rate in rates:
-        n = max(1, min(load.requests, math.ceil(rate * load.duration)))
+        n = count(load, rate)
         reqs = requests(load, n, vocab, seed)
         at = arrivals(rate, n, seed)
         res, t0 = asyncio.run(_rate(url, model, reqs, at, float(at[-1]) + load.drain, text))
@@ -196,6 +201,11 @@ def sweep(url: str, model: str, load: Load, rates: list[float], vocab: int, text
         row["sustains"] = sustains(row)
         rows.append(row)
     return rows
+
+
+def count(load: Load, rate: float) -> int:
+    """The requests a rate sends: rate x duration, at least 1, at most load.requests."""
+    return max(1, min(load.requests, math.ceil(rate * load.duration)))
 
 
 def client_rows(payload: str) -> None:
@@ -305,6 +315,7 @@ def jaxformer_rows(model, load: Load, rates, args) -> dict:
     with ServerThread(create_app([spec]), args.server_timeout) as url:
         out = {"ready_s": time.perf_counter() - t}
         out["rates"] = sweep_child(url, "bench", load, rates, vocab, text=False)
+        out["guidellm"] = guidellm_side(url, load, rates, vocab, args)
         single = Load(load.preset, (args.single[0],) * 2, (args.single[1],) * 2, 1, 1.0,
                       load.drain, load.slots)
         # run twice, the second counts: the first warms the connection and the client
@@ -316,6 +327,16 @@ def jaxformer_rows(model, load: Load, rates, args) -> dict:
     else:
         out["single"] = {"error": r["errors"][0]}
     return out
+
+
+def guidellm_side(url: str, load: Load, rates, vocab: int, args) -> dict:
+    """guidellm over the same requests at the same rates (guidellm_run.py), or why not."""
+    exe, why = guidellm_run.find(args.guidellm)
+    if exe is None:
+        return {"error": why}
+    counts = [count(load, r) for r in rates]
+    return guidellm_run.rows(exe, url, "bench", word_tokenizer(vocab),
+                             requests(load, max(counts), vocab), rates, counts, load.drain)
 
 
 # ---- the peer: transformers serve --------------------------------------------------------
@@ -493,6 +514,7 @@ def report(name: str, r: dict, whole: dict | None = None) -> None:
                   f"{eng['sched_decode_ms']:.2f} ms/token "
                   f"({eng['sched_decode_ms'] / sg['decode_ms']:.0%}), generate() "
                   f"{eng['generate_ms_per_token']:.2f} ms/token")
+        guidellm_run.report(r["rates"], r["guidellm"])
         peer = whole.get("transformers")
         if peer and "rates" in peer:
             p = sustained(peer["rates"])

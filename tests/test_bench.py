@@ -188,7 +188,9 @@ def test_serving_load_tiny_rows_are_consistent(tmp_path):
     import serving
     import serving_load as sl
     out = tmp_path / "load.json"
-    assert serving.main(["--server", "--tiny", "--rates", "4", "8", "--json", str(out)]) == 0
+    missing = str(tmp_path / "no-guidellm")  # the fallback row, whatever is on PATH
+    assert serving.main(["--server", "--tiny", "--rates", "4", "8", "--json", str(out),
+                         "--guidellm", missing]) == 0
     # (no capsys: uvicorn's log handlers would hold its stream past the test)
     r = json.loads(out.read_text())
     load = sl.Load(**{k: tuple(v) if isinstance(v, list) else v for k, v in r["load"].items()})
@@ -210,3 +212,33 @@ def test_serving_load_tiny_rows_are_consistent(tmp_path):
     news = sum(m for _, m in sl.requests(load, n, 259))
     assert abs(off["tok_s"] - news / off["seconds"]) < 1e-6 * off["tok_s"]
     assert r["jaxformer"]["single"]["tok_s"] > 0 and r["engine_single"]["sched_decode_ms"] > 0
+    assert r["jaxformer"]["guidellm"] == {
+        "error": f"no guidellm program at {missing!r} (pip install guidellm into a venv of its "
+                 "own and pass --guidellm VENV/bin/guidellm)"}
+
+
+def test_guidellm_row_of_hand_made_output():
+    """guidellm_run.row on a JSON shaped as guidellm 0.8.1 writes it: tokens/s over first
+    request start to last end, offered over first to last start, percentiles from guidellm's
+    (ms to s), and requests guidellm did not finish counted as failed."""
+    import guidellm_run
+
+    def dist(p50, p99, total=0.0):
+        return {"successful": {"percentiles": {"p50": p50, "p99": p99}, "total_sum": total,
+                               "mean": 7.0}}
+    timings = [{"request_start": 100.0, "request_end": 101.0},
+               {"request_start": 102.0, "request_end": 105.0}]
+    result = {"benchmarks": [{"duration": 9.0, "requests": {"successful": [
+        {"info": {"timings": t}} for t in timings]}, "metrics": {
+        "request_totals": {"successful": 2, "errored": 1, "incomplete": 0, "total": 3},
+        "output_token_count": dist(0, 0, total=30), "output_tokens_per_second": dist(0, 0),
+        "time_to_first_token_ms": dist(10.0, 20.0), "inter_token_latency_ms": dist(2.0, 3.0),
+        "request_latency": dist(1.5, 3.0)}}]}
+    row = guidellm_run.row(result, rate=2.0, n=4)
+    assert (row["sent"], row["ok"], row["failed"]) == (4, 2, 2)
+    assert row["errors"] == ["1 errored, 0 incomplete, 1 not sent"]
+    assert row["tokens"] == 30 and row["seconds"] == 5.0 and row["tok_s"] == 6.0
+    assert row["offered_tok_s"] == 15.0 and row["guidellm_tok_s"] == 7.0
+    assert (row["ttft_p50_s"], row["ttft_p99_s"]) == (0.01, 0.02)
+    assert (row["itl_p50_s"], row["itl_p99_s"]) == (0.002, 0.003)
+    assert (row["e2e_p50_s"], row["e2e_p99_s"]) == (1.5, 3.0)
