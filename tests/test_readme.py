@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
-TEST_COMMAND = 'pip install -e ".[test]" && python -m pytest tests -q'
+TEST_COMMAND = 'pip install -e ".[test]" && python -m pytest tests -q -n 2 --dist loadfile'
 # Docs other sessions are writing; a link to one is fine until it lands (then drop it here).
 def shell_commands(markdown: str) -> list[str]:
     """Commands of the fenced bash / sh / shell blocks, in order (continuations joined)."""
