@@ -37,8 +37,9 @@ class ServerThread:
         assert not self.thread.is_alive(), "the server thread did not stop"
 
 
-def wait_ready(url: str, timeout: float) -> None:
-    """Poll /health until 200 (the models loaded), at most `timeout` seconds."""
+def wait_ready(url: str, timeout: float, failed=lambda: None) -> None:
+    """Poll /health until 200 (the models loaded), at most `timeout` seconds; failed():
+    a message when waiting is pointless (a server process ended), raised at once."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -46,6 +47,9 @@ def wait_ready(url: str, timeout: float) -> None:
                 return
         except httpx.TransportError:
             pass
+        why = failed()
+        if why:
+            raise RuntimeError(f"{url} not ready: {why}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"{url} not ready after {timeout} s")
         time.sleep(0.1)

@@ -9,11 +9,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
-import httpx
 import jax
 import openai
+from server_fixtures import wait_ready
 from test_distributed import free_port
 
 import jaxformer as jf
@@ -43,21 +42,6 @@ def _logs(tmp_path) -> str:
     return "\n---\n".join((tmp_path / f"p{i}.log").read_text()[-3000:] for i in (0, 1))
 
 
-def _wait_ready(url: str, procs, tmp_path, timeout: float = 240) -> None:
-    """Poll /health until 200, failing early when a process ends."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        ended = [p.returncode for p in procs if p.poll() is not None]
-        assert not ended and time.monotonic() < deadline, \
-            f"not ready (exit codes {ended}); logs:\n{_logs(tmp_path)}"
-        time.sleep(0.2)
-
-
 def test_two_processes_serve_the_text_of_one(tmp_path):
     model = jf.demo_model(mesh=jf.make_mesh(tensor=2))
     model.save(tmp_path / "ckpt")
@@ -75,7 +59,8 @@ def test_two_processes_serve_the_text_of_one(tmp_path):
         for p in PROMPTS + [chat_ids]:
             t = model.generate([p], MAXN).tokens[0]
             want[str(p)] = tok.decode(t[: t.index(eos)] if eos in t else t)
-        _wait_ready(url, procs, tmp_path)
+        wait_ready(url, 240, failed=lambda: any(p.poll() is not None for p in procs) and
+                   f"exit codes {[p.poll() for p in procs]}; logs:\n{_logs(tmp_path)}")
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0,
                                timeout=120)
         r = client.completions.create(model="tiny", prompt=PROMPTS[:2], max_tokens=MAXN,
