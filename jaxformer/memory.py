@@ -286,6 +286,15 @@ def decode_in_place(layer_loop: str, sizes: Mapping[str, int]) -> bool:
     return LayerStack.for_run(None, layer_loop, sizes["pipe"]).decode_in_place
 
 
+def device_stats(d) -> dict | None:
+    """A device's memory_stats() where it reports a bytes_limit, else None (CPU)."""
+    try:
+        stats = d.memory_stats()
+    except Exception:  # some backends raise instead of returning None
+        return None
+    return stats if stats and stats.get("bytes_limit") else None
+
+
 def device_memory_limit(devices=None) -> tuple[int | None, str]:
     """(bytes per device, where it came from): JAXFORMER_DEVICE_MEMORY, else the smallest
     `bytes_limit` of the local devices' memory_stats(), else (None, reason)."""
@@ -294,14 +303,7 @@ def device_memory_limit(devices=None) -> tuple[int | None, str]:
         return parse_bytes(env), f"${ENV_DEVICE_MEMORY}"
     import jax
     devs = list(devices) if devices is not None else jax.local_devices()
-    limits = []
-    for d in devs:
-        try:
-            stats = d.memory_stats()
-        except Exception:  # some backends raise instead of returning None
-            stats = None
-        if stats and stats.get("bytes_limit"):
-            limits.append(int(stats["bytes_limit"]))
+    limits = [int(st["bytes_limit"]) for st in map(device_stats, devs) if st]
     if limits and len(limits) == len(devs):
         return min(limits), f"bytes_limit of {devs[0].device_kind}"
     return None, f"unknown on {devs[0].platform if devs else 'this machine'}"

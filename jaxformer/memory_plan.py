@@ -12,8 +12,8 @@ from jaxformer import cache as kvc
 from jaxformer.config import PREFILL_TOKENS, ModelConfig, RunConfig
 from jaxformer.memory import (CACHE_AXES, ENV_DEVICE_MEMORY, _axes_size, _count, _itemsize,
                               _rules, activation_bytes, cache_length, decode_bytes,
-                              decode_in_place, device_memory_limit, fmt_bytes, kv_cache_bytes,
-                              mesh_sizes, parse_bytes, prompt_bucket, shard_shape,
+                              decode_in_place, device_memory_limit, device_stats, fmt_bytes,
+                              kv_cache_bytes, mesh_sizes, parse_bytes, prompt_bucket, shard_shape,
                               weights_bytes)
 from jaxformer.models import abstract_params, num_active_params, num_params, param_axes
 from jaxformer.quant.params import covered
@@ -385,13 +385,7 @@ def fit_pool(plan: PoolPlan, devices, margin: float = 0.05) -> PoolPlan:
     total may hold no block as large as the pool (k and v are both counted against that
     block, the conservative case). Unchanged where no device reports stats (CPU)."""
     free = largest = limit = None
-    for d in devices:
-        try:
-            stats = d.memory_stats()
-        except Exception:  # some backends raise instead of returning None
-            stats = None
-        if not stats or not stats.get("bytes_limit"):
-            continue
+    for stats in filter(None, map(device_stats, devices)):
         lim = int(stats["bytes_limit"])
         f = lim - int(stats.get("bytes_in_use", 0))
         big = int(stats.get("largest_free_block_bytes", f))
