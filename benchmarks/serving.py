@@ -118,7 +118,7 @@ def scheduler(model, w: Workload, args, max_length: int, prefix_caching=True):
                     prefill_tokens=args.prefill_tokens, chunk=args.chunk,
                     min_chunk=args.min_chunk, prefix_caching=prefix_caching))
     t = time.perf_counter()
-    shapes = sched.warmup()
+    shapes = sched.warmup(args.compile_workers)
     return sched, {"warmup_s": time.perf_counter() - t, "pages": pages,
                    "shapes": sum(len(v) for v in shapes.values())}
 
@@ -229,6 +229,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--chunk", type=int, default=None)
     ap.add_argument("--min-chunk", type=int, default=None)
     ap.add_argument("--steps-per-tick", type=int, default=None)
+    ap.add_argument("--compile-workers", type=int, default=1,
+                    help="threads that compile the warm-up shapes (PagedEngine.precompile)")
     ap.add_argument("--no-steady", action="store_true")
     ap.add_argument("--no-single", action="store_true")
     ap.add_argument("--json", help="also write the rows here")
@@ -280,7 +282,11 @@ def main(argv=None) -> int:
     ceil = harness.ceilings(args.tiny)
     print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}; measured ceilings: "
           f"copy {ceil['copy_GBps']:.0f} GB/s, bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s")
-    rows, models = [], {}
+    rows, models, t0 = [], {}, time.perf_counter()
+
+    def note(what):  # progress on stderr: a run cut short by a time limit still shows where
+        print(f"[{time.perf_counter() - t0:6.0f} s] {what}", file=sys.stderr, flush=True)
+
     for k in args.workloads:
         w = table[k]
         if w.preset not in models:
@@ -288,6 +294,7 @@ def main(argv=None) -> int:
             gc.collect()
             models[w.preset] = jf.Model.random(jf.ModelConfig.from_preset(w.preset),
                                                dtype=args.dtype, seed=0)
+            note(f"{k}: {w.preset} loaded")
         model = models[w.preset]
         ps = prompts(w, model.config.vocab_size)
         roof = roofline(model.config, args.dtype, [len(p) for p in ps], w.new,
@@ -296,10 +303,14 @@ def main(argv=None) -> int:
                "roofline_s": roof["total_s"], "roof_prefill_s": roof["prefill_s"]}
         out["engine"] = run_engine(model, w, ps, args)
         out["engine"]["of_roofline"] = roof["total_s"] / out["engine"]["seconds"]
+        note(f"{k}: engine {out['engine']['tok_s']:.0f} tok/s, warm-up "
+             f"{out['engine']['warmup_s']:.0f} s")
         if w.prefix:
             out["prefix_off"] = run_engine(model, w, ps, args, prefix_caching=False)
+            note(f"{k}: prefix caching off done")
         if w.chunked:
             out["chunked"] = run_chunked(model, w, ps)
+            note(f"{k}: chunked generate() done")
         if w.hf and (w.preset, w.hf) in hf:
             out["hf"] = hf[(w.preset, w.hf)]
         if not args.no_steady and k in ("w2", "w3") or args.tiny and k == "w2":

@@ -23,6 +23,7 @@ must be a multiple of S. Data parallelism is one PagedEngine per replica.
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Sequence
 
 import jax
@@ -198,6 +199,20 @@ class PagedEngine(Engine):
                                                  for b in self.chunk_rows(C)],
                 "decode rows": self.decode_rows()}
 
+    def precompile(self, state: DecodeState, workers: int) -> None:
+        """Compile every chunk and decode shape of shapes() on `workers` threads, without
+        running them: XLA compiles without holding the GIL, so the programs compile side by
+        side (tracing them does hold it), and warmup()'s calls then find them compiled.
+        state: any state of init_state()'s shapes (only its shapes and shardings are read)."""
+        params = self.model.params
+        jobs = [(self._chunk_fn(), (params, state, *self._chunk_args([], b, C)))
+                for C in self.chunk_lengths() for b in self.chunk_rows(C)]
+        jobs += [(self._rows_loop(r), (params, state, jnp.int32(1)))
+                 for r in self.decode_rows()]
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            for done in [pool.submit(lambda f, a: f.lower(*a).compile(), f, a) for f, a in jobs]:
+                done.result()
+
     def warmup(self, state: DecodeState) -> DecodeState:
         """Compile (and run once, on padding rows that write only to the null page) every
         shape of shapes(), so steady-state serving never compiles."""
@@ -253,6 +268,19 @@ class PagedEngine(Engine):
         return state, tok[: len(chunks)], lp[: len(chunks)]
 
     def _chunk_call(self, state: DecodeState, chunks: Sequence[Chunk], b: int, C: int):
+        fn, args = self._chunk_fn(), self._chunk_args(chunks, b, C)
+        state, tok, lp = fn(self.model.params, state, *args)
+        return state, to_host(tok), to_host(lp)
+
+    def _chunk_fn(self):
+        c = self.config
+        return self.model.compiled.get(
+            ("chunk prefill", c.features, c.num_pages, c.page_size, self.shardings),
+            lambda: make_chunk_prefill(self.model, c.features, c.num_pages, c.page_size,
+                                       self.shardings))
+
+    def _chunk_args(self, chunks: Sequence[Chunk], b: int, C: int) -> tuple:
+        """The chunk call's arguments after (params, state), on device."""
         ids = np.zeros((b, C), np.int32)
         starts, lens = np.zeros((b,), np.int32), np.ones((b,), np.int32)
         slots = np.full((b,), -1, np.int32)
@@ -276,15 +304,8 @@ class PagedEngine(Engine):
                            keys, b, ignore_eos=False,
                            eos_rows=[ch.ignore_eos for ch in chunks])
         rep = lambda a: to_global(a, self.model._batch_sharding(b, a.ndim))  # noqa: E731
-        c = self.config
-        fn = self.model.compiled.get(
-            ("chunk prefill", c.features, c.num_pages, c.page_size, self.shardings),
-            lambda: make_chunk_prefill(self.model, c.features, c.num_pages, c.page_size,
-                                       self.shardings))
-        state, tok, lp = fn(self.model.params, state, rep(ids), rep(starts), rep(lens),
-                            rep(slots), rep(pages), rep(last), rep(gen0), rep(gen_from),
-                            rep(hist), req)
-        return state, to_host(tok), to_host(lp)
+        return (rep(ids), rep(starts), rep(lens), rep(slots), rep(pages), rep(last),
+                rep(gen0), rep(gen_from), rep(hist), req)
 
     def step(self, state: DecodeState, steps: int = 1, *, until: int | None = None,
              rows: int | None = None) -> DecodeState:
@@ -299,10 +320,12 @@ class PagedEngine(Engine):
                                  f"{state.out.shape[1]} tokens")
             state = self._call("new_window", new_window, state)
             until = steps
+        return self._rows_loop(rows)(self.model.params, state, jnp.int32(until))
+
+    def _rows_loop(self, rows: int):
         feats, sh = self.config.features, self.shardings
-        loop = self.model.compiled.get(("decode rows", feats, rows, sh),
+        return self.model.compiled.get(("decode rows", feats, rows, sh),
                                        lambda: make_rows_loop(self.model, feats, rows, sh))
-        return loop(self.model.params, state, jnp.int32(until))
 
     def set_pages(self, state: DecodeState, rows: dict[int, Sequence[int]]) -> DecodeState:
         """Slots' page tables ({slot: pages}) after the scheduler changed them (pages for

@@ -12,6 +12,8 @@ import pytest
 
 import jaxformer as jf
 from conftest import backend_compiles, teacher_forced
+from jaxformer.engine import EngineConfig
+from jaxformer.paged_engine import PagedEngine
 from jaxformer.serving.paged_scheduler import PagedConfig, PagedScheduler
 from jaxformer.serving.scheduler import ABORTED, FAILED, FINISHED, SchedulerConfig
 
@@ -95,6 +97,24 @@ def test_warmup_compiles_every_shape_and_partial_batches_decode_exactly(model):
         want, want_lp = teacher_forced(model, prompt, out.tokens)
         assert out.status == FINISHED and len(out.tokens) == n and out.tokens == want
         np.testing.assert_allclose(out.logprobs, want_lp, atol=1e-5)
+
+
+def test_precompile_on_threads_leaves_warmup_only_the_state_calls(model):
+    """PagedEngine.precompile compiles every chunk and decode shape on threads without running
+    them; warmup() afterwards finds them compiled and compiles only its small state calls."""
+    eng = PagedEngine(model.with_run(), EngineConfig(slots=8, max_length=48, page_size=4,
+                                                     num_pages=40), chunk=16, min_chunk=8,
+                      prefill_tokens=32)
+    state = eng.init_state()
+    n = sum(len(v) for v in eng.shapes().values())
+    with backend_compiles() as pre:
+        eng.precompile(state, workers=2)
+    with backend_compiles() as warm:
+        state = eng.warmup(state)
+    # jax names a compiled function "jit(name)" (some versions just "name")
+    names = lambda seen: [f.removeprefix("jit(").removesuffix(")") for f in seen]  # noqa
+    assert names(pre).count("<lambda>") == n == 7  # ParamsJit's entry points, one per shape
+    assert "new_window" in names(warm) and "<lambda>" not in names(warm)
 
 
 # ---- sliding windows, soft-capping and ALiBi over the paged pool ----------------------------

@@ -81,11 +81,15 @@ class PagedScheduler(Scheduler):
             num_pages=p.num_pages), chunk=min(p.chunk, p.prefill_tokens), min_chunk=p.min_chunk,
             prefill_tokens=p.prefill_tokens)
 
-    def warmup(self) -> dict:
+    def warmup(self, compile_workers: int = 1) -> dict:
         """Compile every shape the loop calls (PagedEngine.shapes(), returned) before the
-        first request, so serving never compiles in steady state. Call before start()."""
+        first request, so serving never compiles in steady state; compile_workers > 1
+        compiles the shapes on that many threads first (PagedEngine.precompile). Call
+        before start()."""
         if self._state is None:
             self._state = self.engine.init_state()
+        if compile_workers > 1:
+            self.engine.precompile(self._state, compile_workers)
         self._state = self.engine.warmup(self._state)
         return self.engine.shapes()
 
