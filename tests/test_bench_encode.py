@@ -3,6 +3,7 @@ with transformers' row (run in the child process) beside jaxformer's."""
 import json
 
 import encode  # benchmarks/ (conftest puts it on the path)
+import profile_encode
 
 
 def test_encode_smoke_rows_are_consistent(tmp_path, capsys):
@@ -31,3 +32,24 @@ def test_flops_count_weights_and_attention():
     D, F, L = 768, 3072, 12
     assert encode.flops(cfg, [128]) == 2 * 128 * L * (4 * D * D + 2 * D * F) \
         + 4 * L * 128 * 128 * D
+
+
+def test_profile_encode_reads_matmul_epilogues_and_runs_on_cpu(capsys):
+    hlo = """
+  %cublas-gemm.1 = (f16[512,4096]{1,0}, s8[0]{0}) custom-call(%a, %b, %bias), custom_call_target="__cublas$lt$matmul", backend_config={"gemm_backend_config":{"epilogue":"BIAS_GELU"}}
+  %cublas-gemm.2 = (f16[512,1024]{1,0}, s8[0]{0}) custom-call(%c, %d), custom_call_target="__cublas$gemm", backend_config={"gemm_backend_config":{"epilogue":"DEFAULT"}}
+  %fusion.3 = f16[512,1024]{1,0} fusion(%e), kind=kLoop, calls=%fused_computation.3
+  %fusion.4 = f32[512]{0} fusion(%f), kind=kInput, calls=%fused_computation.4
+"""
+    got = profile_encode.hlo_summary(hlo)
+    assert got == {"matmul calls": 2, "dots left in HLO": 0,
+                   "epilogues": {"BIAS_GELU": 1, "DEFAULT": 1},
+                   "fusions": {"kLoop": 1, "kInput": 1}}
+    assert profile_encode.kind("sm90_xmma_gemm_f16f16_f16f32") == "matmul"
+    assert profile_encode.kind("flash_attention_fwd") == "attention"
+    assert profile_encode.kind("loop_add_fusion") == "other"
+    assert profile_encode.main(["bert-smoke:2:16", "--dtype", "float32"]) == 0
+    text = capsys.readouterr().out
+    assert "bert-smoke float32 batch 2 x seq 16 (padded)" in text
+    # the CPU program leaves its matmuls as dots (the smoke model has weights, so some)
+    assert int(text.split("dots left in HLO: ")[1].split()[0]) > 0
