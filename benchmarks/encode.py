@@ -90,7 +90,9 @@ def timed(call, iters: int) -> tuple[float, float]:
     return float(np.mean(ts)), float(np.percentile(ts, 99))
 
 
-def run_jax(model, lengths: list[int], packed: bool, iters: int, seed: int = 0) -> dict:
+def jax_call(model, lengths: list[int], packed: bool, seed: int = 0):
+    """(Model.embed's compiled program, its arguments after params on the device, the
+    batch's ids shape) for random texts of these lengths."""
     cfg = model.config
     rng = np.random.default_rng(seed)
     seqs = [(rng.integers(low_id(cfg), cfg.vocab_size, n).astype(np.int32),
@@ -99,16 +101,20 @@ def run_jax(model, lengths: list[int], packed: bool, iters: int, seed: int = 0) 
     data = model.mesh.shape["data"]
     b = E.packed_batch(seqs, data) if packed else \
         E.padded_batch(seqs, cfg.max_position_embeddings, data)
-    fn = E.compiled(model, packed)
     # everything on the device before the clock starts: the call alone is timed
     rep = jax.sharding.NamedSharding(model.mesh, jax.sharding.PartitionSpec())
     args = E.device_args(model, b) + [jax.device_put(x, rep) for x in E.knobs("mean", False)]
+    return E.compiled(model, packed), args, list(b.ids.shape)
+
+
+def run_jax(model, lengths: list[int], packed: bool, iters: int, seed: int = 0) -> dict:
+    fn, args, shape = jax_call(model, lengths, packed, seed)
     t0 = time.perf_counter()
     jax.block_until_ready(fn(model.params, *args))
     compile_s = time.perf_counter() - t0
     avg, p99 = timed(lambda: fn(model.params, *args), iters)
     return dict(avg_ms=avg * 1e3, p99_ms=p99 * 1e3, compile_s=compile_s,
-                tokens=int(sum(lengths)), shape=list(b.ids.shape))
+                tokens=int(sum(lengths)), shape=shape)
 
 
 # ---- transformers, in a child process -------------------------------------------------

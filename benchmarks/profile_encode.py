@@ -30,12 +30,10 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 import encode  # noqa: E402
 import jaxformer as jf  # noqa: E402
 from harness import gpu_kernel_events  # noqa: E402
-from jaxformer import embed as E  # noqa: E402
 
 KINDS = (  # (kind, pattern of a kernel's name), first match wins
     ("attention", re.compile(r"flash|fmha|cudnn|attention|mosaic|softmax", re.I)),
@@ -60,15 +58,7 @@ def hlo_summary(hlo: str) -> dict:
 def profile(preset: str, batch: int, seq: int, dtype: str, packed: bool, top: int) -> None:
     cfg = encode.config(preset)
     model = jf.Model.random(cfg, dtype=dtype, seed=0)
-    rng = np.random.default_rng(0)
-    seqs = [(rng.integers(encode.low_id(cfg), cfg.vocab_size, seq).astype(np.int32),
-             np.zeros(seq, np.int32)) for _ in range(batch)]
-    data = model.mesh.shape["data"]
-    b = E.packed_batch(seqs, data) if packed else \
-        E.padded_batch(seqs, cfg.max_position_embeddings, data)
-    fn = E.compiled(model, packed)
-    rep = jax.sharding.NamedSharding(model.mesh, jax.sharding.PartitionSpec())
-    args = E.device_args(model, b) + [jax.device_put(x, rep) for x in E.knobs("mean", False)]
+    fn, args, _ = encode.jax_call(model, [seq] * batch, packed)
     hlo = fn.lower(model.params, *args).compile().as_text()
     for _ in range(3):
         jax.block_until_ready(fn(model.params, *args))
