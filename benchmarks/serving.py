@@ -105,7 +105,8 @@ def step_roofline(cfg, dtype, batch: int, length: float, ceil: dict) -> float:
     return max(bytes_ / (ceil["copy_GBps"] * 1e9), flops / (ceil["matmul_TFLOPs"] * 1e12))
 
 
-def scheduler(model, w: Workload, args, max_length: int, prefix_caching=True):
+def scheduler(model, w: Workload, args, max_length: int, prefix_caching=True,
+              overlap: bool | None = None):
     pool = memory.pool_plan(model.config, None, args.dtype, page_size=args.page_size,
                             slots=w.slots, prefill_tokens=args.prefill_tokens,
                             device_memory=args.device_memory)
@@ -117,7 +118,8 @@ def scheduler(model, w: Workload, args, max_length: int, prefix_caching=True):
                                steps_per_tick=args.steps_per_tick, max_queue=1 << 20),
         PagedConfig(page_size=args.page_size, num_pages=pages,
                     prefill_tokens=args.prefill_tokens, chunk=args.chunk,
-                    min_chunk=args.min_chunk, prefix_caching=prefix_caching))
+                    min_chunk=args.min_chunk, prefix_caching=prefix_caching,
+                    overlap=args.overlap == "on" if overlap is None else overlap))
     t = time.perf_counter()
     shapes = sched.warmup(args.compile_workers)
     return sched, {"warmup_s": time.perf_counter() - t, "pages": pages,
@@ -125,12 +127,12 @@ def scheduler(model, w: Workload, args, max_length: int, prefix_caching=True):
 
 
 def run_engine(model, w: Workload, ps, args, prefix_caching=True, news=None,
-               max_length=None) -> dict:
+               max_length=None, overlap: bool | None = None) -> dict:
     """All of ps at once until idle; news: each request's new tokens (default w.new);
     max_length: the scheduler's (default the longest request's)."""
     news = news or [w.new] * len(ps)
     sched, info = scheduler(model, w, args, max_length or max(map(len, ps)) + max(news),
-                            prefix_caching)
+                            prefix_caching, overlap)
     compiles = []
     listen = lambda event, secs, **kw: compiles.append(event) \
         if event == "/jax/core/compile/backend_compile_duration" else None  # noqa: E731
@@ -242,6 +244,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--chunk", type=int, default=None)
     ap.add_argument("--min-chunk", type=int, default=None)
     ap.add_argument("--steps-per-tick", type=int, default=None)
+    ap.add_argument("--overlap", default="off", choices=["off", "on", "both"],
+                    help="the host reads each call's tokens while the next runs "
+                         "(PagedConfig.overlap); both: also an overlapped engine row")
     ap.add_argument("--compile-workers", type=int, default=1,
                     help="threads that compile the warm-up shapes (PagedEngine.precompile)")
     ap.add_argument("--no-steady", action="store_true")
@@ -318,6 +323,9 @@ def main(argv=None) -> int:
         out["engine"]["of_roofline"] = roof["total_s"] / out["engine"]["seconds"]
         note(f"{k}: engine {out['engine']['tok_s']:.0f} tok/s, warm-up "
              f"{out['engine']['warmup_s']:.0f} s")
+        if args.overlap == "both":
+            out["overlap"] = run_engine(model, w, ps, args, overlap=True)
+            note(f"{k}: overlapped engine {out['overlap']['tok_s']:.0f} tok/s")
         if w.prefix:
             out["prefix_off"] = run_engine(model, w, ps, args, prefix_caching=False)
             note(f"{k}: prefix caching off done")
@@ -352,7 +360,8 @@ def report(r: dict) -> None:
           f"({e['shapes']} shapes, {e['compiles']} compiles after), {e['pages']} pages, "
           f"{e['preemptions']} preemptions, "
           f"TTFT p50 {e['ttft_p50_s']:.2f} s")
-    for name, label in (("prefix_off", "prefix caching off"), ("chunked", "generate() chunks"),
+    for name, label in (("overlap", "continuous, overlapped"),
+                        ("prefix_off", "prefix caching off"), ("chunked", "generate() chunks"),
                         ("hf", "transformers static")):
         if name in r and "tok_s" in r[name]:
             x = r[name]

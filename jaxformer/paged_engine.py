@@ -223,6 +223,7 @@ class PagedEngine(Engine):
             state = self.step(state, 1, rows=r)
         state = self.set_pages(state, {0: []})
         state = self.set_history(state, 0, [], 0)
+        jax.block_until_ready(self.window(state))
         return self.free(state, [0])
 
     def init_state(self) -> DecodeState:
@@ -254,22 +255,30 @@ class PagedEngine(Engine):
     def _cache_shardings(self):
         return pool_shardings(self.model)
 
-    def prefill_chunks(self, state: DecodeState, chunks: Sequence[Chunk]):
+    def prefill_chunks(self, state: DecodeState, chunks: Sequence[Chunk], *,
+                       on_host: bool = True):
         """Run prompt chunks into the pool (one call of a compiled shape: fits() must
         hold): returns (state, first tokens [n], their logprobs [n]) on host; entries of
-        rows whose chunk is not their prompt's last are meaningless."""
+        rows whose chunk is not their prompt's last are meaningless. on_host=False: the
+        two as device arrays of the call's b >= n rows, their copy to host started, so
+        the caller reads them later without stalling the device queue."""
         lengths = [len(ch.ids) for ch in chunks]
         if not self.fits(lengths):
             raise ValueError(f"{len(chunks)} chunks of up to {max(lengths)} tokens are no "
                              f"compiled shape (chunk {self.chunk}, prefill_tokens "
                              f"{self.prefill_tokens})")
         b, C = self.chunk_shape(lengths)
-        state, tok, lp = self._chunk_call(state, chunks, b, C)
+        state, tok, lp = self._chunk_call(state, chunks, b, C, on_host)
+        if not on_host:
+            return state, tok, lp
         return state, tok[: len(chunks)], lp[: len(chunks)]
 
-    def _chunk_call(self, state: DecodeState, chunks: Sequence[Chunk], b: int, C: int):
+    def _chunk_call(self, state: DecodeState, chunks: Sequence[Chunk], b: int, C: int,
+                    on_host: bool = True):
         fn, args = self._chunk_fn(), self._chunk_args(chunks, b, C)
         state, tok, lp = fn(self.model.params, state, *args)
+        if not on_host:
+            return state, *_copy_started(tok, lp)
         return state, to_host(tok), to_host(lp)
 
     def _chunk_fn(self):
@@ -364,6 +373,26 @@ class PagedEngine(Engine):
         """Free slots: done, and their page tables cleared (their pages may be reused)."""
         padded, _ = self._padded_rows(list(slots))
         return self._call("free paged", _free_paged, state, jnp.asarray(padded))
+
+    def window(self, state: DecodeState) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Copies of the window's (tokens [B, W], logprobs [B, W], done [B]) on the device,
+        their copy to host started: what tokens() reads, kept past the state's donation to
+        the next call, so the host reads a window while the device runs the next one."""
+        fn = self.model.compiled.get(("window", self.shardings), lambda: jax.jit(_window))
+        return _copy_started(*fn(state))
+
+
+def _window(state: DecodeState):
+    return tuple(jnp.copy(a) for a in (state.out, state.logprobs, state.done))
+
+
+def _copy_started(*arrays):
+    """arrays, each one's copy to host begun (to_host later finds it there): a copy of an
+    array spread over several processes is left to to_host's gather."""
+    for a in arrays:
+        if a.is_fully_addressable:
+            a.copy_to_host_async()
+    return arrays
 
 
 def _set_rows(state: DecodeState, slots, rows):

@@ -138,14 +138,16 @@ def test_serving_benchmark_tiny_rows_are_consistent(tmp_path, capsys):
     otherwise), tokens/s is requests x new tokens over the run's seconds, the share of the
     roofline is roofline / seconds, and the shared prefix is found in the cache (by most
     requests: those prefilled in the first call find nothing yet) only when prefix caching
-    is on; after warmup the timed runs compile nothing."""
+    is on; after warmup the timed runs (the overlapped one too) compile nothing."""
     import serving
     out = tmp_path / "rows.json"
-    assert serving.main(["--tiny", "--workloads", "w4", "--json", str(out)]) == 0
-    assert "prefix caching off" in capsys.readouterr().out
+    assert serving.main(["--tiny", "--workloads", "w4", "--overlap", "both", "--json",
+                         str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "prefix caching off" in text and "continuous, overlapped" in text
     (row,) = json.loads(out.read_text())["rows"]
     w = serving.TINY["w4"]
-    for run in ("engine", "prefix_off"):
+    for run in ("engine", "overlap", "prefix_off"):
         r = row[run]
         assert abs(r["tok_s"] - w.requests * w.new / r["seconds"]) < 1e-6 * r["tok_s"]
     assert abs(row["engine"]["of_roofline"] - row["roofline_s"] / row["engine"]["seconds"]) \
@@ -154,6 +156,7 @@ def test_serving_benchmark_tiny_rows_are_consistent(tmp_path, capsys):
     assert row["engine"]["prefix_hit_tokens"] >= (w.requests // 2) * 16
     assert row["prefix_off"]["prefix_hit_tokens"] == 0
     assert row["engine"]["compiles"] == row["prefix_off"]["compiles"] == 0  # warmup did all
+    assert row["overlap"]["compiles"] == 0
 
 
 def test_load_summary_of_hand_made_requests():

@@ -18,10 +18,21 @@ tick the loop:
 4. runs the decode loop and hands each request its tokens; finished, aborted and failed
    requests release their pages at once (full blocks stay cached until evicted).
 A request whose prompt the whole pool could never hold fails alone with the reason.
+
+With PagedConfig.overlap the host does not wait for a call's tokens before queueing the
+next: each tick dispatches its prefill and decode calls, then reads the calls of the tick
+before (and this tick's first tokens) while the device runs this tick's decode window, so
+the host's work per tick (emitting tokens, publishing blocks, admission) hides behind the
+device's. What the host does not know yet is bounded: a row's unread tokens count as
+generated when its pages are grown (`_lag`), a row that finished is freed when its window
+is read (it idles, done on the device, one window meanwhile), and before preempting, every
+unread call is read (finished rows give their pages back; a victim must hold all its
+tokens to be recomputed from them).
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import numpy as np
 
@@ -31,6 +42,7 @@ from jaxformer.paged_engine import Chunk, PagedEngine
 from jaxformer.serving.pages import BlockTable, PagePool
 from jaxformer.serving.scheduler import (FAILED, RUNNING, WAITING, Handle, Scheduler,
                                          SchedulerConfig, log)
+from jaxformer.sharding import to_host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,13 +53,16 @@ class PagedConfig:
     prefill call at most; min_chunk: the fewest columns a call is padded to (at most chunk;
     calls take
     power-of-two shapes between the two: PagedEngine.shapes()); prefix_caching: share full
-    blocks."""
+    blocks; overlap: read each call's tokens while the device runs the next call (the
+    host's work per tick hidden behind the device's; a finished request's slot is reused
+    one tick later)."""
     page_size: int = 16
     num_pages: int = 1024
     prefill_tokens: int = 512
     chunk: int = 256
     min_chunk: int = 16
     prefix_caching: bool = True
+    overlap: bool = False
 
     def __post_init__(self):
         for f in ("page_size", "num_pages", "prefill_tokens", "chunk", "min_chunk"):
@@ -72,6 +87,11 @@ class PagedScheduler(Scheduler):
         # slot -> (cached tokens, prompt length): penalty state to rebuild before its prefill
         self._history: dict[int, tuple[list[int], int]] = {}
         self.preemptions = 0
+        # overlap: calls whose tokens the host has not read yet, oldest first, each
+        # (kind, device arrays, {slot: handle} as dispatched, chunks); request id -> tokens
+        # its row generated on the device that its handle does not hold yet
+        self._unread: list[tuple] = []
+        self._lag: dict[int, int] = {}
 
     def _make_engine(self) -> PagedEngine:
         c, p = self.config, self.paged
@@ -126,23 +146,41 @@ class PagedScheduler(Scheduler):
             for slot, (seq, n_prompt) in self._history.items():
                 self._state = self.engine.set_history(self._state, slot, seq, n_prompt)
             self._history = {}
-            self._state, toks, lps = self.engine.prefill_chunks(self._state, chunks)
-            done = np.asarray(self._state.done)
+            overlap = self.paged.overlap
+            self._state, toks, lps = self.engine.prefill_chunks(self._state, chunks,
+                                                                 on_host=not overlap)
+            done = self.engine.window(self._state)[2] if overlap else \
+                np.asarray(self._state.done)
         except Exception as e:  # noqa: BLE001 - the failure belongs to these requests
-            log.warning("prefill of %d chunks failed: %s", len(chunks), e)
-            self._state = None
-            self._fail_running(f"prefill failed: {e}")
+            self._failed("prefill", f"prefill of {len(chunks)} chunks", e)
             return
-        for r, ch in enumerate(chunks):
-            h = self._slots[ch.slot]
+        owners = {ch.slot: self._slots[ch.slot] for ch in chunks}
+        for ch in chunks:
+            h = owners[ch.slot]
             self._next[h.id] = ch.start + len(ch.ids)
             self._computed(ch.slot, h, self._next[h.id])
             if ch.last:
                 self._prefilling.remove(ch.slot)
                 self._live.append(ch.slot)
-                h._emit([int(toks[r])], [float(lps[r])])
-                if done[ch.slot]:
-                    self._finish(ch.slot)
+        if overlap:  # read at the end of this tick, once the next decode call is queued
+            for ch in chunks:
+                if ch.last:
+                    self._lag[owners[ch.slot].id] = 1
+            self._unread.append(("chunks", (toks, lps, done), owners, chunks))
+        else:
+            self._read_chunks((toks, lps, done), owners, chunks)
+
+    def _read_chunks(self, arrays, owners: dict, chunks: Sequence[Chunk]) -> None:
+        """Each finished prompt's first token to its request."""
+        toks, lps, done = (_host(a) for a in arrays)
+        for r, ch in enumerate(chunks):
+            h = owners[ch.slot]
+            if not ch.last or self._slots[ch.slot] is not h:  # ended since (an abort)
+                continue
+            self._read(h, 1)
+            h._emit([int(toks[r])], [float(lps[r])])
+            if done[ch.slot]:
+                self._finish(ch.slot)
 
     def _place(self, h: Handle, slot: int) -> bool:
         """Give a waiting request a slot and the pages for its whole sequence plus one token
@@ -202,31 +240,71 @@ class PagedScheduler(Scheduler):
 
     # ---- decode -------------------------------------------------------------------------
     def _decode(self) -> None:
-        if not self._live:
+        if not self._live or not self._grow():
+            self._read_unread()
             return
-        if not self._grow():
-            return
+        W = self.config.steps_per_tick
         try:
             if self._dirty:
                 self._state = self.engine.set_pages(self._state, self._dirty)
                 self._dirty = {}
             top = max(self._live)  # decode only the slots up to the last live one
             rows = next(r for r in self.engine.decode_rows() if r > top)
-            self._state = self.engine.step(self._state, self.config.steps_per_tick, rows=rows)
-            toks, lps = self.engine.tokens(self._state)
-            done = np.asarray(self._state.done)
+            self._state = self.engine.step(self._state, W, rows=rows)
+            window = self.engine.window(self._state)
         except Exception as e:  # noqa: BLE001
-            log.warning("decode step failed: %s", e)
-            self._state = None
-            self._fail_running(f"decode failed: {e}")
+            self._failed("decode", "decode step", e)
             return
-        for slot in list(self._live):
-            h = self._slots[slot]
+        owners = {slot: self._slots[slot] for slot in self._live}
+        if self.paged.overlap:  # the host reads the earlier calls while this one runs
+            for h in owners.values():
+                self._lag[h.id] = self._lag.get(h.id, 0) + W
+            self._read_unread()
+            self._unread.append(("window", window, owners, None))
+        else:
+            self._read_window(window, owners)
+
+    def _read_window(self, arrays, owners: dict) -> None:
+        """A decode window's tokens to their requests; finished ones end."""
+        try:
+            toks, lps, done = (_host(a) for a in arrays)
+        except Exception as e:  # noqa: BLE001 - an asynchronous failure of the call
+            self._failed("decode", "decode step", e)
+            return
+        for slot, h in owners.items():
+            if self._slots[slot] is not h:  # ended since (an abort, a preemption)
+                continue
             got = toks[slot] >= 0
+            self._read(h, self.config.steps_per_tick)
             h._emit(toks[slot][got].tolist(), lps[slot][got].tolist())
             self._computed(slot, h, len(self._seq(h)) - 1)  # the last token is fed next
             if done[slot]:
                 self._finish(slot)
+
+    def _read(self, h: Handle, n: int) -> None:
+        """overlap: a call's tokens of h (at most n) are on the host now."""
+        if h.id in self._lag:
+            self._lag[h.id] -= n
+            if self._lag[h.id] <= 0:
+                del self._lag[h.id]
+
+    def _read_unread(self) -> None:
+        """overlap: read every call dispatched before, oldest first."""
+        while self._unread:
+            kind, arrays, owners, chunks = self._unread.pop(0)
+            if kind == "window":
+                self._read_window(arrays, owners)
+            else:
+                try:
+                    self._read_chunks(arrays, owners, chunks)
+                except Exception as e:  # noqa: BLE001
+                    self._failed("prefill", f"prefill of {len(chunks)} chunks", e)
+
+    def _failed(self, what: str, call: str, e: Exception) -> None:
+        """A device call failed: its requests fail, the state is rebuilt for the others."""
+        log.warning("%s failed: %s", call, e)
+        self._state = None
+        self._fail_running(f"{what} failed: {e}")
 
     def _grow(self) -> bool:
         """Pages for the next steps of every live request, preempting the most recently
@@ -237,8 +315,15 @@ class PagedScheduler(Scheduler):
             if h is None or slot not in self._live:
                 continue
             table = self._tables[h.id]
-            fed = len(self._seq(h)) - 1
+            # overlap: tokens the device made that the host has not read count as fed (at
+            # most: a row that finished among them is freed once they are read)
+            fed = len(self._seq(h)) - 1 + self._lag.get(h.id, 0)
             need = table.needed_pages(min(fed + steps, len(h.prompt) + h.max_new))
+            if need and not self.pool.can_allocate(need) and self._unread:
+                # before preempting: read what finished (its pages come back), and a
+                # victim must hold every token it made to be recomputed from them
+                self._read_unread()
+                return self._grow()
             while need and not self.pool.can_allocate(need):
                 victim = (self._prefilling or self._live)[-1]
                 if victim == slot and len(self._live) == 1 and not self._prefilling:
@@ -266,6 +351,7 @@ class PagedScheduler(Scheduler):
     def _drop(self, slot: int, h: Handle) -> None:
         self._tables.pop(h.id).release(self.pool)
         self._next.pop(h.id, None)
+        self._lag.pop(h.id, None)
         for order in (self._prefilling, self._live):
             if slot in order:
                 order.remove(slot)
@@ -291,4 +377,9 @@ class PagedScheduler(Scheduler):
                 self._slots[slot] = None
                 h._end(FAILED, reason)
         self._next, self._prefilling, self._live, self._dirty = {}, [], [], {}
-        self._history = {}
+        self._history, self._unread, self._lag = {}, [], {}
+
+
+def _host(a) -> np.ndarray:
+    """A call's output on the host (a device array spread over processes gathered whole)."""
+    return a if isinstance(a, np.ndarray) else to_host(a)
