@@ -70,9 +70,29 @@ def broadcast(events: list, stop: bool) -> tuple[list, bool]:
     return json.loads(got.decode()), bool(stop)
 
 
+def gather(data: bytes) -> list[bytes]:
+    """Every process's `data`, on every process, in process order: a process_allgather of a
+    [1] int32 header (the sizes), then one per CHUNK bytes of the longest (two shapes in all,
+    whatever the sizes; data-parallel replicas send process 0 their results with it:
+    replica_hosts.py)."""
+    head = np.asarray([len(data)], np.int32)
+    sizes = np.asarray(multihost_utils.process_allgather(head)).reshape(-1)
+    got = [bytearray() for _ in sizes]
+    for start in range(0, int(sizes.max()), CHUNK):
+        buf = np.zeros((CHUNK,), np.uint8)
+        piece = data[start:start + CHUNK]
+        buf[:len(piece)] = np.frombuffer(piece, np.uint8)
+        rows = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), CHUNK)
+        for p, row in enumerate(rows):
+            got[p] += row[:max(0, min(CHUNK, int(sizes[p]) - start))].tobytes()
+    return [bytes(g) for g in got]
+
+
 def warmup() -> None:
-    """Compile (and run once) both broadcasts before serving. Every process calls it."""
+    """Compile (and run once) the broadcasts and the gathers before serving. Every process
+    calls it."""
     broadcast(["warmup"], False)
+    gather(b"warmup")
 
 
 def agree(settings: str, num_pages: int) -> int:
