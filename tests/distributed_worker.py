@@ -50,6 +50,9 @@ def main():
     import jaxformer as jf
     from jaxformer.config import ModelConfig
 
+    if args.mode == "serve":
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        return serve(args.checkpoint, args.mesh)
     mesh = jf.make_mesh(*args.mesh)
     if args.mode == "mesh":
         distributed.check_mesh(mesh, timeout_s=args.timeout)
@@ -57,8 +60,6 @@ def main():
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from pipeline_models import LLAMA, PROMPTS
 
-    if args.mode == "serve":
-        return serve(jf.load(args.checkpoint, mesh))
     if args.checkpoint:  # each process restores only the shards of its own devices
         model = jf.load(args.checkpoint, mesh)
     else:
@@ -72,13 +73,24 @@ def main():
             "process": jax.process_index(), "devices": jax.device_count()}
 
 
-def serve(model):
-    """Both schedulers over a mesh spanning the processes: process 0 submits (and aborts
-    one request), every process ticks; process 0 reports what its handles got."""
-    from scheduler_burst import burst
+def serve(checkpoint, sizes):
+    """Both schedulers over a mesh of one device of each process: process 0 submits (and
+    aborts one request), every process ticks; process 0 reports what its handles got. With
+    two devices per process, then data-parallel replicas (data=2 x tensor=2) behind process
+    0's front: each replica on one process's devices, then each spanning both processes."""
+    import jaxformer as jf
+    from scheduler_burst import burst, replica_burst
 
+    P, leader = jax.process_count(), jax.process_index() == 0
+    firsts = [jax.local_devices(process_index=p)[0] for p in range(P)]
     out = {"process": jax.process_index(), "devices": jax.device_count()}
-    out.update(burst(model, leader=jax.process_index() == 0))
+    out.update(burst(jf.load(checkpoint, jf.make_mesh(*sizes, devices=firsts)), leader))
+    if args.local_devices == 2:
+        mine = [jax.local_devices(process_index=p) for p in range(P)]
+        for name, devs in (("per_process", [d for ds in mine for d in ds]),
+                           ("spanning", [ds[i] for i in range(2) for ds in mine])):
+            model = jf.load(checkpoint, jf.make_mesh(2, 1, 2, devices=devs))
+            out[name] = replica_burst(model, leader)
     return out
 
 

@@ -1,15 +1,45 @@
 """One scheduler over two processes (serving/multihost.py): a mesh spanning both (tensor=2,
-one CPU device each, collectives over gloo); process 0 takes the requests and broadcasts
+one CPU device of each, collectives over gloo); process 0 takes the requests and broadcasts
 each tick's inputs, both run the same calls. Greedy and seeded-sampled requests get the
 tokens and log-probs of the same burst in one process, with the contiguous and the paged
-scheduler, and an abort sent with its request ends it on both."""
+scheduler, and an abort sent with its request ends it on both.
+
+The same two processes (two devices each) then serve data-parallel replicas behind process
+0's front (serving/replica_hosts.py), data=2 x tensor=2: each replica on one process's
+devices, then each spanning both processes. A burst of prompts of mixed lengths on a pool
+small enough to preempt gets, for every request, generate()'s greedy tokens of that prompt
+alone and a teacher-forced pass's log-probs within 1e-5; both replicas serve some; aborting
+a running request on each replica frees its pages."""
 import numpy as np
+import pytest
 
 import jaxformer as jf
 from jaxformer.config import ModelConfig
+from jaxformer.serving.replicas import replica_processes
 from pipeline_models import LLAMA
-from scheduler_burst import burst
+from scheduler_burst import REPLICA_MAXN, REPLICA_PROMPTS, burst
 from test_distributed import finish, free_port, result, start
+
+
+def reference(model):
+    """Per request of REPLICA_PROMPTS: generate()'s greedy tokens of the batch (a stop token
+    ends a row), and the log-softmax of one teacher-forced pass over each prompt + those
+    tokens, right-padded into one batch (causal: padding after a row leaves it unchanged)."""
+    eos = model.config.eos_token_id
+    gen = model.generate(REPLICA_PROMPTS, max(REPLICA_MAXN)).tokens
+    want = []
+    for g, n in zip(gen, REPLICA_MAXN):
+        g = list(g[:n])
+        want.append(g[: g.index(eos) + 1] if eos in g else g)
+    seqs = [p + t for p, t in zip(REPLICA_PROMPTS, want)]
+    T = max(map(len, seqs))
+    logits = np.asarray(model.logits(np.asarray([s + [0] * (T - len(s)) for s in seqs])))
+    lps = []
+    for row, p, t in zip(logits, REPLICA_PROMPTS, want):
+        x = row[len(p) - 1: len(p) - 1 + len(t)].astype(np.float64)
+        lse = x.max(-1) + np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1))
+        lps.append(x[np.arange(len(t)), t] - lse)
+    return want, lps
 
 
 def test_two_processes_serve_as_one(tmp_path):
@@ -17,14 +47,15 @@ def test_two_processes_serve_as_one(tmp_path):
     model.save(tmp_path / "ckpt")
     port = free_port()
     procs = [start("--mode", "serve", "--port", port, "--process-id", i, "--num-processes", 2,
-                   "--local-devices", 1, "--mesh", 1, 1, 2, "--timeout", 120,
+                   "--local-devices", 2, "--mesh", 1, 1, 2, "--timeout", 120,
                    "--checkpoint", tmp_path / "ckpt") for i in (0, 1)]
     try:
         one = burst(model)  # meanwhile, the same burst in this process
+        want, want_lp = reference(model)
     finally:
-        outs = finish(procs, 300)
+        outs = finish(procs, 420)
     two = [result(*o) for o in outs]
-    assert [r["process"] for r in two] == [0, 1] and two[0]["devices"] == 2
+    assert [r["process"] for r in two] == [0, 1] and two[0]["devices"] == 4
     assert two[1]["contiguous"] == two[1]["paged"] == []  # process 1 submitted nothing
     for name in ("contiguous", "paged"):
         assert [s for s, *_ in one[name]] == ["finished"] * 3 + ["aborted"]
@@ -32,3 +63,30 @@ def test_two_processes_serve_as_one(tmp_path):
         assert [s for s, *_ in two[0][name]] == [s for s, *_ in one[name]]
         for (_, _, a), (_, _, b) in zip(two[0][name], one[name]):
             np.testing.assert_allclose(a, b, atol=1e-5)
+    for layout in ("per_process", "spanning"):
+        got = two[0][layout]
+        assert got["error"] == "" and two[1][layout]["error"] == "", layout
+        assert [s for s, *_ in got["outs"]] == ["finished"] * len(want), layout
+        assert [t for _, t, _ in got["outs"]] == want, layout
+        for (_, _, lp), ref in zip(got["outs"], want_lp):
+            np.testing.assert_allclose(lp, ref, atol=1e-5)
+        assert set(got["routed"][:len(want)]) == {0, 1}, got["routed"]  # both served
+        assert got["preemptions"] > 0, layout  # the pool was short
+        assert got["routed"][len(want):] == [0, 1]  # one long request on each replica
+        assert all(n > 0 for n in got["in_use"]) and got["aborted"] == ["aborted"] * 2
+        assert got["in_use_after"] == [0, 0], layout  # the aborts freed their pages
+
+
+class _Dev:
+    def __init__(self, p):
+        self.process_index = p
+
+
+def test_replicas_sharing_some_processes_are_refused_in_one_line():
+    ok = [[_Dev(0), _Dev(1)], [_Dev(1), _Dev(0)], [_Dev(2), _Dev(2)]]
+    assert replica_processes(ok) == [(0, 1), (0, 1), (2,)]
+    bad = [[_Dev(0), _Dev(1)], [_Dev(1), _Dev(2)]]
+    with pytest.raises(ValueError) as e:
+        replica_processes(bad)
+    assert str(e.value).count("\n") == 0
+    assert "data replica 0 spans processes 0,1 and replica 1 processes 1,2" in str(e.value)

@@ -16,6 +16,10 @@ collective of a [2] int32 header (payload bytes, stop flag) per tick and, only w
 news, one per CHUNK bytes of the payload (JSON): two shapes in all, which `warmup` compiles
 before the first request.
 
+Data-parallel replicas over several processes (replica_hosts.py) tick in lockstep on the
+same broadcast, and send process 0 what the replicas it does not run did with `gather`: a
+process_allgather of a [1] int32 header and CHUNK-byte pieces, two more shapes for `warmup`.
+
 Before serving, `agree` checks that every process was started with the same settings and
 gives every process the same page pool (the fewest pages any process's memory plan allows:
 the pool is part of the compiled shapes), and `barrier` holds each process until all have

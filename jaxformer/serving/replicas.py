@@ -20,6 +20,10 @@ rather than a fixed rotation. tick() drives every replica in turn (deterministic
 and offline runs); start() runs one loop thread per replica, each routing from the front
 queue before its own tick, so replicas step concurrently (jax releases the GIL while a
 device computes).
+
+One process only: over several processes, HostReplicaScheduler (replica_hosts.py) runs each
+replica on the processes that hold its devices behind process 0's front; replica_models then
+builds only this process's replicas, and replica_processes checks the layout.
 """
 from __future__ import annotations
 
