@@ -44,8 +44,9 @@ def replica_burst(model, leader: bool, timeout: float = 240.0) -> dict:
     """Every process: a HostReplicaScheduler over model's data replicas, started; process 0
     submits REPLICA_PROMPTS (greedy, log-probs), then two long requests that it aborts once
     each has streamed a token, and stops the loop; the others follow until it does. Process
-    0 returns what its handles got, where each request went, the preemptions and the pages
-    in use before and after the aborts."""
+    0 returns what its handles got, how many requests each replica was handed (after the
+    burst, after the long ones), the preemptions and the pages in use before and after the
+    aborts."""
     sched = HostReplicaScheduler(model, CONFIG, REPLICA_PAGED).start()
     deadline = time.monotonic() + timeout
     if not leader:
@@ -58,6 +59,7 @@ def replica_burst(model, leader: bool, timeout: float = 240.0) -> dict:
         hs = [sched.submit(p, lp, max_new_tokens=n)
               for p, n in zip(REPLICA_PROMPTS, REPLICA_MAXN)]
         outs = [h.result(timeout=timeout) for h in hs]
+        routed = list(sched.routed)
         longs = [sched.submit([3, 1, 4], lp, max_new_tokens=20, ignore_eos=True)
                  for _ in range(2)]
         for h in longs:
@@ -69,7 +71,7 @@ def replica_burst(model, leader: bool, timeout: float = 240.0) -> dict:
         while any(p.num_in_use for p in sched.pools) and time.monotonic() < deadline:
             time.sleep(0.05)
         return {"outs": [[o.status, o.tokens, o.logprobs] for o in outs],
-                "routed": [sched.routed[h.id] for h in hs + longs],
+                "routed": [routed, list(sched.routed)],
                 "preemptions": sched.preemptions, "in_use": in_use, "aborted": aborted,
                 "in_use_after": [p.num_in_use for p in sched.pools], "error": sched.error}
     finally:

@@ -15,7 +15,7 @@ import sys
 
 import jax
 import openai
-from server_fixtures import wait_ready
+from server_fixtures import metric, wait_ready
 from test_distributed import free_port
 
 import jaxformer as jf
@@ -77,6 +77,10 @@ def test_two_processes_serve_the_text_of_one(tmp_path):
                                            messages=[{"role": "user", "content": "Hi"}])
         assert r.choices[0].message.content == want[str(chat_ids)]
         assert r.usage.prompt_tokens == len(chat_ids)
+        # process 0's front counts both replicas' pools (process 1's as reported), all free
+        pages = 2 * -(-64 // 8)  # per replica: slots x max-length / page-size, null aside
+        assert metric(url, "jaxformer_kv_pages_total", model="tiny") == 2 * pages
+        assert metric(url, "jaxformer_kv_pages_in_use", model="tiny") == 0
         procs[0].send_signal(signal.SIGTERM)  # drains, then broadcasts the stop
         codes = [p.wait(60) for p in procs]
         assert codes == [0, 0], f"exit codes {codes}; logs:\n{_logs(tmp_path)}"

@@ -41,6 +41,12 @@ from jaxformer.sampling import Sampling
 CHUNK = 16384  # payload bytes per collective: one compiled shape, whatever the news
 
 
+class ProcessLost(RuntimeError):
+    """A collective of the serving loop failed: another process stopped or died. Nothing can
+    be served any more, and jax's exit barrier would wait for the lost process: the caller
+    exits at once (cli_serve.py)."""
+
+
 def is_leader() -> bool:
     return jax.process_index() == 0
 

@@ -117,7 +117,7 @@ class HostReplicaScheduler:
         self._owner: dict[int, tuple[Handle, int]] = {}  # process 0: id -> (handle, replica)
         self._known: dict[int, tuple[Handle, int]] = {}  # id -> (handle, replica) run here
         self._sent: dict[int, int] = {}  # id -> its tokens reported so far
-        self.routed: dict[int, int] = {}  # process 0: request id -> the replica it went to
+        self.routed = [0] * len(self.groups)  # process 0: requests handed to each replica
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._idle = threading.Event()
@@ -256,7 +256,7 @@ class HostReplicaScheduler:
             h = self._waiting.popleft()
             room[best] = (room[best][0] - 1, room[best][1])
             self._owner[h.id] = (h, best)
-            self.routed[h.id] = best
+            self.routed[best] += 1
             events.append(["submit", best, multihost.encode_submit(h)])
         return events
 

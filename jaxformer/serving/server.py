@@ -143,7 +143,7 @@ def follow(spec: ModelSpec) -> None:
         pass
     error = getattr(served.sched, "error", "")
     if error:  # the lockstep ticks failed (replica_hosts.py): another process is gone
-        raise ValueError(error)
+        raise multihost.ProcessLost(f"model {spec.name}: {error}")
 
 
 def _defer_sigterm() -> None:
@@ -192,7 +192,7 @@ def serve(specs: list[ModelSpec], host: str = "127.0.0.1", port: int = 8000,
         raise ValueError(f"model {failed[0].name}: {failed[0].error}")
     lost = [m for m in models.values() if getattr(m.sched, "error", "")]
     if lost:
-        raise ValueError(f"model {lost[0].name}: {lost[0].sched.error}")
+        raise multihost.ProcessLost(f"model {lost[0].name}: {lost[0].sched.error}")
 
 
 def _stop_if_failed(models: dict, server: uvicorn.Server) -> None:
