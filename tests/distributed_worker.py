@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import traceback
 
 ap = argparse.ArgumentParser()
@@ -77,20 +78,22 @@ def serve(checkpoint, sizes):
     """Both schedulers over a mesh of one device of each process: process 0 submits (and
     aborts one request), every process ticks; process 0 reports what its handles got. With
     two devices per process, then data-parallel replicas (data=2 x tensor=2) behind process
-    0's front: each replica on one process's devices, then each spanning both processes."""
+    0's front, each replica on one process's devices."""
     import jaxformer as jf
     from scheduler_burst import burst, replica_burst
 
     P, leader = jax.process_count(), jax.process_index() == 0
     firsts = [jax.local_devices(process_index=p)[0] for p in range(P)]
-    out = {"process": jax.process_index(), "devices": jax.device_count()}
+    out = {"process": jax.process_index(), "devices": jax.device_count(), "seconds": {}}
+    t = time.monotonic()
     out.update(burst(jf.load(checkpoint, jf.make_mesh(*sizes, devices=firsts)), leader))
-    if args.local_devices == 2:
-        mine = [jax.local_devices(process_index=p) for p in range(P)]
-        for name, devs in (("per_process", [d for ds in mine for d in ds]),
-                           ("spanning", [ds[i] for i in range(2) for ds in mine])):
-            model = jf.load(checkpoint, jf.make_mesh(2, 1, 2, devices=devs))
-            out[name] = replica_burst(model, leader)
+    out["seconds"]["burst"] = time.monotonic() - t
+    if args.local_devices == 2:  # replica d on process d's two devices
+        t = time.monotonic()
+        devs = [d for p in range(P) for d in jax.local_devices(process_index=p)]
+        out["replicas"] = replica_burst(jf.load(checkpoint, jf.make_mesh(2, 1, 2, devices=devs)),
+                                        leader)
+        out["seconds"]["replicas"] = time.monotonic() - t
     return out
 
 

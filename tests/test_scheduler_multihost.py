@@ -5,11 +5,11 @@ tokens and log-probs of the same burst in one process, with the contiguous and t
 scheduler, and an abort sent with its request ends it on both.
 
 The same two processes (two devices each) then serve data-parallel replicas behind process
-0's front (serving/replica_hosts.py), data=2 x tensor=2: each replica on one process's
-devices, then each spanning both processes. A burst of prompts of mixed lengths on a pool
-small enough to preempt gets, for every request, generate()'s greedy tokens of that prompt
-alone and a teacher-forced pass's log-probs within 1e-5; both replicas serve some; aborting
-a running request on each replica frees its pages."""
+0's front (serving/replica_hosts.py), data=2 x tensor=2, each replica on one process's
+devices. A burst of prompts of mixed lengths on a pool small enough to preempt gets, for
+every request, generate()'s greedy tokens of that prompt alone and a teacher-forced pass's
+log-probs within 1e-5; both replicas serve some; aborting a running request on each replica
+frees its pages. Replicas that would share processes over several are refused in one line."""
 import jax
 import numpy as np
 import pytest
@@ -66,20 +66,19 @@ def test_two_processes_serve_as_one(tmp_path):
         assert [s for s, *_ in two[0][name]] == [s for s, *_ in one[name]]
         for (_, _, a), (_, _, b) in zip(two[0][name], one[name]):
             np.testing.assert_allclose(a, b, atol=1e-5)
-    for layout in ("per_process", "spanning"):
-        got = two[0][layout]
-        assert got["error"] == "" and two[1][layout]["error"] == "", layout
-        assert [s for s, *_ in got["outs"]] == ["finished"] * len(want), layout
-        assert [t for _, t, _ in got["outs"]] == want, layout
-        for (_, _, lp), ref in zip(got["outs"], want_lp):
-            np.testing.assert_allclose(lp, ref, atol=1e-5)
-        burst_routed, all_routed = got["routed"]
-        assert sum(burst_routed) == len(want) and min(burst_routed) > 0, got["routed"]
-        assert got["preemptions"] > 0, layout  # the pool was short
-        # one long request on each replica
-        assert [b - a for a, b in zip(burst_routed, all_routed)] == [1, 1], got["routed"]
-        assert all(n > 0 for n in got["in_use"]) and got["aborted"] == ["aborted"] * 2
-        assert got["in_use_after"] == [0, 0], layout  # the aborts freed their pages
+    got = two[0]["replicas"]
+    assert got["error"] == "" and two[1]["replicas"]["error"] == ""
+    assert [s for s, *_ in got["outs"]] == ["finished"] * len(want)
+    assert [t for _, t, _ in got["outs"]] == want
+    for (_, _, lp), ref in zip(got["outs"], want_lp):
+        np.testing.assert_allclose(lp, ref, atol=1e-5)
+    burst_routed, all_routed = got["routed"]
+    assert sum(burst_routed) == len(want) and min(burst_routed) > 0, got["routed"]
+    assert got["preemptions"] > 0  # the pool was short
+    # one long request on each replica
+    assert [b - a for a, b in zip(burst_routed, all_routed)] == [1, 1], got["routed"]
+    assert all(n > 0 for n in got["in_use"]) and got["aborted"] == ["aborted"] * 2
+    assert got["in_use_after"] == [0, 0]  # the aborts freed their pages (process 1's too)
 
 
 class _Dev:
@@ -87,14 +86,16 @@ class _Dev:
         self.process_index = p
 
 
-def test_replicas_sharing_some_processes_are_refused_in_one_line():
-    ok = [[_Dev(0), _Dev(1)], [_Dev(1), _Dev(0)], [_Dev(2), _Dev(2)]]
-    assert replica_processes(ok) == [(0, 1), (0, 1), (2,)]
-    bad = [[_Dev(0), _Dev(1)], [_Dev(1), _Dev(2)]]
-    with pytest.raises(ValueError) as e:
-        replica_processes(bad)
-    assert str(e.value).count("\n") == 0
-    assert "data replica 0 spans processes 0,1 and replica 1 processes 1,2" in str(e.value)
+def test_replicas_sharing_processes_over_several_are_refused_in_one_line():
+    ok = [[_Dev(0), _Dev(0)], [_Dev(0), _Dev(0)], [_Dev(1), _Dev(2)], [_Dev(3), _Dev(3)]]
+    assert replica_processes(ok) == [(0,), (0,), (1, 2), (3,)]
+    for bad, (i, a, j, b) in (([[_Dev(0), _Dev(1)], [_Dev(1), _Dev(0)]], (0, "0,1", 1, "0,1")),
+                              ([[_Dev(2), _Dev(2)], [_Dev(1), _Dev(2)]], (0, "2", 1, "1,2"))):
+        with pytest.raises(ValueError) as e:
+            replica_processes(bad)
+        assert str(e.value).count("\n") == 0
+        assert f"data replica {i} spans processes {a} and replica {j} processes {b}: a " \
+               f"replica over several processes needs them to itself" in str(e.value)
 
 
 def test_a_failed_collective_fails_what_is_pending_and_ends_the_loop(monkeypatch):

@@ -7,11 +7,13 @@
     h = sched.submit(prompt, sampling, 64)     # process 0 only; the others follow
 
 Each data replica (a data=1 sub-mesh, replicas.replica_models) runs on the processes that
-hold its devices: one process, or several (then, as in multihost.py, each of them runs the
-same calls on the same inputs). Replicas that share a process must span the same processes
-(replicas.replica_processes refuses other layouts), so every process ticks its replicas in
-replica order and no two processes wait on each other's collectives in opposite orders. Each
-process builds an engine only for its own replicas.
+hold its devices: one process (any number of replicas per process), or several that hold no
+other replica (then, as in multihost.py, each of them runs the same calls on the same
+inputs). replicas.replica_processes refuses other layouts: two replicas each spread over the
+same two processes (data=2 x tensor=2 over 2 processes x 2 devices, every replica on both)
+failed on CPU within a few hundred lockstep ticks with gloo pairing one program's messages
+with another's ("Received data size doesn't match expected size"), with and without
+asynchronous dispatch. Each process builds an engine only for its own replicas.
 
 The processes tick in lockstep. Each tick:
 1. process 0 takes its inbox (new requests, aborts) and routes waiting requests as
@@ -224,6 +226,10 @@ class HostReplicaScheduler:
         self._apply(got)
         for d in sorted(self.local):
             self.local[d].tick()
+            if len(self.groups[d]) > 1 and self.local[d]._state is not None:
+                # a replica over several processes: its calls (and their collectives) end
+                # before the gather's begin, so no two programs' collectives overlap
+                jax.block_until_ready(self.local[d]._state)
         self._collect(multihost.gather(self._report()))
         busy = bool(self._waiting or not self._inbox.empty() or
                     any(r.running or r.waiting for r in self.local.values()) or

@@ -48,20 +48,21 @@ from jaxformer.serving.scheduler import (ABORTED, WAITING, Handle, Scheduler,
 
 def replica_processes(devices) -> list[tuple[int, ...]]:
     """The processes each data replica's devices belong to (devices: the mesh's device
-    array, data first). ValueError, in one line, when two replicas share some processes but
-    not all: a replica's calls are collectives of its processes, so processes tick their
-    replicas in one order and each replica over several processes must run on processes
-    that hold no part of another replica, or on the same ones as every replica it shares a
-    process with (serving/replica_hosts.py)."""
+    array, data first). ValueError, in one line, when a replica over several processes
+    shares one with another replica: each process ticks its replicas in turn, and two
+    replicas' programs over the same processes then run at once and their collectives
+    (gloo on CPU) pair one program's messages with the other's. Replicas on one process
+    each, any number per process, and replicas each on processes of their own are served
+    (serving/replica_hosts.py)."""
     rows = np.asarray(devices, dtype=object)
     sets = [tuple(sorted({getattr(d, "process_index", 0) for d in row.flat})) for row in rows]
     for i, a in enumerate(sets):
         for j, b in enumerate(sets[i + 1:], i + 1):
-            if a != b and set(a) & set(b):
+            if set(a) & set(b) and (len(a) > 1 or len(b) > 1):
                 raise ValueError(
                     f"data replica {i} spans processes {_names(a)} and replica {j} processes "
-                    f"{_names(b)}: replicas that share a process must span the same processes "
-                    f"(give each replica its own processes, or every replica all of them)")
+                    f"{_names(b)}: a replica over several processes needs them to itself "
+                    f"(put each replica on one process, or on processes of its own)")
     return sets
 
 
