@@ -11,13 +11,17 @@
 Over several processes (hosts), one model on a mesh spanning them: start every process with
 the same flags plus --coordinator HOST:PORT --num-processes N --process-id I (or the
 JAXFORMER_* variables). Process 0 serves HTTP on --host/--port and schedules; the others
-open no port and follow its plan, and exit when process 0 stops (docs/serving.md).
+open no port and follow its plan, and exit when process 0 stops (docs/serving.md). With
+--data N the data replicas sit behind process 0's front, each on the processes holding its
+devices. A process that dies makes the others exit with status 1 and the reason.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
+import sys
 from pathlib import Path
 
 from jaxformer.cli_args import (ATTENTION, DTYPE_HELP, DTYPES, QUANTIZE_HELP, UsageError,
@@ -121,6 +125,7 @@ def sources(args) -> list:
 def cmd_serve(args) -> int:
     import jaxformer as jf
     from jaxformer.serving.paged_scheduler import PagedConfig
+    from jaxformer.serving.multihost import ProcessLost
     from jaxformer.serving.scheduler import SchedulerConfig
     from jaxformer.serving.server import build_specs, serve
     srcs = sources(args)
@@ -144,6 +149,12 @@ def cmd_serve(args) -> int:
             specs = [dataclasses.replace(s, size_pool=True) for s in specs]
     except ValueError as e:
         raise UsageError(str(e)) from None
-    serve(specs, args.host, args.port, api_key=args.api_key, max_body=args.max_body_bytes,
-          drain_timeout=args.drain_timeout, log_level="info" if args.verbose else "warning")
+    try:
+        serve(specs, args.host, args.port, api_key=args.api_key,
+              max_body=args.max_body_bytes, drain_timeout=args.drain_timeout,
+              log_level="info" if args.verbose else "warning")
+    except ProcessLost as e:  # jax's exit barrier would wait for the lost process: exit now
+        print(f"jaxformer serve: error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
     return 0

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import traceback
 
 ap = argparse.ArgumentParser()
@@ -50,6 +51,9 @@ def main():
     import jaxformer as jf
     from jaxformer.config import ModelConfig
 
+    if args.mode == "serve":
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        return serve(args.checkpoint, args.mesh)
     mesh = jf.make_mesh(*args.mesh)
     if args.mode == "mesh":
         distributed.check_mesh(mesh, timeout_s=args.timeout)
@@ -57,8 +61,6 @@ def main():
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from pipeline_models import LLAMA, PROMPTS
 
-    if args.mode == "serve":
-        return serve(jf.load(args.checkpoint, mesh))
     if args.checkpoint:  # each process restores only the shards of its own devices
         model = jf.load(args.checkpoint, mesh)
     else:
@@ -72,13 +74,26 @@ def main():
             "process": jax.process_index(), "devices": jax.device_count()}
 
 
-def serve(model):
-    """Both schedulers over a mesh spanning the processes: process 0 submits (and aborts
-    one request), every process ticks; process 0 reports what its handles got."""
-    from scheduler_burst import burst
+def serve(checkpoint, sizes):
+    """Both schedulers over a mesh of one device of each process: process 0 submits (and
+    aborts one request), every process ticks; process 0 reports what its handles got. With
+    two devices per process, then data-parallel replicas (data=2 x tensor=2) behind process
+    0's front, each replica on one process's devices."""
+    import jaxformer as jf
+    from scheduler_burst import burst, replica_burst
 
-    out = {"process": jax.process_index(), "devices": jax.device_count()}
-    out.update(burst(model, leader=jax.process_index() == 0))
+    P, leader = jax.process_count(), jax.process_index() == 0
+    firsts = [jax.local_devices(process_index=p)[0] for p in range(P)]
+    out = {"process": jax.process_index(), "devices": jax.device_count(), "seconds": {}}
+    t = time.monotonic()
+    out.update(burst(jf.load(checkpoint, jf.make_mesh(*sizes, devices=firsts)), leader))
+    out["seconds"]["burst"] = time.monotonic() - t
+    if args.local_devices == 2:  # replica d on process d's two devices
+        t = time.monotonic()
+        devs = [d for p in range(P) for d in jax.local_devices(process_index=p)]
+        out["replicas"] = replica_burst(jf.load(checkpoint, jf.make_mesh(2, 1, 2, devices=devs)),
+                                        leader)
+        out["seconds"]["replicas"] = time.monotonic() - t
     return out
 
 

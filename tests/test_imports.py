@@ -35,7 +35,7 @@ FLOORS = {
     "jaxformer.paged_engine": 3.21,
     # the scheduler drives the Engine and generate() uses it; its page bookkeeping (pages.py)
     # imports nothing of jaxformer
-    "jaxformer.serving": 3.25,
+    "jaxformer.serving": 3.25, "jaxformer.serving.replica_hosts": 3.25,
     "jaxformer.beam": 3.3, "jaxformer.generate": 3.4, "jaxformer.embed": 3.45,
     "jaxformer.model": 3.5,
     "jaxformer.__init__": 3.6,

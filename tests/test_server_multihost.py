@@ -1,9 +1,12 @@
-"""`jaxformer serve` over two processes: one CPU device each, a tensor=2 mesh spanning them,
-collectives over gloo. Process 0 serves HTTP and schedules; process 1 is started with the same
-flags (the same --port too, so it would fail to bind if it served HTTP) and follows process 0's
-broadcast plan. The `openai` client's greedy text, completions streamed and not and a chat,
-equals generate() of each prompt alone in this process on a tensor=2 mesh of the same
-checkpoint; SIGTERM to process 0 drains, and both processes exit 0."""
+"""`jaxformer serve --data 2` over two processes: one CPU device each, a data-parallel replica
+on each (serving/replica_hosts.py), collectives over gloo. Process 0 serves HTTP and routes
+requests to both replicas; process 1 is started with the same flags (the same --port too, so
+it would fail to bind if it served HTTP), follows process 0's broadcast plan and reports its
+replica's tokens back. The `openai` client's greedy text, completions streamed and not (two
+prompts in one request: one on each replica) and a chat, equals generate() of each prompt
+alone in this process on one device of the same checkpoint; SIGTERM to process 0 drains, and
+both processes exit 0. (A mesh spanning the processes within one replica is tested in
+tests/test_scheduler_multihost.py.)"""
 import json
 import os
 import signal
@@ -12,7 +15,7 @@ import sys
 
 import jax
 import openai
-from server_fixtures import wait_ready
+from server_fixtures import metric, wait_ready
 from test_distributed import free_port
 
 import jaxformer as jf
@@ -31,7 +34,7 @@ def _start(i: int, ckpt, coordinator: int, http: int, log):
                PYTHONPATH=ROOT)
     return subprocess.Popen(
         [sys.executable, "-m", "jaxformer.cli", "serve", "--checkpoint", str(ckpt),
-         "--served-name", "tiny", "--tensor", "2", "--port", str(http), "--slots", "2",
+         "--served-name", "tiny", "--data", "2", "--port", str(http), "--slots", "2",
          "--max-length", "64", "--page-size", "8", "--prefill-tokens", "16",
          "--no-compile-cache", "--coordinator", f"127.0.0.1:{coordinator}",
          "--num-processes", "2", "--process-id", str(i)],
@@ -43,7 +46,7 @@ def _logs(tmp_path) -> str:
 
 
 def test_two_processes_serve_the_text_of_one(tmp_path):
-    model = jf.demo_model(mesh=jf.make_mesh(tensor=2))
+    model = jf.demo_model(mesh=jf.make_mesh(devices=jax.devices()[:1]))
     model.save(tmp_path / "ckpt")
     http = free_port()
     url = f"http://127.0.0.1:{http}"
@@ -74,6 +77,10 @@ def test_two_processes_serve_the_text_of_one(tmp_path):
                                            messages=[{"role": "user", "content": "Hi"}])
         assert r.choices[0].message.content == want[str(chat_ids)]
         assert r.usage.prompt_tokens == len(chat_ids)
+        # process 0's front counts both replicas' pools (process 1's as reported), all free
+        pages = 2 * -(-64 // 8)  # per replica: slots x max-length / page-size, null aside
+        assert metric(url, "jaxformer_kv_pages_total", model="tiny") == 2 * pages
+        assert metric(url, "jaxformer_kv_pages_in_use", model="tiny") == 0
         procs[0].send_signal(signal.SIGTERM)  # drains, then broadcasts the stop
         codes = [p.wait(60) for p in procs]
         assert codes == [0, 0], f"exit codes {codes}; logs:\n{_logs(tmp_path)}"
@@ -105,7 +112,6 @@ def test_what_the_processes_cannot_serve_is_refused_in_one_line(capsys, monkeypa
     got = [(cli.main(argv), capsys.readouterr()) for argv, _ in cases]
     monkeypatch.setattr(jax, "process_count", lambda: 2)  # as if two processes had met
     cases += [(serve + ["--model", "a=demo", "--model", "b=demo"], "serve one model"),
-              (serve + ["--data", "2"], "--data 2: data-parallel replicas"),
               (serve, "holds no device of process 1")]  # device 0 alone: process 0's
     got += [(cli.main(argv), capsys.readouterr()) for argv, _ in cases[3:]]
     wrong = [(argv, rc, out.err) for (argv, needle), (rc, out) in zip(cases, got)

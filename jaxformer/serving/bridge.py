@@ -30,6 +30,7 @@ from jaxformer.serving.embeddings import EmbedBatcher
 from jaxformer.serving.metrics import Metrics
 from jaxformer.serving.paged_scheduler import PagedConfig, PagedScheduler
 from jaxformer.serving.protocol import APIError
+from jaxformer.serving.replica_hosts import HostReplicaScheduler
 from jaxformer.serving.replicas import ReplicaScheduler
 from jaxformer.serving.scheduler import FAILED, FINISHED, QueueFull, SchedulerConfig
 
@@ -96,8 +97,10 @@ class ServedModel:
                 self.paged = dataclasses.replace(self.paged, num_pages=multihost.agree(
                     self._settings(model), self.paged.num_pages))
             # a data-parallel mesh: one paged engine per data replica behind one front
-            # (PagedScheduler refuses data > 1); the configs describe one replica
-            make = ReplicaScheduler if model.mesh.shape["data"] > 1 else PagedScheduler
+            # (PagedScheduler refuses data > 1); the configs describe one replica. Over
+            # several processes, process 0's front routes to replicas on any of them
+            make = PagedScheduler if model.mesh.shape["data"] == 1 else \
+                HostReplicaScheduler if hosts else ReplicaScheduler
             sched = make(model, self.spec.scheduler, self.paged)
             sched.warmup()  # every shape compiled before the first request (503 meanwhile)
             if hosts:  # ready only once every process has compiled and run every shape

@@ -16,6 +16,10 @@ collective of a [2] int32 header (payload bytes, stop flag) per tick and, only w
 news, one per CHUNK bytes of the payload (JSON): two shapes in all, which `warmup` compiles
 before the first request.
 
+Data-parallel replicas over several processes (replica_hosts.py) tick in lockstep on the
+same broadcast, and send process 0 what the replicas it does not run did with `gather`: a
+process_allgather of a [1] int32 header and CHUNK-byte pieces, two more shapes for `warmup`.
+
 Before serving, `agree` checks that every process was started with the same settings and
 gives every process the same page pool (the fewest pages any process's memory plan allows:
 the pool is part of the compiled shapes), and `barrier` holds each process until all have
@@ -35,6 +39,12 @@ from jaxformer.sampling import Sampling
 
 
 CHUNK = 16384  # payload bytes per collective: one compiled shape, whatever the news
+
+
+class ProcessLost(RuntimeError):
+    """A collective of the serving loop failed: another process stopped or died. Nothing can
+    be served any more, and jax's exit barrier would wait for the lost process: the caller
+    exits at once (cli_serve.py)."""
 
 
 def is_leader() -> bool:
@@ -70,9 +80,29 @@ def broadcast(events: list, stop: bool) -> tuple[list, bool]:
     return json.loads(got.decode()), bool(stop)
 
 
+def gather(data: bytes) -> list[bytes]:
+    """Every process's `data`, on every process, in process order: a process_allgather of a
+    [1] int32 header (the sizes), then one per CHUNK bytes of the longest (two shapes in all,
+    whatever the sizes; data-parallel replicas send process 0 their results with it:
+    replica_hosts.py)."""
+    head = np.asarray([len(data)], np.int32)
+    sizes = np.asarray(multihost_utils.process_allgather(head)).reshape(-1)
+    got = [bytearray() for _ in sizes]
+    for start in range(0, int(sizes.max()), CHUNK):
+        buf = np.zeros((CHUNK,), np.uint8)
+        piece = data[start:start + CHUNK]
+        buf[:len(piece)] = np.frombuffer(piece, np.uint8)
+        rows = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), CHUNK)
+        for p, row in enumerate(rows):
+            got[p] += row[:max(0, min(CHUNK, int(sizes[p]) - start))].tobytes()
+    return [bytes(g) for g in got]
+
+
 def warmup() -> None:
-    """Compile (and run once) both broadcasts before serving. Every process calls it."""
+    """Compile (and run once) the broadcasts and the gathers before serving. Every process
+    calls it."""
     broadcast(["warmup"], False)
+    gather(b"warmup")
 
 
 def agree(settings: str, num_pages: int) -> int:

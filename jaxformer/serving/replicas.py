@@ -20,6 +20,10 @@ rather than a fixed rotation. tick() drives every replica in turn (deterministic
 and offline runs); start() runs one loop thread per replica, each routing from the front
 queue before its own tick, so replicas step concurrently (jax releases the GIL while a
 device computes).
+
+One process only: over several processes, HostReplicaScheduler (replica_hosts.py) runs each
+replica on the processes that hold its devices behind process 0's front; replica_models then
+builds only this process's replicas, and replica_processes checks the layout.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ import threading
 from typing import Sequence
 
 import jax
+import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -41,20 +46,50 @@ from jaxformer.serving.scheduler import (ABORTED, WAITING, Handle, Scheduler,
                                          SchedulerConfig, submission)
 
 
+def replica_processes(devices) -> list[tuple[int, ...]]:
+    """The processes each data replica's devices belong to (devices: the mesh's device
+    array, data first). ValueError, in one line, when a replica over several processes
+    shares one with another replica: each process ticks its replicas in turn, and two
+    replicas' programs over the same processes then run at once and their collectives
+    (gloo on CPU) pair one program's messages with the other's. Replicas on one process
+    each, any number per process, and replicas each on processes of their own are served
+    (serving/replica_hosts.py)."""
+    rows = np.asarray(devices, dtype=object)
+    sets = [tuple(sorted({getattr(d, "process_index", 0) for d in row.flat})) for row in rows]
+    for i, a in enumerate(sets):
+        for j, b in enumerate(sets[i + 1:], i + 1):
+            if set(a) & set(b) and (len(a) > 1 or len(b) > 1):
+                raise ValueError(
+                    f"data replica {i} spans processes {_names(a)} and replica {j} processes "
+                    f"{_names(b)}: a replica over several processes needs them to itself "
+                    f"(put each replica on one process, or on processes of its own)")
+    return sets
+
+
+def _names(procs) -> str:
+    return ",".join(map(str, procs))
+
+
 def replica_models(model) -> list:
     """The model once per index of the mesh's data axis, each on its own data=1 sub-mesh
-    (module docstring). A data=1 mesh gives [model]."""
+    (module docstring). A data=1 mesh gives [model]. With several processes, a replica
+    that holds no device of this process is None (another process serves it:
+    serving/replica_hosts.py)."""
     mesh = model.mesh
     D = mesh.shape["data"]
     if D == 1:
         return [model]
-    if jax.process_count() > 1:
-        raise ValueError("data-parallel replicas run in one process; on several hosts, "
-                         "serve one Scheduler per data-parallel group")
+    hosts = jax.process_count() > 1
+    if hosts:
+        replica_processes(mesh.devices)
+    me = jax.process_index()
     out = []
     for d in range(D):
-        sub = shd.make_mesh(1, mesh.shape["pipe"], mesh.shape["tensor"],
-                            devices=list(mesh.devices[d].flat))
+        devs = list(mesh.devices[d].flat)
+        if hosts and all(dev.process_index != me for dev in devs):
+            out.append(None)
+            continue
+        sub = shd.make_mesh(1, mesh.shape["pipe"], mesh.shape["tensor"], devices=devs)
         replica = object.__new__(type(model))
         replica.__dict__.update(model.__dict__)
         replica.mesh = sub
@@ -68,11 +103,16 @@ def replica_models(model) -> list:
 
 def _onto(x: jax.Array, sub) -> jax.Array:
     """x (on the full mesh) on sub-mesh `sub`, with the same partition spec: the full mesh's
-    own shards on sub's devices when x is replicated over `data`, else a copy."""
+    own shards on sub's devices when x is replicated over `data`, else a copy (one process
+    only: over several, a copy between meshes would be a collective of every process)."""
     spec = x.sharding.spec if isinstance(x.sharding, NamedSharding) else P()
     target = NamedSharding(sub, spec)
     axes = {a for e in spec if e is not None for a in ((e,) if isinstance(e, str) else e)}
     if "data" in axes:
+        if jax.process_count() > 1:
+            raise ValueError(f"a weight of shape {x.shape} is sharded over `data` (spec "
+                             f"{spec}): replicas over several processes need the weights "
+                             f"replicated over data (the default sharding rules)")
         return jax.device_put(x, target)
     mine = set(sub.devices.flat)
     shards = [s.data for s in x.addressable_shards if s.device in mine]
@@ -86,6 +126,10 @@ class ReplicaScheduler:
 
     def __init__(self, model, config: SchedulerConfig = SchedulerConfig(),
                  paged: PagedConfig | None = None):
+        if jax.process_count() > 1:
+            raise ValueError("ReplicaScheduler runs in one process; over several processes "
+                             "serve the replicas with HostReplicaScheduler "
+                             "(serving/replica_hosts.py)")
         self.model, self.config, self.paged = model, config, paged
         self.replicas: list[Scheduler] = [
             PagedScheduler(m, config, paged) if paged is not None else Scheduler(m, config)

@@ -12,7 +12,9 @@ is aborted) and the process exits.
 Several processes (jax.distributed initialized; one model whose mesh spans them all): process
 0 does all of the above; every other process opens no port, loads the same model, warms up the
 same shapes and runs the scheduler's loop on process 0's broadcast plan (multihost.py) until
-process 0's loop stops, then returns. The server turns ready once every process is warm.
+process 0's loop stops, then returns. A data > 1 mesh is served by data-parallel replicas
+behind process 0's one front, each on the processes that hold its devices
+(replica_hosts.py). The server turns ready once every process is warm.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import threading
 import time
 
 import jax
+import numpy as np
 import uvicorn
 
 import jaxformer as jf
@@ -30,6 +33,7 @@ from jaxformer.serving import multihost
 from jaxformer.serving.app import create_app
 from jaxformer.serving.bridge import DEFAULT_MAX_BODY, ModelSpec, ServedModel
 from jaxformer.serving.paged_scheduler import PagedConfig
+from jaxformer.serving.replicas import replica_processes
 from jaxformer.serving.scheduler import SchedulerConfig
 
 log = logging.getLogger(__name__)
@@ -105,23 +109,25 @@ def build_specs(sources: list[ModelSource], scheduler: SchedulerConfig, paged: P
 
 
 def check_processes(sources: list[ModelSource]) -> None:
-    """Several processes serve one model on one data replica whose mesh holds devices of
-    every process (module docstring); ValueError naming what the flags ask for instead."""
+    """Several processes serve one model whose mesh holds devices of every process, its data
+    replicas each on processes of their own or all on the same ones (module docstring);
+    ValueError naming what the flags ask for instead."""
     P = jax.process_count()
     if len(sources) != 1:
         raise ValueError(f"{P} processes serve one model together; the flags name "
                          f"{len(sources)} ({', '.join(s.name for s in sources)})")
     s, devices = sources[0], jax.devices()
-    if s.data > 1:
-        raise ValueError(f"--data {s.data}: data-parallel replicas are served within one "
-                         f"process; over {P} processes serve --data 1 on a pipe x tensor mesh "
-                         f"spanning them")
-    held = {devices[i].process_index for i in assign_devices(sources, len(devices))[0]}
+    mine = [devices[i] for i in assign_devices(sources, len(devices))[0]]
+    held = {d.process_index for d in mine}
     missing = [p for p in range(P) if p not in held]
     if missing:
         raise ValueError(f"model {s.name}: its mesh (data {s.data} x pipe {s.pipe} x tensor "
                          f"{s.tensor}) holds no device of process {missing[0]}: over {P} "
                          f"processes ({len(devices)} devices) the mesh must span them all")
+    try:
+        replica_processes(np.asarray(mine, dtype=object).reshape(s.data, -1))
+    except ValueError as e:
+        raise ValueError(f"model {s.name}: --data {s.data}: {e}") from None
 
 
 def follow(spec: ModelSpec) -> None:
@@ -135,6 +141,9 @@ def follow(spec: ModelSpec) -> None:
     log.info("process %d follows process 0's plan for %s", jax.process_index(), spec.name)
     while not served.sched.join(timeout=1.0):
         pass
+    error = getattr(served.sched, "error", "")
+    if error:  # the lockstep ticks failed (replica_hosts.py): another process is gone
+        raise multihost.ProcessLost(f"model {spec.name}: {error}")
 
 
 def _defer_sigterm() -> None:
@@ -181,16 +190,22 @@ def serve(specs: list[ModelSpec], host: str = "127.0.0.1", port: int = 8000,
     failed = [m for m in models.values() if m.state == "failed"]
     if jax.process_count() > 1 and failed:
         raise ValueError(f"model {failed[0].name}: {failed[0].error}")
+    lost = [m for m in models.values() if getattr(m.sched, "error", "")]
+    if lost:
+        raise multihost.ProcessLost(f"model {lost[0].name}: {lost[0].sched.error}")
 
 
 def _stop_if_failed(models: dict, server: uvicorn.Server) -> None:
     """Several processes: a model that failed to load can never be served (the followers
-    cannot go on without process 0's plan), so the server stops instead of answering 503."""
+    cannot go on without process 0's plan), nor one whose replicas' lockstep ticks failed (a
+    process died: replica_hosts.py), so the server stops instead of answering 503."""
     while not server.should_exit:
         states = {m.state for m in models.values()}
         if "failed" in states:
             log.error("a model failed to load; process 0 stops (the other processes follow)")
             server.should_exit = True
-        if states == {"ready"}:
-            return
+        lost = [m for m in models.values() if getattr(m.sched, "error", "")]
+        if lost:  # the replicas' lockstep ticks failed: no request can be served any more
+            log.error("model %s: %s; process 0 stops", lost[0].name, lost[0].sched.error)
+            server.should_exit = True
         time.sleep(0.2)
