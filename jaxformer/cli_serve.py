@@ -71,6 +71,11 @@ def add_parser(sub) -> None:
                         "slots x max-length / page-size + 1)")
     g.add_argument("--prefill-tokens", type=positive_int, default=512,
                    help="prompt tokens one tick prefills at most (chunked prefill)")
+    g.add_argument("--overlap", action="store_true",
+                   help="read each device call's tokens while the next one runs (the host's "
+                        "work per tick hidden behind the device's)")
+    g.add_argument("--compile-workers", type=positive_int, default=1,
+                   help="threads that compile the warm-up shapes before serving")
     s.add_argument("--no-compile-cache", action="store_true",
                    help="do not use the persistent compilation cache")
     add_distributed(s)
@@ -136,7 +141,7 @@ def cmd_serve(args) -> int:
         sched = SchedulerConfig(slots=args.slots, max_length=args.max_length,
                                 steps_per_tick=args.steps_per_tick, max_queue=args.max_queue)
         paged = PagedConfig(page_size=args.page_size, num_pages=pages,
-                            prefill_tokens=args.prefill_tokens)
+                            prefill_tokens=args.prefill_tokens, overlap=args.overlap)
     except ValueError as e:
         raise UsageError(str(e)) from None
     init_distributed(args)  # before anything touches a device
@@ -145,8 +150,8 @@ def cmd_serve(args) -> int:
     try:
         specs = build_specs(srcs, sched, paged, dtype=args.dtype, attention=args.attention,
                             quantize=quantize_value(args.quantize), kv_cache=args.kv_cache)
-        if args.num_pages is None:
-            specs = [dataclasses.replace(s, size_pool=True) for s in specs]
+        specs = [dataclasses.replace(s, size_pool=args.num_pages is None,
+                                     compile_workers=args.compile_workers) for s in specs]
     except ValueError as e:
         raise UsageError(str(e)) from None
     try:

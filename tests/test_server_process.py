@@ -40,7 +40,8 @@ def test_sigterm_stops_accepting_and_drains(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "jaxformer.cli", "serve", "--port", str(port), "--slots", "2",
          "--max-length", "256", "--page-size", "16", "--steps-per-tick", "1",
-         "--drain-timeout", "60"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+         "--drain-timeout", "60", "--overlap", "--compile-workers", "2"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_ready(url, 300)
         events, first = [], threading.Event()

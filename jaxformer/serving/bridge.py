@@ -46,12 +46,14 @@ class ModelSpec:
     own, so the server answers 503 meanwhile), and its scheduler's sizes. size_pool: give
     the page pool what the memory plan leaves on the model's devices (memory.pool_plan),
     where device memory is known, instead of paged.num_pages. The configs describe one
-    data replica: a data > 1 mesh is served by a ReplicaScheduler, a pool per replica."""
+    data replica: a data > 1 mesh is served by a ReplicaScheduler, a pool per replica.
+    compile_workers: threads that compile the warm-up shapes (PagedEngine.precompile)."""
     name: str
     load: Callable[[], object]
     scheduler: SchedulerConfig = SchedulerConfig()
     paged: PagedConfig = PagedConfig()
     size_pool: bool = False
+    compile_workers: int = 1
 
     def pool(self, model) -> PagedConfig:
         """The PagedConfig to serve `model` with (module docstring of ModelSpec)."""
@@ -102,7 +104,8 @@ class ServedModel:
             make = PagedScheduler if model.mesh.shape["data"] == 1 else \
                 HostReplicaScheduler if hosts else ReplicaScheduler
             sched = make(model, self.spec.scheduler, self.paged)
-            sched.warmup()  # every shape compiled before the first request (503 meanwhile)
+            # every shape compiled before the first request (503 meanwhile)
+            sched.warmup(self.spec.compile_workers)
             if hosts:  # ready only once every process has compiled and run every shape
                 multihost.warmup()
                 multihost.barrier(f"jaxformer-serve-warm-{self.name}")

@@ -144,10 +144,10 @@ class HostReplicaScheduler:
     def abort(self, handle: Handle) -> None:
         self._inbox.put(("abort", handle))
 
-    def warmup(self) -> list[dict]:
-        """Compile every shape of this process's paged replicas, then the collectives of a
-        tick. Every process calls it, before start()."""
-        out = [r.warmup() for _, r in sorted(self.local.items())
+    def warmup(self, compile_workers: int = 1) -> list[dict]:
+        """Compile every shape of this process's paged replicas (PagedScheduler.warmup),
+        then the collectives of a tick. Every process calls it, before start()."""
+        out = [r.warmup(compile_workers) for _, r in sorted(self.local.items())
                if isinstance(r, PagedScheduler)]
         multihost.warmup()
         return out

@@ -156,10 +156,12 @@ class ReplicaScheduler:
     def abort(self, handle: Handle) -> None:
         self._inbox.put(("abort", handle))
 
-    def warmup(self) -> list[dict]:
-        """Compile every replica's shapes before the first request (paged replicas; a
-        contiguous Scheduler compiles on first use). Call before start()."""
-        return [r.warmup() for r in self.replicas if isinstance(r, PagedScheduler)]
+    def warmup(self, compile_workers: int = 1) -> list[dict]:
+        """Compile every replica's shapes before the first request (paged replicas,
+        PagedScheduler.warmup; a contiguous Scheduler compiles on first use). Call before
+        start()."""
+        return [r.warmup(compile_workers) for r in self.replicas
+                if isinstance(r, PagedScheduler)]
 
     def start(self) -> "ReplicaScheduler":
         """One loop thread per replica."""
