@@ -3,8 +3,8 @@
     engine = PagedEngine(model, EngineConfig(slots=64, max_length=4096, page_size=64,
                                              num_pages=2048))
     state = engine.init_state()
-    state, first, logprob = engine.prefill_chunks(state, [Chunk(slot=3, ids=prompt[:512],
-                                                   start=0, pages=[5, 9, ...], ...)])
+    state, first, logprob, top = engine.prefill_chunks(
+        state, [Chunk(slot=3, ids=prompt[:512], start=0, pages=[5, 9, ...], ...)])
     state = engine.step(state, 4)                        # as Engine.step
 
 A prompt is prefilled in chunks of at most `chunk` tokens, each chunk attending over its
@@ -36,7 +36,7 @@ from jaxformer import sharding as shd
 from jaxformer.decode_state import STOP_WINDOW, DecodeState, Request, new_window, row_keys, \
     stopped
 from jaxformer.engine import Engine, EngineConfig, decode_step, row_key_data
-from jaxformer.sampling import GREEDY, Features, Sampling, sample
+from jaxformer.sampling import GREEDY, TOP_LOGPROBS, Features, Sampling, sample, top_logprobs
 from jaxformer.sharding import to_global, to_host
 
 if TYPE_CHECKING:
@@ -75,7 +75,9 @@ def make_chunk_prefill(model: Model, feats: Features, num_pages: int, page_size:
                        shardings: DecodeState):
     """jit(fn(params, state, ids [b, C], starts [b], lens [b], slots [b], pages [b, M],
     last [b], gen0 [b], gen_from [b], hist [b, STOP_WINDOW], req rows [b]) -> (state, first
-    tokens [b], their logprobs [b])); the state (its pool) is donated and returned in
+    tokens [b], their logprobs [b], their alternatives: ids [b, K] and log-probs [b, K], or
+    zeros without top_logprobs compiled in or asked)); the state (its pool) is donated and
+    returned in
     `shardings` (PagedEngine.shardings). Rows with slot -1 are padding. gen_from: the first
     position of each row's generated tokens (penalty counts); hist: its last generated
     tokens, right-aligned, -1 padded (the stop window)."""
@@ -107,6 +109,10 @@ def make_chunk_prefill(model: Model, feats: Features, num_pages: int, page_size:
             tok, lp = sample(logits, req.params, feats, row_keys(req.key, gen0),
                              None if seen is None else seen[jnp.clip(at, 0, B - 1)],
                              None if counts is None else counts[jnp.clip(at, 0, B - 1)])
+            top = top_logprobs(logits, req.params, feats)
+            if top is None:
+                top = (jnp.zeros((b, TOP_LOGPROBS), jnp.int32),
+                       jnp.zeros((b, TOP_LOGPROBS), jnp.float32))
             live = jnp.where(last, at, B)  # only a prompt's last chunk makes its slot live
             recent = jnp.concatenate([hist[:, 1:], tok[:, None]], axis=1)
             done = stopped(tok, recent, req) | (req.max_new <= gen0 + 1)
@@ -120,10 +126,10 @@ def make_chunk_prefill(model: Model, feats: Features, num_pages: int, page_size:
                 recent=put(state.recent, recent), seen=seen, counts=counts,
                 pages=state.pages.at[at].set(pages, mode="drop"),
                 req=jax.tree.map(put, state.req, req))
-            return state, tok, lp
+            return state, tok, lp, top
 
     rep = NamedSharding(model.mesh, P())
-    return model.jit(fn, donate_argnums=(1,), out_shardings=(shardings, rep, rep))
+    return model.jit(fn, donate_argnums=(1,), out_shardings=(shardings, rep, rep, (rep, rep)))
 
 
 class PagedEngine(Engine):
@@ -203,7 +209,7 @@ class PagedEngine(Engine):
         shape of shapes(), so steady-state serving never compiles."""
         for C in self.chunk_lengths():
             for b in self.chunk_rows(C):
-                state, _, _ = self._chunk_call(state, [], b, C)
+                state, *_ = self._chunk_call(state, [], b, C)
         for r in self.decode_rows():
             state = self.step(state, 1, rows=r)
         state = self.set_pages(state, {0: []})
@@ -218,7 +224,7 @@ class PagedEngine(Engine):
                                          m.run.kv_cache)
         pool = jax.jit(lambda: pool.map(lambda a: jnp.zeros(a.shape, a.dtype)),
                        out_shardings=self.shardings.cache)()
-        pen = c.features.penalties
+        pen, top = c.features.penalties, c.features.top_logprobs
         zeros = np.zeros((B,), np.int32)
         rows = DecodeState(
             cache=None, last=zeros, lengths=zeros, done=np.ones((B,), bool), generated=zeros,
@@ -227,7 +233,9 @@ class PagedEngine(Engine):
             recent=np.full((B, STOP_WINDOW), -1, np.int32),
             seen=np.zeros((B, V), bool) if pen else None,
             counts=np.zeros((B, V), np.int32) if pen else None, req=None,
-            pages=np.zeros((B, self.width), np.int32))
+            pages=np.zeros((B, self.width), np.int32),
+            top_ids=np.full((B, c.window, TOP_LOGPROBS), -1, np.int32) if top else None,
+            top_lps=np.zeros((B, c.window, TOP_LOGPROBS), np.float32) if top else None)
         sh = self.shardings._replace(cache=None, req=None)
         state = jax.tree.map(to_global, rows, sh)._replace(
             cache=pool, req=self.request([GREEDY] * B, [1] * B, np.zeros((B, 2), np.uint32), B))
@@ -241,16 +249,18 @@ class PagedEngine(Engine):
 
     def prefill_chunks(self, state: DecodeState, chunks: Sequence[Chunk]):
         """Run prompt chunks into the pool (one call of a compiled shape: fits() must
-        hold): returns (state, first tokens [n], their logprobs [n]) on host; entries of
-        rows whose chunk is not their prompt's last are meaningless."""
+        hold): returns (state, first tokens [n], their logprobs [n], (their alternatives'
+        ids [n, K], log-probs [n, K])) on host; entries of rows whose chunk is not their
+        prompt's last are meaningless, as are the alternatives of rows that did not ask."""
         lengths = [len(ch.ids) for ch in chunks]
         if not self.fits(lengths):
             raise ValueError(f"{len(chunks)} chunks of up to {max(lengths)} tokens are no "
                              f"compiled shape (chunk {self.chunk}, prefill_tokens "
                              f"{self.prefill_tokens})")
         b, C = self.chunk_shape(lengths)
-        state, tok, lp = self._chunk_call(state, chunks, b, C)
-        return state, tok[: len(chunks)], lp[: len(chunks)]
+        state, tok, lp, (ids, lps) = self._chunk_call(state, chunks, b, C)
+        n = len(chunks)
+        return state, tok[:n], lp[:n], (ids[:n], lps[:n])
 
     def _chunk_call(self, state: DecodeState, chunks: Sequence[Chunk], b: int, C: int):
         ids = np.zeros((b, C), np.int32)
@@ -281,10 +291,10 @@ class PagedEngine(Engine):
             ("chunk prefill", c.features, c.num_pages, c.page_size, self.shardings),
             lambda: make_chunk_prefill(self.model, c.features, c.num_pages, c.page_size,
                                        self.shardings))
-        state, tok, lp = fn(self.model.params, state, rep(ids), rep(starts), rep(lens),
-                            rep(slots), rep(pages), rep(last), rep(gen0), rep(gen_from),
-                            rep(hist), req)
-        return state, to_host(tok), to_host(lp)
+        state, tok, lp, top = fn(self.model.params, state, rep(ids), rep(starts), rep(lens),
+                                 rep(slots), rep(pages), rep(last), rep(gen0), rep(gen_from),
+                                 rep(hist), req)
+        return state, to_host(tok), to_host(lp), (to_host(top[0]), to_host(top[1]))
 
     def step(self, state: DecodeState, steps: int = 1, *, until: int | None = None,
              rows: int | None = None) -> DecodeState:

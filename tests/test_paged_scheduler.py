@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 import jaxformer as jf
-from conftest import backend_compiles, teacher_forced
+from conftest import assert_top_matches, backend_compiles, teacher_forced, teacher_forced_top
 from jaxformer.serving.paged_scheduler import PagedConfig, PagedScheduler
 from jaxformer.serving.scheduler import ABORTED, FAILED, FINISHED, SchedulerConfig
 
 GREEDY_LP = jf.Sampling(temperature=0, logprobs=True)
+TOPS = (20, 0, 3, 0)  # request i asks for TOPS[i % 4] alternatives per token
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,8 @@ def test_preemption_prefix_sharing_and_chunks_decode_as_alone(model):
     handles = {}
     for k in rng.permutation(len(reqs)):
         prompt, n = reqs[k]
-        handles[k] = sched.submit(prompt, GREEDY_LP, max_new_tokens=n)
+        sampling = jf.Sampling(temperature=0, logprobs=True, top_logprobs=TOPS[k % 4])
+        handles[k] = sched.submit(prompt, sampling, max_new_tokens=n)
         for _ in range(int(rng.integers(0, 3))):
             sched.tick()
     sched.run_until_idle()
@@ -47,6 +49,11 @@ def test_preemption_prefix_sharing_and_chunks_decode_as_alone(model):
         want, want_lp = teacher_forced(model, prompt, out.tokens)
         assert out.tokens == want, k
         np.testing.assert_allclose(out.logprobs, want_lp, atol=1e-5)
+        if TOPS[k % 4]:  # the step's top-k: a teacher-forced pass's, across preemption
+            assert_top_matches(out.top_logprobs, teacher_forced_top(model, prompt, out.tokens),
+                               TOPS[k % 4])
+        else:
+            assert out.top_logprobs == [[]] * n
     assert sched.preemptions > 0, "the pool was meant to run short"
     assert sched.pool.prefix_hit_tokens > 0, "the common prefix was meant to be shared"
     assert sched.pool.num_in_use == 0  # every page released (full blocks stay cached)

@@ -30,7 +30,7 @@ from jaxformer.engine import EngineConfig
 from jaxformer.paged_engine import Chunk, PagedEngine
 from jaxformer.serving.pages import BlockTable, PagePool
 from jaxformer.serving.scheduler import (FAILED, RUNNING, WAITING, Handle, Scheduler,
-                                         SchedulerConfig, log)
+                                         SchedulerConfig, asks_top, log)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +122,7 @@ class PagedScheduler(Scheduler):
             for slot, (seq, n_prompt) in self._history.items():
                 self._state = self.engine.set_history(self._state, slot, seq, n_prompt)
             self._history = {}
-            self._state, toks, lps = self.engine.prefill_chunks(self._state, chunks)
+            self._state, toks, lps, top = self.engine.prefill_chunks(self._state, chunks)
             done = np.asarray(self._state.done)
         except Exception as e:  # noqa: BLE001 - the failure belongs to these requests
             log.warning("prefill of %d chunks failed: %s", len(chunks), e)
@@ -136,7 +136,7 @@ class PagedScheduler(Scheduler):
             if ch.last:
                 self._prefilling.remove(ch.slot)
                 self._live.append(ch.slot)
-                h._emit([int(toks[r])], [float(lps[r])])
+                h._emit([int(toks[r])], [float(lps[r])], (top[0][r:r + 1], top[1][r:r + 1]))
                 if done[ch.slot]:
                     self._finish(ch.slot)
 
@@ -210,6 +210,7 @@ class PagedScheduler(Scheduler):
             rows = next(r for r in self.engine.decode_rows() if r > top)
             self._state = self.engine.step(self._state, self.config.steps_per_tick, rows=rows)
             toks, lps = self.engine.tokens(self._state)
+            top = self.engine.top(self._state) if asks_top(self._slots) else None
             done = np.asarray(self._state.done)
         except Exception as e:  # noqa: BLE001
             log.warning("decode step failed: %s", e)
@@ -219,7 +220,8 @@ class PagedScheduler(Scheduler):
         for slot in list(self._live):
             h = self._slots[slot]
             got = toks[slot] >= 0
-            h._emit(toks[slot][got].tolist(), lps[slot][got].tolist())
+            h._emit(toks[slot][got].tolist(), lps[slot][got].tolist(),
+                    None if top is None else (top[0][slot][got], top[1][slot][got]))
             self._computed(slot, h, len(self._seq(h)) - 1)  # the last token is fed next
             if done[slot]:
                 self._finish(slot)

@@ -76,7 +76,9 @@ class QueueFull(RuntimeError):
 @dataclasses.dataclass
 class RequestOutput:
     """tokens: generated ids (a stop token included); logprobs: of each token;
-    status: finished / aborted / failed; reason: "stop", "length", "abort" or the error."""
+    status: finished / aborted / failed; reason: "stop", "length", "abort" or the error;
+    top_logprobs: per token, its Sampling.top_logprobs most likely (id, log-prob) pairs,
+    best first, as the compiled step computed them (empty lists when not asked)."""
     id: int
     tokens: list[int]
     logprobs: list[float]
@@ -84,6 +86,7 @@ class RequestOutput:
     reason: str
     prompt_tokens: int
     times: dict
+    top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
 
 
 class Handle:
@@ -97,6 +100,7 @@ class Handle:
         self.seed, self.ignore_eos = seed, ignore_eos
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
+        self.top_logprobs: list[list[tuple[int, float]]] = []  # per token (RequestOutput)
         self.status, self.reason = WAITING, ""
         self.times = {"submitted": time.perf_counter()}
         self._events: queue.Queue = queue.Queue()
@@ -114,7 +118,8 @@ class Handle:
         if not self._done.wait(timeout):
             raise TimeoutError(f"request {self.id} not done after {timeout} s")
         return RequestOutput(self.id, list(self.tokens), list(self.logprobs), self.status,
-                             self.reason, len(self.prompt), dict(self.times))
+                             self.reason, len(self.prompt), dict(self.times),
+                             list(self.top_logprobs))
 
     def abort(self) -> None:
         self._sched.abort(self)
@@ -124,9 +129,12 @@ class Handle:
         return self._done.is_set()
 
     # ---- the loop's side ------------------------------------------------------------------
-    def _emit(self, toks: Sequence[int], lps: Sequence[float]) -> None:
+    def _emit(self, toks: Sequence[int], lps: Sequence[float], top=None) -> None:
+        """New tokens, their log-probs and top: (ids [n, K], log-probs [n, K]) their
+        alternatives (Engine.top's rows) or None (the engine keeps none)."""
         if toks:
             self.times.setdefault("first_token", time.perf_counter())
+            self.top_logprobs.extend(alternatives(self.sampling.top_logprobs, len(toks), top))
             self.tokens.extend(toks)
             self.logprobs.extend(lps)
             self._events.put(list(toks))
@@ -142,6 +150,22 @@ class Handle:
         self._done.set()
         if self._listener is not None:
             self._listener()
+
+
+def alternatives(k: int, n: int, top) -> list[list[tuple[int, float]]]:
+    """Per token of n, its k most likely (id, log-prob) pairs from top = (ids [n, K],
+    log-probs [n, K]); ranks at -inf (past a vocabulary smaller than K) dropped; empty lists
+    when k is 0 or top is None."""
+    if not k or top is None:
+        return [[] for _ in range(n)]
+    ids, lps = np.asarray(top[0])[:n, :k], np.asarray(top[1])[:n, :k]
+    return [[(int(a), float(v)) for a, v in zip(ri, rv) if np.isfinite(v)]
+            for ri, rv in zip(ids, lps)]
+
+
+def asks_top(handles) -> bool:
+    """Whether any of these requests wants alternatives (Engine.top is worth fetching)."""
+    return any(h is not None and h.sampling.top_logprobs for h in handles)
 
 
 def submission(front, check, prompt, sampling, max_new, seed, ignore_eos, listener,
@@ -373,6 +397,7 @@ class Scheduler:
                                                 ignore_eos=batch[0][1].ignore_eos)
             pre = fn(*args)
             toks, lps = self.engine.tokens(pre)
+            top = self.engine.top(pre) if asks_top(h for _, h in batch) else None
             done = np.asarray(pre.done)
             rows = list(range(len(batch)))
             self._state = self.engine.insert(self._state, pre, [s for s, _ in batch])
@@ -387,7 +412,8 @@ class Scheduler:
             slot, h = batch[r]
             h.status = RUNNING
             self._slots[slot] = h
-            h._emit([int(toks[r, 0])], [float(lps[r, 0])])
+            h._emit([int(toks[r, 0])], [float(lps[r, 0])],
+                    None if top is None else (top[0][r, :1], top[1][r, :1]))
             if done[r]:
                 self._finish(slot)
 
@@ -395,6 +421,7 @@ class Scheduler:
         try:
             self._state = self.engine.step(self._state, self.config.steps_per_tick)
             toks, lps = self.engine.tokens(self._state)
+            top = self.engine.top(self._state) if asks_top(self._slots) else None
             done = np.asarray(self._state.done)
         except Exception as e:  # noqa: BLE001
             log.warning("decode step failed: %s", e)
@@ -405,7 +432,8 @@ class Scheduler:
             if h is None:
                 continue
             got = toks[slot] >= 0
-            h._emit(toks[slot][got].tolist(), lps[slot][got].tolist())
+            h._emit(toks[slot][got].tolist(), lps[slot][got].tolist(),
+                    None if top is None else (top[0][slot][got], top[1][slot][got]))
             if done[slot]:
                 self._finish(slot)
 
