@@ -2,7 +2,9 @@
 tensor=2, pipe=2 and data=2 x tensor=2 (two replicas behind one scheduler), requests arriving
 in random order decode exactly: each request's greedy tokens are the argmax of a
 teacher-forced pass over its own sequence on the one-device model and its log-probs agree
-within 1e-5. The contiguous and the paged scheduler alike."""
+within 1e-5, as do the top-20 alternatives (ids and log-probs) of the requests that ask for
+them (every other one; the vocabulary sharded on `tensor`). The contiguous and the paged
+scheduler alike."""
 import dataclasses
 
 import jax
@@ -10,12 +12,13 @@ import numpy as np
 import pytest
 
 import jaxformer as jf
-from conftest import backend_compiles, teacher_forced
+from conftest import assert_top_matches, backend_compiles, teacher_forced, teacher_forced_top
 from jaxformer.serving.paged_scheduler import PagedConfig, PagedScheduler
 from jaxformer.serving.replicas import ReplicaScheduler
 from jaxformer.serving.scheduler import ABORTED, FINISHED, Scheduler, SchedulerConfig
 
 GREEDY_LP = jf.Sampling(temperature=0, logprobs=True)
+TOP_LP = jf.Sampling(temperature=0, logprobs=True, top_logprobs=20)  # requests 0, 2, ...
 CONFIG = SchedulerConfig(slots=4, max_length=64, steps_per_tick=3, max_prefill=2)
 # small enough that requests are preempted, with a shared prefix
 PAGED = PagedConfig(page_size=4, num_pages=11, prefill_tokens=24, chunk=16)
@@ -42,7 +45,7 @@ def run(sched, requests):
     handles = {}
     for k, gap in zip(order, gaps):
         prompt, n = reqs[k]
-        handles[k] = sched.submit(prompt, GREEDY_LP, max_new_tokens=n)
+        handles[k] = sched.submit(prompt, GREEDY_LP if k % 2 else TOP_LP, max_new_tokens=n)
         for _ in range(gap):
             sched.tick()
     sched.run_until_idle()
@@ -50,11 +53,14 @@ def run(sched, requests):
 
 
 def check(outs, requests, reference):
-    for (prompt, n), out in zip(requests[0], outs):
+    for k, ((prompt, n), out) in enumerate(zip(requests[0], outs)):
         assert out.status == FINISHED and len(out.tokens) == n, out
         want, want_lp = teacher_forced(reference, prompt, out.tokens)
         assert out.tokens == want
         np.testing.assert_allclose(out.logprobs, want_lp, atol=1e-5)
+        if k % 2 == 0:
+            assert_top_matches(out.top_logprobs,
+                               teacher_forced_top(reference, prompt, out.tokens), 20)
 
 
 @pytest.fixture(scope="module")
