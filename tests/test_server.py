@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import openai
 import pytest
-from conftest import teacher_forced
+from conftest import teacher_forced, teacher_forced_top
 from server_fixtures import ServerThread, metric
 
 import jaxformer as jf
@@ -144,7 +144,20 @@ def test_stop_string_cuts_the_text(client, ref):
     assert r.choices[0].finish_reason == "stop"
 
 
-def test_logprobs_match_teacher_forced(client, models):
+def _top_texts(tokenizer, ref, k, j):
+    """Reference row j (teacher_forced_top) as the completions API's {text: log-prob}: the k
+    best, an id whose text an earlier one has dropped; and whether ids are untied there."""
+    ids, lps = ref
+    out = {}
+    for a, v in zip(ids[j, :k], lps[j, :k]):
+        out.setdefault(tokenizer.decode([int(a)], skip_special_tokens=False), float(v))
+    return out, bool((np.abs(np.diff(lps[j])) > 1e-5).all())
+
+
+def test_logprobs_match_teacher_forced(client, models, monkeypatch):
+    """Generated tokens' log-probs and top alternatives (from the compiled step, no forward
+    pass of their own) equal a teacher-forced pass's, streamed or not; echo's prompt
+    log-probs too."""
     m, k = models["demo"], 3
     r = client.completions.create(model="demo", prompt=PROMPTS[1], max_tokens=6,
                                   temperature=0, logprobs=k, echo=True)
@@ -156,24 +169,56 @@ def test_logprobs_match_teacher_forced(client, models):
     logits = m.logits(np.asarray([full]))[0].astype(np.float64)
     ls = logits - logits.max(-1, keepdims=True)
     ls = ls - np.log(np.exp(ls).sum(-1, keepdims=True))
+    ref = teacher_forced_top(m, prompt, greedy, k)
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(full) and lp.token_logprobs[0] is None
-    np.testing.assert_allclose(lp.token_logprobs[len(prompt):], chosen, atol=2e-4)
+    np.testing.assert_allclose(lp.token_logprobs[len(prompt):], chosen, atol=1e-5)
     np.testing.assert_allclose(lp.token_logprobs[1:len(prompt)],
                                [ls[p - 1, full[p]] for p in range(1, len(prompt))], atol=2e-4)
     for p in range(1, len(full)):
         assert len(lp.top_logprobs[p]) <= k  # fewer when two ids decode to the same text
         best = max(lp.top_logprobs[p].values())
         assert best == pytest.approx(ls[p - 1].max(), abs=2e-4)
+    for j in range(len(greedy)):  # the generated tokens' alternatives: the step's top-k
+        want, untied = _top_texts(m.tokenizer, ref, k, j)
+        got = lp.top_logprobs[len(prompt) + j]
+        np.testing.assert_allclose(list(got.values()), list(want.values()), atol=1e-5)
+        assert not untied or list(got) == list(want)
     assert r.choices[0].text.startswith(PROMPTS[1])  # echo
 
-    c = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "a"}],
-                                       max_tokens=4, temperature=0, logprobs=True,
-                                       top_logprobs=2)
-    for item in c.choices[0].logprobs.content:  # greedy: the chosen token is the best one
-        assert len(item.top_logprobs) == 2
-        assert item.top_logprobs[0].logprob == pytest.approx(item.logprob, abs=2e-4)
-        assert item.top_logprobs[1].logprob <= item.top_logprobs[0].logprob
+    passes = []  # the server's own model.logits calls from here on (echo's only)
+    real = m.logits
+    monkeypatch.setattr(m, "logits", lambda *a, **kw: (passes.append(1), real(*a, **kw))[1])
+    chunks = list(client.completions.create(model="demo", prompt=PROMPTS[1], max_tokens=6,
+                                            temperature=0, logprobs=k, stream=True))
+    streamed = [(t, v, top) for c in chunks if c.choices and c.choices[0].logprobs
+                for t, v, top in zip(c.choices[0].logprobs.tokens,
+                                     c.choices[0].logprobs.token_logprobs,
+                                     c.choices[0].logprobs.top_logprobs)]
+    assert len(streamed) == len(greedy)
+    for j, (_, v, got) in enumerate(streamed):  # each chunk carries its tokens' own
+        want, untied = _top_texts(m.tokenizer, ref, k, j)
+        assert v == pytest.approx(float(chosen[j]), abs=1e-5)
+        np.testing.assert_allclose(list(got.values()), list(want.values()), atol=1e-5)
+        assert not untied or list(got) == list(want)
+
+    msgs = [{"role": "user", "content": "a"}]
+    c = client.chat.completions.create(model="demo", messages=msgs, max_tokens=4,
+                                       temperature=0, logprobs=True, top_logprobs=5)
+    assert passes == []
+    monkeypatch.undo()
+    ids = m.tokenizer.encode("User: a\nAssistant:")
+    greedy = m.generate([ids], 4).tokens[0]
+    ref = teacher_forced_top(m, ids, greedy, 5)
+    for j, item in enumerate(c.choices[0].logprobs.content):
+        assert len(item.top_logprobs) == 5
+        np.testing.assert_allclose([a.logprob for a in item.top_logprobs], ref[1][j, :5],
+                                   atol=1e-5)
+        if (np.abs(np.diff(ref[1][j])) > 1e-5).all():
+            assert [a.token for a in item.top_logprobs] == [
+                m.tokenizer.decode([int(a)], skip_special_tokens=False) for a in ref[0][j, :5]]
+        assert item.top_logprobs[0].logprob == pytest.approx(item.logprob, abs=1e-6)
+    assert len(c.choices[0].logprobs.content) == len(greedy)
 
 
 def test_n_choices_are_seeds_in_order(client):
