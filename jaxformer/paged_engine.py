@@ -3,7 +3,7 @@
     engine = PagedEngine(model, EngineConfig(slots=64, max_length=4096, page_size=64,
                                              num_pages=2048))
     state = engine.init_state()
-    state, first, logprob, top = engine.prefill_chunks(
+    state, out = engine.prefill_chunks(
         state, [Chunk(slot=3, ids=prompt[:512], start=0, pages=[5, 9, ...], ...)])
     state = engine.step(state, 4)                        # as Engine.step
 
@@ -23,7 +23,8 @@ must be a multiple of S. Data parallelism is one PagedEngine per replica.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Sequence
+import math
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +37,8 @@ from jaxformer import sharding as shd
 from jaxformer.decode_state import STOP_WINDOW, DecodeState, Request, new_window, row_keys, \
     stopped
 from jaxformer.engine import Engine, EngineConfig, decode_step, row_key_data
-from jaxformer.sampling import GREEDY, TOP_LOGPROBS, Features, Sampling, sample, top_logprobs
+from jaxformer.sampling import (GREEDY, TOP_LOGPROBS, Features, Sampling, chosen_logprob,
+                                sample, top_k_logprobs, top_logprobs)
 from jaxformer.sharding import to_global, to_host
 
 if TYPE_CHECKING:
@@ -63,6 +65,22 @@ class Chunk:
     # and its last generated tokens (at most STOP_WINDOW - 1) continue its stop window
     prompt_len: int | None = None
     recent: Sequence[int] = ()
+    # the sequence's token after this chunk (-1: none): what its last position predicts,
+    # for prompt log-probs (sampling.prompt_logprobs)
+    following: int = -1
+
+
+class ChunkOut(NamedTuple):
+    """prefill_chunks' results, host arrays of n rows (one per chunk). A row whose chunk
+    does not end its prompt has no first token (its entries are meaningless), nor
+    alternatives a row that did not ask (Sampling.top_logprobs)."""
+    tokens: np.ndarray  # [n] int32 first generated token
+    logprobs: np.ndarray  # [n] its log-prob
+    top: tuple  # (ids [n, K] int32, log-probs [n, K]) its K most likely alternatives
+    # for rows with sampling.prompt_logprobs (None when no row has): (log-probs [n, C],
+    # ids [n, C, K], log-probs [n, C, K]); column c is the chunk's position start + c
+    # predicting the token after it (the chunk's next id, then `following`)
+    prompt: tuple | None
 
 
 def pool_shardings(model: Model) -> kvc.PagedKVCache:
@@ -74,17 +92,18 @@ def pool_shardings(model: Model) -> kvc.PagedKVCache:
 def make_chunk_prefill(model: Model, feats: Features, num_pages: int, page_size: int,
                        shardings: DecodeState):
     """jit(fn(params, state, ids [b, C], starts [b], lens [b], slots [b], pages [b, M],
-    last [b], gen0 [b], gen_from [b], hist [b, STOP_WINDOW], req rows [b]) -> (state, first
-    tokens [b], their logprobs [b], their alternatives: ids [b, K] and log-probs [b, K], or
-    zeros without top_logprobs compiled in or asked)); the state (its pool) is donated and
-    returned in
+    last [b], gen0 [b], gen_from [b], hist [b, STOP_WINDOW], echo [b], following [b], req
+    rows [b]) -> (state, first tokens [b], their logprobs [b], their alternatives (ids
+    [b, K], log-probs [b, K]), prompt log-probs (_prompt_logprobs: [b, C], [b, C, K],
+    [b, C, K]))); alternatives and prompt log-probs are zeros without top_logprobs compiled
+    in or where no row asks. The state (its pool) is donated and returned in
     `shardings` (PagedEngine.shardings). Rows with slot -1 are padding. gen_from: the first
     position of each row's generated tokens (penalty counts); hist: its last generated
     tokens, right-aligned, -1 padded (the stop window)."""
     del num_pages, page_size  # part of the compile key through the state's shapes
 
     def fn(params, state: DecodeState, ids, starts, lens, slots, pages, last, gen0, gen_from,
-           hist, req: Request):
+           hist, echo, following, req: Request):
         with model.traced():
             m = model.module(params)
             b, C = ids.shape
@@ -113,6 +132,7 @@ def make_chunk_prefill(model: Model, feats: Features, num_pages: int, page_size:
             if top is None:
                 top = (jnp.zeros((b, TOP_LOGPROBS), jnp.int32),
                        jnp.zeros((b, TOP_LOGPROBS), jnp.float32))
+            prompt = _prompt_logprobs(m, x, ids, following, echo & feats.top_logprobs)
             live = jnp.where(last, at, B)  # only a prompt's last chunk makes its slot live
             recent = jnp.concatenate([hist[:, 1:], tok[:, None]], axis=1)
             done = stopped(tok, recent, req) | (req.max_new <= gen0 + 1)
@@ -126,10 +146,42 @@ def make_chunk_prefill(model: Model, feats: Features, num_pages: int, page_size:
                 recent=put(state.recent, recent), seen=seen, counts=counts,
                 pages=state.pages.at[at].set(pages, mode="drop"),
                 req=jax.tree.map(put, state.req, req))
-            return state, tok, lp, top
+            return state, tok, lp, top, prompt
 
     rep = NamedSharding(model.mesh, P())
-    return model.jit(fn, donate_argnums=(1,), out_shardings=(shardings, rep, rep, (rep, rep)))
+    return model.jit(fn, donate_argnums=(1,),
+                     out_shardings=(shardings, rep, rep, (rep, rep), (rep, rep, rep)))
+
+
+def _prompt_logprobs(m, x, ids, following, want):
+    """x [b, C, D] a chunk's hidden states, ids [b, C], following [b] -> (log-probs [b, C],
+    ids [b, C, K], log-probs [b, C, K]): at each position, the log-prob of the token after
+    it (the next id, `following` at the last column) and the K most likely tokens
+    (sampling.top_k_logprobs). Only when some row is `want` [b] (a lax.cond; zeros
+    otherwise), G columns at a time (a scan: one block's [b, G, V] logits live at once)."""
+    b, C, D = x.shape
+    K, G = TOP_LOGPROBS, math.gcd(C, 16)
+    targets = jnp.concatenate([ids[:, 1:], following[:, None]], axis=1)  # [b, C]
+
+    def run(x):
+        def block(_, inp):
+            xg, tg = inp  # [b, G, D], [b, G]
+            logits = m.head(xg)
+            flat = logits.reshape(b * G, logits.shape[-1])
+            chosen = chosen_logprob(flat, tg.reshape(-1))
+            t_ids, t_lps = top_k_logprobs(flat)
+            return None, (chosen.reshape(b, G), t_ids.reshape(b, G, K), t_lps.reshape(b, G, K))
+
+        blocks = (x.reshape(b, C // G, G, D).swapaxes(0, 1),
+                  targets.reshape(b, C // G, G).swapaxes(0, 1))
+        _, out = jax.lax.scan(block, None, blocks)  # [C / G, b, G, ...] each
+        return tuple(a.swapaxes(0, 1).reshape((b, C) + a.shape[3:]) for a in out)
+
+    def none(x):
+        return (jnp.zeros((b, C), jnp.float32), jnp.zeros((b, C, K), jnp.int32),
+                jnp.zeros((b, C, K), jnp.float32))
+
+    return jax.lax.cond(want.any(), run, none, x)
 
 
 class PagedEngine(Engine):
@@ -249,18 +301,17 @@ class PagedEngine(Engine):
 
     def prefill_chunks(self, state: DecodeState, chunks: Sequence[Chunk]):
         """Run prompt chunks into the pool (one call of a compiled shape: fits() must
-        hold): returns (state, first tokens [n], their logprobs [n], (their alternatives'
-        ids [n, K], log-probs [n, K])) on host; entries of rows whose chunk is not their
-        prompt's last are meaningless, as are the alternatives of rows that did not ask."""
+        hold): returns (state, ChunkOut of the chunks, on host)."""
         lengths = [len(ch.ids) for ch in chunks]
         if not self.fits(lengths):
             raise ValueError(f"{len(chunks)} chunks of up to {max(lengths)} tokens are no "
                              f"compiled shape (chunk {self.chunk}, prefill_tokens "
                              f"{self.prefill_tokens})")
         b, C = self.chunk_shape(lengths)
-        state, tok, lp, (ids, lps) = self._chunk_call(state, chunks, b, C)
+        state, out = self._chunk_call(state, chunks, b, C)
         n = len(chunks)
-        return state, tok[:n], lp[:n], (ids[:n], lps[:n])
+        cut = lambda t: None if t is None else tuple(a[:n] for a in t)  # noqa: E731
+        return state, ChunkOut(out.tokens[:n], out.logprobs[:n], cut(out.top), cut(out.prompt))
 
     def _chunk_call(self, state: DecodeState, chunks: Sequence[Chunk], b: int, C: int):
         ids = np.zeros((b, C), np.int32)
@@ -271,7 +322,9 @@ class PagedEngine(Engine):
         gen0 = np.zeros((b,), np.int32)
         gen_from = np.full((b,), np.iinfo(np.int32).max, np.int32)
         hist = np.full((b, STOP_WINDOW), -1, np.int32)
+        echo, following = np.zeros((b,), bool), np.full((b,), -1, np.int32)
         for r, ch in enumerate(chunks):
+            echo[r], following[r] = ch.sampling.prompt_logprobs, ch.following
             ids[r, : len(ch.ids)] = ch.ids
             starts[r], lens[r], slots[r], last[r] = ch.start, len(ch.ids), ch.slot, ch.last
             gen0[r] = ch.generated
@@ -291,10 +344,13 @@ class PagedEngine(Engine):
             ("chunk prefill", c.features, c.num_pages, c.page_size, self.shardings),
             lambda: make_chunk_prefill(self.model, c.features, c.num_pages, c.page_size,
                                        self.shardings))
-        state, tok, lp, top = fn(self.model.params, state, rep(ids), rep(starts), rep(lens),
-                                 rep(slots), rep(pages), rep(last), rep(gen0), rep(gen_from),
-                                 rep(hist), req)
-        return state, to_host(tok), to_host(lp), (to_host(top[0]), to_host(top[1]))
+        state, tok, lp, top, prompt = fn(
+            self.model.params, state, rep(ids), rep(starts), rep(lens), rep(slots), rep(pages),
+            rep(last), rep(gen0), rep(gen_from), rep(hist), rep(echo), rep(following), req)
+        host = lambda t: tuple(to_host(a) for a in t)  # noqa: E731
+        # the prompt log-probs cross to the host only when a chunk asked for them
+        return state, ChunkOut(to_host(tok), to_host(lp), host(top),
+                               host(prompt) if echo.any() else None)
 
     def step(self, state: DecodeState, steps: int = 1, *, until: int | None = None,
              rows: int | None = None) -> DecodeState:

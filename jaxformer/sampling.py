@@ -32,6 +32,8 @@ class Sampling:
     deterministic, scored by sum of log-probs / length ** length_penalty.
     top_logprobs: the n (0..TOP_LOGPROBS) most likely tokens and their log-probs at each
     generated position, under the same unprocessed distribution as `logprobs`.
+    prompt_logprobs: also each prompt token's log-prob given its prefix (and its top_logprobs
+    alternatives), computed by the paged scheduler's chunked prefill (OpenAI's echo).
     """
 
     temperature: float = 1.0
@@ -47,6 +49,7 @@ class Sampling:
     length_penalty: float = 1.0
     logprobs: bool = False
     top_logprobs: int = 0
+    prompt_logprobs: bool = False
 
     def __post_init__(self):
         def fail(field, msg):
@@ -64,6 +67,8 @@ class Sampling:
         if isinstance(self.top_logprobs, bool) or not isinstance(self.top_logprobs, int) \
                 or not 0 <= self.top_logprobs <= TOP_LOGPROBS:
             fail("top_logprobs", f"must be an integer in [0, {TOP_LOGPROBS}]")
+        if not isinstance(self.prompt_logprobs, bool):
+            fail("prompt_logprobs", "must be a bool")
         if not 0 < self.top_p <= 1:
             fail("top_p", "must be in (0, 1]")
         if not 0 <= self.min_p <= 1:
@@ -232,29 +237,31 @@ def chosen_logprob(logits, tokens):
 
 def top_logprobs(logits, p: RowParams, feats: Features):
     """logits [B, V] float32 (padded vocab at -inf) -> (ids [B, K] int32, log-probs [B, K]
-    float32): the K = TOP_LOGPROBS most likely tokens under the unprocessed distribution,
-    best first (ties: the lower id first), in chosen_logprob's arithmetic (a chosen token
-    among them has exactly its logprob). None when feats has no top_logprobs; zeros in a
-    step where no row asks (a lax.cond: such a batch skips the vocabulary-wide top-k).
-    With V sharded over `tensor`, XLA partitions the top-k (gathering the rows' logits):
-    paid only in steps that ask."""
+    float32): top_k_logprobs of each row, None when feats has no top_logprobs, zeros in a
+    step where no row asks (a lax.cond: such a batch skips the vocabulary-wide top-k)."""
     if not feats.top_logprobs:
         return None
-    B, V = logits.shape
-    K = min(TOP_LOGPROBS, V)
+    B = logits.shape[0]
+    K = TOP_LOGPROBS
+    none = lambda _: (jnp.zeros((B, K), jnp.int32), jnp.zeros((B, K), jnp.float32))  # noqa
+    return jax.lax.cond((p.top_logprobs > 0).any(), top_k_logprobs, none, logits)
 
-    def top(logits):
-        shifted = logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True))
-        lse = jnp.log(jnp.exp(shifted).sum(-1))
-        vals, ids = jax.lax.top_k(shifted, K)
-        return ids.astype(jnp.int32), vals - lse[:, None]
 
-    def none(logits):
-        return jnp.zeros((B, K), jnp.int32), jnp.zeros((B, K), jnp.float32)
-
-    ids, lps = jax.lax.cond((p.top_logprobs > 0).any(), top, none, logits)
-    if K < TOP_LOGPROBS:  # a vocabulary smaller than K: the missing ranks at -inf
-        pad = ((0, 0), (0, TOP_LOGPROBS - K))
-        ids = jnp.pad(ids, pad)
-        lps = jnp.pad(lps, pad, constant_values=-jnp.inf)
+def top_k_logprobs(logits):
+    """logits [N, V] -> (ids [N, K] int32, log-probs [N, K] float32): the K = TOP_LOGPROBS
+    most likely tokens under the unprocessed distribution (log_softmax of the raw logits,
+    padded vocab at -inf excluded), best first (ties: the lower id first), in
+    chosen_logprob's arithmetic (a chosen token among them has exactly its logprob). A
+    vocabulary smaller than K leaves the missing ranks at -inf. With V sharded over
+    `tensor`, XLA partitions the top-k (gathering the rows' logits): callers run it only
+    where a row asks."""
+    N, V = logits.shape
+    k = min(TOP_LOGPROBS, V)
+    shifted = logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True))
+    lse = jnp.log(jnp.exp(shifted).sum(-1))
+    vals, ids = jax.lax.top_k(shifted, k)
+    ids, lps = ids.astype(jnp.int32), vals - lse[:, None]
+    if k < TOP_LOGPROBS:
+        pad = ((0, 0), (0, TOP_LOGPROBS - k))
+        ids, lps = jnp.pad(ids, pad), jnp.pad(lps, pad, constant_values=-jnp.inf)
     return ids, lps

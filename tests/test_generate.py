@@ -230,7 +230,9 @@ def test_filters_never_emit_outside_allowed_set(setting):
 @pytest.mark.parametrize("bad", [dict(temperature=-1.0), dict(temperature=float("nan")),
                                  dict(top_p=0.0), dict(top_p=float("nan")), dict(top_k=-2),
                                  dict(min_p=1.5), dict(repetition_penalty=0.0),
-                                 dict(num_beams=0), dict(presence_penalty=float("inf"))])
+                                 dict(num_beams=0), dict(presence_penalty=float("inf")),
+                                 dict(top_logprobs=21), dict(top_logprobs=-1),
+                                 dict(top_logprobs=2.0), dict(prompt_logprobs=1)])
 def test_bad_sampling_values_raise(bad):
     field = next(iter(bad))
     with pytest.raises(ValueError, match=field):

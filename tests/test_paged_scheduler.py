@@ -17,6 +17,7 @@ from jaxformer.serving.scheduler import ABORTED, FAILED, FINISHED, SchedulerConf
 
 GREEDY_LP = jf.Sampling(temperature=0, logprobs=True)
 TOPS = (20, 0, 3, 0)  # request i asks for TOPS[i % 4] alternatives per token
+ECHO = (True, False, False, False)  # ... and for its prompt's log-probs when ECHO[i % 4]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,8 @@ def test_preemption_prefix_sharing_and_chunks_decode_as_alone(model):
     handles = {}
     for k in rng.permutation(len(reqs)):
         prompt, n = reqs[k]
-        sampling = jf.Sampling(temperature=0, logprobs=True, top_logprobs=TOPS[k % 4])
+        sampling = jf.Sampling(temperature=0, logprobs=True, top_logprobs=TOPS[k % 4],
+                               prompt_logprobs=ECHO[k % 4])
         handles[k] = sched.submit(prompt, sampling, max_new_tokens=n)
         for _ in range(int(rng.integers(0, 3))):
             sched.tick()
@@ -54,6 +56,18 @@ def test_preemption_prefix_sharing_and_chunks_decode_as_alone(model):
                                TOPS[k % 4])
         else:
             assert out.top_logprobs == [[]] * n
+        if not ECHO[k % 4]:
+            assert out.prompt_logprobs is None
+            continue
+        # the chunked prefill's: each prompt token given its prefix, as a teacher-forced
+        # pass over the prompt sees it (chunks of 16 and less, prefill interleaved)
+        assert len(out.prompt_logprobs) == len(prompt) and out.prompt_logprobs[0] is None
+        _, want_lp = teacher_forced(model, prompt[:1], prompt[1:])
+        np.testing.assert_allclose([v for v, _ in out.prompt_logprobs[1:]], want_lp,
+                                   atol=1e-5)
+        if TOPS[k % 4]:
+            assert_top_matches([alts for _, alts in out.prompt_logprobs[1:]],
+                               teacher_forced_top(model, prompt[:1], prompt[1:]), TOPS[k % 4])
     assert sched.preemptions > 0, "the pool was meant to run short"
     assert sched.pool.prefix_hit_tokens > 0, "the common prefix was meant to be shared"
     assert sched.pool.num_in_use == 0  # every page released (full blocks stay cached)

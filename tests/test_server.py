@@ -155,12 +155,10 @@ def _top_texts(tokenizer, ref, k, j):
 
 
 def test_logprobs_match_teacher_forced(client, models, monkeypatch):
-    """Generated tokens' log-probs and top alternatives (from the compiled step, no forward
-    pass of their own) equal a teacher-forced pass's, streamed or not; echo's prompt
-    log-probs too."""
+    """Log-probs and top alternatives of generated tokens (from the compiled step) and of
+    echo's prompt (from the chunked prefill), with no forward pass of their own, equal a
+    teacher-forced pass's, streamed or not."""
     m, k = models["demo"], 3
-    r = client.completions.create(model="demo", prompt=PROMPTS[1], max_tokens=6,
-                                  temperature=0, logprobs=k, echo=True)
     prompt = [m.tokenizer.bos_id] + m.tokenizer.encode(PROMPTS[1])
     greedy = m.generate([prompt], 6).tokens[0]
     argmax, chosen = teacher_forced(m, prompt, greedy)
@@ -170,25 +168,33 @@ def test_logprobs_match_teacher_forced(client, models, monkeypatch):
     ls = logits - logits.max(-1, keepdims=True)
     ls = ls - np.log(np.exp(ls).sum(-1, keepdims=True))
     ref = teacher_forced_top(m, prompt, greedy, k)
+    ref_prompt = teacher_forced_top(m, prompt[:1], prompt[1:], k)
+    chat_ids = m.tokenizer.encode("User: a\nAssistant:")
+    chat_greedy = m.generate([chat_ids], 4).tokens[0]
+    chat_ref = teacher_forced_top(m, chat_ids, chat_greedy, 5)
+
+    passes = []  # the server's own model.logits calls from here on: none
+    real = m.logits
+    monkeypatch.setattr(m, "logits", lambda *a, **kw: (passes.append(1), real(*a, **kw))[1])
+    r = client.completions.create(model="demo", prompt=PROMPTS[1], max_tokens=6,
+                                  temperature=0, logprobs=k, echo=True)
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(full) and lp.token_logprobs[0] is None
     np.testing.assert_allclose(lp.token_logprobs[len(prompt):], chosen, atol=1e-5)
     np.testing.assert_allclose(lp.token_logprobs[1:len(prompt)],
-                               [ls[p - 1, full[p]] for p in range(1, len(prompt))], atol=2e-4)
+                               [ls[p - 1, full[p]] for p in range(1, len(prompt))], atol=1e-5)
     for p in range(1, len(full)):
         assert len(lp.top_logprobs[p]) <= k  # fewer when two ids decode to the same text
         best = max(lp.top_logprobs[p].values())
         assert best == pytest.approx(ls[p - 1].max(), abs=2e-4)
-    for j in range(len(greedy)):  # the generated tokens' alternatives: the step's top-k
-        want, untied = _top_texts(m.tokenizer, ref, k, j)
-        got = lp.top_logprobs[len(prompt) + j]
+    for j in range(len(full) - 1):  # the prompt's (prefill) and generated tokens' (step)
+        want, untied = _top_texts(m.tokenizer, *((ref_prompt, k, j) if j < len(prompt) - 1
+                                                 else (ref, k, j - len(prompt) + 1)))
+        got = lp.top_logprobs[j + 1]
         np.testing.assert_allclose(list(got.values()), list(want.values()), atol=1e-5)
         assert not untied or list(got) == list(want)
     assert r.choices[0].text.startswith(PROMPTS[1])  # echo
 
-    passes = []  # the server's own model.logits calls from here on (echo's only)
-    real = m.logits
-    monkeypatch.setattr(m, "logits", lambda *a, **kw: (passes.append(1), real(*a, **kw))[1])
     chunks = list(client.completions.create(model="demo", prompt=PROMPTS[1], max_tokens=6,
                                             temperature=0, logprobs=k, stream=True))
     streamed = [(t, v, top) for c in chunks if c.choices and c.choices[0].logprobs
@@ -206,10 +212,7 @@ def test_logprobs_match_teacher_forced(client, models, monkeypatch):
     c = client.chat.completions.create(model="demo", messages=msgs, max_tokens=4,
                                        temperature=0, logprobs=True, top_logprobs=5)
     assert passes == []
-    monkeypatch.undo()
-    ids = m.tokenizer.encode("User: a\nAssistant:")
-    greedy = m.generate([ids], 4).tokens[0]
-    ref = teacher_forced_top(m, ids, greedy, 5)
+    greedy, ref = chat_greedy, chat_ref
     for j, item in enumerate(c.choices[0].logprobs.content):
         assert len(item.top_logprobs) == 5
         np.testing.assert_allclose([a.logprob for a in item.top_logprobs], ref[1][j, :5],

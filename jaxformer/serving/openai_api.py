@@ -9,8 +9,11 @@ distribution (log_softmax of the raw logits). Those of generated tokens come fro
 serving step itself: the chosen token's, and with top_logprobs (chat) / logprobs: N
 (completions) its N most likely alternatives (Sampling.top_logprobs; the step computes the
 top 20 only when a row of its batch asks), each streamed chunk carrying its own tokens'.
-echo's prompt log-probabilities (and their alternatives) come from one teacher-forced forward
-pass (model.logits) over the prompt, on a worker thread.
+echo's prompt log-probabilities (and their alternatives) come from the paged scheduler's
+chunked prefill (Sampling.prompt_logprobs: such a request prefills its whole prompt, no
+prefix-cache hit); under the contiguous scheduler, from one teacher-forced forward pass
+(model.logits) over the prompt on a worker thread. A streamed echo sends the prompt's text
+without log-probabilities.
 """
 from __future__ import annotations
 
@@ -74,7 +77,8 @@ class _Run:
         self.served, self.req, self.prompts, self.max_new = served, req, prompts, max_new
         self.k, self.kind, self.chat = k, kind, kind == "chat.completion"
         self.tok = served.tokenizer()
-        self.sampling = req.sampling(logprobs=k is not None, top_logprobs=k or 0)
+        self.sampling = req.sampling(logprobs=k is not None, top_logprobs=k or 0,
+                                     prompt_logprobs=k is not None and self._echo())
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.n = req.n
@@ -105,7 +109,7 @@ class _Run:
         lp = None
         if self.k is not None:
             lp = await self._logprobs(i, out.tokens, out.logprobs, out.top_logprobs,
-                                      echo=self._echo())
+                                      echo=self._echo(), prompt_lp=out.prompt_logprobs)
         if self.chat:
             return {"index": i, "message": {"role": "assistant", "content": text},
                     "logprobs": lp, "finish_reason": finish_reason(out)}
@@ -177,10 +181,11 @@ class _Run:
                 "model": self.served.name, "choices": [choice]}
 
     # ---- log-probabilities ---------------------------------------------------------------
-    async def _logprobs(self, i: int, new, chosen, top, echo: bool) -> dict:
+    async def _logprobs(self, i: int, new, chosen, top, echo: bool, prompt_lp=None) -> dict:
         """OpenAI's logprobs of the new tokens from the serving step (chosen: their
         log-probs; top: per token its (id, log-prob) alternatives); with echo the prompt's
-        tokens first (the first has none), from a teacher-forced pass over the prompt."""
+        tokens first (the first has none): prompt_lp, the prefill's (RequestOutput's
+        prompt_logprobs), or else from a teacher-forced pass over the prompt."""
         prompt, k = self._prompt(i), self.k
         piece = lambda t: self.tok.decode([t], skip_special_tokens=False)  # noqa: E731
         if self.chat:
@@ -194,11 +199,15 @@ class _Run:
             return {"content": content}
         toks, lps, tops = [], [], []
         if echo:
-            prompt_lp, prompt_top = await asyncio.to_thread(
-                _teacher_forced, self.served.model, prompt, k)
+            if prompt_lp is not None:
+                prompt_top = [alts for _, alts in prompt_lp[1:]]
+                prompt_lp = [v for v, _ in prompt_lp[1:]]
+            else:  # the contiguous scheduler's prefill computes none
+                prompt_lp, prompt_top = await asyncio.to_thread(
+                    _teacher_forced, self.served.model, prompt, k)
             toks += [piece(t) for t in prompt]
             lps += [None] + prompt_lp
-            tops += [None] + ([_top_dict(row, piece) for row in prompt_top] if k
+            tops += [None] + ([_top_dict(row[:k], piece) for row in prompt_top] if k
                               else [None] * (len(prompt) - 1))
         toks += [piece(t) for t in new]
         lps += [float(v) for v in chosen]

@@ -122,7 +122,7 @@ class PagedScheduler(Scheduler):
             for slot, (seq, n_prompt) in self._history.items():
                 self._state = self.engine.set_history(self._state, slot, seq, n_prompt)
             self._history = {}
-            self._state, toks, lps, top = self.engine.prefill_chunks(self._state, chunks)
+            self._state, out = self.engine.prefill_chunks(self._state, chunks)
             done = np.asarray(self._state.done)
         except Exception as e:  # noqa: BLE001 - the failure belongs to these requests
             log.warning("prefill of %d chunks failed: %s", len(chunks), e)
@@ -133,10 +133,13 @@ class PagedScheduler(Scheduler):
             h = self._slots[ch.slot]
             self._next[h.id] = ch.start + len(ch.ids)
             self._computed(ch.slot, h, self._next[h.id])
+            if ch.sampling.prompt_logprobs:
+                h._prompt_logprobs(ch.start, len(ch.ids), [a[r] for a in out.prompt])
             if ch.last:
                 self._prefilling.remove(ch.slot)
                 self._live.append(ch.slot)
-                h._emit([int(toks[r])], [float(lps[r])], (top[0][r:r + 1], top[1][r:r + 1]))
+                h._emit([int(out.tokens[r])], [float(out.logprobs[r])],
+                        (out.top[0][r:r + 1], out.top[1][r:r + 1]))
                 if done[ch.slot]:
                     self._finish(ch.slot)
 
@@ -150,7 +153,8 @@ class PagedScheduler(Scheduler):
                            f"{self.paged.num_pages - 1} of {ps} tokens")
             return False
         table = BlockTable(ps)
-        start = table.match_prefix(self.pool, seq)
+        # prompt log-probs come from prefill: such a request computes its whole prompt
+        start = 0 if h.sampling.prompt_logprobs else table.match_prefix(self.pool, seq)
         need = table.needed_pages(len(seq) + 1)
         if not self.pool.can_allocate(need):
             table.release(self.pool)
@@ -184,7 +188,8 @@ class PagedScheduler(Scheduler):
         chunks.append(Chunk(slot, seq[start:start + n], start, self._tables[h.id].pages,
                             start + n == len(seq), h.sampling, h.max_new, h.seed,
                             h.ignore_eos, generated=len(h.tokens), prompt_len=len(h.prompt),
-                            recent=h.tokens[-(STOP_WINDOW - 1):]))
+                            recent=h.tokens[-(STOP_WINDOW - 1):],
+                            following=seq[start + n] if start + n < len(seq) else -1))
         return True
 
     def _computed(self, slot: int, h: Handle, n: int) -> None:

@@ -71,7 +71,8 @@ class SamplingFields(BaseModel):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
 
-    def sampling(self, logprobs: bool, top_logprobs: int = 0) -> Sampling:
+    def sampling(self, logprobs: bool, top_logprobs: int = 0,
+                 prompt_logprobs: bool = False) -> Sampling:
         if self.logit_bias:
             raise APIError(400, "logit_bias is not supported", "logit_bias")
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -85,7 +86,7 @@ class SamplingFields(BaseModel):
                             frequency_penalty=self.frequency_penalty,
                             stop_token_ids=tuple(self.stop_token_ids),
                             stop_strings=tuple(stops), logprobs=logprobs,
-                            top_logprobs=top_logprobs)
+                            top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs)
         except ValueError as e:  # "Sampling.top_p: ..." -> param top_p
             field = str(e).split(":")[0].removeprefix("Sampling.")
             raise APIError(400, str(e), field) from None

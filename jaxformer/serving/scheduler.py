@@ -78,7 +78,10 @@ class RequestOutput:
     """tokens: generated ids (a stop token included); logprobs: of each token;
     status: finished / aborted / failed; reason: "stop", "length", "abort" or the error;
     top_logprobs: per token, its Sampling.top_logprobs most likely (id, log-prob) pairs,
-    best first, as the compiled step computed them (empty lists when not asked)."""
+    best first, as the compiled step computed them (empty lists when not asked);
+    prompt_logprobs (Sampling.prompt_logprobs, under the paged scheduler; else None): per
+    prompt position, None for the first, then (log-prob of the token given its prefix, its
+    top_logprobs alternatives) from the chunked prefill."""
     id: int
     tokens: list[int]
     logprobs: list[float]
@@ -87,6 +90,7 @@ class RequestOutput:
     prompt_tokens: int
     times: dict
     top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
+    prompt_logprobs: list | None = None
 
 
 class Handle:
@@ -101,6 +105,7 @@ class Handle:
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
         self.top_logprobs: list[list[tuple[int, float]]] = []  # per token (RequestOutput)
+        self.prompt_logprobs: list | None = None  # per prompt position (RequestOutput)
         self.status, self.reason = WAITING, ""
         self.times = {"submitted": time.perf_counter()}
         self._events: queue.Queue = queue.Queue()
@@ -119,7 +124,9 @@ class Handle:
             raise TimeoutError(f"request {self.id} not done after {timeout} s")
         return RequestOutput(self.id, list(self.tokens), list(self.logprobs), self.status,
                              self.reason, len(self.prompt), dict(self.times),
-                             list(self.top_logprobs))
+                             list(self.top_logprobs),
+                             None if self.prompt_logprobs is None else
+                             list(self.prompt_logprobs))
 
     def abort(self) -> None:
         self._sched.abort(self)
@@ -140,6 +147,21 @@ class Handle:
             self._events.put(list(toks))
             if self._listener is not None:
                 self._listener()
+
+    def _prompt_logprobs(self, start: int, n: int, prompt) -> None:
+        """A prefill chunk's prompt log-probs: its columns c < n predict positions
+        start + c + 1 (prompt = (log-probs [C], ids [C, K], log-probs [C, K]), ChunkOut's);
+        positions past the prompt (a resumed request's generated tokens) are not kept."""
+        P = len(self.prompt)
+        if self.prompt_logprobs is None:
+            self.prompt_logprobs = [None] * P
+        chosen, ids, lps = prompt
+        k = self.sampling.top_logprobs
+        for c in range(n):
+            p = start + c + 1
+            if p < P:
+                alts = alternatives(k, 1, (ids[c:c + 1], lps[c:c + 1]))[0]
+                self.prompt_logprobs[p] = (float(chosen[c]), alts)
 
     def _end(self, status: str, reason: str) -> None:
         if self._done.is_set():
