@@ -265,3 +265,14 @@ def top_k_logprobs(logits):
         pad = ((0, 0), (0, TOP_LOGPROBS - k))
         ids, lps = jnp.pad(ids, pad), jnp.pad(lps, pad, constant_values=-jnp.inf)
     return ids, lps
+
+
+def alternatives(k: int, n: int, top) -> list[list[tuple[int, float]]]:
+    """Per token of n, its k most likely (id, log-prob) pairs from top = (ids [n, K],
+    log-probs [n, K]); ranks at -inf (past a vocabulary smaller than K) dropped; empty lists
+    when k is 0 or top is None."""
+    if not k or top is None:
+        return [[] for _ in range(n)]
+    ids, lps = np.asarray(top[0])[:n, :k], np.asarray(top[1])[:n, :k]
+    return [[(int(a), float(v)) for a, v in zip(ri, rv) if np.isfinite(v)]
+            for ri, rv in zip(ids, lps)]

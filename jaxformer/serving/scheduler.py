@@ -38,7 +38,7 @@ import numpy as np
 from jaxformer import sharding as shd
 from jaxformer.engine import Engine, EngineConfig
 from jaxformer.models.stages import num_microbatches
-from jaxformer.sampling import GREEDY, Sampling
+from jaxformer.sampling import GREEDY, Sampling, alternatives
 from jaxformer.serving import multihost
 
 log = logging.getLogger(__name__)
@@ -172,17 +172,6 @@ class Handle:
         self._done.set()
         if self._listener is not None:
             self._listener()
-
-
-def alternatives(k: int, n: int, top) -> list[list[tuple[int, float]]]:
-    """Per token of n, its k most likely (id, log-prob) pairs from top = (ids [n, K],
-    log-probs [n, K]); ranks at -inf (past a vocabulary smaller than K) dropped; empty lists
-    when k is 0 or top is None."""
-    if not k or top is None:
-        return [[] for _ in range(n)]
-    ids, lps = np.asarray(top[0])[:n, :k], np.asarray(top[1])[:n, :k]
-    return [[(int(a), float(v)) for a, v in zip(ri, rv) if np.isfinite(v)]
-            for ri, rv in zip(ids, lps)]
 
 
 def asks_top(handles) -> bool:
