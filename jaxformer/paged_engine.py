@@ -45,6 +45,10 @@ if TYPE_CHECKING:
     from jaxformer.model import Model
 
 
+# rows b x G of [V] logits one block of the prompt log-prob scan holds (_prompt_logprobs)
+PROMPT_LOGIT_ROWS = 64
+
+
 @dataclasses.dataclass(frozen=True)
 class Chunk:
     """One row of a prefill-chunk call: `ids` are the prompt tokens at positions
@@ -158,9 +162,11 @@ def _prompt_logprobs(m, x, ids, following, want):
     ids [b, C, K], log-probs [b, C, K]): at each position, the log-prob of the token after
     it (the next id, `following` at the last column) and the K most likely tokens
     (sampling.top_k_logprobs). Only when some row is `want` [b] (a lax.cond; zeros
-    otherwise), G columns at a time (a scan: one block's [b, G, V] logits live at once)."""
+    otherwise), G columns at a time: a scan, so one block's [b, G, V] logits (at most
+    PROMPT_LOGIT_ROWS rows of V, whatever the call's shape) are the temporaries the branch
+    adds to the call."""
     b, C, D = x.shape
-    K, G = TOP_LOGPROBS, math.gcd(C, 16)
+    K, G = TOP_LOGPROBS, math.gcd(C, max(1, PROMPT_LOGIT_ROWS // b))
     targets = jnp.concatenate([ids[:, 1:], following[:, None]], axis=1)  # [b, C]
 
     def run(x):

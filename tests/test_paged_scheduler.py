@@ -12,6 +12,7 @@ import pytest
 
 import jaxformer as jf
 from conftest import assert_top_matches, backend_compiles, teacher_forced, teacher_forced_top
+from jaxformer import paged_engine
 from jaxformer.serving.paged_scheduler import PagedConfig, PagedScheduler
 from jaxformer.serving.scheduler import ABORTED, FAILED, FINISHED, SchedulerConfig
 
@@ -25,7 +26,9 @@ def model(llama4):
     return jf.load(llama4[1])
 
 
-def test_preemption_prefix_sharing_and_chunks_decode_as_alone(model):
+def test_preemption_prefix_sharing_and_chunks_decode_as_alone(model, monkeypatch):
+    # prompt log-probs in blocks of 4 columns (a 16-token chunk: a scan of 4 blocks)
+    monkeypatch.setattr(paged_engine, "PROMPT_LOGIT_ROWS", 4)
     rng = np.random.default_rng(0)
     sched = PagedScheduler(model, SchedulerConfig(slots=4, max_length=64, steps_per_tick=3),
                            PagedConfig(page_size=4, num_pages=18, prefill_tokens=24,
@@ -92,9 +95,13 @@ def test_aborts_oversized_requests_and_pages_come_back(model):
     sched.pool.check_invariants()
 
 
-def test_warmup_compiles_every_shape_and_partial_batches_decode_exactly(model):
+def test_warmup_compiles_every_shape_and_partial_batches_decode_exactly(model, monkeypatch):
     """After warmup() a burst compiles nothing (jax's compile events are counted), and a
-    batch using only its first slots (the decode runs the first 4 of 8 rows) stays exact."""
+    batch using only its first slots (the decode runs the first 4 of 8 rows) stays exact;
+    so do the prompt log-probs of every other request (their lax.cond branch compiled with
+    each shape), computed in blocks of several rows and columns."""
+    monkeypatch.setattr(paged_engine, "PROMPT_LOGIT_ROWS", 4)  # (2, 8): 4 blocks of [2, 2]
+    echo = jf.Sampling(temperature=0, logprobs=True, top_logprobs=2, prompt_logprobs=True)
     sched = PagedScheduler(model, SchedulerConfig(slots=8, max_length=48, steps_per_tick=2),
                            PagedConfig(page_size=4, num_pages=40, prefill_tokens=32, chunk=16,
                                        min_chunk=8))
@@ -108,14 +115,21 @@ def test_warmup_compiles_every_shape_and_partial_batches_decode_exactly(model):
     with backend_compiles() as compiles:
         handles = [sched.submit(p, GREEDY_LP, max_new_tokens=n) for p, n in reqs[:2]]
         sched.tick()  # two requests alone: slots 0 and 1, the 4-row decode
-        handles += [sched.submit(p, GREEDY_LP, max_new_tokens=n) for p, n in reqs[2:]]
+        handles += [sched.submit(p, echo if i % 2 else GREEDY_LP, max_new_tokens=n)
+                    for i, (p, n) in enumerate(reqs[2:])]
         sched.run_until_idle()
     assert compiles == []
-    for h, (prompt, n) in zip(handles, reqs):
+    for i, (h, (prompt, n)) in enumerate(zip(handles, reqs)):
         out = h.result(timeout=0)
         want, want_lp = teacher_forced(model, prompt, out.tokens)
         assert out.status == FINISHED and len(out.tokens) == n and out.tokens == want
         np.testing.assert_allclose(out.logprobs, want_lp, atol=1e-5)
+        if i >= 2 and i % 2:
+            _, want_lp = teacher_forced(model, prompt[:1], prompt[1:])
+            np.testing.assert_allclose([v for v, _ in out.prompt_logprobs[1:]], want_lp,
+                                       atol=1e-5)
+            assert_top_matches([a for _, a in out.prompt_logprobs[1:]],
+                               teacher_forced_top(model, prompt[:1], prompt[1:]), 2)
 
 
 # ---- sliding windows, soft-capping and ALiBi over the paged pool ----------------------------
