@@ -6,6 +6,7 @@
     state = engine.insert(state, pre, slots=[5])         # into slot 5
     state = engine.step(state, 4)                        # <= 4 tokens per live slot
     tokens = engine.tokens(state)                        # host [8, 4], -1 where none
+    top = engine.top(state)          # each token's 20 most likely alternatives, when asked
     state = engine.free(state, [5])
 
 `prefill` turns prompts into a decode state of their own rows (KV cache, first token,
