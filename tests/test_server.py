@@ -25,6 +25,7 @@ import jaxformer as jf
 from jaxformer.cli import _parser
 from jaxformer.cli_args import UsageError
 from jaxformer.cli_serve import sources
+from jaxformer.serving import openai_api
 from jaxformer.serving.app import create_app
 from jaxformer.serving.bridge import ModelSpec
 from jaxformer.serving.paged_scheduler import PagedConfig
@@ -172,6 +173,13 @@ def test_logprobs_match_teacher_forced(client, models, monkeypatch):
     chat_ids = m.tokenizer.encode("User: a\nAssistant:")
     chat_greedy = m.generate([chat_ids], 4).tokens[0]
     chat_ref = teacher_forced_top(m, chat_ids, chat_greedy, 5)
+    # echo under the contiguous scheduler (no prompt log-probs from its prefill): a pass
+    # over the prompt
+    got_lp, got_top = openai_api._teacher_forced(m, prompt, k)
+    np.testing.assert_allclose(got_lp, [ls[p - 1, full[p]] for p in range(1, len(prompt))],
+                               atol=1e-5)
+    np.testing.assert_allclose([[v for _, v in row] for row in got_top], ref_prompt[1][:, :k],
+                               atol=1e-5)
 
     passes = []  # the server's own model.logits calls from here on: none
     real = m.logits
