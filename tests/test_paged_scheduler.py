@@ -4,6 +4,7 @@ preempted and recomputed; every request's greedy tokens are the argmax of a teac
 pass over its own sequence and its log-probs agree within 1e-5; pages all come back.
 Also: sliding windows, soft caps and ALiBi over the pool; penalties, stop strings and seeds
 across preemption; a burst of 500 requests with aborts from another thread; warmup."""
+import dataclasses
 import threading
 import time
 
@@ -215,15 +216,18 @@ def test_penalties_and_seeded_sampling_survive_preemption(model):
     """A pool small enough that requests are preempted and recomputed (their prefix mostly
     from the prefix cache): greedy requests with repetition / presence / frequency
     penalties decode as the penalties' definition says over their own sequence (log-probs
-    within 1e-5); seeded sampled requests (with penalties) give the tokens they give alone."""
+    within 1e-5); seeded sampled requests (with penalties) give the tokens they give alone.
+    Every request's top alternatives are of the unprocessed distribution (no penalty, no
+    temperature) along its own tokens: a teacher-forced pass's."""
     rng = np.random.default_rng(5)
     common = rng.integers(1, 96, 12).tolist()
     sampled = jf.Sampling(temperature=0.9, top_k=40, repetition_penalty=1.3,
-                          presence_penalty=0.5, frequency_penalty=0.2)
+                          presence_penalty=0.5, frequency_penalty=0.2, top_logprobs=5)
+    penalties = dataclasses.replace(PENALTIES, top_logprobs=3)
     reqs = []
     for i in range(10):
         prompt = (common if i % 2 else []) + rng.integers(1, 96, rng.integers(2, 14)).tolist()
-        reqs.append((prompt, PENALTIES if i % 3 else sampled, 7 + i % 5, 100 + i))
+        reqs.append((prompt, penalties if i % 3 else sampled, 7 + i % 5, 100 + i))
     sched = PagedScheduler(model, *SMALL_POOL)
     handles = []
     for prompt, s, n, seed in reqs:
@@ -235,7 +239,9 @@ def test_penalties_and_seeded_sampling_survive_preemption(model):
     for (prompt, s, n, seed), h in zip(reqs, handles):
         out = h.result(timeout=0)
         assert out.status == FINISHED and len(out.tokens) == n, out
-        if s is PENALTIES:
+        assert_top_matches(out.top_logprobs, teacher_forced_top(model, prompt, out.tokens),
+                           s.top_logprobs)
+        if s is penalties:
             want, want_lp = penalised_teacher_forced(model, prompt, out.tokens, s)
             assert out.tokens == want, (prompt, out.tokens, want)
             np.testing.assert_allclose(out.logprobs, want_lp, atol=1e-5)
