@@ -219,9 +219,17 @@ def test_logprobs_match_teacher_forced(client, models, monkeypatch):
     msgs = [{"role": "user", "content": "a"}]
     c = client.chat.completions.create(model="demo", messages=msgs, max_tokens=4,
                                        temperature=0, logprobs=True, top_logprobs=5)
+    stream = list(client.chat.completions.create(model="demo", messages=msgs, max_tokens=4,
+                                                 temperature=0, logprobs=True, top_logprobs=5,
+                                                 stream=True))
     assert passes == []
     greedy, ref = chat_greedy, chat_ref
-    for j, item in enumerate(c.choices[0].logprobs.content):
+    items = c.choices[0].logprobs.content
+    streamed = [it for ch in stream if ch.choices and ch.choices[0].logprobs
+                for it in ch.choices[0].logprobs.content]
+    assert [(it.token, it.logprob) for it in streamed] == [(it.token, it.logprob)
+                                                           for it in items]
+    for j, item in [*enumerate(items), *enumerate(streamed)]:
         assert len(item.top_logprobs) == 5
         np.testing.assert_allclose([a.logprob for a in item.top_logprobs], ref[1][j, :5],
                                    atol=1e-5)
@@ -229,7 +237,7 @@ def test_logprobs_match_teacher_forced(client, models, monkeypatch):
             assert [a.token for a in item.top_logprobs] == [
                 m.tokenizer.decode([int(a)], skip_special_tokens=False) for a in ref[0][j, :5]]
         assert item.top_logprobs[0].logprob == pytest.approx(item.logprob, abs=1e-6)
-    assert len(c.choices[0].logprobs.content) == len(greedy)
+    assert len(items) == len(greedy)
 
 
 def test_n_choices_are_seeds_in_order(client):
