@@ -215,7 +215,7 @@ class PagedScheduler(Scheduler):
             rows = next(r for r in self.engine.decode_rows() if r > top)
             self._state = self.engine.step(self._state, self.config.steps_per_tick, rows=rows)
             toks, lps = self.engine.tokens(self._state)
-            top = self.engine.top(self._state) if asks_top(self._slots) else None
+            alts = self.engine.top(self._state) if asks_top(self._slots) else None
             done = np.asarray(self._state.done)
         except Exception as e:  # noqa: BLE001
             log.warning("decode step failed: %s", e)
@@ -226,7 +226,7 @@ class PagedScheduler(Scheduler):
             h = self._slots[slot]
             got = toks[slot] >= 0
             h._emit(toks[slot][got].tolist(), lps[slot][got].tolist(),
-                    None if top is None else (top[0][slot][got], top[1][slot][got]))
+                    None if alts is None else (alts[0][slot][got], alts[1][slot][got]))
             self._computed(slot, h, len(self._seq(h)) - 1)  # the last token is fed next
             if done[slot]:
                 self._finish(slot)
