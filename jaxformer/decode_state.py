@@ -9,7 +9,9 @@ fixed) but records nothing and does not advance.
 
 `out` / `logprobs` are a window of W tokens per row that a call of the decode loop fills
 from column `step`; generate() sizes it to the whole generation, the Engine to its tokens
-per step call.
+per step call. With top_logprobs compiled in (Features.top_logprobs; every serving engine),
+`top_ids` / `top_lps` hold each token's K = TOP_LOGPROBS most likely alternatives beside it,
+filled in steps where some row asks (sampling.top_logprobs).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxformer import sharding as shd
 from jaxformer.cache import KVCache
-from jaxformer.sampling import RowParams
+from jaxformer.sampling import TOP_LOGPROBS, RowParams
 
 STOP_WINDOW = 8  # longest stop sequence (in tokens) matched on the device
 
@@ -49,9 +51,12 @@ class DecodeState(NamedTuple):
     counts: jax.Array | None  # [B, Vp] int32 generated (penalties only)
     req: Request
     pages: jax.Array | None = None  # [B, M] int32 page tables (a paged cache), 0-padded
+    top_ids: jax.Array | None = None  # [B, W, K] int32 alternatives of each token (-1: none)
+    top_lps: jax.Array | None = None  # [B, W, K] float32 their log-probs
 
 
-def state_shardings(mesh: Mesh, rules, cache, penalties: bool, paged: bool) -> DecodeState:
+def state_shardings(mesh: Mesh, rules, cache, penalties: bool, paged: bool,
+                    top: bool = False) -> DecodeState:
     """The one set of shardings an engine keeps its slots' DecodeState in: `cache` (the
     cache's own), per-slot rows [B, ...] on the cache's batch axis, the [B, V] penalty rows
     also on the vocabulary's, the step counter replicated. jit keys its programs on input
@@ -65,7 +70,8 @@ def state_shardings(mesh: Mesh, rules, cache, penalties: bool, paged: bool) -> D
                   stop_seqs=r3, max_new=r1, key=r2)
     return DecodeState(cache=cache, last=r1, lengths=r1, done=r1, generated=r1, step=named(),
                        out=r2, logprobs=r2, recent=r2, seen=pen, counts=pen, req=req,
-                       pages=r2 if paged else None)
+                       pages=r2 if paged else None, top_ids=r3 if top else None,
+                       top_lps=r3 if top else None)
 
 
 def row_keys(key, generated):
@@ -84,13 +90,19 @@ def stopped(tok, recent, req: Request):
     return hit | match.any(-1)
 
 
-def record(state: DecodeState, tok, logprob, req: Request) -> DecodeState:
+def record(state: DecodeState, tok, logprob, req: Request, top=None) -> DecodeState:
     """Store this step's token [B] for the rows still running and update their stop state.
-    `req` is the state's own, or (pipeline) the rows of one microbatch."""
+    `req` is the state's own, or (pipeline) the rows of one microbatch; top: (ids [B, K],
+    log-probs [B, K]) alternatives (sampling.top_logprobs), for a state that keeps them."""
     live = ~state.done
     tok = jnp.where(live, tok, 0)
     out = state.out.at[:, state.step].set(jnp.where(live, tok, -1))
     logprobs = state.logprobs.at[:, state.step].set(jnp.where(live, logprob, 0.0))
+    top_ids, top_lps = state.top_ids, state.top_lps
+    if top_ids is not None:
+        ids, lps = top
+        top_ids = top_ids.at[:, state.step].set(jnp.where(live[:, None], ids, -1))
+        top_lps = top_lps.at[:, state.step].set(jnp.where(live[:, None], lps, 0.0))
     recent = jnp.concatenate([state.recent[:, 1:], tok[:, None]], axis=1)
     generated = state.generated + live.astype(jnp.int32)
     done = state.done | (live & (stopped(tok, recent, req) | (generated >= req.max_new)))
@@ -101,12 +113,19 @@ def record(state: DecodeState, tok, logprob, req: Request) -> DecodeState:
         seen = seen.at[rows, tok].max(live)
     return state._replace(last=jnp.where(live, tok, state.last), done=done,
                           generated=generated, step=state.step + 1, out=out,
-                          logprobs=logprobs, recent=recent, seen=seen, counts=counts)
+                          logprobs=logprobs, recent=recent, seen=seen, counts=counts,
+                          top_ids=top_ids, top_lps=top_lps)
 
 
-def new_window(state: DecodeState, width: int | None = None) -> DecodeState:
-    """The state with an empty token window (of `width` columns, default the current)."""
+def new_window(state: DecodeState, width: int | None = None,
+               top: bool | None = None) -> DecodeState:
+    """The state with an empty token window (of `width` columns, default the current; with
+    the top-log-prob columns when `top`, default: when the state has them)."""
     B = state.last.shape[0]
     W = state.out.shape[1] if width is None else width
+    top = state.top_ids is not None if top is None else top
+    K = TOP_LOGPROBS
     return state._replace(step=jnp.int32(0), out=jnp.full((B, W), -1, jnp.int32),
-                          logprobs=jnp.zeros((B, W), jnp.float32))
+                          logprobs=jnp.zeros((B, W), jnp.float32),
+                          top_ids=jnp.full((B, W, K), -1, jnp.int32) if top else None,
+                          top_lps=jnp.zeros((B, W, K), jnp.float32) if top else None)

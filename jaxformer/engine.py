@@ -6,6 +6,7 @@
     state = engine.insert(state, pre, slots=[5])         # into slot 5
     state = engine.step(state, 4)                        # <= 4 tokens per live slot
     tokens = engine.tokens(state)                        # host [8, 4], -1 where none
+    top = engine.top(state)          # each token's 20 most likely alternatives, when asked
     state = engine.free(state, [5])
 
 `prefill` turns prompts into a decode state of their own rows (KV cache, first token,
@@ -33,13 +34,15 @@ from jaxformer import pipeline
 from jaxformer import sharding as shd
 from jaxformer.decode_state import (STOP_WINDOW, DecodeState, Request, new_window, record,
                                     row_keys, state_shardings)
-from jaxformer.sampling import GREEDY, Features, RowParams, Sampling, row_params, sample
+from jaxformer.sampling import (GREEDY, Features, RowParams, Sampling, row_params, sample,
+                                top_logprobs)
 from jaxformer.sharding import to_global, to_host
 
 if TYPE_CHECKING:  # the Model (model.py) drives an Engine; the Engine only reads it
     from jaxformer.model import Model
 
-ALL_FEATURES = Features(sample=True, sort=True, min_p=True, penalties=True)
+ALL_FEATURES = Features(sample=True, sort=True, min_p=True, penalties=True,
+                        top_logprobs=True)
 
 
 # ---- the compiled pieces -------------------------------------------------------------------
@@ -57,7 +60,8 @@ def make_prefill(model: Model, feats: Features, window: int, cache_len: int, *,
     Model.jit."""
     cfg, backend = model.config, model.run.attention
     cache_sh = kv_shardings(model)
-    state_sh = state_shardings(model.mesh, model.rules, cache_sh, feats.penalties, False)
+    state_sh = state_shardings(model.mesh, model.rules, cache_sh, feats.penalties, False,
+                               feats.top_logprobs)
 
     def prefill(params, ids, lengths, req: Request):
         with model.traced():
@@ -87,11 +91,13 @@ def make_prefill(model: Model, feats: Features, window: int, cache_len: int, *,
                 cache=cache, last=zeros, lengths=lengths, done=jnp.zeros((B,), bool),
                 generated=zeros, step=jnp.int32(0), out=None, logprobs=None,
                 recent=jnp.full((B, STOP_WINDOW), -1, jnp.int32), seen=seen, counts=counts,
-                req=req), window)
+                req=req), window, feats.top_logprobs)
             tok, lp = sample(logits, req.params, feats, row_keys(req.key, zeros), seen, counts)
+            top = top_logprobs(logits, req.params, feats)
             # in the slots' shardings (B divides as the cache's rows do): insert() and
             # init_state() reuse the donated buffers
-            return jax.lax.with_sharding_constraint(record(state, tok, lp, req), state_sh)
+            return jax.lax.with_sharding_constraint(record(state, tok, lp, req, top),
+                                                    state_sh)
 
     return model.jit(prefill, pack_small=pack_small)
 
@@ -137,7 +143,7 @@ def decode_step(model: Model, params, state: DecodeState, feats: Features) -> De
                      state.seen, state.counts)
     state = state._replace(cache=cache,
                            lengths=state.lengths + (~state.done).astype(jnp.int32))
-    return record(state, tok, lp, req)
+    return record(state, tok, lp, req, top_logprobs(logits, req.params, feats))
 
 
 def make_decode_loop(model: Model, feats: Features):
@@ -167,6 +173,9 @@ def _insert(state: DecodeState, src: DecodeState, slots):
             ("last", "lengths", "done", "generated", "recent", "seen", "counts")
             if getattr(state, f) is not None}
     req = jax.tree.map(put, state.req, src.req)
+    if state.top_ids is not None:
+        rows.update(top_ids=state.top_ids.at[slots].set(-1),
+                    top_lps=state.top_lps.at[slots].set(0.0))
     # the window keeps the other slots' tokens; the inserted rows' first token is read from
     # the prefill's own window
     return state._replace(cache=cache, out=state.out.at[slots].set(-1),
@@ -313,8 +322,9 @@ class Engine:
         """The slots' DecodeState shardings, one set per engine (state_shardings): the
         calls that return the slots' state return it in these."""
         m = self.model
-        return state_shardings(m.mesh, m.rules, self._cache_shardings(),
-                               self.config.features.penalties, self.config.page_size is not None)
+        f = self.config.features
+        return state_shardings(m.mesh, m.rules, self._cache_shardings(), f.penalties,
+                               self.config.page_size is not None, f.top_logprobs)
 
     def _cache_shardings(self):
         return kv_shardings(self.model)
@@ -427,6 +437,14 @@ class Engine:
     def tokens(self, state: DecodeState) -> tuple[np.ndarray, np.ndarray]:
         """(tokens [B, W] int32, -1 where none; logprobs [B, W]) of the window, on host."""
         return to_host(state.out), to_host(state.logprobs)
+
+    def top(self, state: DecodeState) -> tuple[np.ndarray, np.ndarray] | None:
+        """(ids [B, W, K] int32, log-probs [B, W, K]) of each window token's K most likely
+        alternatives (sampling.top_logprobs), on host; None without them compiled in.
+        Meaningful for rows that asked (Sampling.top_logprobs), where out >= 0."""
+        if state.top_ids is None:
+            return None
+        return to_host(state.top_ids), to_host(state.top_lps)
 
     def _call(self, name, fn, *args):
         """fn(state, ...) -> the slots' state, compiled once per model and set of shardings;

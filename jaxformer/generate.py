@@ -22,7 +22,7 @@ from jaxformer import cache as kvc
 from jaxformer import sharding as shd
 from jaxformer.decode_state import DecodeState
 from jaxformer.engine import Engine, EngineConfig, generate_key_data, stop_arrays
-from jaxformer.sampling import GREEDY, Sampling, row_params
+from jaxformer.sampling import GREEDY, Sampling, alternatives, row_params
 from jaxformer.serving.scheduler import Scheduler, SchedulerConfig
 from jaxformer.sharding import to_host
 
@@ -34,11 +34,14 @@ if TYPE_CHECKING:  # Model.generate (model.py) calls generate()
 class GenerateOutput:
     """tokens: new token ids per prompt (a stop token, when hit, is included);
     texts: decoded new text (stop tokens and stop strings cut), when a tokenizer is present;
-    logprobs: per-token log-probabilities, when asked; stats: timings."""
+    logprobs: per-token log-probabilities, when asked; stats: timings; top_logprobs: per
+    prompt, per token its Sampling.top_logprobs most likely (id, log-prob) pairs, when any
+    prompt asks (beam search: none)."""
     tokens: list[list[int]]
     texts: list[str] | None = None
     logprobs: list[list[float]] | None = None
     stats: dict | None = None
+    top_logprobs: list[list[list[tuple[int, float]]]] | None = None
 
 
 # ---- host side ----------------------------------------------------------------------------
@@ -138,13 +141,19 @@ class GenerateRun:
     def decode(self, state: DecodeState, until: int) -> DecodeState:
         return self.engine.step(state, until=until)
 
-    def finish(self, out: np.ndarray, logprobs: np.ndarray, want_logprobs: bool, stats):
+    def finish(self, out: np.ndarray, logprobs: np.ndarray, want_logprobs: bool, stats,
+               state: DecodeState | None = None):
+        """The GenerateOutput; with the final state, its rows' top log-probs too."""
+        top = None if state is None else self.engine.top(state)
+        tops = None if top is None else [
+            alternatives(s.top_logprobs, int((out[b] >= 0).sum()), (top[0][b], top[1][b]))
+            for b, s in enumerate(self.samplings[: self.rows])]
         return _output(self.model, self.samplings, self.rows, out, logprobs, want_logprobs,
-                       stats)
+                       stats, tops)
 
 
 def _output(model: Model, samplings, rows: int, out: np.ndarray, logprobs: np.ndarray,
-            want_logprobs: bool, stats) -> GenerateOutput:
+            want_logprobs: bool, stats, tops=None) -> GenerateOutput:
     """GenerateOutput of out / logprobs [B, M] (-1 padded tokens) for the first `rows`."""
     tokens, texts, lps = [], [], []
     tok = model.tokenizer
@@ -155,7 +164,8 @@ def _output(model: Model, samplings, rows: int, out: np.ndarray, logprobs: np.nd
         if tok is not None:
             texts.append(_text(model, tokens[-1], samplings[b]))
     return GenerateOutput(tokens, texts if tok is not None else None,
-                          lps if want_logprobs else None, stats)
+                          lps if want_logprobs else None, stats,
+                          tops if any(s.top_logprobs for s in samplings) else None)
 
 
 def _text(model: Model, ids, s: Sampling) -> str:
@@ -223,7 +233,7 @@ def generate(model: Model, prompts, max_new_tokens: int = 32, sampling=None, see
     n = int((out[: run.rows] >= 0).sum())
     stats = dict(prefill_s=t1 - t0, decode_s=t2 - t1, new_tokens=n,
                  tokens_per_s=n / max(t2 - t0, 1e-9))
-    return run.finish(out, lps, want_lp, stats)
+    return run.finish(out, lps, want_lp, stats, state)
 
 
 def _stream(run: GenerateRun, chunk: int, want_lp: bool) -> Iterator:
@@ -242,7 +252,8 @@ def _stream(run: GenerateRun, chunk: int, want_lp: bool) -> Iterator:
     out, lps = to_host(state.out), to_host(state.logprobs)
     n = int((out[: run.rows] >= 0).sum())
     dt = time.perf_counter() - t0
-    yield run.finish(out, lps, want_lp, dict(total_s=dt, new_tokens=n, tokens_per_s=n / dt))
+    yield run.finish(out, lps, want_lp, dict(total_s=dt, new_tokens=n, tokens_per_s=n / dt),
+                     state)
 
 
 def _continuous(model: Model, prompts, max_new: int, sampling, seed: int, ignore_eos: bool,
@@ -277,4 +288,5 @@ def _continuous(model: Model, prompts, max_new: int, sampling, seed: int, ignore
     for b, o in enumerate(outs):
         out[b, : len(o.tokens)], lps[b, : len(o.tokens)] = o.tokens, o.logprobs
     return _output(model, samplings, len(ids), out, lps, any(s.logprobs for s in samplings),
-                   dict(total_s=dt, new_tokens=n, tokens_per_s=n / max(dt, 1e-9)))
+                   dict(total_s=dt, new_tokens=n, tokens_per_s=n / max(dt, 1e-9)),
+                   [o.top_logprobs for o in outs])

@@ -3,8 +3,8 @@
     engine = PagedEngine(model, EngineConfig(slots=64, max_length=4096, page_size=64,
                                              num_pages=2048))
     state = engine.init_state()
-    state, first, logprob = engine.prefill_chunks(state, [Chunk(slot=3, ids=prompt[:512],
-                                                   start=0, pages=[5, 9, ...], ...)])
+    state, out = engine.prefill_chunks(
+        state, [Chunk(slot=3, ids=prompt[:512], start=0, pages=[5, 9, ...], ...)])
     state = engine.step(state, 4)                        # as Engine.step
 
 A prompt is prefilled in chunks of at most `chunk` tokens, each chunk attending over its
@@ -23,8 +23,9 @@ must be a multiple of S. Data parallelism is one PagedEngine per replica.
 from __future__ import annotations
 
 import dataclasses
+import math
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,11 +38,16 @@ from jaxformer import sharding as shd
 from jaxformer.decode_state import STOP_WINDOW, DecodeState, Request, new_window, row_keys, \
     stopped
 from jaxformer.engine import Engine, EngineConfig, decode_step, row_key_data
-from jaxformer.sampling import GREEDY, Features, Sampling, sample
+from jaxformer.sampling import (GREEDY, TOP_LOGPROBS, Features, Sampling, chosen_logprob,
+                                sample, top_k_logprobs, top_logprobs)
 from jaxformer.sharding import to_global, to_host
 
 if TYPE_CHECKING:
     from jaxformer.model import Model
+
+
+# rows b x G of [V] logits one block of the prompt log-prob scan holds (_prompt_logprobs)
+PROMPT_LOGIT_ROWS = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +70,22 @@ class Chunk:
     # and its last generated tokens (at most STOP_WINDOW - 1) continue its stop window
     prompt_len: int | None = None
     recent: Sequence[int] = ()
+    # the sequence's token after this chunk (-1: none): what its last position predicts,
+    # for prompt log-probs (sampling.prompt_logprobs)
+    following: int = -1
+
+
+class ChunkOut(NamedTuple):
+    """prefill_chunks' results, host arrays of n rows (one per chunk). A row whose chunk
+    does not end its prompt has no first token (its entries are meaningless), nor
+    alternatives a row that did not ask (Sampling.top_logprobs)."""
+    tokens: np.ndarray  # [n] int32 first generated token
+    logprobs: np.ndarray  # [n] its log-prob
+    top: tuple  # (ids [n, K] int32, log-probs [n, K]) its K most likely alternatives
+    # for rows with sampling.prompt_logprobs (None when no row has): (log-probs [n, C],
+    # ids [n, C, K], log-probs [n, C, K]); column c is the chunk's position start + c
+    # predicting the token after it (the chunk's next id, then `following`)
+    prompt: tuple | None
 
 
 def pool_shardings(model: Model) -> kvc.PagedKVCache:
@@ -75,15 +97,18 @@ def pool_shardings(model: Model) -> kvc.PagedKVCache:
 def make_chunk_prefill(model: Model, feats: Features, num_pages: int, page_size: int,
                        shardings: DecodeState):
     """jit(fn(params, state, ids [b, C], starts [b], lens [b], slots [b], pages [b, M],
-    last [b], gen0 [b], gen_from [b], hist [b, STOP_WINDOW], req rows [b]) -> (state, first
-    tokens [b], their logprobs [b])); the state (its pool) is donated and returned in
+    last [b], gen0 [b], gen_from [b], hist [b, STOP_WINDOW], echo [b], following [b], req
+    rows [b]) -> (state, first tokens [b], their logprobs [b], their alternatives (ids
+    [b, K], log-probs [b, K]), prompt log-probs (_prompt_logprobs: [b, C], [b, C, K],
+    [b, C, K]))); alternatives and prompt log-probs are zeros without top_logprobs compiled
+    in or where no row asks. The state (its pool) is donated and returned in
     `shardings` (PagedEngine.shardings). Rows with slot -1 are padding. gen_from: the first
     position of each row's generated tokens (penalty counts); hist: its last generated
     tokens, right-aligned, -1 padded (the stop window)."""
     del num_pages, page_size  # part of the compile key through the state's shapes
 
     def fn(params, state: DecodeState, ids, starts, lens, slots, pages, last, gen0, gen_from,
-           hist, req: Request):
+           hist, echo, following, req: Request):
         with model.traced():
             m = model.module(params)
             b, C = ids.shape
@@ -108,6 +133,11 @@ def make_chunk_prefill(model: Model, feats: Features, num_pages: int, page_size:
             tok, lp = sample(logits, req.params, feats, row_keys(req.key, gen0),
                              None if seen is None else seen[jnp.clip(at, 0, B - 1)],
                              None if counts is None else counts[jnp.clip(at, 0, B - 1)])
+            top = top_logprobs(logits, req.params, feats)
+            if top is None:
+                top = (jnp.zeros((b, TOP_LOGPROBS), jnp.int32),
+                       jnp.zeros((b, TOP_LOGPROBS), jnp.float32))
+            prompt = _prompt_logprobs(m, x, ids, following, echo & feats.top_logprobs)
             live = jnp.where(last, at, B)  # only a prompt's last chunk makes its slot live
             recent = jnp.concatenate([hist[:, 1:], tok[:, None]], axis=1)
             done = stopped(tok, recent, req) | (req.max_new <= gen0 + 1)
@@ -121,10 +151,44 @@ def make_chunk_prefill(model: Model, feats: Features, num_pages: int, page_size:
                 recent=put(state.recent, recent), seen=seen, counts=counts,
                 pages=state.pages.at[at].set(pages, mode="drop"),
                 req=jax.tree.map(put, state.req, req))
-            return state, tok, lp
+            return state, tok, lp, top, prompt
 
     rep = NamedSharding(model.mesh, P())
-    return model.jit(fn, donate_argnums=(1,), out_shardings=(shardings, rep, rep))
+    return model.jit(fn, donate_argnums=(1,),
+                     out_shardings=(shardings, rep, rep, (rep, rep), (rep, rep, rep)))
+
+
+def _prompt_logprobs(m, x, ids, following, want):
+    """x [b, C, D] a chunk's hidden states, ids [b, C], following [b] -> (log-probs [b, C],
+    ids [b, C, K], log-probs [b, C, K]): at each position, the log-prob of the token after
+    it (the next id, `following` at the last column) and the K most likely tokens
+    (sampling.top_k_logprobs). Only when some row is `want` [b] (a lax.cond; zeros
+    otherwise), G columns at a time: a scan, so one block's [b, G, V] logits (at most
+    PROMPT_LOGIT_ROWS rows of V, whatever the call's shape) are the temporaries the branch
+    adds to the call."""
+    b, C, D = x.shape
+    K, G = TOP_LOGPROBS, math.gcd(C, max(1, PROMPT_LOGIT_ROWS // b))
+    targets = jnp.concatenate([ids[:, 1:], following[:, None]], axis=1)  # [b, C]
+
+    def run(x):
+        def block(_, inp):
+            xg, tg = inp  # [b, G, D], [b, G]
+            logits = m.head(xg)
+            flat = logits.reshape(b * G, logits.shape[-1])
+            chosen = chosen_logprob(flat, tg.reshape(-1))
+            t_ids, t_lps = top_k_logprobs(flat)
+            return None, (chosen.reshape(b, G), t_ids.reshape(b, G, K), t_lps.reshape(b, G, K))
+
+        blocks = (x.reshape(b, C // G, G, D).swapaxes(0, 1),
+                  targets.reshape(b, C // G, G).swapaxes(0, 1))
+        _, out = jax.lax.scan(block, None, blocks)  # [C / G, b, G, ...] each
+        return tuple(a.swapaxes(0, 1).reshape((b, C) + a.shape[3:]) for a in out)
+
+    def none(x):
+        return (jnp.zeros((b, C), jnp.float32), jnp.zeros((b, C, K), jnp.int32),
+                jnp.zeros((b, C, K), jnp.float32))
+
+    return jax.lax.cond(want.any(), run, none, x)
 
 
 class PagedEngine(Engine):
@@ -218,12 +282,15 @@ class PagedEngine(Engine):
         shape of shapes(), so steady-state serving never compiles."""
         for C in self.chunk_lengths():
             for b in self.chunk_rows(C):
-                state, _, _ = self._chunk_call(state, [], b, C)
+                state, *_ = self._chunk_fn()(self.model.params, state,
+                                             *self._chunk_args([], b, C))
         for r in self.decode_rows():
             state = self.step(state, 1, rows=r)
         state = self.set_pages(state, {0: []})
         state = self.set_history(state, 0, [], 0)
-        jax.block_until_ready(self.window(state))
+        jax.block_until_ready(self.window(state)[:3])
+        if state.top_ids is not None:
+            jax.block_until_ready(self.window(state, top=True)[3])
         return self.free(state, [0])
 
     def init_state(self) -> DecodeState:
@@ -234,7 +301,7 @@ class PagedEngine(Engine):
                                          m.run.kv_cache)
         pool = jax.jit(lambda: pool.map(lambda a: jnp.zeros(a.shape, a.dtype)),
                        out_shardings=self.shardings.cache)()
-        pen = c.features.penalties
+        pen, top = c.features.penalties, c.features.top_logprobs
         zeros = np.zeros((B,), np.int32)
         rows = DecodeState(
             cache=None, last=zeros, lengths=zeros, done=np.ones((B,), bool), generated=zeros,
@@ -243,7 +310,9 @@ class PagedEngine(Engine):
             recent=np.full((B, STOP_WINDOW), -1, np.int32),
             seen=np.zeros((B, V), bool) if pen else None,
             counts=np.zeros((B, V), np.int32) if pen else None, req=None,
-            pages=np.zeros((B, self.width), np.int32))
+            pages=np.zeros((B, self.width), np.int32),
+            top_ids=np.full((B, c.window, TOP_LOGPROBS), -1, np.int32) if top else None,
+            top_lps=np.zeros((B, c.window, TOP_LOGPROBS), np.float32) if top else None)
         sh = self.shardings._replace(cache=None, req=None)
         state = jax.tree.map(to_global, rows, sh)._replace(
             cache=pool, req=self.request([GREEDY] * B, [1] * B, np.zeros((B, 2), np.uint32), B))
@@ -258,28 +327,26 @@ class PagedEngine(Engine):
     def prefill_chunks(self, state: DecodeState, chunks: Sequence[Chunk], *,
                        on_host: bool = True):
         """Run prompt chunks into the pool (one call of a compiled shape: fits() must
-        hold): returns (state, first tokens [n], their logprobs [n]) on host; entries of
-        rows whose chunk is not their prompt's last are meaningless. on_host=False: the
-        two as device arrays of the call's b >= n rows, their copy to host started, so
-        the caller reads them later without stalling the device queue."""
+        hold): returns (state, ChunkOut of the chunks, on host). on_host=False: the
+        ChunkOut of the call's b >= n rows (those past n are padding) as device arrays,
+        their copy to host started, for the caller to read later without stalling the
+        device's queue."""
         lengths = [len(ch.ids) for ch in chunks]
         if not self.fits(lengths):
             raise ValueError(f"{len(chunks)} chunks of up to {max(lengths)} tokens are no "
                              f"compiled shape (chunk {self.chunk}, prefill_tokens "
                              f"{self.prefill_tokens})")
         b, C = self.chunk_shape(lengths)
-        state, tok, lp = self._chunk_call(state, chunks, b, C, on_host)
-        if not on_host:
-            return state, tok, lp
-        return state, tok[: len(chunks)], lp[: len(chunks)]
-
-    def _chunk_call(self, state: DecodeState, chunks: Sequence[Chunk], b: int, C: int,
-                    on_host: bool = True):
         fn, args = self._chunk_fn(), self._chunk_args(chunks, b, C)
-        state, tok, lp = fn(self.model.params, state, *args)
+        state, tok, lp, top, prompt = fn(self.model.params, state, *args)
+        # the prompt log-probs cross to the host only when a chunk asked for them
+        prompt = prompt if any(ch.sampling.prompt_logprobs for ch in chunks) else None
         if not on_host:
-            return state, *_copy_started(tok, lp)
-        return state, to_host(tok), to_host(lp)
+            return state, ChunkOut(*_copy_started(tok, lp), _copy_started(*top),
+                                   None if prompt is None else _copy_started(*prompt))
+        n = len(chunks)
+        cut = lambda t: None if t is None else tuple(to_host(a)[:n] for a in t)  # noqa: E731
+        return state, ChunkOut(to_host(tok)[:n], to_host(lp)[:n], cut(top), cut(prompt))
 
     def _chunk_fn(self):
         c = self.config
@@ -289,7 +356,7 @@ class PagedEngine(Engine):
                                        self.shardings))
 
     def _chunk_args(self, chunks: Sequence[Chunk], b: int, C: int) -> tuple:
-        """The chunk call's arguments after (params, state), on device."""
+        """The chunk call's arguments after (params, state), on the device."""
         ids = np.zeros((b, C), np.int32)
         starts, lens = np.zeros((b,), np.int32), np.ones((b,), np.int32)
         slots = np.full((b,), -1, np.int32)
@@ -298,7 +365,9 @@ class PagedEngine(Engine):
         gen0 = np.zeros((b,), np.int32)
         gen_from = np.full((b,), np.iinfo(np.int32).max, np.int32)
         hist = np.full((b, STOP_WINDOW), -1, np.int32)
+        echo, following = np.zeros((b,), bool), np.full((b,), -1, np.int32)
         for r, ch in enumerate(chunks):
+            echo[r], following[r] = ch.sampling.prompt_logprobs, ch.following
             ids[r, : len(ch.ids)] = ch.ids
             starts[r], lens[r], slots[r], last[r] = ch.start, len(ch.ids), ch.slot, ch.last
             gen0[r] = ch.generated
@@ -314,7 +383,7 @@ class PagedEngine(Engine):
                            eos_rows=[ch.ignore_eos for ch in chunks])
         rep = lambda a: to_global(a, self.model._batch_sharding(b, a.ndim))  # noqa: E731
         return (rep(ids), rep(starts), rep(lens), rep(slots), rep(pages), rep(last),
-                rep(gen0), rep(gen_from), rep(hist), req)
+                rep(gen0), rep(gen_from), rep(hist), rep(echo), rep(following), req)
 
     def step(self, state: DecodeState, steps: int = 1, *, until: int | None = None,
              rows: int | None = None) -> DecodeState:
@@ -374,19 +443,28 @@ class PagedEngine(Engine):
         padded, _ = self._padded_rows(list(slots))
         return self._call("free paged", _free_paged, state, jnp.asarray(padded))
 
-    def window(self, state: DecodeState) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Copies of the window's (tokens [B, W], logprobs [B, W], done [B]) on the device,
-        their copy to host started: what tokens() reads, kept past the state's donation to
-        the next call, so the host reads a window while the device runs the next one."""
-        fn = self.model.compiled.get(("window", self.shardings), lambda: jax.jit(_window))
-        return _copy_started(*fn(state))
+    def window(self, state: DecodeState, top: bool = False) -> tuple:
+        """Copies of the window's (tokens [B, W], logprobs [B, W], done [B], and with top
+        the alternatives (ids [B, W, K], log-probs [B, W, K]) where compiled in, else None)
+        on the device, their copy to host started: what tokens() and top() read, kept past
+        the state's donation to the next call, so the host can read a window while the
+        device runs the next one."""
+        top = top and state.top_ids is not None
+        fn = self.model.compiled.get(("window", top, self.shardings), lambda: jax.jit(
+            _window_top if top else _window))
+        out = _copy_started(*fn(state))
+        return (*out[:3], tuple(out[3:]) if top else None)
 
 
 def _window(state: DecodeState):
     return tuple(jnp.copy(a) for a in (state.out, state.logprobs, state.done))
 
 
-def _copy_started(*arrays):
+def _window_top(state: DecodeState):
+    return _window(state) + (jnp.copy(state.top_ids), jnp.copy(state.top_lps))
+
+
+def _copy_started(*arrays) -> tuple:
     """arrays, each one's copy to host begun (to_host later finds it there): a copy of an
     array spread over several processes is left to to_host's gather."""
     for a in arrays:

@@ -45,7 +45,7 @@ from jaxformer.models import abstract_model, param_axes
 from jaxformer.models.stack import run_blocks
 from jaxformer.models.stages import (PIPE, _put, _stage_context, _take, check_split,
                                      num_microbatches, num_stages, pipe_spec)
-from jaxformer.sampling import sample
+from jaxformer.sampling import sample, top_logprobs
 
 
 class _Packet(NamedTuple):
@@ -117,7 +117,7 @@ def decode_loop(model, feats):
             keys = ds.row_keys(rq.key, sub.generated)
             tok, lp = sample(logits, rq.params, feats, keys, sub.seen, sub.counts)
             sub = sub._replace(lengths=lens + (~sub.done).astype(jnp.int32))
-            sub = ds.record(sub, tok, lp, rq)
+            sub = ds.record(sub, tok, lp, rq, top_logprobs(logits, rq.params, feats))
             book = book._replace(**{
                 f: _put(v, m, getattr(sub, f), M) for f, v in zip(book._fields, book)
                 if f not in ("cache", "step", "req") and v is not None and v.ndim})

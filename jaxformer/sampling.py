@@ -16,6 +16,10 @@ import numpy as np
 
 from jaxformer import sharding as shd
 
+# K: the most likely alternatives the compiled step computes per token when a row asks
+# (Sampling.top_logprobs <= K; OpenAI's maximum for top_logprobs / logprobs)
+TOP_LOGPROBS = 20
+
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
@@ -26,6 +30,10 @@ class Sampling:
     logits divided by it, negative ones multiplied); presence_penalty and frequency_penalty
     follow OpenAI (subtracted per generated occurrence). Beam search: num_beams > 1,
     deterministic, scored by sum of log-probs / length ** length_penalty.
+    top_logprobs: the n (0..TOP_LOGPROBS) most likely tokens and their log-probs at each
+    generated position, under the same unprocessed distribution as `logprobs`.
+    prompt_logprobs: also each prompt token's log-prob given its prefix (and its top_logprobs
+    alternatives), computed by the paged scheduler's chunked prefill (OpenAI's echo).
     """
 
     temperature: float = 1.0
@@ -40,6 +48,8 @@ class Sampling:
     num_beams: int = 1
     length_penalty: float = 1.0
     logprobs: bool = False
+    top_logprobs: int = 0
+    prompt_logprobs: bool = False
 
     def __post_init__(self):
         def fail(field, msg):
@@ -54,6 +64,11 @@ class Sampling:
             fail("temperature", "must be >= 0 (0 means greedy)")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             fail("top_k", "must be an integer >= 0 (0 disables it)")
+        if isinstance(self.top_logprobs, bool) or not isinstance(self.top_logprobs, int) \
+                or not 0 <= self.top_logprobs <= TOP_LOGPROBS:
+            fail("top_logprobs", f"must be an integer in [0, {TOP_LOGPROBS}]")
+        if not isinstance(self.prompt_logprobs, bool):
+            fail("prompt_logprobs", "must be a bool")
         if not 0 < self.top_p <= 1:
             fail("top_p", "must be in (0, 1]")
         if not 0 <= self.min_p <= 1:
@@ -89,14 +104,17 @@ class RowParams(NamedTuple):
     repetition: jax.Array
     presence: jax.Array
     frequency: jax.Array
+    top_logprobs: jax.Array  # [B] int32 alternatives the row asks for (0: none)
 
 
 class Features(NamedTuple):
-    """Static: which processing any row needs (part of the compile key)."""
+    """Static: which processing any row needs (part of the compile key). top_logprobs: the
+    state keeps K alternatives per token (computed only in steps where a row asks)."""
     sample: bool
     sort: bool
     min_p: bool
     penalties: bool
+    top_logprobs: bool = False
 
 
 def row_params(samplings: Sequence[Sampling], batch: int) -> tuple[RowParams, Features]:
@@ -111,14 +129,16 @@ def row_params(samplings: Sequence[Sampling], batch: int) -> tuple[RowParams, Fe
         min_p=arr(lambda x: x.min_p, np.float32),
         repetition=arr(lambda x: x.repetition_penalty, np.float32),
         presence=arr(lambda x: x.presence_penalty, np.float32),
-        frequency=arr(lambda x: x.frequency_penalty, np.float32))
+        frequency=arr(lambda x: x.frequency_penalty, np.float32),
+        top_logprobs=arr(lambda x: x.top_logprobs, np.int32))
     live = [x for x in s if not x.greedy]
     feats = Features(
         sample=bool(live),
         sort=any(x.top_k > 0 or x.top_p < 1 for x in live),
         min_p=any(x.min_p > 0 for x in live),
         penalties=any(x.repetition_penalty != 1 or x.presence_penalty or x.frequency_penalty
-                      for x in s))
+                      for x in s),
+        top_logprobs=any(x.top_logprobs > 0 for x in s))
     return rp, feats
 
 
@@ -213,3 +233,46 @@ def chosen_logprob(logits, tokens):
     lse = jnp.log(jnp.exp(shifted).sum(-1))
     index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
     return jnp.where(index == tokens[:, None], shifted, 0.0).sum(-1) - lse
+
+
+def top_logprobs(logits, p: RowParams, feats: Features):
+    """logits [B, V] float32 (padded vocab at -inf) -> (ids [B, K] int32, log-probs [B, K]
+    float32): top_k_logprobs of each row, None when feats has no top_logprobs, zeros in a
+    step where no row asks (a lax.cond: such a batch skips the vocabulary-wide top-k)."""
+    if not feats.top_logprobs:
+        return None
+    B = logits.shape[0]
+    K = TOP_LOGPROBS
+    none = lambda _: (jnp.zeros((B, K), jnp.int32), jnp.zeros((B, K), jnp.float32))  # noqa
+    return jax.lax.cond((p.top_logprobs > 0).any(), top_k_logprobs, none, logits)
+
+
+def top_k_logprobs(logits):
+    """logits [N, V] -> (ids [N, K] int32, log-probs [N, K] float32): the K = TOP_LOGPROBS
+    most likely tokens under the unprocessed distribution (log_softmax of the raw logits,
+    padded vocab at -inf excluded), best first (ties: the lower id first), in
+    chosen_logprob's arithmetic (a chosen token among them has exactly its logprob). A
+    vocabulary smaller than K leaves the missing ranks at -inf. With V sharded over
+    `tensor`, XLA partitions the top-k (gathering the rows' logits): callers run it only
+    where a row asks."""
+    N, V = logits.shape
+    k = min(TOP_LOGPROBS, V)
+    shifted = logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True))
+    lse = jnp.log(jnp.exp(shifted).sum(-1))
+    vals, ids = jax.lax.top_k(shifted, k)
+    ids, lps = ids.astype(jnp.int32), vals - lse[:, None]
+    if k < TOP_LOGPROBS:
+        pad = ((0, 0), (0, TOP_LOGPROBS - k))
+        ids, lps = jnp.pad(ids, pad), jnp.pad(lps, pad, constant_values=-jnp.inf)
+    return ids, lps
+
+
+def alternatives(k: int, n: int, top) -> list[list[tuple[int, float]]]:
+    """Per token of n, its k most likely (id, log-prob) pairs from top = (ids [n, K],
+    log-probs [n, K]); ranks at -inf (past a vocabulary smaller than K) dropped; empty lists
+    when k is 0 or top is None."""
+    if not k or top is None:
+        return [[] for _ in range(n)]
+    ids, lps = np.asarray(top[0])[:n, :k], np.asarray(top[1])[:n, :k]
+    return [[(int(a), float(v)) for a, v in zip(ri, rv) if np.isfinite(v)]
+            for ri, rv in zip(ids, lps)]

@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
                                 "benchmarks"))
 
 import jax  # noqa: E402  (after XLA_FLAGS)
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -157,6 +158,35 @@ def teacher_forced(model, prompt, tokens):
     m = logits.max(-1, keepdims=True)
     lp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
     return logits.argmax(-1).tolist(), lp[np.arange(len(tokens)), tokens]
+
+
+def teacher_forced_top(model, prompt, tokens, k=20):
+    """The k + 1 most likely (ids [n, k + 1], log-probs [n, k + 1]) at each generated
+    position of one teacher-forced pass over prompt + tokens: jax.nn.log_softmax of
+    model.logits, ranked by numpy (stable: ties by the lower id). The extra rank tells
+    whether rank k is tied with the next."""
+    seq = list(prompt) + list(tokens)
+    logits = model.logits(np.asarray([seq]))[0, len(prompt) - 1: len(seq) - 1]
+    lp = np.asarray(jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1))
+    ids = np.argsort(-lp, axis=-1, kind="stable")[:, :k + 1]
+    return ids, np.take_along_axis(lp, ids, axis=-1)
+
+
+def assert_top_matches(got, ref, k, atol=1e-5):
+    """got: a request's top_logprobs (per token, [(id, log-prob)] best first) equal the
+    reference ref = teacher_forced_top(...): k per token, values within atol, ids equal at
+    every rank whose value is not tied (within atol) with a neighbour's."""
+    ids, lps = ref
+    assert len(got) == len(ids)
+    for j, row in enumerate(got):
+        assert len(row) == k, (j, len(row))
+        np.testing.assert_allclose([v for _, v in row], lps[j, :k], atol=atol, rtol=0)
+        gap = np.abs(np.diff(lps[j]))  # k gaps: between ranks r and r + 1
+        untied = np.ones(k, bool)
+        untied &= gap[:k] > atol
+        untied[1:] &= gap[:k - 1] > atol
+        np.testing.assert_array_equal(np.asarray([a for a, _ in row])[untied],
+                                      ids[j, :k][untied])
 
 
 def randomize(model, seed=0):

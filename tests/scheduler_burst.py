@@ -42,11 +42,11 @@ REPLICA_PAGED = PagedConfig(page_size=4, num_pages=7, prefill_tokens=8, chunk=4)
 
 def replica_burst(model, leader: bool, timeout: float = 240.0) -> dict:
     """Every process: a HostReplicaScheduler over model's data replicas, started; process 0
-    submits REPLICA_PROMPTS (greedy, log-probs), then two long requests that it aborts once
-    each has streamed a token, and stops the loop; the others follow until it does. Process
-    0 returns what its handles got, how many requests each replica was handed (after the
-    burst, after the long ones), the preemptions and the pages in use before and after the
-    aborts."""
+    submits REPLICA_PROMPTS (greedy, log-probs, the top 3), then two long requests that it
+    aborts once each has streamed a token, and stops the loop; the others follow until it
+    does. Process 0 returns what its handles got, how many requests each replica was handed
+    (after the burst, after the long ones), the preemptions and the pages in use before and
+    after the aborts."""
     sched = HostReplicaScheduler(model, CONFIG, REPLICA_PAGED).start()
     deadline = time.monotonic() + timeout
     if not leader:
@@ -55,7 +55,7 @@ def replica_burst(model, leader: bool, timeout: float = 240.0) -> dict:
         sched.stop()
         return {"error": sched.error}
     try:
-        lp = jf.Sampling(temperature=0, logprobs=True)
+        lp = jf.Sampling(temperature=0, logprobs=True, top_logprobs=3)
         hs = [sched.submit(p, lp, max_new_tokens=n)
               for p, n in zip(REPLICA_PROMPTS, REPLICA_MAXN)]
         outs = [h.result(timeout=timeout) for h in hs]
@@ -70,7 +70,7 @@ def replica_burst(model, leader: bool, timeout: float = 240.0) -> dict:
         aborted = [h.result(timeout=timeout).status for h in longs]
         while any(p.num_in_use for p in sched.pools) and time.monotonic() < deadline:
             time.sleep(0.05)
-        return {"outs": [[o.status, o.tokens, o.logprobs] for o in outs],
+        return {"outs": [[o.status, o.tokens, o.logprobs, o.top_logprobs] for o in outs],
                 "routed": [routed, list(sched.routed)],
                 "preemptions": sched.preemptions, "in_use": in_use, "aborted": aborted,
                 "in_use_after": [p.num_in_use for p in sched.pools], "error": sched.error}

@@ -1,5 +1,6 @@
 """generate(): greedy / beam search against transformers, sampling filters on constructed
 logits, seeds, meshes, streaming, stop conditions and bad input."""
+import dataclasses
 import math
 
 import jax
@@ -10,6 +11,7 @@ import torch
 import transformers
 
 import jaxformer as jf
+from conftest import assert_top_matches, teacher_forced_top
 from conversion.hf import convert
 from jaxformer import sampling as smp
 
@@ -105,13 +107,20 @@ def test_beam_search_matches_transformers(llama, num_beams):
 
 def test_greedy_equals_teacher_forced_argmax_and_logprobs(llama):
     _, _, model = llama
+    greedy = jf.Sampling(temperature=0, logprobs=True)
+    tops = [4, 0, 20]  # alternatives per token, per prompt
     out = model.generate(PROMPTS, max_new_tokens=MAX_NEW,
-                         sampling=jf.Sampling(temperature=0, logprobs=True))
-    for prompt, toks, lps in zip(PROMPTS, out.tokens, out.logprobs):
+                         sampling=[dataclasses.replace(greedy, top_logprobs=k) for k in tops])
+    for prompt, toks, lps, top, k in zip(PROMPTS, out.tokens, out.logprobs,
+                                         out.top_logprobs, tops):
         logits = model.logits(np.asarray([prompt + toks]))[0, len(prompt) - 1:-1]
         assert logits.argmax(-1).tolist() == toks
-        ref = jax.nn.log_softmax(jnp.asarray(logits), -1)[np.arange(len(toks)), toks]
-        np.testing.assert_allclose(lps, np.asarray(ref), atol=1e-4)
+        ref = jax.nn.log_softmax(jnp.asarray(logits), -1)
+        np.testing.assert_allclose(lps, np.asarray(ref)[np.arange(len(toks)), toks], atol=1e-4)
+        if k:
+            assert_top_matches(top, teacher_forced_top(model, prompt, toks), k, atol=1e-4)
+        else:
+            assert top == [[]] * len(toks)
 
 
 def test_batched_rows_equal_running_alone_and_streaming(llama):
@@ -230,7 +239,9 @@ def test_filters_never_emit_outside_allowed_set(setting):
 @pytest.mark.parametrize("bad", [dict(temperature=-1.0), dict(temperature=float("nan")),
                                  dict(top_p=0.0), dict(top_p=float("nan")), dict(top_k=-2),
                                  dict(min_p=1.5), dict(repetition_penalty=0.0),
-                                 dict(num_beams=0), dict(presence_penalty=float("inf"))])
+                                 dict(num_beams=0), dict(presence_penalty=float("inf")),
+                                 dict(top_logprobs=21), dict(top_logprobs=-1),
+                                 dict(top_logprobs=2.0), dict(prompt_logprobs=1)])
 def test_bad_sampling_values_raise(bad):
     field = next(iter(bad))
     with pytest.raises(ValueError, match=field):

@@ -31,9 +31,10 @@ def test_chunked_paged_prefill_and_decode_with_a_shared_prefix(model):
     # a: chunks of 8, 8, 3; its first chunk alone, then with b's tail (prefix cached)
     state, *_ = eng.prefill_chunks(state, [Chunk(0, a[:8], 0, pa, False)])
     state, *_ = eng.prefill_chunks(state, [Chunk(0, a[8:16], 8, pa, False)])
-    state, first, lp = eng.prefill_chunks(state, [
+    state, out = eng.prefill_chunks(state, [
         Chunk(0, a[16:], 16, pa, True, GREEDY, max_new=6),
         Chunk(1, b[12:], 12, pb, True, GREEDY, max_new=6)])
+    first, lp = out.tokens, out.logprobs
     got = {0: [int(first[0])], 1: [int(first[1])]}
     lps = {0: [float(lp[0])], 1: [float(lp[1])]}
     for _ in range(2):

@@ -12,13 +12,16 @@ import numpy as np
 import pytest
 
 import jaxformer as jf
-from conftest import backend_compiles, teacher_forced
+from conftest import assert_top_matches, backend_compiles, teacher_forced, teacher_forced_top
+from jaxformer import paged_engine
 from jaxformer.engine import EngineConfig
 from jaxformer.paged_engine import PagedEngine
 from jaxformer.serving.paged_scheduler import PagedConfig, PagedScheduler
 from jaxformer.serving.scheduler import ABORTED, FAILED, FINISHED, SchedulerConfig
 
 GREEDY_LP = jf.Sampling(temperature=0, logprobs=True)
+TOPS = (20, 0, 3, 0)  # request i asks for TOPS[i % 4] alternatives per token
+ECHO = (True, False, False, False)  # ... and for its prompt's log-probs when ECHO[i % 4]
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +30,12 @@ def model(llama4):
 
 
 @pytest.mark.parametrize("overlap", [False, True])
-def test_preemption_prefix_sharing_and_chunks_decode_as_alone(model, overlap):
+def test_preemption_prefix_sharing_and_chunks_decode_as_alone(model, monkeypatch, overlap):
     """Random arrivals, a pool short enough to preempt, a shared prefix: greedy tokens and
-    log-probs of a teacher-forced pass; overlap: the host reads each call's tokens while the
-    next runs, the same results."""
+    log-probs of a teacher-forced pass, top log-probs and prompt log-probs too; overlap: the
+    host reads each call's tokens while the next runs, the same results."""
+    # prompt log-probs in blocks of 4 columns (a 16-token chunk: a scan of 4 blocks)
+    monkeypatch.setattr(paged_engine, "PROMPT_LOGIT_ROWS", 4)
     rng = np.random.default_rng(0)
     sched = PagedScheduler(model, SchedulerConfig(slots=4, max_length=64, steps_per_tick=3),
                            PagedConfig(page_size=4, num_pages=15, prefill_tokens=24,
@@ -44,7 +49,9 @@ def test_preemption_prefix_sharing_and_chunks_decode_as_alone(model, overlap):
     handles = {}
     for k in rng.permutation(len(reqs)):
         prompt, n = reqs[k]
-        handles[k] = sched.submit(prompt, GREEDY_LP, max_new_tokens=n)
+        sampling = jf.Sampling(temperature=0, logprobs=True, top_logprobs=TOPS[k % 4],
+                               prompt_logprobs=ECHO[k % 4])
+        handles[k] = sched.submit(prompt, sampling, max_new_tokens=n)
         for _ in range(int(rng.integers(0, 3))):
             sched.tick()
     sched.run_until_idle()
@@ -54,6 +61,23 @@ def test_preemption_prefix_sharing_and_chunks_decode_as_alone(model, overlap):
         want, want_lp = teacher_forced(model, prompt, out.tokens)
         assert out.tokens == want, k
         np.testing.assert_allclose(out.logprobs, want_lp, atol=1e-5)
+        if TOPS[k % 4]:  # the step's top-k: a teacher-forced pass's, across preemption
+            assert_top_matches(out.top_logprobs, teacher_forced_top(model, prompt, out.tokens),
+                               TOPS[k % 4])
+        else:
+            assert out.top_logprobs == [[]] * n
+        if not ECHO[k % 4]:
+            assert out.prompt_logprobs is None
+            continue
+        # the chunked prefill's: each prompt token given its prefix, as a teacher-forced
+        # pass over the prompt sees it (chunks of 16 and less, prefill interleaved)
+        assert len(out.prompt_logprobs) == len(prompt) and out.prompt_logprobs[0] is None
+        _, want_lp = teacher_forced(model, prompt[:1], prompt[1:])
+        np.testing.assert_allclose([v for v, _ in out.prompt_logprobs[1:]], want_lp,
+                                   atol=1e-5)
+        if TOPS[k % 4]:
+            assert_top_matches([alts for _, alts in out.prompt_logprobs[1:]],
+                               teacher_forced_top(model, prompt[:1], prompt[1:]), TOPS[k % 4])
     assert sched.preemptions > 0, "the pool was meant to run short"
     assert sched.pool.prefix_hit_tokens > 0, "the common prefix was meant to be shared"
     assert sched.pool.num_in_use == 0  # every page released (full blocks stay cached)
@@ -78,9 +102,13 @@ def test_aborts_oversized_requests_and_pages_come_back(model):
     sched.pool.check_invariants()
 
 
-def test_warmup_compiles_every_shape_and_partial_batches_decode_exactly(model):
+def test_warmup_compiles_every_shape_and_partial_batches_decode_exactly(model, monkeypatch):
     """After warmup() a burst compiles nothing (jax's compile events are counted), and a
-    batch using only its first slots (the decode runs the first 4 of 8 rows) stays exact."""
+    batch using only its first slots (the decode runs the first 4 of 8 rows) stays exact;
+    so do the prompt log-probs of every other request (their lax.cond branch compiled with
+    each shape), computed in blocks of several rows and columns."""
+    monkeypatch.setattr(paged_engine, "PROMPT_LOGIT_ROWS", 4)  # (2, 8): 4 blocks of [2, 2]
+    echo = jf.Sampling(temperature=0, logprobs=True, top_logprobs=2, prompt_logprobs=True)
     sched = PagedScheduler(model, SchedulerConfig(slots=8, max_length=48, steps_per_tick=2),
                            PagedConfig(page_size=4, num_pages=40, prefill_tokens=32, chunk=16,
                                        min_chunk=8))
@@ -94,14 +122,21 @@ def test_warmup_compiles_every_shape_and_partial_batches_decode_exactly(model):
     with backend_compiles() as compiles:
         handles = [sched.submit(p, GREEDY_LP, max_new_tokens=n) for p, n in reqs[:2]]
         sched.tick()  # two requests alone: slots 0 and 1, the 4-row decode
-        handles += [sched.submit(p, GREEDY_LP, max_new_tokens=n) for p, n in reqs[2:]]
+        handles += [sched.submit(p, echo if i % 2 else GREEDY_LP, max_new_tokens=n)
+                    for i, (p, n) in enumerate(reqs[2:])]
         sched.run_until_idle()
     assert compiles == []
-    for h, (prompt, n) in zip(handles, reqs):
+    for i, (h, (prompt, n)) in enumerate(zip(handles, reqs)):
         out = h.result(timeout=0)
         want, want_lp = teacher_forced(model, prompt, out.tokens)
         assert out.status == FINISHED and len(out.tokens) == n and out.tokens == want
         np.testing.assert_allclose(out.logprobs, want_lp, atol=1e-5)
+        if i >= 2 and i % 2:
+            _, want_lp = teacher_forced(model, prompt[:1], prompt[1:])
+            np.testing.assert_allclose([v for v, _ in out.prompt_logprobs[1:]], want_lp,
+                                       atol=1e-5)
+            assert_top_matches([a for _, a in out.prompt_logprobs[1:]],
+                               teacher_forced_top(model, prompt[:1], prompt[1:]), 2)
 
 
 def test_precompile_on_threads_leaves_warmup_only_the_state_calls(model):
@@ -206,15 +241,18 @@ def test_penalties_and_seeded_sampling_survive_preemption(model, overlap):
     """A pool small enough that requests are preempted and recomputed (their prefix mostly
     from the prefix cache): greedy requests with repetition / presence / frequency
     penalties decode as the penalties' definition says over their own sequence (log-probs
-    within 1e-5); seeded sampled requests (with penalties) give the tokens they give alone."""
+    within 1e-5); seeded sampled requests (with penalties) give the tokens they give alone.
+    Every request's top alternatives are of the unprocessed distribution (no penalty, no
+    temperature) along its own tokens: a teacher-forced pass's."""
     rng = np.random.default_rng(5)
     common = rng.integers(1, 96, 12).tolist()
     sampled = jf.Sampling(temperature=0.9, top_k=40, repetition_penalty=1.3,
-                          presence_penalty=0.5, frequency_penalty=0.2)
+                          presence_penalty=0.5, frequency_penalty=0.2, top_logprobs=5)
+    penalties = dataclasses.replace(PENALTIES, top_logprobs=3)
     reqs = []
     for i in range(10):
         prompt = (common if i % 2 else []) + rng.integers(1, 96, rng.integers(2, 14)).tolist()
-        reqs.append((prompt, PENALTIES if i % 3 else sampled, 7 + i % 5, 100 + i))
+        reqs.append((prompt, penalties if i % 3 else sampled, 7 + i % 5, 100 + i))
     sched = PagedScheduler(model, SMALL_POOL[0],
                            dataclasses.replace(SMALL_POOL[1], overlap=overlap))
     handles = []
@@ -227,7 +265,9 @@ def test_penalties_and_seeded_sampling_survive_preemption(model, overlap):
     for (prompt, s, n, seed), h in zip(reqs, handles):
         out = h.result(timeout=0)
         assert out.status == FINISHED and len(out.tokens) == n, out
-        if s is PENALTIES:
+        assert_top_matches(out.top_logprobs, teacher_forced_top(model, prompt, out.tokens),
+                           s.top_logprobs)
+        if s is penalties:
             want, want_lp = penalised_teacher_forced(model, prompt, out.tokens, s)
             assert out.tokens == want, (prompt, out.tokens, want)
             np.testing.assert_allclose(out.logprobs, want_lp, atol=1e-5)

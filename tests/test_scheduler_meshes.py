@@ -2,7 +2,10 @@
 tensor=2, pipe=2 and data=2 x tensor=2 (two replicas behind one scheduler), requests arriving
 in random order decode exactly: each request's greedy tokens are the argmax of a
 teacher-forced pass over its own sequence on the one-device model and its log-probs agree
-within 1e-5. The contiguous and the paged scheduler alike."""
+within 1e-5, as do the top-20 alternatives (ids and log-probs) of the requests that ask for
+them (every other one; the vocabulary sharded on `tensor`), and under the paged scheduler
+the prompt log-probs its chunked prefill gives requests 0 and 4. The contiguous and the paged
+scheduler alike."""
 import dataclasses
 
 import jax
@@ -10,12 +13,14 @@ import numpy as np
 import pytest
 
 import jaxformer as jf
-from conftest import backend_compiles, teacher_forced
+from conftest import assert_top_matches, backend_compiles, teacher_forced, teacher_forced_top
 from jaxformer.serving.paged_scheduler import PagedConfig, PagedScheduler
 from jaxformer.serving.replicas import ReplicaScheduler
 from jaxformer.serving.scheduler import ABORTED, FINISHED, Scheduler, SchedulerConfig
 
 GREEDY_LP = jf.Sampling(temperature=0, logprobs=True)
+TOP_LP = jf.Sampling(temperature=0, logprobs=True, top_logprobs=20)  # requests 0, 2, ...
+ECHO = dataclasses.replace(TOP_LP, prompt_logprobs=True)  # requests 0, 4
 CONFIG = SchedulerConfig(slots=4, max_length=64, steps_per_tick=3, max_prefill=2)
 # small enough that requests are preempted, with a shared prefix
 PAGED = PagedConfig(page_size=4, num_pages=11, prefill_tokens=24, chunk=16)
@@ -42,19 +47,31 @@ def run(sched, requests):
     handles = {}
     for k, gap in zip(order, gaps):
         prompt, n = reqs[k]
-        handles[k] = sched.submit(prompt, GREEDY_LP, max_new_tokens=n)
+        sampling = GREEDY_LP if k % 2 else ECHO if k % 4 == 0 else TOP_LP
+        handles[k] = sched.submit(prompt, sampling, max_new_tokens=n)
         for _ in range(gap):
             sched.tick()
     sched.run_until_idle()
     return [handles[k].result(timeout=0) for k in range(len(reqs))]
 
 
-def check(outs, requests, reference):
-    for (prompt, n), out in zip(requests[0], outs):
+def check(outs, requests, reference, paged=False):
+    for k, ((prompt, n), out) in enumerate(zip(requests[0], outs)):
         assert out.status == FINISHED and len(out.tokens) == n, out
         want, want_lp = teacher_forced(reference, prompt, out.tokens)
         assert out.tokens == want
         np.testing.assert_allclose(out.logprobs, want_lp, atol=1e-5)
+        if k % 2 == 0:
+            assert_top_matches(out.top_logprobs,
+                               teacher_forced_top(reference, prompt, out.tokens), 20)
+        if not paged or k % 4:
+            assert out.prompt_logprobs is None  # the contiguous scheduler computes none
+            continue
+        assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+        _, want_lp = teacher_forced(reference, prompt[:1], prompt[1:])
+        np.testing.assert_allclose([v for v, _ in out.prompt_logprobs[1:]], want_lp, atol=1e-5)
+        assert_top_matches([a for _, a in out.prompt_logprobs[1:]],
+                           teacher_forced_top(reference, prompt[:1], prompt[1:]), 20)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +91,7 @@ def test_tensor_parallel_paged(tensor2, requests, reference):
     with backend_compiles() as compiled:
         outs = run(sched, requests)
     assert compiled == []
-    check(outs, requests, reference)
+    check(outs, requests, reference, paged=True)
     assert sched.preemptions > 0 and sched.pool.prefix_hit_tokens > 0
     assert sched.pool.num_in_use == 0
 
@@ -98,7 +115,7 @@ def test_data_parallel_replicas(data2, requests, reference, paged):
         real = r._admit
         r._admit = lambda real=real, i=i, r=r: (real(), served.__setitem__(i, max(
             served[i], r.running)))
-    check(run(sched, requests), requests, reference)
+    check(run(sched, requests), requests, reference, paged=paged is not None)
     assert min(served) > 0, served
     if paged is not None:
         assert all(p.num_in_use == 0 for p in sched.pools)
@@ -162,7 +179,7 @@ def test_pipeline_parallel_paged(mesh, requests, reference, request):
     with backend_compiles() as compiled:
         outs = run(sched, requests)
     assert compiled == []  # warmup() compiled every shape, for the state's one sharding
-    check(outs, requests, reference)
+    check(outs, requests, reference, paged=True)
     assert sched.preemptions > 0 and sched.pool.prefix_hit_tokens > 0
     assert sched.pool.num_in_use == 0
     assert set(rows) == {4} and sched.engine.decode_rows()[-1] == config.slots, rows

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import jaxformer as jf
+from conftest import assert_top_matches, teacher_forced_top
 from jaxformer.config import ModelConfig
 from jaxformer.serving import multihost
 from jaxformer.serving.replica_hosts import HostReplicaScheduler
@@ -69,9 +70,11 @@ def test_two_processes_serve_as_one(tmp_path):
     got = two[0]["replicas"]
     assert got["error"] == "" and two[1]["replicas"]["error"] == ""
     assert [s for s, *_ in got["outs"]] == ["finished"] * len(want)
-    assert [t for _, t, _ in got["outs"]] == want
-    for (_, _, lp), ref in zip(got["outs"], want_lp):
+    assert [t for _, t, *_ in got["outs"]] == want
+    for (_, toks, lp, top), ref, prompt in zip(got["outs"], want_lp, REPLICA_PROMPTS):
         np.testing.assert_allclose(lp, ref, atol=1e-5)
+        # the alternatives too, from either replica (process 1's through its reports)
+        assert_top_matches(top, teacher_forced_top(model, prompt, toks, 3), 3)
     burst_routed, all_routed = got["routed"]
     assert sum(burst_routed) == len(want) and min(burst_routed) > 0, got["routed"]
     assert got["preemptions"] > 0  # the pool was short

@@ -18,13 +18,14 @@ import jax
 import numpy as np
 import openai
 import pytest
-from conftest import teacher_forced
+from conftest import teacher_forced, teacher_forced_top
 from server_fixtures import ServerThread, metric
 
 import jaxformer as jf
 from jaxformer.cli import _parser
 from jaxformer.cli_args import UsageError
 from jaxformer.cli_serve import sources
+from jaxformer.serving import openai_api
 from jaxformer.serving.app import create_app
 from jaxformer.serving.bridge import ModelSpec
 from jaxformer.serving.paged_scheduler import PagedConfig
@@ -144,10 +145,21 @@ def test_stop_string_cuts_the_text(client, ref):
     assert r.choices[0].finish_reason == "stop"
 
 
-def test_logprobs_match_teacher_forced(client, models):
+def _top_texts(tokenizer, ref, k, j):
+    """Reference row j (teacher_forced_top) as the completions API's {text: log-prob}: the k
+    best, an id whose text an earlier one has dropped; and whether ids are untied there."""
+    ids, lps = ref
+    out = {}
+    for a, v in zip(ids[j, :k], lps[j, :k]):
+        out.setdefault(tokenizer.decode([int(a)], skip_special_tokens=False), float(v))
+    return out, bool((np.abs(np.diff(lps[j])) > 1e-5).all())
+
+
+def test_logprobs_match_teacher_forced(client, models, monkeypatch):
+    """Log-probs and top alternatives of generated tokens (from the compiled step) and of
+    echo's prompt (from the chunked prefill), with no forward pass of their own, equal a
+    teacher-forced pass's, streamed or not."""
     m, k = models["demo"], 3
-    r = client.completions.create(model="demo", prompt=PROMPTS[1], max_tokens=6,
-                                  temperature=0, logprobs=k, echo=True)
     prompt = [m.tokenizer.bos_id] + m.tokenizer.encode(PROMPTS[1])
     greedy = m.generate([prompt], 6).tokens[0]
     argmax, chosen = teacher_forced(m, prompt, greedy)
@@ -156,24 +168,76 @@ def test_logprobs_match_teacher_forced(client, models):
     logits = m.logits(np.asarray([full]))[0].astype(np.float64)
     ls = logits - logits.max(-1, keepdims=True)
     ls = ls - np.log(np.exp(ls).sum(-1, keepdims=True))
+    ref = teacher_forced_top(m, prompt, greedy, k)
+    ref_prompt = teacher_forced_top(m, prompt[:1], prompt[1:], k)
+    chat_ids = m.tokenizer.encode("User: a\nAssistant:")
+    chat_greedy = m.generate([chat_ids], 4).tokens[0]
+    chat_ref = teacher_forced_top(m, chat_ids, chat_greedy, 5)
+    # echo under the contiguous scheduler (no prompt log-probs from its prefill): a pass
+    # over the prompt
+    got_lp, got_top = openai_api._teacher_forced(m, prompt, k)
+    np.testing.assert_allclose(got_lp, [ls[p - 1, full[p]] for p in range(1, len(prompt))],
+                               atol=1e-5)
+    np.testing.assert_allclose([[v for _, v in row] for row in got_top], ref_prompt[1][:, :k],
+                               atol=1e-5)
+
+    passes = []  # the server's own model.logits calls from here on: none
+    real = m.logits
+    monkeypatch.setattr(m, "logits", lambda *a, **kw: (passes.append(1), real(*a, **kw))[1])
+    r = client.completions.create(model="demo", prompt=PROMPTS[1], max_tokens=6,
+                                  temperature=0, logprobs=k, echo=True)
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(full) and lp.token_logprobs[0] is None
-    np.testing.assert_allclose(lp.token_logprobs[len(prompt):], chosen, atol=2e-4)
+    np.testing.assert_allclose(lp.token_logprobs[len(prompt):], chosen, atol=1e-5)
     np.testing.assert_allclose(lp.token_logprobs[1:len(prompt)],
-                               [ls[p - 1, full[p]] for p in range(1, len(prompt))], atol=2e-4)
+                               [ls[p - 1, full[p]] for p in range(1, len(prompt))], atol=1e-5)
     for p in range(1, len(full)):
         assert len(lp.top_logprobs[p]) <= k  # fewer when two ids decode to the same text
         best = max(lp.top_logprobs[p].values())
         assert best == pytest.approx(ls[p - 1].max(), abs=2e-4)
+    for j in range(len(full) - 1):  # the prompt's (prefill) and generated tokens' (step)
+        want, untied = _top_texts(m.tokenizer, *((ref_prompt, k, j) if j < len(prompt) - 1
+                                                 else (ref, k, j - len(prompt) + 1)))
+        got = lp.top_logprobs[j + 1]
+        np.testing.assert_allclose(list(got.values()), list(want.values()), atol=1e-5)
+        assert not untied or list(got) == list(want)
     assert r.choices[0].text.startswith(PROMPTS[1])  # echo
 
-    c = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "a"}],
-                                       max_tokens=4, temperature=0, logprobs=True,
-                                       top_logprobs=2)
-    for item in c.choices[0].logprobs.content:  # greedy: the chosen token is the best one
-        assert len(item.top_logprobs) == 2
-        assert item.top_logprobs[0].logprob == pytest.approx(item.logprob, abs=2e-4)
-        assert item.top_logprobs[1].logprob <= item.top_logprobs[0].logprob
+    chunks = list(client.completions.create(model="demo", prompt=PROMPTS[1], max_tokens=6,
+                                            temperature=0, logprobs=k, stream=True))
+    streamed = [(t, v, top) for c in chunks if c.choices and c.choices[0].logprobs
+                for t, v, top in zip(c.choices[0].logprobs.tokens,
+                                     c.choices[0].logprobs.token_logprobs,
+                                     c.choices[0].logprobs.top_logprobs)]
+    assert len(streamed) == len(greedy)
+    for j, (_, v, got) in enumerate(streamed):  # each chunk carries its tokens' own
+        want, untied = _top_texts(m.tokenizer, ref, k, j)
+        assert v == pytest.approx(float(chosen[j]), abs=1e-5)
+        np.testing.assert_allclose(list(got.values()), list(want.values()), atol=1e-5)
+        assert not untied or list(got) == list(want)
+
+    msgs = [{"role": "user", "content": "a"}]
+    c = client.chat.completions.create(model="demo", messages=msgs, max_tokens=4,
+                                       temperature=0, logprobs=True, top_logprobs=5)
+    stream = list(client.chat.completions.create(model="demo", messages=msgs, max_tokens=4,
+                                                 temperature=0, logprobs=True, top_logprobs=5,
+                                                 stream=True))
+    assert passes == []
+    greedy, ref = chat_greedy, chat_ref
+    items = c.choices[0].logprobs.content
+    streamed = [it for ch in stream if ch.choices and ch.choices[0].logprobs
+                for it in ch.choices[0].logprobs.content]
+    assert [(it.token, it.logprob) for it in streamed] == [(it.token, it.logprob)
+                                                           for it in items]
+    for j, item in [*enumerate(items), *enumerate(streamed)]:
+        assert len(item.top_logprobs) == 5
+        np.testing.assert_allclose([a.logprob for a in item.top_logprobs], ref[1][j, :5],
+                                   atol=1e-5)
+        if (np.abs(np.diff(ref[1][j])) > 1e-5).all():
+            assert [a.token for a in item.top_logprobs] == [
+                m.tokenizer.decode([int(a)], skip_special_tokens=False) for a in ref[0][j, :5]]
+        assert item.top_logprobs[0].logprob == pytest.approx(item.logprob, abs=1e-6)
+    assert len(items) == len(greedy)
 
 
 def test_n_choices_are_seeds_in_order(client):

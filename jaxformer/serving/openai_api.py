@@ -4,9 +4,16 @@
 A request with n > 1 is n submissions with seeds seed, seed + 1, ...; a completion request
 with several prompts is one submission per prompt and choice (choice index = prompt * n + j).
 Streams are server-sent events, `data: [DONE]` last, with a usage chunk when
-stream_options.include_usage. logprobs are the chosen tokens' log-probabilities under the
-model's unprocessed distribution, as the engine records them; top_logprobs and echo's prompt
-log-probabilities come from one teacher-forced forward pass (model.logits) over the sequence.
+stream_options.include_usage. Log-probabilities are under the model's unprocessed
+distribution (log_softmax of the raw logits). Those of generated tokens come from the compiled
+serving step itself: the chosen token's, and with top_logprobs (chat) / logprobs: N
+(completions) its N most likely alternatives (Sampling.top_logprobs; the step computes the
+top 20 only when a row of its batch asks), each streamed chunk carrying its own tokens'.
+echo's prompt log-probabilities (and their alternatives) come from the paged scheduler's
+chunked prefill (Sampling.prompt_logprobs: such a request prefills its whole prompt, no
+prefix-cache hit); under the contiguous scheduler, from one teacher-forced forward pass
+(model.logits) over the prompt on a worker thread. A streamed echo sends the prompt's text
+without log-probabilities.
 """
 from __future__ import annotations
 
@@ -70,7 +77,8 @@ class _Run:
         self.served, self.req, self.prompts, self.max_new = served, req, prompts, max_new
         self.k, self.kind, self.chat = k, kind, kind == "chat.completion"
         self.tok = served.tokenizer()
-        self.sampling = req.sampling(logprobs=k is not None)
+        self.sampling = req.sampling(logprobs=k is not None, top_logprobs=k or 0,
+                                     prompt_logprobs=k is not None and self._echo())
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.n = req.n
@@ -100,7 +108,8 @@ class _Run:
         text = final_text(self.tok, out.tokens, self.sampling, self.served.stop_ids)
         lp = None
         if self.k is not None:
-            lp = await self._logprobs(i, out.tokens, out.logprobs, 0, echo=self._echo())
+            lp = await self._logprobs(i, out.tokens, out.logprobs, out.top_logprobs,
+                                      echo=self._echo(), prompt_lp=out.prompt_logprobs)
         if self.chat:
             return {"index": i, "message": {"role": "assistant", "content": text},
                     "logprobs": lp, "finish_reason": finish_reason(out)}
@@ -135,10 +144,10 @@ class _Run:
                         continue
                     delta = detok[i].push(toks)
                     lp = None
-                    if self.k is not None:
-                        lps = h.logprobs[sent[i]: sent[i] + len(toks)]
-                        lp = await self._logprobs(i, h.tokens[: sent[i] + len(toks)], lps,
-                                                  sent[i], echo=False)
+                    if self.k is not None:  # the step's own, for these tokens
+                        span = slice(sent[i], sent[i] + len(toks))
+                        lp = await self._logprobs(i, toks, h.logprobs[span],
+                                                  h.top_logprobs[span], echo=False)
                     sent[i] += len(toks)
                     if delta or lp is not None:
                         yield _event(self._chunk(i, delta, lp, None))
@@ -172,36 +181,37 @@ class _Run:
                 "model": self.served.name, "choices": [choice]}
 
     # ---- log-probabilities ---------------------------------------------------------------
-    async def _logprobs(self, i: int, tokens, chosen, start: int, echo: bool) -> dict:
-        """OpenAI's logprobs of tokens[start:] (chosen: the engine's, for those tokens); with
-        echo the prompt's tokens first (the first has none)."""
+    async def _logprobs(self, i: int, new, chosen, top, echo: bool, prompt_lp=None) -> dict:
+        """OpenAI's logprobs of the new tokens from the serving step (chosen: their
+        log-probs; top: per token its (id, log-prob) alternatives); with echo the prompt's
+        tokens first (the first has none): prompt_lp, the prefill's (RequestOutput's
+        prompt_logprobs), or else from a teacher-forced pass over the prompt."""
         prompt, k = self._prompt(i), self.k
-        new = list(tokens[start:])
-        top = prompt_lp = None
-        if k or echo:
-            top, prompt_lp = await asyncio.to_thread(
-                _teacher_forced, self.served.model, prompt + list(tokens),
-                len(prompt) + start, k, echo)
         piece = lambda t: self.tok.decode([t], skip_special_tokens=False)  # noqa: E731
         if self.chat:
             content = []
-            for j, (t, lp) in enumerate(zip(new, chosen)):
+            for t, lp, alts in zip(new, chosen, top):
                 s = piece(t)
-                alts = [] if not k else [{"token": piece(a), "logprob": v,
-                                          "bytes": list(piece(a).encode())} for a, v in top[j]]
                 content.append({"token": s, "logprob": float(lp), "bytes": list(s.encode()),
-                                "top_logprobs": alts})
+                                "top_logprobs": [{"token": piece(a), "logprob": v,
+                                                  "bytes": list(piece(a).encode())}
+                                                 for a, v in alts[:k]]})
             return {"content": content}
         toks, lps, tops = [], [], []
         if echo:
+            if prompt_lp is not None:
+                prompt_top = [alts for _, alts in prompt_lp[1:]]
+                prompt_lp = [v for v, _ in prompt_lp[1:]]
+            else:  # the contiguous scheduler's prefill computes none
+                prompt_lp, prompt_top = await asyncio.to_thread(
+                    _teacher_forced, self.served.model, prompt, k)
             toks += [piece(t) for t in prompt]
-            lps += [None] + [float(v) for v in prompt_lp]
-            tops += [None] + ([_top_dict(row, piece) for row in top[:len(prompt) - 1]]
-                              if k else [None] * (len(prompt) - 1))
-            top = top[len(prompt) - 1:] if k else top
+            lps += [None] + prompt_lp
+            tops += [None] + ([_top_dict(row[:k], piece) for row in prompt_top] if k
+                              else [None] * (len(prompt) - 1))
         toks += [piece(t) for t in new]
         lps += [float(v) for v in chosen]
-        tops += [_top_dict(row, piece) for row in top] if k else [None] * len(new)
+        tops += [_top_dict(row[:k], piece) for row in top] if k else [None] * len(new)
         offsets, at = [], 0
         for s in toks:
             offsets.append(at)
@@ -210,23 +220,19 @@ class _Run:
                 "text_offset": offsets}
 
 
-def _teacher_forced(model, seq: list[int], start: int, k: int | None, echo: bool):
-    """One forward pass over seq: the k most likely (token, log-prob) at each position from
-    `start` on (from 1 with echo), and with echo the prompt tokens' own log-probabilities
-    (positions 1..start-1)."""
-    logits = model.logits(np.asarray([seq]))[0].astype(np.float64)
+def _teacher_forced(model, prompt: list[int], k: int | None):
+    """echo's prompt log-probs from one forward pass over the prompt: each token's
+    log-probability given its prefix (positions 1..len - 1) and, with k, the k most likely
+    (token, log-prob) there."""
+    logits = model.logits(np.asarray([prompt]))[0].astype(np.float64)
     m = logits.max(-1, keepdims=True)
     lp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
-    first = 1 if echo else start
-    rows = lp[first - 1: len(seq) - 1]  # row p - 1 predicts position p
+    rows = lp[: len(prompt) - 1]  # row p - 1 predicts position p
     top = None
     if k:
         idx = np.argsort(-rows, axis=-1, kind="stable")[:, :k]
         top = [[(int(a), float(rows[j, a])) for a in idx[j]] for j in range(len(rows))]
-    prompt_lp = None
-    if echo:
-        prompt_lp = [float(lp[p - 1, seq[p]]) for p in range(1, start)]
-    return top, prompt_lp
+    return [float(rows[p - 1, prompt[p]]) for p in range(1, len(prompt))], top
 
 
 def _top_dict(row, piece) -> dict:

@@ -41,7 +41,7 @@ from jaxformer.engine import EngineConfig
 from jaxformer.paged_engine import Chunk, PagedEngine
 from jaxformer.serving.pages import BlockTable, PagePool
 from jaxformer.serving.scheduler import (FAILED, RUNNING, WAITING, Handle, Scheduler,
-                                         SchedulerConfig, log)
+                                         SchedulerConfig, asks_top, log)
 from jaxformer.sharding import to_host
 
 
@@ -147,8 +147,8 @@ class PagedScheduler(Scheduler):
                 self._state = self.engine.set_history(self._state, slot, seq, n_prompt)
             self._history = {}
             overlap = self.paged.overlap
-            self._state, toks, lps = self.engine.prefill_chunks(self._state, chunks,
-                                                                 on_host=not overlap)
+            self._state, out = self.engine.prefill_chunks(self._state, chunks,
+                                                          on_host=not overlap)
             done = self.engine.window(self._state)[2] if overlap else \
                 np.asarray(self._state.done)
         except Exception as e:  # noqa: BLE001 - the failure belongs to these requests
@@ -166,19 +166,27 @@ class PagedScheduler(Scheduler):
             for ch in chunks:
                 if ch.last:
                     self._lag[owners[ch.slot].id] = 1
-            self._unread.append(("chunks", (toks, lps, done), owners, chunks))
+            self._unread.append(("chunks", (out, done), owners, chunks))
         else:
-            self._read_chunks((toks, lps, done), owners, chunks)
+            self._read_chunks((out, done), owners, chunks)
 
     def _read_chunks(self, arrays, owners: dict, chunks: Sequence[Chunk]) -> None:
-        """Each finished prompt's first token to its request."""
-        toks, lps, done = (_host(a) for a in arrays)
+        """Each finished prompt's first token (and its alternatives) to its request, and
+        the prompt log-probs of the chunks that asked for them."""
+        out, done = arrays
+        toks, lps, done = _host(out.tokens), _host(out.logprobs), _host(done)
+        top = tuple(_host(a) for a in out.top)
+        prompt = None if out.prompt is None else tuple(_host(a) for a in out.prompt)
         for r, ch in enumerate(chunks):
             h = owners[ch.slot]
-            if not ch.last or self._slots[ch.slot] is not h:  # ended since (an abort)
+            if self._slots[ch.slot] is not h:  # ended since (an abort)
+                continue
+            if ch.sampling.prompt_logprobs:
+                h._prompt_logprobs(ch.start, len(ch.ids), [a[r] for a in prompt])
+            if not ch.last:
                 continue
             self._read(h, 1)
-            h._emit([int(toks[r])], [float(lps[r])])
+            h._emit([int(toks[r])], [float(lps[r])], (top[0][r:r + 1], top[1][r:r + 1]))
             if done[ch.slot]:
                 self._finish(ch.slot)
 
@@ -192,7 +200,8 @@ class PagedScheduler(Scheduler):
                            f"{self.paged.num_pages - 1} of {ps} tokens")
             return False
         table = BlockTable(ps)
-        start = table.match_prefix(self.pool, seq)
+        # prompt log-probs come from prefill: such a request computes its whole prompt
+        start = 0 if h.sampling.prompt_logprobs else table.match_prefix(self.pool, seq)
         need = table.needed_pages(len(seq) + 1)
         if not self.pool.can_allocate(need):
             table.release(self.pool)
@@ -226,7 +235,8 @@ class PagedScheduler(Scheduler):
         chunks.append(Chunk(slot, seq[start:start + n], start, self._tables[h.id].pages,
                             start + n == len(seq), h.sampling, h.max_new, h.seed,
                             h.ignore_eos, generated=len(h.tokens), prompt_len=len(h.prompt),
-                            recent=h.tokens[-(STOP_WINDOW - 1):]))
+                            recent=h.tokens[-(STOP_WINDOW - 1):],
+                            following=seq[start + n] if start + n < len(seq) else -1))
         return True
 
     def _computed(self, slot: int, h: Handle, n: int) -> None:
@@ -251,7 +261,7 @@ class PagedScheduler(Scheduler):
             top = max(self._live)  # decode only the slots up to the last live one
             rows = next(r for r in self.engine.decode_rows() if r > top)
             self._state = self.engine.step(self._state, W, rows=rows)
-            window = self.engine.window(self._state)
+            window = self.engine.window(self._state, top=asks_top(self._slots))
         except Exception as e:  # noqa: BLE001
             self._failed("decode", "decode step", e)
             return
@@ -267,7 +277,8 @@ class PagedScheduler(Scheduler):
     def _read_window(self, arrays, owners: dict) -> None:
         """A decode window's tokens to their requests; finished ones end."""
         try:
-            toks, lps, done = (_host(a) for a in arrays)
+            toks, lps, done = (_host(a) for a in arrays[:3])
+            alts = None if arrays[3] is None else tuple(_host(a) for a in arrays[3])
         except Exception as e:  # noqa: BLE001 - an asynchronous failure of the call
             self._failed("decode", "decode step", e)
             return
@@ -276,7 +287,8 @@ class PagedScheduler(Scheduler):
                 continue
             got = toks[slot] >= 0
             self._read(h, self.config.steps_per_tick)
-            h._emit(toks[slot][got].tolist(), lps[slot][got].tolist())
+            h._emit(toks[slot][got].tolist(), lps[slot][got].tolist(),
+                    None if alts is None else (alts[0][slot][got], alts[1][slot][got]))
             self._computed(slot, h, len(self._seq(h)) - 1)  # the last token is fed next
             if done[slot]:
                 self._finish(slot)

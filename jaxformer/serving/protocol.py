@@ -13,9 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from jaxformer import chat_template
 from jaxformer.generate import cut_text
-from jaxformer.sampling import Sampling
+from jaxformer.sampling import TOP_LOGPROBS, Sampling
 
-MAX_TOP_LOGPROBS = 20  # OpenAI's bound for chat's top_logprobs
+MAX_TOP_LOGPROBS = TOP_LOGPROBS  # OpenAI's bound for top_logprobs, the compiled step's K
 MAX_STOP = 4  # OpenAI's bound for `stop` (and SchedulerConfig.stop_strings' default)
 MAX_SEED = 2 ** 63 - 1
 
@@ -71,7 +71,8 @@ class SamplingFields(BaseModel):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
 
-    def sampling(self, logprobs: bool) -> Sampling:
+    def sampling(self, logprobs: bool, top_logprobs: int = 0,
+                 prompt_logprobs: bool = False) -> Sampling:
         if self.logit_bias:
             raise APIError(400, "logit_bias is not supported", "logit_bias")
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -84,7 +85,8 @@ class SamplingFields(BaseModel):
                             presence_penalty=self.presence_penalty,
                             frequency_penalty=self.frequency_penalty,
                             stop_token_ids=tuple(self.stop_token_ids),
-                            stop_strings=tuple(stops), logprobs=logprobs)
+                            stop_strings=tuple(stops), logprobs=logprobs,
+                            top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs)
         except ValueError as e:  # "Sampling.top_p: ..." -> param top_p
             field = str(e).split(":")[0].removeprefix("Sampling.")
             raise APIError(400, str(e), field) from None

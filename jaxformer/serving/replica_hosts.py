@@ -48,6 +48,7 @@ import types
 from typing import Sequence
 
 import jax
+import numpy as np
 
 from jaxformer.sampling import Sampling
 from jaxformer.serving import multihost
@@ -296,8 +297,10 @@ class HostReplicaScheduler:
                 continue
             n = self._sent.get(i, 0)
             if len(h.tokens) > n or h.done:
-                reqs.append([i, h.tokens[n:], h.logprobs[n:], h.status if h.done else None,
-                             h.reason])
+                # the prompt's log-probs (echo) once, with the request's end
+                prompt = h.prompt_logprobs if h.done else None
+                reqs.append([i, h.tokens[n:], h.logprobs[n:], h.top_logprobs[n:],
+                             h.status if h.done else None, h.reason, prompt])
             self._sent[i] = len(h.tokens)
         for i in [i for i, (h, _) in self._known.items() if h.done]:
             del self._known[i]
@@ -317,13 +320,16 @@ class HostReplicaScheduler:
             msg = json.loads(blob)
             for d, stats in msg["replicas"]:
                 self._remote[d].update(stats)
-            for i, toks, lps, status, reason in msg["requests"]:
+            for i, toks, lps, tops, status, reason, prompt in msg["requests"]:
                 h = self._owner.get(i, (None,))[0]
                 if h is None or h.done:
                     continue
                 if toks:
                     h.status = RUNNING
-                    h._emit(toks, lps)
+                    h._emit(toks, lps, _top_arrays(tops))
+                if prompt is not None:
+                    h.prompt_logprobs = [None if e is None else (e[0], [tuple(a) for a in e[1]])
+                                         for e in prompt]
                 if status is not None:
                     h._end(status, reason)
 
@@ -340,3 +346,16 @@ class HostReplicaScheduler:
             h._end(status, reason)
         self._waiting.clear()
         self._idle.set()
+
+
+def _top_arrays(rows: list) -> tuple[np.ndarray, np.ndarray]:
+    """Per token, its reported alternatives [(id, log-prob), ...] back as Handle._emit's
+    (ids [n, K], log-probs [n, K]), ranks past a row's own at -inf (alternatives() drops
+    them)."""
+    K = max((len(r) for r in rows), default=0)
+    ids = np.zeros((len(rows), K), np.int32)
+    lps = np.full((len(rows), K), -np.inf, np.float32)
+    for t, r in enumerate(rows):
+        for j, (a, v) in enumerate(r):
+            ids[t, j], lps[t, j] = a, v
+    return ids, lps

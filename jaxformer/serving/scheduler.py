@@ -38,7 +38,7 @@ import numpy as np
 from jaxformer import sharding as shd
 from jaxformer.engine import Engine, EngineConfig
 from jaxformer.models.stages import num_microbatches
-from jaxformer.sampling import GREEDY, Sampling
+from jaxformer.sampling import GREEDY, Sampling, alternatives
 from jaxformer.serving import multihost
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,12 @@ class QueueFull(RuntimeError):
 @dataclasses.dataclass
 class RequestOutput:
     """tokens: generated ids (a stop token included); logprobs: of each token;
-    status: finished / aborted / failed; reason: "stop", "length", "abort" or the error."""
+    status: finished / aborted / failed; reason: "stop", "length", "abort" or the error;
+    top_logprobs: per token, its Sampling.top_logprobs most likely (id, log-prob) pairs,
+    best first, as the compiled step computed them (empty lists when not asked);
+    prompt_logprobs (Sampling.prompt_logprobs, under the paged scheduler; else None): per
+    prompt position, None for the first, then (log-prob of the token given its prefix, its
+    top_logprobs alternatives) from the chunked prefill."""
     id: int
     tokens: list[int]
     logprobs: list[float]
@@ -84,6 +89,8 @@ class RequestOutput:
     reason: str
     prompt_tokens: int
     times: dict
+    top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
+    prompt_logprobs: list | None = None
 
 
 class Handle:
@@ -97,6 +104,8 @@ class Handle:
         self.seed, self.ignore_eos = seed, ignore_eos
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
+        self.top_logprobs: list[list[tuple[int, float]]] = []  # per token (RequestOutput)
+        self.prompt_logprobs: list | None = None  # per prompt position (RequestOutput)
         self.status, self.reason = WAITING, ""
         self.times = {"submitted": time.perf_counter()}
         self._events: queue.Queue = queue.Queue()
@@ -114,7 +123,10 @@ class Handle:
         if not self._done.wait(timeout):
             raise TimeoutError(f"request {self.id} not done after {timeout} s")
         return RequestOutput(self.id, list(self.tokens), list(self.logprobs), self.status,
-                             self.reason, len(self.prompt), dict(self.times))
+                             self.reason, len(self.prompt), dict(self.times),
+                             list(self.top_logprobs),
+                             None if self.prompt_logprobs is None else
+                             list(self.prompt_logprobs))
 
     def abort(self) -> None:
         self._sched.abort(self)
@@ -124,14 +136,32 @@ class Handle:
         return self._done.is_set()
 
     # ---- the loop's side ------------------------------------------------------------------
-    def _emit(self, toks: Sequence[int], lps: Sequence[float]) -> None:
+    def _emit(self, toks: Sequence[int], lps: Sequence[float], top=None) -> None:
+        """New tokens, their log-probs and top: (ids [n, K], log-probs [n, K]) their
+        alternatives (Engine.top's rows) or None (the engine keeps none)."""
         if toks:
             self.times.setdefault("first_token", time.perf_counter())
+            self.top_logprobs.extend(alternatives(self.sampling.top_logprobs, len(toks), top))
             self.tokens.extend(toks)
             self.logprobs.extend(lps)
             self._events.put(list(toks))
             if self._listener is not None:
                 self._listener()
+
+    def _prompt_logprobs(self, start: int, n: int, prompt) -> None:
+        """A prefill chunk's prompt log-probs: its columns c < n predict positions
+        start + c + 1 (prompt = (log-probs [C], ids [C, K], log-probs [C, K]), ChunkOut's);
+        positions past the prompt (a resumed request's generated tokens) are not kept."""
+        P = len(self.prompt)
+        if self.prompt_logprobs is None:
+            self.prompt_logprobs = [None] * P
+        chosen, ids, lps = prompt
+        k = self.sampling.top_logprobs
+        for c in range(n):
+            p = start + c + 1
+            if p < P:
+                alts = alternatives(k, 1, (ids[c:c + 1], lps[c:c + 1]))[0]
+                self.prompt_logprobs[p] = (float(chosen[c]), alts)
 
     def _end(self, status: str, reason: str) -> None:
         if self._done.is_set():
@@ -142,6 +172,11 @@ class Handle:
         self._done.set()
         if self._listener is not None:
             self._listener()
+
+
+def asks_top(handles) -> bool:
+    """Whether any of these requests wants alternatives (Engine.top is worth fetching)."""
+    return any(h is not None and h.sampling.top_logprobs for h in handles)
 
 
 def submission(front, check, prompt, sampling, max_new, seed, ignore_eos, listener,
@@ -373,6 +408,7 @@ class Scheduler:
                                                 ignore_eos=batch[0][1].ignore_eos)
             pre = fn(*args)
             toks, lps = self.engine.tokens(pre)
+            top = self.engine.top(pre) if asks_top(h for _, h in batch) else None
             done = np.asarray(pre.done)
             rows = list(range(len(batch)))
             self._state = self.engine.insert(self._state, pre, [s for s, _ in batch])
@@ -387,7 +423,8 @@ class Scheduler:
             slot, h = batch[r]
             h.status = RUNNING
             self._slots[slot] = h
-            h._emit([int(toks[r, 0])], [float(lps[r, 0])])
+            h._emit([int(toks[r, 0])], [float(lps[r, 0])],
+                    None if top is None else (top[0][r, :1], top[1][r, :1]))
             if done[r]:
                 self._finish(slot)
 
@@ -395,6 +432,7 @@ class Scheduler:
         try:
             self._state = self.engine.step(self._state, self.config.steps_per_tick)
             toks, lps = self.engine.tokens(self._state)
+            top = self.engine.top(self._state) if asks_top(self._slots) else None
             done = np.asarray(self._state.done)
         except Exception as e:  # noqa: BLE001
             log.warning("decode step failed: %s", e)
@@ -405,7 +443,8 @@ class Scheduler:
             if h is None:
                 continue
             got = toks[slot] >= 0
-            h._emit(toks[slot][got].tolist(), lps[slot][got].tolist())
+            h._emit(toks[slot][got].tolist(), lps[slot][got].tolist(),
+                    None if top is None else (top[0][slot][got], top[1][slot][got]))
             if done[slot]:
                 self._finish(slot)
 
