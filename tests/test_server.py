@@ -376,14 +376,20 @@ def _wait_for(cond, timeout=30.0):
 @contextlib.contextmanager
 def loop_gate(sched, delay=0.0):
     """Hold the scheduler's step loop: each tick first waits for the gate (open: after
-    `delay` seconds), so a test sees a request mid-flight or a queue that does not drain."""
-    gate, tick = threading.Event(), sched.tick
+    `delay` seconds), so a test sees a request mid-flight or a queue that does not drain.
+    With delay None it yields once the loop waits at the gate: a tick already under way
+    when the gate went in (the loop is busy under load) has ended, so it takes nothing
+    that the test sends next."""
+    gate, tick, held = threading.Event(), sched.tick, threading.Event()
 
     def gated():
+        held.set()
         gate.wait(30) if delay is None else time.sleep(delay)
         return tick()
     sched.tick = gated
     try:
+        if delay is None:  # an idle loop ticks every 50 ms: it reaches the gate soon
+            assert held.wait(30), "the scheduler's loop did not reach the gate"
         yield gate
     finally:
         gate.set()
