@@ -174,6 +174,16 @@ class Handle:
             self._listener()
 
 
+def drain(inbox: queue.Queue) -> list:
+    """Everything in a scheduler's inbox now, oldest first (its (kind, handle) events)."""
+    events = []
+    while True:
+        try:
+            events.append(inbox.get_nowait())
+        except queue.Empty:
+            return events
+
+
 def asks_top(handles) -> bool:
     """Whether any of these requests wants alternatives (Engine.top is worth fetching)."""
     return any(h is not None and h.sampling.top_logprobs for h in handles)
@@ -325,16 +335,8 @@ class Scheduler:
             self._idle.set()
         return busy
 
-    def _drain(self) -> list[tuple[str, Handle]]:
-        events = []
-        while True:
-            try:
-                events.append(self._inbox.get_nowait())
-            except queue.Empty:
-                return events
-
     def _take_inbox(self) -> None:
-        events = self._drain()
+        events = drain(self._inbox)
         if self._hosts > 1:
             events = self._broadcast(events)
         for kind, h in events:
