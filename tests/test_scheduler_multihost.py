@@ -20,6 +20,7 @@ from jaxformer.config import ModelConfig
 from jaxformer.serving import multihost
 from jaxformer.serving.replica_hosts import HostReplicaScheduler
 from jaxformer.serving.replicas import replica_processes
+from jaxformer.serving.scheduler import Scheduler
 from pipeline_models import LLAMA
 from scheduler_burst import CONFIG, REPLICA_MAXN, REPLICA_PROMPTS, burst
 from test_distributed import finish, free_port, result, start
@@ -101,12 +102,21 @@ def test_replicas_sharing_processes_over_several_are_refused_in_one_line():
                f"replica over several processes needs them to itself" in str(e.value)
 
 
-def test_a_failed_collective_fails_what_is_pending_and_ends_the_loop(monkeypatch):
+@pytest.mark.parametrize("front", ["replicas", "one scheduler"])
+def test_a_failed_collective_fails_what_is_pending_and_ends_the_loop(monkeypatch, front):
     """A tick's collective that fails (a process died: gloo's connection reset) ends the
-    loop with the reason, and the requests of process 0 fail with it instead of waiting."""
-    model = jf.Model.random(ModelConfig(**LLAMA),
-                            jf.make_mesh(data=2, devices=jax.devices()[:2]), seed=1)
-    sched = HostReplicaScheduler(model, CONFIG)
+    loop with the reason, and the requests of process 0 fail with it instead of waiting:
+    the replicas' front, and one scheduler over several processes (here one process that
+    acts as process 0 of two)."""
+    if front == "replicas":
+        model = jf.Model.random(ModelConfig(**LLAMA),
+                                jf.make_mesh(data=2, devices=jax.devices()[:2]), seed=1)
+        sched = HostReplicaScheduler(model, CONFIG)
+    else:
+        model = jf.Model.random(ModelConfig(**LLAMA), jf.make_mesh(devices=jax.devices()[:1]),
+                                seed=1)
+        sched = Scheduler(model, CONFIG)
+        sched._hosts = 2  # its ticks broadcast as process 0's do
 
     def lost(events, stop):
         raise RuntimeError("Gloo all-reduce failed: Connection reset by peer")

@@ -53,9 +53,9 @@ import numpy as np
 from jaxformer.sampling import Sampling
 from jaxformer.serving import multihost
 from jaxformer.serving.paged_scheduler import PagedConfig, PagedScheduler
-from jaxformer.serving.replicas import replica_models, replica_processes
+from jaxformer.serving.replicas import ReplicaFront, replica_models, replica_processes
 from jaxformer.serving.scheduler import (ABORTED, FAILED, RUNNING, Handle, Scheduler,
-                                         SchedulerConfig, submission)
+                                         SchedulerConfig, drain, submission)
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def _stats(r: Scheduler) -> dict:
     return out
 
 
-class HostReplicaScheduler:
+class HostReplicaScheduler(ReplicaFront):
     """One front on process 0 over data-parallel replicas on several processes (module
     docstring). The callers' side is ReplicaScheduler's, on process 0; every process
     constructs it, warms it up and starts it, and the others join() until process 0 stops."""
@@ -142,9 +142,6 @@ class HostReplicaScheduler:
     def _check(self, prompt, sampling, max_new) -> list[int]:
         return Scheduler._check(self, prompt, sampling, max_new)  # reads model and config
 
-    def abort(self, handle: Handle) -> None:
-        self._inbox.put(("abort", handle))
-
     def warmup(self, compile_workers: int = 1) -> list[dict]:
         """Compile every shape of this process's paged replicas (PagedScheduler.warmup),
         then the collectives of a tick. Every process calls it, before start()."""
@@ -172,37 +169,13 @@ class HostReplicaScheduler:
         for r in self.local.values():
             r.stop(timeout)
 
-    def join(self, timeout: float | None = None) -> bool:
-        """Block until the loop's thread ends (process 0's loop stopped); whether it did."""
-        t = self._thread
-        if t is not None:
-            t.join(timeout)
-        return t is None or not t.is_alive()
-
-    def wait_idle(self, timeout: float | None = None) -> bool:
-        return self._idle.wait(timeout)
+    join = Scheduler.join  # until the loop's thread ends: process 0's loop stopped
 
     @property
     def replicas(self) -> list:
         """Per replica: its Scheduler where this process runs it, else a RemoteReplica."""
         return [self.local[d] if d in self.local else self._remote[d]
                 for d in range(len(self.groups))]
-
-    @property
-    def running(self) -> int:
-        return sum(r.running for r in self.replicas)
-
-    @property
-    def waiting(self) -> int:
-        return len(self._waiting) + self._inbox.qsize() + sum(r.waiting for r in self.replicas)
-
-    @property
-    def pools(self) -> list:
-        return [getattr(r, "pool", None) for r in self.replicas]
-
-    @property
-    def preemptions(self) -> int:
-        return sum(getattr(r, "preemptions", 0) for r in self.replicas)
 
     # ---- the loop ---------------------------------------------------------------------------
     def _run(self) -> None:
@@ -242,11 +215,7 @@ class HostReplicaScheduler:
     def _route(self) -> list:
         """Process 0: the tick's news: aborts, and waiting requests handed to replicas."""
         events = []
-        while True:
-            try:
-                kind, h = self._inbox.get_nowait()
-            except queue.Empty:
-                break
+        for kind, h in drain(self._inbox):
             if kind == "submit":
                 self._waiting.append(h)
             elif h.id in self._owner:
@@ -335,11 +304,7 @@ class HostReplicaScheduler:
 
     def _end_all(self, status: str, reason: str) -> None:
         """Process 0: every request not ended yet ends with (status, reason)."""
-        while True:
-            try:
-                kind, h = self._inbox.get_nowait()
-            except queue.Empty:
-                break
+        for kind, h in drain(self._inbox):
             if kind == "submit":
                 h._end(status, reason)
         for h in list(self._waiting) + [h for h, _ in self._owner.values()]:

@@ -43,7 +43,7 @@ from jaxformer import sharding as shd
 from jaxformer.sampling import Sampling
 from jaxformer.serving.paged_scheduler import PagedConfig, PagedScheduler
 from jaxformer.serving.scheduler import (ABORTED, WAITING, Handle, Scheduler,
-                                         SchedulerConfig, submission)
+                                         SchedulerConfig, drain, submission)
 
 
 def replica_processes(devices) -> list[tuple[int, ...]]:
@@ -119,7 +119,34 @@ def _onto(x: jax.Array, sub) -> jax.Array:
     return jax.make_array_from_single_device_arrays(x.shape, target, shards)
 
 
-class ReplicaScheduler:
+class ReplicaFront:
+    """What a front over data-parallel replicas shows its callers whatever runs the
+    replicas: `replicas` (each a Scheduler, or what stands for one), `_inbox` and
+    `_waiting` (the front's own queue) and `_idle` come from the subclass."""
+
+    abort = Scheduler.abort  # these read only _inbox, _idle and tick()
+    wait_idle = Scheduler.wait_idle
+    run_until_idle = Scheduler.run_until_idle
+
+    @property
+    def running(self) -> int:
+        return sum(r.running for r in self.replicas)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting) + self._inbox.qsize() + sum(r.waiting for r in self.replicas)
+
+    @property
+    def pools(self) -> list:
+        """Each replica's PagePool (None for a contiguous one)."""
+        return [getattr(r, "pool", None) for r in self.replicas]
+
+    @property
+    def preemptions(self) -> int:
+        return sum(getattr(r, "preemptions", 0) for r in self.replicas)
+
+
+class ReplicaScheduler(ReplicaFront):
     """One scheduler front over one Scheduler (or PagedScheduler, given `paged`) per
     data-parallel replica (module docstring). The callers' side is Scheduler's: submit,
     abort, start / stop, tick / run_until_idle, wait_idle, running, waiting."""
@@ -153,9 +180,6 @@ class ReplicaScheduler:
         return submission(self, self.replicas[0]._check, prompt, sampling, max_new_tokens,
                           seed, ignore_eos, listener, self.waiting)
 
-    def abort(self, handle: Handle) -> None:
-        self._inbox.put(("abort", handle))
-
     def warmup(self, compile_workers: int = 1) -> list[dict]:
         """Compile every replica's shapes before the first request (paged replicas,
         PagedScheduler.warmup; a contiguous Scheduler compiles on first use). Call before
@@ -188,9 +212,6 @@ class ReplicaScheduler:
         for r in self.replicas:
             r.stop(timeout)
 
-    def wait_idle(self, timeout: float | None = None) -> bool:
-        return self._idle.wait(timeout)
-
     def tick(self) -> bool:
         """Route, then one tick of every replica. Returns whether work remains."""
         with self._lock:
@@ -198,27 +219,6 @@ class ReplicaScheduler:
         for r in self.replicas:
             r.tick()
         return self._busy()
-
-    def run_until_idle(self) -> None:
-        while self.tick():
-            pass
-
-    @property
-    def running(self) -> int:
-        return sum(r.running for r in self.replicas)
-
-    @property
-    def waiting(self) -> int:
-        return len(self._waiting) + self._inbox.qsize() + sum(r.waiting for r in self.replicas)
-
-    @property
-    def pools(self) -> list:
-        """Each replica's PagePool (paged replicas only)."""
-        return [r.pool for r in self.replicas]
-
-    @property
-    def preemptions(self) -> int:
-        return sum(getattr(r, "preemptions", 0) for r in self.replicas)
 
     # ---- the loop -------------------------------------------------------------------------
     def _run(self, replica: Scheduler) -> None:
@@ -237,11 +237,7 @@ class ReplicaScheduler:
         return busy
 
     def _take_inbox(self) -> None:
-        while True:
-            try:
-                kind, h = self._inbox.get_nowait()
-            except queue.Empty:
-                return
+        for kind, h in drain(self._inbox):
             if kind == "submit":
                 self._waiting.append(h)
             elif h.id in self._owner:

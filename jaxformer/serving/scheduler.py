@@ -174,6 +174,16 @@ class Handle:
             self._listener()
 
 
+def drain(inbox: queue.Queue) -> list:
+    """Everything in a scheduler's inbox now, oldest first (its (kind, handle) events)."""
+    events = []
+    while True:
+        try:
+            events.append(inbox.get_nowait())
+        except queue.Empty:
+            return events
+
+
 def asks_top(handles) -> bool:
     """Whether any of these requests wants alternatives (Engine.top is worth fetching)."""
     return any(h is not None and h.sampling.top_logprobs for h in handles)
@@ -223,6 +233,7 @@ class Scheduler:
         self._hosts = jax.process_count()
         self._known: dict[int, Handle] = {}  # request id -> handle, for broadcast aborts
         self._halted = False  # process 0's loop stopped (several processes)
+        self.error = ""  # why the loop ended early (several processes: one was lost)
 
     def _make_engine(self) -> Engine:
         c = self.config
@@ -300,9 +311,12 @@ class Scheduler:
     # ---- the loop ---------------------------------------------------------------------------
     def _run(self) -> None:
         if self._hosts > 1:  # every tick is a collective: the loop ends when process 0's does
-            while not self._halted:
-                if not self.tick():
-                    time.sleep(0.01)
+            try:
+                while not self._halted:
+                    if not self.tick():
+                        time.sleep(0.01)
+            except Exception as e:  # noqa: BLE001 - a collective failed: a process is gone
+                self._lost(e)
             return
         while not self._stop.is_set():
             if not self.tick():
@@ -311,6 +325,20 @@ class Scheduler:
                 except queue.Empty:
                     continue
                 self._inbox.put(item)
+
+    def _lost(self, e: Exception) -> None:
+        """Several processes, a tick's collective failed: the loop ends with `error` set
+        (the server stops on it), and every request of this process fails with it rather
+        than wait for a process that is gone."""
+        self.error = (f"process {jax.process_index()}: the scheduler's lockstep tick failed "
+                      f"(a process stopped or died?): {type(e).__name__}: {e}")
+        log.error("%s", self.error)
+        self._halted = True
+        ended = [h for kind, h in drain(self._inbox) if kind == "submit"]
+        for h in ended + list(self._waiting) + [h for h in self._slots if h is not None]:
+            h._end(FAILED, self.error)
+        self._waiting.clear()
+        self._idle.set()
 
     def tick(self) -> bool:
         """One round: take requests and aborts, admit, decode. Returns whether work remains."""
@@ -325,16 +353,8 @@ class Scheduler:
             self._idle.set()
         return busy
 
-    def _drain(self) -> list[tuple[str, Handle]]:
-        events = []
-        while True:
-            try:
-                events.append(self._inbox.get_nowait())
-            except queue.Empty:
-                return events
-
     def _take_inbox(self) -> None:
-        events = self._drain()
+        events = drain(self._inbox)
         if self._hosts > 1:
             events = self._broadcast(events)
         for kind, h in events:
