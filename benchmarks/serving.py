@@ -152,6 +152,7 @@ def run_engine(model, w: Workload, ps, args, prefix_caching=True, news=None,
     ttft = np.asarray([o.times["first_token"] - t0 for o in outs])
     row = dict(seconds=dt, tok_s=sum(news) / dt, ttft_p50_s=float(np.median(ttft)),
                preemptions=sched.preemptions, prefix_hit_tokens=sched.pool.prefix_hit_tokens,
+               prefill_fill=sched.prefill_real / max(1, sched.prefill_computed),
                compiles=len(compiles), **info)
     sched.stop()
     del sched
@@ -358,7 +359,7 @@ def report(r: dict) -> None:
     print(f"{'continuous (paged)':<28}{e['seconds']:>9.2f}{e['tok_s']:>10.0f}{'1.00':>8}"
           f"   {e['of_roofline']:.0%} of roofline; warmup {e['warmup_s']:.0f} s "
           f"({e['shapes']} shapes, {e['compiles']} compiles after), {e['pages']} pages, "
-          f"{e['preemptions']} preemptions, "
+          f"{e['preemptions']} preemptions, prefill calls {e['prefill_fill']:.0%} real tokens, "
           f"TTFT p50 {e['ttft_p50_s']:.2f} s")
     for name, label in (("overlap", "continuous, overlapped"),
                         ("prefix_off", "prefix caching off"), ("chunked", "generate() chunks"),

@@ -84,6 +84,22 @@ def test_preemption_prefix_sharing_and_chunks_decode_as_alone(model, monkeypatch
     sched.pool.check_invariants()
 
 
+def test_prefill_call_shape_prefills_the_most_tokens(model):
+    """The tick's prefill call takes the compiled shape (b rows x C columns, b x C <= 32
+    here, C in 4 / 8 / 16) that prefills the most of the remaining prompts, oldest first
+    and min(rest, C) tokens each, then the smallest such shape (worked out by hand)."""
+    sched = PagedScheduler(model, SchedulerConfig(slots=16, max_length=64),
+                           PagedConfig(page_size=4, num_pages=40, prefill_tokens=32, chunk=16,
+                                       min_chunk=4))
+    assert sched._call_shape([30]) == (1, 16)  # one long prompt: its widest chunk
+    # six 5-token prompts: 8 x 4 prefills 24 of them (4 x 8 would hold only four: 20)
+    assert sched._call_shape([5] * 6) == (8, 4)
+    # a long one and three short: 2 x 16 prefills 16 + 3 (4 x 8 would: 8 + 3 + 3 + 3 = 17)
+    assert sched._call_shape([30, 3, 3, 3]) == (2, 16)
+    # 9 tokens in every shape of 4 rows or more: the smallest, 4 x 4
+    assert sched._call_shape([3, 3, 3]) == (4, 4)
+
+
 def test_aborts_oversized_requests_and_pages_come_back(model):
     sched = PagedScheduler(model, SchedulerConfig(slots=8, max_length=64, steps_per_tick=2),
                            PagedConfig(page_size=4, num_pages=12, prefill_tokens=32))

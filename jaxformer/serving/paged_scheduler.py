@@ -6,11 +6,12 @@
 The same callers' side as Scheduler (submit / stream / result / abort from any thread). Each
 tick the loop:
 1. takes new requests and aborts;
-2. builds one prefill call under a token budget: the next chunk of every prompt being
-   prefilled, then new requests admitted into free slots while the pool has the pages their
-   prompt needs (a prompt's cached prefix, found by its hashed full blocks, is shared and not
-   computed again), so a long prompt never stalls the running requests for more than one
-   chunk;
+2. builds one prefill call of a compiled shape, rows x columns within a token budget: the
+   shape that prefills the most prompt tokens (padding costs as much as a token), filled
+   with the next chunk of every prompt being prefilled, then of new requests admitted into
+   free slots while the pool has the pages their prompt needs (a prompt's cached prefix,
+   found by its hashed full blocks, is shared and not computed again), so a long prompt
+   never stalls the running requests for more than one chunk;
 3. gives every decoding request the pages its next tokens need, preempting the most recently
    admitted requests (their pages released, themselves back at the head of the queue, later
    recomputed from prompt + tokens so far, mostly from the prefix cache) when the pool runs
@@ -32,6 +33,7 @@ tokens to be recomputed from them).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Sequence
 
 import numpy as np
@@ -87,6 +89,8 @@ class PagedScheduler(Scheduler):
         # slot -> (cached tokens, prompt length): penalty state to rebuild before its prefill
         self._history: dict[int, tuple[list[int], int]] = {}
         self.preemptions = 0
+        # prompt tokens prefilled, and the rows x columns the calls computed for them
+        self.prefill_real = self.prefill_computed = 0
         # overlap: calls whose tokens the host has not read yet, oldest first, each
         # (kind, device arrays, {slot: handle} as dispatched, chunks); request id -> tokens
         # its row generated on the device that its handle does not hold yet
@@ -123,22 +127,30 @@ class PagedScheduler(Scheduler):
     def _admit(self) -> None:
         if self._state is None:
             self._state = self.engine.init_state()
-        budget = self.paged.prefill_tokens
-        chunks = []
-        for slot in self._prefilling:
-            if budget <= 0 or not self._chunk(slot, budget, chunks):
-                break
-            budget -= len(chunks[-1].ids)
         free = self._free_slots()
-        while budget > 0 and free and self._waiting and self._room(chunks):
+        # what is left to prefill of the prompts being prefilled, then of the waiting
+        # requests that free slots could take (their cached prefix not yet deducted)
+        rest = [len(self._seq(self._slots[s])) - self._next[self._slots[s].id]
+                for s in self._prefilling]
+        rest += [len(self._seq(h)) for h in itertools.islice(self._waiting, len(free))]
+        if not rest:
+            return
+        b, C = self._call_shape(rest)
+        chunks = []
+        for slot in self._prefilling[:b]:
+            self._chunk(slot, C, chunks)
+        while len(chunks) < b and free and self._waiting:
             h = self._waiting[0]
             if not self._place(h, free[0]):
                 break
             self._waiting.popleft()
-            self._chunk(free.pop(0), budget, chunks)  # the room for one more was checked
-            budget -= len(chunks[-1].ids)
+            self._chunk(free.pop(0), C, chunks)
         if not chunks:
             return
+        lengths = [len(ch.ids) for ch in chunks]
+        rows, cols = self.engine.chunk_shape(lengths)
+        self.prefill_real += sum(lengths)
+        self.prefill_computed += rows * cols
         try:
             if self._dirty:  # page tables before the call: a chunk reads its earlier pages
                 self._state = self.engine.set_pages(self._state, self._dirty)
@@ -217,9 +229,19 @@ class PagedScheduler(Scheduler):
         h.status = RUNNING
         return True
 
-    def _room(self, chunks: list) -> bool:
-        """Whether one more chunk (of the fewest columns) still makes a compiled shape."""
-        return self.engine.fits([len(c.ids) for c in chunks] + [1])
+    def _call_shape(self, rest: Sequence[int]) -> tuple[int, int]:
+        """(rows b, columns C) of this tick's prefill call, a compiled shape (b x C within
+        prefill_tokens): the one that prefills the most tokens of these prompts' remaining
+        `rest` (the first b of them, oldest first, min(rest, C) each), and of those the
+        smallest. Padding rows and columns cost as much as real tokens, so a call of short
+        prompts gets short, many rows, and long prompts advance by C at a time."""
+        best = None
+        for C in self.engine.chunk_lengths():
+            for b in self.engine.chunk_rows(C):
+                key = (sum(min(r, C) for r in rest[:b]), -b * C)
+                if best is None or key > best[0]:
+                    best = (key, b, C)
+        return best[1], best[2]
 
     def _chunk(self, slot: int, budget: int, chunks: list) -> bool:
         """Add the next chunk of the slot's prompt: at most budget tokens, and as many as
