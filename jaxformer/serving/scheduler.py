@@ -356,7 +356,12 @@ class Scheduler:
     def _take_inbox(self) -> None:
         events = drain(self._inbox)
         if self._hosts > 1:
-            events = self._broadcast(events)
+            try:
+                events = self._broadcast(events)
+            except Exception:
+                for e in events:  # back where _lost finds them, to end them
+                    self._inbox.put(e)
+                raise
         for kind, h in events:
             if kind == "submit":
                 self._waiting.append(h)
