@@ -101,8 +101,10 @@ if __name__ == "__main__":
     try:
         out = main()
     except Exception as e:  # noqa: BLE001 - reported to the parent test
-        traceback.print_exc()
+        # the line the test reads first: once the other process exits, the coordination
+        # service may abort this one at any moment
         print(f"ERROR {type(e).__name__}: {e}", flush=True)
+        traceback.print_exc()
         sys.stdout.flush()
         os._exit(3)  # skip the atexit shutdown barrier: the other process may be gone
     print("RESULT " + json.dumps(out), flush=True)
