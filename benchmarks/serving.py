@@ -45,7 +45,8 @@ import jaxformer as jf
 from jaxformer import memory
 from jaxformer.models import num_params
 from jaxformer.serving.paged_scheduler import PagedConfig, PagedScheduler
-from jaxformer.serving.scheduler import FINISHED, SchedulerConfig
+from jaxformer.serving.request import FINISHED
+from jaxformer.serving.scheduler import SchedulerConfig
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """jaxformer: huge transformers served sharded over data x pipe x tensor meshes, in JAX."""
 from jaxformer import hub
 from jaxformer.config import ModelConfig, RunConfig, list_presets
-from jaxformer.model import Model, demo_model, enable_compilation_cache, load
+from jaxformer.compilation import enable_compilation_cache
+from jaxformer.model import Model, demo_model, load
 from jaxformer.models import num_params
 from jaxformer.generate import GenerateOutput, generate
 from jaxformer.engine import Engine, EngineConfig

@@ -14,7 +14,6 @@ import functools
 import logging
 import os
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +27,7 @@ from jaxformer import memory
 from jaxformer import progress as pg
 from jaxformer import sharding as shd
 from jaxformer.cache import bucket
+from jaxformer.compilation import Compiled
 from jaxformer.config import ModelConfig, RunConfig
 from jaxformer.distributed import check_mesh
 from jaxformer.embed import embed as _embed
@@ -52,29 +52,6 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh, rules, quantize: str | None = 
     """Shardings of the params tree (quantized as `quantize` says, in the layer layout
     `stages` names: models.param_axes)."""
     return shd.tree_shardings(mesh, param_axes(cfg, quantize, stages), rules)
-
-
-class Compiled:
-    """A model's compiled functions, keyed by a tuple that names the function and every
-    static value that changes its program (sampling features, shapes, cache length); built
-    on first use, never evicted (steady-state serving reuses a fixed set)."""
-
-    def __init__(self):
-        self._fns: dict[tuple, object] = {}
-
-    def get(self, key: tuple, factory):
-        if key not in self._fns:
-            self._fns[key] = factory()
-        return self._fns[key]
-
-    def put(self, key: tuple, value) -> None:
-        self._fns[key] = value
-
-    def __contains__(self, key: tuple) -> bool:
-        return key in self._fns
-
-    def __len__(self) -> int:
-        return len(self._fns)
 
 
 class Model:
@@ -316,32 +293,6 @@ class Model:
 def resolve_layer_loop(mesh: Mesh, layer_loop: str) -> str:
     """RunConfig.layer_loop_on for the platform of the mesh's devices."""
     return RunConfig.layer_loop_on(layer_loop, list(mesh.devices.flat)[0].platform)
-
-
-def enable_compilation_cache(path: str | os.PathLike | None = None) -> str:
-    """Turn on JAX's persistent compilation cache, so a restarted process loads its compiled
-    prefill and decode programs instead of compiling them again.
-
-    path: default $JAXFORMER_CACHE_DIR, else a directory already configured in JAX (left
-    as it is), else ~/.cache/jaxformer/jax. Returns the directory. Every program that took
-    at least a second to compile is stored.
-    """
-    configured = jax.config.jax_compilation_cache_dir
-    if path is None and not os.environ.get("JAXFORMER_CACHE_DIR") and configured:
-        return configured
-    path = Path(path or os.environ.get("JAXFORMER_CACHE_DIR")
-                or Path.home() / ".cache" / "jaxformer" / "jax").expanduser()
-    path.mkdir(parents=True, exist_ok=True)
-    if configured and configured != str(path):
-        try:  # JAX opens its cache once per process: let it open the new directory
-            from jax.experimental.compilation_cache import compilation_cache
-            compilation_cache.reset_cache()
-        except (ImportError, AttributeError):  # pragma: no cover - older layouts
-            pass
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    return str(path)
 
 
 def _run_config(mesh: Mesh, dtype, rules, attention, quantize=None, layer_loop="auto",

@@ -30,12 +30,13 @@ FLOORS = {
     # the runtime
     "jaxformer.params_jit": 3.0, "jaxformer.decode_state": 3.0, "jaxformer.checkpoint": 3.0,
     "jaxformer.memory": 3.0, "jaxformer.hub": 3.0, "jaxformer.memory_plan": 3.0,
-    "jaxformer.quant.params": 3.0,
+    "jaxformer.quant.params": 3.0, "jaxformer.compilation": 3.0,
     "jaxformer.quant.calibrate": 3.0, "jaxformer.pipeline": 3.1, "jaxformer.engine": 3.2,
-    "jaxformer.paged_engine": 3.21,
+    "jaxformer.paged_engine": 3.21, "jaxformer.paged_prefill": 3.21,
     # the scheduler drives the Engine and generate() uses it; its page bookkeeping (pages.py)
     # imports nothing of jaxformer
     "jaxformer.serving": 3.25, "jaxformer.serving.replica_hosts": 3.25,
+    "jaxformer.serving.request": 3.25,
     "jaxformer.beam": 3.3, "jaxformer.generate": 3.4, "jaxformer.embed": 3.45,
     "jaxformer.model": 3.5,
     "jaxformer.__init__": 3.6,

@@ -13,11 +13,12 @@ import pytest
 
 import jaxformer as jf
 from conftest import assert_top_matches, backend_compiles, teacher_forced, teacher_forced_top
-from jaxformer import paged_engine
+from jaxformer import paged_prefill
 from jaxformer.engine import EngineConfig
 from jaxformer.paged_engine import PagedEngine
 from jaxformer.serving.paged_scheduler import PagedConfig, PagedScheduler
-from jaxformer.serving.scheduler import ABORTED, FAILED, FINISHED, SchedulerConfig
+from jaxformer.serving.request import ABORTED, FAILED, FINISHED
+from jaxformer.serving.scheduler import SchedulerConfig
 
 GREEDY_LP = jf.Sampling(temperature=0, logprobs=True)
 TOPS = (20, 0, 3, 0)  # request i asks for TOPS[i % 4] alternatives per token
@@ -35,7 +36,7 @@ def test_preemption_prefix_sharing_and_chunks_decode_as_alone(model, monkeypatch
     log-probs of a teacher-forced pass, top log-probs and prompt log-probs too; overlap: the
     host reads each call's tokens while the next runs, the same results."""
     # prompt log-probs in blocks of 4 columns (a 16-token chunk: a scan of 4 blocks)
-    monkeypatch.setattr(paged_engine, "PROMPT_LOGIT_ROWS", 4)
+    monkeypatch.setattr(paged_prefill, "PROMPT_LOGIT_ROWS", 4)
     rng = np.random.default_rng(0)
     sched = PagedScheduler(model, SchedulerConfig(slots=4, max_length=64, steps_per_tick=3),
                            PagedConfig(page_size=4, num_pages=15, prefill_tokens=24,
@@ -123,7 +124,7 @@ def test_warmup_compiles_every_shape_and_partial_batches_decode_exactly(model, m
     batch using only its first slots (the decode runs the first 4 of 8 rows) stays exact;
     so do the prompt log-probs of every other request (their lax.cond branch compiled with
     each shape), computed in blocks of several rows and columns."""
-    monkeypatch.setattr(paged_engine, "PROMPT_LOGIT_ROWS", 4)  # (2, 8): 4 blocks of [2, 2]
+    monkeypatch.setattr(paged_prefill, "PROMPT_LOGIT_ROWS", 4)  # (2, 8): 4 blocks of [2, 2]
     echo = jf.Sampling(temperature=0, logprobs=True, top_logprobs=2, prompt_logprobs=True)
     sched = PagedScheduler(model, SchedulerConfig(slots=8, max_length=48, steps_per_tick=2),
                            PagedConfig(page_size=4, num_pages=40, prefill_tokens=32, chunk=16,

@@ -9,8 +9,8 @@ import pytest
 
 import jaxformer as jf
 from conftest import teacher_forced
-from jaxformer.serving.scheduler import (ABORTED, FAILED, FINISHED, QueueFull, Scheduler,
-                                         SchedulerConfig)
+from jaxformer.serving.request import ABORTED, FAILED, FINISHED, QueueFull
+from jaxformer.serving.scheduler import Scheduler, SchedulerConfig
 
 GREEDY_LP = jf.Sampling(temperature=0, logprobs=True)
 

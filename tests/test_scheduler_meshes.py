@@ -16,7 +16,8 @@ import jaxformer as jf
 from conftest import assert_top_matches, backend_compiles, teacher_forced, teacher_forced_top
 from jaxformer.serving.paged_scheduler import PagedConfig, PagedScheduler
 from jaxformer.serving.replicas import ReplicaScheduler
-from jaxformer.serving.scheduler import ABORTED, FINISHED, Scheduler, SchedulerConfig
+from jaxformer.serving.request import ABORTED, FINISHED
+from jaxformer.serving.scheduler import Scheduler, SchedulerConfig
 
 GREEDY_LP = jf.Sampling(temperature=0, logprobs=True)
 TOP_LP = jf.Sampling(temperature=0, logprobs=True, top_logprobs=20)  # requests 0, 2, ...

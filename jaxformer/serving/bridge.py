@@ -32,7 +32,8 @@ from jaxformer.serving.paged_scheduler import PagedConfig, PagedScheduler
 from jaxformer.serving.protocol import APIError
 from jaxformer.serving.replica_hosts import HostReplicaScheduler
 from jaxformer.serving.replicas import ReplicaScheduler
-from jaxformer.serving.scheduler import FAILED, FINISHED, QueueFull, SchedulerConfig
+from jaxformer.serving.request import FAILED, FINISHED, QueueFull
+from jaxformer.serving.scheduler import SchedulerConfig
 
 log = logging.getLogger(__name__)
 

@@ -42,8 +42,8 @@ from jaxformer.decode_state import STOP_WINDOW
 from jaxformer.engine import EngineConfig
 from jaxformer.paged_engine import Chunk, PagedEngine
 from jaxformer.serving.pages import BlockTable, PagePool
-from jaxformer.serving.scheduler import (FAILED, RUNNING, WAITING, Handle, Scheduler,
-                                         SchedulerConfig, asks_top, log)
+from jaxformer.serving.request import FAILED, RUNNING, WAITING, Handle, asks_top
+from jaxformer.serving.scheduler import Scheduler, SchedulerConfig, log
 from jaxformer.sharding import to_host
 
 

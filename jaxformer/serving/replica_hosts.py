@@ -54,8 +54,8 @@ from jaxformer.sampling import Sampling
 from jaxformer.serving import multihost
 from jaxformer.serving.paged_scheduler import PagedConfig, PagedScheduler
 from jaxformer.serving.replicas import ReplicaFront, replica_models, replica_processes
-from jaxformer.serving.scheduler import (ABORTED, FAILED, RUNNING, Handle, Scheduler,
-                                         SchedulerConfig, drain, submission)
+from jaxformer.serving.request import ABORTED, FAILED, RUNNING, Handle, drain, submission
+from jaxformer.serving.scheduler import Scheduler, SchedulerConfig
 
 log = logging.getLogger(__name__)
 

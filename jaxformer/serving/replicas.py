@@ -42,8 +42,8 @@ from jax.sharding import PartitionSpec as P
 from jaxformer import sharding as shd
 from jaxformer.sampling import Sampling
 from jaxformer.serving.paged_scheduler import PagedConfig, PagedScheduler
-from jaxformer.serving.scheduler import (ABORTED, WAITING, Handle, Scheduler,
-                                         SchedulerConfig, drain, submission)
+from jaxformer.serving.request import ABORTED, WAITING, Handle, drain, submission
+from jaxformer.serving.scheduler import Scheduler, SchedulerConfig
 
 
 def replica_processes(devices) -> list[tuple[int, ...]]:
