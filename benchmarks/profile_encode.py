@@ -55,11 +55,32 @@ def hlo_summary(hlo: str) -> dict:
             "epilogues": dict(epilogues), "fusions": dict(fusions)}
 
 
-def profile(preset: str, batch: int, seq: int, dtype: str, packed: bool, top: int) -> None:
+def hlo_sources(hlo: str) -> dict:
+    """{kernel name: (result shape, jax op_name)} for the optimized HLO's instructions: a
+    GPU kernel carries its fusion's name with '.' as '_', so a kernel in the profile can be
+    traced back to the jax operation (and source line) it came from."""
+    out = {}
+    pat = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+(?: \S+)?) \w[\w-]*\(")
+    for line in hlo.splitlines():
+        m = pat.match(line)
+        if m:
+            src = re.search(r'op_name="([^"]*)"', line)
+            out[m.group(1).replace(".", "_").replace("-", "_")] = (
+                m.group(2), src.group(1) if src else "")
+    return out
+
+
+def profile(preset: str, batch: int, seq: int, dtype: str, packed: bool, top: int,
+            hlo_dir: str | None = None) -> None:
     cfg = encode.config(preset)
     model = jf.Model.random(cfg, dtype=dtype, seed=0)
     fn, args, _ = encode.jax_call(model, [seq] * batch, packed)
     hlo = fn.lower(model.params, *args).compile().as_text()
+    if hlo_dir:  # the whole optimized program, for reading offline
+        os.makedirs(hlo_dir, exist_ok=True)
+        with open(os.path.join(hlo_dir, f"{preset}_{batch}x{seq}.hlo.txt"), "w") as f:
+            f.write(hlo)
+    sources = hlo_sources(hlo)
     for _ in range(3):
         jax.block_until_ready(fn(model.params, *args))
     trace = tempfile.mkdtemp()
@@ -86,6 +107,9 @@ def profile(preset: str, batch: int, seq: int, dtype: str, packed: bool, top: in
         print(f"    {k:<10} {ns / 1e6:8.3f} ms  {ns / busy:6.1%}")
     for name, ns in by_name.most_common(top):
         print(f"    {ns / 1e3:9.1f} us  x{count[name]:<4} {kind(name):<9} {name[:90]}")
+        shape, op = sources.get(name, ("", ""))
+        if shape or op:  # what the kernel writes and the jax op it came from
+            print(f"{'':26}-> {shape[:60]}  {op[-110:]}")
     sys.stdout.flush()
 
 
@@ -97,6 +121,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--packed", action="store_true", help="the packed (varseqlen) layout")
     ap.add_argument("--top", type=int, default=15, help="kernels listed by name")
+    ap.add_argument("--hlo", metavar="DIR", help="also write each case's optimized HLO here")
     args = ap.parse_args(argv)
     print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}")
     for case in args.cases:
@@ -105,7 +130,7 @@ def main(argv=None) -> int:
             b, s = int(b), int(s)
         except ValueError:
             ap.error(f"case {case!r}: expected PRESET:BATCH:SEQ, e.g. bert-large:128:384")
-        profile(preset, b, s, args.dtype, args.packed, args.top)
+        profile(preset, b, s, args.dtype, args.packed, args.top, args.hlo)
     return 0
 
 

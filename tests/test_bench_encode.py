@@ -45,6 +45,12 @@ def test_profile_encode_reads_matmul_epilogues_and_runs_on_cpu(capsys):
     assert got == {"matmul calls": 2, "dots left in HLO": 0,
                    "epilogues": {"BIAS_GELU": 1, "DEFAULT": 1},
                    "fusions": {"kLoop": 1, "kInput": 1}}
+    src = profile_encode.hlo_sources(
+        '  %loop_convert_fusion.23 = f16[128,384,4096]{2,1,0} fusion(%g), kind=kLoop, '
+        'calls=%c.5, metadata={op_name="jit(f)/while/body/gelu/convert_element_type"}')
+    # the kernel's name is the fusion's with '.' as '_': traced back to its jax op
+    assert src == {"loop_convert_fusion_23": ("f16[128,384,4096]{2,1,0}",
+                                              "jit(f)/while/body/gelu/convert_element_type")}
     assert profile_encode.kind("sm90_xmma_gemm_f16f16_f16f32") == "matmul"
     assert profile_encode.kind("flash_attention_fwd") == "attention"
     assert profile_encode.kind("loop_add_fusion") == "other"
