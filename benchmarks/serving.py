@@ -43,6 +43,7 @@ import harness
 import serving_load
 import jaxformer as jf
 from jaxformer import memory
+from jaxformer.cli_args import SERVE_GPU_MEMORY, set_gpu_memory
 from jaxformer.models import num_params
 from jaxformer.serving.paged_scheduler import PagedConfig, PagedScheduler
 from jaxformer.serving.request import FINISHED
@@ -242,6 +243,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--page-size", type=int, default=None)
     ap.add_argument("--num-pages", type=int, default=None, help="default: the memory plan")
     ap.add_argument("--device-memory", default=None, help="default: what jax reports")
+    ap.add_argument("--gpu-memory", type=float, default=None, metavar="FRACTION",
+                    help=f"share of the GPU jax takes (default: $XLA_PYTHON_CLIENT_MEM_FRACTION "
+                         f"where set, else {SERVE_GPU_MEMORY}, as jaxformer serve)")
     ap.add_argument("--prefill-tokens", type=int, default=None)
     ap.add_argument("--chunk", type=int, default=None)
     ap.add_argument("--min-chunk", type=int, default=None)
@@ -283,6 +287,7 @@ TINY_ARGS = dict(dtype="float32", page_size=4, prefill_tokens=64, chunk=32, min_
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    set_gpu_memory(args.gpu_memory)  # before anything touches a device
     base = TINY_ARGS if args.tiny else FULL_ARGS
     if args.server and args.tiny:
         base = {**base, **serving_load.TINY_ARGS}

@@ -74,6 +74,22 @@ nonnegative_int = _checked(int, lambda v: v >= 0, "must be an integer >= 0", "no
 finite_float = _checked(float, lambda v: True, "", "finite_float")
 nonnegative_float = _checked(float, lambda v: v >= 0, "must be >= 0", "nonnegative_float")
 positive_float = _checked(float, lambda v: v > 0, "must be > 0", "positive_float")
+fraction = _checked(float, lambda v: 0 < v <= 1, "must be in (0, 1]", "fraction")
+
+# jax takes 75% of each GPU unless told otherwise; a server's page pool is the rest after the
+# weights, so it asks for more (vLLM's default gpu_memory_utilization is 0.9)
+SERVE_GPU_MEMORY = 0.9
+MEM_FRACTION = "XLA_PYTHON_CLIENT_MEM_FRACTION"
+
+
+def set_gpu_memory(value: float | None, default: float = SERVE_GPU_MEMORY) -> None:
+    """jax's share of each GPU (XLA_PYTHON_CLIENT_MEM_FRACTION), which it reads when the
+    backend starts, so this runs before anything touches a device: `value` (a flag) wins,
+    then the variable where already set, then `default`."""
+    if value is not None:
+        os.environ[MEM_FRACTION] = str(value)
+    else:
+        os.environ.setdefault(MEM_FRACTION, str(default))
 
 
 def device_list(s: str) -> list[int]:

@@ -26,8 +26,8 @@ from pathlib import Path
 
 from jaxformer.cli_args import (ATTENTION, DTYPE_HELP, DTYPES, QUANTIZE_HELP, UsageError,
                                 add_distributed, add_mesh, checkpoint_dir, device_list,
-                                init_distributed, positive_float, positive_int, quantize_arg,
-                                quantize_value)
+                                fraction, init_distributed, positive_float, positive_int,
+                                quantize_arg, quantize_value, set_gpu_memory)
 
 _MESH = re.compile(r"^(\d+)x(\d+)x(\d+)(?:@([\d,]+))?$")
 
@@ -69,6 +69,9 @@ def add_parser(sub) -> None:
                    help="KV pages in the pool (default: what the memory plan leaves on the "
                         "model's devices; where device memory is unknown, e.g. on CPU, "
                         "slots x max-length / page-size + 1)")
+    g.add_argument("--gpu-memory", type=fraction, default=None, metavar="FRACTION",
+                   help="share of each GPU jax takes, the page pool sized from it (default: "
+                        "$XLA_PYTHON_CLIENT_MEM_FRACTION where set, else 0.9)")
     g.add_argument("--prefill-tokens", type=positive_int, default=512,
                    help="prompt tokens one tick prefills at most (chunked prefill)")
     g.add_argument("--overlap", action="store_true",
@@ -144,7 +147,8 @@ def cmd_serve(args) -> int:
                             prefill_tokens=args.prefill_tokens, overlap=args.overlap)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    init_distributed(args)  # before anything touches a device
+    set_gpu_memory(args.gpu_memory)  # both before anything touches a device
+    init_distributed(args)
     if not args.no_compile_cache:
         jf.enable_compilation_cache()
     try:

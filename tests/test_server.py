@@ -9,6 +9,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import json
+import os
 import random
 import threading
 import time
@@ -23,7 +24,7 @@ from server_fixtures import ServerThread, metric
 
 import jaxformer as jf
 from jaxformer.cli import _parser
-from jaxformer.cli_args import UsageError
+from jaxformer.cli_args import MEM_FRACTION, UsageError, set_gpu_memory
 from jaxformer.cli_serve import sources
 from jaxformer.serving import openai_api
 from jaxformer.serving.app import create_app
@@ -496,3 +497,18 @@ def test_cli_model_flags():
                      (["--model", "a=demo", "--mesh", "a=1x1x2@0,0"], "distinct device")]:
         with pytest.raises(UsageError, match=msg):
             sources(_parser().parse_args(["serve", *bad]))
+
+
+def test_cli_gpu_memory(monkeypatch):
+    monkeypatch.delenv(MEM_FRACTION, raising=False)
+    set_gpu_memory(None)  # the serving default where nothing is set
+    assert os.environ[MEM_FRACTION] == "0.9"
+    monkeypatch.setenv(MEM_FRACTION, "0.5")
+    set_gpu_memory(None)  # the variable set by the user wins over the default
+    assert os.environ[MEM_FRACTION] == "0.5"
+    args = _parser().parse_args(["serve", "--model", "a=demo", "--gpu-memory", "0.8"])
+    set_gpu_memory(args.gpu_memory)  # and the flag over both
+    assert os.environ[MEM_FRACTION] == "0.8"
+    for bad in ("0", "1.5", "most"):
+        with pytest.raises(UsageError, match="--gpu-memory"):
+            _parser().parse_args(["serve", "--gpu-memory", bad])
