@@ -162,6 +162,77 @@ def test_serving_benchmark_tiny_rows_are_consistent(tmp_path, capsys):
     assert row["overlap"]["compiles"] == 0
 
 
+def test_profile_serving_splits_ticks_and_times_exclusively(monkeypatch):
+    """profile_serving.split_ticks on kernels worked out by hand (busy union clipped to each
+    tick's window, kernels by kind, attention before the prefill call returned counted as
+    prefill), and Clock's exclusive times on a fake clock (a nested call's time leaves its
+    caller's)."""
+    import profile_serving as ps
+    # ns: tick 0 [0, 1000) (its prefill call returned at 400), tick 1 [1000, 1500)
+    events = [(100, 200, "kernel_mosaic_gpu"), (150, 100, "sm90_xmma_gemm_bf16"),
+              (500, 100, "entry_mosaic_gpu"), (650, 50, "input_reduce_fusion"),
+              (950, 100, "dynamic_update_slice_fusion"), (1100, 100, "MemcpyDtoH"),
+              (1300, 400, "entry_mosaic_gpu")]
+    t0, t1 = ps.split_ticks(events, [(0, 900), (1000, 500)], [400])
+    # tick 0: busy 100..300, 500..600, 650..700, 950..1000 (the scatter runs past its end)
+    assert (t0["window"], t0["busy"], t0["idle"], t0["kernels"]) == (1000, 400, 600, 550)
+    assert t0["first_ms"] == 100e-6 and t0["decode_busy"] == 200
+    assert dict(t0["by_kind"]) == {"prefill attention": 200, "matmul": 100,
+                                   "decode attention": 100, "reduce/softmax/sample": 50,
+                                   "gather/scatter": 100}
+    # tick 1, the last: its window ends at its last kernel (1700); 50 ns of tick 0's scatter
+    assert (t1["window"], t1["busy"], t1["idle"], t1["kernels"]) == (700, 550, 150, 500)
+    assert dict(t1["by_kind"]) == {"copy/memcpy/memset": 100, "decode attention": 400}
+    assert t1["decode_busy"] == 500 and t1["count"]["entry_mosaic_gpu"] == 1
+
+    now = [0.0]
+    monkeypatch.setattr(ps.time, "perf_counter", lambda: now[0])
+    clock = ps.Clock()
+
+    def inner():
+        now[0] += 2.0
+
+    def outer(f):
+        now[0] += 1.0
+        f()
+        now[0] += 0.5
+
+    timed_inner = clock.wrap("wait inner", inner)
+    clock.wrap("sched outer", outer)(timed_inner)
+    timed_inner()
+    assert clock.secs == {"sched outer": 1.5, "wait inner": 4.0}
+    assert clock.calls == {"sched outer": 1, "wait inner": 2}
+
+
+def test_profile_serving_tiny_phases_are_consistent(tmp_path, capsys):
+    """benchmarks/profile_serving.py's CPU smoke run of W2 (prefill calls of 2 prompts, so
+    the 8 slots fill over 4 ticks): phase (a) traces ticks that prefill and decode, phase (b)
+    ticks without a prefill call; the host's exclusive parts never add up past the tick's
+    wall time; a CPU trace has no kernels and says so."""
+    import serving
+    import profile_serving as ps
+    out = tmp_path / "phases.json"
+    assert ps.main(["--tiny", "--workload", "w2", "--ticks", "2", "--prefill-tokens", "32",
+                    "--chunk", "16", "--min-chunk", "16", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "not a GPU" in text and "steady decode" in text
+    a, b = json.loads(out.read_text())["phases"][:2]
+    assert (a["phase"], b["phase"]) == ("a", "b")
+    assert a["ticks"] == a["prefill_ticks"] == a["decode_ticks"] == 2
+    assert b["prefill_ticks"] == 0 and b["decode_ticks"] == b["ticks"] >= 1
+    w = serving.TINY["w2"]
+    for p in (a, b):
+        assert p["device"] is None
+        assert 0 < p["live"] <= p["rows"] <= w.slots
+        assert w.prompt[0] <= p["length"] <= w.prompt[0] + w.new
+        parts = {k: v for k, v in p["host_ms"].items() if k != "sched other"}
+        assert all(v >= 0 for v in parts.values())
+        assert sum(parts.values()) <= p["wall_ms"] * (1 + 1e-9)
+        assert parts["dispatch step"] > 0 and parts["wait to_host"] > 0
+    assert a["host_ms"]["dispatch prefill_chunks"] > 0
+    assert "dispatch prefill_chunks" not in b["host_ms"]
+
+
 def test_load_summary_of_hand_made_requests():
     """serving_load.summarize on records worked out by hand: TTFT = first chunk - send,
     inter-token = chunk gaps over the tokens a chunk carries (the request's tokens spread
