@@ -3,6 +3,7 @@ prints a row per shape and mode whose numbers are consistent with each other."""
 import json
 
 import numpy as np
+import pytest
 
 from jaxformer import cli
 
@@ -231,6 +232,31 @@ def test_profile_serving_tiny_phases_are_consistent(tmp_path, capsys):
         assert parts["dispatch step"] > 0 and parts["wait to_host"] > 0
     assert a["host_ms"]["dispatch prefill_chunks"] > 0
     assert "dispatch prefill_chunks" not in b["host_ms"]
+
+
+def test_serving_steady_plan_of_a_hand_worked_schedule():
+    """serving.steady_plan on a scheduler whose every prefill call takes 2 rows x 4 tokens
+    (ticks, tokens and pages worked out by hand): prompts of 6 tokens are prefilled at
+    ticks 2, 2, 4; row i has made 1 + W (P - t_i + 2 + ticks) tokens by the last timed
+    tick and holds pages for W more; the batch is the largest whose pages the pool (less
+    the null page) holds."""
+    import types
+
+    import serving
+    fake = types.SimpleNamespace(_call_shape=lambda rest: (2, 4),
+                                 config=types.SimpleNamespace(steps_per_tick=2),
+                                 paged=types.SimpleNamespace(page_size=4, num_pages=14))
+    assert serving.prefill_ticks(fake, 3, 6) == [2, 2, 4]
+    # 3 rows: made 11, 11, 7 -> pages ceil(19/4) * 2 + ceil(15/4) = 14 > 13
+    # 2 rows: made 7, 7 -> 4 + 4 pages; max_new 1 + W (P + P // 4 + 4 + 2 ticks)
+    assert serving.steady_plan(fake, 3, 6, 1) == dict(batch=2, prefill_ticks=2, pages=8,
+                                                      max_new=17)
+    fake.paged.num_pages = 15
+    assert serving.steady_plan(fake, 3, 6, 1) == dict(batch=3, prefill_ticks=4, pages=14,
+                                                      max_new=23)
+    fake.paged.num_pages = 4  # one row needs 4 pages, the pool holds 3
+    with pytest.raises(ValueError, match="one row of 6 tokens"):
+        serving.steady_plan(fake, 3, 6, 1)
 
 
 def test_load_summary_of_hand_made_requests():
