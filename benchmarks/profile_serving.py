@@ -43,11 +43,13 @@ For each phase it prints:
                  ...; `other` the rest of tick()). Timed by wrapping the engine's and the
                  scheduler's methods on their instances in this script, not in jaxformer/.
 On a CPU there are no device kernels: the device columns say so, the host ones still print.
+--tiny runs serving.py's tiny workload (the demo preset) with 16 new tokens a request.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import os
 import re
@@ -253,6 +255,13 @@ class Driver:
         while self.busy() and self.n < self.args.max_ticks and not ready():
             self.tick()
 
+    def options(self):
+        """The profiler's options: no Python function tracing unless --python-tracer (it
+        records every call of the scheduler's bookkeeping, slowing the traced ticks)."""
+        opts = jax.profiler.ProfileOptions()
+        opts.python_tracer_level = 1 if self.args.python_tracer else 0
+        return opts
+
     def phase(self, name: str) -> dict:
         """--ticks traced ticks, then as many untraced; the trace read back per tick."""
         n = self.args.ticks
@@ -261,7 +270,7 @@ class Driver:
         trace = tempfile.mkdtemp(prefix="profile_serving_")
         traced = []
         try:
-            with jax.profiler.trace(trace):
+            with jax.profiler.trace(trace, profiler_options=self.options()):
                 for i in range(n):
                     if not self.busy():
                         break
@@ -378,7 +387,7 @@ def report(s: dict, steps: int) -> None:
         print(f"  host {label} {sum(groups[g].values()):.2f} ms/tick"
               + (": " + ", ".join(f"{k} {v:.2f}" for k, v in parts) if parts else ""))
     if d is not None:
-        print(f"  top kernels (us/tick, launches/tick):")
+        print("  top kernels (us/tick, launches/tick):")
         for name, us, c, k in d["top"]:
             print(f"    {us:9.1f} us  x{c:<6.1f} {k:<22} {name[:90]}")
     sys.stdout.flush()
@@ -388,12 +397,15 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workload", default="w2", choices=sorted(serving.WORKLOADS))
-    ap.add_argument("--ticks", type=int, default=6, help="traced ticks per phase")
+    ap.add_argument("--ticks", type=int, default=None,
+                    help="traced ticks per phase (default 6; --tiny: 2)")
     ap.add_argument("--max-ticks", type=int, default=2000,
                     help="untraced ticks in all at most before a phase starts anyway")
     ap.add_argument("--no-drain", dest="drain", action="store_false",
                     help="skip phase (c), the drain")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run: the demo preset")
+    ap.add_argument("--python-tracer", action="store_true",
+                    help="also trace Python calls (jax's default; slows the traced ticks)")
     ap.add_argument("--top", type=int, default=15, help="kernels listed by name")
     ap.add_argument("--compile-workers", type=int, default=8,
                     help="threads that compile the warm-up shapes (PagedEngine.precompile)")
@@ -411,12 +423,15 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    args.ticks = args.ticks or (2 if args.tiny else 6)
     if args.ticks < 1:
         parser().error(f"--ticks: must be at least 1, got {args.ticks}")
     for k, v in (serving.TINY_ARGS if args.tiny else serving.FULL_ARGS).items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     w = (serving.TINY if args.tiny else serving.WORKLOADS)[args.workload]
+    if args.tiny:  # requests that live 8 ticks, so each phase finds ticks of its own
+        w = dataclasses.replace(w, new=16)
     ceil = harness.ceilings(args.tiny)
     print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}; measured ceilings: "
           f"copy {ceil['copy_GBps']:.0f} GB/s, bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s")

@@ -27,7 +27,8 @@ batch of requests of the workload's mean length the pool holds through the run (
 or fewer: the row says so), each with new tokens enough to outlive the ticks that prefill
 the later prompts, and times decode ticks only against the roofline of a step at the batch
 and mean length actually timed, and the same windows as bare engine calls of the same rows
-(the scheduler's host time per step is the difference); `single` is one request through the scheduler against batch-1 generate().
+(the scheduler's host time per step is the difference); `single` is one request through the
+scheduler against batch-1 generate().
 """
 from __future__ import annotations
 

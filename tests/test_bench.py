@@ -207,8 +207,9 @@ def test_profile_serving_splits_ticks_and_times_exclusively(monkeypatch):
 
 def test_profile_serving_tiny_phases_are_consistent(tmp_path, capsys):
     """benchmarks/profile_serving.py's CPU smoke run of W2 (prefill calls of 2 prompts, so
-    the 8 slots fill over 4 ticks): phase (a) traces ticks that prefill and decode, phase (b)
-    ticks without a prefill call; the host's exclusive parts never add up past the tick's
+    the 8 slots fill over 4 ticks; 16 new tokens, 8 ticks a request): phase (a) traces
+    ticks that prefill and decode, phase (b) ticks without a prefill call at the full batch,
+    phase (c) the last 4 requests' decode; the host's exclusive parts never add up past the tick's
     wall time; a CPU trace has no kernels and says so."""
     import serving
     import profile_serving as ps
@@ -217,15 +218,17 @@ def test_profile_serving_tiny_phases_are_consistent(tmp_path, capsys):
                     "--chunk", "16", "--min-chunk", "16", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "not a GPU" in text and "steady decode" in text
-    a, b = json.loads(out.read_text())["phases"][:2]
-    assert (a["phase"], b["phase"]) == ("a", "b")
+    a, b, c = json.loads(out.read_text())["phases"]
+    assert (a["phase"], b["phase"], c["phase"]) == ("a", "b", "c")
     assert a["ticks"] == a["prefill_ticks"] == a["decode_ticks"] == 2
-    assert b["prefill_ticks"] == 0 and b["decode_ticks"] == b["ticks"] >= 1
+    for p in (b, c):
+        assert p["prefill_ticks"] == 0 and p["decode_ticks"] == p["ticks"] == 2
+    assert b["live"] == 8 and c["live"] <= 4  # every slot, then at most half of them
     w = serving.TINY["w2"]
-    for p in (a, b):
+    for p in (a, b, c):
         assert p["device"] is None
         assert 0 < p["live"] <= p["rows"] <= w.slots
-        assert w.prompt[0] <= p["length"] <= w.prompt[0] + w.new
+        assert w.prompt[0] <= p["length"] <= w.prompt[0] + 16  # --tiny: 16 new tokens
         parts = {k: v for k, v in p["host_ms"].items() if k != "sched other"}
         assert all(v >= 0 for v in parts.values())
         assert sum(parts.values()) <= p["wall_ms"] * (1 + 1e-9)
