@@ -258,6 +258,8 @@ class Driver:
     def options(self):
         """The profiler's options: no Python function tracing unless --python-tracer (it
         records every call of the scheduler's bookkeeping, slowing the traced ticks)."""
+        if not hasattr(jax.profiler, "ProfileOptions"):  # jax's defaults, then
+            return None
         opts = jax.profiler.ProfileOptions()
         opts.python_tracer_level = 1 if self.args.python_tracer else 0
         return opts
@@ -282,31 +284,42 @@ class Driver:
                 if not self.busy():
                     break
                 untraced.append(self.tick())
-            events = gpu_kernel_events(trace)
-            ticks = [(s, d) for s, d, _ in host_spans(trace, f"{TICK} {name} ")]
-            ends = [s + d for s, d, _ in host_spans(trace, "engine.prefill_chunks")]
-            device = split_ticks(events, ticks, ends) if events and ticks else []
+            ticks = []
+            try:  # a trace this script cannot read still leaves the host columns
+                events = gpu_kernel_events(trace)
+                ticks = [(s, d) for s, d, _ in host_spans(trace, f"{TICK} {name} ")]
+                ends = [s + d for s, d, _ in host_spans(trace, "engine.prefill_chunks")]
+                device = split_ticks(events, ticks, ends) if events and ticks else []
+                if events and not ticks:
+                    print(f"# phase {name}: {len(events)} kernels but no tick annotations "
+                          f"in the trace: device columns empty", file=sys.stderr)
+            except Exception as e:  # noqa: BLE001
+                print(f"# phase {name}: trace unreadable ({type(e).__name__}: {e}): device "
+                      f"columns empty", file=sys.stderr)
+                device = []
         finally:
             shutil.rmtree(trace, ignore_errors=True)
-        return dict(name=name, traced=traced, untraced=untraced, device=device)
+        return dict(name=name, traced=traced, untraced=untraced, device=device,
+                    annotated=len(ticks))
 
-    def run(self) -> list[dict]:
-        s, out = self.sched, []
+    def run(self):
+        """Yields each phase's records as it ends (printed at once: a run cut short by a
+        time limit still shows the phases before)."""
+        s = self.sched
         # (a) a tick that prefilled and decoded is behind us, prompts still to prefill
         self.until(lambda: self.last and self.last["prefill"] and self.last["decode"]
                    and (s._prefilling or s._waiting))
         if self.busy():
-            out.append(self.phase("a"))
+            yield self.phase("a")
         # (b) the first tick without a prefill call that decoded
         self.until(lambda: self.last and not self.last["prefill"] and self.last["decode"])
         if self.busy():
-            out.append(self.phase("b"))
+            yield self.phase("b")
         if self.args.drain:  # (c) nothing left to admit, the batch at most half its peak
             self.until(lambda: not s._waiting and not s._prefilling
                        and 0 < len(s._live) <= self.peak // 2)
             if self.busy():
-                out.append(self.phase("c"))
-        return out
+                yield self.phase("c")
 
 
 PHASES = {"a": "prefill + decode", "b": "steady decode", "c": "drain"}
@@ -321,7 +334,7 @@ def summarize(ph: dict, W: int, cfg, dtype: str, ceil: dict, top: int) -> dict:
     for r in recs:
         host.update({k: v * 1e3 / n for k, v in r["host"].items()})
     host["sched other"] = max(0.0, np.mean([r["wall"] for r in recs]) * 1e3 - sum(host.values()))
-    out = dict(phase=ph["name"], what=PHASES[ph["name"]], ticks=n,
+    out = dict(phase=ph["name"], what=PHASES[ph["name"]], ticks=n, annotated=ph["annotated"],
                first_tick=recs[0]["tick"], prefill_ticks=sum(r["prefill"] for r in recs),
                decode_ticks=len(dec), wall_ms=np.mean([r["wall"] for r in recs]) * 1e3,
                untraced_wall_ms=np.mean([r["wall"] for r in ph["untraced"]]) * 1e3
@@ -437,25 +450,29 @@ def main(argv=None) -> int:
           f"copy {ceil['copy_GBps']:.0f} GB/s, bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s")
     model = jf.Model.random(jf.ModelConfig.from_preset(w.preset), dtype=args.dtype, seed=0)
     ps = serving.prompts(w, model.config.vocab_size)
+    print(f"# {w.preset} loaded; warming up", file=sys.stderr, flush=True)
     sched, info = serving.scheduler(model, w, args, max(map(len, ps)) + w.new)
     print(f"# {args.workload}: {w.preset}, {w.requests} requests x ({w.prompt[0]}..{w.prompt[1]}"
           f" prompt + {w.new} new), {w.slots} slots, {info['pages']} pages of "
           f"{args.page_size}, {args.steps_per_tick} steps/tick, overlap {args.overlap}; "
           f"warmup {info['warmup_s']:.0f} s ({info['shapes']} shapes)")
     clock, restore = instrument(sched)
+    out, t0 = [], time.perf_counter()
     try:
         for p in ps:
             sched.submit(p, None, max_new_tokens=w.new, ignore_eos=True)
         drv = Driver(sched, clock, args)
-        phases = drv.run()
+        for ph in drv.run():
+            if ph["traced"]:
+                out.append(summarize(ph, args.steps_per_tick, model.config, args.dtype, ceil,
+                                     args.top))
+                report(out[-1], args.steps_per_tick)
+                print(f"[{time.perf_counter() - t0:6.0f} s] phase {ph['name']} done, "
+                      f"{drv.n} ticks run", file=sys.stderr, flush=True)
     finally:
         restore()
         sched.stop()
-    out = [summarize(ph, args.steps_per_tick, model.config, args.dtype, ceil, args.top)
-           for ph in phases if ph["traced"]]
-    print(f"# {drv.n} ticks run; the largest decode call ran {drv.peak} live rows")
-    for s in out:
-        report(s, args.steps_per_tick)
+    print(f"\n# {drv.n} ticks run; the largest decode call ran {drv.peak} live rows")
     if not out:
         print("(no phase ran: the workload ended first)")
     if args.json:

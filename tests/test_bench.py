@@ -227,6 +227,7 @@ def test_profile_serving_tiny_phases_are_consistent(tmp_path, capsys):
     w = serving.TINY["w2"]
     for p in (a, b, c):
         assert p["device"] is None
+        assert p["annotated"] == p["ticks"]  # each traced tick's annotation read back
         assert 0 < p["live"] <= p["rows"] <= w.slots
         assert w.prompt[0] <= p["length"] <= w.prompt[0] + 16  # --tiny: 16 new tokens
         parts = {k: v for k, v in p["host_ms"].items() if k != "sched other"}
