@@ -22,10 +22,13 @@ memory plan (memory.pool_plan), capped by what the device has free in one block 
 model is loaded (memory.fit_pool). The roofline of a workload: prefill FLOPs (2 x params per
 token plus causal attention; a shared prefix counted once) at the measured bf16 matmul rate,
 plus, per decode step with every request running, the larger of (weights + live KV bytes) at
-the measured copy bandwidth and the step's FLOPs at the matmul rate. `steady` runs a full batch
-of requests of the workload's mean length and times decode ticks only, against that step's
-roofline, and the same windows as bare engine calls (the scheduler's host time per step is
-the difference); `single` is one request through the scheduler against batch-1 generate().
+the measured copy bandwidth and the step's FLOPs at the matmul rate. `steady` runs the largest
+batch of requests of the workload's mean length the pool holds through the run (the slots,
+or fewer: the row says so), each with new tokens enough to outlive the ticks that prefill
+the later prompts, and times decode ticks only against the roofline of a step at the batch
+and mean length actually timed, and the same windows as bare engine calls of the same rows
+(the scheduler's host time per step is the difference); `single` is one request through the
+scheduler against batch-1 generate().
 """
 from __future__ import annotations
 
@@ -108,7 +111,9 @@ def step_roofline(cfg, dtype, batch: int, length: float, ceil: dict) -> float:
 
 
 def scheduler(model, w: Workload, args, max_length: int, prefix_caching=True,
-              overlap: bool | None = None):
+              overlap: bool | None = None, warm: bool = True):
+    """A PagedScheduler for the workload (its pool from the memory plan), every shape
+    compiled first unless not warm: (scheduler, {warmup_s, pages, shapes})."""
     pool = memory.pool_plan(model.config, None, args.dtype, page_size=args.page_size,
                             slots=w.slots, prefill_tokens=args.prefill_tokens,
                             device_memory=args.device_memory)
@@ -122,6 +127,8 @@ def scheduler(model, w: Workload, args, max_length: int, prefix_caching=True,
                     prefill_tokens=args.prefill_tokens, chunk=args.chunk,
                     min_chunk=args.min_chunk, prefix_caching=prefix_caching,
                     overlap=args.overlap == "on" if overlap is None else overlap))
+    if not warm:
+        return sched, {"warmup_s": 0.0, "pages": pages, "shapes": 0}
     t = time.perf_counter()
     shapes = sched.warmup(args.compile_workers)
     return sched, {"warmup_s": time.perf_counter() - t, "pages": pages,
@@ -177,25 +184,74 @@ def run_chunked(model, w: Workload, ps) -> dict:
     return dict(seconds=dt, tok_s=n / dt)
 
 
+def prefill_ticks(sched, n: int, length: int) -> list[int]:
+    """The tick (from 1) in which each of n prompts of `length` tokens, submitted at once
+    into free slots, is prefilled: the scheduler's call shapes (PagedScheduler._call_shape),
+    the prompts being prefilled first, then the next ones in order."""
+    rest, done, order, tick = [length] * n, [0] * n, list(range(n)), 0
+    while order:
+        tick += 1
+        b, C = sched._call_shape([rest[i] for i in order])
+        for i in order[:b]:
+            rest[i] -= min(rest[i], C)
+            done[i] = tick if not rest[i] else 0
+        order = [i for i in order[:b] if rest[i]] + order[b:]
+    return done
+
+
+def steady_plan(sched, slots: int, length: int, ticks: int) -> dict:
+    """The largest batch of prompts of `length` tokens whose pages the pool holds through
+    the steady run (every row decodes while the later prompts are prefilled, one more tick,
+    then `ticks` timed ticks; the bare engine steps after them write the null page), and
+    new tokens enough that no row finishes before the bare steps end (the prefill ticks
+    counted, a quarter more as margin): {batch, prefill_ticks, max_new}."""
+    W, ps = sched.config.steps_per_tick, sched.paged.page_size
+
+    def plan(n):
+        done = prefill_ticks(sched, n, length)
+        P = max(done)
+        # tokens row i made by the last timed tick: its first, then W per tick from its own
+        made = [1 + W * (P - t + 2 + ticks) for t in done]
+        pages = sum(-(-(length + m + W) // ps) for m in made)  # _grow's pages: W ahead
+        return dict(batch=n, prefill_ticks=P, pages=pages,
+                    max_new=1 + W * (P + P // 4 + 4 + 2 * ticks))
+
+    lo, hi = 1, slots  # the largest batch whose pages fit the pool (page 0 is the null page)
+    if plan(1)["pages"] > sched.paged.num_pages - 1:
+        raise ValueError(f"steady: one row of {length} tokens needs more than the pool's "
+                         f"{sched.paged.num_pages - 1} pages")
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if plan(mid)["pages"] <= sched.paged.num_pages - 1 else (lo, mid - 1)
+    return plan(lo)
+
+
 def run_steady(model, w: Workload, args, length: int, ticks: int) -> dict:
-    """A full batch of requests of `length` prompt tokens, then decode ticks alone."""
-    budget = length + args.steps_per_tick * (2 * ticks + 4) + 2  # the ticks, then as bare steps
-    sched, _ = scheduler(model, w, args, budget)
+    """The largest batch the pool holds (steady_plan) of requests of `length` prompt tokens,
+    then decode ticks alone, timed; `batch` is the rows that decoded in them, `length` their
+    mean length over the timed ticks."""
+    probe, _ = scheduler(model, w, args, length + 1, warm=False)
+    p = steady_plan(probe, w.slots, length, ticks)
+    del probe
+    sched, _ = scheduler(model, w, args, length + p["max_new"])
     rng = np.random.default_rng(1)
     vocab = model.config.vocab_size
     hs = [sched.submit(rng.integers(0, vocab, length).tolist(), None,
-                       max_new_tokens=budget - length, ignore_eos=True)
-          for _ in range(w.slots)]
-    while any(not h.tokens for h in hs):  # every prompt prefilled and decoding
-        sched.tick()
+                       max_new_tokens=p["max_new"], ignore_eos=True)
+          for _ in range(p["batch"])]
+    prefill = 0
+    while any(not h.tokens for h in hs) and sched.tick():  # every prompt prefilled
+        prefill += 1
     sched.tick()
     jax.block_until_ready(sched._state.last)
+    live = lambda: [h for h in hs if h.status == "running"]  # noqa: E731
+    before = [len(h.prompt) + len(h.tokens) for h in live()]
     t0 = time.perf_counter()
     for _ in range(ticks):
         sched.tick()
     jax.block_until_ready(sched._state.last)
     step = (time.perf_counter() - t0) / (ticks * args.steps_per_tick)
-    live = sum(h.status == "running" for h in hs)
+    after = [len(h.prompt) + len(h.tokens) for h in live()]
     # the same windows as bare engine calls (no host work between them): the step's device
     # time, so step_ms - device_step_ms is the scheduler's host time per step. Past the
     # pages the scheduler gave, rows write the null page: the same work, nothing read back.
@@ -206,10 +262,15 @@ def run_steady(model, w: Workload, args, length: int, ticks: int) -> dict:
         state = sched.engine.step(state, args.steps_per_tick, rows=rows)
     jax.block_until_ready(state.last)
     device = (time.perf_counter() - t0) / (ticks * args.steps_per_tick)
+    ended = int(np.sum(np.asarray(state.done)[: rows]) - (rows - len(after)))
     sched._state = state
+    preempted = sched.preemptions
     sched.stop()
-    return dict(batch=live, length=length + args.steps_per_tick * ticks / 2, step_ms=step * 1e3,
-                device_step_ms=device * 1e3)
+    return dict(batch=min(len(before), len(after)), planned=p["batch"], slots=w.slots,
+                rows=rows, length=(np.mean(before) + np.mean(after)) / 2,
+                prefill_ticks=prefill, planned_prefill_ticks=p["prefill_ticks"],
+                preemptions=preempted, ended_in_bare_steps=ended,
+                step_ms=step * 1e3, device_step_ms=device * 1e3)
 
 
 def run_single(model, w: Workload, args, prompt: int, new: int, max_length=None) -> dict:
@@ -357,6 +418,24 @@ def main(argv=None) -> int:
     return 0
 
 
+def steady_notes(s: dict) -> str:
+    """What the steady row must say beside its numbers: a batch the pool cut below the
+    slots, rows the compiled call ran past the live ones, rows that ended or were
+    preempted (the timed batch then shrank or changed)."""
+    notes = []
+    if s["planned"] < s["slots"]:
+        notes.append(f"the pool holds {s['planned']} of {s['slots']} slots' rows")
+    if s["rows"] != s["batch"]:
+        notes.append(f"{s['rows']} rows computed")
+    notes.append(f"{s['prefill_ticks']} prefill ticks (planned {s['planned_prefill_ticks']})")
+    if s["batch"] < s["planned"] or s["ended_in_bare_steps"] > 0:
+        notes.append(f"WARNING {s['planned'] - s['batch']} rows ended before or during the "
+                     f"timed ticks, {s['ended_in_bare_steps']} in the bare steps")
+    if s["preemptions"]:
+        notes.append(f"WARNING {s['preemptions']} preemptions")
+    return "; " + "; ".join(notes)
+
+
 def report(r: dict) -> None:
     e = r["engine"]
     print(f"\n## {r['workload']}: {r['preset']}, {r['requests']} requests; roofline "
@@ -381,7 +460,8 @@ def report(r: dict) -> None:
         print(f"steady decode: batch {s['batch']} x {s['length']:.0f} tokens: "
               f"{s['step_ms']:.2f} ms/step, roofline {s['roofline_ms']:.2f} ms "
               f"({s['roofline_ms'] / s['step_ms']:.0%}); bare engine steps "
-              f"{s['device_step_ms']:.2f} ms (host {s['step_ms'] - s['device_step_ms']:.2f})")
+              f"{s['device_step_ms']:.2f} ms (host {s['step_ms'] - s['device_step_ms']:.2f})"
+              + steady_notes(s))
     if "single" in r:
         s = r["single"]
         print(f"single request: scheduler {s['sched_ms_per_token']:.2f} ms/token "

@@ -3,6 +3,7 @@ prints a row per shape and mode whose numbers are consistent with each other."""
 import json
 
 import numpy as np
+import pytest
 
 from jaxformer import cli
 
@@ -160,6 +161,106 @@ def test_serving_benchmark_tiny_rows_are_consistent(tmp_path, capsys):
     assert row["prefix_off"]["prefix_hit_tokens"] == 0
     assert row["engine"]["compiles"] == row["prefix_off"]["compiles"] == 0  # warmup did all
     assert row["overlap"]["compiles"] == 0
+
+
+def test_profile_serving_splits_ticks_and_times_exclusively(monkeypatch):
+    """profile_serving.split_ticks on kernels worked out by hand (busy union clipped to each
+    tick's window, kernels by kind, attention before the prefill call returned counted as
+    prefill), and Clock's exclusive times on a fake clock (a nested call's time leaves its
+    caller's)."""
+    import profile_serving as ps
+    # ns: tick 0 [0, 1000) (its prefill call returned at 400), tick 1 [1000, 1500)
+    events = [(100, 200, "kernel_mosaic_gpu"), (150, 100, "sm90_xmma_gemm_bf16"),
+              (500, 100, "entry_mosaic_gpu"), (650, 50, "input_reduce_fusion"),
+              (950, 100, "dynamic_update_slice_fusion"), (1100, 100, "MemcpyDtoH"),
+              (1300, 400, "entry_mosaic_gpu")]
+    t0, t1 = ps.split_ticks(events, [(0, 900), (1000, 500)], [400])
+    # tick 0: busy 100..300, 500..600, 650..700, 950..1000 (the scatter runs past its end)
+    assert (t0["window"], t0["busy"], t0["idle"], t0["kernels"]) == (1000, 400, 600, 550)
+    assert t0["first_ms"] == 100e-6 and t0["decode_busy"] == 200
+    assert dict(t0["by_kind"]) == {"prefill attention": 200, "matmul": 100,
+                                   "decode attention": 100, "reduce/softmax/sample": 50,
+                                   "gather/scatter": 100}
+    # tick 1, the last: its window ends at its last kernel (1700); 50 ns of tick 0's scatter
+    assert (t1["window"], t1["busy"], t1["idle"], t1["kernels"]) == (700, 550, 150, 500)
+    assert dict(t1["by_kind"]) == {"copy/memcpy/memset": 100, "decode attention": 400}
+    assert t1["decode_busy"] == 500 and t1["count"]["entry_mosaic_gpu"] == 1
+
+    now = [0.0]
+    monkeypatch.setattr(ps.time, "perf_counter", lambda: now[0])
+    clock = ps.Clock()
+
+    def inner():
+        now[0] += 2.0
+
+    def outer(f):
+        now[0] += 1.0
+        f()
+        now[0] += 0.5
+
+    timed_inner = clock.wrap("wait inner", inner)
+    clock.wrap("sched outer", outer)(timed_inner)
+    timed_inner()
+    assert clock.secs == {"sched outer": 1.5, "wait inner": 4.0}
+    assert clock.calls == {"sched outer": 1, "wait inner": 2}
+
+
+def test_profile_serving_tiny_phases_are_consistent(tmp_path, capsys):
+    """benchmarks/profile_serving.py's CPU smoke run of W2 (prefill calls of 2 prompts, so
+    the 8 slots fill over 4 ticks; 16 new tokens, 8 ticks a request): phase (a) traces
+    ticks that prefill and decode, phase (b) ticks without a prefill call at the full batch,
+    phase (c) the last 4 requests' decode; the host's exclusive parts never add up past the tick's
+    wall time; a CPU trace has no kernels and says so."""
+    import serving
+    import profile_serving as ps
+    out = tmp_path / "phases.json"
+    assert ps.main(["--tiny", "--workload", "w2", "--ticks", "2", "--prefill-tokens", "32",
+                    "--chunk", "16", "--min-chunk", "16", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "not a GPU" in text and "steady decode" in text
+    a, b, c = json.loads(out.read_text())["phases"]
+    assert (a["phase"], b["phase"], c["phase"]) == ("a", "b", "c")
+    assert a["ticks"] == a["prefill_ticks"] == a["decode_ticks"] == 2
+    for p in (b, c):
+        assert p["prefill_ticks"] == 0 and p["decode_ticks"] == p["ticks"] == 2
+    assert b["live"] == 8 and c["live"] <= 4  # every slot, then at most half of them
+    w = serving.TINY["w2"]
+    for p in (a, b, c):
+        assert p["device"] is None
+        assert p["annotated"] == p["ticks"]  # each traced tick's annotation read back
+        assert 0 < p["live"] <= p["rows"] <= w.slots
+        assert w.prompt[0] <= p["length"] <= w.prompt[0] + 16  # --tiny: 16 new tokens
+        parts = {k: v for k, v in p["host_ms"].items() if k != "sched other"}
+        assert all(v >= 0 for v in parts.values())
+        assert sum(parts.values()) <= p["wall_ms"] * (1 + 1e-9)
+        assert parts["dispatch step"] > 0 and parts["wait to_host"] > 0
+    assert a["host_ms"]["dispatch prefill_chunks"] > 0
+    assert "dispatch prefill_chunks" not in b["host_ms"]
+
+
+def test_serving_steady_plan_of_a_hand_worked_schedule():
+    """serving.steady_plan on a scheduler whose every prefill call takes 2 rows x 4 tokens
+    (ticks, tokens and pages worked out by hand): prompts of 6 tokens are prefilled at
+    ticks 2, 2, 4; row i has made 1 + W (P - t_i + 2 + ticks) tokens by the last timed
+    tick and holds pages for W more; the batch is the largest whose pages the pool (less
+    the null page) holds."""
+    import types
+
+    import serving
+    fake = types.SimpleNamespace(_call_shape=lambda rest: (2, 4),
+                                 config=types.SimpleNamespace(steps_per_tick=2),
+                                 paged=types.SimpleNamespace(page_size=4, num_pages=14))
+    assert serving.prefill_ticks(fake, 3, 6) == [2, 2, 4]
+    # 3 rows: made 11, 11, 7 -> pages ceil(19/4) * 2 + ceil(15/4) = 14 > 13
+    # 2 rows: made 7, 7 -> 4 + 4 pages; max_new 1 + W (P + P // 4 + 4 + 2 ticks)
+    assert serving.steady_plan(fake, 3, 6, 1) == dict(batch=2, prefill_ticks=2, pages=8,
+                                                      max_new=17)
+    fake.paged.num_pages = 15
+    assert serving.steady_plan(fake, 3, 6, 1) == dict(batch=3, prefill_ticks=4, pages=14,
+                                                      max_new=23)
+    fake.paged.num_pages = 4  # one row needs 4 pages, the pool holds 3
+    with pytest.raises(ValueError, match="one row of 6 tokens"):
+        serving.steady_plan(fake, 3, 6, 1)
 
 
 def test_load_summary_of_hand_made_requests():
