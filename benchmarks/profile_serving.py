@@ -307,9 +307,11 @@ class Driver:
         time limit still shows the phases before)."""
         s = self.sched
         # (a) a tick that prefilled and decoded is behind us, prompts still to prefill
-        self.until(lambda: self.last and self.last["prefill"] and self.last["decode"]
-                   and (s._prefilling or s._waiting))
-        if self.busy():
+        # prompts not yet prefilled (before the first tick they are still in the inbox)
+        pending = lambda: s._prefilling or s._waiting or not s._inbox.empty()  # noqa: E731
+        self.until(lambda: not pending() or self.last and self.last["prefill"]
+                   and self.last["decode"] and pending())
+        if self.busy() and pending():  # (a few requests may prefill in one tick: no (a))
             yield self.phase("a")
         # (b) the first tick without a prefill call that decoded
         self.until(lambda: self.last and not self.last["prefill"] and self.last["decode"])
@@ -430,12 +432,17 @@ def parser() -> argparse.ArgumentParser:
     for flag in ("--page-size", "--num-pages", "--prefill-tokens", "--chunk", "--min-chunk",
                  "--steps-per-tick"):
         ap.add_argument(flag, type=int, default=None)
+    ap.add_argument("--requests", type=int, default=None,
+                    help="the workload's first N requests only (1: a single request's ticks)")
+    ap.add_argument("--gpu-memory", type=float, default=None, metavar="FRACTION",
+                    help="share of the GPU jax takes (as benchmarks/serving.py)")
     ap.add_argument("--json", help="also write the phases' summaries here")
     return ap
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    serving.set_gpu_memory(args.gpu_memory)  # before anything touches a device
     args.ticks = args.ticks or (2 if args.tiny else 6)
     if args.ticks < 1:
         parser().error(f"--ticks: must be at least 1, got {args.ticks}")
@@ -445,6 +452,10 @@ def main(argv=None) -> int:
     w = (serving.TINY if args.tiny else serving.WORKLOADS)[args.workload]
     if args.tiny:  # requests that live 8 ticks, so each phase finds ticks of its own
         w = dataclasses.replace(w, new=16)
+    if args.requests is not None:
+        if not 1 <= args.requests <= w.requests:
+            parser().error(f"--requests: must be in 1..{w.requests}, got {args.requests}")
+        w = dataclasses.replace(w, requests=args.requests)
     ceil = harness.ceilings(args.tiny)
     print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}; measured ceilings: "
           f"copy {ceil['copy_GBps']:.0f} GB/s, bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s")

@@ -236,6 +236,11 @@ def test_profile_serving_tiny_phases_are_consistent(tmp_path, capsys):
         assert parts["dispatch step"] > 0 and parts["wait to_host"] > 0
     assert a["host_ms"]["dispatch prefill_chunks"] > 0
     assert "dispatch prefill_chunks" not in b["host_ms"]
+    # --requests 1: one request's decode ticks (no tick prefills while others decode: no (a))
+    assert ps.main(["--tiny", "--workload", "w2", "--ticks", "2", "--requests", "1",
+                    "--no-drain", "--json", str(out)]) == 0
+    (one,) = json.loads(out.read_text())["phases"]
+    assert one["phase"] == "b" and one["live"] == 1 and one["decode_ticks"] == 2
 
 
 def test_serving_steady_plan_of_a_hand_worked_schedule():
