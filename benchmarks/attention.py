@@ -338,7 +338,10 @@ def run_decode_paged(batches, ctxs, N, K, H, log, page_sizes, mode=None, variant
         if 16 in page_sizes:  # the serving default's page size
             impls += [("ps16-bk64", 16, pa.PagedDecodeConfig(block_kv=64, stages=4)),
                       ("ps16-bk256", 16, pa.PagedDecodeConfig(block_kv=256, stages=2)),
-                      ("ps16-occ2", 16, pa.PagedDecodeConfig(ctas_per_sm=2))]
+                      ("ps16-occ2", 16, pa.PagedDecodeConfig(ctas_per_sm=2)),
+                      # two resident CTAs: half the shared memory and registers each
+                      ("ps16-bk64-2cta", 16, pa.PagedDecodeConfig(
+                          block_kv=64, stages=2, ctas_per_sm=2, compute_registers=208))]
 
     def codes(q, k, v, pos, kvl):
         (kq, ks), (vq, vs) = kvc.quantize(k, mode), kvc.quantize(v, mode)

@@ -18,6 +18,7 @@ import pytest
 
 from jaxformer import cache as kvc
 from jaxformer.kernels import attention as attn
+from jaxformer.kernels import flash_attention as fa
 from jaxformer.kernels import paged_attention as pa
 from jaxformer.kernels.reference import attention_reference as _contiguous
 
@@ -203,6 +204,20 @@ def test_dispatch_refuses_a_pool_that_does_not_split_over_data():
         with pytest.raises(ValueError, match="pool pages 1"):
             attn.paged_attention(q, kp, vp, pages * 0, pos, kvl, scale=1.0, backend="xla",
                                  layer=jnp.int32(0))
+
+
+def test_decode_config_two_resident_ctas():
+    """ctas_per_sm=2 halves the shared memory the K/V ring may take: at head_dim 128, bf16,
+    64 query rows and 64-key steps the ring fits 2 stages (by hand: 227 KiB / 2 = 116224 B,
+    less 1024 B of barriers and 64 x 128 x 6 + 8 x 64 = 49664 B of q / o / lse, leaves
+    65536 B = two 32 KiB K + V stages), where one resident CTA fits 5."""
+    fixed, stage = 64 * 128 * (2 + 4) + 8 * 64, 2 * 64 * 128 * 2
+    assert fa.fit_stages(8, fixed, stage, 100, fa.SMEM_BYTES // 2) == 2
+    assert fa.fit_stages(8, fixed, stage, 100) == 5
+    for bad in (dict(compute_registers=212), dict(compute_registers=264),
+                dict(ctas_per_sm=0)):
+        with pytest.raises(ValueError, match="PagedDecodeConfig"):
+            pa.PagedDecodeConfig(**bad)
 
 
 # ---- the kernel in the Mosaic GPU interpreter (CPU) --------------------------------------

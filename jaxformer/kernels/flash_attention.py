@@ -86,9 +86,11 @@ def compiler_params(semantics: str):
 SMEM_BYTES = 227 * 1024  # per-block dynamic shared memory on Hopper
 
 
-def fit_stages(stages: int, fixed_bytes: int, bytes_per_stage: int, max_steps: int) -> int:
-    """The deepest ring (at most `stages`, at least 1) that fits shared memory."""
-    fit = (SMEM_BYTES - 1024 - fixed_bytes) // bytes_per_stage
+def fit_stages(stages: int, fixed_bytes: int, bytes_per_stage: int, max_steps: int,
+               smem: int = SMEM_BYTES) -> int:
+    """The deepest ring (at most `stages`, at least 1) that fits `smem` bytes of shared
+    memory (a CTA's whole budget, or its share where several are to be resident)."""
+    fit = (smem - 1024 - fixed_bytes) // bytes_per_stage
     return int(max(1, min(stages, fit, max_steps)))
 
 

@@ -59,8 +59,22 @@ PAGE_SIZES = (16, 32, 64, 128)
 class PagedDecodeConfig:
     block_kv: int = 128   # keys per pipeline step: max(1, block_kv // ps) whole pages
     stages: int = 3       # K/V shared-memory ring depth
-    ctas_per_sm: int = 1  # occupancy assumed when choosing the number of splits
+    # CTAs per SM: the splits are chosen for it, and above 1 the K/V ring gets only its share
+    # of shared memory, so that many CTAs can be resident (one CTA's TMA and softmax latency
+    # then overlaps another's streaming)
+    ctas_per_sm: int = 1
     semantics: str = "lane"
+    # the compute warpgroup's registers per thread (setmaxnreg; the memory warpgroup keeps
+    # 40): two resident CTAs of two warpgroups fit the SM's 64K registers only at <= 216
+    compute_registers: int = 232
+
+    def __post_init__(self):
+        if not (24 <= self.compute_registers <= 256 and self.compute_registers % 8 == 0):
+            raise ValueError(f"PagedDecodeConfig.compute_registers: must be a multiple of 8 "
+                             f"in [24, 256], got {self.compute_registers}")
+        if self.ctas_per_sm < 1:
+            raise ValueError(f"PagedDecodeConfig.ctas_per_sm: must be >= 1, got "
+                             f"{self.ctas_per_sm}")
 
 
 # ---- shapes and the reference --------------------------------------------------------------
@@ -175,13 +189,14 @@ def _paged_decode_pallas(qg, k, v, pages, kv_lengths, last_pos, layer, *, scale:
     max_blocks = -(-pages.shape[1] // pps)
     isz = jnp.dtype(qg.dtype).itemsize
     quant = scales is not None
+    smem = fa.SMEM_BYTES // cfg.ctas_per_sm
     if quant:
         csz = jnp.dtype(k.dtype).itemsize
         stages = fa.fit_stages(cfg.stages, M * H * (isz + 4) + 4 * M + 2 * bk * H * isz,
-                               2 * bk * (H * csz + 4), max_blocks)
+                               2 * bk * (H * csz + 4), max_blocks, smem)
     else:
         stages = fa.fit_stages(cfg.stages, M * H * (isz + 4) + 8 * M, 2 * bk * H * isz,
-                               max_blocks)
+                               max_blocks, smem)
     P = splits
     dtype = qg.dtype
     qk_scale = float(scale) * fa.LOG2E
@@ -239,7 +254,7 @@ def _paged_decode_pallas(qg, k, v, pages, kv_lengths, last_pos, layer, *, scale:
         @pl.when(wg == 0)
         def _compute():
             if not interpret:
-                plgpu.set_max_registers(232, action="increase")
+                plgpu.set_max_registers(cfg.compute_registers, action="increase")
             dst = q_smem if R == M else q_smem.at[pl.ds(0, R)]
             plgpu.copy_gmem_to_smem(q_ref.at[b, h], dst, q_bar)
             if mods.alibi:  # q_bar expects two arrivals then
