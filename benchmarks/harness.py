@@ -95,20 +95,27 @@ def gpu_kernel_events(trace_dir: str, plane: str | None = None) -> list[tuple[in
     return events
 
 
-def host_event(trace_dir: str, name: str) -> tuple[int, int] | None:
-    """(start ns, duration ns) of the first host event called `name` (a
-    jax.profiler.TraceAnnotation) in a trace directory, in the GPU kernels' time base."""
+def host_spans(trace_dir: str, prefix: str) -> list[tuple[int, int, str]]:
+    """(start ns, duration ns, name) of every host event whose name starts with prefix (a
+    jax.profiler.TraceAnnotation's) in a trace directory, in the GPU kernels' time base,
+    by start."""
     import glob
     import os
+    out = []
     for path in glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True):
         for pl in jax.profiler.ProfileData.from_file(path).planes:
             if pl.name.startswith("/device:"):
                 continue
             for line in pl.lines:
-                for ev in line.events:
-                    if ev.name == name:
-                        return ev.start_ns, ev.duration_ns
-    return None
+                out += [(ev.start_ns, ev.duration_ns, ev.name) for ev in line.events
+                        if ev.name.startswith(prefix)]
+    return sorted(out)
+
+
+def host_event(trace_dir: str, name: str) -> tuple[int, int] | None:
+    """(start ns, duration ns) of the first host event called `name` (a
+    jax.profiler.TraceAnnotation) in a trace directory, in the GPU kernels' time base."""
+    return next(((s, d) for s, d, n in host_spans(trace_dir, name) if n == name), None)
 
 
 def timeline(events: list[tuple[int, int, str]], call: tuple[int, int] | None) -> dict:

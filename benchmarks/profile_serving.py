@@ -68,8 +68,9 @@ import numpy as np  # noqa: E402
 import harness  # noqa: E402
 import serving  # noqa: E402
 import jaxformer as jf  # noqa: E402
-from harness import gpu_kernel_events, timeline  # noqa: E402
+from harness import gpu_kernel_events, host_spans, timeline  # noqa: E402
 from jaxformer import paged_engine  # noqa: E402
+from jaxformer.cli_args import fraction  # noqa: E402
 from jaxformer.serving import paged_scheduler  # noqa: E402
 
 KINDS = (  # (kind, pattern of a kernel's name), first match wins; attention split by call
@@ -105,12 +106,10 @@ class Clock:
     def __init__(self):
         self.secs, self.calls = collections.Counter(), collections.Counter()
         self._stack: list[float] = []
-        self.on_step = None  # step(...)'s arguments, seen before it runs
+        self.on_step = None  # instrument()'s engine.step hands it each call's arguments
 
     def wrap(self, label: str, fn, annotate: str | None = None):
         def timed(*args, **kwargs):
-            if label == "dispatch step" and self.on_step:
-                self.on_step(kwargs)
             self._stack.append(0.0)
             t = time.perf_counter()
             try:
@@ -137,6 +136,13 @@ def instrument(sched) -> tuple[Clock, callable]:
     for name in ENGINE_CALLS:
         setattr(eng, name, clock.wrap(f"dispatch {name}", getattr(eng, name),
                                       annotate=f"engine.{name}"))
+    timed_step = eng.step
+
+    def step(*args, **kwargs):
+        if clock.on_step:
+            clock.on_step(kwargs)
+        return timed_step(*args, **kwargs)
+    eng.step = step
     for name in SCHED_METHODS:
         if hasattr(sched, name):
             setattr(sched, name, clock.wrap(f"sched {name}", getattr(sched, name)))
@@ -148,21 +154,6 @@ def instrument(sched) -> tuple[Clock, callable]:
         for mod, fn in saved:
             mod.to_host = fn
     return clock, restore
-
-
-def host_spans(trace: str, prefix: str) -> list[tuple[int, int, str]]:
-    """(start ns, duration ns, name) of every host event whose name starts with prefix
-    (TraceAnnotations), in the kernels' time base (as harness.host_event), by start."""
-    import glob
-    out = []
-    for path in glob.glob(os.path.join(trace, "**", "*.xplane.pb"), recursive=True):
-        for pl in jax.profiler.ProfileData.from_file(path).planes:
-            if pl.name.startswith("/device:"):
-                continue
-            for line in pl.lines:
-                out += [(ev.start_ns, ev.duration_ns, ev.name) for ev in line.events
-                        if ev.name.startswith(prefix)]
-    return sorted(out)
 
 
 def union_ns(intervals, lo: int, hi: int) -> int:
@@ -307,7 +298,7 @@ class Driver:
         time limit still shows the phases before)."""
         s = self.sched
         # (a) a tick that prefilled and decoded is behind us, prompts still to prefill
-        # prompts not yet prefilled (before the first tick they are still in the inbox)
+        # (before the first tick the prompts are still in the inbox)
         pending = lambda: s._prefilling or s._waiting or not s._inbox.empty()  # noqa: E731
         self.until(lambda: not pending() or self.last and self.last["prefill"]
                    and self.last["decode"] and pending())
@@ -434,7 +425,7 @@ def parser() -> argparse.ArgumentParser:
         ap.add_argument(flag, type=int, default=None)
     ap.add_argument("--requests", type=int, default=None,
                     help="the workload's first N requests only (1: a single request's ticks)")
-    ap.add_argument("--gpu-memory", type=float, default=None, metavar="FRACTION",
+    ap.add_argument("--gpu-memory", type=fraction, default=None, metavar="FRACTION",
                     help="share of the GPU jax takes (as benchmarks/serving.py)")
     ap.add_argument("--json", help="also write the phases' summaries here")
     return ap

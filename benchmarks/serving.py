@@ -46,7 +46,7 @@ import harness
 import serving_load
 import jaxformer as jf
 from jaxformer import memory
-from jaxformer.cli_args import SERVE_GPU_MEMORY, set_gpu_memory
+from jaxformer.cli_args import SERVE_GPU_MEMORY, fraction, set_gpu_memory
 from jaxformer.models import num_params
 from jaxformer.serving.paged_scheduler import PagedConfig, PagedScheduler
 from jaxformer.serving.request import FINISHED
@@ -304,7 +304,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--page-size", type=int, default=None)
     ap.add_argument("--num-pages", type=int, default=None, help="default: the memory plan")
     ap.add_argument("--device-memory", default=None, help="default: what jax reports")
-    ap.add_argument("--gpu-memory", type=float, default=None, metavar="FRACTION",
+    ap.add_argument("--gpu-memory", type=fraction, default=None, metavar="FRACTION",
                     help=f"share of the GPU jax takes (default: $XLA_PYTHON_CLIENT_MEM_FRACTION "
                          f"where set, else {SERVE_GPU_MEMORY}, as jaxformer serve)")
     ap.add_argument("--prefill-tokens", type=int, default=None)

@@ -26,8 +26,8 @@ from pathlib import Path
 
 from jaxformer.cli_args import (ATTENTION, DTYPE_HELP, DTYPES, QUANTIZE_HELP, UsageError,
                                 add_distributed, add_mesh, checkpoint_dir, device_list,
-                                fraction, init_distributed, positive_float, positive_int,
-                                quantize_arg, quantize_value, set_gpu_memory)
+                                SERVE_GPU_MEMORY, fraction, init_distributed, positive_float,
+                                positive_int, quantize_arg, quantize_value, set_gpu_memory)
 
 _MESH = re.compile(r"^(\d+)x(\d+)x(\d+)(?:@([\d,]+))?$")
 
@@ -70,8 +70,8 @@ def add_parser(sub) -> None:
                         "model's devices; where device memory is unknown, e.g. on CPU, "
                         "slots x max-length / page-size + 1)")
     g.add_argument("--gpu-memory", type=fraction, default=None, metavar="FRACTION",
-                   help="share of each GPU jax takes, the page pool sized from it (default: "
-                        "$XLA_PYTHON_CLIENT_MEM_FRACTION where set, else 0.9)")
+                   help=f"share of each GPU jax takes, the page pool sized from it (default: "
+                        f"$XLA_PYTHON_CLIENT_MEM_FRACTION where set, else {SERVE_GPU_MEMORY})")
     g.add_argument("--prefill-tokens", type=positive_int, default=512,
                    help="prompt tokens one tick prefills at most (chunked prefill)")
     g.add_argument("--overlap", action="store_true",
