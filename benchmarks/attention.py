@@ -341,7 +341,13 @@ def run_decode_paged(batches, ctxs, N, K, H, log, page_sizes, mode=None, variant
                       ("ps16-occ2", 16, pa.PagedDecodeConfig(ctas_per_sm=2)),
                       # two resident CTAs: half the shared memory and registers each
                       ("ps16-bk64-2cta", 16, pa.PagedDecodeConfig(
-                          block_kv=64, stages=2, ctas_per_sm=2, compute_registers=208))]
+                          block_kv=64, stages=2, ctas_per_sm=2, compute_registers=208)),
+                      # several rows per CTA through one ring: no per-row CTA start / drain
+                      ("ps16-r2", 16, pa.PagedDecodeConfig(rows_per_cta=2)),
+                      ("ps16-r4", 16, pa.PagedDecodeConfig(rows_per_cta=4)),
+                      ("ps16-r8", 16, pa.PagedDecodeConfig(rows_per_cta=8)),
+                      ("ps16-bk64-r4", 16, pa.PagedDecodeConfig(block_kv=64, stages=4,
+                                                                rows_per_cta=4))]
 
     def codes(q, k, v, pos, kvl):
         (kq, ks), (vq, vs) = kvc.quantize(k, mode), kvc.quantize(v, mode)

@@ -220,17 +220,38 @@ def test_decode_config_two_resident_ctas():
             pa.PagedDecodeConfig(**bad)
 
 
+def test_quantized_pool_of_small_pages_is_refused_by_the_kernel():
+    """16-token pages of int8 codes: the kernel names why it cannot take them (its step
+    would be one 16-row page, which has no upcast layout), so dispatch falls back to XLA."""
+    q = jax.ShapeDtypeStruct((4, 1, 32, 128), jnp.bfloat16)
+    for ps, refused in ((16, True), (32, False)):
+        pool = jax.ShapeDtypeStruct((2, 64, ps, 8, 128), jnp.int8)
+        reason = pa.check_supported(q, pool, pool, quantized=True)
+        assert (reason is not None and "at least 32 tokens" in reason) == refused, reason
+    with pytest.raises(ValueError, match="at least 32 tokens"):
+        pool = jnp.zeros((1, 8, 16, 8, 128), jnp.int8)
+        sc = jnp.ones((1, 8, 16, 8), jnp.float32)
+        pa.paged_decode_attention(jnp.zeros((4, 1, 32, 128), jnp.bfloat16), pool, pool,
+                                  jnp.zeros((4, 2), jnp.int32), jnp.zeros((4, 1), jnp.int32),
+                                  jnp.ones((4,), jnp.int32), scale=1.0, layer=jnp.int32(0),
+                                  k_scale=sc, v_scale=sc)
+
+
 # ---- the kernel in the Mosaic GPU interpreter (CPU) --------------------------------------
 INTERP = [
-    # lengths, N, K, H, ps, block_kv, splits, dtype, mode
-    ([1, 70, 48], 4, 2, 64, 16, 32, 2, jnp.bfloat16, None),   # 2 pages a step, 2 splits
-    ([33, 100], 2, 1, 128, 32, 64, 1, jnp.bfloat16, "int8"),  # int8 codes, 2 pages a step
+    # lengths, N, K, H, ps, block_kv, splits, dtype, mode, rows per CTA
+    ([1, 70, 48], 4, 2, 64, 16, 32, 2, jnp.bfloat16, None, 1),   # 2 pages a step, 2 splits
+    # int8 codes, 2 pages a step, both rows in one CTA's ring
+    ([33, 100], 2, 1, 128, 32, 64, 1, jnp.bfloat16, "int8", 2),
+    # 3 rows a CTA over 5 rows (one padding row): rows of 0, 1 and several steps share a
+    # ring of 2 slots, a row's first step waits on the slot the row before released
+    ([70, 1, 48, 33, 17], 4, 2, 64, 16, 32, 1, jnp.bfloat16, None, 3),
 ]
 
 
 @pytest.mark.parametrize("case", INTERP)
 def test_paged_decode_kernel_interpreted(case, interpreted):
-    lengths, N, K, H, ps, bk, splits, dtype, mode = case
+    lengths, N, K, H, ps, bk, splits, dtype, mode, rows = case
     M = -(-max(lengths) // ps) + 1
     q, k, v, pos, kvl, kp, vp, pages = paged_problem(lengths, N, K, H, ps, M, dtype,
                                                      layers=2, layer=1, nan_pad=True)
@@ -243,7 +264,7 @@ def test_paged_decode_kernel_interpreted(case, interpreted):
     ref = attention_reference(f32(q), f32(k), f32(v), pos, kvl, causal=True, scale=H ** -0.5)
     out = jax.jit(functools.partial(
         pa.paged_decode_attention, scale=H ** -0.5, splits=splits, interpret=True,
-        config=pa.PagedDecodeConfig(block_kv=bk, stages=2)))(
+        config=pa.PagedDecodeConfig(block_kv=bk, stages=2, rows_per_cta=rows)))(
             q, kp, vp, pages, pos, kvl, layer=jnp.int32(1), **kw)
     out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
     assert np.all(np.isfinite(out))
@@ -353,6 +374,28 @@ def test_paged_decode_kernel_gpu(case):
                                      v.astype(jnp.float32), pos, kvl, causal=True,
                                      scale=H ** -0.5, return_lse=True)
     np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), atol=2e-2)
+
+
+@gpu
+@needs_hopper
+@pytest.mark.parametrize("B,rows,mode,ps", [(512, 4, None, 16), (61, 8, None, 16),
+                                             (64, 2, "int8", 32)])
+def test_paged_decode_kernel_gpu_rows_per_cta(B, rows, mode, ps):
+    """Several rows per CTA at serving shapes (short rows), a batch that does not divide
+    into them, and int8 codes."""
+    S, N, K, H = 512, 32, 8, 128
+    q, k, v, pos, kvl, kp, vp, pages = big_paged_problem(B, S, N, K, H, ps, jnp.bfloat16,
+                                                         _lengths(B, S))
+    kw = {}
+    if mode is not None:
+        (kp, ks), (vp, vs) = quantize(kp, mode), quantize(vp, mode)
+        kw = {"k_scale": ks, "v_scale": vs}
+        k, v = (kvc.dequantize(*quantize(a, mode), jnp.float32) for a in (k, v))
+    out = jax.jit(functools.partial(
+        pa.paged_decode_attention, scale=H ** -0.5,
+        config=pa.PagedDecodeConfig(rows_per_cta=rows)))(q, kp, vp, pages, pos, kvl,
+                                                         layer=jnp.int32(1), **kw)
+    assert _rel(out, _f32_ref(q, k, v, pos, kvl, H ** -0.5)) < 1.5e-2
 
 
 @gpu
