@@ -1,6 +1,7 @@
 """`jaxformer bench` (benchmarks/harness.py, also benchmarks/generate.py): its CPU smoke run
 prints a row per shape and mode whose numbers are consistent with each other."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -354,3 +355,39 @@ def test_guidellm_row_of_hand_made_output():
     assert (row["ttft_p50_s"], row["ttft_p99_s"]) == (0.01, 0.02)
     assert (row["itl_p50_s"], row["itl_p99_s"]) == (0.002, 0.003)
     assert (row["e2e_p50_s"], row["e2e_p99_s"]) == (1.5, 3.0)
+
+
+def test_program_memory_lists_pool_copies_of_hand_made_hlo():
+    """benchmarks/program_memory.py's HLO scan, on hand-written HLO: a pool-shaped copy in
+    the entry computation is listed with its jax op; the in-place scatter fusion, the
+    pass-through instructions and the instructions inside a fusion body are not."""
+    import program_memory
+    hlo = """
+%fused_scatter.1 (p0: bf16[2,8,4,2,16]) -> bf16[2,8,4,2,16] {
+  %convert.1 = bf16[2,8,4,2,16]{4,3,2,1,0} convert(%p0)
+}
+ENTRY %main.9 (k: bf16[2,8,4,2,16]) -> bf16[2,8,4,2,16] {
+  %k.1 = bf16[2,8,4,2,16]{4,3,2,1,0} parameter(0), metadata={op_name="args[0].cache.k"}
+  %copy.3 = bf16[2,8,4,2,16]{4,3,2,1,0} copy(%k.1), metadata={op_name="jit(f)/while/copy_p"}
+  %input_scatter_fusion.2 = bf16[2,8,4,2,16]{4,3,2,1,0} fusion(%copy.3), kind=kInput, calls=%fused_scatter.1, metadata={op_name="jit(f)/scatter"}
+  %gte.4 = bf16[2,8,4,2,16]{4,3,2,1,0} get-tuple-element(%t), index=0
+  %other.5 = bf16[2,8,4,3,16]{4,3,2,1,0} copy(%k.1)
+  ROOT %copy.6 = bf16[2,8,4,2,16]{4,3,2,1,0} copy(%input_scatter_fusion.2)
+}
+"""
+    found = program_memory.pool_instructions(hlo, (2, 8, 4, 2, 16))
+    assert found == {("copy", "jit(f)/while/copy_p"): 1, ("copy", ""): 1}
+
+
+def test_program_memory_smoke_pool_is_aliased(capsys):
+    """The CPU smoke run: every program aliases (donates) the whole pool into its output."""
+    import program_memory
+    assert program_memory.main(["--preset", "demo", "--pages", "256", "--slots", "4",
+                                "--max-length", "32", "--chunk", "16", "--rows", "2",
+                                "--dtype", "float32"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    pool_mb = float(re.search(r"pool (\S+) MB", lines[0]).group(1))
+    rows = [ln.split() for ln in lines[2:] if not ln.startswith(" ")]
+    assert len(rows) >= 2  # the chunk prefill and at least one decode row count
+    for r in rows:
+        assert pool_mb > 1 and float(r[-2]) >= pool_mb - 0.05, r  # aliased MB covers the pool
