@@ -158,10 +158,14 @@ def pool(hidden, seq, first, mode, pooler=None, packed: bool = True):
         sums = jax.ops.segment_sum(flat.astype(jnp.float32), ids, num_segments=B + 1)[:B]
         counts = jax.ops.segment_sum(jnp.ones_like(ids, jnp.float32), ids,
                                      num_segments=B + 1)[:B]
-    else:  # a reduction over each row
-        mine = (seq == jnp.arange(R, dtype=seq.dtype)[:, None]).astype(jnp.float32)
-        sums = jnp.sum(hidden.astype(jnp.float32) * mine[..., None], axis=1)
-        counts = mine.sum(1)
+    else:  # one GEMM of the texts' 0/1 token masks [B, R*T] with the tokens [R*T, D]
+        # A reduce over T would make XLA:GPU's layout assignment give its [R, T, D] input a
+        # T-minor layout, which propagates back through every layer's residual stream and
+        # costs each matmul a transpose (docs/benchmarks.md, session 15); a dot constrains
+        # no operand layout. The masks are exact 0 / 1 and the products add in float32.
+        mine = (seq.reshape(1, R * T) == jnp.arange(B, dtype=seq.dtype)[:, None])
+        sums = jnp.dot(mine.astype(hidden.dtype), flat, preferred_element_type=jnp.float32)
+        counts = mine.sum(1, dtype=jnp.float32)
     mean = sums / jnp.maximum(counts, 1.0)[:, None]
     return jnp.select([mode == 0, mode == 1], [mean, cls.astype(jnp.float32)],
                       head.astype(jnp.float32))
