@@ -7,9 +7,11 @@ benchmarks/serving.py's workloads through continuous batching (serving.PagedSche
 
 It builds the workload's model (random weights) and scheduler as serving.py does (the page
 pool from the memory plan, every shape compiled first), submits all the workload's
-requests, and ticks the scheduler on this thread. `--ticks` ticks of three phases run under
-jax.profiler.trace (a temp dir; each tick inside a TraceAnnotation, and every engine call
-inside one too), each followed by as many untraced ticks (the profiler's own cost):
+requests, and ticks the scheduler on this thread, the whole run under one
+jax.profiler.trace (a temp dir, read back at the end); `--ticks` ticks of three phases are
+annotated (each tick inside a TraceAnnotation, and every engine call inside one too).
+--trace-per-phase instead traces only those ticks, each phase followed by as many untraced
+ticks (the profiler's own cost):
   (a) prefill + decode: the first ticks that run a prefill call while rows decode;
   (b) steady decode: from the first tick without a prefill call (every slot the pool and the
       queue could fill is decoding: the largest running batch), or after --max-ticks;
@@ -201,6 +203,24 @@ def split_ticks(events, ticks, prefill_ends) -> list[dict]:
     return out
 
 
+def read_trace(trace: str, ph: dict) -> None:
+    """Fill phase ph's `device` (split_ticks of its annotated ticks) and `annotated` from
+    the trace directory (the device columns stay empty where the trace can't be read)."""
+    name, ticks, device = ph["name"], [], []
+    try:  # a trace this script cannot read still leaves the host columns
+        events = gpu_kernel_events(trace)
+        ticks = [(s, d) for s, d, _ in host_spans(trace, f"{TICK} {name} ")]
+        ends = [s + d for s, d, _ in host_spans(trace, "engine.prefill_chunks")]
+        device = split_ticks(events, ticks, ends) if events and ticks else []
+        if events and not ticks:
+            print(f"# phase {name}: {len(events)} kernels but no tick annotations in the "
+                  f"trace: device columns empty", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001
+        print(f"# phase {name}: trace unreadable ({type(e).__name__}: {e}): device columns "
+              f"empty", file=sys.stderr)
+    ph.update(device=device, annotated=len(ticks))
+
+
 class Driver:
     """Ticks a scheduler on this thread, one record per tick (host split, live rows), and
     traces the phases (module docstring)."""
@@ -256,10 +276,15 @@ class Driver:
         return opts
 
     def phase(self, name: str) -> dict:
-        """--ticks traced ticks, then as many untraced; the trace read back per tick."""
+        """--ticks traced ticks. With a trace per phase (--trace-per-phase) the trace is
+        read back at once and as many untraced ticks follow; in the run's one trace
+        (read_trace fills the device columns after it ends) no untraced ticks."""
         n = self.args.ticks
         if self.sched._state is not None:
             jax.block_until_ready(self.sched._state.last)
+        if not self.args.trace_per_phase:
+            traced = [self.tick(f"{TICK} {name} {i}") for i in range(n) if self.busy()]
+            return dict(name=name, traced=traced, untraced=[], device=[], annotated=0)
         trace = tempfile.mkdtemp(prefix="profile_serving_")
         traced = []
         try:
@@ -275,23 +300,11 @@ class Driver:
                 if not self.busy():
                     break
                 untraced.append(self.tick())
-            ticks = []
-            try:  # a trace this script cannot read still leaves the host columns
-                events = gpu_kernel_events(trace)
-                ticks = [(s, d) for s, d, _ in host_spans(trace, f"{TICK} {name} ")]
-                ends = [s + d for s, d, _ in host_spans(trace, "engine.prefill_chunks")]
-                device = split_ticks(events, ticks, ends) if events and ticks else []
-                if events and not ticks:
-                    print(f"# phase {name}: {len(events)} kernels but no tick annotations "
-                          f"in the trace: device columns empty", file=sys.stderr)
-            except Exception as e:  # noqa: BLE001
-                print(f"# phase {name}: trace unreadable ({type(e).__name__}: {e}): device "
-                      f"columns empty", file=sys.stderr)
-                device = []
+            ph = dict(name=name, traced=traced, untraced=untraced)
+            read_trace(trace, ph)
         finally:
             shutil.rmtree(trace, ignore_errors=True)
-        return dict(name=name, traced=traced, untraced=untraced, device=device,
-                    annotated=len(ticks))
+        return ph
 
     def run(self):
         """Yields each phase's records as it ends (printed at once: a run cut short by a
@@ -409,6 +422,11 @@ def parser() -> argparse.ArgumentParser:
                     help="untraced ticks in all at most before a phase starts anyway")
     ap.add_argument("--no-drain", dest="drain", action="store_false",
                     help="skip phase (c), the drain")
+    ap.add_argument("--trace-per-phase", action="store_true",
+                    help="a trace per phase, each followed by as many untraced ticks (the "
+                         "profiler's cost); default one trace over the whole run, because on "
+                         "an H100 the first device sync after a trace stopped while the "
+                         "scheduler ran failed (CUDA_ERROR_LAUNCH_FAILED)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run: the demo preset")
     ap.add_argument("--python-tracer", action="store_true",
                     help="also trace Python calls (jax's default; slows the traced ticks)")
@@ -464,13 +482,33 @@ def main(argv=None) -> int:
         for p in ps:
             sched.submit(p, None, max_new_tokens=w.new, ignore_eos=True)
         drv = Driver(sched, clock, args)
-        for ph in drv.run():
-            if ph["traced"]:
-                out.append(summarize(ph, args.steps_per_tick, model.config, args.dtype, ceil,
-                                     args.top))
-                report(out[-1], args.steps_per_tick)
-                print(f"[{time.perf_counter() - t0:6.0f} s] phase {ph['name']} done, "
-                      f"{drv.n} ticks run", file=sys.stderr, flush=True)
+
+        def done(ph):
+            out.append(summarize(ph, args.steps_per_tick, model.config, args.dtype, ceil,
+                                 args.top))
+            report(out[-1], args.steps_per_tick)
+
+        if args.trace_per_phase:
+            for ph in drv.run():  # each printed as it ends
+                if ph["traced"]:
+                    done(ph)
+        else:  # one trace over the whole run, read back after it stops
+            trace = tempfile.mkdtemp(prefix="profile_serving_")
+            try:
+                with jax.profiler.trace(trace, profiler_options=drv.options()):
+                    phases = []
+                    for ph in drv.run():
+                        phases.append(ph)
+                        print(f"[{time.perf_counter() - t0:6.0f} s] phase {ph['name']} "
+                              f"traced, {drv.n} ticks run", file=sys.stderr, flush=True)
+                    if sched._state is not None:
+                        jax.block_until_ready(sched._state.last)
+                for ph in phases:
+                    if ph["traced"]:
+                        read_trace(trace, ph)
+                        done(ph)
+            finally:
+                shutil.rmtree(trace, ignore_errors=True)
     finally:
         restore()
         sched.stop()
