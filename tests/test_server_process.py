@@ -40,6 +40,7 @@ def test_sigterm_stops_accepting_and_drains(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "jaxformer.cli", "serve", "--port", str(port), "--slots", "2",
          "--max-length", "256", "--page-size", "16", "--steps-per-tick", "1",
+         "--prefill-tokens", "32",  # 4 warm-up shapes, not 11: the prompt is a few tokens
          "--drain-timeout", "60", "--overlap", "--compile-workers", "2"],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
