@@ -38,8 +38,9 @@ MAXN = 12
 MAX_BODY = 64 * 1024
 PROMPTS = ["Hello", "The sea is", "abc", "Once upon a time", "x", "jaxformer serves"]
 SCHED = SchedulerConfig(slots=8, max_length=96, steps_per_tick=4, max_queue=256)
+# one chunk length (48): each model warms up 2 prefill shapes, not 4
 PAGED = PagedConfig(page_size=8, num_pages=8 * 12 + 1, prefill_tokens=96, chunk=48,
-                    min_chunk=32)
+                    min_chunk=48)
 
 
 @pytest.fixture(scope="module")
