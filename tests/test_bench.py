@@ -239,12 +239,14 @@ def test_profile_serving_tiny_phases_are_consistent(tmp_path, capsys):
     assert a["host_ms"]["dispatch prefill_chunks"] > 0
     assert "dispatch prefill_chunks" not in b["host_ms"]
     # --requests 1: one request's decode ticks (no tick prefills while others decode: no (a))
-    # (the first run's prefill shapes: its warm-up finds them in the compilation cache)
+    # (the first run's prefill shapes: its warm-up finds them in the compilation cache), in
+    # a trace of its own followed by untraced ticks
     assert ps.main(["--tiny", "--workload", "w2", "--ticks", "2", "--requests", "1",
                     "--prefill-tokens", "32", "--chunk", "16", "--min-chunk", "16",
-                    "--no-drain", "--json", str(out)]) == 0
+                    "--no-drain", "--trace-per-phase", "--json", str(out)]) == 0
     (one,) = json.loads(out.read_text())["phases"]
     assert one["phase"] == "b" and one["live"] == 1 and one["decode_ticks"] == 2
+    assert one["annotated"] == 2 and one["untraced_wall_ms"] > 0
 
 
 def test_serving_steady_plan_of_a_hand_worked_schedule():
