@@ -433,6 +433,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--top", type=int, default=15, help="kernels listed by name")
     ap.add_argument("--compile-workers", type=int, default=8,
                     help="threads that compile the warm-up shapes (PagedEngine.precompile)")
+    ap.add_argument("--graph-control-flow", action="store_true",
+                    help="RunConfig.graph_control_flow (as benchmarks/serving.py)")
     ap.add_argument("--overlap", default="off", choices=["off", "on"],
                     help="PagedConfig.overlap (on: prefill and decode attention are not "
                          "told apart)")
@@ -468,7 +470,8 @@ def main(argv=None) -> int:
     ceil = harness.ceilings(args.tiny)
     print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}; measured ceilings: "
           f"copy {ceil['copy_GBps']:.0f} GB/s, bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s")
-    model = jf.Model.random(jf.ModelConfig.from_preset(w.preset), dtype=args.dtype, seed=0)
+    model = jf.Model.random(jf.ModelConfig.from_preset(w.preset), dtype=args.dtype,
+                            seed=0).with_run(graph_control_flow=args.graph_control_flow)
     ps = serving.prompts(w, model.config.vocab_size)
     print(f"# {w.preset} loaded; warming up", file=sys.stderr, flush=True)
     sched, info = serving.scheduler(model, w, args, max(map(len, ps)) + w.new)

@@ -311,6 +311,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--chunk", type=int, default=None)
     ap.add_argument("--min-chunk", type=int, default=None)
     ap.add_argument("--steps-per-tick", type=int, default=None)
+    ap.add_argument("--graph-control-flow", action="store_true",
+                    help="RunConfig.graph_control_flow: conds and while loops as CUDA-graph "
+                         "nodes (no host wait at each)")
     ap.add_argument("--overlap", default="off", choices=["off", "on", "both"],
                     help="the host reads each call's tokens while the next runs "
                          "(PagedConfig.overlap); both: also an overlapped engine row")
@@ -379,7 +382,8 @@ def main(argv=None) -> int:
             models.clear()
             gc.collect()
             models[w.preset] = jf.Model.random(jf.ModelConfig.from_preset(w.preset),
-                                               dtype=args.dtype, seed=0)
+                                               dtype=args.dtype, seed=0).with_run(
+                graph_control_flow=args.graph_control_flow)
             note(f"{k}: {w.preset} loaded")
         model = models[w.preset]
         ps = prompts(w, model.config.vocab_size)

@@ -391,6 +391,11 @@ class RunConfig:
     # batch prefills in chunks of rows (cache.prefill_rows), so its temporaries stay those
     # of this many tokens and the KV cache, not the prefill, bounds the batch
     prefill_tokens: int = PREFILL_TOKENS
+    # XLA:GPU runs lax.cond and data-dependent while loops as CUDA-graph conditional nodes
+    # (command buffers) instead of copying each predicate to the host and waiting for the
+    # stream, so a decode loop's dispatch returns before the device finishes and the host
+    # can work ahead (docs/benchmarks.md, session 15); off until measured
+    graph_control_flow: bool = False
 
     @property
     def quant_spec(self):
@@ -413,6 +418,9 @@ class RunConfig:
                 raise ValueError(f"RunConfig.{field}: must be a positive integer, got {v!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"RunConfig.dtype: must be one of {DTYPES}, got {self.dtype!r}")
+        if not isinstance(self.graph_control_flow, bool):
+            raise ValueError(f"RunConfig.graph_control_flow: must be True or False, got "
+                             f"{self.graph_control_flow!r}")
         if self.layer_loop not in ("auto", "scan", "unroll"):
             raise ValueError(f"RunConfig.layer_loop: must be auto, scan or unroll, "
                              f"got {self.layer_loop!r}")

@@ -103,6 +103,12 @@ def unpack(big, packed, plan: PackPlan) -> list:
     return leaves
 
 
+# XLA:GPU's default command buffer contents (xla_gpu_enable_command_buffer) plus while
+# loops and conditionals: RunConfig.graph_control_flow
+GRAPH_CONTROL_FLOW = {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,"
+                      "CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL"}
+
+
 class ParamsJit:
     """jax.jit(fn) for fn(params, *args) of a Model, called with the model's params (an
     nnx.State) but handing jit a flat tuple of their arrays (module docstring), with the
@@ -112,6 +118,9 @@ class ParamsJit:
 
     def __init__(self, model, fn, *, pack_small: bool = False, **jit_kwargs):
         self.model = model
+        if model.run.graph_control_flow:
+            jit_kwargs["compiler_options"] = {**jit_kwargs.get("compiler_options", {}),
+                                              **GRAPH_CONTROL_FLOW}
         treedef = jax.tree.structure(model.params)
         self.plan = model.pack_plan() if pack_small else None
         plan = self.plan

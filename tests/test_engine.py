@@ -113,3 +113,21 @@ def test_host_key_data_is_jax_key_data():
     base = jax.random.key(5)
     want = [jax.random.key_data(jax.random.fold_in(base, b)) for b in range(4)]
     np.testing.assert_array_equal(generate_key_data(5, 4), np.stack(want))
+
+
+def test_graph_control_flow_compiles_the_same_tokens(llama4, model, monkeypatch):
+    """RunConfig.graph_control_flow hands XLA the command-buffer option (a bad value of it
+    fails the compile, naming the value) and changes no token: transformers' greedy tokens
+    with it on."""
+    from jaxformer import params_jit
+    hf, _ = llama4
+    prompt = [5, 17, 33, 2, 9]
+    on = model.with_run(graph_control_flow=True)
+    out = on.generate([prompt], max_new_tokens=6, ignore_eos=True)
+    assert out.tokens[0] == hf_greedy(hf, prompt, 6)
+    monkeypatch.setattr(params_jit, "GRAPH_CONTROL_FLOW",
+                        {"xla_gpu_enable_command_buffer": "FUSION,NOT_A_COMMAND"})
+    with pytest.raises(Exception, match="NOT_A_COMMAND"):
+        model.with_run(graph_control_flow=True).generate([prompt], max_new_tokens=2)
+    with pytest.raises(ValueError, match="RunConfig.graph_control_flow"):
+        jf.RunConfig(graph_control_flow="yes")
