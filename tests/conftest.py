@@ -23,14 +23,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-# the workers of one pytest-xdist run share one directory (the run's id names it): a program
-# one worker compiled is a cache hit for the others. Eviction on (a size limit) makes jax
-# take a file lock around each read and write, which the workers do side by side.
-_run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-jax.config.update("jax_compilation_cache_dir", os.environ.get("JAXFORMER_TEST_JIT_CACHE") or (
-    os.path.join(tempfile.gettempdir(), f"jf-jit-{_run}") if _run
-    else tempfile.mkdtemp(prefix="jf-jit-")))
-jax.config.update("jax_compilation_cache_max_size", 16 << 30)
+jax.config.update("jax_compilation_cache_dir",
+                  os.environ.get("JAXFORMER_TEST_JIT_CACHE") or tempfile.mkdtemp(prefix="jf-jit-"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
