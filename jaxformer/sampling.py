@@ -154,6 +154,7 @@ def apply_penalties(logits, p: RowParams, seen, gen_counts):
 def filter_logits(logits, p: RowParams, feats: Features):
     """Temperature, then top-k, top-p and min-p masks (-inf outside the allowed set)."""
     x = logits / p.temperature[:, None]
+    neg = jnp.float32(-jnp.inf)
     if feats.sort:  # the sort over the vocabulary runs only when a row asks for it
         wants = (~p.greedy & ((p.top_k > 0) | (p.top_p < 1))).any()
         x = jax.lax.cond(wants, _top_k_top_p, lambda x, p: x, x, p)
@@ -207,29 +208,19 @@ def sample(logits, p: RowParams, feats: Features, keys, seen=None, gen_counts=No
     """
     # Features say what any request may ask for (compiled in); each stage also runs only
     # when a row of this batch asks for it (lax.cond), so a greedy batch of a server
-    # compiled for everything skips the vocabulary-wide penalties, sort and draw. Each cond
-    # returns the tokens [B], never logits [B, V]: a branch that passed [B, V] logits
-    # through unchanged would still copy them into the cond's output every step.
-    def choose(x, p, keys):
-        tokens = argmax(x)
-        if feats.sample:
-            def draw(x, p, keys, tokens):
-                filtered = filter_logits(x, p, feats)
-                drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
-                return jnp.where(p.greedy, tokens, drawn)
-            tokens = jax.lax.cond(p.greedy.all(), lambda x, p, keys, tokens: tokens, draw,
-                                  x, p, keys, tokens)
-        return tokens
-
+    # compiled for everything skips the vocabulary-wide penalties, sort and draw.
+    x = logits
     if feats.penalties:
         on = ((p.repetition != 1) | (p.presence != 0) | (p.frequency != 0)).any()
-        tokens = jax.lax.cond(
-            on, lambda x, p, keys, seen, counts: choose(apply_penalties(x, p, seen, counts),
-                                                        p, keys),
-            lambda x, p, keys, seen, counts: choose(x, p, keys),
-            logits, p, keys, seen, gen_counts)
-    else:
-        tokens = choose(logits, p, keys)
+        x = jax.lax.cond(on, apply_penalties, lambda x, *_: x, x, p, seen, gen_counts)
+    tokens = argmax(x)
+    if feats.sample:
+        def draw(x, p, keys, tokens):
+            filtered = filter_logits(x, p, feats)
+            drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+            return jnp.where(p.greedy, tokens, drawn)
+        tokens = jax.lax.cond(p.greedy.all(), lambda x, p, keys, tokens: tokens, draw, x, p,
+                              keys, tokens)
     return tokens, chosen_logprob(logits, tokens)
 
 
