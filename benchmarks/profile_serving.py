@@ -447,6 +447,9 @@ def parser() -> argparse.ArgumentParser:
                     help="the workload's first N requests only (1: a single request's ticks)")
     ap.add_argument("--gpu-memory", type=fraction, default=None, metavar="FRACTION",
                     help="share of the GPU jax takes (as benchmarks/serving.py)")
+    ap.add_argument("--trace-dir", default=None,
+                    help="keep the whole-run trace in this directory (for XProf or "
+                         "TensorBoard; default: a temporary one, removed after reading)")
     ap.add_argument("--json", help="also write the phases' summaries here")
     return ap
 
@@ -496,7 +499,7 @@ def main(argv=None) -> int:
                 if ph["traced"]:
                     done(ph)
         else:  # one trace over the whole run, read back after it stops
-            trace = tempfile.mkdtemp(prefix="profile_serving_")
+            trace = args.trace_dir or tempfile.mkdtemp(prefix="profile_serving_")
             try:
                 with jax.profiler.trace(trace, profiler_options=drv.options()):
                     phases = []
@@ -511,7 +514,8 @@ def main(argv=None) -> int:
                         read_trace(trace, ph)
                         done(ph)
             finally:
-                shutil.rmtree(trace, ignore_errors=True)
+                if not args.trace_dir:
+                    shutil.rmtree(trace, ignore_errors=True)
     finally:
         restore()
         sched.stop()
