@@ -435,6 +435,8 @@ def parser() -> argparse.ArgumentParser:
                     help="threads that compile the warm-up shapes (PagedEngine.precompile)")
     ap.add_argument("--graph-control-flow", action="store_true",
                     help="RunConfig.graph_control_flow (as benchmarks/serving.py)")
+    ap.add_argument("--plain-windows", default="on", choices=["off", "on"],
+                    help="PagedConfig.plain_windows (as benchmarks/serving.py)")
     ap.add_argument("--overlap", default="off", choices=["off", "on"],
                     help="PagedConfig.overlap (on: prefill and decode attention are not "
                          "told apart)")

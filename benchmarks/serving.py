@@ -111,7 +111,7 @@ def step_roofline(cfg, dtype, batch: int, length: float, ceil: dict) -> float:
 
 
 def scheduler(model, w: Workload, args, max_length: int, prefix_caching=True,
-              overlap: bool | None = None, warm: bool = True):
+              overlap: bool | None = None, warm: bool = True, plain: bool | None = None):
     """A PagedScheduler for the workload (its pool from the memory plan), every shape
     compiled first unless not warm: (scheduler, {warmup_s, pages, shapes})."""
     pool = memory.pool_plan(model.config, None, args.dtype, page_size=args.page_size,
@@ -126,7 +126,8 @@ def scheduler(model, w: Workload, args, max_length: int, prefix_caching=True,
         PagedConfig(page_size=args.page_size, num_pages=pages,
                     prefill_tokens=args.prefill_tokens, chunk=args.chunk,
                     min_chunk=args.min_chunk, prefix_caching=prefix_caching,
-                    overlap=args.overlap == "on" if overlap is None else overlap))
+                    overlap=args.overlap == "on" if overlap is None else overlap,
+                    plain_windows=args.plain_windows != "off" if plain is None else plain))
     if not warm:
         return sched, {"warmup_s": 0.0, "pages": pages, "shapes": 0}
     t = time.perf_counter()
@@ -136,12 +137,12 @@ def scheduler(model, w: Workload, args, max_length: int, prefix_caching=True,
 
 
 def run_engine(model, w: Workload, ps, args, prefix_caching=True, news=None,
-               max_length=None, overlap: bool | None = None) -> dict:
+               max_length=None, overlap: bool | None = None, plain: bool | None = None) -> dict:
     """All of ps at once until idle; news: each request's new tokens (default w.new);
     max_length: the scheduler's (default the longest request's)."""
     news = news or [w.new] * len(ps)
     sched, info = scheduler(model, w, args, max_length or max(map(len, ps)) + max(news),
-                            prefix_caching, overlap)
+                            prefix_caching, overlap, plain=plain)
     compiles = []
     listen = lambda event, secs, **kw: compiles.append(event) \
         if event == "/jax/core/compile/backend_compile_duration" else None  # noqa: E731
@@ -314,6 +315,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--graph-control-flow", action="store_true",
                     help="RunConfig.graph_control_flow: conds and while loops as CUDA-graph "
                          "nodes (no host wait at each)")
+    ap.add_argument("--plain-windows", default="on", choices=["off", "on", "both"],
+                    help="PagedConfig.plain_windows (the fixed decode window for greedy "
+                         "batches, no host syncs); both: also an engine row without them")
     ap.add_argument("--overlap", default="off", choices=["off", "on", "both"],
                     help="the host reads each call's tokens while the next runs "
                          "(PagedConfig.overlap); both: also an overlapped engine row")
@@ -398,6 +402,9 @@ def main(argv=None) -> int:
         if args.overlap == "both":
             out["overlap"] = run_engine(model, w, ps, args, overlap=True)
             note(f"{k}: overlapped engine {out['overlap']['tok_s']:.0f} tok/s")
+        if args.plain_windows == "both":
+            out["plain_off"] = run_engine(model, w, ps, args, plain=False)
+            note(f"{k}: engine without plain windows {out['plain_off']['tok_s']:.0f} tok/s")
         if w.prefix:
             out["prefix_off"] = run_engine(model, w, ps, args, prefix_caching=False)
             note(f"{k}: prefix caching off done")
@@ -451,6 +458,7 @@ def report(r: dict) -> None:
           f"{e['preemptions']} preemptions, prefill calls {e['prefill_fill']:.0%} real tokens, "
           f"TTFT p50 {e['ttft_p50_s']:.2f} s")
     for name, label in (("overlap", "continuous, overlapped"),
+                        ("plain_off", "no plain windows"),
                         ("prefix_off", "prefix caching off"), ("chunked", "generate() chunks"),
                         ("hf", "transformers static")):
         if name in r and "tok_s" in r[name]:

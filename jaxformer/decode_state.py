@@ -93,13 +93,15 @@ def stopped(tok, recent, req: Request):
 def record(state: DecodeState, tok, logprob, req: Request, top=None) -> DecodeState:
     """Store this step's token [B] for the rows still running and update their stop state.
     `req` is the state's own, or (pipeline) the rows of one microbatch; top: (ids [B, K],
-    log-probs [B, K]) alternatives (sampling.top_logprobs), for a state that keeps them."""
+    log-probs [B, K]) alternatives (sampling.top_logprobs), for a state that keeps them
+    (None there: a program compiled without them leaves those columns as new_window set
+    them)."""
     live = ~state.done
     tok = jnp.where(live, tok, 0)
     out = state.out.at[:, state.step].set(jnp.where(live, tok, -1))
     logprobs = state.logprobs.at[:, state.step].set(jnp.where(live, logprob, 0.0))
     top_ids, top_lps = state.top_ids, state.top_lps
-    if top_ids is not None:
+    if top_ids is not None and top is not None:
         ids, lps = top
         top_ids = top_ids.at[:, state.step].set(jnp.where(live[:, None], ids, -1))
         top_lps = top_lps.at[:, state.step].set(jnp.where(live[:, None], lps, 0.0))

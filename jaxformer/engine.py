@@ -43,6 +43,9 @@ if TYPE_CHECKING:  # the Model (model.py) drives an Engine; the Engine only read
 
 ALL_FEATURES = Features(sample=True, sort=True, min_p=True, penalties=True,
                         top_logprobs=True)
+# A batch whose every row is Sampling.plain: the sampler is an argmax and a log-prob, with
+# no lax.cond (PagedEngine's fixed windows compile it)
+PLAIN = Features(sample=False, sort=False, min_p=False, penalties=False, top_logprobs=False)
 
 
 # ---- the compiled pieces -------------------------------------------------------------------
@@ -260,7 +263,12 @@ class EngineConfig:
     slots: rows of the decode batch; max_length: cache slots per row (prompt + generated);
     window: token columns one step call can fill; features: which sampling processing is
     compiled in (default all, so any request fits); stop_ids / stop_strings: the most stop
-    token ids (eos included) and stop strings a request may have.
+    token ids (eos included) and stop strings a request may have. plain_windows
+    (PagedEngine, pipe = 1): also compile, per decode row count, a window of exactly
+    `window` steps with the PLAIN sampler, for batches of Sampling.plain rows: no lax.cond
+    and no data-dependent loop exit, which XLA:GPU evaluates on the host (it copies the
+    predicate back and waits, every step), so its dispatch returns at once and the host's
+    bookkeeping overlaps the device.
     """
     slots: int
     max_length: int
@@ -270,6 +278,7 @@ class EngineConfig:
     stop_strings: int = 4
     page_size: int | None = None  # a paged KV cache (PagedEngine): tokens per page
     num_pages: int | None = None  # ... and pages in its pool (page 0 the null page)
+    plain_windows: bool = False
 
     def __post_init__(self):
         for f in ("slots", "max_length", "window", "stop_ids", "stop_strings"):

@@ -35,7 +35,7 @@ from jaxformer import cache as kvc
 from jaxformer import pipeline
 from jaxformer import sharding as shd
 from jaxformer.decode_state import STOP_WINDOW, DecodeState, new_window
-from jaxformer.engine import Engine, EngineConfig, decode_step, row_key_data
+from jaxformer.engine import PLAIN, Engine, EngineConfig, decode_step, row_key_data
 from jaxformer.paged_prefill import make_chunk_prefill
 from jaxformer.sampling import GREEDY, TOP_LOGPROBS, Features, Sampling
 from jaxformer.sharding import to_global, to_host
@@ -156,9 +156,17 @@ class PagedEngine(Engine):
 
     def shapes(self) -> dict:
         """Every shape a serving loop calls, for warmup() and the docs."""
-        return {"chunk prefill (rows, tokens)": [(b, C) for C in self.chunk_lengths()
-                                                 for b in self.chunk_rows(C)],
-                "decode rows": self.decode_rows()}
+        out = {"chunk prefill (rows, tokens)": [(b, C) for C in self.chunk_lengths()
+                                                for b in self.chunk_rows(C)],
+               "decode rows": self.decode_rows()}
+        if self.plain_windows:
+            out[f"plain window of {self.config.window} steps, rows"] = self.decode_rows()
+        return out
+
+    @property
+    def plain_windows(self) -> bool:
+        """Whether step(plain=True) runs the fixed-length plain window (EngineConfig)."""
+        return self.config.plain_windows and self.stages == 1
 
     def precompile(self, state: DecodeState, workers: int) -> None:
         """Compile every chunk and decode shape of shapes() on `workers` threads, without
@@ -170,6 +178,9 @@ class PagedEngine(Engine):
                 for C in self.chunk_lengths() for b in self.chunk_rows(C)]
         jobs += [(self._rows_loop(r), (params, state, jnp.int32(1)))
                  for r in self.decode_rows()]
+        if self.plain_windows:
+            jobs += [(self._rows_loop(r, plain=True), (params, state, jnp.int32(1)))
+                     for r in self.decode_rows()]
         with ThreadPoolExecutor(max(1, workers)) as pool:
             for done in [pool.submit(lambda f, a: f.lower(*a).compile(), f, a) for f, a in jobs]:
                 done.result()
@@ -183,6 +194,8 @@ class PagedEngine(Engine):
                                              *self._chunk_args([], b, C))
         for r in self.decode_rows():
             state = self.step(state, 1, rows=r)
+            if self.plain_windows:
+                state = self.step(state, self.config.window, rows=r, plain=True)
         state = self.set_pages(state, {0: []})
         state = self.set_history(state, 0, [], 0)
         jax.block_until_ready(self.window(state)[:3])
@@ -283,12 +296,20 @@ class PagedEngine(Engine):
                 rep(gen0), rep(gen_from), rep(hist), rep(echo), rep(following), req)
 
     def step(self, state: DecodeState, steps: int = 1, *, until: int | None = None,
-             rows: int | None = None) -> DecodeState:
+             rows: int | None = None, plain: bool = False) -> DecodeState:
         """As Engine.step; rows (one of decode_rows(), default all): run only the first
-        `rows` slots (every live slot must be among them)."""
+        `rows` slots (every live slot must be among them). plain (with plain_windows): a
+        new window of exactly config.window steps (`steps` must be that) in the PLAIN
+        sampler, for live rows that are all Sampling.plain: rows that finish idle to the
+        window's end rather than end the loop early."""
         rows = self.config.slots if rows is None else rows
         if rows not in self.decode_rows():
             raise ValueError(f"step: rows {rows} is not one of {self.decode_rows()}")
+        if plain:
+            if not self.plain_windows or until is not None or steps != self.config.window:
+                raise ValueError(f"step: a plain window needs plain_windows, pipe = 1 and "
+                                 f"steps = the window ({self.config.window}), no until")
+            return self._rows_loop(rows, plain=True)(self.model.params, state, jnp.int32(0))
         if until is None:
             if steps > state.out.shape[1]:
                 raise ValueError(f"step: {steps} steps exceed the window of "
@@ -297,10 +318,12 @@ class PagedEngine(Engine):
             until = steps
         return self._rows_loop(rows)(self.model.params, state, jnp.int32(until))
 
-    def _rows_loop(self, rows: int):
-        feats, sh = self.config.features, self.shardings
-        return self.model.compiled.get(("decode rows", feats, rows, sh),
-                                       lambda: make_rows_loop(self.model, feats, rows, sh))
+    def _rows_loop(self, rows: int, plain: bool = False):
+        feats, sh = (PLAIN if plain else self.config.features), self.shardings
+        steps = self.config.window if plain else None
+        return self.model.compiled.get(
+            ("decode rows", feats, rows, steps, sh),
+            lambda: make_rows_loop(self.model, feats, rows, sh, steps))
 
     def set_pages(self, state: DecodeState, rows: dict[int, Sequence[int]]) -> DecodeState:
         """Slots' page tables ({slot: pages}) after the scheduler changed them (pages for
@@ -392,19 +415,30 @@ def _free_paged(state: DecodeState, slots):
                           pages=state.pages.at[slots].set(0, mode="drop"))
 
 
-def make_rows_loop(model: Model, feats: Features, rows: int, shardings: DecodeState):
+def make_rows_loop(model: Model, feats: Features, rows: int, shardings: DecodeState,
+                   steps: int | None = None):
     """jit(fn(params, state, until)): the decode loop (engine.make_decode_loop) over the
     first `rows` slots of the state (the pool whole), the other rows untouched; the state
     is donated and returned in `shardings`. On pipe > 1 the pipelined circular schedule
-    (pipeline.decode_loop)."""
+    (pipeline.decode_loop). steps (pipe = 1): a new window of exactly that many steps
+    instead (`until` unused), a loop whose trip count XLA knows, so it never asks the host
+    whether to go on."""
     staged = pipeline.decode_loop(model, feats) if model.mesh.shape["pipe"] > 1 else None
+    if steps is not None and staged is not None:
+        raise ValueError("a fixed-length decode window runs on pipe = 1 only")
 
     def fn(params, state: DecodeState, until):
         B = state.last.shape[0]
+        if steps is not None:
+            state = new_window(state)
         head = lambda a: a[:rows] if a.ndim and a.shape[0] == B else a  # noqa: E731
         part = jax.tree.map(head, state._replace(cache=None))._replace(cache=state.cache)
         if staged is not None:
             part = staged(params, part, until)
+        elif steps is not None:
+            with model.traced():
+                body = lambda _, s: decode_step(model, params, s, feats)  # noqa: E731
+                part = jax.lax.fori_loop(0, steps, body, part)
         else:
             with model.traced():
                 cond = lambda s: (s.step < until) & ~s.done.all()  # noqa: E731

@@ -90,6 +90,13 @@ class Sampling:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def plain(self) -> bool:
+        """Greedy, with no penalties and no top log-probs: the row needs only an argmax and
+        its log-prob (Features all off)."""
+        return (self.greedy and self.repetition_penalty == 1 and not self.presence_penalty
+                and not self.frequency_penalty and not self.top_logprobs)
+
 
 GREEDY = Sampling(temperature=0.0)
 

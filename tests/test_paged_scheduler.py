@@ -8,6 +8,7 @@ import dataclasses
 import threading
 import time
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -132,7 +133,7 @@ def test_warmup_compiles_every_shape_and_partial_batches_decode_exactly(model, m
     shapes = sched.warmup()
     assert shapes == {"chunk prefill (rows, tokens)": [(1, 8), (2, 8), (4, 8), (1, 16),
                                                        (2, 16)],
-                      "decode rows": [4, 8]}
+                      "decode rows": [4, 8], "plain window of 2 steps, rows": [4, 8]}
     rng = np.random.default_rng(5)
     reqs = [(rng.integers(1, 96, int(rng.integers(1, 30))).tolist(), int(rng.integers(2, 7)))
             for _ in range(10)]
@@ -154,6 +155,44 @@ def test_warmup_compiles_every_shape_and_partial_batches_decode_exactly(model, m
                                        atol=1e-5)
             assert_top_matches([a for _, a in out.prompt_logprobs[1:]],
                                teacher_forced_top(model, prompt[:1], prompt[1:]), 2)
+
+
+def test_plain_windows_never_ask_the_host_and_decode_as_alone(model, monkeypatch):
+    """Ticks whose requests are all plain (greedy, no penalties, no top log-probs) with a
+    whole window to go run the fixed window: a compiled program with no conditional and
+    only loops of a known trip count (XLA:GPU stops the host at each of either, every
+    step), where the general window has both; the other ticks (a request asking for
+    alternatives live, or only a window's tail left) run the general one. Every request
+    still gets a teacher-forced pass's tokens and log-probs."""
+    sched = PagedScheduler(model, SchedulerConfig(slots=4, max_length=48, steps_per_tick=4),
+                           PagedConfig(page_size=4, num_pages=40, prefill_tokens=32, chunk=16))
+    eng = sched.engine
+    hlo = lambda plain: eng._rows_loop(4, plain).lower(  # noqa: E731
+        model.params, eng.init_state(), jnp.int32(1)).compile().as_text()
+    loops = lambda text: [ln for ln in text.splitlines() if " while(" in ln]  # noqa: E731
+    general, plain = hlo(False), hlo(True)
+    assert " conditional(" in general and any("known_trip_count" not in ln
+                                               for ln in loops(general))
+    assert " conditional(" not in plain and loops(plain)
+    assert all("known_trip_count" in ln for ln in loops(plain))
+    calls = []
+    step = eng.step
+    monkeypatch.setattr(eng, "step", lambda *a, **k: calls.append(k["plain"]) or step(*a, **k))
+    rng = np.random.default_rng(3)
+    top = jf.Sampling(temperature=0, logprobs=True, top_logprobs=2)
+    reqs = [(rng.integers(1, 96, n).tolist(), new, s)
+            for n, new, s in ((5, 11, GREEDY_LP), (9, 6, GREEDY_LP), (3, 5, top))]
+    handles = [sched.submit(p, s, max_new_tokens=n) for p, n, s in reqs[:2]]
+    for _ in range(3):
+        sched.tick()
+    handles.append(sched.submit(*reqs[2][::2], max_new_tokens=reqs[2][1]))
+    sched.run_until_idle()
+    assert True in calls and False in calls
+    for h, (prompt, n, _) in zip(handles, reqs):
+        out = h.result(timeout=0)
+        want, want_lp = teacher_forced(model, prompt, out.tokens)
+        assert out.status == FINISHED and len(out.tokens) == n and out.tokens == want
+        np.testing.assert_allclose(out.logprobs, want_lp, atol=1e-5)
 
 
 def test_precompile_on_threads_leaves_warmup_only_the_state_calls(model):

@@ -57,7 +57,9 @@ class PagedConfig:
     power-of-two shapes between the two: PagedEngine.shapes()); prefix_caching: share full
     blocks; overlap: read each call's tokens while the device runs the next call (the
     host's work per tick hidden behind the device's; a finished request's slot is reused
-    one tick later)."""
+    one tick later); plain_windows: a tick whose live requests are all Sampling.plain,
+    one of them with a whole window still to go, runs EngineConfig.plain_windows' decode
+    window (no host syncs inside; compiled at warm-up beside the general one)."""
     page_size: int = 16
     num_pages: int = 1024
     prefill_tokens: int = 512
@@ -65,6 +67,7 @@ class PagedConfig:
     min_chunk: int = 16
     prefix_caching: bool = True
     overlap: bool = False
+    plain_windows: bool = True
 
     def __post_init__(self):
         for f in ("page_size", "num_pages", "prefill_tokens", "chunk", "min_chunk"):
@@ -102,7 +105,7 @@ class PagedScheduler(Scheduler):
         return PagedEngine(self.model, EngineConfig(
             slots=c.slots, max_length=c.max_length, window=c.steps_per_tick,
             stop_ids=c.stop_ids, stop_strings=c.stop_strings, page_size=p.page_size,
-            num_pages=p.num_pages), chunk=min(p.chunk, p.prefill_tokens), min_chunk=p.min_chunk,
+            num_pages=p.num_pages, plain_windows=p.plain_windows), chunk=min(p.chunk, p.prefill_tokens), min_chunk=p.min_chunk,
             prefill_tokens=p.prefill_tokens)
 
     def warmup(self, compile_workers: int = 1) -> dict:
@@ -282,7 +285,8 @@ class PagedScheduler(Scheduler):
                 self._dirty = {}
             top = max(self._live)  # decode only the slots up to the last live one
             rows = next(r for r in self.engine.decode_rows() if r > top)
-            self._state = self.engine.step(self._state, W, rows=rows)
+            self._state = self.engine.step(self._state, W, rows=rows,
+                                           plain=self._plain_window())
             window = self.engine.window(self._state, top=asks_top(self._slots))
         except Exception as e:  # noqa: BLE001
             self._failed("decode", "decode step", e)
@@ -295,6 +299,20 @@ class PagedScheduler(Scheduler):
             self._unread.append(("window", window, owners, None))
         else:
             self._read_window(window, owners)
+
+    def _plain_window(self) -> bool:
+        """Whether this tick's decode runs the plain window (PagedEngine.step plain): every
+        live request Sampling.plain, and one with a whole window of tokens still to go, so
+        the fixed-length window wastes no step on rows the host knows are done."""
+        if not self.engine.plain_windows:
+            return False
+        go = 0
+        for slot in self._live:
+            h = self._slots[slot]
+            if not h.sampling.plain:
+                return False
+            go = max(go, h.max_new - len(h.tokens) - self._lag.get(h.id, 0))
+        return go >= self.config.steps_per_tick
 
     def _read_window(self, arrays, owners: dict) -> None:
         """A decode window's tokens to their requests; finished ones end."""
