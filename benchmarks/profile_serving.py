@@ -169,10 +169,12 @@ def union_ns(intervals, lo: int, hi: int) -> int:
     return total
 
 
-def split_ticks(events, ticks, prefill_ends) -> list[dict]:
+def split_ticks(events, ticks, prefill_ends, bounds=None) -> list[dict]:
     """Per traced tick (ticks: (start ns, duration ns) of each, in order): its kernels
     (events: (start, duration, name), assigned by start to [tick start, next tick's start),
-    the last tick to its end or its last kernel's), their busy union and summed time, the
+    bounds[i] the next tick's start where given (a trace that goes on past the phase: the
+    run's one trace), else the next traced tick's; the last tick without a bound to its
+    end or its last kernel's), their busy union and summed time, the
     idle time in that window (busy: any kernel's time inside it, one queued by an earlier
     tick too), the first kernel's delay (ms), and ns by kind (attention in a
     kernel that starts before the tick's prefill call returned, prefill_ends: end ns of
@@ -180,7 +182,8 @@ def split_ticks(events, ticks, prefill_ends) -> list[dict]:
     events = sorted(events)
     out = []
     for i, (t0, dur) in enumerate(ticks):
-        hi = ticks[i + 1][0] if i + 1 < len(ticks) else None
+        hi = bounds[i] if bounds and bounds[i] is not None else \
+            ticks[i + 1][0] if i + 1 < len(ticks) else None
         mine = [e for e in events if e[0] >= t0 and (hi is None or e[0] < hi)]
         if hi is None:
             hi = max([t0 + dur] + [s + d for s, d, _ in mine])
@@ -211,7 +214,11 @@ def read_trace(trace: str, ph: dict) -> None:
         events = gpu_kernel_events(trace)
         ticks = [(s, d) for s, d, _ in host_spans(trace, f"{TICK} {name} ")]
         ends = [s + d for s, d, _ in host_spans(trace, "engine.prefill_chunks")]
-        device = split_ticks(events, ticks, ends) if events and ticks else []
+        # every tick of the run is annotated (Driver.tick): each traced tick ends where
+        # the run's next tick starts, not where the next traced one does
+        starts = [s for s, _, _ in host_spans(trace, TICK)]
+        bounds = [next((x for x in starts if x > s), None) for s, _ in ticks]
+        device = split_ticks(events, ticks, ends, bounds) if events and ticks else []
         if events and not ticks:
             print(f"# phase {name}: {len(events)} kernels but no tick annotations in the "
                   f"trace: device columns empty", file=sys.stderr)
@@ -242,11 +249,8 @@ class Driver:
         steps = []
         clock.on_step = lambda kw: steps.append((kw.get("rows"), len(s._live)))
         t = time.perf_counter()
-        if tag is None:
+        with jax.profiler.TraceAnnotation(tag or f"{TICK} - {self.n}"):  # "-": untraced
             s.tick()
-        else:
-            with jax.profiler.TraceAnnotation(tag):
-                s.tick()
         wall = time.perf_counter() - t
         clock.on_step = None
         self.n += 1

@@ -187,6 +187,11 @@ def test_profile_serving_splits_ticks_and_times_exclusively(monkeypatch):
     assert (t1["window"], t1["busy"], t1["idle"], t1["kernels"]) == (700, 550, 150, 500)
     assert dict(t1["by_kind"]) == {"copy/memcpy/memset": 100, "decode attention": 400}
     assert t1["decode_busy"] == 500 and t1["count"]["entry_mosaic_gpu"] == 1
+    # the run's one trace: an untraced tick starting at 1600 bounds tick 1, whose window
+    # is then [1000, 1600), its kernels those starting there (the one at 1300 included)
+    _, t1 = ps.split_ticks(events + [(1650, 50, "late_fusion")], [(0, 900), (1000, 500)],
+                           [400], bounds=[1000, 1600])
+    assert (t1["window"], t1["kernels"]) == (600, 500) and "late_fusion" not in t1["count"]
 
     now = [0.0]
     monkeypatch.setattr(ps.time, "perf_counter", lambda: now[0])
