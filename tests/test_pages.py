@@ -294,6 +294,28 @@ def test_block_table_rows_and_sizes():
         t.as_row(1)
 
 
+def test_counting_tokens_that_fill_no_block_is_mark_computed():
+    """computed(n) (no new full block, no tokens built) leaves a table as mark_computed of
+    the same n tokens does, and refuses an n that completes a block."""
+    pool, seq = PagePool(16, PS), list(range(1, 3 * PS + 1))
+    a, b = BlockTable(PS), BlockTable(PS)
+    for t in (a, b):
+        t.append(pool.allocate(3))
+    a.mark_computed(seq[:PS + 1], pool)
+    b.mark_computed(seq[:PS + 1], pool)  # (its first block switches to a's page)
+    pages = (list(a.pages), list(b.pages))
+    for n in range(PS + 2, 2 * PS):
+        assert not a.fills_block(n)
+        a.computed(n)
+        b.mark_computed(seq[:n], pool)
+        assert (a.num_tokens, a.block_hashes) == (b.num_tokens, b.block_hashes) == \
+            (n, a.block_hashes[:1])
+        assert (a.pages, b.pages) == pages
+    assert a.fills_block(2 * PS)
+    with pytest.raises(ValueError, match="complete a block"):
+        a.computed(2 * PS)
+
+
 @pytest.mark.parametrize("make, match", [
     (lambda: PagePool(1, 4), "PagePool.num_pages"),
     (lambda: PagePool(4, 0), "PagePool.page_size"),

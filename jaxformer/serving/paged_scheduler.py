@@ -268,6 +268,9 @@ class PagedScheduler(Scheduler):
         """The first n tokens of the request's sequence have K/V in its pages: publish its
         full blocks (a block already cached elsewhere switches the table to that page)."""
         table = self._tables[h.id]
+        if not table.fills_block(n):
+            table.computed(n)
+            return
         before = list(table.pages)
         table.mark_computed(self._seq(h)[:n], self.pool)
         if table.pages != before:
@@ -322,16 +325,24 @@ class PagedScheduler(Scheduler):
         except Exception as e:  # noqa: BLE001 - an asynchronous failure of the call
             self._failed("decode", "decode step", e)
             return
-        for slot, h in owners.items():
-            if self._slots[slot] is not h:  # ended since (an abort, a preemption)
-                continue
-            got = toks[slot] >= 0
-            self._read(h, self.config.steps_per_tick)
-            h._emit(toks[slot][got].tolist(), lps[slot][got].tolist(),
-                    None if alts is None else (alts[0][slot][got], alts[1][slot][got]))
-            self._computed(slot, h, len(self._seq(h)) - 1)  # the last token is fed next
-            if done[slot]:
-                self._finish(slot)
+        rows, row_lps = toks.tolist(), lps.tolist()  # one conversion, not one a row
+        ended = []
+        try:
+            for slot, h in owners.items():
+                if self._slots[slot] is not h:  # ended since (an abort, a preemption)
+                    continue
+                got = [i for i, t in enumerate(rows[slot]) if t >= 0]
+                self._read(h, self.config.steps_per_tick)
+                h._emit([rows[slot][i] for i in got], [row_lps[slot][i] for i in got],
+                        None if alts is None else (alts[0][slot][got], alts[1][slot][got]))
+                # the last token is fed next
+                self._computed(slot, h, len(h.prompt) + len(h.tokens) - 1)
+                if done[slot]:
+                    self._finish(slot, free=False)
+                    ended.append(slot)
+        finally:  # one call frees the window's finished rows (their pages are released)
+            if ended and self._state is not None:
+                self._state = self.engine.free(self._state, ended)
 
     def _read(self, h: Handle, n: int) -> None:
         """overlap: a call's tokens of h (at most n) are on the host now."""
@@ -369,7 +380,7 @@ class PagedScheduler(Scheduler):
             table = self._tables[h.id]
             # overlap: tokens the device made that the host has not read count as fed (at
             # most: a row that finished among them is freed once they are read)
-            fed = len(self._seq(h)) - 1 + self._lag.get(h.id, 0)
+            fed = len(h.prompt) + len(h.tokens) - 1 + self._lag.get(h.id, 0)
             need = table.needed_pages(min(fed + steps, len(h.prompt) + h.max_new))
             if need and not self.pool.can_allocate(need) and self._unread:
                 # before preempting: read what finished (its pages come back), and a
@@ -400,7 +411,9 @@ class PagedScheduler(Scheduler):
         self._waiting.appendleft(h)
 
     # ---- endings ------------------------------------------------------------------------
-    def _drop(self, slot: int, h: Handle) -> None:
+    def _drop(self, slot: int, h: Handle, free: bool = True) -> None:
+        """Forget the request in slot; free: mark the slot free on the device now (else
+        the caller frees it, with others, before the next device call)."""
         self._tables.pop(h.id).release(self.pool)
         self._next.pop(h.id, None)
         self._lag.pop(h.id, None)
@@ -410,12 +423,12 @@ class PagedScheduler(Scheduler):
         self._dirty.pop(slot, None)
         self._history.pop(slot, None)
         self._slots[slot] = None
-        if self._state is not None:
+        if free and self._state is not None:
             self._state = self.engine.free(self._state, [slot])
 
-    def _finish(self, slot: int) -> None:
+    def _finish(self, slot: int, free: bool = True) -> None:
         h = self._slots[slot]
-        self._drop(slot, h)
+        self._drop(slot, h, free)
         h._end("finished", "length" if len(h.tokens) >= h.max_new else "stop")
 
     def _release(self, h: Handle, status: str, reason: str) -> None:

@@ -297,6 +297,19 @@ class BlockTable:
         self.num_tokens = len(self.pages) * self.page_size
         return self.num_tokens
 
+    def fills_block(self, n: int) -> bool:
+        """Whether n tokens computed complete a block not registered yet (else counting
+        them, computed(n), needs no tokens)."""
+        return n // self.page_size > len(self.block_hashes)
+
+    def computed(self, n: int) -> None:
+        """mark_computed of n tokens that complete no new block (fills_block(n) false), a
+        decode window's usual case, without building the sequence."""
+        if self.fills_block(n) or not self.num_tokens <= n <= self.tokens_capacity:
+            raise ValueError(f"computed: {n} tokens complete a block or lie outside "
+                             f"[{self.num_tokens}, {self.tokens_capacity}]: mark_computed")
+        self.num_tokens = n
+
     def mark_computed(self, tokens: Sequence[int], pool: PagePool) -> None:
         """Record that the K/V of tokens[:len(tokens)] (the sequence so far, whose first
         num_tokens entries must be those already computed) is in the pages, and register the
