@@ -79,8 +79,9 @@ def add_parser(sub) -> None:
                         "work per tick hidden behind the device's)")
     g.add_argument("--no-plain-windows", action="store_true",
                    help="run every decode window in the general program (PagedConfig."
-                        "plain_windows: by default greedy batches run a fixed-length window "
-                        "with no host syncs, compiled at warm-up beside it)")
+                        "plain_windows: by default, on GPUs, greedy batches run a "
+                        "fixed-length window with no host syncs, compiled at warm-up beside "
+                        "it)")
     g.add_argument("--compile-workers", type=positive_int, default=1,
                    help="threads that compile the warm-up shapes before serving")
     s.add_argument("--no-compile-cache", action="store_true",
@@ -149,7 +150,7 @@ def cmd_serve(args) -> int:
                                 steps_per_tick=args.steps_per_tick, max_queue=args.max_queue)
         paged = PagedConfig(page_size=args.page_size, num_pages=pages,
                             prefill_tokens=args.prefill_tokens, overlap=args.overlap,
-                            plain_windows=not args.no_plain_windows)
+                            plain_windows=False if args.no_plain_windows else None)
     except ValueError as e:
         raise UsageError(str(e)) from None
     set_gpu_memory(args.gpu_memory)  # both before anything touches a device

@@ -35,13 +35,14 @@ def model(llama4):
 def test_preemption_prefix_sharing_and_chunks_decode_as_alone(model, monkeypatch, overlap):
     """Random arrivals, a pool short enough to preempt, a shared prefix: greedy tokens and
     log-probs of a teacher-forced pass, top log-probs and prompt log-probs too; overlap: the
-    host reads each call's tokens while the next runs, the same results."""
+    host reads each call's tokens while the next runs, the same results (with plain windows
+    for the ticks whose requests all are plain)."""
     # prompt log-probs in blocks of 4 columns (a 16-token chunk: a scan of 4 blocks)
     monkeypatch.setattr(paged_prefill, "PROMPT_LOGIT_ROWS", 4)
     rng = np.random.default_rng(0)
     sched = PagedScheduler(model, SchedulerConfig(slots=4, max_length=64, steps_per_tick=3),
                            PagedConfig(page_size=4, num_pages=15, prefill_tokens=24,
-                                       chunk=16, overlap=overlap))
+                                       chunk=16, overlap=overlap, plain_windows=overlap))
     common = rng.integers(1, 96, 16).tolist()
     reqs = []
     for i in range(12):
@@ -133,7 +134,7 @@ def test_warmup_compiles_every_shape_and_partial_batches_decode_exactly(model, m
     shapes = sched.warmup()
     assert shapes == {"chunk prefill (rows, tokens)": [(1, 8), (2, 8), (4, 8), (1, 16),
                                                        (2, 16)],
-                      "decode rows": [4, 8], "plain window of 2 steps, rows": [4, 8]}
+                      "decode rows": [4, 8]}
     rng = np.random.default_rng(5)
     reqs = [(rng.integers(1, 96, int(rng.integers(1, 30))).tolist(), int(rng.integers(2, 7)))
             for _ in range(10)]
@@ -165,7 +166,8 @@ def test_plain_windows_never_ask_the_host_and_decode_as_alone(model, monkeypatch
     alternatives live, or only a window's tail left) run the general one. Every request
     still gets a teacher-forced pass's tokens and log-probs."""
     sched = PagedScheduler(model, SchedulerConfig(slots=4, max_length=48, steps_per_tick=4),
-                           PagedConfig(page_size=4, num_pages=40, prefill_tokens=32, chunk=16))
+                           PagedConfig(page_size=4, num_pages=40, prefill_tokens=32, chunk=16,
+                                       plain_windows=True))
     eng = sched.engine
     hlo = lambda plain: eng._rows_loop(4, plain).lower(  # noqa: E731
         model.params, eng.init_state(), jnp.int32(1)).compile().as_text()

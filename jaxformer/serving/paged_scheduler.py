@@ -59,7 +59,8 @@ class PagedConfig:
     host's work per tick hidden behind the device's; a finished request's slot is reused
     one tick later); plain_windows: a tick whose live requests are all Sampling.plain,
     one of them with a whole window still to go, runs EngineConfig.plain_windows' decode
-    window (no host syncs inside; compiled at warm-up beside the general one)."""
+    window (no host syncs inside; compiled at warm-up beside the general one); None: on
+    GPUs, where those syncs cost (XLA:CPU runs control flow on the host anyway)."""
     page_size: int = 16
     num_pages: int = 1024
     prefill_tokens: int = 512
@@ -67,7 +68,7 @@ class PagedConfig:
     min_chunk: int = 16
     prefix_caching: bool = True
     overlap: bool = False
-    plain_windows: bool = True
+    plain_windows: bool | None = None
 
     def __post_init__(self):
         for f in ("page_size", "num_pages", "prefill_tokens", "chunk", "min_chunk"):
@@ -105,8 +106,13 @@ class PagedScheduler(Scheduler):
         return PagedEngine(self.model, EngineConfig(
             slots=c.slots, max_length=c.max_length, window=c.steps_per_tick,
             stop_ids=c.stop_ids, stop_strings=c.stop_strings, page_size=p.page_size,
-            num_pages=p.num_pages, plain_windows=p.plain_windows), chunk=min(p.chunk, p.prefill_tokens), min_chunk=p.min_chunk,
+            num_pages=p.num_pages, plain_windows=self._plain_windows()), chunk=min(p.chunk, p.prefill_tokens), min_chunk=p.min_chunk,
             prefill_tokens=p.prefill_tokens)
+
+    def _plain_windows(self) -> bool:
+        if self.paged.plain_windows is not None:
+            return self.paged.plain_windows
+        return self.model.mesh.devices.flat[0].platform == "gpu"
 
     def warmup(self, compile_workers: int = 1) -> dict:
         """Compile every shape the loop calls (PagedEngine.shapes(), returned) before the
