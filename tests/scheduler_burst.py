@@ -38,12 +38,13 @@ def burst(model, leader: bool = True) -> dict:
 
 
 # data-parallel replicas over processes (tests/test_scheduler_multihost.py): prompts of mixed
-# lengths and a pool of 6 pages of 4 tokens per replica, so requests are preempted
+# lengths and a pool of 6 pages of 4 tokens per replica, so requests are preempted; a prefill
+# budget of one chunk, so every chunk call is one compiled shape (1 row x 4)
 REPLICA_PROMPTS = [[5, 17, 42, 8, 3, 61, 2, 33, 90, 14, 7], [70], [12, 88, 31, 45, 2, 66],
                    [9, 4, 77, 21, 38, 50, 3, 8, 19], [33, 1], [81, 26, 7, 54, 12, 3, 90],
                    [2, 14, 64, 8], [45, 6, 71, 30, 11, 28, 59, 3, 17, 40]]
 REPLICA_MAXN = [7, 5, 6, 7, 4, 6, 5, 7]
-REPLICA_PAGED = PagedConfig(page_size=4, num_pages=7, prefill_tokens=8, chunk=4)
+REPLICA_PAGED = PagedConfig(page_size=4, num_pages=7, prefill_tokens=4, chunk=4)
 
 
 def replica_burst(model, leader: bool, timeout: float = 240.0) -> dict:
