@@ -252,7 +252,7 @@ def penalised_teacher_forced(model, prompt, tokens, s: jf.Sampling):
 
 
 SMALL_POOL = (SchedulerConfig(slots=4, max_length=64, steps_per_tick=3),
-              PagedConfig(page_size=4, num_pages=14, prefill_tokens=32, chunk=16, min_chunk=8))
+              PagedConfig(page_size=4, num_pages=15, prefill_tokens=32, chunk=16, min_chunk=8))
 
 
 @pytest.mark.parametrize("overlap", [False, True])
