@@ -166,7 +166,12 @@ def teacher_forced_top(model, prompt, tokens, k=20):
     model.logits, ranked by numpy (stable: ties by the lower id). The extra rank tells
     whether rank k is tied with the next."""
     seq = list(prompt) + list(tokens)
-    logits = model.logits(np.asarray([seq]))[0, len(prompt) - 1: len(seq) - 1]
+    return top_of(model.logits(np.asarray([seq]))[0, len(prompt) - 1: len(seq) - 1], k)
+
+
+def top_of(logits, k=20):
+    """teacher_forced_top's ranking of logits [n, V] already computed (a row of a batched
+    teacher-forced pass)."""
     lp = np.asarray(jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1))
     ids = np.argsort(-lp, axis=-1, kind="stable")[:, :k + 1]
     return ids, np.take_along_axis(lp, ids, axis=-1)

@@ -7,17 +7,23 @@ from jaxformer.serving.paged_scheduler import PagedConfig, PagedScheduler
 from jaxformer.serving.replica_hosts import HostReplicaScheduler
 from jaxformer.serving.scheduler import Scheduler, SchedulerConfig
 
-PROMPTS = [[5, 17, 42, 8, 3], [61, 2, 33, 90, 14, 7, 25, 11, 40], [70], [12, 88, 31, 45, 2]]
+# compiles are most of the burst's time (in each of three processes): the prompts pair up
+# (requests 0 and 1 finish together, so 2 and 3 are admitted together: one prefill shape of
+# 2 rows; every paged chunk call has 2 rows of 4 columns), and BURST_CONFIG's max_length is
+# the prompt bucket (16), so the empty state's prefill is the admissions' own program
+PROMPTS = [[5, 17, 42, 8, 3], [61, 2, 33, 90, 14, 7, 25, 11], [70], [9, 4],
+           [12, 88, 31, 45, 2]]
 SAMPLED = jf.Sampling(temperature=0.9, top_p=0.9, logprobs=True)
 CONFIG = SchedulerConfig(slots=2, max_length=32, steps_per_tick=2)
+BURST_CONFIG = SchedulerConfig(slots=2, max_length=16, steps_per_tick=2)
 
 
 def burst(model, leader: bool = True) -> dict:
     """{scheduler: [tokens of each request], ...}; the last request is aborted at once.
     Every process calls this; only the leader (process 0) submits."""
     out = {}
-    for name, sched in (("contiguous", Scheduler(model, CONFIG)),
-                        ("paged", PagedScheduler(model, CONFIG, PagedConfig(
+    for name, sched in (("contiguous", Scheduler(model, BURST_CONFIG)),
+                        ("paged", PagedScheduler(model, BURST_CONFIG, PagedConfig(
                             page_size=4, num_pages=9, prefill_tokens=8, chunk=4)))):
         hs = []
         if leader:
@@ -32,12 +38,13 @@ def burst(model, leader: bool = True) -> dict:
 
 
 # data-parallel replicas over processes (tests/test_scheduler_multihost.py): prompts of mixed
-# lengths and a pool of 6 pages of 4 tokens per replica, so requests are preempted
+# lengths and a pool of 6 pages of 4 tokens per replica, so requests are preempted; a prefill
+# budget of one chunk, so every chunk call is one compiled shape (1 row x 4)
 REPLICA_PROMPTS = [[5, 17, 42, 8, 3, 61, 2, 33, 90, 14, 7], [70], [12, 88, 31, 45, 2, 66],
                    [9, 4, 77, 21, 38, 50, 3, 8, 19], [33, 1], [81, 26, 7, 54, 12, 3, 90],
                    [2, 14, 64, 8], [45, 6, 71, 30, 11, 28, 59, 3, 17, 40]]
 REPLICA_MAXN = [7, 5, 6, 7, 4, 6, 5, 7]
-REPLICA_PAGED = PagedConfig(page_size=4, num_pages=7, prefill_tokens=8, chunk=4)
+REPLICA_PAGED = PagedConfig(page_size=4, num_pages=7, prefill_tokens=4, chunk=4)
 
 
 def replica_burst(model, leader: bool, timeout: float = 240.0) -> dict:

@@ -104,11 +104,13 @@ def test_burst_with_aborts_loses_nothing(model):
 
 
 def test_bad_requests_and_failed_calls_stay_alone(model, monkeypatch):
-    sched = Scheduler(model, SchedulerConfig(slots=2, max_length=32, max_queue=3))
-    too_long = sched.submit(list(range(1, 30)), max_new_tokens=8)
+    # the sizes of test_seeded_sampling_ignores_neighbours_and_streams: its compiled programs
+    sched = Scheduler(model, SchedulerConfig(slots=2, max_length=48, steps_per_tick=2,
+                                             max_queue=3))
+    too_long = sched.submit(list(range(1, 46)), max_new_tokens=8)
     bad_id = sched.submit([5, 500], max_new_tokens=2)
     zero = sched.submit([5], max_new_tokens=0)
-    for h, msg in ((too_long, "exceeds the context of 32"), (bad_id, "token id 500"),
+    for h, msg in ((too_long, "exceeds the context of 48"), (bad_id, "token id 500"),
                    (zero, "max_new_tokens must be a positive")):
         assert h.result(timeout=0).status == FAILED and msg in h.result().reason
     ok = sched.submit([5, 6], max_new_tokens=3)
@@ -139,7 +141,9 @@ def test_generate_with_more_prompts_than_max_batch_runs_continuously(model):
     """generate(max_batch=2) over 5 prompts of different lengths: the greedy tokens and
     log-probs of the static batch, each prompt joining as a row frees."""
     rng = np.random.default_rng(5)
-    prompts = [rng.integers(1, 96, n).tolist() for n in (3, 17, 1, 9, 25)]
+    # lengths within one prompt bucket (16): each generate compiles one prefill shape per row
+    # count, not two
+    prompts = [rng.integers(1, 96, n).tolist() for n in (3, 14, 1, 9, 16)]
     static = model.generate(prompts, max_new_tokens=6, sampling=GREEDY_LP, progress=False)
     cont = model.generate(prompts, max_new_tokens=6, sampling=GREEDY_LP, progress=False,
                           max_batch=2)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import jaxformer as jf
-from conftest import assert_top_matches, teacher_forced_top
+from conftest import assert_top_matches, top_of
 from jaxformer.config import ModelConfig
 from jaxformer.serving import multihost
 from jaxformer.serving.replica_hosts import HostReplicaScheduler
@@ -28,8 +28,9 @@ from test_distributed import finish, free_port, result, start
 
 def reference(model):
     """Per request of REPLICA_PROMPTS: generate()'s greedy tokens of the batch (a stop token
-    ends a row), and the log-softmax of one teacher-forced pass over each prompt + those
-    tokens, right-padded into one batch (causal: padding after a row leaves it unchanged)."""
+    ends a row), the log-softmax of one teacher-forced pass over each prompt + those
+    tokens, right-padded into one batch (causal: padding after a row leaves it unchanged),
+    and the top 3 (+1) of that pass (teacher_forced_top's ranking, one batched call)."""
     eos = model.config.eos_token_id
     gen = model.generate(REPLICA_PROMPTS, max(REPLICA_MAXN)).tokens
     want = []
@@ -39,12 +40,13 @@ def reference(model):
     seqs = [p + t for p, t in zip(REPLICA_PROMPTS, want)]
     T = max(map(len, seqs))
     logits = np.asarray(model.logits(np.asarray([s + [0] * (T - len(s)) for s in seqs])))
-    lps = []
+    lps, tops = [], []
     for row, p, t in zip(logits, REPLICA_PROMPTS, want):
+        tops.append(top_of(row[len(p) - 1: len(p) - 1 + len(t)], 3))
         x = row[len(p) - 1: len(p) - 1 + len(t)].astype(np.float64)
         lse = x.max(-1) + np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1))
         lps.append(x[np.arange(len(t)), t] - lse)
-    return want, lps
+    return want, lps, tops
 
 
 def test_two_processes_serve_as_one(tmp_path):
@@ -56,14 +58,14 @@ def test_two_processes_serve_as_one(tmp_path):
                    "--checkpoint", tmp_path / "ckpt") for i in (0, 1)]
     try:
         one = burst(model)  # meanwhile, the same burst in this process
-        want, want_lp = reference(model)
+        want, want_lp, want_top = reference(model)
     finally:
         outs = finish(procs, 420)
     two = [result(*o) for o in outs]
     assert [r["process"] for r in two] == [0, 1] and two[0]["devices"] == 4
     assert two[1]["contiguous"] == two[1]["paged"] == []  # process 1 submitted nothing
     for name in ("contiguous", "paged"):
-        assert [s for s, *_ in one[name]] == ["finished"] * 3 + ["aborted"]
+        assert [s for s, *_ in one[name]] == ["finished"] * 4 + ["aborted"]
         assert [t for _, t, _ in two[0][name]] == [t for _, t, _ in one[name]], name
         assert [s for s, *_ in two[0][name]] == [s for s, *_ in one[name]]
         for (_, _, a), (_, _, b) in zip(two[0][name], one[name]):
@@ -72,10 +74,10 @@ def test_two_processes_serve_as_one(tmp_path):
     assert got["error"] == "" and two[1]["replicas"]["error"] == ""
     assert [s for s, *_ in got["outs"]] == ["finished"] * len(want)
     assert [t for _, t, *_ in got["outs"]] == want
-    for (_, toks, lp, top), ref, prompt in zip(got["outs"], want_lp, REPLICA_PROMPTS):
+    for (_, _, lp, top), ref, ref_top in zip(got["outs"], want_lp, want_top):
         np.testing.assert_allclose(lp, ref, atol=1e-5)
         # the alternatives too, from either replica (process 1's through its reports)
-        assert_top_matches(top, teacher_forced_top(model, prompt, toks, 3), 3)
+        assert_top_matches(top, ref_top, 3)
     burst_routed, all_routed = got["routed"]
     assert sum(burst_routed) == len(want) and min(burst_routed) > 0, got["routed"]
     assert got["preemptions"] > 0  # the pool was short

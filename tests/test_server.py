@@ -41,6 +41,10 @@ SCHED = SchedulerConfig(slots=8, max_length=96, steps_per_tick=4, max_queue=256)
 # one chunk length (48): each model warms up 2 prefill shapes, not 4
 PAGED = PagedConfig(page_size=8, num_pages=8 * 12 + 1, prefill_tokens=96, chunk=48,
                     min_chunk=48)
+# the second model serves one request (test_second_model_on_its_own_device): 4 slots and one
+# chunk row warm up 3 programs, not PAGED's 7 (the setup's time is mostly these compiles)
+SCHED_B = dataclasses.replace(SCHED, slots=4)
+PAGED_B = dataclasses.replace(PAGED, prefill_tokens=48)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +56,8 @@ def models():
 
 @pytest.fixture(scope="module")
 def server(models):
-    app = create_app([ModelSpec(n, (lambda m=m: m), SCHED, PAGED) for n, m in models.items()],
+    sizes = {"demo": (SCHED, PAGED), "demo-b": (SCHED_B, PAGED_B)}
+    app = create_app([ModelSpec(n, (lambda m=m: m), *sizes[n]) for n, m in models.items()],
                      api_key=KEY, max_body=MAX_BODY)
     with ServerThread(app) as s:
         yield s
