@@ -212,11 +212,12 @@ def read_trace(trace: str, ph: dict) -> None:
     name, ticks, device = ph["name"], [], []
     try:  # a trace this script cannot read still leaves the host columns
         events = gpu_kernel_events(trace)
-        ticks = [(s, d) for s, d, _ in host_spans(trace, f"{TICK} {name} ")]
-        ends = [s + d for s, d, _ in host_spans(trace, "engine.prefill_chunks")]
         # every tick of the run is annotated (Driver.tick): each traced tick ends where
         # the run's next tick starts, not where the next traced one does
-        starts = [s for s, _, _ in host_spans(trace, TICK)]
+        spans = host_spans(trace, TICK)
+        ticks = [(s, d) for s, d, n in spans if n.startswith(f"{TICK} {name} ")]
+        starts = [s for s, _, _ in spans]
+        ends = [s + d for s, d, _ in host_spans(trace, "engine.prefill_chunks")]
         bounds = [next((x for x in starts if x > s), None) for s, _ in ticks]
         device = split_ticks(events, ticks, ends, bounds) if events and ticks else []
         if events and not ticks:

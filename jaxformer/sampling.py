@@ -91,11 +91,16 @@ class Sampling:
         return self.temperature == 0
 
     @property
+    def penalised(self) -> bool:
+        """Any of the repetition, presence and frequency penalties set."""
+        return bool(self.repetition_penalty != 1 or self.presence_penalty
+                    or self.frequency_penalty)
+
+    @property
     def plain(self) -> bool:
         """Greedy, with no penalties and no top log-probs: the row needs only an argmax and
         its log-prob (Features all off)."""
-        return (self.greedy and self.repetition_penalty == 1 and not self.presence_penalty
-                and not self.frequency_penalty and not self.top_logprobs)
+        return self.greedy and not self.penalised and not self.top_logprobs
 
 
 GREEDY = Sampling(temperature=0.0)
@@ -143,8 +148,7 @@ def row_params(samplings: Sequence[Sampling], batch: int) -> tuple[RowParams, Fe
         sample=bool(live),
         sort=any(x.top_k > 0 or x.top_p < 1 for x in live),
         min_p=any(x.min_p > 0 for x in live),
-        penalties=any(x.repetition_penalty != 1 or x.presence_penalty or x.frequency_penalty
-                      for x in s),
+        penalties=any(x.penalised for x in s),
         top_logprobs=any(x.top_logprobs > 0 for x in s))
     return rp, feats
 

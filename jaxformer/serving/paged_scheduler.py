@@ -103,16 +103,13 @@ class PagedScheduler(Scheduler):
 
     def _make_engine(self) -> PagedEngine:
         c, p = self.config, self.paged
+        plain = p.plain_windows if p.plain_windows is not None else \
+            self.model.mesh.devices.flat[0].platform == "gpu"
         return PagedEngine(self.model, EngineConfig(
             slots=c.slots, max_length=c.max_length, window=c.steps_per_tick,
             stop_ids=c.stop_ids, stop_strings=c.stop_strings, page_size=p.page_size,
-            num_pages=p.num_pages, plain_windows=self._plain_windows()), chunk=min(p.chunk, p.prefill_tokens), min_chunk=p.min_chunk,
-            prefill_tokens=p.prefill_tokens)
-
-    def _plain_windows(self) -> bool:
-        if self.paged.plain_windows is not None:
-            return self.paged.plain_windows
-        return self.model.mesh.devices.flat[0].platform == "gpu"
+            num_pages=p.num_pages, plain_windows=plain), chunk=min(p.chunk, p.prefill_tokens),
+            min_chunk=p.min_chunk, prefill_tokens=p.prefill_tokens)
 
     def warmup(self, compile_workers: int = 1) -> dict:
         """Compile every shape the loop calls (PagedEngine.shapes(), returned) before the
