@@ -26,13 +26,13 @@ reference.py. No float copy of the cache is ever written to HBM.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxformer.kernels import decode_step as ds
 from jaxformer.kernels import flash_attention as fa
 from jaxformer.kernels.reference import attention_reference
 
@@ -106,26 +106,8 @@ def _decode_pallas(qg, k, v, kv_lengths, last_pos, layer, *, scale: float, causa
     dtype = qg.dtype
     qk_scale = float(scale) * fa.LOG2E
 
-    def float_tile(codes_smem, tile_smem):
-        """tile_smem [bk, H] (q's dtype) = the codes [bk, H], converted (exactly: int8 and
-        e4m3 values are bf16 / f16 values); the kernel's wgmmas then read a float tile."""
-        if interpret:
-            tile_smem[...] = codes_smem[...].astype(tile_smem.dtype)
-            return
-        codes = plgpu.load(codes_smem, (), layout=plgpu.Layout.WGMMA_UPCAST_2X)
-        codes = plgpu.layout_cast(codes, plgpu.Layout.WGMMA)
-        if jnp.dtype(codes.dtype) == jnp.dtype(jnp.float8_e4m3fn):
-            codes = codes.astype(jnp.float16)  # one hardware convert per pair
-        tile_smem[...] = codes.astype(tile_smem.dtype)
-
-    def per_key(scale_smem):
-        """[M, bk] float32: the slot's per-key scales [bk] broadcast over the query rows
-        (a scale is constant over H, so it scales score / probability column j)."""
-        if interpret:
-            cols = scale_smem[...]
-        else:
-            cols = plgpu.load(scale_smem, (), layout=plgpu.Layout.WGMMA.reduce(0))
-        return lax.broadcast_in_dim(cols, (M, bk), [1])
+    spec = ds.StepSpec(stages=stages, rows=M, block=bk, dtype=dtype, qk_scale=qk_scale,
+                       mods=mods, interpret=interpret)
 
     def kernel(q_ref, k_ref, v_ref, len_ref, pos_ref, lo_ref, layer_ref, sc_ref, sl_ref, o_ref,
                lse_ref, q_smem, o_smem, lse_smem, sl_smem, k_smem, v_smem, q_bar, k_bar, v_bar,
@@ -170,66 +152,18 @@ def _decode_pallas(qg, k, v, kv_lengths, last_pos, layer, *, scale: float, causa
                 plgpu.copy_gmem_to_smem(sl_ref.at[h], sl_smem, q_bar)
             plgpu.barrier_wait(q_bar)
             slope_rows = fa._load_rows(sl_smem, interpret) if mods.alibi else None
-            m_i = fa._row_layout(jnp.full((M,), -jnp.inf, jnp.float32), interpret)
-            l_i = fa._row_layout(jnp.full((M,), 0.0, jnp.float32), interpret)
-            acc = fa._tile_layout(jnp.full((M, H), 0.0, jnp.float32), interpret)
+            carry = ds.empty_carry(spec, H)
 
             @pl.when(n_steps > 0)
             def _():
                 plgpu.barrier_wait(k_bar.at[0])
 
-            def step(i, carry, masked):
-                acc, m_i, l_i = carry
-                slot = lax.rem(i, jnp.int32(stages))
-                if quant:
-                    # The wgmmas of the last step are complete (their results were read),
-                    # so the tile can be overwritten; the slot is free once read.
-                    float_tile(k_smem.at[slot], kt_smem)
-                    k_cols = per_key(ks_smem.at[slot])
-                    plgpu.barrier_arrive(k_free.at[slot])
-                    plgpu.commit_smem()
-                    s = fa._qk(q_smem, kt_smem, (M, bk), interpret) * (k_cols * qk_scale)
-                else:
-                    s = fa._qk(q_smem, k_smem.at[slot], (M, bk), interpret)
-                    plgpu.barrier_arrive(k_free.at[slot])
-                    s = s * qk_scale
-                if masked or mods.alibi:
-                    kv_ids = fa._col_iota((M, bk), interpret) + (first + i) * bk
-                if mods.softcap is not None or mods.alibi:
-                    s = fa.score_mods(s, kv_ids if mods.alibi else None, pos_ref[b],
-                                      slope_rows, mods)
-                if masked:
-                    s = jnp.where(kv_ids < length, s, fa._MASK)
-                    if mods.window:
-                        s = jnp.where(kv_ids >= lo, s, fa._MASK)
-                m_new = jnp.maximum(m_i, s.max(axis=1))
-                alpha = jnp.exp2(m_i - m_new)
-                pr = jnp.exp2(s - lax.broadcast_in_dim(m_new, (M, bk), [0]))
-                l_i = l_i * alpha + pr.sum(axis=1)
-                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                plgpu.barrier_wait(v_bar.at[slot])
-
-                def wait_next_k():
-                    @pl.when(i + 1 < n_steps)
-                    def _():
-                        plgpu.barrier_wait(k_bar.at[lax.rem(i + 1, jnp.int32(stages))])
-                if quant:  # value scales weight the probabilities (l_i sums them unweighted)
-                    float_tile(v_smem.at[slot], vt_smem)
-                    pv = (pr * per_key(vs_smem.at[slot])).astype(dtype)
-                    plgpu.barrier_arrive(v_free.at[slot])
-                    plgpu.commit_smem()
-                    acc = fa._pv(acc, pv, vt_smem, interpret, after_issue=wait_next_k)
-                else:
-                    acc = fa._pv(acc, pr.astype(dtype), v_smem.at[slot], interpret,
-                                 after_issue=wait_next_k)
-                    plgpu.barrier_arrive(v_free.at[slot])
-                return acc, m_new, l_i
-
-            carry = lax.fori_loop(0, n_head, functools.partial(step, masked=True),
-                                  (acc, m_i, l_i))
-            carry = lax.fori_loop(n_head, n_full, functools.partial(step, masked=False), carry)
-            acc, m_i, l_i = lax.fori_loop(n_full, n_steps, functools.partial(step, masked=True),
-                                          carry)
+            ring = ds.Ring(k_smem, v_smem, k_bar, v_bar, k_free, v_free, ks_smem, vs_smem,
+                           kt_smem, vt_smem)
+            step = ds.make_step(spec, ring, q_smem, slope_rows, first=first, length=length,
+                                lo=lo, position=lambda: pos_ref[b], ring_index=lambda i: i,
+                                total=n_steps)
+            acc, m_i, l_i = ds.run_steps(step, n_head, n_full, n_steps, carry)
             l_safe = jnp.where(l_i == 0.0, 1.0, l_i)
             o_smem[...] = acc * lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0])
             lse_smem[...] = m_i + jnp.log(l_safe) * fa.LOG2E

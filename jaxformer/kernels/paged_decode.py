@@ -5,13 +5,13 @@ runs: one CTA per (rows, kv head, split) reads each row's pages through its page
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from jaxformer.kernels import decode_attention as da
+from jaxformer.kernels import decode_step as ds
 from jaxformer.kernels import flash_attention as fa
 
 
@@ -83,22 +83,8 @@ def decode_pallas(qg, k, v, pages, kv_lengths, last_pos, layer, *, scale: float,
     dtype = qg.dtype
     qk_scale = float(scale) * fa.LOG2E
 
-    def float_tile(codes_smem, tile_smem):
-        if interpret:
-            tile_smem[...] = codes_smem[...].astype(tile_smem.dtype)
-            return
-        codes = plgpu.load(codes_smem, (), layout=plgpu.Layout.WGMMA_UPCAST_2X)
-        codes = plgpu.layout_cast(codes, plgpu.Layout.WGMMA)
-        if jnp.dtype(codes.dtype) == jnp.dtype(jnp.float8_e4m3fn):
-            codes = codes.astype(jnp.float16)
-        tile_smem[...] = codes.astype(tile_smem.dtype)
-
-    def per_key(scale_smem):
-        if interpret:
-            cols = scale_smem[...]
-        else:
-            cols = plgpu.load(scale_smem, (), layout=plgpu.Layout.WGMMA.reduce(0))
-        return lax.broadcast_in_dim(cols, (M, bk), [1])
+    spec = ds.StepSpec(stages=stages, rows=M, block=bk, dtype=dtype, qk_scale=qk_scale,
+                       mods=mods, interpret=interpret)
 
     def kernel(q_ref, k_ref, v_ref, pages_ref, len_ref, pos_ref, lo_ref, layer_ref, sc_ref,
                sl_ref, o_ref, lse_ref, q_smem, o_smem, lse_smem, sl_smem, k_smem, v_smem,
@@ -171,62 +157,14 @@ def decode_pallas(qg, k, v, pages, kv_lengths, last_pos, layer, *, scale: float,
                     def _():  # its buffer's last reader, the row before, is done
                         load_q(j + 1)
                 q_row = q_smem.at[buf]
-                m_i = fa._row_layout(jnp.full((M,), -jnp.inf, jnp.float32), interpret)
-                l_i = fa._row_layout(jnp.full((M,), 0.0, jnp.float32), interpret)
-                acc = fa._tile_layout(jnp.full((M, H), 0.0, jnp.float32), interpret)
-
-                def step(i, carry, masked):
-                    acc, m_i, l_i = carry
-                    g = g0 + i
-                    slot = lax.rem(g, jnp.int32(stages))
-                    if quant:  # the last step's wgmmas are complete: the float tile is free
-                        float_tile(k_smem.at[slot], kt_smem)
-                        k_cols = per_key(ks_smem.at[slot])
-                        plgpu.barrier_arrive(k_free.at[slot])
-                        plgpu.commit_smem()
-                        s = fa._qk(q_row, kt_smem, (M, bk), interpret) * (k_cols * qk_scale)
-                    else:
-                        s = fa._qk(q_row, k_smem.at[slot], (M, bk), interpret)
-                        plgpu.barrier_arrive(k_free.at[slot])
-                        s = s * qk_scale
-                    if masked or mods.alibi:  # key positions in the row's sequence
-                        kv_ids = fa._col_iota((M, bk), interpret) + (first + i) * bk
-                    if mods.softcap is not None or mods.alibi:
-                        s = fa.score_mods(s, kv_ids if mods.alibi else None, pos_ref[b0 + j],
-                                          slope_rows, mods)
-                    if masked:
-                        s = jnp.where(kv_ids < length, s, fa._MASK)
-                        if mods.window:
-                            s = jnp.where(kv_ids >= lo, s, fa._MASK)
-                    m_new = jnp.maximum(m_i, s.max(axis=1))
-                    alpha = jnp.exp2(m_i - m_new)
-                    pr = jnp.exp2(s - lax.broadcast_in_dim(m_new, (M, bk), [0]))
-                    l_i = l_i * alpha + pr.sum(axis=1)
-                    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                    plgpu.barrier_wait(v_bar.at[slot])
-
-                    def wait_next_k():  # the CTA's next step, maybe the next row's first
-                        @pl.when(g + 1 < total)
-                        def _():
-                            plgpu.barrier_wait(k_bar.at[lax.rem(g + 1, jnp.int32(stages))])
-                    if quant:  # value scales weight the probabilities (l_i sums them plain)
-                        float_tile(v_smem.at[slot], vt_smem)
-                        pv = (pr * per_key(vs_smem.at[slot])).astype(dtype)
-                        plgpu.barrier_arrive(v_free.at[slot])
-                        plgpu.commit_smem()
-                        acc = fa._pv(acc, pv, vt_smem, interpret, after_issue=wait_next_k)
-                    else:
-                        acc = fa._pv(acc, pr.astype(dtype), v_smem.at[slot], interpret,
-                                     after_issue=wait_next_k)
-                        plgpu.barrier_arrive(v_free.at[slot])
-                    return acc, m_new, l_i
-
-                carry = lax.fori_loop(0, n_head, functools.partial(step, masked=True),
-                                      (acc, m_i, l_i))
-                carry = lax.fori_loop(n_head, n_full, functools.partial(step, masked=False),
-                                      carry)
-                acc, m_i, l_i = lax.fori_loop(n_full, n_steps,
-                                              functools.partial(step, masked=True), carry)
+                carry = ds.empty_carry(spec, H)
+                ring = ds.Ring(k_smem, v_smem, k_bar, v_bar, k_free, v_free, ks_smem, vs_smem,
+                               kt_smem, vt_smem)
+                # the ring runs on over the CTA's rows: this row's step i is its step g0 + i
+                step = ds.make_step(spec, ring, q_row, slope_rows, first=first, length=length,
+                                    lo=lo, position=lambda: pos_ref[b0 + j],
+                                    ring_index=lambda i: g0 + i, total=total)
+                acc, m_i, l_i = ds.run_steps(step, n_head, n_full, n_steps, carry)
                 l_safe = jnp.where(l_i == 0.0, 1.0, l_i)
                 if rows > 1:  # the row before's copy-out has read o_smem and lse_smem
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -262,7 +200,10 @@ def decode_pallas(qg, k, v, pages, kv_lengths, last_pos, layer, *, scale: float,
                        (v_ref, v_smem, vs_smem, 1, v_bar, v_free)]
 
             # the ring over every step of the CTA's rows (fa.ring_producer's order: the
-            # first `stages` steps fill it, each later one waits for its slot's release)
+            # first `stages` steps fill it, each later one waits for its slot's release).
+            # Not fa.ring_producer itself: its steps are one loop whose first `stages` are
+            # unrolled, while here they run row by row and a row's steps start at a traced
+            # ring step g0, so the fill is a per-step `g >= stages` test instead
             def row(j, g0):
                 b = b0 + j
                 first, n_steps, _, _, _, n_pages, _ = plan(b)
