@@ -36,6 +36,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import os
 import sys
 import time
 
@@ -44,6 +45,7 @@ import numpy as np
 
 import harness
 import serving_load
+from serving_report import report, row_note
 import jaxformer as jf
 from jaxformer import memory
 from jaxformer.cli_args import SERVE_GPU_MEMORY, fraction, set_gpu_memory
@@ -110,16 +112,27 @@ def step_roofline(cfg, dtype, batch: int, length: float, ceil: dict) -> float:
     return max(bytes_ / (ceil["copy_GBps"] * 1e9), flops / (ceil["matmul_TFLOPs"] * 1e12))
 
 
-def scheduler(model, w: Workload, args, max_length: int, prefix_caching=True,
-              overlap: bool | None = None, warm: bool = True, plain: bool | None = None):
-    """A PagedScheduler for the workload (its pool from the memory plan), every shape
-    compiled first unless not warm: (scheduler, {warmup_s, pages, shapes})."""
+def pool_pages(model, w: Workload, args) -> int:
+    """The workload's pool: --num-pages, else the memory plan's pages capped by what the
+    devices have free now (in one block). Planned once per workload, before its first row,
+    so every row runs the same pool: a row planned after another would see the allocator's
+    state that row left (its freed blocks split by later allocations)."""
+    if args.num_pages:
+        return args.num_pages
     pool = memory.pool_plan(model.config, None, args.dtype, page_size=args.page_size,
                             slots=w.slots, prefill_tokens=args.prefill_tokens,
                             device_memory=args.device_memory)
     if args.device_memory is None:  # what the devices have free now, in one block
         pool = memory.fit_pool(pool, model.mesh.devices.flat)
-    pages = args.num_pages or pool.num_pages
+    return pool.num_pages
+
+
+def scheduler(model, w: Workload, args, max_length: int, prefix_caching=True,
+              overlap: bool | None = None, warm: bool = True, plain: bool | None = None,
+              pages: int | None = None):
+    """A PagedScheduler for the workload (its pool `pages`, default pool_pages), every
+    shape compiled first unless not warm: (scheduler, {warmup_s, pages, shapes})."""
+    pages = pages or pool_pages(model, w, args)
     sched = PagedScheduler(
         model, SchedulerConfig(slots=w.slots, max_length=max_length,
                                steps_per_tick=args.steps_per_tick, max_queue=1 << 20),
@@ -137,12 +150,13 @@ def scheduler(model, w: Workload, args, max_length: int, prefix_caching=True,
 
 
 def run_engine(model, w: Workload, ps, args, prefix_caching=True, news=None,
-               max_length=None, overlap: bool | None = None, plain: bool | None = None) -> dict:
+               max_length=None, overlap: bool | None = None, plain: bool | None = None,
+               pages: int | None = None) -> dict:
     """All of ps at once until idle; news: each request's new tokens (default w.new);
-    max_length: the scheduler's (default the longest request's)."""
+    max_length: the scheduler's (default the longest request's); pages: the pool's."""
     news = news or [w.new] * len(ps)
     sched, info = scheduler(model, w, args, max_length or max(map(len, ps)) + max(news),
-                            prefix_caching, overlap, plain=plain)
+                            prefix_caching, overlap, plain=plain, pages=pages)
     compiles = []
     listen = lambda event, secs, **kw: compiles.append(event) \
         if event == "/jax/core/compile/backend_compile_duration" else None  # noqa: E731
@@ -395,22 +409,26 @@ def main(argv=None) -> int:
                         w.prefix, ceil)
         out = {"workload": k, "preset": w.preset, "requests": w.requests,
                "roofline_s": roof["total_s"], "roof_prefill_s": roof["prefill_s"]}
-        out["engine"] = run_engine(model, w, ps, args)
-        out["engine"]["of_roofline"] = roof["total_s"] / out["engine"]["seconds"]
-        note(f"{k}: engine {out['engine']['tok_s']:.0f} tok/s, warm-up "
-             f"{out['engine']['warmup_s']:.0f} s")
-        if args.overlap == "both":
-            out["overlap"] = run_engine(model, w, ps, args, overlap=True)
-            note(f"{k}: overlapped engine {out['overlap']['tok_s']:.0f} tok/s")
-        if args.plain_windows == "both":
-            out["plain_off"] = run_engine(model, w, ps, args, plain=False)
-            note(f"{k}: engine without plain windows {out['plain_off']['tok_s']:.0f} tok/s")
-        if w.prefix:
-            out["prefix_off"] = run_engine(model, w, ps, args, prefix_caching=False)
-            note(f"{k}: prefix caching off done")
-        if w.chunked:
+        pages = pool_pages(model, w, args)
+        if w.chunked:  # first: its contiguous caches want blocks the pool rows would split
             out["chunked"] = run_chunked(model, w, ps)
-            note(f"{k}: chunked generate() done")
+            note(f"{k}: chunked generate() {out['chunked']['tok_s']:.0f} tok/s")
+        runs = [("engine", {})]
+        if args.overlap == "both":
+            runs.append(("overlap", dict(overlap=True)))
+        if args.plain_windows == "both":
+            runs.append(("plain_off", dict(plain=False)))
+        if w.prefix:
+            runs.append(("prefix_off", dict(prefix_caching=False)))
+        for name, kw in runs:
+            in_use = memory_in_use(model)
+            out[name] = run_engine(model, w, ps, args, pages=pages, **kw)
+            note(f"{k}: {name} {row_note(out[name])}")
+            left = memory_in_use(model) - in_use
+            if left > 1 << 30:  # the next row's pool would not fit: say so
+                note(f"WARNING {k}: {left / 2**30:.1f} GiB still in use after the {name} row")
+            save(args.json, ceil, rows + [out])  # a run cut short keeps its rows
+        out["engine"]["of_roofline"] = roof["total_s"] / out["engine"]["seconds"]
         if w.hf and (w.preset, w.hf) in hf:
             out["hf"] = hf[(w.preset, w.hf)]
         if not args.no_steady and k in ("w2", "w3") or args.tiny and k == "w2":
@@ -422,65 +440,23 @@ def main(argv=None) -> int:
         if not args.no_single and k in ("w1", "w2"):
             out["single"] = run_single(model, w, args, *((8, 6) if args.tiny else (128, 128)))
         rows.append(out)
+        save(args.json, ceil, rows)
         report(out)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"ceilings": ceil, "rows": rows}, f, indent=1)
     return 0
 
 
-def steady_notes(s: dict) -> str:
-    """What the steady row must say beside its numbers: a batch the pool cut below the
-    slots, rows the compiled call ran past the live ones, rows that ended or were
-    preempted (the timed batch then shrank or changed)."""
-    notes = []
-    if s["planned"] < s["slots"]:
-        notes.append(f"the pool holds {s['planned']} of {s['slots']} slots' rows")
-    if s["rows"] != s["batch"]:
-        notes.append(f"{s['rows']} rows computed")
-    notes.append(f"{s['prefill_ticks']} prefill ticks (planned {s['planned_prefill_ticks']})")
-    if s["batch"] < s["planned"] or s["ended_in_bare_steps"] > 0:
-        notes.append(f"WARNING {s['planned'] - s['batch']} rows ended before or during the "
-                     f"timed ticks, {s['ended_in_bare_steps']} in the bare steps")
-    if s["preemptions"]:
-        notes.append(f"WARNING {s['preemptions']} preemptions")
-    return "; " + "; ".join(notes)
+def save(path: str | None, ceil: dict, rows: list) -> None:
+    """The rows so far to path (whole: a temporary file renamed over it)."""
+    if path:
+        with open(path + ".tmp", "w") as f:
+            json.dump({"ceilings": ceil, "rows": rows}, f, indent=1)
+        os.replace(path + ".tmp", path)
 
 
-def report(r: dict) -> None:
-    e = r["engine"]
-    print(f"\n## {r['workload']}: {r['preset']}, {r['requests']} requests; roofline "
-          f"{r['roofline_s']:.2f} s (prefill {r['roof_prefill_s']:.2f} s)")
-    print(f"{'run':<28}{'seconds':>9}{'tokens/s':>10}{'ratio':>8}")
-    print(f"{'continuous (paged)':<28}{e['seconds']:>9.2f}{e['tok_s']:>10.0f}{'1.00':>8}"
-          f"   {e['of_roofline']:.0%} of roofline; warmup {e['warmup_s']:.0f} s "
-          f"({e['shapes']} shapes, {e['compiles']} compiles after), {e['pages']} pages, "
-          f"{e['preemptions']} preemptions, prefill calls {e['prefill_fill']:.0%} real tokens, "
-          f"TTFT p50 {e['ttft_p50_s']:.2f} s")
-    for name, label in (("overlap", "continuous, overlapped"),
-                        ("plain_off", "no plain windows"),
-                        ("prefix_off", "prefix caching off"), ("chunked", "generate() chunks"),
-                        ("hf", "transformers static")):
-        if name in r and "tok_s" in r[name]:
-            x = r[name]
-            print(f"{label:<28}{x.get('seconds', float('nan')):>9.2f}{x['tok_s']:>10.0f}"
-                  f"{e['tok_s'] / x['tok_s']:>8.2f}x  (continuous over this)")
-        elif name in r:
-            print(f"{label:<28} {r[name]}")
-    if "steady" in r:
-        s = r["steady"]
-        print(f"steady decode: batch {s['batch']} x {s['length']:.0f} tokens: "
-              f"{s['step_ms']:.2f} ms/step, roofline {s['roofline_ms']:.2f} ms "
-              f"({s['roofline_ms'] / s['step_ms']:.0%}); bare engine steps "
-              f"{s['device_step_ms']:.2f} ms (host {s['step_ms'] - s['device_step_ms']:.2f})"
-              + steady_notes(s))
-    if "single" in r:
-        s = r["single"]
-        print(f"single request: scheduler {s['sched_ms_per_token']:.2f} ms/token "
-              f"(decode {s['sched_decode_ms']:.2f}), generate() batch 1 "
-              f"{s['generate_ms_per_token']:.2f} ms/token "
-              f"({s['generate_ms_per_token'] / s['sched_ms_per_token']:.0%})")
-    sys.stdout.flush()
+def memory_in_use(model) -> int:
+    """Bytes the model's devices hold now (0 where they report no stats: CPU)."""
+    return sum(int(s.get("bytes_in_use", 0))
+               for s in filter(None, map(memory.device_stats, model.mesh.devices.flat)))
 
 
 if __name__ == "__main__":

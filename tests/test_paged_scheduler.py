@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import jaxformer as jf
-from conftest import assert_top_matches, backend_compiles, teacher_forced, teacher_forced_top
+from conftest import (LP_ATOL, assert_top_matches, backend_compiles, teacher_forced,
+                      teacher_forced_top)
 from jaxformer import paged_prefill
 from jaxformer.engine import EngineConfig
 from jaxformer.paged_engine import PagedEngine
@@ -63,7 +64,7 @@ def test_preemption_prefix_sharing_and_chunks_decode_as_alone(model, monkeypatch
         assert out.status == FINISHED and len(out.tokens) == n, (k, out)
         want, want_lp = teacher_forced(model, prompt, out.tokens)
         assert out.tokens == want, k
-        np.testing.assert_allclose(out.logprobs, want_lp, atol=1e-5)
+        np.testing.assert_allclose(out.logprobs, want_lp, atol=LP_ATOL)
         if TOPS[k % 4]:  # the step's top-k: a teacher-forced pass's, across preemption
             assert_top_matches(out.top_logprobs, teacher_forced_top(model, prompt, out.tokens),
                                TOPS[k % 4])
@@ -77,7 +78,7 @@ def test_preemption_prefix_sharing_and_chunks_decode_as_alone(model, monkeypatch
         assert len(out.prompt_logprobs) == len(prompt) and out.prompt_logprobs[0] is None
         _, want_lp = teacher_forced(model, prompt[:1], prompt[1:])
         np.testing.assert_allclose([v for v, _ in out.prompt_logprobs[1:]], want_lp,
-                                   atol=1e-5)
+                                   atol=LP_ATOL)
         if TOPS[k % 4]:
             assert_top_matches([alts for _, alts in out.prompt_logprobs[1:]],
                                teacher_forced_top(model, prompt[:1], prompt[1:]), TOPS[k % 4])
@@ -150,11 +151,11 @@ def test_warmup_compiles_every_shape_and_partial_batches_decode_exactly(model, m
         out = h.result(timeout=0)
         want, want_lp = teacher_forced(model, prompt, out.tokens)
         assert out.status == FINISHED and len(out.tokens) == n and out.tokens == want
-        np.testing.assert_allclose(out.logprobs, want_lp, atol=1e-5)
+        np.testing.assert_allclose(out.logprobs, want_lp, atol=LP_ATOL)
         if i >= 2 and i % 2:
             _, want_lp = teacher_forced(model, prompt[:1], prompt[1:])
             np.testing.assert_allclose([v for v, _ in out.prompt_logprobs[1:]], want_lp,
-                                       atol=1e-5)
+                                       atol=LP_ATOL)
             assert_top_matches([a for _, a in out.prompt_logprobs[1:]],
                                teacher_forced_top(model, prompt[:1], prompt[1:]), 2)
 
@@ -195,7 +196,7 @@ def test_plain_windows_never_ask_the_host_and_decode_as_alone(model, monkeypatch
         out = h.result(timeout=0)
         want, want_lp = teacher_forced(model, prompt, out.tokens)
         assert out.status == FINISHED and len(out.tokens) == n and out.tokens == want
-        np.testing.assert_allclose(out.logprobs, want_lp, atol=1e-5)
+        np.testing.assert_allclose(out.logprobs, want_lp, atol=LP_ATOL)
 
 
 def test_precompile_on_threads_leaves_warmup_only_the_state_calls(model):
@@ -262,7 +263,7 @@ def test_windows_softcaps_alibi_over_pages_decode_as_alone(name):
         out = h.result(timeout=0)
         want, want_lp = alone(model, p, 8)
         assert out.status == FINISHED and out.tokens == want, (p, out)
-        np.testing.assert_allclose(out.logprobs, want_lp, atol=1e-5)
+        np.testing.assert_allclose(out.logprobs, want_lp, atol=LP_ATOL)
     assert sched.preemptions > 0 and sched.pool.prefix_hit_tokens > 0
     assert sched.pool.num_in_use == 0
 
@@ -330,7 +331,7 @@ def test_penalties_and_seeded_sampling_survive_preemption(model, overlap):
         if s is penalties:
             want, want_lp = penalised_teacher_forced(model, prompt, out.tokens, s)
             assert out.tokens == want, (prompt, out.tokens, want)
-            np.testing.assert_allclose(out.logprobs, want_lp, atol=1e-5)
+            np.testing.assert_allclose(out.logprobs, want_lp, atol=LP_ATOL)
         else:
             alone_h = solo.submit(prompt, s, max_new_tokens=n, seed=seed)
             solo.run_until_idle()
