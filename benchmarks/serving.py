@@ -165,7 +165,7 @@ def run_engine(model, w: Workload, ps, args, prefix_caching=True, news=None,
         t0 = time.perf_counter()
         hs = [sched.submit(p, None, max_new_tokens=n, ignore_eos=True)
               for p, n in zip(ps, news)]
-        sched.run_until_idle()
+        ticks = run_ticks(sched)
         dt = time.perf_counter() - t0
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
@@ -177,11 +177,30 @@ def run_engine(model, w: Workload, ps, args, prefix_caching=True, news=None,
     row = dict(seconds=dt, tok_s=sum(news) / dt, ttft_p50_s=float(np.median(ttft)),
                preemptions=sched.preemptions, prefix_hit_tokens=sched.pool.prefix_hit_tokens,
                prefill_fill=sched.prefill_real / max(1, sched.prefill_computed),
-               compiles=len(compiles), **info)
+               compiles=len(compiles), ticks=ticks, **info)
     sched.stop()
     del sched
     gc.collect()
     return row
+
+
+def run_ticks(sched) -> dict:
+    """sched.run_until_idle(), each tick timed: where a run's time goes, split into the
+    ticks that ran a prefill call (with or without a decode window) and those that only
+    decoded, each kind's count, seconds and mean decoding rows."""
+    kinds = {k: dict(n=0, seconds=0.0, rows=0) for k in ("prefill", "decode")}
+    more = True
+    while more:
+        rows, computed = len(sched._live), sched.prefill_computed
+        t = time.perf_counter()
+        more = sched.tick()
+        k = kinds["prefill" if sched.prefill_computed > computed else "decode"]
+        k["n"] += 1
+        k["seconds"] += time.perf_counter() - t
+        k["rows"] += rows
+    for k in kinds.values():
+        k["rows"] = k["rows"] / max(1, k["n"])
+    return kinds
 
 
 def run_chunked(model, w: Workload, ps) -> dict:

@@ -10,7 +10,9 @@ def row_note(r: dict) -> str:
     return (f"{r['tok_s']:.0f} tok/s, {r['seconds']:.2f} s, warm-up {r['warmup_s']:.0f} s, "
             f"{r['pages']} pages, {r['preemptions']} preemptions, TTFT p50 "
             f"{r['ttft_p50_s']:.2f} s, prefill {r['prefill_fill']:.0%} real, "
-            f"{r['compiles']} compiles")
+            f"{r['compiles']} compiles; ticks: " + ", ".join(
+                f"{t['n']} {k} ({t['seconds']:.2f} s, {t['rows']:.0f} rows decoding)"
+                for k, t in r["ticks"].items()))
 
 
 def steady_notes(s: dict) -> str:
