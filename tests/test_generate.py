@@ -227,9 +227,12 @@ def test_filters_never_emit_outside_allowed_set(setting):
             q = np.where(allowed[b], p, 0) / np.where(allowed[b], p, 0).sum()
             allowed[b] &= q >= s.min_p * q.max()
     seen = np.zeros((B, V), bool)
+    # jitted as the engine runs it: one compile for the 40 draws (eagerly, each call's
+    # lax.cond compiled again: its branches are new closures every call)
+    draw = jax.jit(lambda keys: smp.sample(logits, params, feats, keys))
     for step in range(40):
         keys = jax.random.split(jax.random.key(step), B)
-        toks, _ = smp.sample(logits, params, feats, keys)
+        toks, _ = draw(keys)
         toks = np.asarray(toks)
         assert allowed[np.arange(B), toks].all(), setting
         seen[np.arange(B), toks] = True
