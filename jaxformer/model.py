@@ -464,10 +464,10 @@ def _generate_with_bar(model, prompts, max_new_tokens, sampling, seed, progress,
         bar.close()
 
 
-# On a CPU, LLVM's default (-O2) optimisation of the initialiser's random-number code takes
-# 3.5-5 s per configuration and mesh, -O1 about 1 s; the program runs once, and gives the same
-# bits (the RNG is integer arithmetic, the float transforms are not reassociated at either
-# level). Other platforms keep their defaults.
+# On a CPU, LLVM's default optimisation of the initialiser's random-number code takes several
+# times as long as -O1 for a program that runs once, and gives the same bits (the RNG is
+# integer arithmetic, the float transforms are not reassociated at either level). Other
+# platforms keep their defaults.
 _CPU_INIT_OPTIONS = {"xla_backend_optimization_level": 1}
 
 
