@@ -143,7 +143,9 @@ def test_serving_benchmark_tiny_rows_are_consistent(tmp_path, capsys):
     otherwise), tokens/s is requests x new tokens over the run's seconds, the share of the
     roofline is roofline / seconds, and the shared prefix is found in the cache (by most
     requests: those prefilled in the first call find nothing yet) only when prefix caching
-    is on; after warmup the timed runs (the overlapped one too) compile nothing."""
+    is on; after warmup the timed runs (the overlapped one too) compile nothing; every row
+    runs the workload's one pool, and its timed ticks (a prefill call in some) fall within
+    its seconds."""
     import serving
     out = tmp_path / "rows.json"
     # prefill calls of 2 x 16 tokens at most: 4 warm-up shapes, not 7
@@ -156,6 +158,10 @@ def test_serving_benchmark_tiny_rows_are_consistent(tmp_path, capsys):
     for run in ("engine", "overlap", "prefix_off"):
         r = row[run]
         assert abs(r["tok_s"] - w.requests * w.new / r["seconds"]) < 1e-6 * r["tok_s"]
+        t = r["ticks"]
+        assert t["prefill"]["n"] >= 1 and t["decode"]["rows"] >= 1
+        assert t["prefill"]["seconds"] + t["decode"]["seconds"] <= r["seconds"]
+    assert row["engine"]["pages"] == row["overlap"]["pages"] == row["prefix_off"]["pages"]
     assert abs(row["engine"]["of_roofline"] - row["roofline_s"] / row["engine"]["seconds"]) \
         < 1e-9
     # every request after the first prefill call finds the 16-token prefix cached
