@@ -106,5 +106,10 @@ if __name__ == "__main__":
         print(f"ERROR {type(e).__name__}: {e}", flush=True)
         traceback.print_exc()
         sys.stdout.flush()
+        if jax.process_count() > 1 and jax.process_index() == 0:
+            # the coordination service lives in process 0: leaving at once can abort a
+            # process that failed too before it prints its own line (a loaded CI machine
+            # deschedules it between the check's last barrier and its print)
+            time.sleep(3)
         os._exit(3)  # skip the atexit shutdown barrier: the other process may be gone
     print("RESULT " + json.dumps(out), flush=True)
