@@ -35,8 +35,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import json
-import os
 import sys
 import time
 
@@ -446,7 +444,8 @@ def main(argv=None) -> int:
             left = memory_in_use(model) - in_use
             if left > 1 << 30:  # the next row's pool would not fit: say so
                 note(f"WARNING {k}: {left / 2**30:.1f} GiB still in use after the {name} row")
-            save(args.json, ceil, rows + [out])  # a run cut short keeps its rows
+            # a run cut short keeps its rows
+            serving_load.write(args.json, {"ceilings": ceil, "rows": rows + [out]})
         out["engine"]["of_roofline"] = roof["total_s"] / out["engine"]["seconds"]
         if w.hf and (w.preset, w.hf) in hf:
             out["hf"] = hf[(w.preset, w.hf)]
@@ -459,17 +458,9 @@ def main(argv=None) -> int:
         if not args.no_single and k in ("w1", "w2"):
             out["single"] = run_single(model, w, args, *((8, 6) if args.tiny else (128, 128)))
         rows.append(out)
-        save(args.json, ceil, rows)
+        serving_load.write(args.json, {"ceilings": ceil, "rows": rows})
         report(out)
     return 0
-
-
-def save(path: str | None, ceil: dict, rows: list) -> None:
-    """The rows so far to path (whole: a temporary file renamed over it)."""
-    if path:
-        with open(path + ".tmp", "w") as f:
-            json.dump({"ceilings": ceil, "rows": rows}, f, indent=1)
-        os.replace(path + ".tmp", path)
 
 
 def memory_in_use(model) -> int:
