@@ -309,7 +309,8 @@ def jaxformer_rows(model, load: Load, rates, args) -> dict:
     paged = PagedConfig(page_size=args.page_size, num_pages=args.num_pages or 2,
                         prefill_tokens=args.prefill_tokens, chunk=args.chunk,
                         min_chunk=args.min_chunk)
-    spec = ModelSpec("bench", lambda: model, sched, paged, size_pool=args.num_pages is None)
+    spec = ModelSpec("bench", lambda: model, sched, paged, size_pool=args.num_pages is None,
+                     compile_workers=args.compile_workers)
     vocab = model.config.vocab_size
     t = time.perf_counter()
     with ServerThread(create_app([spec]), args.server_timeout) as url:
