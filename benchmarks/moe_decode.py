@@ -3,11 +3,12 @@ against the bytes of the experts the batch chose, and against a plain device cop
 
     python benchmarks/moe_decode.py [--experts 8 --k 2 --hidden 4096 --ffn 14336]
 
-Variants: "gather" (moe.gather_experts: the chosen experts' weights gathered, then batched
-products), "ragged" (moe.ragged_experts: assignments sorted by expert, jax.lax.ragged_dot over
-all experts), "reduce" (a candidate: the gathered weights consumed by a multiply and a
-reduction over D / F in float32, which XLA can fuse with the gather instead of writing the
-gathered copy out). Printed: microseconds per layer and GB/s of the chosen experts' weights.
+Variants: "gather" (moe.gather_experts, what a decode step runs: per assignment its expert's
+weights consumed by a multiply and a float32 reduction over D / F, which XLA fuses with the
+gather, reading the chosen weights once in place), "einsum" (the chosen experts' weights
+gathered, then batched einsums: the gathered copy is written out and read again), "ragged"
+(moe.ragged_experts: assignments sorted by expert, jax.lax.ragged_dot over all experts).
+Printed: microseconds per layer and GB/s of the chosen experts' weights.
 """
 import argparse
 import os
@@ -67,16 +68,15 @@ def main():
         gather = jax.jit(lambda x, w, ids, wi, wo: moe.gather_experts(
             x, w, ids, take(wi), take(wo), cfg, 0, E))
         ragged = jax.jit(lambda x, w, ids, wi, wo: moe.ragged_experts(x, w, ids, wi, wo, cfg))
-        def reduce(x, w, ids, wi, wo):
+        def einsum(x, w, ids, wi, wo):
             e = ids.reshape(-1)
-            rows = jnp.repeat(x, k, axis=0).astype(jnp.float32)  # [A, D]
-            h = jnp.sum(rows[:, :, None, None] * wi[e].astype(jnp.float32), axis=1)
-            h = jax.nn.silu(h[:, 0]) * h[:, 1]  # [A, F]
-            y = jnp.sum(h[:, :, None] * wo[e].astype(jnp.float32), axis=1)  # [A, D]
-            y = y * w.reshape(-1, 1).astype(jnp.float32)
-            return y.reshape(-1, k, y.shape[-1]).sum(1).astype(x.dtype)
+            rows = jnp.repeat(x, k, axis=0)  # [A, D]
+            h = jnp.einsum("ad,adf->af", rows, wi[e].reshape(B * k, D, -1))  # [A, C F]
+            h = jax.nn.silu(h[:, :F]) * h[:, F:]  # [A, F]
+            y = jnp.einsum("af,afd->ad", h, wo[e]) * w.reshape(-1, 1)  # [A, D]
+            return y.reshape(-1, k, D).sum(1)
 
-        for name, fn in (("gather", gather), ("ragged", ragged), ("reduce", jax.jit(reduce))):
+        for name, fn in (("gather", gather), ("einsum", jax.jit(einsum)), ("ragged", ragged)):
             t = timed(fn, x, w, ids, wi, wo)
             print(f"batch {B} {name}: {t * 1e6:.0f} us, chosen experts' weights at "
                   f"{chosen / t / 1e9:.0f} GB/s")

@@ -10,8 +10,9 @@ rules table puts `experts` on a mesh axis for expert parallelism (expert_paralle
 
   ragged  (prefill, large batches) the A assignments sorted by expert and two grouped matmuls
           (jax.lax.ragged_dot) over the sorted rows: every expert's weights read once
-  gather  (decode: A < E) the chosen experts' weights gathered per assignment [A, D, (C,) F]:
-          only the active experts are read
+  gather  (decode: A < E) per assignment, its expert's weights read in place by a multiply
+          and a float32 reduction over the contracted axis: only the active experts are read,
+          once (a gathered copy feeding a matmul would be written out and read again)
 
 Routing (router_norm_topk): softmax over the E router logits in float32, the top k, then
 renormalised to sum to 1 (Mixtral; Qwen2-MoE's norm_topk_prob; Megatron's default top-k
@@ -139,20 +140,25 @@ def ragged_experts(x, weights, ids, wi, wo, cfg: ModelConfig, first: int = 0):
 
 def gather_experts(x, weights, ids, wi_of, wo_of, cfg: ModelConfig, first: int = 0,
                    El: int | None = None):
-    """Per assignment, the chosen expert's weights gathered: reads only active experts.
+    """Per assignment, the chosen expert's weights: reads only active experts.
     x [M, D]; weights, ids [M, k]; wi_of(e [A]) -> [A, D, (C,) F], wo_of(e) -> [A, F, D]
-    (float, gathered from this shard's experts first .. first + El - 1). Returns [M, D]."""
+    (float, gathered from this shard's experts first .. first + El - 1). Returns [M, D].
+
+    The products are multiplies and float32 sums, not einsums: XLA fuses the gather (and a
+    quantized kernel's dequantization) into the reduction, which reads each chosen expert's
+    weights once where they lie; a dot would get the gathered copy as a separate buffer."""
     M, k = ids.shape
     local = ids.reshape(-1) - first
     mine = (local >= 0) & (local < El)
     e = jnp.clip(local, 0, El - 1)
-    rows = jnp.repeat(x, k, axis=0)  # [A, D]
+    rows = jnp.repeat(x, k, axis=0).astype(jnp.float32)  # [A, D]
     wi, wo = wi_of(e), wo_of(e)
-    h = jnp.einsum("ad,adf->af", rows, wi.reshape(wi.shape[:2] + (-1,)))  # [A, C F]
-    h = h.reshape(wi.shape[:1] + wi.shape[2:])  # [A, (C,) F]
-    y = jnp.einsum("af,afd->ad", _expert_act(h, cfg), wo)  # [A, D]
-    w = jnp.where(mine, weights.reshape(-1), 0).astype(y.dtype)
-    return jnp.sum((y * w[:, None]).reshape(M, k, -1), axis=1)
+    A, D = wi.shape[:2]
+    h = jnp.sum(rows[:, :, None] * wi.reshape(A, D, -1).astype(jnp.float32), axis=1)
+    h = _expert_act(h.reshape((A,) + wi.shape[2:]), cfg)  # [A, (C,) F] -> [A, F]
+    y = jnp.sum(h[:, :, None] * wo.astype(jnp.float32), axis=1)  # [A, D]
+    w = jnp.where(mine, weights.reshape(-1), 0).astype(jnp.float32)
+    return jnp.sum((y * w[:, None]).reshape(M, k, -1), axis=1).astype(x.dtype)
 
 
 def use_gather(assignments: int, num_experts: int) -> bool:
