@@ -407,3 +407,21 @@ def test_program_memory_smoke_pool_is_aliased(capsys):
     assert len(rows) >= 2  # the chunk prefill and at least one decode row count
     for r in rows:
         assert pool_mb > 1 and float(r[-2]) >= pool_mb - 0.05, r  # aliased MB covers the pool
+
+
+def test_serving_ticks_counts_every_prompt_token_and_decode_row(capsys):
+    """benchmarks/serving_ticks.py over W2's shapes cut to 6 requests: the prefill ticks
+    compute exactly the requests' prompt tokens (no prefix is shared, nothing is preempted),
+    the decode windows hold every request for at least its new tokens after the first, and
+    the printed table agrees with the ticks."""
+    import serving
+    import serving_ticks
+    ticks = serving_ticks.main(["--workload", "w2", "--requests", "6", "--prefill-tokens",
+                                "256", "--chunk", "128", "--min-chunk", "128"])
+    w = serving.WORKLOADS["w2"]
+    assert sum(c for _, c in ticks) == 6 * w.prompt[0]
+    steps = serving.FULL_ARGS["steps_per_tick"]
+    assert steps * sum(r for r, _ in ticks) >= 6 * (w.new - 1)
+    assert all(r <= 6 for r, _ in ticks)
+    row = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(f"| {len(ticks)} |")]
+    assert len(row) == 1 and f"({6 * w.prompt[0]})" in row[0]
