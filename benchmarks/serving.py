@@ -347,8 +347,9 @@ def parser() -> argparse.ArgumentParser:
                     help="RunConfig.graph_control_flow: conds and while loops as CUDA-graph "
                          "nodes (no host wait at each)")
     ap.add_argument("--plain-windows", default="on", choices=["off", "on", "both"],
-                    help="PagedConfig.plain_windows (the fixed decode window for greedy "
-                         "batches, no host syncs); both: also an engine row without them")
+                    help="PagedConfig.plain_windows (the fixed decode window and the plain "
+                         "chunk prefill for greedy batches, no host syncs); both: also an "
+                         "engine row without them")
     ap.add_argument("--overlap", default="off", choices=["off", "on", "both"],
                     help="the host reads each call's tokens while the next runs "
                          "(PagedConfig.overlap); both: also an overlapped engine row")

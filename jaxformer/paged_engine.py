@@ -156,17 +156,25 @@ class PagedEngine(Engine):
 
     def shapes(self) -> dict:
         """Every shape a serving loop calls, for warmup() and the docs."""
-        out = {"chunk prefill (rows, tokens)": [(b, C) for C in self.chunk_lengths()
-                                                for b in self.chunk_rows(C)],
-               "decode rows": self.decode_rows()}
+        chunks = [(b, C) for C in self.chunk_lengths() for b in self.chunk_rows(C)]
+        out = {"chunk prefill (rows, tokens)": chunks, "decode rows": self.decode_rows()}
+        if len(self._plains()) > 1:
+            out["plain chunk prefill (rows, tokens)"] = chunks
         if self.plain_windows:
             out[f"plain window of {self.config.window} steps, rows"] = self.decode_rows()
         return out
 
     @property
     def plain_windows(self) -> bool:
-        """Whether step(plain=True) runs the fixed-length plain window (EngineConfig)."""
+        """Whether step(plain=True) runs the fixed-length plain window (EngineConfig), and
+        a chunk call whose rows are all plain the plain chunk program (prefill_chunks)."""
         return self.config.plain_windows and self.stages == 1
+
+    def _plains(self) -> tuple[bool, ...]:
+        """The chunk programs compiled: the general one, and the plain one where it runs
+        (and differs: an engine compiled for no sampling features has only that one)."""
+        return (False, True) if self.plain_windows and self.config.features != PLAIN \
+            else (False,)
 
     def precompile(self, state: DecodeState, workers: int) -> None:
         """Compile every chunk and decode shape of shapes() on `workers` threads, without
@@ -174,8 +182,9 @@ class PagedEngine(Engine):
         side (tracing them does hold it), and warmup()'s calls then find them compiled.
         state: any state of init_state()'s shapes (only its shapes and shardings are read)."""
         params = self.model.params
-        jobs = [(self._chunk_fn(), (params, state, *self._chunk_args([], b, C)))
-                for C in self.chunk_lengths() for b in self.chunk_rows(C)]
+        jobs = [(self._chunk_fn(plain), (params, state, *self._chunk_args([], b, C)))
+                for plain in self._plains() for C in self.chunk_lengths()
+                for b in self.chunk_rows(C)]
         jobs += [(self._rows_loop(r), (params, state, jnp.int32(1)))
                  for r in self.decode_rows()]
         if self.plain_windows:
@@ -188,10 +197,11 @@ class PagedEngine(Engine):
     def warmup(self, state: DecodeState) -> DecodeState:
         """Compile (and run once, on padding rows that write only to the null page) every
         shape of shapes(), so steady-state serving never compiles."""
-        for C in self.chunk_lengths():
-            for b in self.chunk_rows(C):
-                state, *_ = self._chunk_fn()(self.model.params, state,
-                                             *self._chunk_args([], b, C))
+        for plain in self._plains():
+            for C in self.chunk_lengths():
+                for b in self.chunk_rows(C):
+                    state, *_ = self._chunk_fn(plain)(self.model.params, state,
+                                                      *self._chunk_args([], b, C))
         for r in self.decode_rows():
             state = self.step(state, 1, rows=r)
             if self.plain_windows:
@@ -240,14 +250,18 @@ class PagedEngine(Engine):
         hold): returns (state, ChunkOut of the chunks, on host). on_host=False: the
         ChunkOut of the call's b >= n rows (those past n are padding) as device arrays,
         their copy to host started, for the caller to read later without stalling the
-        device's queue."""
+        device's queue. Chunks that are all Sampling.plain (and ask for no prompt
+        log-probs) run the plain chunk program where plain_windows: an argmax sampler and
+        no lax.cond, so XLA:GPU never stops the host inside the call."""
         lengths = [len(ch.ids) for ch in chunks]
         if not self.fits(lengths):
             raise ValueError(f"{len(chunks)} chunks of up to {max(lengths)} tokens are no "
                              f"compiled shape (chunk {self.chunk}, prefill_tokens "
                              f"{self.prefill_tokens})")
         b, C = self.chunk_shape(lengths)
-        fn, args = self._chunk_fn(), self._chunk_args(chunks, b, C)
+        plain = len(self._plains()) > 1 and all(
+            ch.sampling.plain and not ch.sampling.prompt_logprobs for ch in chunks)
+        fn, args = self._chunk_fn(plain), self._chunk_args(chunks, b, C)
         state, tok, lp, top, prompt = fn(self.model.params, state, *args)
         # the prompt log-probs cross to the host only when a chunk asked for them
         prompt = prompt if any(ch.sampling.prompt_logprobs for ch in chunks) else None
@@ -258,11 +272,12 @@ class PagedEngine(Engine):
         cut = lambda t: None if t is None else tuple(to_host(a)[:n] for a in t)  # noqa: E731
         return state, ChunkOut(to_host(tok)[:n], to_host(lp)[:n], cut(top), cut(prompt))
 
-    def _chunk_fn(self):
+    def _chunk_fn(self, plain: bool = False):
         c = self.config
+        feats = PLAIN if plain else c.features
         return self.model.compiled.get(
-            ("chunk prefill", c.features, c.num_pages, c.page_size, self.shardings),
-            lambda: make_chunk_prefill(self.model, c.features, c.num_pages, c.page_size,
+            ("chunk prefill", feats, c.num_pages, c.page_size, self.shardings),
+            lambda: make_chunk_prefill(self.model, feats, c.num_pages, c.page_size,
                                        self.shardings))
 
     def _chunk_args(self, chunks: Sequence[Chunk], b: int, C: int) -> tuple:

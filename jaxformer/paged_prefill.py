@@ -67,7 +67,9 @@ def make_chunk_prefill(model: Model, feats: Features, num_pages: int, page_size:
             if top is None:
                 top = (jnp.zeros((b, TOP_LOGPROBS), jnp.int32),
                        jnp.zeros((b, TOP_LOGPROBS), jnp.float32))
-            prompt = _prompt_logprobs(m, x, ids, following, echo & feats.top_logprobs)
+            # prompt log-probs come with top log-probs compiled in (a plain call has none)
+            prompt = _prompt_logprobs(m, x, ids, following, echo) if feats.top_logprobs \
+                else _no_prompt_logprobs(b, C)
             live = jnp.where(last, at, B)  # only a prompt's last chunk makes its slot live
             recent = jnp.concatenate([hist[:, 1:], tok[:, None]], axis=1)
             done = stopped(tok, recent, req) | (req.max_new <= gen0 + 1)
@@ -114,8 +116,11 @@ def _prompt_logprobs(m, x, ids, following, want):
         _, out = jax.lax.scan(block, None, blocks)  # [C / G, b, G, ...] each
         return tuple(a.swapaxes(0, 1).reshape((b, C) + a.shape[3:]) for a in out)
 
-    def none(x):
-        return (jnp.zeros((b, C), jnp.float32), jnp.zeros((b, C, K), jnp.int32),
-                jnp.zeros((b, C, K), jnp.float32))
+    return jax.lax.cond(want.any(), run, lambda x: _no_prompt_logprobs(b, C), x)
 
-    return jax.lax.cond(want.any(), run, none, x)
+
+def _no_prompt_logprobs(b: int, C: int) -> tuple:
+    """_prompt_logprobs' zeros: (log-probs [b, C], ids [b, C, K], log-probs [b, C, K])."""
+    K = TOP_LOGPROBS
+    return (jnp.zeros((b, C), jnp.float32), jnp.zeros((b, C, K), jnp.int32),
+            jnp.zeros((b, C, K), jnp.float32))

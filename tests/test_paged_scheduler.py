@@ -165,7 +165,8 @@ def test_plain_windows_never_ask_the_host_and_decode_as_alone(model, monkeypatch
     whole window to go run the fixed window: a compiled program with no conditional and
     only loops of a known trip count (XLA:GPU stops the host at each of either, every
     step), where the general window has both; the other ticks (a request asking for
-    alternatives live, or only a window's tail left) run the general one. Every request
+    alternatives live, or only a window's tail left) run the general one. Likewise a
+    prefill call of plain chunks runs a chunk program with no conditional. Every request
     still gets a teacher-forced pass's tokens and log-probs."""
     sched = PagedScheduler(model, SchedulerConfig(slots=4, max_length=48, steps_per_tick=4),
                            PagedConfig(page_size=4, num_pages=40, prefill_tokens=32, chunk=16,
@@ -179,9 +180,14 @@ def test_plain_windows_never_ask_the_host_and_decode_as_alone(model, monkeypatch
                                                for ln in loops(general))
     assert " conditional(" not in plain and loops(plain)
     assert all("known_trip_count" in ln for ln in loops(plain))
-    calls = []
-    step = eng.step
+    chunk_hlo = lambda plain: eng._chunk_fn(plain).lower(  # noqa: E731
+        model.params, eng.init_state(), *eng._chunk_args([], 2, 16)).compile().as_text()
+    assert " conditional(" in chunk_hlo(False) and " conditional(" not in chunk_hlo(True)
+    calls, chunk_calls = [], []
+    step, chunk_fn = eng.step, eng._chunk_fn
     monkeypatch.setattr(eng, "step", lambda *a, **k: calls.append(k["plain"]) or step(*a, **k))
+    monkeypatch.setattr(eng, "_chunk_fn", lambda plain=False: chunk_calls.append(plain)
+                        or chunk_fn(plain))
     rng = np.random.default_rng(3)
     top = jf.Sampling(temperature=0, logprobs=True, top_logprobs=2)
     reqs = [(rng.integers(1, 96, n).tolist(), new, s)
@@ -192,6 +198,7 @@ def test_plain_windows_never_ask_the_host_and_decode_as_alone(model, monkeypatch
     handles.append(sched.submit(*reqs[2][::2], max_new_tokens=reqs[2][1]))
     sched.run_until_idle()
     assert True in calls and False in calls
+    assert True in chunk_calls and False in chunk_calls  # the request asking for alternatives
     for h, (prompt, n, _) in zip(handles, reqs):
         out = h.result(timeout=0)
         want, want_lp = teacher_forced(model, prompt, out.tokens)

@@ -59,7 +59,8 @@ class PagedConfig:
     host's work per tick hidden behind the device's; a finished request's slot is reused
     one tick later); plain_windows: a tick whose live requests are all Sampling.plain,
     one of them with a whole window still to go, runs EngineConfig.plain_windows' decode
-    window (no host syncs inside; compiled at warm-up beside the general one); None: on
+    window (no host syncs inside; compiled at warm-up beside the general one), and a prefill
+    call of plain chunks the plain chunk program (PagedEngine.prefill_chunks); None: on
     GPUs, where those syncs cost (XLA:CPU runs control flow on the host anyway)."""
     page_size: int = 16
     num_pages: int = 1024
