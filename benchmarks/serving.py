@@ -350,9 +350,10 @@ def parser() -> argparse.ArgumentParser:
                     help="PagedConfig.plain_windows (the fixed decode window and the plain "
                          "chunk prefill for greedy batches, no host syncs); both: also an "
                          "engine row without them")
-    ap.add_argument("--overlap", default="off", choices=["off", "on", "both"],
-                    help="the host reads each call's tokens while the next runs "
-                         "(PagedConfig.overlap); both: also an overlapped engine row")
+    ap.add_argument("--overlap", default="on", choices=["off", "on", "both"],
+                    help="the host reads each plain call's tokens while the next runs "
+                         "(PagedConfig.overlap, on by default on GPUs); both: an engine row "
+                         "without it and one with it")
     ap.add_argument("--compile-workers", type=int, default=1,
                     help="threads that compile the warm-up shapes (PagedEngine.precompile)")
     ap.add_argument("--no-steady", action="store_true")

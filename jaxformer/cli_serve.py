@@ -74,9 +74,13 @@ def add_parser(sub) -> None:
                         f"$XLA_PYTHON_CLIENT_MEM_FRACTION where set, else {SERVE_GPU_MEMORY})")
     g.add_argument("--prefill-tokens", type=positive_int, default=512,
                    help="prompt tokens one tick prefills at most (chunked prefill)")
-    g.add_argument("--overlap", action="store_true",
-                   help="read each device call's tokens while the next one runs (the host's "
-                        "work per tick hidden behind the device's)")
+    over = g.add_mutually_exclusive_group()
+    over.add_argument("--overlap", action="store_true", default=None,
+                      help="read each plain device call's tokens while the next one runs "
+                           "(the host's work per tick hidden behind the device's; "
+                           "PagedConfig.overlap: by default where plain windows run, GPUs)")
+    over.add_argument("--no-overlap", dest="overlap", action="store_false",
+                      help="read every call's tokens before the next tick")
     g.add_argument("--no-plain-windows", action="store_true",
                    help="run every decode window in the general program (PagedConfig."
                         "plain_windows: by default, on GPUs, greedy batches run a "

@@ -259,9 +259,7 @@ class PagedEngine(Engine):
                              f"compiled shape (chunk {self.chunk}, prefill_tokens "
                              f"{self.prefill_tokens})")
         b, C = self.chunk_shape(lengths)
-        plain = len(self._plains()) > 1 and all(
-            ch.sampling.plain and not ch.sampling.prompt_logprobs for ch in chunks)
-        fn, args = self._chunk_fn(plain), self._chunk_args(chunks, b, C)
+        fn, args = self._chunk_fn(self.plain_chunks(chunks)), self._chunk_args(chunks, b, C)
         state, tok, lp, top, prompt = fn(self.model.params, state, *args)
         # the prompt log-probs cross to the host only when a chunk asked for them
         prompt = prompt if any(ch.sampling.prompt_logprobs for ch in chunks) else None
@@ -271,6 +269,12 @@ class PagedEngine(Engine):
         n = len(chunks)
         cut = lambda t: None if t is None else tuple(to_host(a)[:n] for a in t)  # noqa: E731
         return state, ChunkOut(to_host(tok)[:n], to_host(lp)[:n], cut(top), cut(prompt))
+
+    def plain_chunks(self, chunks: Sequence[Chunk]) -> bool:
+        """Whether prefill_chunks runs these chunks in the plain chunk program (no host
+        stops inside): all Sampling.plain, none asking for prompt log-probs."""
+        return len(self._plains()) > 1 and all(
+            ch.sampling.plain and not ch.sampling.prompt_logprobs for ch in chunks)
 
     def _chunk_fn(self, plain: bool = False):
         c = self.config

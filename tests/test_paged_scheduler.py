@@ -304,8 +304,7 @@ SMALL_POOL = (SchedulerConfig(slots=4, max_length=64, steps_per_tick=3),
               PagedConfig(page_size=4, num_pages=15, prefill_tokens=32, chunk=16, min_chunk=8))
 
 
-@pytest.mark.parametrize("overlap", [False, True])
-def test_penalties_and_seeded_sampling_survive_preemption(model, overlap):
+def test_penalties_and_seeded_sampling_survive_preemption(model):
     """A pool small enough that requests are preempted and recomputed (their prefix mostly
     from the prefix cache): greedy requests with repetition / presence / frequency
     penalties decode as the penalties' definition says over their own sequence (log-probs
@@ -321,8 +320,8 @@ def test_penalties_and_seeded_sampling_survive_preemption(model, overlap):
     for i in range(10):
         prompt = (common if i % 2 else []) + rng.integers(1, 96, rng.integers(2, 14)).tolist()
         reqs.append((prompt, penalties if i % 3 else sampled, 7 + i % 5, 100 + i))
-    sched = PagedScheduler(model, SMALL_POOL[0],
-                           dataclasses.replace(SMALL_POOL[1], overlap=overlap))
+    # (PagedConfig.overlap reads only plain calls late: these requests have none)
+    sched = PagedScheduler(model, *SMALL_POOL)
     handles = []
     for prompt, s, n, seed in reqs:
         handles.append(sched.submit(prompt, s, max_new_tokens=n, seed=seed))
@@ -389,7 +388,7 @@ def test_burst_of_500_with_aborts_from_another_thread_loses_nothing(model, overl
     streamed once), aborted or failed with a reason; the ones that never fit fail alone."""
     sched = PagedScheduler(model, SchedulerConfig(slots=8, max_length=64, steps_per_tick=2),
                            PagedConfig(page_size=4, num_pages=12, prefill_tokens=32,
-                                       overlap=overlap)).start()
+                                       overlap=overlap, plain_windows=overlap)).start()
     rng = np.random.default_rng(7)
     specs = [(rng.integers(1, 96, rng.integers(1, 13)).tolist(), int(rng.integers(1, 5)))
              for _ in range(500)]

@@ -25,7 +25,7 @@ SCHED = SchedulerConfig(slots=4, max_length=96, steps_per_tick=4, max_queue=64)
 # one chunk length (48) of one row: each replica warms up 1 prefill shape, not 4 (the setup's
 # time is mostly the replicas' compiles)
 PAGED = PagedConfig(page_size=8, num_pages=4 * 12 + 1, prefill_tokens=48, chunk=48,
-                    min_chunk=48, overlap=True)
+                    min_chunk=48, overlap=True, plain_windows=True)
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,9 @@ device's. What the host does not know yet is bounded: a row's unread tokens coun
 generated when its pages are grown (`_lag`), a row that finished is freed when its window
 is read (it idles, done on the device, one window meanwhile), and before preempting, every
 unread call is read (finished rows give their pages back; a victim must hold all its
-tokens to be recomputed from them).
+tokens to be recomputed from them). Only plain calls (the plain window and the plain chunk
+program, which never stop the host) are read late: a general call's dispatch waits inside
+it on the device anyway, so its tokens are read at once (after any unread ones).
 """
 from __future__ import annotations
 
@@ -55,9 +57,9 @@ class PagedConfig:
     prefill call at most; min_chunk: the fewest columns a call is padded to (at most chunk;
     calls take
     power-of-two shapes between the two: PagedEngine.shapes()); prefix_caching: share full
-    blocks; overlap: read each call's tokens while the device runs the next call (the
+    blocks; overlap: read each plain call's tokens while the device runs the next call (the
     host's work per tick hidden behind the device's; a finished request's slot is reused
-    one tick later); plain_windows: a tick whose live requests are all Sampling.plain,
+    one tick later); None: where plain windows run (GPUs); plain_windows: a tick whose live requests are all Sampling.plain,
     one of them with a whole window still to go, runs EngineConfig.plain_windows' decode
     window (no host syncs inside; compiled at warm-up beside the general one), and a prefill
     call of plain chunks the plain chunk program (PagedEngine.prefill_chunks); None: on
@@ -68,7 +70,7 @@ class PagedConfig:
     chunk: int = 256
     min_chunk: int = 16
     prefix_caching: bool = True
-    overlap: bool = False
+    overlap: bool | None = None
     plain_windows: bool | None = None
 
     def __post_init__(self):
@@ -165,7 +167,8 @@ class PagedScheduler(Scheduler):
             for slot, (seq, n_prompt) in self._history.items():
                 self._state = self.engine.set_history(self._state, slot, seq, n_prompt)
             self._history = {}
-            overlap = self.paged.overlap
+            # a general call's tokens are read at once: its requests have none unread
+            overlap = self._overlap and self.engine.plain_chunks(chunks)
             self._state, out = self.engine.prefill_chunks(self._state, chunks,
                                                           on_host=not overlap)
             done = self.engine.window(self._state)[2] if overlap else \
@@ -292,20 +295,27 @@ class PagedScheduler(Scheduler):
                 self._dirty = {}
             top = max(self._live)  # decode only the slots up to the last live one
             rows = next(r for r in self.engine.decode_rows() if r > top)
-            self._state = self.engine.step(self._state, W, rows=rows,
-                                           plain=self._plain_window())
+            plain = self._plain_window()
+            self._state = self.engine.step(self._state, W, rows=rows, plain=plain)
             window = self.engine.window(self._state, top=asks_top(self._slots))
         except Exception as e:  # noqa: BLE001
             self._failed("decode", "decode step", e)
             return
         owners = {slot: self._slots[slot] for slot in self._live}
-        if self.paged.overlap:  # the host reads the earlier calls while this one runs
+        if self._overlap and plain:  # the host reads the earlier calls while this one runs
             for h in owners.values():
                 self._lag[h.id] = self._lag.get(h.id, 0) + W
             self._read_unread()
             self._unread.append(("window", window, owners, None))
         else:
+            self._read_unread()
             self._read_window(window, owners)
+
+    @property
+    def _overlap(self) -> bool:
+        """PagedConfig.overlap resolved: None is on where plain windows run."""
+        o = self.paged.overlap
+        return self.engine.plain_windows if o is None else o
 
     def _plain_window(self) -> bool:
         """Whether this tick's decode runs the plain window (PagedEngine.step plain): every
