@@ -86,8 +86,10 @@ def add_parser(sub) -> None:
                         "plain_windows: by default, on GPUs, greedy batches run a "
                         "fixed-length window with no host syncs, compiled at warm-up beside "
                         "it)")
-    g.add_argument("--compile-workers", type=positive_int, default=1,
-                   help="threads that compile the warm-up shapes before serving")
+    g.add_argument("--compile-workers", type=positive_int, default=min(8, os.cpu_count() or 1),
+                   help="threads that compile the warm-up shapes before serving (XLA "
+                        "compiles without the GIL, so the programs compile side by side; "
+                        "default: the CPUs, at most 8)")
     s.add_argument("--no-compile-cache", action="store_true",
                    help="do not use the persistent compilation cache")
     add_distributed(s)
