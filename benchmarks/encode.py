@@ -313,7 +313,8 @@ def _row(model, preset, dtype, mode, seq, batch, varlen, packed, args, ceil, hf,
 
 
 HEADER = (f"{'preset':<19}{'dtype':>9}{'quant':>10}{'S':>5}{'B':>5}{'layout':>15}"
-          f"{'avg ms':>9}{'p99 ms':>9}{'ret ms':>8}{'pipe ms':>8}{'tok/s':>10}{'MFU':>6}{'HF ms':>9}{'HFc ms':>9}"
+          f"{'avg ms':>9}{'p99 ms':>9}{'ret ms':>8}{'pipe ms':>8}{'tok/s':>10}{'MFU':>6}"
+          f"{'HF ms':>9}{'HFc ms':>9}"
           f"{'x HF':>7}{'compile s':>10}")
 
 

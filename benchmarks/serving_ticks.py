@@ -105,7 +105,8 @@ def main(argv=None) -> list[tuple[int, int]]:
           f"{a.steps_per_tick * sum(r for r, _ in ticks)} | "
           f"{step_s + prefill_s:.1f} ({step_s:.1f} + {prefill_s:.1f}) |")
     bins = collections.Counter(min(r // 64 * 64, w.slots) for r, _ in ticks)
-    print("# ticks by decoding rows (64s):", ", ".join(f"{k}: {v}" for k, v in sorted(bins.items())))
+    print("# ticks by decoding rows (64s):",
+          ", ".join(f"{k}: {v}" for k, v in sorted(bins.items())))
     return ticks
 
 

@@ -55,15 +55,15 @@ class PagedConfig:
     prefill_tokens: tokens one tick's prefill call holds at most, padding included (the
     chunked-prefill budget: rows x columns of the call); chunk: tokens of one prompt per
     prefill call at most; min_chunk: the fewest columns a call is padded to (at most chunk;
-    calls take
-    power-of-two shapes between the two: PagedEngine.shapes()); prefix_caching: share full
-    blocks; overlap: read each plain call's tokens while the device runs the next call (the
-    host's work per tick hidden behind the device's; a finished request's slot is reused
-    one tick later); None: where plain windows run (GPUs); plain_windows: a tick whose live requests are all Sampling.plain,
-    one of them with a whole window still to go, runs EngineConfig.plain_windows' decode
-    window (no host syncs inside; compiled at warm-up beside the general one), and a prefill
-    call of plain chunks the plain chunk program (PagedEngine.prefill_chunks); None: on
-    GPUs, where those syncs cost (XLA:CPU runs control flow on the host anyway)."""
+    calls take power-of-two shapes between the two: PagedEngine.shapes()); prefix_caching:
+    share full blocks; overlap: read each plain call's tokens while the device runs the next
+    call (the host's work per tick hidden behind the device's; a finished request's slot is
+    reused one tick later), None: where plain windows run; plain_windows: a tick whose live
+    requests are all Sampling.plain, one of them with a whole window still to go, runs
+    EngineConfig.plain_windows' decode window (no host syncs inside; compiled at warm-up
+    beside the general one), and a prefill call of plain chunks the plain chunk program
+    (PagedEngine.prefill_chunks), None: on GPUs, where those syncs cost (XLA:CPU runs
+    control flow on the host anyway)."""
     page_size: int = 16
     num_pages: int = 1024
     prefill_tokens: int = 512
