@@ -79,7 +79,7 @@ def add_parser(sub) -> None:
                       help="read each plain device call's tokens while the next one runs "
                            "(the host's work per tick hidden behind the device's; "
                            "PagedConfig.overlap: by default where plain windows run, GPUs)")
-    over.add_argument("--no-overlap", dest="overlap", action="store_false",
+    over.add_argument("--no-overlap", dest="overlap", action="store_false", default=None,
                       help="read every call's tokens before the next tick")
     g.add_argument("--no-plain-windows", action="store_true",
                    help="run every decode window in the general program (PagedConfig."

@@ -158,7 +158,7 @@ class PagedEngine(Engine):
         """Every shape a serving loop calls, for warmup() and the docs."""
         chunks = [(b, C) for C in self.chunk_lengths() for b in self.chunk_rows(C)]
         out = {"chunk prefill (rows, tokens)": chunks, "decode rows": self.decode_rows()}
-        if len(self._plains()) > 1:
+        if self.plain_prefill:
             out["plain chunk prefill (rows, tokens)"] = chunks
         if self.plain_windows:
             out[f"plain window of {self.config.window} steps, rows"] = self.decode_rows()
@@ -170,11 +170,15 @@ class PagedEngine(Engine):
         a chunk call whose rows are all plain the plain chunk program (prefill_chunks)."""
         return self.config.plain_windows and self.stages == 1
 
-    def _plains(self) -> tuple[bool, ...]:
-        """The chunk programs compiled: the general one, and the plain one where it runs
-        (and differs: an engine compiled for no sampling features has only that one)."""
-        return (False, True) if self.plain_windows and self.config.features != PLAIN \
-            else (False,)
+    @property
+    def plain_prefill(self) -> bool:
+        """Whether a plain chunk program is compiled beside the general one: where plain
+        windows run, and the general one is not already plain (no sampling features)."""
+        return self.plain_windows and self.config.features != PLAIN
+
+    def _chunk_programs(self) -> tuple[bool, ...]:
+        """The `plain` flags of the chunk programs warm-up compiles."""
+        return (False, True) if self.plain_prefill else (False,)
 
     def precompile(self, state: DecodeState, workers: int) -> None:
         """Compile every chunk and decode shape of shapes() on `workers` threads, without
@@ -183,7 +187,7 @@ class PagedEngine(Engine):
         state: any state of init_state()'s shapes (only its shapes and shardings are read)."""
         params = self.model.params
         jobs = [(self._chunk_fn(plain), (params, state, *self._chunk_args([], b, C)))
-                for plain in self._plains() for C in self.chunk_lengths()
+                for plain in self._chunk_programs() for C in self.chunk_lengths()
                 for b in self.chunk_rows(C)]
         jobs += [(self._rows_loop(r), (params, state, jnp.int32(1)))
                  for r in self.decode_rows()]
@@ -197,7 +201,7 @@ class PagedEngine(Engine):
     def warmup(self, state: DecodeState) -> DecodeState:
         """Compile (and run once, on padding rows that write only to the null page) every
         shape of shapes(), so steady-state serving never compiles."""
-        for plain in self._plains():
+        for plain in self._chunk_programs():
             for C in self.chunk_lengths():
                 for b in self.chunk_rows(C):
                     state, *_ = self._chunk_fn(plain)(self.model.params, state,
@@ -273,7 +277,7 @@ class PagedEngine(Engine):
     def plain_chunks(self, chunks: Sequence[Chunk]) -> bool:
         """Whether prefill_chunks runs these chunks in the plain chunk program (no host
         stops inside): all Sampling.plain, none asking for prompt log-probs."""
-        return len(self._plains()) > 1 and all(
+        return self.plain_prefill and all(
             ch.sampling.plain and not ch.sampling.prompt_logprobs for ch in chunks)
 
     def _chunk_fn(self, plain: bool = False):
